@@ -1,0 +1,236 @@
+"""Job configuration: YAML validated by pydantic before any work starts."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A job config that cannot run; the message names the key and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GeneratorSpec(_Strict):
+    label: str
+    plugin: str
+    model: str | None = None
+    samples: int = Field(1, ge=1)
+    seed: int | None = None
+    template: str | None = None
+    """Jinja2 template for the prompt, with the row's columns as variables."""
+    batch_size: int | None = Field(None, ge=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("label")
+    @classmethod
+    def _label_is_a_name(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\ \t\n") or v == "input":
+            raise ValueError("label must be a non-empty name without spaces or slashes (and not 'input')")
+        return v
+
+
+class ScorerSpec(_Strict):
+    plugin: str
+    label: str | None = None
+    model: str | None = None
+    weight: float = 1.0
+    batch_size: int | None = Field(None, ge=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.label or self.plugin
+
+
+class PairsSpec(_Strict):
+    min_margin: float = Field(0.0, ge=0.0)
+    per_prompt: int = Field(1, ge=1)
+
+
+class RankingSpec(_Strict):
+    pairs: PairsSpec | None = Field(default_factory=PairsSpec)
+    best_of_n: bool = True
+    sft_min_score: float | None = None
+
+
+class RaySpec(_Strict):
+    address: str | None = None
+    workers: int = Field(2, ge=1)
+    batch_size: int = Field(16, ge=1)
+    gpus_per_worker: float = Field(0.0, ge=0.0)
+    max_restarts: int = Field(2, ge=0)
+
+
+class StorageSpec(_Strict):
+    endpoint_url: str | None = None
+    region: str | None = None
+    anonymous: bool = False
+
+
+class ScheduleSpec(_Strict):
+    cron: str
+    timezone: str = "UTC"
+
+
+class JobConfig(_Strict):
+    name: str
+    input: str
+    output: str
+    shard_rows: int = Field(256, ge=1)
+    seed: int = 0
+    generators: list[GeneratorSpec] = Field(default_factory=list)
+    scorers: list[ScorerSpec] = Field(default_factory=list)
+    ranking: RankingSpec = Field(default_factory=RankingSpec)
+    exporters: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Extra exporters by name, with their params."""
+    ray: RaySpec = Field(default_factory=RaySpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    max_error_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    sweep: dict[str, list[Any]] = Field(default_factory=dict)
+    schedule: ScheduleSpec | None = None
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> JobConfig:
+        for what, names in (("generators", [g.label for g in self.generators]),
+                            ("scorers", [s.name for s in self.scorers])):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{what} labels must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def stage_dict(self, *keys: str) -> dict[str, Any]:
+        return {k: _jsonable(getattr(self, k)) for k in keys}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def stable_hash(value: Any, length: int = 16) -> str:
+    """Hash of a JSON-able value, independent of dict order."""
+    data = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(data.encode()).hexdigest()[:length]
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.0.c`` in nested dicts/lists (used by --set and sweeps)."""
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            try:
+                idx = int(part)
+                node[idx]  # noqa: B018 - bounds check
+            except (ValueError, IndexError):
+                raise ConfigError(f"{dotted}: {part!r} is not an index of a list of {len(node)}") from None
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"{dotted}: cannot descend into {'.'.join(parts[:i])}, it is a {type(node).__name__}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_raw(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a job config is a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def build_config(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
+                 source: str = "config") -> JobConfig:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(data, key, value)
+    try:
+        config = JobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source} is not a valid genflow job:\n{_format_errors(exc)}") from None
+    validate_plugins(config, source)
+    return config
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    return build_config(load_raw(path), overrides, source=str(path))
+
+
+def validate_plugins(config: JobConfig, source: str = "config") -> None:
+    """Check each plugin name exists and its params fit its ``Params`` model."""
+    from genflow.registry import PluginError, get_registry
+
+    registry = get_registry()
+    problems = []
+    specs: list[tuple[str, str, str, dict[str, Any]]] = [
+        ("generator", f"generators.{i}", g.plugin, g.params) for i, g in enumerate(config.generators)]
+    specs += [("scorer", f"scorers.{i}", s.plugin, s.params) for i, s in enumerate(config.scorers)]
+    specs += [("exporter", f"exporters.{name}", name, params) for name, params in config.exporters.items()]
+    for kind, where, name, params in specs:
+        try:
+            info = registry.get(kind, name)
+        except PluginError as exc:
+            problems.append(f"  {where}.plugin: {exc}")
+            continue
+        try:
+            info.factory.Params.model_validate(params)
+        except ValidationError as exc:
+            for line in _format_errors(exc).splitlines():
+                problems.append(f"  {where}.params.{line.strip()}")
+    if problems:
+        raise ConfigError(f"{source} is not a valid genflow job:\n" + "\n".join(problems))
+
+
+def redacted(data: Any) -> Any:
+    """The config as JSON-able data with anything secret-looking removed."""
+    secret_words = ("secret", "password", "token", "access_key", "credential")
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json")
+    if isinstance(data, dict):
+        return {k: ("***" if any(w in k.lower() for w in secret_words) else redacted(v))
+                for k, v in data.items()}
+    if isinstance(data, list):
+        return [redacted(v) for v in data]
+    return data

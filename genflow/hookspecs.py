@@ -1,0 +1,61 @@
+"""The hooks a genflow plugin implements.
+
+A plugin is a module (or object) with functions marked ``@genflow.hookimpl``.
+Each ``register_*`` hook receives a ``register(name, factory)`` callback, so one
+module can offer many factories. Factories are classes deriving from
+:class:`genflow.api.Generator`, :class:`genflow.api.Scorer` or
+:class:`genflow.api.Exporter`; they are instantiated inside Ray workers, where
+their ``__init__`` loads the model once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("genflow")
+hookimpl = pluggy.HookimplMarker("genflow")
+
+Register = Callable[[str, Any], None]
+
+
+@hookspec
+def register_generators(register: Register) -> None:
+    """Register generator factories: ``register("hf-text", HFTextGenerator)``.
+
+    A generator turns a batch of :class:`genflow.api.GenerationRequest` into one
+    :class:`genflow.api.Generation` (text, code or image) per request. The name is
+    the value of ``plugin:`` in a job config's ``generators`` list.
+    """
+
+
+@hookspec
+def register_scorers(register: Register) -> None:
+    """Register scorer factories: ``register("hf-reward", HFRewardScorer)``.
+
+    A scorer turns a batch of :class:`genflow.api.ScoreItem` (a prompt and one
+    candidate) into one :class:`genflow.api.Score` per item: a float (higher is
+    better) plus optional JSON-able details.
+    """
+
+
+@hookspec
+def register_exporters(register: Register) -> None:
+    """Register training-data exporters: ``register("preferences", PreferencePairs)``.
+
+    An exporter turns one shard's ranked candidates into rows of a training-data
+    format, written under ``<output>/<name>/``.
+    """
+
+
+@hookspec
+def init_tiny_models(directory: Path) -> dict[str, str] | None:
+    """Write tiny, randomly initialised models for offline use into ``directory``.
+
+    Called by ``genflow models init-tiny DIR``. Return ``{name: path}`` of what was
+    written. Models are written with ``save_pretrained`` so the plugin's real
+    ``from_pretrained`` loading code reads them.
+    """

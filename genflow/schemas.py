@@ -1,0 +1,98 @@
+"""Arrow schemas of every folder genflow writes: the one truth about columns."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Input columns genflow understands; any other column is carried through.
+KNOWN_INPUT_COLUMNS = (
+    "id", "prompt", "task", "system", "tests", "entry_point", "image", "mask",
+    "reference", "response", "responses", "task_id", "test", "canonical_solution",
+)
+# Columns of a row handed to plugins in ``inputs``.
+PLUGIN_INPUT_COLUMNS = ("tests", "entry_point", "image", "mask", "reference", "test", "task_id")
+
+PROMPTS = pa.schema([
+    ("prompt_id", pa.string()),
+    ("prompt", pa.string()),
+    ("task", pa.string()),
+    ("system", pa.string()),
+])
+
+GENERATIONS = pa.schema([
+    ("prompt_id", pa.string()),
+    ("sample", pa.int32()),
+    ("generation_id", pa.string()),
+    ("generator", pa.string()),
+    ("model", pa.string()),
+    ("modality", pa.string()),
+    ("prompt", pa.string()),
+    ("text", pa.string()),
+    ("image_path", pa.string()),
+    ("seed", pa.int64()),
+    ("params", pa.string()),
+    ("num_tokens", pa.int32()),
+    ("finish_reason", pa.string()),
+    ("latency_s", pa.float64()),
+])
+
+SCORES = pa.schema([
+    ("generation_id", pa.string()),
+    ("prompt_id", pa.string()),
+    ("scorer", pa.string()),
+    ("score", pa.float64()),
+    ("details", pa.string()),
+])
+
+RANKINGS = pa.schema([
+    ("prompt_id", pa.string()),
+    ("generation_id", pa.string()),
+    ("rank", pa.int32()),
+    ("score", pa.float64()),
+])
+
+# What exporters receive: one row per ranked candidate of a shard.
+RANKED = pa.schema([
+    ("prompt_id", pa.string()),
+    ("prompt", pa.string()),
+    ("generation_id", pa.string()),
+    ("generator", pa.string()),
+    ("modality", pa.string()),
+    ("text", pa.string()),
+    ("image_path", pa.string()),
+    ("rank", pa.int32()),
+    ("score", pa.float64()),
+    ("scores", pa.string()),  # JSON {scorer: score}
+])
+
+PREFERENCES = pa.schema([
+    ("prompt", pa.string()),
+    ("chosen", pa.string()),
+    ("rejected", pa.string()),
+    ("score_chosen", pa.float64()),
+    ("score_rejected", pa.float64()),
+    ("prompt_id", pa.string()),
+    ("chosen_id", pa.string()),
+    ("rejected_id", pa.string()),
+])
+
+SFT = pa.schema([
+    ("prompt", pa.string()),
+    ("completion", pa.string()),
+    ("score", pa.float64()),
+    ("prompt_id", pa.string()),
+    ("generation_id", pa.string()),
+])
+
+ERRORS = pa.schema([
+    ("prompt_id", pa.string()),
+    ("stage", pa.string()),
+    ("plugin", pa.string()),
+    ("error", pa.string()),
+    ("traceback", pa.string()),
+    ("generation_id", pa.string()),
+])
+
+
+def empty(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()

@@ -1,0 +1,1 @@
+"""Built-in genflow plugins, one module per model family."""
