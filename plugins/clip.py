@@ -1,0 +1,203 @@
+"""``clip-score``: how well an image matches its prompt, measured by CLIP.
+
+The score is ``100 × cos(text embedding, image embedding)``, the scale of
+CLIPScore (Hessel et al., 2021, as torchmetrics reports it). CLIPScore also clips
+at 0; genflow does not by default, because ranking needs the order among poor
+candidates too (``clip_at_zero: true`` gives the published metric). The raw
+cosine is in the details either way.
+
+This module also builds the tiny CLIP pieces used offline: a CLIP byte-level BPE
+tokenizer trained on the bundled corpus (shared with the tiny Stable Diffusion
+pipeline in :mod:`genflow.plugins.image`) and a tiny ``CLIPModel``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from genflow import hookimpl
+from genflow.api import PluginParams, RowError, Score, ScoreItem, Scorer
+from genflow.storage import read_bytes
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+    from transformers import CLIPTokenizer
+
+TINY_CLIP = "tiny-clip"
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+CLIP_MAX_LENGTH = 77  # the context length of every released CLIP text tower
+
+
+@hookimpl
+def register_scorers(register: Any) -> None:
+    register("clip-score", ClipScorer)
+
+
+@hookimpl
+def init_tiny_models(directory: Path) -> dict[str, str]:
+    return {TINY_CLIP: str(write_tiny_clip(Path(directory) / TINY_CLIP))}
+
+
+class ClipScoreParams(PluginParams):
+    clip_at_zero: bool = False
+    """Report ``max(score, 0)`` as the CLIPScore paper does (loses the order of poor candidates)."""
+
+
+class ClipScorer(Scorer):
+    """CLIP text-image agreement: 100 × cosine of the prompt and image embeddings."""
+
+    Params: ClassVar[type[PluginParams]] = ClipScoreParams
+    modalities: ClassVar[tuple[str, ...]] = ("image",)
+    default_model: ClassVar[str | None] = DEFAULT_CLIP
+    description: ClassVar[str] = "CLIP text-image agreement: 100 x cosine (CLIPScore scale)"
+
+    def __init__(self, model: str | None, params: ClipScoreParams, device: str = "cpu") -> None:
+        super().__init__(model, params, device)
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.clip_at_zero = params.clip_at_zero
+        name = model or DEFAULT_CLIP
+        self.processor = CLIPProcessor.from_pretrained(name)
+        self.model = CLIPModel.from_pretrained(name)
+        self.model.to(device)  # type: ignore[arg-type]  # transformers types .to() wrongly
+        self.model.eval()
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.model_name, "projection_dim": self.model.config.projection_dim}
+
+    def score(self, items: list[ScoreItem]) -> list[Score | RowError]:
+        import torch
+
+        results: dict[int, Score | RowError] = {}
+        images: dict[int, Image.Image] = {}
+        for i, item in enumerate(items):
+            try:
+                images[i] = _candidate_image(item)
+            except RowError as err:
+                results[i] = err
+        if images:
+            rows = list(images)
+            # Candidates of one prompt share its text embedding: encode each prompt once.
+            prompts = sorted({items[i].prompt for i in rows})
+            with torch.inference_mode():
+                text = self._embed_text(prompts)
+                image = self._embed_images([images[i] for i in rows])
+            prompt_index = torch.tensor([prompts.index(items[i].prompt) for i in rows])
+            cosines = (text[prompt_index] * image).sum(dim=-1).tolist()
+            for i, cosine in zip(rows, cosines, strict=True):
+                value = 100.0 * (max(cosine, 0.0) if self.clip_at_zero else cosine)
+                results[i] = Score(value, {"cosine": cosine})
+        return [results[i] for i in range(len(items))]
+
+    def _embed_text(self, prompts: list[str]) -> torch.Tensor:
+        inputs = self.processor(text=prompts, padding=True, truncation=True,
+                                max_length=CLIP_MAX_LENGTH, return_tensors="pt").to(self.device)
+        return _unit(self.model.get_text_features(**inputs))
+
+    def _embed_images(self, images: list[Image.Image]) -> torch.Tensor:
+        inputs = self.processor(images=images, return_tensors="pt").to(self.device)
+        return _unit(self.model.get_image_features(**inputs))
+
+
+def _unit(features: Any) -> torch.Tensor:
+    """L2-normalised projected embeddings (transformers 5 wraps them in an output object)."""
+    import torch
+
+    tensor = features if isinstance(features, torch.Tensor) else features.pooler_output
+    return tensor / tensor.norm(dim=-1, keepdim=True)
+
+
+def _candidate_image(item: ScoreItem) -> Image.Image:
+    from PIL import Image, UnidentifiedImageError
+
+    data: bytes | str | None = item.image
+    if data is None:
+        raise RowError(f"clip-score scores images, but candidate {item.generation_id} has none "
+                       f"(modality {item.modality!r})")
+    if isinstance(data, str):
+        data = read_bytes(data)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    except UnidentifiedImageError:
+        raise RowError(f"candidate {item.generation_id} is not an image PIL can read "
+                       f"({len(data)} bytes)") from None
+    except OSError as exc:  # truncated or corrupt file of a known format
+        raise RowError(f"candidate {item.generation_id} is a damaged image: {exc}") from None
+
+
+def tiny_clip_tokenizer(vocab_size: int = 1000) -> CLIPTokenizer:
+    """A real ``CLIPTokenizer`` whose BPE is trained on the bundled corpus.
+
+    Training reuses CLIP's own normaliser and pre-tokeniser so the merges fit
+    them; every byte also gets its end-of-word form, so no text is unencodable.
+    Takes a few hundredths of a second and needs no download.
+    """
+    from genflow.plugins.tiny_tokenizer import corpus_lines
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    clip = CLIPTokenizer()  # empty vocabulary, but CLIP's text pipeline
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.normalizer = clip.backend_tokenizer.normalizer
+    bpe.pre_tokenizer = clip.backend_tokenizer.pre_tokenizer
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[clip.bos_token, clip.eos_token],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus_lines(), trainer=trainer)
+    state = json.loads(bpe.to_str())["model"]
+    vocab: dict[str, int] = state["vocab"]
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab.setdefault(char + "</w>", len(vocab))
+    merges: Any = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
+
+
+def tiny_clip_text_config(tokenizer: CLIPTokenizer) -> dict[str, Any]:
+    """A 2-layer, 32-wide CLIP text tower matching ``tokenizer``'s ids."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": CLIP_MAX_LENGTH,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,  # pooling reads the hidden state at the first eos
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def write_tiny_clip(path: Path, seed: int = 0) -> Path:
+    """Save a tiny random ``CLIPModel`` + ``CLIPProcessor`` (32×32 images) to ``path``."""
+    import torch
+    import transformers
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    # The PIL backend needs no torchvision; both backends save the same config.
+    image_processor_class = (getattr(transformers, "CLIPImageProcessorPil", None)
+                             or transformers.CLIPImageProcessor)
+
+    tokenizer = tiny_clip_tokenizer()
+    config = CLIPConfig(
+        text_config=tiny_clip_text_config(tokenizer),
+        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 4},
+        projection_dim=32,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    image_processor = image_processor_class(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
