@@ -1,0 +1,452 @@
+"""Run one untrusted Python program in a throwaway, locked-down subprocess.
+
+Generated code is run to find out whether it works, so it must not be able to
+harm the machine, see secrets, reach the network or fake its own success. Each
+program gets a fresh interpreter (``python -I -S -B``: standard library only, no
+site-packages, no ``PYTHON*`` variables), a fresh working directory, a clean
+environment (``PATH`` and ``LANG`` only), stdin at EOF, resource limits and a
+wall-clock timeout after which its whole process group is killed.
+
+How much more it gets depends on what the machine offers; :class:`Sandbox`
+probes once per process, uses the strongest level that works and records it in
+every result (``isolation``):
+
+==========================  ==========  ===========  ==========
+what the program can do     ``bwrap``   ``unshare``  ``rlimits``
+==========================  ==========  ===========  ==========
+use more CPU, memory, open  no          no           no
+files, processes, file
+size than the limits
+outlive its timeout         no          no           only a child
+                                                     that calls setsid()
+read our env. variables     no          no           no
+run as root                 no          no           no
+connect to any network,     no          no           yes
+including 127.0.0.1
+see or signal other         no          no           only those of
+processes                                            its own user
+write outside its own dir   no          world-       world-writable
+                                        writable     dirs (/tmp...)
+                                        dirs only    only
+see files others may read   read-only   yes          yes
+==========================  ==========  ===========  ==========
+
+``bwrap`` is bubblewrap (Debian/Ubuntu package ``bubblewrap``): new user, pid,
+network, ipc, uts and mount namespaces, the host file system mounted read-only,
+a private ``/tmp`` (a small tmpfs that is also the working directory), a new
+``/dev`` and ``/proc``. ``unshare`` (util-linux) gives the same namespaces except
+the mount one. Both need unprivileged user namespaces. ``rlimits`` is the
+fallback: limits and an unprivileged user only, logged as a warning.
+
+When genflow runs as root the program runs as ``nobody`` (root ignores
+``RLIMIT_NPROC`` and may write anywhere); otherwise as the invoking user.
+Memory is limited per process (``RLIMIT_AS``), not per sandbox: there is no
+cgroup, so a program may use up to ``max_processes`` times the limit.
+
+A program passes only when it ran to its last line: the runner executes it,
+then writes a random per-run nonce, which the program never sees in its source,
+arguments, environment or files, to a separate pipe, and exits 0. An early
+``sys.exit(0)``, ``os._exit(0)``, a killed interpreter or printed fake success
+therefore fail. The nonce does live in the runner's memory, so code written to
+attack this runner (walking interpreter frames to find it) could forge a pass;
+the isolation keeps such code from harming the machine, not from lying.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import pwd
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import IO
+
+log = logging.getLogger(__name__)
+
+ISOLATION_LEVELS = ("bwrap", "unshare", "rlimits")
+"""Strongest first; ``auto`` picks the first that works on this machine."""
+
+ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+PYTHON_FLAGS = ("-I", "-S", "-B")
+_TAIL_BYTES = 4000
+_RLIMITS_NPROC_SLACK = 32
+
+# Runs first inside the sandbox: sets the limits, reads the nonce and the program
+# from an unlinked temp file, runs the program, reports on a pipe. Python 3.8+.
+_RUNNER = r"""
+import os, sys
+def _genflow_runner(src_fd, res_fd, limits):
+    import resource
+    write, exit_now = os.write, os._exit
+    names = ("RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_CORE")
+    for name, value in zip(names, limits):
+        if value < 0:
+            continue
+        which = getattr(resource, name)
+        hard = value + 1 if name == "RLIMIT_CPU" else value
+        _, cur_hard = resource.getrlimit(which)
+        if cur_hard != resource.RLIM_INFINITY:
+            hard = min(hard, cur_hard)
+        resource.setrlimit(which, (min(value, hard), hard))
+    os.set_inheritable(res_fd, False)
+    with open(src_fd, "rb") as f:
+        data = f.read()
+    nonce, _, source = data.partition(b"\n")
+    del data
+    write(res_fd, b"S\n")
+    sys.argv = ["<candidate>"]
+    try:
+        exec(compile(source, "<candidate>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+    except BaseException as exc:
+        try:
+            text = "%s: %s" % (type(exc).__name__, exc)
+        except BaseException:
+            text = type(exc).__name__
+        try:
+            write(res_fd, b"E" + text[:500].replace("\n", " ").encode("utf-8", "replace") + b"\n")
+            import linecache, traceback
+            lines = source.decode("utf-8", "replace").splitlines(True)
+            linecache.cache["<candidate>"] = (len(source), None, lines, "<candidate>")
+            traceback.print_exc()
+            sys.stderr.flush()
+        finally:
+            exit_now(1)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    write(res_fd, b"P" + nonce + b"\n")
+    exit_now(0)
+_genflow_runner(int(sys.argv[1]), int(sys.argv[2]), [int(v) for v in sys.argv[3].split(",")])
+"""
+
+_SIGNAL_OUTCOMES: dict[int, str] = {
+    signal.SIGXCPU: "killed: cpu time",
+    signal.SIGXFSZ: "killed: file size",
+}
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself could not run a program (not the program's fault)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one program may use. Memory and file limits are per process."""
+
+    timeout_s: float = 5.0
+    memory_mb: int = 1024
+    max_processes: int = 16
+    """Processes and threads, the program's first one included."""
+    max_file_mb: int = 16
+    max_open_files: int = 64
+    tmpfs_mb: int = 64
+    """Size of the private ``/tmp`` working directory (``bwrap`` only)."""
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    outcome: str
+    """``passed``, ``failed: <error>``, ``timed out``, ``killed: memory``, ``killed: cpu time``..."""
+    duration_s: float
+    isolation: str
+    returncode: int | None
+    stdout: str
+    stderr: str
+
+    @property
+    def passed(self) -> bool:
+        return self.outcome == "passed"
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """How programs run on this machine, found once by probing."""
+
+    isolation: str
+    python: str
+    user: tuple[int, int] | None
+    """(uid, gid) to switch to, when genflow runs as root."""
+
+
+class Sandbox:
+    """Runs programs with :meth:`run`; safe to call from many threads at once.
+
+    ``isolation`` is ``auto`` (the strongest level that works here) or one of
+    :data:`ISOLATION_LEVELS`, which must then work. ``python`` is the interpreter
+    to run programs with (default: this one, if the sandbox user may run it, else
+    ``python3`` from the system). ``concurrency`` is how many programs will run at
+    once; it sizes the process limit where processes are counted per user.
+    """
+
+    def __init__(self, limits: Limits | None = None, isolation: str = "auto",
+                 python: str | None = None, concurrency: int = 1) -> None:
+        if isolation != "auto" and isolation not in ISOLATION_LEVELS:
+            raise ValueError(f"isolation must be 'auto' or one of {', '.join(ISOLATION_LEVELS)}, "
+                             f"got {isolation!r}")
+        self.limits = limits or Limits()
+        self._setup = _resolve(isolation, python)
+        self._nproc = self.limits.max_processes
+        if self._setup.isolation == "rlimits":
+            # Without a user namespace RLIMIT_NPROC counts every process and thread of the
+            # user, other sandboxes' included; leave room for them and for exited processes
+            # the system has not reaped yet.
+            uid = self._setup.user[0] if self._setup.user else os.getuid()
+            self._nproc += (_count_processes(uid) + _RLIMITS_NPROC_SLACK
+                            + self.limits.max_processes * max(concurrency - 1, 0))
+
+    @property
+    def isolation(self) -> str:
+        return self._setup.isolation
+
+    @property
+    def python(self) -> str:
+        return self._setup.python
+
+    def run(self, source: str, timeout_s: float | None = None) -> SandboxResult:
+        """Run ``source`` as ``__main__``; ``passed`` only if it ran to its end."""
+        limits = self.limits if timeout_s is None else replace(self.limits, timeout_s=timeout_s)
+        return _execute(self._setup, limits, self._nproc, source)
+
+
+# --- running one program ------------------------------------------------------------------
+
+
+def _command(setup: _Setup, limits: Limits, nproc: int, src_fd: int, res_fd: int) -> list[str]:
+    mib = 1 << 20
+    rlimits = [
+        math.ceil(limits.timeout_s) + 1,       # CPU seconds: the wall clock normally fires first
+        limits.memory_mb * mib,
+        nproc,
+        limits.max_file_mb * mib,
+        limits.max_open_files,
+        0,                                       # no core dumps
+    ]
+    python = [setup.python, *PYTHON_FLAGS, "-c", _RUNNER, str(src_fd), str(res_fd),
+              ",".join(str(v) for v in rlimits)]
+    if setup.isolation == "bwrap":
+        return [
+            "bwrap", "--unshare-all", "--die-with-parent", "--hostname", "sandbox",
+            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+            "--size", str(limits.tmpfs_mb * mib), "--tmpfs", "/tmp", "--chdir", "/tmp",
+            "--clearenv", *(arg for key, value in ENV.items() for arg in ("--setenv", key, value)),
+            "--", *python,
+        ]
+    if setup.isolation == "unshare":
+        return ["unshare", "--user", "--net", "--ipc", "--uts", "--pid", "--fork", "--kill-child",
+                "--mount-proc", "--", *python]
+    return python
+
+
+def _execute(setup: _Setup, limits: Limits, nproc: int, source: str) -> SandboxResult:
+    nonce = secrets.token_hex(16)
+    with contextlib.ExitStack() as stack:
+        program = stack.enter_context(tempfile.TemporaryFile())
+        out = stack.enter_context(tempfile.TemporaryFile())
+        err = stack.enter_context(tempfile.TemporaryFile())
+        program.write(nonce.encode() + b"\n" + source.encode("utf-8", "surrogatepass"))
+        program.flush()
+        program.seek(0)
+        workdir = "/"
+        if setup.isolation != "bwrap":  # bwrap gives the program a private tmpfs instead
+            workdir = tempfile.mkdtemp(prefix="genflow-sandbox-")
+            stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+            if setup.user:
+                os.chown(workdir, *setup.user)
+        res_r, res_w = os.pipe()
+        stack.callback(os.close, res_r)
+        uid, gid = setup.user or (None, None)
+        started = time.monotonic()
+        try:
+            proc = subprocess.Popen(
+                _command(setup, limits, nproc, program.fileno(), res_w),
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=workdir, env=ENV,
+                pass_fds=(program.fileno(), res_w), start_new_session=True, close_fds=True,
+                user=uid, group=gid, extra_groups=[] if setup.user else None)
+        except OSError as exc:
+            raise SandboxError(f"could not start the {setup.isolation} sandbox: {exc}") from exc
+        finally:
+            os.close(res_w)
+        timed_out = not _wait_unreaped(proc, limits.timeout_s)
+        duration = time.monotonic() - started
+        # Kill the whole group while the exited leader still holds its id, then reap.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        returncode = proc.wait()
+        report = _read_available(res_r)
+        stdout, stderr = _tail(out), _tail(err)
+    outcome = _outcome(setup, report, nonce, returncode, timed_out, stderr)
+    return SandboxResult(outcome, round(duration, 4), setup.isolation, returncode, stdout, stderr)
+
+
+def _wait_unreaped(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Wait for exit without reaping, so the process group id cannot be reused yet."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3: reap, the group may go unkilled
+        try:
+            proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        return bool(poller.poll(max(timeout, 0.0) * 1000))
+    finally:
+        os.close(pidfd)
+
+
+def _read_available(fd: int) -> bytes:
+    """What the runner reported; never blocks on a stray child holding the pipe."""
+    os.set_blocking(fd, False)
+    chunks = []
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _tail(stream: IO[bytes]) -> str:
+    size = stream.seek(0, os.SEEK_END)
+    stream.seek(max(size - _TAIL_BYTES, 0))
+    return stream.read().decode("utf-8", "replace")
+
+
+def _outcome(setup: _Setup, report: bytes, nonce: str, returncode: int,
+             timed_out: bool, stderr: str) -> str:
+    lines = report.split(b"\n")
+    if timed_out:
+        return "timed out"
+    if b"P" + nonce.encode() in lines and returncode == 0:
+        return "passed"
+    error = next((line[1:].decode("utf-8", "replace") for line in lines if line.startswith(b"E")), None)
+    if error is not None:
+        if error.startswith("MemoryError"):
+            return "killed: memory"
+        if error.startswith("SystemExit"):
+            return f"failed: exited before the tests finished ({error})"
+        return f"failed: {error}"
+    signum = _signal_of(setup, returncode)
+    if signum is not None:
+        if signum in _SIGNAL_OUTCOMES:
+            return _SIGNAL_OUTCOMES[signum]
+        try:
+            return f"killed: signal {signal.Signals(signum).name}"
+        except ValueError:
+            return f"killed: signal {signum}"
+    if not lines or lines[0] != b"S":
+        detail = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit code {returncode}"
+        raise SandboxError(f"the {setup.isolation} sandbox failed before the program started: {detail}")
+    if returncode == 0:
+        return "failed: exited before the tests finished"
+    return f"failed: exit code {returncode}"
+
+
+def _signal_of(setup: _Setup, returncode: int) -> int | None:
+    if returncode < 0:
+        return -returncode
+    if setup.isolation == "bwrap" and returncode > 128:  # bwrap exits 128 + signal
+        return returncode - 128
+    return None
+
+
+# --- finding out what works here ----------------------------------------------------------
+
+_PROBE = "import collections, itertools, json, math, re, typing\nassert math.comb(5, 2) == 10\n"
+_resolved: dict[tuple[str, str | None], _Setup] = {}
+_resolve_lock = threading.Lock()
+
+
+def _resolve(requested: str, python: str | None) -> _Setup:
+    """The strongest isolation level (and an interpreter) that works; probed once per process."""
+    key = (requested, python)
+    with _resolve_lock:
+        if key not in _resolved:
+            _resolved[key] = _probe_levels(requested, python)
+        return _resolved[key]
+
+
+def _probe_levels(requested: str, python: str | None) -> _Setup:
+    user = _sandbox_user()
+    levels = ISOLATION_LEVELS if requested == "auto" else (requested,)
+    interpreters = [python] if python else _interpreter_candidates()
+    unavailable: list[str] = []
+    for level in levels:
+        tool = {"bwrap": "bwrap", "unshare": "unshare"}.get(level)
+        if tool and shutil.which(tool) is None:
+            unavailable.append(f"{level}: `{tool}` is not installed")
+            continue
+        tried: list[str] = []
+        for interpreter in interpreters:
+            setup = _Setup(level, interpreter, user)
+            problem = _probe(setup)
+            if problem is None:
+                _log_choice(setup, requested, unavailable)
+                return setup
+            tried.append(f"with {interpreter}: {problem}")
+        unavailable.append(f"{level}: " + "; ".join(tried))
+    raise SandboxError("no sandbox works on this machine:\n  " + "\n  ".join(unavailable))
+
+
+def _probe(setup: _Setup) -> str | None:
+    """Why ``setup`` cannot run a trivial program, or None when it can."""
+    try:
+        result = _execute(setup, Limits(timeout_s=20), 64, _PROBE)
+    except (SandboxError, OSError) as exc:
+        return str(exc)
+    return None if result.passed else f"{result.outcome}: {result.stderr.strip()[-300:]}"
+
+
+def _log_choice(setup: _Setup, requested: str, unavailable: list[str]) -> None:
+    if setup.python != sys.executable:
+        log.info("sandboxed programs run with %s (the sandbox user cannot run %s)",
+                 setup.python, sys.executable)
+    if setup.isolation == "bwrap":
+        return
+    what = ("no network isolation and no private file system" if setup.isolation == "rlimits"
+            else "no private file system")
+    who = "nobody" if setup.user else "YOUR OWN USER, with access to your files"
+    why = "; ".join(unavailable) if requested == "auto" else f"isolation={requested!r} was asked for"
+    log.warning("sandbox: running generated code with %s isolation only (%s), as %s. For full "
+                "isolation install bubblewrap (apt install bubblewrap) and allow unprivileged user "
+                "namespaces. Why: %s", setup.isolation, what, who, why)
+
+
+def _sandbox_user() -> tuple[int, int] | None:
+    """``nobody`` when we are root (root ignores RLIMIT_NPROC); else stay who we are."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam("nobody")
+        return entry.pw_uid, entry.pw_gid
+    except KeyError:
+        return 65534, 65534
+
+
+def _interpreter_candidates() -> list[str]:
+    found = [sys.executable, os.path.realpath(sys.executable), getattr(sys, "_base_executable", "")]
+    for name in ("python3", f"python{sys.version_info.major}.{sys.version_info.minor}"):
+        found.append(shutil.which(name, path="/usr/local/bin:/usr/bin:/bin") or "")
+    return list(dict.fromkeys(path for path in found if path))
+
+
+def _count_processes(uid: int) -> int:
+    count = 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    count += entry.stat().st_uid == uid
+    return count
