@@ -1,0 +1,219 @@
+"""``hf-text``: batched text generation with a transformers causal LM.
+
+Requests are sorted by token length and generated in left-padded batches. Each
+request samples with its own seeded ``torch.Generator`` (through a logits
+processor), so a candidate's text depends only on its prompt, seed and params —
+not on which other prompts shared its batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
+
+from genflow import hookimpl
+from genflow.api import Generation, GenerationRequest, Generator, PluginParams, RowError
+from genflow.plugins.batching import length_sorted_batches, torch_threads_for_worker
+from genflow.plugins.tiny_tokenizer import save_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class HFTextParams(PluginParams):
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    """0 means greedy decoding."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    stop: list[str] = Field(default_factory=list)
+    chat_template: bool | None = None
+    """Use the tokenizer's chat template: None = when it has one."""
+    max_prompt_tokens: int | None = Field(None, ge=1)
+    """Keep only the last N prompt tokens."""
+    micro_batch: int = Field(32, ge=1)
+    """Sequences per forward pass inside one batch of requests."""
+
+
+class SeededSampler(LogitsProcessor):
+    """Temperature/top-k/top-p sampling with one random generator per row.
+
+    ``generate`` runs greedy, and this processor leaves exactly one token open per
+    row, drawn from that row's own generator.
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, top_k: int) -> None:
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logits = scores.float()
+        if self.temperature == 0:
+            chosen = logits.argmax(dim=-1)
+        else:
+            logits = logits / self.temperature
+            if self.top_k:
+                kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            if self.top_p < 1.0:
+                sorted_p, sorted_i = probs.sort(dim=-1, descending=True)
+                cum = sorted_p.cumsum(dim=-1)
+                drop = cum - sorted_p > self.top_p
+                sorted_p = sorted_p.masked_fill(drop, 0.0)
+                probs = torch.zeros_like(probs).scatter(-1, sorted_i, sorted_p)
+            chosen = torch.stack([
+                torch.multinomial(probs[i].cpu(), 1, generator=g)[0] for i, g in enumerate(self.generators)
+            ]).to(logits.device)
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(-1, chosen.unsqueeze(-1), 0.0)
+        return out
+
+
+def resolve_device(device: str) -> torch.device:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+class HFTextGenerator(Generator):
+    """Causal LM generation with transformers (GPT-style models)."""
+
+    modality = "text"
+    Params = HFTextParams
+    description = "transformers causal LM: batched, left-padded, length-sorted, seeded samples"
+
+    def __init__(self, model: str | None, params: HFTextParams, device: str = "cpu") -> None:  # type: ignore[override]
+        super().__init__(model, params, device)
+        if not self.model_name:
+            raise ValueError(f"{type(self).__name__} needs a model path or id")
+        torch.set_num_threads(torch_threads_for_worker())
+        self.torch_device = resolve_device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_name, padding_side="left")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        dtype = torch.float16 if self.torch_device.type == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_name, dtype=dtype).to(self.torch_device)
+        self.model.eval()
+        self.use_chat = bool(self.tokenizer.chat_template) if params.chat_template is None else params.chat_template
+        if self.use_chat and not self.tokenizer.chat_template:
+            raise ValueError(f"chat_template: true, but the tokenizer of {self.model_name} has none")
+        self.stop = list(params.stop) + self.default_stops()
+
+    def default_stops(self) -> list[str]:
+        return []
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.model.config.to_json_string(use_diff=False)
+        return {
+            "model": self.model_name,
+            "architecture": type(self.model).__name__,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "config_sha256": hashlib.sha256(cfg.encode()).hexdigest()[:16],
+            "chat_template": self.use_chat,
+        }
+
+    # -- prompts -------------------------------------------------------------
+    def render(self, request: GenerationRequest) -> str:
+        """The text the model continues."""
+        if self.use_chat:
+            messages = ([{"role": "system", "content": request.system}] if request.system else [])
+            messages.append({"role": "user", "content": request.prompt})
+            return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        if request.system:
+            return f"{request.system}\n\n{request.prompt}"
+        return request.prompt
+
+    def postprocess(self, request: GenerationRequest, text: str) -> str:
+        return text
+
+    # -- generation ----------------------------------------------------------
+    def generate(self, requests: list[GenerationRequest]) -> list[Generation | RowError]:
+        texts = [self.render(r) for r in requests]
+        encoded = [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+        if self.params.max_prompt_tokens:
+            encoded = [ids[-self.params.max_prompt_tokens:] for ids in encoded]
+        results: list[Generation | RowError] = [RowError("not generated")] * len(requests)
+        for idx in length_sorted_batches([len(e) for e in encoded], self.params.micro_batch):
+            outs = self._generate_batch([encoded[i] for i in idx], [requests[i].seed for i in idx])
+            for i, (text, n_tokens, reason) in zip(idx, outs, strict=True):
+                results[i] = Generation(text=self.postprocess(requests[i], text),
+                                        num_tokens=n_tokens, finish_reason=reason)
+        return results
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompts: list[list[int]], seeds: list[int]) -> list[tuple[str, int, str]]:
+        p = self.params
+        batch = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
+        input_ids = batch["input_ids"].to(self.torch_device)
+        attention = batch["attention_mask"].to(self.torch_device)
+        sampler = SeededSampler(seeds, p.temperature, p.top_p, p.top_k)
+        kwargs: dict[str, Any] = {}
+        if self.stop:
+            kwargs.update(stop_strings=self.stop, tokenizer=self.tokenizer)
+        out = self.model.generate(
+            input_ids=input_ids, attention_mask=attention, do_sample=False,
+            max_new_tokens=p.max_new_tokens, logits_processor=LogitsProcessorList([sampler]),
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            num_beams=1, **kwargs,
+        )
+        new = out[:, input_ids.shape[1]:].tolist()
+        eos = self.tokenizer.eos_token_id
+        decoded = []
+        for ids in new:
+            hit_eos = eos in ids
+            ids = ids[:ids.index(eos)] if hit_eos else ids
+            if self.tokenizer.pad_token_id != eos:
+                while ids and ids[-1] == self.tokenizer.pad_token_id:
+                    ids.pop()
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            cut, stopped = cut_at_stop(text, self.stop)
+            reason = "stop" if hit_eos or stopped else "length"
+            decoded.append((cut, len(ids), reason))
+        return decoded
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """Text up to the first stop string, and whether one was found."""
+    positions = [text.find(s) for s in stops if s and s in text]
+    if not positions:
+        return text, False
+    return text[:min(positions)], True
+
+
+def write_tiny_causal_lm(directory: Path, n_layer: int = 2, n_embd: int = 64, n_head: int = 2,
+                         seed: int = 0) -> Path:
+    """A randomly initialised GPT-2 with a locally trained tokenizer, via save_pretrained."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = save_tokenizer(directory)
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=512, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    return directory
+
+
+@hookimpl
+def register_generators(register):  # type: ignore[no-untyped-def]
+    register("hf-text", HFTextGenerator)
+
+
+@hookimpl
+def init_tiny_models(directory: Path) -> dict[str, str]:
+    path = write_tiny_causal_lm(directory / "tiny-gpt2")
+    return {"tiny-gpt2": str(path)}
