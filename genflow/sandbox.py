@@ -39,7 +39,9 @@ the mount one. Both need unprivileged user namespaces. ``rlimits`` is the
 fallback: limits and an unprivileged user only, logged as a warning.
 
 When genflow runs as root the program runs as ``nobody`` (root ignores
-``RLIMIT_NPROC`` and may write anywhere); otherwise as the invoking user.
+``RLIMIT_NPROC`` and may write anywhere); otherwise as the invoking user. It also
+runs with no-new-privileges (util-linux ``setpriv --nnp``; bwrap sets it too), so
+setuid programs cannot raise its rights.
 Memory is limited per process (``RLIMIT_AS``), not per sandbox: there is no
 cgroup, so a program may use up to ``max_processes`` times the limit.
 
@@ -78,6 +80,7 @@ ISOLATION_LEVELS = ("bwrap", "unshare", "rlimits")
 
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 PYTHON_FLAGS = ("-I", "-S", "-B")
+MIB = 1 << 20
 _TAIL_BYTES = 4000
 _RLIMITS_NPROC_SLACK = 32
 
@@ -178,6 +181,9 @@ class _Setup:
     python: str
     user: tuple[int, int] | None
     """(uid, gid) to switch to, when genflow runs as root."""
+    setpriv: str | None = None
+    """util-linux ``setpriv``: switches user and sets no-new-privileges in the child, so
+    Popen can still use vfork (with ``user=`` it forks the whole, maybe large, process)."""
 
 
 class Sandbox:
@@ -224,22 +230,31 @@ class Sandbox:
 
 
 def _command(setup: _Setup, limits: Limits, nproc: int, src_fd: int, res_fd: int) -> list[str]:
-    mib = 1 << 20
     rlimits = [
         math.ceil(limits.timeout_s) + 1,       # CPU seconds: the wall clock normally fires first
-        limits.memory_mb * mib,
+        limits.memory_mb * MIB,
         nproc,
-        limits.max_file_mb * mib,
+        limits.max_file_mb * MIB,
         limits.max_open_files,
         0,                                       # no core dumps
     ]
     python = [setup.python, *PYTHON_FLAGS, "-c", _RUNNER, str(src_fd), str(res_fd),
               ",".join(str(v) for v in rlimits)]
+    prefix = []
+    if setup.setpriv:
+        prefix = [setup.setpriv, "--nnp"]
+        if setup.user:
+            prefix += [f"--reuid={setup.user[0]}", f"--regid={setup.user[1]}", "--clear-groups"]
+        prefix.append("--")
+    return prefix + _isolated(setup, limits, python)
+
+
+def _isolated(setup: _Setup, limits: Limits, python: list[str]) -> list[str]:
     if setup.isolation == "bwrap":
         return [
             "bwrap", "--unshare-all", "--die-with-parent", "--hostname", "sandbox",
             "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-            "--size", str(limits.tmpfs_mb * mib), "--tmpfs", "/tmp", "--chdir", "/tmp",
+            "--size", str(limits.tmpfs_mb * MIB), "--tmpfs", "/tmp", "--chdir", "/tmp",
             "--clearenv", *(arg for key, value in ENV.items() for arg in ("--setenv", key, value)),
             "--", *python,
         ]
@@ -266,14 +281,15 @@ def _execute(setup: _Setup, limits: Limits, nproc: int, source: str) -> SandboxR
                 os.chown(workdir, *setup.user)
         res_r, res_w = os.pipe()
         stack.callback(os.close, res_r)
-        uid, gid = setup.user or (None, None)
+        # Without setpriv, Popen switches user itself (slower: it cannot vfork then).
+        uid, gid = (None, None) if setup.setpriv or not setup.user else setup.user
         started = time.monotonic()
         try:
             proc = subprocess.Popen(
                 _command(setup, limits, nproc, program.fileno(), res_w),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=workdir, env=ENV,
                 pass_fds=(program.fileno(), res_w), start_new_session=True, close_fds=True,
-                user=uid, group=gid, extra_groups=[] if setup.user else None)
+                user=uid, group=gid, extra_groups=None if uid is None else [])
         except OSError as exc:
             raise SandboxError(f"could not start the {setup.isolation} sandbox: {exc}") from exc
         finally:
@@ -390,7 +406,7 @@ def _probe_levels(requested: str, python: str | None) -> _Setup:
             continue
         tried: list[str] = []
         for interpreter in interpreters:
-            setup = _Setup(level, interpreter, user)
+            setup = _Setup(level, interpreter, user, shutil.which("setpriv"))
             problem = _probe(setup)
             if problem is None:
                 _log_choice(setup, requested, unavailable)

