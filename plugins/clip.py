@@ -7,16 +7,17 @@ candidates too (``clip_at_zero: true`` gives the published metric). The raw
 cosine is in the details either way.
 
 This module also builds the tiny CLIP pieces used offline: a CLIP byte-level BPE
-tokenizer trained on the bundled corpus (shared with the tiny Stable Diffusion
+tokenizer learnt from the bundled corpus (shared with the tiny Stable Diffusion
 pipeline in :mod:`genflow.plugins.image`) and a tiny ``CLIPModel``.
 """
 
 from __future__ import annotations
 
 import io
-import json
+import itertools
+from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from genflow import hookimpl
 from genflow.api import PluginParams, RowError, Score, ScoreItem, Scorer
@@ -131,34 +132,51 @@ def _candidate_image(item: ScoreItem) -> Image.Image:
 
 
 def tiny_clip_tokenizer(vocab_size: int = 1000) -> CLIPTokenizer:
-    """A real ``CLIPTokenizer`` whose BPE is trained on the bundled corpus.
+    """A real ``CLIPTokenizer`` whose BPE is learnt from the bundled corpus.
 
-    Training reuses CLIP's own normaliser and pre-tokeniser so the merges fit
-    them; every byte also gets its end-of-word form, so no text is unencodable.
-    Takes a few hundredths of a second and needs no download.
+    The merges are learnt over CLIP's own normaliser and pre-tokeniser, so they fit
+    them, and every byte has its end-of-word form, so no text is unencodable. The
+    learner is a few lines of Python rather than ``tokenizers``' trainer because
+    that one numbers tokens and breaks ties differently from run to run; tiny
+    models written twice must be identical for generated data to be reproducible.
     """
     from genflow.plugins.tiny_tokenizer import corpus_lines
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
     clip = CLIPTokenizer()  # empty vocabulary, but CLIP's text pipeline
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.normalizer = clip.backend_tokenizer.normalizer
-    bpe.pre_tokenizer = clip.backend_tokenizer.pre_tokenizer
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[clip.bos_token, clip.eos_token],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    bpe.train_from_iterator(corpus_lines(), trainer=trainer)
-    state = json.loads(bpe.to_str())["model"]
-    vocab: dict[str, int] = state["vocab"]
-    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab.setdefault(char + "</w>", len(vocab))
-    merges: Any = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
+    normalize = clip.backend_tokenizer.normalizer.normalize_str
+    pre_tokenize = clip.backend_tokenizer.pre_tokenizer.pre_tokenize_str
+    words = Counter(piece for line in corpus_lines() for piece, _ in pre_tokenize(normalize(line)))
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    base = [clip.bos_token, clip.eos_token, *alphabet, *(char + "</w>" for char in alphabet)]
+    merges = _learn_merges(words, vocab_size - len(base))
+    vocab: dict[str, int] = {}
+    for token in [*base, *(a + b for a, b in merges)]:  # two merges may make the same token
+        vocab.setdefault(token, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=cast(Any, merges), model_max_length=CLIP_MAX_LENGTH)
+
+
+def _learn_merges(words: Counter[str], count: int) -> list[tuple[str, str]]:
+    """Byte-pair merges, most frequent pair first, ties broken by the pair itself."""
+    splits = {word: [*word[:-1], word[-1] + "</w>"] for word in words}
+    merges: list[tuple[str, str]] = []
+    while len(merges) < count:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, parts in splits.items():
+            for pair in itertools.pairwise(parts):
+                pairs[pair] += words[word]
+        if not pairs:
+            break
+        a, b = max(pairs, key=lambda pair: (pairs[pair], pair))
+        merges.append((a, b))
+        for parts in splits.values():
+            i = 0
+            while i < len(parts) - 1:
+                if parts[i] == a and parts[i + 1] == b:
+                    parts[i:i + 2] = [a + b]
+                i += 1
+    return merges
 
 
 def tiny_clip_text_config(tokenizer: CLIPTokenizer) -> dict[str, Any]:

@@ -109,6 +109,16 @@ def test_tiny_tokenizer_is_a_clip_tokenizer_that_encodes_any_text() -> None:
     assert ids == tokenizer("a photo of a red bicycle, 4k — ünïcödé ✨")["input_ids"], "CLIP lowercases"
 
 
+def test_tiny_clip_is_written_identically_every_time(tiny_clip: str, tmp_path: Path) -> None:
+    """Reproducible data needs reproducible tiny models, tokenizer ids included."""
+    again = clip_plugin.write_tiny_clip(tmp_path / "tiny-clip")
+    files = sorted(p.name for p in Path(tiny_clip).iterdir())
+    assert files == sorted(p.name for p in again.iterdir())
+    assert "model.safetensors" in files and "tokenizer.json" in files
+    for name in files:
+        assert (again / name).read_bytes() == (Path(tiny_clip) / name).read_bytes(), name
+
+
 def test_tiny_clip_folder_loads_with_the_real_classes(tiny_clip: str) -> None:
     from transformers import CLIPModel, CLIPProcessor
 
