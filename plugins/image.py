@@ -61,7 +61,8 @@ class DiffusersImageParams(PluginParams):
     scheduler: str | None = None
     """A diffusers scheduler class, e.g. ``DDIMScheduler``, built from the model's scheduler config."""
     mode: Literal["auto", "text2img", "img2img", "inpaint"] = "auto"
-    """``auto`` picks per row from its ``image`` and ``mask`` columns."""
+    """``auto`` picks per row from its ``image`` and ``mask`` columns; a forced mode
+    ignores the columns it does not use and fails rows that lack one it needs."""
     keep_unmasked: bool = True
     """Inpainting: paste the input pixels back outside the mask, so only the masked
     area changes (the VAE round trip otherwise alters the whole image slightly)."""
