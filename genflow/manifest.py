@@ -1,0 +1,65 @@
+"""``manifest.json``: what a job was (config, versions, seeds) and what it made."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import platform
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from genflow.config import JobConfig, redacted, stable_hash
+from genflow.stages import StageOutcome
+from genflow.storage import Storage
+
+OUTPUT_FOLDERS = ("prompts", "generations", "scores", "rankings", "preferences", "sft", "errors")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def count_rows(storage: Storage, folder: str) -> int:
+    """Rows in a folder of parts, from the Parquet footers only."""
+    total = 0
+    for rel in storage.list(folder, ".parquet"):
+        with storage.fs.open_input_file(storage.path(rel)) as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def config_hash(config: JobConfig) -> str:
+    return stable_hash(config.model_dump(mode="json", exclude={"sweep", "schedule"}))
+
+
+def build_manifest(config: JobConfig, storage: Storage, outcomes: list[StageOutcome], plugins: dict[str, Any],
+                   metrics: dict[str, Any], timings: dict[str, float], status: str) -> dict[str, Any]:
+    stages: dict[str, dict[str, Any]] = {}
+    for o in outcomes:
+        s = stages.setdefault(o.stage, {"shards": 0, "skipped": 0, "work_items": 0, "errors": 0, "seconds": 0.0})
+        s["shards"] += 1
+        s["skipped"] += int(o.skipped)
+        s["errors"] += o.errors
+        s["work_items"] += o.work_items
+        s["seconds"] = round(s["seconds"] + (0.0 if o.skipped else o.seconds), 4)
+    return {
+        "name": config.name,
+        "status": status,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": redacted(config),
+        "config_hash": config_hash(config),
+        "seeds": {"job": config.seed, **{g.label: (config.seed if g.seed is None else g.seed)
+                                         for g in config.generators}},
+        "plugins": plugins,
+        "versions": {d: _version(d) for d in ("genflow", "torch", "transformers", "diffusers", "prefect", "ray",
+                                              "pyarrow", "sentence-transformers")},
+        "python": platform.python_version(),
+        "rows": {f: count_rows(storage, f) for f in OUTPUT_FOLDERS},
+        "stages": stages,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "metrics": metrics,
+    }

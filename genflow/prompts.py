@@ -1,0 +1,151 @@
+"""Reading prompt datasets: validation, normalisation and streaming into shards.
+
+The input (a Parquet file, a folder of them or an ``s3://`` prefix) is read as a
+stream of record batches and cut into shards of ``shard_rows`` prompts, so memory
+stays flat however large the input is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+
+from genflow.schemas import KNOWN_INPUT_COLUMNS
+from genflow.storage import filesystem_for
+
+
+class InputError(ValueError):
+    """The prompt dataset cannot be used; the message names the file, column or row."""
+
+
+@dataclass(frozen=True)
+class InputDataset:
+    uri: str
+    dataset: ds.Dataset
+    base_dir: str
+    """Folder that relative image/mask paths in the rows are resolved against."""
+    files: list[str]
+
+    @property
+    def columns(self) -> list[str]:
+        return self.dataset.schema.names
+
+
+def _list_parquet(fs: pafs.FileSystem, path: str, uri: str) -> tuple[list[str], str]:
+    try:
+        info = fs.get_file_info(path)
+    except OSError as exc:
+        raise InputError(f"cannot reach the input {uri}: {exc}") from None
+    if info.type == pafs.FileType.File:
+        return [path], posixpath.dirname(path)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"input not found: {uri}")
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except OSError as exc:
+        raise InputError(f"cannot list the input {uri}: {exc}") from None
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                   and not posixpath.basename(i.path).startswith((".", "_")))
+    if not files:
+        raise InputError(f"no .parquet files under {uri}")
+    return files, path
+
+
+def open_input(uri: str, endpoint_url: str | None = None, region: str | None = None) -> InputDataset:
+    """Open and check every file's footer: a corrupt file or one without a usable
+    ``prompt`` column is reported by name before any work starts."""
+    fs, path = filesystem_for(uri, endpoint_url, region)
+    files, base = _list_parquet(fs, path, uri)
+    schemas = []
+    fmt = ds.ParquetFileFormat()
+    for f in files:
+        try:
+            schema = fmt.inspect(f, filesystem=fs)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"{f}: not a readable Parquet file ({exc})") from None
+        if "prompt" not in schema.names:
+            raise InputError(f"{f}: no 'prompt' column (columns: {', '.join(schema.names)})")
+        if not (pa.types.is_string(schema.field("prompt").type) or pa.types.is_large_string(schema.field("prompt").type)):
+            raise InputError(f"{f}: column 'prompt' must be strings, it is {schema.field('prompt').type}")
+        schemas.append(schema)
+    try:
+        unified = pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise InputError(f"{uri}: the files' columns do not agree: {exc}") from None
+    dataset = ds.dataset(files, schema=unified, filesystem=fs, format="parquet")
+    return InputDataset(uri, dataset, base if "://" not in uri else "s3://" + base, files)
+
+
+def stable_row_id(row_hash_parts: list[str]) -> str:
+    return hashlib.sha256("\x1f".join(row_hash_parts).encode()).hexdigest()[:16]
+
+
+def _prompt_ids(table: pa.Table) -> pa.Array:
+    for col in ("id", "task_id"):
+        if col in table.column_names:
+            ids = pc.cast(table[col], pa.string())
+            if ids.null_count == 0:
+                return ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    parts = [c for c in ("prompt", "system", "task") if c in table.column_names]
+    cols = [table[c].to_pylist() for c in parts]
+    return pa.array([stable_row_id([str(v) for v in vals]) for vals in zip(*cols, strict=True)], pa.string())
+
+
+def normalize(table: pa.Table, first_row: int) -> pa.Table:
+    """Check prompts and add ``prompt_id`` (and ``task`` for HumanEval-style rows)."""
+    prompts = table["prompt"]
+    bad = pc.or_kleene(pc.is_null(prompts), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(
+        pc.fill_null(prompts, ""))), 0))
+    if pc.any(bad).as_py():
+        idx = pc.indices_nonzero(pc.fill_null(bad, True).combine_chunks())[0].as_py()
+        raise InputError(f"row {first_row + idx}: the prompt is null or empty; every row needs a prompt")
+    ids = _prompt_ids(table)
+    out = table
+    if "task" not in out.column_names:
+        humaneval = {"entry_point", "test"} <= set(out.column_names) or "tests" in out.column_names
+        out = out.append_column("task", pa.array(["code" if humaneval else None] * len(out), pa.string()))
+    if "prompt_id" in out.column_names:
+        out = out.drop_columns(["prompt_id"])
+    return out.add_column(0, "prompt_id", ids)
+
+
+def shard_tables(source: InputDataset, shard_rows: int) -> Iterator[pa.Table]:
+    """Normalised shards of ``shard_rows`` rows, read batch by batch."""
+    pending: list[pa.RecordBatch] = []
+    pending_rows = 0
+    seen = 0
+    try:
+        for batch in source.dataset.to_batches(batch_size=min(shard_rows, 65536)):
+            while batch.num_rows:
+                take = min(shard_rows - pending_rows, batch.num_rows)
+                pending.append(batch.slice(0, take))
+                pending_rows += take
+                batch = batch.slice(take)
+                if pending_rows == shard_rows:
+                    yield normalize(pa.Table.from_batches(pending), seen)
+                    seen += pending_rows
+                    pending, pending_rows = [], 0
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{source.uri}: reading failed after {seen} rows: {exc}") from None
+    if pending_rows:
+        yield normalize(pa.Table.from_batches(pending), seen)
+
+
+def table_fingerprint(table: pa.Table) -> str:
+    """Content hash of a table (its Arrow IPC bytes)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:20]
+
+
+def carried_columns(table: pa.Table) -> list[str]:
+    """Input columns genflow does not interpret: carried through to generations/."""
+    return [c for c in table.column_names if c not in KNOWN_INPUT_COLUMNS and c != "prompt_id"]

@@ -1,0 +1,398 @@
+"""The work of one (stage, shard): generate, score, rank and export.
+
+Every stage writes its shard's parts with deterministic names, then a small
+marker under ``_state/`` holding the stage fingerprint (the shard's rows plus the
+stage config). A rerun skips a (stage, shard) whose marker matches and redoes one
+whose inputs or config changed, overwriting the same part names: nothing is lost
+and nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jinja2
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from genflow.api import Generation, GenerationRequest, Score, ScoreItem
+from genflow.config import GeneratorSpec, JobConfig, ScorerSpec, stable_hash
+from genflow.execution import Failure, WorkerPool, chunked
+from genflow.prompts import InputDataset, carried_columns, shard_tables, table_fingerprint
+from genflow.ranking import rank_candidates, rankings_table
+from genflow.registry import Registry
+from genflow.schemas import ERRORS, GENERATIONS, PLUGIN_INPUT_COLUMNS, SCORES
+from genflow.storage import Storage, is_remote
+
+log = logging.getLogger(__name__)
+
+INPUT_LABEL = "input"
+Advance = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    fingerprint: str
+    rows: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:05d}"
+
+
+@dataclass
+class StageOutcome:
+    """What a (stage, shard) did: rows written per folder, errors, and whether it was skipped."""
+
+    stage: str
+    shard: int
+    fingerprint: str
+    rows: dict[str, int] = field(default_factory=dict)
+    errors: int = 0
+    work_items: int = 0
+    seconds: float = 0.0
+    skipped: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": self.stage, "shard": self.shard, "fingerprint": self.fingerprint, "rows": self.rows,
+                "errors": self.errors, "work_items": self.work_items, "seconds": round(self.seconds, 4)}
+
+
+def _marker(stage: str, shard: Shard) -> str:
+    return f"_state/{stage}/{shard.name}.json"
+
+
+def finished(storage: Storage, stage: str, shard: Shard, fingerprint: str) -> StageOutcome | None:
+    """The recorded outcome of a (stage, shard) if it finished with this fingerprint."""
+    rel = _marker(stage, shard)
+    if not storage.exists(rel):
+        return None
+    data = storage.read_json(rel)
+    if data.get("fingerprint") != fingerprint:
+        return None
+    return StageOutcome(stage, shard.index, fingerprint, data.get("rows", {}), data.get("errors", 0),
+                        data.get("work_items", 0), data.get("seconds", 0.0), skipped=True)
+
+
+def mark_finished(storage: Storage, outcome: StageOutcome) -> None:
+    storage.write_json(f"_state/{outcome.stage}/{outcome.shard:05d}.json", outcome.to_json())
+
+
+def write_errors(storage: Storage, stage_key: str, shard: Shard, rows: list[dict[str, Any]]) -> int:
+    storage.write_table(f"errors/part-{stage_key}-{shard.name}.parquet", pa.Table.from_pylist(rows, schema=ERRORS))
+    return len(rows)
+
+
+def error_row(prompt_id: str, stage: str, plugin: str, failure: Failure, generation_id: str | None = None) -> dict:
+    return {"prompt_id": prompt_id, "stage": stage, "plugin": plugin, "error": failure.error,
+            "traceback": failure.traceback, "generation_id": generation_id}
+
+
+# -- planning -----------------------------------------------------------------
+
+def plan_shards(config: JobConfig, source: InputDataset, storage: Storage, resume: bool) -> list[Shard]:
+    """Cut the input into shards, write each as ``prompts/part-NNNNN.parquet``.
+
+    Rows stream from the input; only one shard is in memory at a time. Shards
+    left over from an earlier, larger input are removed.
+    """
+    shards = []
+    for index, table in enumerate(shard_tables(source, config.shard_rows)):
+        shard = Shard(index, table_fingerprint(table), table.num_rows)
+        if not (resume and finished(storage, "prompts", shard, shard.fingerprint)):
+            storage.write_table(f"prompts/part-{shard.name}.parquet", table)
+            mark_finished(storage, StageOutcome("prompts", index, shard.fingerprint, {"prompts": table.num_rows}))
+        shards.append(shard)
+    if not shards:
+        raise ValueError(f"{config.input}: the input has no rows")
+    _drop_stale_shards(storage, len(shards))
+    return shards
+
+
+def _drop_stale_shards(storage: Storage, count: int) -> None:
+    for folder in ("prompts", "generations", "scores", "rankings", "preferences", "sft", "errors"):
+        for rel in storage.list(folder, ".parquet"):
+            digits = [p for p in posixpath.basename(rel)[:-8].split("-") if p.isdigit() and len(p) == 5]
+            if digits and int(digits[-1]) >= count:
+                storage.delete(rel)
+    for stage_dir in ("prompts", "generate", "score", "rank"):
+        for rel in _list_markers(storage, f"_state/{stage_dir}"):
+            if int(posixpath.basename(rel).split(".")[0]) >= count:
+                storage.delete(rel)
+
+
+def _list_markers(storage: Storage, rel: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    infos = storage.fs.get_file_info(pafs.FileSelector(storage.path(rel), allow_not_found=True, recursive=True))
+    root = storage.path("")
+    return [posixpath.relpath(i.path, root) for i in infos
+            if i.type == pafs.FileType.File and i.path.endswith(".json")]
+
+
+def read_prompts(storage: Storage, shard: Shard) -> pa.Table:
+    return storage.read_table(f"prompts/part-{shard.name}.parquet")
+
+
+# -- generation ---------------------------------------------------------------
+
+def derive_seed(base: int, prompt_id: str, sample: int) -> int:
+    return int(stable_hash([base, prompt_id, sample], 12), 16) % (2**31 - 1)
+
+
+def generation_fingerprint(shard: Shard, spec: GeneratorSpec, config: JobConfig) -> str:
+    return stable_hash([shard.fingerprint, spec.model_dump(mode="json"), config.seed])
+
+
+def _resolve_input_path(value: Any, base_dir: str) -> Any:
+    """Relative image/mask paths in the rows are relative to the input's folder."""
+    if isinstance(value, str) and value and not is_remote(value) and not posixpath.isabs(value):
+        return posixpath.join(base_dir, value)
+    return value
+
+
+def _plugin_inputs(row: dict[str, Any], base_dir: str) -> dict[str, Any]:
+    inputs = {k: row[k] for k in PLUGIN_INPUT_COLUMNS if row.get(k) is not None}
+    for k in ("image", "mask"):
+        if k in inputs:
+            inputs[k] = _resolve_input_path(inputs[k], base_dir)
+    return inputs
+
+
+def build_requests(prompts: pa.Table, spec: GeneratorSpec, config: JobConfig, base_dir: str) -> list[GenerationRequest]:
+    template = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True).from_string(
+        spec.template) if spec.template else None
+    params_key = json.dumps(spec.params, sort_keys=True)
+    base_seed = config.seed if spec.seed is None else spec.seed
+    requests = []
+    for row in prompts.to_pylist():
+        try:
+            prompt = template.render(**row) if template else row["prompt"]
+        except jinja2.TemplateError as exc:
+            raise ValueError(f"generators[{spec.label}].template: {exc}") from None
+        for sample in range(spec.samples):
+            seed = derive_seed(base_seed, row["prompt_id"], sample)
+            gid = stable_hash([row["prompt_id"], spec.label, sample, seed, params_key, spec.model, spec.template], 20)
+            requests.append(GenerationRequest(
+                generation_id=gid, prompt_id=row["prompt_id"], prompt=prompt, sample=sample, seed=seed,
+                task=row.get("task"), system=row.get("system"), inputs=_plugin_inputs(row, base_dir)))
+    return requests
+
+
+def _carry(prompts: pa.Table) -> dict[str, dict[str, Any]]:
+    cols = carried_columns(prompts)
+    if not cols:
+        return {}
+    return {r["prompt_id"]: {c: r[c] for c in cols} for r in prompts.select(["prompt_id", *cols]).to_pylist()}
+
+
+def _generation_table(rows: list[dict[str, Any]], carry: dict[str, dict[str, Any]], prompts: pa.Table) -> pa.Table:
+    table = pa.Table.from_pylist(rows, schema=GENERATIONS)
+    cols = carried_columns(prompts)
+    for c in cols:
+        values = [carry[pid][c] for pid in table["prompt_id"].to_pylist()]
+        table = table.append_column(prompts.schema.field(c), pa.array(values, prompts.schema.field(c).type))
+    return table
+
+
+def generate_shard(storage: Storage, shard: Shard, spec: GeneratorSpec, config: JobConfig, pool: WorkerPool,
+                   modality: str, base_dir: str, advance: Advance) -> StageOutcome:
+    stage = f"generate/{spec.label}"
+    fp = generation_fingerprint(shard, spec, config)
+    started = time.perf_counter()
+    prompts = read_prompts(storage, shard)
+    requests = build_requests(prompts, spec, config, base_dir)
+    # Similar lengths travel together: less padding inside the plugin's batches.
+    order = sorted(requests, key=lambda r: (-len(r.prompt), r.generation_id))
+    batches = chunked(order, spec.batch_size or config.ray.batch_size)
+    params_json = json.dumps(spec.params, sort_keys=True)
+    model_name = spec.model or getattr(pool.factory, "default_model", None) or ""
+    rows, errors = [], []
+    for batch in pool.map(batches):
+        per_item = batch.seconds / max(1, len(batch.items))
+        for req, res in zip(batch.items, batch.results, strict=True):
+            if isinstance(res, Failure):
+                errors.append(error_row(req.prompt_id, "generate", spec.plugin, res, req.generation_id))
+                continue
+            rows.append(_generation_row(storage, req, res, spec, modality, model_name, params_json, per_item))
+        advance(len(batch.items))
+    rows.sort(key=lambda r: (r["prompt_id"], r["sample"]))
+    table = _generation_table(rows, _carry(prompts), prompts)
+    storage.write_table(f"generations/part-{shard.name}-{spec.label}.parquet", table)
+    n_err = write_errors(storage, f"generate-{spec.label}", shard, errors)
+    outcome = StageOutcome(stage, shard.index, fp, {"generations": table.num_rows}, n_err, len(requests),
+                           time.perf_counter() - started)
+    mark_finished(storage, outcome)
+    return outcome
+
+
+def _generation_row(storage: Storage, req: GenerationRequest, res: Generation, spec: GeneratorSpec, modality: str,
+                    model_name: str, params_json: str, latency: float) -> dict[str, Any]:
+    image_path = None
+    if res.image is not None:
+        image_path = f"images/{req.prompt_id}/{req.generation_id}.png"
+        storage.write_bytes(image_path, res.image)
+    return {"prompt_id": req.prompt_id, "sample": req.sample, "generation_id": req.generation_id,
+            "generator": spec.label, "model": model_name, "modality": modality, "prompt": req.prompt,
+            "text": res.text, "image_path": image_path, "seed": req.seed, "params": params_json,
+            "num_tokens": res.num_tokens, "finish_reason": res.finish_reason, "latency_s": latency}
+
+
+def input_candidates_shard(storage: Storage, shard: Shard) -> StageOutcome:
+    """Candidates the input rows already carry (``response`` / ``responses``) as generations."""
+    stage = f"generate/{INPUT_LABEL}"
+    fp = stable_hash([shard.fingerprint, "input-candidates"])
+    prompts = read_prompts(storage, shard)
+    rows = []
+    for row in prompts.to_pylist():
+        answers = list(row.get("responses") or [])
+        if row.get("response") is not None:
+            answers.insert(0, row["response"])
+        task = row.get("task") or "text"
+        modality = task if task in ("code", "image") else "text"
+        for sample, answer in enumerate(answers):
+            if answer is None:
+                continue
+            gid = stable_hash([row["prompt_id"], INPUT_LABEL, sample, answer], 20)
+            rows.append({"prompt_id": row["prompt_id"], "sample": sample, "generation_id": gid,
+                         "generator": INPUT_LABEL, "model": "", "modality": modality, "prompt": row["prompt"],
+                         "text": None if modality == "image" else str(answer),
+                         "image_path": str(answer) if modality == "image" else None, "seed": None,
+                         "params": "{}", "num_tokens": None, "finish_reason": "input", "latency_s": 0.0})
+    table = _generation_table(rows, _carry(prompts), prompts)
+    storage.write_table(f"generations/part-{shard.name}-{INPUT_LABEL}.parquet", table)
+    outcome = StageOutcome(stage, shard.index, fp, {"generations": table.num_rows}, 0, len(rows))
+    mark_finished(storage, outcome)
+    return outcome
+
+
+# -- scoring ------------------------------------------------------------------
+
+def read_generations(storage: Storage, shard: Shard) -> pa.Table:
+    parts = [p for p in storage.list("generations", ".parquet")
+             if posixpath.basename(p).startswith(f"part-{shard.name}-")]
+    if not parts:
+        return GENERATIONS.empty_table()
+    tables = [storage.read_table(p, columns=GENERATIONS.names) for p in parts]
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def score_fingerprint(generation_fps: list[str], spec: ScorerSpec) -> str:
+    return stable_hash([generation_fps, spec.model_dump(mode="json", exclude={"weight"})])
+
+
+def _image_bytes(storage: Storage, path: str, base_dir: str) -> bytes:
+    from genflow.storage import read_bytes
+
+    if path.startswith("images/"):
+        return storage.read_bytes(path)
+    return read_bytes(_resolve_input_path(path, base_dir))
+
+
+def score_shard(storage: Storage, shard: Shard, spec: ScorerSpec, fingerprint: str, pool: WorkerPool,
+                modalities: tuple[str, ...], config: JobConfig, base_dir: str, advance: Advance) -> StageOutcome:
+    started = time.perf_counter()
+    gens = read_generations(storage, shard)
+    gens = gens.filter(pc.is_in(gens["modality"], pa.array(list(modalities), pa.string())))
+    prompts = {r["prompt_id"]: r for r in read_prompts(storage, shard).to_pylist()}
+    items: list[ScoreItem] = []
+    errors: list[dict[str, Any]] = []
+    for g in gens.select(["generation_id", "prompt_id", "prompt", "modality", "text", "image_path"]).to_pylist():
+        image = None
+        if g["modality"] == "image":
+            try:
+                image = _image_bytes(storage, g["image_path"] or "", base_dir)
+            except OSError as exc:
+                errors.append(error_row(g["prompt_id"], "score", spec.plugin, Failure(
+                    f"cannot read image {g['image_path']}: {exc}", traceback.format_exc()), g["generation_id"]))
+                continue
+        items.append(ScoreItem(g["generation_id"], g["prompt_id"], g["prompt"], g["modality"], g["text"], image,
+                               _plugin_inputs(prompts[g["prompt_id"]], base_dir)))
+    rows = []
+    for batch in pool.map(chunked(items, spec.batch_size or config.ray.batch_size)):
+        for item, res in zip(batch.items, batch.results, strict=True):
+            if isinstance(res, Failure):
+                errors.append(error_row(item.prompt_id, "score", spec.plugin, res, item.generation_id))
+            elif isinstance(res, Score):
+                rows.append({"generation_id": item.generation_id, "prompt_id": item.prompt_id, "scorer": spec.name,
+                             "score": float(res.value), "details": json.dumps(res.details, sort_keys=True, default=str)})
+        advance(len(batch.items))
+    rows.sort(key=lambda r: r["generation_id"])
+    table = pa.Table.from_pylist(rows, schema=SCORES)
+    storage.write_table(f"scores/part-{shard.name}-{spec.name}.parquet", table)
+    n_err = write_errors(storage, f"score-{spec.name}", shard, errors)
+    outcome = StageOutcome(f"score/{spec.name}", shard.index, fingerprint, {"scores": table.num_rows}, n_err,
+                           len(items), time.perf_counter() - started)
+    mark_finished(storage, outcome)
+    return outcome
+
+
+# -- ranking and export -------------------------------------------------------
+
+def read_scores(storage: Storage, shard: Shard, scorers: list[str]) -> pa.Table:
+    tables = [storage.read_table(p) for p in (f"scores/part-{shard.name}-{s}.parquet" for s in scorers)
+              if storage.exists(p)]
+    return pa.concat_tables(tables) if tables else SCORES.empty_table()
+
+
+def rank_shard(storage: Storage, shard: Shard, config: JobConfig, fingerprint: str,
+               exporters: dict[str, Any], registry: Registry) -> StageOutcome:
+    started = time.perf_counter()
+    weights = {s.name: s.weight for s in config.scorers}
+    ranked = rank_candidates(read_generations(storage, shard), read_scores(storage, shard, list(weights)), weights)
+    rows = {"rankings": ranked.num_rows}
+    storage.write_table(f"rankings/part-{shard.name}.parquet", rankings_table(ranked))
+    for name, params in exporters.items():
+        factory = registry.get("exporter", name).factory
+        table = factory(factory.Params.model_validate(params)).export(ranked)
+        written = table if table is not None else pa.table({})
+        storage.write_table(f"{name}/part-{shard.name}.parquet", written)
+        rows[name] = written.num_rows
+    outcome = StageOutcome("rank", shard.index, fingerprint, rows, 0, ranked.num_rows, time.perf_counter() - started)
+    mark_finished(storage, outcome)
+    return outcome
+
+
+def exporters_of(config: JobConfig) -> dict[str, dict[str, Any]]:
+    """The exporters a job runs: pairs and best-of-n from ``ranking``, plus any extra."""
+    out: dict[str, dict[str, Any]] = {}
+    if config.ranking.pairs is not None:
+        out["preferences"] = config.ranking.pairs.model_dump()
+    if config.ranking.best_of_n:
+        out["sft"] = {"min_score": config.ranking.sft_min_score}
+    out.update(config.exporters)
+    return out
+
+
+def drop_unused_parts(storage: Storage, config: JobConfig, exporters: dict[str, Any]) -> None:
+    """Remove parts of generators, scorers and exporters the config no longer has."""
+    labels = {g.label for g in config.generators} or {INPUT_LABEL}
+    scorers = {s.name for s in config.scorers}
+
+    def label_of(rel: str) -> str:
+        return posixpath.basename(rel)[len("part-00000-"):-len(".parquet")]
+
+    for rel in storage.list("generations", ".parquet"):
+        if label_of(rel) not in labels:
+            storage.delete(rel)
+    for rel in storage.list("scores", ".parquet"):
+        if label_of(rel) not in scorers:
+            storage.delete(rel)
+    for rel in storage.list("errors", ".parquet"):
+        kind, _, rest = posixpath.basename(rel)[len("part-"):-len(".parquet")].partition("-")
+        name = rest.rsplit("-", 1)[0]
+        if (kind == "generate" and name not in labels) or (kind == "score" and name not in scorers):
+            storage.delete(rel)
+    folders = {"preferences", "sft", *exporters}
+    for folder in ("rankings", *folders):
+        if not scorers or (folder != "rankings" and folder not in exporters):
+            for rel in storage.list(folder, ".parquet"):
+                storage.delete(rel)

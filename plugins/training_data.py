@@ -1,0 +1,91 @@
+"""Training-data exporters: TRL preference pairs and best-of-n SFT rows.
+
+``preferences/`` has TRL's explicit-prompt preference columns (prompt, chosen,
+rejected) and ``sft/`` its prompt-completion columns; both load with
+``datasets.load_dataset("parquet", ...)`` and go straight into DPOTrainer,
+RewardTrainer or SFTTrainer. Completions keep their leading whitespace because
+TRL joins prompt and completion without a separator. For image candidates the
+columns hold the images' paths.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pyarrow as pa
+from pydantic import Field
+
+from genflow import hookimpl
+from genflow.api import Exporter, PluginParams
+from genflow.schemas import PREFERENCES, SFT
+
+
+def _candidate(row: dict) -> str:
+    return row["text"] if row["text"] is not None else (row["image_path"] or "")
+
+
+def _by_prompt(ranked: pa.Table) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in ranked.to_pylist():
+        groups[row["prompt_id"]].append(row)
+    for rows in groups.values():
+        rows.sort(key=lambda r: r["rank"])
+    return groups
+
+
+class PreferenceParams(PluginParams):
+    min_margin: float = Field(0.0, ge=0.0)
+    per_prompt: int = Field(1, ge=1)
+
+
+class PreferencePairs(Exporter):
+    """Chosen/rejected pairs per prompt, widest score margins first."""
+
+    Params = PreferenceParams
+    description = "TRL preference pairs: prompt, chosen, rejected (+ scores)"
+
+    def export(self, ranked: pa.Table) -> pa.Table:
+        rows = []
+        for prompt_id, cands in sorted(_by_prompt(ranked).items()):
+            pairs = []
+            for i, better in enumerate(cands):
+                for worse in cands[i + 1:]:
+                    margin = better["score"] - worse["score"]
+                    if margin > 0 and margin >= self.params.min_margin:
+                        pairs.append((-margin, better["rank"], worse["rank"], better, worse))
+            pairs.sort(key=lambda p: p[:3])
+            for _, _, _, chosen, rejected in pairs[: self.params.per_prompt]:
+                rows.append({
+                    "prompt": chosen["prompt"], "chosen": _candidate(chosen), "rejected": _candidate(rejected),
+                    "score_chosen": chosen["score"], "score_rejected": rejected["score"],
+                    "prompt_id": prompt_id, "chosen_id": chosen["generation_id"],
+                    "rejected_id": rejected["generation_id"],
+                })
+        return pa.Table.from_pylist(rows, schema=PREFERENCES)
+
+
+class BestOfNParams(PluginParams):
+    min_score: float | None = None
+
+
+class BestOfN(Exporter):
+    """The top-ranked candidate of each prompt as a prompt-completion row."""
+
+    Params = BestOfNParams
+    description = "best-of-n SFT rows: prompt, completion, score"
+
+    def export(self, ranked: pa.Table) -> pa.Table:
+        rows = []
+        for prompt_id, cands in sorted(_by_prompt(ranked).items()):
+            best = cands[0]
+            if self.params.min_score is not None and best["score"] < self.params.min_score:
+                continue
+            rows.append({"prompt": best["prompt"], "completion": _candidate(best), "score": best["score"],
+                         "prompt_id": prompt_id, "generation_id": best["generation_id"]})
+        return pa.Table.from_pylist(rows, schema=SFT)
+
+
+@hookimpl
+def register_exporters(register):  # type: ignore[no-untyped-def]
+    register("preferences", PreferencePairs)
+    register("sft", BestOfN)
