@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny models written once per session, one Prefect harness, one Ray."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Every plugin's tiny models (tiny-gpt2, tiny-reward, tiny-code, tiny-sd, tiny-clip), written once."""
+    from genflow.registry import get_registry
+
+    directory = tmp_path_factory.mktemp("models")
+    written: dict[str, str] = {}
+    for result in get_registry().pm.hook.init_tiny_models(directory=directory):
+        written.update(result or {})
+    return written
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One temporary Prefect database and ephemeral API for the session's flow runs."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One local Ray for every in-process job of the session."""
+    import ray
+
+    from genflow.config import RaySpec
+    from genflow.execution import init_ray
+
+    init_ray(RaySpec())
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def job_runner(prefect_harness: None, ray_local: None):  # type: ignore[no-untyped-def]
+    """``run(config_dict, resume=True) -> manifest`` through the real flow, Ray and Prefect."""
+    from genflow.job import run_job
+
+    return run_job
+
+
+def text_job(tmp_path: Path, models: dict[str, str], **overrides: Any) -> dict[str, Any]:
+    """A small text job config over the quickstart prompts, writing into ``tmp_path``."""
+    config: dict[str, Any] = {
+        "name": "test-text",
+        "input": str(ROOT / "configs/data/quickstart_prompts.parquet"),
+        "output": str(tmp_path / "out"),
+        "shard_rows": 8,
+        "generators": [{"label": "tiny", "plugin": "hf-text", "model": models["tiny-gpt2"], "samples": 3,
+                        "params": {"max_new_tokens": 8, "temperature": 0.9}}],
+        "scorers": [{"plugin": "hf-reward", "model": models["tiny-reward"]}],
+        "ranking": {"pairs": {"min_margin": 0.0, "per_prompt": 2}, "best_of_n": True},
+        "ray": {"workers": 2, "batch_size": 8},
+    }
+    config.update(overrides)
+    return config
+
+
+def run_genflow(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+                timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """The ``genflow`` command in a subprocess, as a user runs it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "genflow.cli", *args], cwd=cwd or ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
