@@ -221,7 +221,7 @@ def test_user_stops_apply_too(generator, scripted_model, monkeypatch):
 
 def test_markdown_answer_of_a_chat_model_becomes_code_that_passes(generator, scripted_model, monkeypatch):
     prompt = 'import math\n\ndef add(a, b):\n    """Add two numbers."""\n'
-    inputs = {"test": "def check(candidate):\n    assert candidate(2, 3) == 5\n", "entry_point": "add"}
+    inputs: dict[str, Any] = {"test": "def check(candidate):\n    assert candidate(2, 3) == 5\n", "entry_point": "add"}
     answer = "Here it is:\n\n```python\ndef add(a, b):\n    return a + b\n```\n\nIt adds."
     gen = scripted(generator, scripted_model, answer, monkeypatch)
     monkeypatch.setattr(generator.tokenizer, "chat_template", SIMPLE_CHAT)
@@ -238,7 +238,7 @@ def test_completion_of_a_humaneval_prompt_passes_its_tests(generator, scripted_m
     problem = read_problems()["HumanEval/2"]
     gen = scripted(generator, scripted_model,
                    problem["canonical_solution"] + "\n\ndef check_it():\n    pass\n", monkeypatch)
-    inputs = {"test": problem["test"], "entry_point": problem["entry_point"]}
+    inputs: dict[str, Any] = {"test": problem["test"], "entry_point": problem["entry_point"]}
     (result,) = gen.generate([request(problem["prompt"], **inputs)])
     assert result.text.rstrip() == problem["canonical_solution"].rstrip()
     scorer = CodeExecScorer(None, CodeExecParams(timeout_s=3, workers=1))
