@@ -58,7 +58,7 @@ def plan_task(config: JobConfig, storage: Storage, resume: bool) -> tuple[list[S
 
 
 @task(name="generate", task_run_name="generate-{spec.label}-{shard.index}", **TASK_OPTIONS)
-def generate_task(storage, shard, spec, config, pool, modality, base_dir, progress) -> StageOutcome:  # type: ignore[no-untyped-def]
+def generate_task(storage, shard, spec, config, pool, modality, base_dir, progress) -> StageOutcome:
     outcome = generate_shard(storage, shard, spec, config, pool, modality, base_dir, progress.advance)
     get_run_logger().info("shard %d: %s generations, %d errors in %.1fs", shard.index,
                           outcome.rows.get("generations"), outcome.errors, outcome.seconds)
@@ -71,7 +71,7 @@ def input_task(storage: Storage, shard: Shard) -> StageOutcome:
 
 
 @task(name="score", task_run_name="score-{spec.plugin}-{shard.index}", **TASK_OPTIONS)
-def score_task(storage, shard, spec, fingerprint, pool, modalities, config, base_dir, progress) -> StageOutcome:  # type: ignore[no-untyped-def]
+def score_task(storage, shard, spec, fingerprint, pool, modalities, config, base_dir, progress) -> StageOutcome:
     outcome = score_shard(storage, shard, spec, fingerprint, pool, modalities, config, base_dir, progress.advance)
     get_run_logger().info("shard %d: %s scores, %d errors in %.1fs", shard.index,
                           outcome.rows.get("scores"), outcome.errors, outcome.seconds)
@@ -79,7 +79,7 @@ def score_task(storage, shard, spec, fingerprint, pool, modalities, config, base
 
 
 @task(name="rank", task_run_name="rank-{shard.index}", **TASK_OPTIONS)
-def rank_task(storage, shard, config, fingerprint, exporters) -> StageOutcome:  # type: ignore[no-untyped-def]
+def rank_task(storage, shard, config, fingerprint, exporters) -> StageOutcome:
     return rank_shard(storage, shard, config, fingerprint, exporters, get_registry())
 
 
@@ -133,28 +133,28 @@ def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, A
     # Score: one pool per scorer.
     score_fps: dict[int, list[str]] = {s.index: [] for s in shards}
     metrics: dict[str, Any] = {}
-    for spec in config.scorers:
+    for scorer in config.scorers:
         t = time.perf_counter()
-        info = registry.get("scorer", spec.plugin)
-        pool = WorkerPool(info.factory, spec.model, spec.params, config.ray, name=spec.name)
+        info = registry.get("scorer", scorer.plugin)
+        pool = WorkerPool(info.factory, scorer.model, scorer.params, config.ray, name=scorer.name)
         total = sum(o.rows.get("generations", 0) for o in outcomes if o.stage.startswith("generate/"))
-        with StageProgress(f"score {spec.name}", total) as bar:
+        with StageProgress(f"score {scorer.name}", total) as bar:
             for shard in shards:
-                fp = score_fingerprint(gen_fps[shard.index], spec)
+                fp = score_fingerprint(gen_fps[shard.index], scorer)
                 score_fps[shard.index].append(fp)
-                done = finished(storage, f"score/{spec.name}", shard, fp) if resume else None
+                done = finished(storage, f"score/{scorer.name}", shard, fp) if resume else None
                 if done:
                     outcomes.append(done)
                     bar.advance(done.work_items)
                     continue
-                outcomes.append(score_task(storage, shard, spec, fp, pool, info.factory.modalities, config,
+                outcomes.append(score_task(storage, shard, scorer, fp, pool, info.factory.modalities, config,
                                            base_dir, bar))
-        plugins[spec.name] = {"kind": "scorer", "plugin": spec.plugin, "source": info.source,
-                              "version": info.version, "weight": spec.weight,
-                              "model": pool.description or {"model": spec.model or info.factory.default_model}}
+        plugins[scorer.name] = {"kind": "scorer", "plugin": scorer.plugin, "source": info.source,
+                              "version": info.version, "weight": scorer.weight,
+                              "model": pool.description or {"model": scorer.model or info.factory.default_model}}
         pool.stop()
-        metrics.update(_summarize(storage, spec, info.factory))
-        timings[f"score/{spec.name}"] = time.perf_counter() - t
+        metrics.update(_summarize(storage, scorer, info.factory))
+        timings[f"score/{scorer.name}"] = time.perf_counter() - t
 
     # Rank and export: cheap, no Ray.
     if config.scorers:

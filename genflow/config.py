@@ -144,7 +144,7 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
         if isinstance(node, list):
             try:
                 idx = int(part)
-                node[idx]  # noqa: B018 - bounds check
+                node[idx]
             except (ValueError, IndexError):
                 raise ConfigError(f"{dotted}: {part!r} is not an index of a list of {len(node)}") from None
             if last:

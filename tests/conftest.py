@@ -57,7 +57,7 @@ def ray_local() -> Iterator[None]:
 
 
 @pytest.fixture
-def job_runner(prefect_harness: None, ray_local: None):  # type: ignore[no-untyped-def]
+def job_runner(prefect_harness: None, ray_local: None) -> Any:
     """``run(config_dict, resume=True) -> manifest`` through the real flow, Ray and Prefect."""
     from genflow.job import run_job
 
