@@ -23,6 +23,7 @@ from genflow.manifest import build_manifest
 from genflow.progress import StageProgress
 from genflow.prompts import open_input
 from genflow.registry import get_registry
+from genflow.report import write_report_safely
 from genflow.stages import (
     INPUT_LABEL,
     Shard,
@@ -176,6 +177,7 @@ def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, A
                           "max_error_fraction": config.max_error_fraction}
     manifest["output"] = storage.uri
     storage.write_json("manifest.json", manifest)
+    write_report_safely(storage, manifest)  # logs a warning on failure; never fails the job
     return manifest
 
 
