@@ -72,12 +72,31 @@ class SeededSampler:
                 drop = cum - sorted_p > self.top_p
                 sorted_p = sorted_p.masked_fill(drop, 0.0)
                 probs = torch.zeros_like(probs).scatter(-1, sorted_i, sorted_p)
-            chosen = torch.stack([
-                torch.multinomial(probs[i].cpu(), 1, generator=g)[0] for i, g in enumerate(self.generators)
-            ]).to(logits.device)
+            chosen = seeded_draws(probs, self.generators).to(logits.device)
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(-1, chosen.unsqueeze(-1), 0.0)
         return out
+
+
+def seeded_draws(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One index per row of ``probs``, row i drawn with ``generators[i]``.
+
+    The same draw as ``torch.multinomial(probs[i], 1, generator=generators[i])``
+    row by row (for one sample torch races exponentials: argmax of p / q with
+    q ~ Exp(1) from the generator), with only the noise drawn per row; the checks,
+    division and argmax run once for the whole batch. Per-row multinomial calls
+    were half of a small model's generation time.
+    """
+    import torch
+
+    probs = probs.cpu()
+    valid = torch.isfinite(probs).all() & (probs >= 0).all() & (probs.sum(dim=-1) > 0).all()
+    if not bool(valid):
+        raise RuntimeError("probability tensor contains either `inf`, `nan`, an element < 0 or a row summing to 0")
+    noise = torch.empty_like(probs)
+    for row, generator in zip(noise, generators, strict=True):
+        row.exponential_(generator=generator)
+    return (probs / noise).argmax(dim=-1)
 
 
 def resolve_device(device: str) -> torch.device:
