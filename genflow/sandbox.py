@@ -111,10 +111,12 @@ def _genflow_runner(src_fd, res_fd, limits):
     try:
         exec(compile(source, "<candidate>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
     except BaseException as exc:
+        text = type(exc).__name__
         try:
-            text = "%s: %s" % (type(exc).__name__, exc)
+            if str(exc):
+                text += ": " + str(exc)
         except BaseException:
-            text = type(exc).__name__
+            pass
         try:
             write(res_fd, b"E" + text[:500].replace("\n", " ").encode("utf-8", "replace") + b"\n")
             import linecache, traceback
