@@ -16,19 +16,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Generate labelled training data with generative models: Prefect + Ray + plugins.")
 models_app = typer.Typer(no_args_is_help=True, help="Local models.")
 app.add_typer(models_app, name="models")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
+# Piped output is not cut at 80 columns: tables and paths stay whole.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 ConfigArg = Annotated[Path, typer.Argument(help="job config (YAML)", show_default=False)]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config key: key.path=value")]
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from genflow.config import ConfigError
-    from genflow.prompts import InputError
-    from genflow.registry import PluginError
-    from genflow.storage import StorageError
+    from genflow.job import USER_ERRORS
 
-    return ConfigError, InputError, PluginError, StorageError, ConnectionError, FileNotFoundError
+    return USER_ERRORS
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -72,13 +71,13 @@ def _print_summary(manifest: dict) -> None:
     table.add_column("rows", justify="right")
     for folder, rows in manifest["rows"].items():
         table.add_row(folder, f"{rows:,}")
-    Console().print(table)
+    out.print(table)
     errors = manifest["errors"]
     if errors["rows"]:
         console.print(f"[yellow]{errors['rows']} rows failed ({errors['fraction']:.2%}); see errors/[/]")
     for name, metrics in manifest.get("metrics", {}).items():
-        Console().print(f"{name}: {metrics}")
-    Console().print(f"output: {manifest['output']}  ({manifest['timings_s']['total']:.1f}s)")
+        out.print(f"{name}: {metrics}")
+    out.print(f"output: {manifest['output']}  ({manifest['timings_s']['total']:.1f}s)")
 
 
 @app.command()
@@ -98,7 +97,7 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
         fail(str(exc))
     if rows == 0:
         fail(f"{job.input}: the input has no rows")
-    Console().print(f"[green]ok[/]: {config} — {rows:,} prompts in {len(source.files)} file(s), "
+    out.print(f"[green]ok[/]: {config} — {rows:,} prompts in {len(source.files)} file(s), "
                     f"{shards} shard(s); columns: {', '.join(source.columns)}")
 
 
@@ -113,7 +112,7 @@ def plugins() -> None:
         table.add_column(col)
     for p in registry.all():
         table.add_row(p.name, p.kind, p.modality or "-", p.source, p.version, p.description)
-    Console().print(table)
+    out.print(table)
     for source, error in registry.broken.items():
         console.print(f"[red]plugin {source} failed to load:[/] {error}", highlight=False)
 
@@ -129,7 +128,7 @@ def init_tiny(directory: Annotated[Path, typer.Argument(help="where to write the
     for result in get_registry().pm.hook.init_tiny_models(directory=directory):
         written.update(result or {})
     for name, path in sorted(written.items()):
-        Console().print(f"{name:<12} {path}")
+        out.print(f"{name:<12} {path}")
 
 
 def main() -> None:
