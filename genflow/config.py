@@ -69,6 +69,12 @@ class RaySpec(_Strict):
     batch_size: int = Field(16, ge=1)
     gpus_per_worker: float = Field(0.0, ge=0.0)
     max_restarts: int = Field(2, ge=0)
+    """How many worker-process deaths a row may be part of before it becomes an ``errors/`` row.
+    The worker is restarted after each death, and a batch that kills its worker is retried in
+    halves, so the row doing it is isolated first and never given up on while it shares a batch."""
+    max_worker_deaths: int = Field(100, ge=0)
+    """Worker restarts one plugin may need in one run before the stage stops: past it the
+    plugin is crashing on everything, not on a few rows."""
 
 
 class StorageSpec(_Strict):

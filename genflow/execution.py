@@ -3,8 +3,19 @@
 Each actor builds its plugin once (the model loads in the constructor) and then
 answers batches. A batch whose call raises is split and retried inside the actor
 until the failing rows are isolated, so one bad row costs an ``errors/`` row, not
-a batch. An actor that dies (segfault, out of memory) is restarted by Ray, up to
-``max_restarts`` times, and its batch is sent again.
+a batch.
+
+A worker process that dies (segfault, ``os._exit``, out of memory, a lost node)
+cannot isolate anything itself, so the pool does it: it starts a fresh actor in the
+dead one's place and sends the batch again in two halves. The half holding the
+row that kills the worker keeps dying and keeps being split until that row is
+alone; a row alone in a batch whose worker has died more than ``ray.max_restarts``
+times becomes an ``errors/`` row and the job goes on. A crash that does not repeat
+(a one-off out-of-memory) costs one restart and no rows. Restarts are bounded per
+pool by ``ray.max_worker_deaths``: past it the plugin is crashing on everything and
+the stage stops with :class:`PluginCrashed` instead of grinding through restarts.
+The pool restarts actors itself (Ray's own ``max_restarts`` is 0) so that every
+death is seen, counted and blamed on the batch that was running.
 """
 
 from __future__ import annotations
@@ -13,15 +24,17 @@ import logging
 import os
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from genflow.api import RowError
 from genflow.config import RaySpec
+from genflow.registry import PluginError
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +106,42 @@ class PluginWorker:
 @dataclass
 class BatchResult:
     index: int
+    """Which of the batches given to ``map`` these items come from (a part of it after a split)."""
     items: list[Any]
     results: list[Any]
     seconds: float
+
+
+class PluginCrashed(PluginError):
+    """A plugin's worker processes died more often than ``ray.max_worker_deaths`` allows."""
+
+
+@dataclass
+class _Work:
+    """Items of one batch (or a part of one) and the worker deaths they were blamed for."""
+
+    index: int
+    items: list[Any]
+    deaths: int = 0
+    suspect: bool = False
+    """Runs alone on its actor, so that if the actor dies it is certain who killed it."""
+
+
+@dataclass
+class _Call:
+    work: _Work
+    slot: int
+    actor: Any
+    started: float = field(default_factory=time.perf_counter)
+
+
+def _death_reason(exc: BaseException) -> str:
+    """The informative line of a Ray actor error (the constructor's exception, or why it died)."""
+    text = str(exc)
+    if "creation task" in text:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        return lines[-1] if lines else text
+    return text.split("\t")[0].split("\n")[0].strip()
 
 
 class WorkerPool:
@@ -107,6 +153,9 @@ class WorkerPool:
         self.size = workers or spec.workers
         self.actors: list[Any] = []
         self.description: dict[str, Any] | None = None
+        self.deaths = 0
+        """Worker processes that died under this pool (each one replaced)."""
+        self._actor_cls: Any = None
 
     @property
     def started(self) -> bool:
@@ -118,63 +167,132 @@ class WorkerPool:
         init_ray(self.spec)
         cpus = ray.available_resources().get("CPU", 1.0)
         per_actor = max(0.01, min(1.0, cpus / self.size)) if not self.spec.address else 1.0
-        actor_cls = ray.remote(PluginWorker).options(
-            num_cpus=per_actor, num_gpus=self.spec.gpus_per_worker,
-            max_restarts=self.spec.max_restarts, max_task_retries=0,
+        self._actor_cls = ray.remote(PluginWorker).options(
+            num_cpus=per_actor, num_gpus=self.spec.gpus_per_worker, max_restarts=0, max_task_retries=0,
         )
-        self.actors = [actor_cls.remote(self.factory, self.model, self.params) for _ in range(self.size)]
-        try:
-            self.description = ray.get(self.actors[0].describe.remote())
-        except RayTaskError as exc:
+        self.actors = [self._new_actor() for _ in range(self.size)]
+        try:  # every actor loads its model now, in parallel; a model that cannot load fails here
+            self.description = ray.get([a.describe.remote() for a in self.actors])[0]
+        except (RayTaskError, RayActorError) as exc:
             self.stop()
-            cause = exc.cause if getattr(exc, "cause", None) else exc
-            raise RuntimeError(f"{self.name}: the plugin failed to load: {cause}") from None
+            cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause else _death_reason(exc)
+            raise PluginError(f"{self.name}: the plugin failed to load: {cause}") from None
+
+    def _new_actor(self) -> Any:
+        return self._actor_cls.remote(self.factory, self.model, self.params)
 
     def stop(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
 
+    def _replace(self, slot: int, dead: Any, exc: BaseException, batch_rows: int) -> None:
+        self.deaths += 1
+        if self.deaths > self.spec.max_worker_deaths:
+            self.stop()
+            raise PluginCrashed(
+                f"{self.name}: worker processes died {self.deaths} times (last on a batch of {batch_rows} "
+                f"rows: {_death_reason(exc)}); the plugin keeps crashing. Fix it, or raise "
+                f"ray.max_worker_deaths ({self.spec.max_worker_deaths}) and rerun to go on.")
+        if self.actors[slot] is dead:
+            ray.kill(dead, no_restart=True)
+            self.actors[slot] = self._new_actor()
+
     def map(self, batches: Sequence[list[Any]], in_flight_per_actor: int = 2) -> Iterator[BatchResult]:
-        """Run every batch on the pool; yield results as batches finish."""
+        """Run every batch on the pool; yield results as batches (or parts of them) finish.
+
+        Every item is answered exactly once, with a result or a :class:`Failure`.
+        """
         if not batches:
             return
         self.start()
-        queue = list(range(len(batches)))[::-1]
-        attempts = [0] * len(batches)
-        running: dict[Any, tuple[int, int, float]] = {}  # ref -> (batch index, actor index, start)
+        queue: deque[_Work] = deque(_Work(i, list(b)) for i, b in enumerate(batches))
+        running: dict[Any, _Call] = {}
         load = [0] * len(self.actors)
+        alone = [False] * len(self.actors)  # the actor runs a suspect batch: send it nothing else
 
         def submit() -> None:
             while queue:
-                actor_i = min(range(len(self.actors)), key=lambda i: load[i])
-                if load[actor_i] >= in_flight_per_actor:
+                work = queue[0]
+                cap = 1 if work.suspect else in_flight_per_actor
+                free = [i for i in range(len(self.actors)) if not alone[i] and load[i] < cap]
+                if not free:
                     return
-                b = queue.pop()
-                ref = self.actors[actor_i].call.remote(batches[b])
-                running[ref] = (b, actor_i, time.perf_counter())
-                load[actor_i] += 1
+                slot = min(free, key=lambda i: load[i])
+                queue.popleft()
+                actor = self.actors[slot]
+                running[actor.call.remote(work.items)] = _Call(work, slot, actor)
+                load[slot] += 1
+                alone[slot] = work.suspect
+
+        def finish(ref: Any) -> _Call:
+            call = running.pop(ref)
+            load[call.slot] -= 1
+            alone[call.slot] = False
+            return call
 
         submit()
         while running:
             done, _ = ray.wait(list(running), num_returns=1)
-            ref = done[0]
-            b, actor_i, started = running.pop(ref)
-            load[actor_i] -= 1
+            call = finish(done[0])
             try:
-                results = ray.get(ref)
-            except RayActorError as exc:  # the actor died: Ray restarts it; send the batch again
-                attempts[b] += 1
-                if attempts[b] > self.spec.max_restarts:
-                    msg = f"worker died {attempts[b]} times on this batch: {exc}"
-                    results = [Failure(msg, "") for _ in batches[b]]
-                else:
-                    log.warning("%s: a worker died (%s); retrying its batch", self.name, exc)
-                    queue.append(b)
-                    submit()
-                    continue
-            yield BatchResult(b, batches[b], results, time.perf_counter() - started)
+                results = ray.get(done[0])
+            except RayActorError as exc:
+                yield from self._after_death(call, exc, running, finish, queue)
+                submit()
+                continue
+            except RayTaskError as exc:  # the call itself broke (e.g. results that cannot be pickled)
+                cause = exc.cause if exc.cause else exc
+                results = [Failure(f"{type(cause).__name__}: {cause}", str(exc)) for _ in call.work.items]
+            yield BatchResult(call.work.index, call.work.items, results, time.perf_counter() - call.started)
             submit()
+
+    def _after_death(self, call: _Call, exc: RayActorError, running: dict[Any, _Call],
+                     finish: Callable[[Any], _Call], queue: deque[_Work]) -> Iterator[BatchResult]:
+        """An actor died: settle every call it had, blame the batch that killed it, replace it.
+
+        With one batch on the actor the blame is certain: the batch is split in halves (or,
+        alone, retried or given up). With several it is not, so they all go back to the
+        queue unblamed, to run one per actor; the next death then names its batch.
+        """
+        if getattr(exc, "actor_init_failed", False):
+            self.stop()
+            raise PluginError(f"{self.name}: the plugin failed to load on a restarted worker: "
+                              f"{_death_reason(exc)}") from None
+        mine = [ref for ref, c in running.items() if c.actor is call.actor]
+        failed = [call]
+        if mine:  # calls the actor finished before dying still count; the rest died with it
+            ray.wait(mine, num_returns=len(mine), timeout=30)
+            for ref in mine:
+                other = finish(ref)
+                try:
+                    results = ray.get(ref, timeout=0)
+                except (RayActorError, GetTimeoutError):
+                    failed.append(other)
+                    continue
+                yield BatchResult(other.work.index, other.work.items, results, time.perf_counter() - other.started)
+        self._replace(call.slot, call.actor, exc, sum(len(c.work.items) for c in failed))
+        reason = _death_reason(exc)
+        if len(failed) > 1:
+            log.warning("%s: a worker died with %d batches on it (%s); retrying them one at a time",
+                        self.name, len(failed), reason)
+            queue.extendleft(reversed([_Work(c.work.index, c.work.items, c.work.deaths, suspect=True)
+                                       for c in failed]))
+            return
+        work = call.work
+        work.deaths += 1
+        if len(work.items) > 1:
+            log.warning("%s: a worker died on a batch of %d rows (%s); retrying it in halves",
+                        self.name, len(work.items), reason)
+            half = len(work.items) // 2
+            queue.extendleft([_Work(work.index, work.items[half:], work.deaths, suspect=True),
+                              _Work(work.index, work.items[:half], work.deaths, suspect=True)])
+        elif work.deaths <= self.spec.max_restarts:
+            log.warning("%s: a worker died on a single row (%s); retrying it", self.name, reason)
+            queue.appendleft(_Work(work.index, work.items, work.deaths, suspect=True))
+        else:
+            msg = f"WorkerDied: the worker process died {work.deaths} times on this row ({reason})"
+            yield BatchResult(work.index, work.items, [Failure(msg, "")], time.perf_counter() - call.started)
 
 
 def chunked(items: Sequence[Any], size: int) -> list[list[Any]]:
