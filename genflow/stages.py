@@ -1,10 +1,14 @@
 """The work of one (stage, shard): generate, score, rank and export.
 
-Every stage writes its shard's parts with deterministic names, then a small
-marker under ``_state/`` holding the stage fingerprint (the shard's rows plus the
-stage config). A rerun skips a (stage, shard) whose marker matches and redoes one
-whose inputs or config changed, overwriting the same part names: nothing is lost
-and nothing is duplicated.
+Every stage writes its shard's parts with deterministic names, each one atomically,
+then a small marker under ``_state/`` holding the stage fingerprint (the shard's rows
+plus the stage config) and the parts it wrote. A rerun skips a (stage, shard) whose
+marker matches and whose parts are all still there, and redoes one whose inputs or
+config changed (or whose parts went missing), overwriting the same part names:
+nothing is lost and nothing is duplicated. A job killed between a part and its
+marker redoes that one (stage, shard).
+
+The driver holds one shard at a time; nothing here reads a whole output folder.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from genflow.prompts import InputDataset, carried_columns, shard_tables, table_f
 from genflow.ranking import rank_candidates, rankings_table
 from genflow.registry import Registry
 from genflow.schemas import ERRORS, GENERATIONS, PLUGIN_INPUT_COLUMNS, SCORES
-from genflow.storage import Storage, is_remote
+from genflow.storage import TEMPORARY_PREFIX, Storage, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +64,13 @@ class StageOutcome:
     work_items: int = 0
     seconds: float = 0.0
     skipped: bool = False
+    parts: list[str] = field(default_factory=list)
+    """Files this (stage, shard) wrote (parts with no rows are not written)."""
 
     def to_json(self) -> dict[str, Any]:
         return {"stage": self.stage, "shard": self.shard, "fingerprint": self.fingerprint, "rows": self.rows,
-                "errors": self.errors, "work_items": self.work_items, "seconds": round(self.seconds, 4)}
+                "errors": self.errors, "work_items": self.work_items, "seconds": round(self.seconds, 4),
+                "parts": self.parts}
 
 
 def _marker(stage: str, shard: Shard) -> str:
@@ -71,24 +78,39 @@ def _marker(stage: str, shard: Shard) -> str:
 
 
 def finished(storage: Storage, stage: str, shard: Shard, fingerprint: str) -> StageOutcome | None:
-    """The recorded outcome of a (stage, shard) if it finished with this fingerprint."""
+    """The recorded outcome of a (stage, shard) if it finished with this fingerprint and
+    every part it wrote is still on storage (a deleted part is redone, never trusted)."""
     rel = _marker(stage, shard)
     if not storage.exists(rel):
         return None
-    data = storage.read_json(rel)
-    if data.get("fingerprint") != fingerprint:
+    try:
+        data = storage.read_json(rel)
+    except ValueError:  # not JSON: a marker cut short by something other than genflow
+        return None
+    if data.get("fingerprint") != fingerprint or "parts" not in data:
+        return None
+    if not all(storage.exists(part) for part in data["parts"]):
+        log.warning("%s shard %s: a part recorded as done is missing; redoing it", stage, shard.name)
         return None
     return StageOutcome(stage, shard.index, fingerprint, data.get("rows", {}), data.get("errors", 0),
-                        data.get("work_items", 0), data.get("seconds", 0.0), skipped=True)
+                        data.get("work_items", 0), data.get("seconds", 0.0), skipped=True, parts=data["parts"])
 
 
 def mark_finished(storage: Storage, outcome: StageOutcome) -> None:
     storage.write_json(f"_state/{outcome.stage}/{outcome.shard:05d}.json", outcome.to_json())
 
 
-def write_errors(storage: Storage, stage_key: str, shard: Shard, rows: list[dict[str, Any]]) -> int:
-    storage.write_table(f"errors/part-{stage_key}-{shard.name}.parquet", pa.Table.from_pylist(rows, schema=ERRORS))
-    return len(rows)
+def write_part(storage: Storage, rel: str, table: pa.Table, parts: list[str]) -> int:
+    """Write a part (atomically; nothing when it has no rows) and note it in ``parts``."""
+    if storage.write_table(rel, table):
+        parts.append(rel)
+    return table.num_rows
+
+
+def write_errors(storage: Storage, stage_key: str, shard: Shard, rows: list[dict[str, Any]],
+                 parts: list[str]) -> int:
+    return write_part(storage, f"errors/part-{stage_key}-{shard.name}.parquet",
+                      pa.Table.from_pylist(rows, schema=ERRORS), parts)
 
 
 def error_row(prompt_id: str, stage: str, plugin: str, failure: Failure, generation_id: str | None = None) -> dict:
@@ -108,8 +130,10 @@ def plan_shards(config: JobConfig, source: InputDataset, storage: Storage, resum
     for index, table in enumerate(shard_tables(source, config.shard_rows)):
         shard = Shard(index, table_fingerprint(table), table.num_rows)
         if not (resume and finished(storage, "prompts", shard, shard.fingerprint)):
-            storage.write_table(f"prompts/part-{shard.name}.parquet", table)
-            mark_finished(storage, StageOutcome("prompts", index, shard.fingerprint, {"prompts": table.num_rows}))
+            parts: list[str] = []
+            write_part(storage, f"prompts/part-{shard.name}.parquet", table, parts)
+            mark_finished(storage, StageOutcome("prompts", index, shard.fingerprint, {"prompts": table.num_rows},
+                                                parts=parts))
         shards.append(shard)
     if not shards:
         raise ValueError(f"{config.input}: the input has no rows")
@@ -117,25 +141,32 @@ def plan_shards(config: JobConfig, source: InputDataset, storage: Storage, resum
     return shards
 
 
+PART_FOLDERS = ("prompts", "generations", "scores", "rankings", "preferences", "sft", "errors")
+
+
 def _drop_stale_shards(storage: Storage, count: int) -> None:
-    for folder in ("prompts", "generations", "scores", "rankings", "preferences", "sft", "errors"):
+    """Remove parts and markers of shards past ``count`` (the input shrank), and the
+    temporary files of writes a killed job never finished. Lists names only."""
+    for folder in PART_FOLDERS:
         for rel in storage.list(folder, ".parquet"):
             digits = [p for p in posixpath.basename(rel)[:-8].split("-") if p.isdigit() and len(p) == 5]
             if digits and int(digits[-1]) >= count:
                 storage.delete(rel)
-    for stage_dir in ("prompts", "generate", "score", "rank"):
-        for rel in _list_markers(storage, f"_state/{stage_dir}"):
-            if int(posixpath.basename(rel).split(".")[0]) >= count:
-                storage.delete(rel)
+        storage.remove_temporaries(folder)
+    for rel in _list_state(storage):
+        name = posixpath.basename(rel)
+        stale = name.endswith(".json") and name[:-5].isdigit() and int(name[:-5]) >= count
+        if stale or name.startswith(TEMPORARY_PREFIX):
+            storage.delete(rel)
 
 
-def _list_markers(storage: Storage, rel: str) -> list[str]:
+def _list_state(storage: Storage) -> list[str]:
     import pyarrow.fs as pafs
 
-    infos = storage.fs.get_file_info(pafs.FileSelector(storage.path(rel), allow_not_found=True, recursive=True))
+    infos = storage.fs.get_file_info(pafs.FileSelector(storage.path("_state"), allow_not_found=True,
+                                                       recursive=True))
     root = storage.path("")
-    return [posixpath.relpath(i.path, root) for i in infos
-            if i.type == pafs.FileType.File and i.path.endswith(".json")]
+    return [posixpath.relpath(i.path, root) for i in infos if i.type == pafs.FileType.File]
 
 
 def read_prompts(storage: Storage, shard: Shard) -> pa.Table:
@@ -226,10 +257,11 @@ def generate_shard(storage: Storage, shard: Shard, spec: GeneratorSpec, config: 
         advance(len(batch.items))
     rows.sort(key=lambda r: (r["prompt_id"], r["sample"]))
     table = _generation_table(rows, _carry(prompts), prompts)
-    storage.write_table(f"generations/part-{shard.name}-{spec.label}.parquet", table)
-    n_err = write_errors(storage, f"generate-{spec.label}", shard, errors)
+    parts: list[str] = []
+    write_part(storage, f"generations/part-{shard.name}-{spec.label}.parquet", table, parts)
+    n_err = write_errors(storage, f"generate-{spec.label}", shard, errors, parts)
     outcome = StageOutcome(stage, shard.index, fp, {"generations": table.num_rows}, n_err, len(requests),
-                           time.perf_counter() - started)
+                           time.perf_counter() - started, parts=parts)
     mark_finished(storage, outcome)
     return outcome
 
@@ -268,17 +300,24 @@ def input_candidates_shard(storage: Storage, shard: Shard) -> StageOutcome:
                          "image_path": str(answer) if modality == "image" else None, "seed": None,
                          "params": "{}", "num_tokens": None, "finish_reason": "input", "latency_s": 0.0})
     table = _generation_table(rows, _carry(prompts), prompts)
-    storage.write_table(f"generations/part-{shard.name}-{INPUT_LABEL}.parquet", table)
-    outcome = StageOutcome(stage, shard.index, fp, {"generations": table.num_rows}, 0, len(rows))
+    parts: list[str] = []
+    write_part(storage, f"generations/part-{shard.name}-{INPUT_LABEL}.parquet", table, parts)
+    outcome = StageOutcome(stage, shard.index, fp, {"generations": table.num_rows}, 0, len(rows), parts=parts)
     mark_finished(storage, outcome)
     return outcome
 
 
 # -- scoring ------------------------------------------------------------------
 
-def read_generations(storage: Storage, shard: Shard) -> pa.Table:
-    parts = [p for p in storage.list("generations", ".parquet")
-             if posixpath.basename(p).startswith(f"part-{shard.name}-")]
+def generator_labels(config: JobConfig) -> list[str]:
+    return [g.label for g in config.generators] or [INPUT_LABEL]
+
+
+def read_generations(storage: Storage, shard: Shard, labels: list[str]) -> pa.Table:
+    """The shard's candidates from every generator (found by name: listing the folder
+    for every shard would cost a job quadratic time on a bucket)."""
+    parts = [p for p in (f"generations/part-{shard.name}-{label}.parquet" for label in labels)
+             if storage.exists(p)]
     if not parts:
         return GENERATIONS.empty_table()
     tables = [storage.read_table(p, columns=GENERATIONS.names) for p in parts]
@@ -300,7 +339,7 @@ def _image_bytes(storage: Storage, path: str, base_dir: str) -> bytes:
 def score_shard(storage: Storage, shard: Shard, spec: ScorerSpec, fingerprint: str, pool: WorkerPool,
                 modalities: tuple[str, ...], config: JobConfig, base_dir: str, advance: Advance) -> StageOutcome:
     started = time.perf_counter()
-    gens = read_generations(storage, shard)
+    gens = read_generations(storage, shard, generator_labels(config))
     gens = gens.filter(pc.is_in(gens["modality"], pa.array(list(modalities), pa.string())))
     prompts = {r["prompt_id"]: r for r in read_prompts(storage, shard).to_pylist()}
     items: list[ScoreItem] = []
@@ -328,10 +367,11 @@ def score_shard(storage: Storage, shard: Shard, spec: ScorerSpec, fingerprint: s
         advance(len(batch.items))
     rows.sort(key=lambda r: r["generation_id"])
     table = pa.Table.from_pylist(rows, schema=SCORES)
-    storage.write_table(f"scores/part-{shard.name}-{spec.name}.parquet", table)
-    n_err = write_errors(storage, f"score-{spec.name}", shard, errors)
+    parts: list[str] = []
+    write_part(storage, f"scores/part-{shard.name}-{spec.name}.parquet", table, parts)
+    n_err = write_errors(storage, f"score-{spec.name}", shard, errors, parts)
     outcome = StageOutcome(f"score/{spec.name}", shard.index, fingerprint, {"scores": table.num_rows}, n_err,
-                           len(items), time.perf_counter() - started)
+                           len(items), time.perf_counter() - started, parts=parts)
     mark_finished(storage, outcome)
     return outcome
 
@@ -348,16 +388,17 @@ def rank_shard(storage: Storage, shard: Shard, config: JobConfig, fingerprint: s
                exporters: dict[str, Any], registry: Registry) -> StageOutcome:
     started = time.perf_counter()
     weights = {s.name: s.weight for s in config.scorers}
-    ranked = rank_candidates(read_generations(storage, shard), read_scores(storage, shard, list(weights)), weights)
-    rows = {"rankings": ranked.num_rows}
-    storage.write_table(f"rankings/part-{shard.name}.parquet", rankings_table(ranked))
+    ranked = rank_candidates(read_generations(storage, shard, generator_labels(config)),
+                             read_scores(storage, shard, list(weights)), weights)
+    parts: list[str] = []
+    rows = {"rankings": write_part(storage, f"rankings/part-{shard.name}.parquet", rankings_table(ranked), parts)}
     for name, params in exporters.items():
         factory = registry.get("exporter", name).factory
         table = factory(factory.Params.model_validate(params)).export(ranked)
-        written = table if table is not None else pa.table({})
-        storage.write_table(f"{name}/part-{shard.name}.parquet", written)
-        rows[name] = written.num_rows
-    outcome = StageOutcome("rank", shard.index, fingerprint, rows, 0, ranked.num_rows, time.perf_counter() - started)
+        rows[name] = write_part(storage, f"{name}/part-{shard.name}.parquet",
+                                table if table is not None else pa.table({}), parts)
+    outcome = StageOutcome("rank", shard.index, fingerprint, rows, 0, ranked.num_rows, time.perf_counter() - started,
+                           parts=parts)
     mark_finished(storage, outcome)
     return outcome
 

@@ -20,6 +20,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+TEMPORARY_PREFIX = ".tmp-"
+"""Name prefix of files being written; hidden from readers (pyarrow, ``datasets``) and
+removed when a job that was killed mid-write runs again."""
+
 
 class StorageError(RuntimeError):
     pass
@@ -108,6 +112,16 @@ class Storage:
                       if i.type == pafs.FileType.File and i.path.endswith(suffix)
                       and not posixpath.basename(i.path).startswith((".", "_")))
 
+    def remove_temporaries(self, rel: str) -> None:
+        """Delete the temporary files of writes that never finished, directly below ``rel``."""
+        selector = pafs.FileSelector(self.path(rel), allow_not_found=True)
+        for info in self.fs.get_file_info(selector):
+            if info.type == pafs.FileType.File and posixpath.basename(info.path).startswith(TEMPORARY_PREFIX):
+                try:
+                    self.fs.delete_file(info.path)
+                except FileNotFoundError:
+                    pass
+
     def delete(self, rel: str) -> None:
         try:
             self.fs.delete_file(self.path(rel))
@@ -125,7 +139,7 @@ class Storage:
         parent = posixpath.dirname(final)
         if self.local:
             self.fs.create_dir(parent, recursive=True)
-            tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(final)}")
+            tmp = posixpath.join(parent, f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(final)}")
             with self.fs.open_output_stream(tmp) as out:
                 out.write(data)
             self.fs.move(tmp, final)
