@@ -117,6 +117,137 @@ def plugins() -> None:
         console.print(f"[red]plugin {source} failed to load:[/] {error}", highlight=False)
 
 
+def _raw_config(config: Path, overrides: list[str] | None) -> dict:
+    """The config file's mapping with ``--set`` overrides applied (validated later, as a whole)."""
+    from genflow.config import load_raw, parse_override, set_dotted
+
+    raw = load_raw(config)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        set_dotted(raw, key, value)
+    return raw
+
+
+def _needs_prefect_server(command: str) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        fail(f"`genflow {command}` needs a running Prefect server: start one with `prefect server start` and "
+             "set PREFECT_API_URL (e.g. export PREFECT_API_URL=http://127.0.0.1:4200/api)")
+
+
+NameOpt = Annotated[str | None, typer.Option("--name", help="deployment name (default: the config's name)")]
+
+
+@app.command()
+def sweep(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no-resume",
+          help="skip work already on storage (in a run's folder or an earlier run's)")] = True,
+          set_: SetOpt = None) -> None:
+    """Run every point of the config's `sweep` grid; compare them in sweep.parquet and sweep.html."""
+    from genflow.flows.sweep import SweepFailed
+    from genflow.sweep import run_sweep
+
+    try:
+        plan, rows = run_sweep(_raw_config(config, set_), resume=resume, source=str(config))
+    except _user_errors() as exc:
+        fail(str(exc))
+    except SweepFailed as exc:
+        fail(str(exc), code=1)
+    table = Table(title=f"sweep {plan.name!r}: {len(rows)} runs", show_header=True)
+    for col, justify in (("run", "left"), ("status", "left"), ("mean score", "right"), ("tokens/s", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in rows:
+        mean, tps = r.get("score_mean"), r.get("tokens_per_s")
+        table.add_row(r["run"], str(r.get("status")), "-" if mean is None else f"{mean:.4f}",
+                      "-" if tps is None else f"{tps:,.0f}")
+    out.print(table)
+    out.print(f"compare: {plan.output}/sweep.html  (table: {plan.output}/sweep.parquet)")
+
+
+@app.command()
+def deploy(config: ConfigArg, name: NameOpt = None, work_pool: Annotated[str | None, typer.Option(
+           "--work-pool", help="hand runs to this Prefect work pool (`prefect worker start --pool ...`) "
+           "instead of `genflow serve`")] = None, set_: SetOpt = None) -> None:
+    """Register the job as a Prefect deployment with the config's schedule; `genflow serve` runs it."""
+    from genflow.flows import deploy as deployment
+
+    _needs_prefect_server("deploy")
+    try:
+        raw = _raw_config(config, set_)
+        deployment.deploy(raw, name, work_pool)
+        info = deployment.describe_deployment(deployment.full_name(raw, name))
+    except _user_errors() as exc:
+        fail(str(exc))
+    except ValueError as exc:  # Prefect: unknown work pool
+        fail(str(exc))
+    for s in info["schedules"]:
+        out.print(f"schedule: {s['cron']} ({s['timezone']}){'' if s['active'] else ' (inactive)'}")
+    if not info["schedules"]:
+        out.print("no schedule in the config: runs start only when triggered")
+    for when in info["next_runs"]:
+        out.print(f"next run: {when:%Y-%m-%d %H:%M %Z}")
+    runner = f"a worker of pool {work_pool!r}" if work_pool else f"`genflow serve {config}`"
+    out.print(f"deployment {info['name']} registered; its runs are executed by {runner}.")
+    out.print(f"run it now: prefect deployment run '{info['name']}'")
+
+
+@app.command()
+def serve(config: ConfigArg, name: NameOpt = None, limit: Annotated[int | None, typer.Option(
+          "--limit", help="at most this many runs at once")] = None, set_: SetOpt = None) -> None:
+    """Serve the job's deployment: run it on its schedule, and whenever triggered, until stopped."""
+    from genflow.flows import deploy as deployment
+    from genflow.job import quiet_prefect_defaults
+
+    _needs_prefect_server("serve")
+    quiet_prefect_defaults()
+    try:
+        raw = _raw_config(config, set_)
+        deployment.to_deployment(raw, name)  # a bad config fails here, before serving
+    except _user_errors() as exc:
+        fail(str(exc))
+    deployment.serve(raw, name, limit)
+
+
+@app.command()
+def runs(limit: Annotated[int, typer.Option("--limit", "-n", help="how many runs")] = 20,
+         deployment_name: Annotated[str | None, typer.Option("--deployment", help="only runs of this deployment "
+                                    "(flow/deployment, e.g. genflow-job/nightly)")] = None,
+         scheduled: Annotated[bool, typer.Option("--scheduled", help="include runs scheduled for later")] = False
+         ) -> None:
+    """List recent runs of genflow jobs and sweeps from the Prefect API, newest first."""
+    from genflow.flows.deploy import list_runs
+
+    try:
+        rows = list_runs(limit, deployment_name, scheduled=scheduled)
+    except Exception as exc:  # the API is down or the deployment unknown: one line, no traceback
+        fail(f"cannot list runs from the Prefect API: {type(exc).__name__}: {exc}")
+    table = Table(show_header=True)
+    for col in ("run", "flow", "deployment", "state", "start", "duration"):
+        table.add_column(col, justify="right" if col == "duration" else "left")
+    for r in rows:
+        start = r["start"].astimezone().strftime("%Y-%m-%d %H:%M:%S") if r["start"] else "-"
+        duration = "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s"
+        table.add_row(r["name"], r["flow"], r["deployment"] or "-", r["state"], start, duration)
+    out.print(table if rows else "no genflow runs yet")
+
+
+@app.command()
+def report(output: Annotated[str, typer.Argument(help="a job's output folder or s3:// URI (or a sweep's)",
+                                                 show_default=False)],
+           endpoint_url: Annotated[str | None, typer.Option("--endpoint-url", help="S3 endpoint")] = None) -> None:
+    """(Re)build report.html of a job's output, or sweep.html and every run's report of a sweep's."""
+    from genflow.report import ReportError, rebuild
+
+    try:
+        written = rebuild(output, endpoint_url)
+    except ReportError as exc:
+        fail(str(exc))
+    except _user_errors() as exc:
+        fail(str(exc))
+    for uri in written:
+        out.print(uri)
+
+
 @models_app.command("init-tiny")
 def init_tiny(directory: Annotated[Path, typer.Argument(help="where to write the models")]) -> None:
     """Write tiny randomly initialised models (text, code, reward, image, CLIP) for offline runs."""

@@ -514,3 +514,22 @@ def write_sweep_report(storage: Storage, table: pa.Table) -> str:
     meta = json.loads((table.schema.metadata or {}).get(b"genflow.sweep", b"{}"))
     storage.write_bytes(SWEEP_FILE, build_sweep_report(table, meta).encode())
     return storage.uri_of(SWEEP_FILE)
+
+
+def rebuild(uri: str, endpoint_url: str | None = None) -> list[str]:
+    """Rebuild the pages of a job folder (report.html) or a sweep folder (sweep.html and each run's)."""
+    import pyarrow.parquet as pq
+
+    storage = Storage.open(uri, endpoint_url)
+    if storage.exists("manifest.json"):
+        return [write_report(storage)]
+    if storage.exists("sweep.parquet"):
+        with storage.fs.open_input_file(storage.path("sweep.parquet")) as f:
+            table = pq.read_table(f)
+        written = []
+        for run in table["run"].to_pylist():
+            run_storage = Storage.open(f"{uri.rstrip('/')}/{run}", endpoint_url)
+            if run_storage.exists("manifest.json"):
+                written.append(write_report(run_storage))
+        return [write_sweep_report(storage, table), *written]
+    raise ReportError(f"{uri}: no manifest.json or sweep.parquet here; give the output folder of a job or sweep")

@@ -1,0 +1,192 @@
+"""Scheduled genflow jobs: one Prefect deployment of the job flow per config.
+
+A config's ``schedule`` (cron + timezone) becomes the deployment's Prefect
+``Cron`` schedule and the config itself its parameters; Prefect's scheduler
+creates the runs and something Prefect-native executes them:
+
+- ``genflow serve CONFIG`` (``prefect.serve``): registers the deployment and
+  runs its flow runs in this process's machine until stopped. The simplest
+  way: no work pool, no worker. Stopping it (Ctrl-C, SIGTERM) pauses the
+  schedule, so runs do not pile up while nothing executes them.
+- ``genflow deploy CONFIG``: registers (or updates) the deployment and
+  returns. Its runs wait for ``genflow serve CONFIG``; with
+  ``--work-pool POOL`` they go to a Prefect work pool instead, for a
+  ``prefect worker start --pool POOL`` on any machine with genflow installed
+  (the flow is referenced by module, ``genflow.flows.job.genflow_job``).
+
+Relative paths in the config (input, output, local model folders) are made
+absolute where the command runs, so a run means what ``genflow run`` there
+would. ``{date}`` in the output stays as written and is filled in by each run.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from genflow.config import JobConfig, build_config
+from genflow.storage import is_remote
+
+TAGS = ["genflow"]
+
+
+def deployment_name(config: JobConfig) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", config.name).strip("-") or "genflow-job"
+
+
+def _absolute(value: Any, base: Path, must_exist: bool) -> Any:
+    if not isinstance(value, str) or not value or is_remote(value) or value.startswith("file://"):
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return value
+    candidate = base / path
+    if must_exist and not candidate.exists():
+        return value  # a hub model id such as "gpt2", not a folder here
+    return str(candidate)
+
+
+def anchor_paths(raw: dict[str, Any], base: Path | None = None) -> dict[str, Any]:
+    """The config with relative local paths made absolute against ``base`` (the current folder)."""
+    base = (base or Path.cwd()).resolve()
+    data = copy.deepcopy(raw)
+    data["input"] = _absolute(data.get("input"), base, must_exist=False)
+    data["output"] = _absolute(data.get("output"), base, must_exist=False)
+    for key in ("generators", "scorers"):
+        for spec in data.get(key) or []:
+            if isinstance(spec, dict) and "model" in spec:
+                spec["model"] = _absolute(spec["model"], base, must_exist=True)
+    return data
+
+
+def job_parameters(raw: dict[str, Any], base: Path | None = None) -> dict[str, Any]:
+    data = anchor_paths(raw, base)
+    data.pop("sweep", None)
+    return {"config": data, "resume": True}
+
+
+def to_deployment(raw: dict[str, Any], name: str | None = None, base: Path | None = None) -> Any:
+    """The job flow's ``RunnerDeployment`` for a config: its schedule, its parameters."""
+    from genflow.flows.job import genflow_job
+    from prefect.flows import EntrypointType
+    from prefect.schedules import Cron
+
+    job = build_config(raw, source=f"config {raw.get('name', '?')!r}")
+    schedules = [Cron(job.schedule.cron, timezone=job.schedule.timezone)] if job.schedule else []
+    return genflow_job.to_deployment(
+        name=name or deployment_name(job),
+        schedules=schedules,
+        parameters=job_parameters(raw, base),
+        description=f"genflow job {job.name!r}: {job.input} -> {job.output}",
+        tags=TAGS,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def deploy(raw: dict[str, Any], name: str | None = None, work_pool: str | None = None) -> UUID:
+    """Register (or update) the deployment; returns its id."""
+    import prefect
+
+    deployment = to_deployment(raw, name)
+    if work_pool:
+        ids: list[UUID] = prefect.deploy(deployment, work_pool_name=work_pool, build=False,  # type: ignore[assignment]
+                                         push=False, print_next_steps_message=False, ignore_warnings=True)
+        return ids[0]
+    return deployment.apply()
+
+
+def serve(raw: dict[str, Any], name: str | None = None, limit: int | None = None) -> None:
+    """Register the deployment and execute its runs here until stopped (Prefect's runner)."""
+    import prefect
+
+    prefect.serve(to_deployment(raw, name), limit=limit, print_starting_message=True)
+
+
+def full_name(raw: dict[str, Any], name: str | None = None) -> str:
+    from genflow.flows.job import genflow_job
+
+    return f"{genflow_job.name}/{name or deployment_name(build_config(raw))}"
+
+
+def describe_deployment(deployment_name_: str, upcoming: int = 3) -> dict[str, Any]:
+    """The registered deployment: schedules, paused or not, work pool, and its next run times."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name(deployment_name_)
+    schedules = [{"cron": getattr(s.schedule, "cron", None), "timezone": getattr(s.schedule, "timezone", None),
+                  "active": s.active} for s in dep.schedules]
+    return {"id": str(dep.id), "name": deployment_name_, "schedules": schedules, "paused": dep.paused,
+            "work_pool": dep.work_pool_name, "parameters": dep.parameters,
+            "next_runs": next_run_times(schedules, upcoming)}
+
+
+def next_run_times(schedules: list[dict[str, Any]], n: int = 3) -> list[datetime]:
+    """The next ``n`` times the active cron schedules fire, as Prefect's scheduler computes them."""
+    import asyncio
+
+    from prefect.server.schemas.schedules import CronSchedule
+
+    times: list[datetime] = []
+    for s in schedules:
+        if s["active"] and s["cron"]:
+            schedule = CronSchedule(cron=s["cron"], timezone=s["timezone"])
+            times += asyncio.run(schedule.get_dates(n=n))
+    return sorted(times)[:n]
+
+
+def _deployment_filter(ids: list[UUID]) -> Any:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    return DeploymentFilter(id=DeploymentFilterId(any_=ids))
+
+
+def list_runs(limit: int = 20, deployment: str | None = None, flow_names: list[str] | None = None,
+              scheduled: bool = False) -> list[dict[str, Any]]:
+    """Runs of genflow flows, newest first: name, flow, deployment, state, start, duration.
+
+    Runs the scheduler created for the future are left out unless ``scheduled``.
+    """
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    names = flow_names or ["genflow-job", "genflow-sweep"]
+    with get_client(sync_client=True) as client:
+        dep_filter = _deployment_filter([client.read_deployment_by_name(deployment).id]) if deployment else None
+        states = None if scheduled else FlowRunFilter(state=FlowRunFilterState(
+            type=FlowRunFilterStateType(not_any_=[StateType.SCHEDULED])))
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=names)), flow_run_filter=states,
+                                     deployment_filter=dep_filter, sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+                                     limit=limit)
+        flows = {f.id: f.name for f in client.read_flows(flow_filter=FlowFilter(name=FlowFilterName(any_=names)))}
+        dep_ids = list({r.deployment_id for r in runs if r.deployment_id})
+        deployments = {}
+        if dep_ids:
+            deployments = {d.id: d.name for d in client.read_deployments(deployment_filter=_deployment_filter(dep_ids))}
+    now = datetime.now(timezone.utc)
+    out = []
+    for r in runs:
+        start = r.start_time
+        end = r.end_time or (now if start and r.state and r.state.is_running() else None)
+        out.append({
+            "name": r.name,
+            "flow": flows.get(r.flow_id, str(r.flow_id)),
+            "deployment": deployments.get(r.deployment_id) if r.deployment_id else None,
+            "state": r.state.name if r.state else "?",
+            "start": start or r.expected_start_time,
+            "duration_s": (end - start).total_seconds() if start and end else None,
+            "message": r.state.message if r.state and r.state.is_failed() else None,
+        })
+    return out
