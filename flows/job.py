@@ -2,9 +2,31 @@
 
 Prefect sees coarse tasks, one per (stage, shard); inside each task the shard's
 rows stream through a Ray actor pool that holds the plugin's model. Stages run
-one after another so only one model pool is alive at a time, and every
-(stage, shard) whose output is already on storage with the same fingerprint is
-skipped without starting Ray or loading a model.
+one after another so only one model pool is alive at a time.
+
+Resume. What a (stage, shard) has done is recorded with its output: a marker under
+``<output>/_state/`` holding the stage fingerprint (the shard's rows plus the stage
+config) and the parts it wrote (see :mod:`genflow.stages`). The flow reads the
+marker before it submits a task, so finished work costs no task run, no Ray and
+no model load, and a changed config redoes exactly the stages whose fingerprint
+changed (new scorer params: scores and rankings, not generations).
+
+Prefect's own result cache is deliberately off (``NO_CACHE``), although a cache
+key from the fingerprint would be easy to write:
+
+- its records live in Prefect's result store (a folder on the machine that ran the
+  task, or a storage block), not with the outputs. A record outlives the parts it
+  stands for, so a cache hit could skip a task whose output was deleted; a rerun
+  on another machine, or one that writes to a new output, would not see it.
+  A marker is checked against the parts themselves.
+- a cache hit is still a task run: resuming a job of thousands of shards would
+  create thousands of runs to learn nothing. Skipping in the flow creates none.
+- a task's inputs hold an actor pool and a progress bar, which Prefect cannot
+  hash; a hand-written key would repeat the fingerprint logic in a second place.
+
+Task runs are named ``<stage>-<shard>-<fingerprint>`` so a run in the Prefect UI
+matches its marker. ``retries`` cover what may pass (a storage hiccup); bad input,
+a plugin that cannot load or keeps crashing fail at once.
 """
 
 from __future__ import annotations
@@ -13,16 +35,18 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import Task, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
 
 from genflow.api import Scorer
-from genflow.config import JobConfig, ScorerSpec, build_config, stable_hash
+from genflow.config import ConfigError, JobConfig, ScorerSpec, build_config, stable_hash
 from genflow.execution import WorkerPool
 from genflow.manifest import build_manifest
 from genflow.progress import StageProgress
-from genflow.prompts import open_input
-from genflow.registry import get_registry
+from genflow.prompts import InputError, open_input
+from genflow.registry import PluginError, get_registry
 from genflow.report import write_report_safely
 from genflow.stages import (
     INPUT_LABEL,
@@ -46,7 +70,13 @@ class JobFailed(RuntimeError):
     """The job ran but produced more errors than ``max_error_fraction`` allows."""
 
 
-TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": 1}
+def worth_retrying(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry what may pass (storage, network); not what a retry cannot fix."""
+    return not isinstance(state.data, (ConfigError, InputError, PluginError))
+
+
+TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": 1,
+                                "retry_condition_fn": worth_retrying}
 
 
 @task(name="plan-shards", cache_policy=NO_CACHE)
@@ -58,20 +88,20 @@ def plan_task(config: JobConfig, storage: Storage, resume: bool) -> tuple[list[S
     return shards, source.base_dir
 
 
-@task(name="generate", task_run_name="generate-{spec.label}-{shard.index}", **TASK_OPTIONS)
-def generate_task(storage, shard, spec, config, pool, modality, base_dir, progress) -> StageOutcome:
+@task(name="generate", task_run_name="generate-{spec.label}-{shard.index}-{fingerprint}", **TASK_OPTIONS)
+def generate_task(storage, shard, spec, fingerprint, config, pool, modality, base_dir, progress) -> StageOutcome:
     outcome = generate_shard(storage, shard, spec, config, pool, modality, base_dir, progress.advance)
     get_run_logger().info("shard %d: %s generations, %d errors in %.1fs", shard.index,
                           outcome.rows.get("generations"), outcome.errors, outcome.seconds)
     return outcome
 
 
-@task(name="input-candidates", task_run_name="input-candidates-{shard.index}", **TASK_OPTIONS)
-def input_task(storage: Storage, shard: Shard) -> StageOutcome:
+@task(name="input-candidates", task_run_name="input-candidates-{shard.index}-{fingerprint}", **TASK_OPTIONS)
+def input_task(storage: Storage, shard: Shard, fingerprint: str) -> StageOutcome:
     return input_candidates_shard(storage, shard)
 
 
-@task(name="score", task_run_name="score-{spec.plugin}-{shard.index}", **TASK_OPTIONS)
+@task(name="score", task_run_name="score-{spec.name}-{shard.index}-{fingerprint}", **TASK_OPTIONS)
 def score_task(storage, shard, spec, fingerprint, pool, modalities, config, base_dir, progress) -> StageOutcome:
     outcome = score_shard(storage, shard, spec, fingerprint, pool, modalities, config, base_dir, progress.advance)
     get_run_logger().info("shard %d: %s scores, %d errors in %.1fs", shard.index,
@@ -79,7 +109,7 @@ def score_task(storage, shard, spec, fingerprint, pool, modalities, config, base
     return outcome
 
 
-@task(name="rank", task_run_name="rank-{shard.index}", **TASK_OPTIONS)
+@task(name="rank", task_run_name="rank-{shard.index}-{fingerprint}", **TASK_OPTIONS)
 def rank_task(storage, shard, config, fingerprint, exporters) -> StageOutcome:
     return rank_shard(storage, shard, config, fingerprint, exporters, get_registry())
 
@@ -109,7 +139,7 @@ def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, A
         t = time.perf_counter()
         info = registry.get("generator", spec.plugin)
         pool = WorkerPool(info.factory, spec.model, spec.params, config.ray, name=spec.label)
-        with StageProgress(f"generate {spec.label}", sum(s.rows for s in shards) * spec.samples) as bar:
+        with pool, StageProgress(f"generate {spec.label}", sum(s.rows for s in shards) * spec.samples) as bar:
             for shard in shards:
                 fp = generation_fingerprint(shard, spec, config)
                 gen_fps[shard.index].append(fp)
@@ -118,18 +148,18 @@ def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, A
                     outcomes.append(done)
                     bar.advance(shard.rows * spec.samples)
                     continue
-                outcomes.append(generate_task(storage, shard, spec, config, pool, info.factory.modality,
+                outcomes.append(generate_task(storage, shard, spec, fp, config, pool, info.factory.modality,
                                               base_dir, bar))
         plugins[spec.label] = {"kind": "generator", "plugin": spec.plugin, "source": info.source,
-                               "version": info.version, "model": pool.description or {"model": spec.model}}
-        pool.stop()
+                               "version": info.version, "loaded": pool.description is not None,
+                               "model": pool.description or {"model": spec.model}}
         timings[f"generate/{spec.label}"] = time.perf_counter() - t
     if not config.generators:
         for shard in shards:
             fp = stable_hash([shard.fingerprint, "input-candidates"])
             gen_fps[shard.index].append(fp)
             done = finished(storage, f"generate/{INPUT_LABEL}", shard, fp) if resume else None
-            outcomes.append(done or input_task(storage, shard))
+            outcomes.append(done or input_task(storage, shard, fp))
 
     # Score: one pool per scorer.
     score_fps: dict[int, list[str]] = {s.index: [] for s in shards}
@@ -139,7 +169,7 @@ def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, A
         info = registry.get("scorer", scorer.plugin)
         pool = WorkerPool(info.factory, scorer.model, scorer.params, config.ray, name=scorer.name)
         total = sum(o.rows.get("generations", 0) for o in outcomes if o.stage.startswith("generate/"))
-        with StageProgress(f"score {scorer.name}", total) as bar:
+        with pool, StageProgress(f"score {scorer.name}", total) as bar:
             for shard in shards:
                 fp = score_fingerprint(gen_fps[shard.index], scorer)
                 score_fps[shard.index].append(fp)
@@ -152,8 +182,8 @@ def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, A
                                            base_dir, bar))
         plugins[scorer.name] = {"kind": "scorer", "plugin": scorer.plugin, "source": info.source,
                               "version": info.version, "weight": scorer.weight,
+                              "loaded": pool.description is not None,
                               "model": pool.description or {"model": scorer.model or info.factory.default_model}}
-        pool.stop()
         metrics.update(_summarize(storage, scorer, info.factory))
         timings[f"score/{scorer.name}"] = time.perf_counter() - t
 
