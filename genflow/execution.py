@@ -186,6 +186,12 @@ class WorkerPool:
             ray.kill(actor)
         self.actors = []
 
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def _replace(self, slot: int, dead: Any, exc: BaseException, batch_rows: int) -> None:
         self.deaths += 1
         if self.deaths > self.spec.max_worker_deaths:
