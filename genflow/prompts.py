@@ -79,9 +79,28 @@ def open_input(uri: str, endpoint_url: str | None = None, region: str | None = N
     try:
         unified = pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise InputError(f"{uri}: the files' columns do not agree: {exc}") from None
+        raise InputError(_disagreement(files, schemas, exc)) from None
     dataset = ds.dataset(files, schema=unified, filesystem=fs, format="parquet")
     return InputDataset(uri, dataset, base if "://" not in uri else "s3://" + base, files)
+
+
+def _disagreement(files: list[str], schemas: list[pa.Schema], exc: Exception) -> str:
+    """Name the first file whose columns cannot join the files before it, and the column."""
+    for i in range(1, len(schemas)):
+        try:
+            pa.unify_schemas(schemas[: i + 1], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            earlier = {f.name: f.type for f in schemas[:i]}
+            for field in schemas[i]:
+                if field.name in earlier:
+                    try:
+                        pa.unify_schemas([pa.schema([(field.name, earlier[field.name])]), pa.schema([field])],
+                                         promote_options="permissive")
+                    except (pa.ArrowInvalid, pa.ArrowTypeError):
+                        return (f"{files[i]}: column {field.name!r} is {field.type}, but it is "
+                                f"{earlier[field.name]} in the files before it")
+            break
+    return f"the input files' columns do not agree: {exc}"
 
 
 def stable_row_id(row_hash_parts: list[str]) -> str:
@@ -99,14 +118,19 @@ def _prompt_ids(table: pa.Table) -> pa.Array:
     return pa.array([stable_row_id([str(v) for v in vals]) for vals in zip(*cols, strict=True)], pa.string())
 
 
-def normalize(table: pa.Table, first_row: int) -> pa.Table:
-    """Check prompts and add ``prompt_id`` (and ``task`` for HumanEval-style rows)."""
-    prompts = table["prompt"]
+def check_prompts(batch: pa.RecordBatch | pa.Table, where: str, first_row: int) -> None:
+    """Every row needs a prompt: name the first row (of file ``where``) that has none."""
+    prompts = batch["prompt"]
     bad = pc.or_kleene(pc.is_null(prompts), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(
         pc.fill_null(prompts, ""))), 0))
     if pc.any(bad).as_py():
-        idx = pc.indices_nonzero(pc.fill_null(bad, True).combine_chunks())[0].as_py()
-        raise InputError(f"row {first_row + idx}: the prompt is null or empty; every row needs a prompt")
+        flags = bad.combine_chunks() if isinstance(bad, pa.ChunkedArray) else bad
+        idx = pc.indices_nonzero(pc.fill_null(flags, True))[0].as_py()
+        raise InputError(f"{where}: row {first_row + idx}: the prompt is null or empty; every row needs a prompt")
+
+
+def normalize(table: pa.Table, first_row: int = 0) -> pa.Table:
+    """Add ``prompt_id`` (and ``task`` for HumanEval-style rows) to rows whose prompts are checked."""
     ids = _prompt_ids(table)
     out = table
     if "task" not in out.column_names:
@@ -117,33 +141,46 @@ def normalize(table: pa.Table, first_row: int) -> pa.Table:
     return out.add_column(0, "prompt_id", ids)
 
 
+def _batches(source: InputDataset, batch_rows: int) -> Iterator[tuple[pa.RecordBatch, str, int]]:
+    """Checked record batches, file by file in order, with the file and the batch's first row in it."""
+    for fragment in source.dataset.get_fragments():
+        batches = fragment.to_batches(schema=source.dataset.schema, batch_size=batch_rows)
+        row = 0
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except (pa.ArrowInvalid, OSError) as exc:  # a file whose footer was fine but whose data is not
+                raise InputError(f"{fragment.path}: reading failed after row {row}: {exc}") from None
+            check_prompts(batch, fragment.path, row)
+            yield batch, fragment.path, row
+            row += batch.num_rows
+
+
 def shard_tables(source: InputDataset, shard_rows: int) -> Iterator[pa.Table]:
-    """Normalised shards of ``shard_rows`` rows, read batch by batch."""
+    """Normalised shards of ``shard_rows`` rows, streamed: memory holds one shard and one
+    read batch, whatever the size of the input. Shards run across file boundaries."""
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
-    seen = 0
-    try:
-        for batch in source.dataset.to_batches(batch_size=min(shard_rows, 65536)):
-            while batch.num_rows:
-                take = min(shard_rows - pending_rows, batch.num_rows)
-                pending.append(batch.slice(0, take))
-                pending_rows += take
-                batch = batch.slice(take)
-                if pending_rows == shard_rows:
-                    yield normalize(pa.Table.from_batches(pending), seen)
-                    seen += pending_rows
-                    pending, pending_rows = [], 0
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"{source.uri}: reading failed after {seen} rows: {exc}") from None
+    for batch, _, _ in _batches(source, min(shard_rows, 65536)):
+        while batch.num_rows:
+            take = min(shard_rows - pending_rows, batch.num_rows)
+            pending.append(batch.slice(0, take))
+            pending_rows += take
+            batch = batch.slice(take)
+            if pending_rows == shard_rows:
+                yield normalize(pa.Table.from_batches(pending))
+                pending, pending_rows = [], 0
     if pending_rows:
-        yield normalize(pa.Table.from_batches(pending), seen)
+        yield normalize(pa.Table.from_batches(pending))
 
 
 def table_fingerprint(table: pa.Table) -> str:
-    """Content hash of a table (its Arrow IPC bytes)."""
+    """Content hash of a table (its Arrow IPC bytes), whatever batches it was read in."""
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
+        writer.write_table(table.combine_chunks())
     return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:20]
 
 
