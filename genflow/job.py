@@ -43,12 +43,13 @@ def run_job(config: JobConfig | dict[str, Any], resume: bool = True) -> dict[str
     """Run the job flow and return its manifest (raises ``JobFailed`` past ``max_error_fraction``)."""
     quiet_prefect_defaults()
     _install_log_filter()
-    from genflow.flows.job import genflow_job
-
     from genflow.config import build_config
+    from genflow.flows.job import genflow_job, resolve_output
     from genflow.prompts import open_input
+    from genflow.storage import Storage
 
     job = config if isinstance(config, JobConfig) else build_config(config)
-    # Fail on a bad config or an unreadable input before Prefect and Ray start.
+    # Fail on a bad config, an unreadable input or unreachable storage before Prefect and Ray start.
     open_input(job.input, job.storage.endpoint_url, job.storage.region)
+    Storage.open(resolve_output(job.output), job.storage.endpoint_url, job.storage.region).check()
     return genflow_job(job.model_dump(mode="json"), resume=resume)

@@ -94,6 +94,18 @@ class Storage:
             return self.path(*parts)
         return "s3://" + self.path(*parts)
 
+    def check(self) -> None:
+        """Fail at once, with one message, when the bucket cannot be reached or does not exist."""
+        if self.local:
+            return
+        bucket = self.root.split("/")[0]
+        try:
+            info = self.fs.get_file_info(bucket)
+        except OSError as exc:
+            raise StorageError(f"cannot reach storage {self.uri}: {exc}") from None
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"{self.uri}: bucket {bucket!r} does not exist")
+
     def exists(self, rel: str) -> bool:
         try:
             return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
