@@ -87,3 +87,87 @@ def run_genflow(*args: str, cwd: Path | None = None, env: dict[str, str] | None 
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "genflow.cli", *args], cwd=cwd or ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def test_plugins_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A site folder where the model-free plugins of ``plugins_for_tests`` are installed."""
+    import plugins_for_tests
+
+    return plugins_for_tests.install(tmp_path_factory.mktemp("test-plugins"))
+
+
+@pytest.fixture
+def test_plugins(test_plugins_site: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """``echo``, ``tiny-png`` and ``length`` installed for this test, in-process and for subprocesses.
+
+    Yields the environment a ``genflow`` subprocess needs to find them (``run_genflow(env=...)``).
+    """
+    import plugins_for_tests
+    import ray.cloudpickle
+
+    from genflow.registry import get_registry
+
+    # In-process Ray workers were started without tests/ on their path: ship the module by value.
+    ray.cloudpickle.register_pickle_by_value(plugins_for_tests)
+    monkeypatch.syspath_prepend(str(test_plugins_site))
+    get_registry(refresh=True)
+    yield {"PYTHONPATH": plugins_for_tests.pythonpath(test_plugins_site)}
+    monkeypatch.undo()
+    get_registry(refresh=True)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``prefect server start`` on 127.0.0.1 with its own PREFECT_HOME; yields its API URL."""
+    import signal
+    import time
+    import urllib.request
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    log = open(home / "server.log", "w")  # noqa: SIM115 - open for the server's lifetime
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port), "--no-ui"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _kill_group(proc.pid)
+            pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    _kill_group(proc.pid)
+    log.close()
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL what is left of a process group this test session started."""
+    import signal
+
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

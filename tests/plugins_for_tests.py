@@ -1,0 +1,178 @@
+"""Model-free plugins for engine tests and benchmarks: fast, deterministic, and able
+to misbehave on cue (sleep, raise, kill their own worker process).
+
+They reach genflow the way a third-party plugin does: through the ``genflow``
+entry-point group of an installed distribution. :func:`install` writes that
+distribution's ``dist-info`` into a folder; put the folder and this module's folder
+on the path (``sys.path`` in-process, ``PYTHONPATH`` for a ``genflow`` subprocess,
+whose Ray workers inherit it).
+
+- ``echo`` (generator, text): the prompt reversed, plus ``suffix`` and one "!" per sample index.
+- ``tiny-png`` (generator, image): a 4x4 PNG whose colour comes from the prompt.
+- ``length`` (scorer, text/code/image): ``scale`` x the candidate's length.
+
+``fail_on`` raises for matching prompts; ``crash_on`` kills the worker process
+(``os._exit``) every time it meets a matching prompt; ``crash_once_on`` kills it the
+first time only, remembered by a marker file in ``state_dir``. With ``state_dir``
+set, every construction and every call appends a line to ``state_dir/calls.log``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from genflow import hookimpl
+from genflow.api import (
+    Generation,
+    GenerationRequest,
+    Generator,
+    PluginParams,
+    RowError,
+    Score,
+    ScoreItem,
+    Scorer,
+)
+
+DIST_NAME = "genflow-test-plugins"
+ENTRY_POINT = "testplugins"
+HERE = Path(__file__).resolve().parent
+
+
+class Misbehaviour(PluginParams):
+    delay_s: float = Field(0.0, ge=0.0)
+    """Sleep this long per batch: makes a job slow enough to kill half-way."""
+    fail_on: list[str] = Field(default_factory=list)
+    crash_on: list[str] = Field(default_factory=list)
+    crash_once_on: list[str] = Field(default_factory=list)
+    state_dir: str | None = None
+
+
+class EchoParams(Misbehaviour):
+    suffix: str = ""
+
+
+class LengthParams(Misbehaviour):
+    scale: float = 1.0
+
+
+def _log(state_dir: str | None, line: str) -> None:
+    if state_dir:
+        with open(Path(state_dir) / "calls.log", "a") as f:
+            f.write(f"{line} pid={os.getpid()}\n")
+
+
+def calls(state_dir: str | Path) -> list[str]:
+    """Lines of ``calls.log``: ``init <plugin>`` and ``call <plugin> <n items>``."""
+    path = Path(state_dir) / "calls.log"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def _misbehave(params: Misbehaviour, texts: list[str]) -> None:
+    """Crash the process on cue; raise nothing (row failures are per item)."""
+    for text in texts:
+        if any(s in text for s in params.crash_on):
+            os._exit(3)
+        for s in params.crash_once_on:
+            if s in text and params.state_dir:
+                marker = Path(params.state_dir) / f"crashed-{hashlib.sha1(s.encode()).hexdigest()[:8]}"
+                if not marker.exists():
+                    marker.write_text(text)
+                    os._exit(4)
+
+
+class _Misbehaving:
+    params: Any
+
+    def _begin(self, kind: str, texts: list[str]) -> None:
+        _log(self.params.state_dir, f"call {kind} {len(texts)}")
+        if self.params.delay_s:
+            time.sleep(self.params.delay_s)
+        _misbehave(self.params, texts)
+        bad = [t for t in texts if any(s in t for s in self.params.fail_on)]
+        if bad:
+            raise ValueError(f"refusing prompt {bad[0]!r}")
+
+
+class Echo(_Misbehaving, Generator):
+    """The prompt reversed (no model)."""
+
+    modality = "text"
+    Params = EchoParams
+    params: EchoParams
+
+    def __init__(self, model: str | None, params: PluginParams, device: str = "cpu") -> None:
+        super().__init__(model, params, device)
+        _log(self.params.state_dir, "init echo")
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Generation | RowError]:
+        self._begin("echo", [r.prompt for r in requests])
+        return [Generation(text=" " + r.prompt[::-1] + self.params.suffix + "!" * r.sample,
+                           num_tokens=len(r.prompt.split()), finish_reason="stop") for r in requests]
+
+
+class TinyPng(_Misbehaving, Generator):
+    """A 4x4 PNG coloured by the prompt and sample (no model)."""
+
+    modality = "image"
+    Params = Misbehaviour
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Generation | RowError]:
+        from PIL import Image
+
+        self._begin("tiny-png", [r.prompt for r in requests])
+        out: list[Generation | RowError] = []
+        for r in requests:
+            rgb = hashlib.sha256(f"{r.prompt}|{r.seed}".encode()).digest()[:3]
+            buf = io.BytesIO()
+            Image.new("RGB", (4, 4), tuple(rgb)).save(buf, format="PNG")
+            out.append(Generation(image=buf.getvalue(), finish_reason="stop"))
+        return out
+
+
+class Length(_Misbehaving, Scorer):
+    """``scale`` x the candidate's length in characters (bytes for images)."""
+
+    modalities = ("text", "code", "image")
+    Params = LengthParams
+    params: LengthParams
+
+    def __init__(self, model: str | None, params: PluginParams, device: str = "cpu") -> None:
+        super().__init__(model, params, device)
+        _log(self.params.state_dir, "init length")
+
+    def score(self, items: list[ScoreItem]) -> list[Score | RowError]:
+        self._begin("length", [i.prompt for i in items])
+        return [Score(self.params.scale * len(i.text if i.text is not None else (i.image or b"")),
+                      {"chars": len(i.text or "")}) for i in items]
+
+
+@hookimpl
+def register_generators(register: Any) -> None:
+    register("echo", Echo)
+    register("tiny-png", TinyPng)
+
+
+@hookimpl
+def register_scorers(register: Any) -> None:
+    register("length", Length)
+
+
+def install(site: Path) -> Path:
+    """Write this module's distribution metadata (with its entry point) into ``site``."""
+    info = site / f"{DIST_NAME.replace('-', '_')}-0.1.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {DIST_NAME}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[genflow]\n{ENTRY_POINT} = {__name__}\n")
+    return site
+
+
+def pythonpath(site: Path) -> str:
+    """``PYTHONPATH`` that makes the plugins importable and discoverable in a subprocess."""
+    return os.pathsep.join([str(site), str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])
