@@ -63,7 +63,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="height and width in pixels")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps...")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(write_tiny_sd(Path(tmp) / "tiny-sd"))
