@@ -17,13 +17,9 @@ from prefect import flow, get_run_logger
 from genflow.config import build_config
 from genflow.report import job_summary, write_sweep_report
 from genflow.storage import Storage
-from genflow.sweep import SweepPlan, SweepRun, plan_sweep, runs_table, share_finished_work
+from genflow.sweep import SweepFailed, SweepPlan, SweepRun, plan_sweep, runs_table, share_finished_work
 
 SWEEP_TABLE = "sweep.parquet"
-
-
-class SweepFailed(RuntimeError):
-    """One or more runs of the sweep failed (the others finished and are in sweep.parquet)."""
 
 
 def _open(config: dict[str, Any], output: str) -> Storage:

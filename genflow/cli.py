@@ -144,8 +144,7 @@ def sweep(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no
           help="skip work already on storage (in a run's folder or an earlier run's)")] = True,
           set_: SetOpt = None) -> None:
     """Run every point of the config's `sweep` grid; compare them in sweep.parquet and sweep.html."""
-    from genflow.flows.sweep import SweepFailed
-    from genflow.sweep import run_sweep
+    from genflow.sweep import SweepFailed, run_sweep
 
     try:
         plan, rows = run_sweep(_raw_config(config, set_), resume=resume, source=str(config))

@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import math
+import posixpath
 import re
 import time
 from collections import Counter
@@ -183,7 +184,7 @@ def bar_chart(labels: list[str], values: list[float | None], title: str, best: i
     """Horizontal bars, one per run (sweep comparison), as an SVG data URI."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 0.5 + 0.32 * max(1, len(labels))), dpi=100)
+    fig = Figure(figsize=(5.6, 0.6 + 0.3 * max(1, len(labels))), dpi=100)
     ax = fig.add_subplot()
     shown = [0.0 if v is None else v for v in values]
     colors = [PALETTE[1] if i == best else PALETTE[0] for i in range(len(labels))]
@@ -225,6 +226,21 @@ def _image(storage: Storage, path: str | None) -> dict[str, Any]:
         return {"src": None, "href": None, "error": f"cannot read {path}: {exc}"}
     href = path if storage.local and path.startswith("images/") else None
     return {"src": src, "href": href, "error": None}
+
+
+def _input_image(value: Any, job_input: str) -> dict[str, Any]:
+    """A prompt row's ``image`` / ``mask`` (bytes, a datasets image struct, or a path) as a thumbnail."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    try:
+        if isinstance(value, str):
+            if "://" not in value and not posixpath.isabs(value):
+                base = posixpath.dirname(job_input) if job_input.endswith(".parquet") else job_input
+                value = posixpath.join(base, value)
+            value = read_bytes(value)
+        return {"src": thumbnail(value), "href": None, "error": None}
+    except Exception as exc:  # an input image that moved since the job ran: say so, keep the page
+        return {"src": None, "href": None, "error": f"input not readable: {exc}"}
 
 
 # -- the page -----------------------------------------------------------------
@@ -283,9 +299,9 @@ def _samples(storage: Storage, scorer_names: list[str], ids: list[str]) -> list[
                                           "prompt", "text", "image_path"], where)
     if gens is None:
         return []
-    prompts = _read(storage, "prompts", ["prompt_id", "prompt"], where)
-    original = dict(zip(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist(), strict=True)) \
-        if prompts is not None else {}
+    prompts = _read(storage, "prompts", ["prompt_id", "prompt", "image", "mask"], where)
+    prompt_rows = {r["prompt_id"]: r for r in prompts.to_pylist()} if prompts is not None else {}
+    original = {pid: r["prompt"] for pid, r in prompt_rows.items()}
     ranks = _read(storage, "rankings", ["generation_id", "rank", "score"], where)
     rank_of = {} if ranks is None else {g: (r, s) for g, r, s in zip(
         ranks["generation_id"].to_pylist(), ranks["rank"].to_pylist(), ranks["score"].to_pylist(), strict=True)}
@@ -311,6 +327,7 @@ def _samples(storage: Storage, scorer_names: list[str], ids: list[str]) -> list[
         ends = cands if not hidden else cands[:SHOWN_PER_END] + cands[-SHOWN_PER_END:]
         rendered = cands[0]["prompt"]
         out.append({"prompt_id": pid, "prompt": original.get(pid, rendered),
+                    "inputs": {k: v for k in ("image", "mask") if (v := prompt_rows.get(pid, {}).get(k)) is not None},
                     "rendered": rendered if rendered != original.get(pid, rendered) else None,
                     "candidates": cands, "top": ends[:SHOWN_PER_END] if hidden else ends,
                     "bottom": ends[SHOWN_PER_END:] if hidden else [], "hidden": hidden})
@@ -392,6 +409,8 @@ def _generators(storage: Storage) -> list[dict[str, Any]]:
 
 
 def report_context(storage: Storage, manifest: dict[str, Any]) -> dict[str, Any]:
+    # As stored in manifest.json (sorted keys): the page is the same whether written by the job or rebuilt.
+    manifest = json.loads(json.dumps(manifest, sort_keys=True, default=str))
     config = manifest.get("config") or {}
     scorer_names = [s.get("label") or s.get("plugin") for s in config.get("scorers", [])]
     weights = {s.get("label") or s.get("plugin"): s.get("weight", 1.0) for s in config.get("scorers", [])}
@@ -403,6 +422,7 @@ def report_context(storage: Storage, manifest: dict[str, Any]) -> dict[str, Any]
         for p in samples:
             for c in p["candidates"]:
                 c["image"] = _image(storage, c["image_path"])
+            p["inputs"] = {k: _input_image(v, config.get("input", "")) for k, v in p["inputs"].items()}
     passk = _pass_at_k(manifest)
     other_metrics = {name: {k: v for k, v in m.items() if not k.startswith("pass@")}
                      for name, m in (manifest.get("metrics") or {}).items() if isinstance(m, dict)}
@@ -427,7 +447,8 @@ def report_context(storage: Storage, manifest: dict[str, Any]) -> dict[str, Any]
         "passk": passk,
         "passk_ks": sorted({k for v in passk.values() for k in v}, key=lambda k: int(k[5:])),
         "other_metrics": {k: v for k, v in other_metrics.items() if v},
-        "plugins": manifest.get("plugins", {}),
+        "plugins": dict(sorted((manifest.get("plugins") or {}).items(),
+                               key=lambda kv: (kv[1].get("kind") != "generator", kv[0]))),
         "versions": manifest.get("versions", {}),
         "config_yaml": yaml.safe_dump(_in_field_order(config), sort_keys=False, allow_unicode=True, width=100),
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -475,37 +496,55 @@ def write_report_safely(storage: Storage, manifest: dict[str, Any]) -> str | Non
 # -- sweeps -------------------------------------------------------------------
 
 SWEEP_FILE = "sweep.html"
-SWEEP_METRICS = ("score_mean", "score_median", "tokens_per_s", "generations_per_s")
+CHARTED = ("score_mean", "tokens_per_s")
+"""Sweep metrics drawn as bar charts (plus every pass@k and per-scorer mean)."""
+HEADERS = {"score_mean": "mean score", "score_median": "median score", "tokens_per_s": "tokens/s",
+           "generations_per_s": "candidates/s", "generations": "candidates", "errors": "errors",
+           "seconds": "seconds"}
+_LOWER_IS_BETTER = {"errors", "error_fraction", "seconds"}
+
+
+def _sweep_metrics(columns: list[str]) -> list[str]:
+    """The figures the comparison table shows, in reading order (``sweep.parquet`` has them all)."""
+    scorer_means = [c for c in columns if c.endswith("_mean") and c != "score_mean"]
+    passk = [c for c in columns if "pass@" in c]
+    wanted = ["score_mean", "score_median", *scorer_means, *passk, "tokens_per_s", "errors", "seconds"]
+    return [c for c in wanted if c in columns]
+
+
+def _run_label(run: str) -> str:
+    """A run's values only (``tiny-gpt2 · 0.7``), short enough for a chart's axis."""
+    label = " · ".join(part.partition("=")[2] for part in run.split("__"))
+    return label if len(label) <= 48 else label[:47] + "…"
 
 
 def build_sweep_report(table: pa.Table, meta: dict[str, Any]) -> str:
     """The comparison page of a sweep, from its ``sweep.parquet`` table."""
     columns: dict[str, str] = meta.get("columns", {})
     params = list(columns.values())
-    skip = {"run", "folder", "status", *params}
-    metrics = [c for c in table.column_names if c not in skip]
+    metrics = _sweep_metrics(table.column_names)
     rows = table.to_pylist()
     best: dict[str, int] = {}
-    higher_is_better = {"prompts": None, "generations": None, "scores": None, "errors": False,
-                        "error_fraction": False, "seconds": False}
     for m in metrics:
-        better = higher_is_better.get(m, True)
-        values = [(i, r[m]) for i, r in enumerate(rows) if isinstance(r[m], (int, float)) and r.get("status")
-                  == "completed"]
-        if better is None or len({v for _, v in values}) < 2:
-            continue
-        best[m] = (max if better else min)(values, key=lambda iv: iv[1])[0]
-    labels = [r["run"] for r in rows]
+        values = [(i, r[m]) for i, r in enumerate(rows)
+                  if isinstance(r[m], (int, float)) and r.get("status") == "completed"]
+        if len({v for _, v in values}) >= 2:
+            best[m] = (min if m in _LOWER_IS_BETTER else max)(values, key=lambda iv: iv[1])[0]
+    labels = [_run_label(r["run"]) for r in rows]
     charts = []
-    for m in (*SWEEP_METRICS, *[c for c in metrics if c.startswith("pass@")]):
-        if m in table.column_names and any(isinstance(r[m], (int, float)) for r in rows):
-            charts.append({"metric": m, "svg": bar_chart(labels, [r[m] for r in rows], m, best.get(m))})
+    for m in metrics:
+        if (m in CHARTED or "pass@" in m or (m.endswith("_mean") and len(
+                [c for c in metrics if c.endswith("_mean")]) > 2)) and any(
+                isinstance(r[m], (int, float)) for r in rows):
+            charts.append({"metric": m, "svg": bar_chart(labels, [r[m] for r in rows], HEADERS.get(m, m),
+                                                         best.get(m))})
     for i, r in enumerate(rows):
         r["_index"] = i
         r["href"] = f"{r['run']}/{REPORT_FILE}" if r.get("folder") else None
     return _environment().get_template("sweep.html.j2").render(
         title=f"sweep {meta.get('name', '')}", meta=meta, params=params, metrics=metrics, rows=rows,
-        best=best, charts=charts, keys=columns,
+        headers={**HEADERS, **{m: m.replace("_mean", " mean") for m in metrics if m.endswith("_mean")
+                                and m not in HEADERS}}, best=best, charts=charts, keys=columns,
         best_run=rows[best["score_mean"]]["run"] if "score_mean" in best else None,
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 

@@ -46,6 +46,10 @@ MAX_NAME_CHARS = 120
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
 
+class SweepFailed(RuntimeError):
+    """One or more runs of the sweep failed (the others finished and are in sweep.parquet)."""
+
+
 @dataclass
 class SweepRun:
     """One point of the grid: its name, its values by dotted key, and its full job config."""
@@ -108,7 +112,7 @@ def _slug(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (int, float)):
-        return format(value, "g") if isinstance(value, float) else str(value)
+        return repr(value)
     if isinstance(value, str):
         text = value.rstrip("/")
         if "/" in text and "\n" not in text and " " not in text:
@@ -254,15 +258,15 @@ def _copy_stage(donor: Storage, target: Storage, stage: str, shard: Shard, finge
     done = finished(donor, stage, shard, fingerprint)
     if done is None or finished(target, stage, shard, fingerprint) is not None:
         return []
+    for rel in done.parts:
+        target.write_bytes(rel, donor.read_bytes(rel))
+        if rel.startswith("generations/"):
+            _copy_images(donor, target, rel)
     for rel in _part_names(stage, shard):
-        if donor.exists(rel):
-            target.write_bytes(rel, donor.read_bytes(rel))
-            if rel.startswith("generations/"):
-                _copy_images(donor, target, rel)
-        else:
+        if rel not in done.parts:  # what an earlier, different run of this stage left here
             target.delete(rel)
     mark_finished(target, StageOutcome(stage, shard.index, fingerprint, done.rows, done.errors, done.work_items,
-                                       done.seconds))
+                                       done.seconds, parts=done.parts))
     return [f"{stage}:{shard.index}"]
 
 
