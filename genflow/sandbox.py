@@ -93,7 +93,7 @@ _TAIL_BYTES = 4000
 _RLIMITS_NPROC_SLACK = 32
 
 # Runs first inside the sandbox: sets the limits, reads the nonce and the program
-# from an unlinked temp file, runs the program, reports on a pipe. Python 3.8+.
+# from an unlinked temp file, runs the program as main.py, reports on a pipe. Python 3.8+.
 _RUNNER = r"""
 import os, sys
 def _genflow_runner(src_fd, res_fd, limits):
@@ -115,9 +115,17 @@ def _genflow_runner(src_fd, res_fd, limits):
     nonce, _, source = data.partition(b"\n")
     del data
     write(res_fd, b"S\n")
-    sys.argv = ["<candidate>"]
+    filename = "<candidate>"
+    try:  # a file beside it lets the traceback show source lines; it holds no secret
+        with open("main.py", "wb") as f:
+            f.write(source)
+        filename = "main.py"
+    except OSError:
+        pass
+    sys.argv = [filename]
     try:
-        exec(compile(source, "<candidate>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        exec(compile(source, filename, "exec"),
+             {"__name__": "__main__", "__file__": filename, "__builtins__": __builtins__})
     except BaseException as exc:
         text = type(exc).__name__
         try:
@@ -127,10 +135,10 @@ def _genflow_runner(src_fd, res_fd, limits):
             pass
         try:
             write(res_fd, b"E" + text[:500].replace("\n", " ").encode("utf-8", "replace") + b"\n")
-            import linecache, traceback
-            lines = source.decode("utf-8", "replace").splitlines(True)
-            linecache.cache["<candidate>"] = (len(source), None, lines, "<candidate>")
-            traceback.print_exc()
+            # Drop the runner's own frame; print with the C printer (importing the
+            # traceback module would cost more than a typical run).
+            exc.__traceback__ = exc.__traceback__.tb_next if exc.__traceback__ else None
+            sys.__excepthook__(type(exc), exc, exc.__traceback__)
             sys.stderr.flush()
         finally:
             exit_now(1)

@@ -99,7 +99,10 @@ def test_canonical_solutions_pass(sandbox, humaneval, task_id):
 def test_wrong_solution_fails_with_its_error(sandbox, humaneval):
     result = sandbox.run(humaneval_program(humaneval["HumanEval/0"], "    return None\n"))
     assert result.outcome.startswith("failed: AssertionError")
-    assert "AssertionError" in result.stderr and "<candidate>" in result.stderr
+    assert 'File "main.py", line' in result.stderr
+    assert "assert candidate(" in result.stderr  # the failing line of the tests, with its source
+    assert result.stderr.rstrip().endswith("AssertionError")
+    assert "_genflow_runner" not in result.stderr
 
 
 def test_stdlib_imports_and_output(sandbox):
