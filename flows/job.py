@@ -146,7 +146,7 @@ def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, A
                 done = finished(storage, f"generate/{spec.label}", shard, fp) if resume else None
                 if done:
                     outcomes.append(done)
-                    bar.advance(shard.rows * spec.samples)
+                    bar.skip(shard.rows * spec.samples)
                     continue
                 outcomes.append(generate_task(storage, shard, spec, fp, config, pool, info.factory.modality,
                                               base_dir, bar))
@@ -176,7 +176,7 @@ def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, A
                 done = finished(storage, f"score/{scorer.name}", shard, fp) if resume else None
                 if done:
                     outcomes.append(done)
-                    bar.advance(done.work_items)
+                    bar.skip(done.work_items)
                     continue
                 outcomes.append(score_task(storage, shard, scorer, fp, pool, info.factory.modalities, config,
                                            base_dir, bar))

@@ -6,6 +6,7 @@ import logging
 import sys
 import time
 from types import TracebackType
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.progress import (
@@ -22,15 +23,22 @@ log = logging.getLogger("genflow")
 
 
 class StageProgress:
-    """Rows done / total for one stage; rich bar on a TTY, a log line every 10% otherwise."""
+    """Rows done / total for one stage; rich bar on a TTY, a log line every 10% otherwise.
+
+    Rows found finished on storage (``skip``) move the bar but not the rate, so a
+    resumed job shows how fast it computes, not how fast it reads markers. While
+    the bar is live, log lines (Prefect's task logs, Ray's worker output) print
+    above it instead of through it.
+    """
 
     def __init__(self, stage: str, total: int, console: Console | None = None) -> None:
-        self.stage, self.total, self.done = stage, total, 0
+        self.stage, self.total, self.done, self.computed = stage, total, 0, 0
         self.started = time.perf_counter()
         self._next_log = 0.1
         self.tty = sys.stderr.isatty()
         self._progress: Progress | None = None
         self._task: TaskID | None = None
+        self._swapped: list[tuple[Any, str, TextIO]] = []
         if self.tty:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -40,20 +48,49 @@ class StageProgress:
 
     def __enter__(self) -> StageProgress:
         if self._progress is not None:
+            real = sys.stderr
             self._progress.start()
             self._task = self._progress.add_task(self.stage, total=self.total, rate="")
+            if sys.stderr is not real:  # rich redirects sys.stderr while live; send log handlers there too
+                self._route_handlers(real, sys.stderr)
         return self
 
+    def _route_handlers(self, real: TextIO, live: TextIO) -> None:
+        loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                          if isinstance(lg, logging.Logger))]
+        for logger in loggers:
+            for handler in logger.handlers:
+                if isinstance(handler, logging.StreamHandler) and handler.stream is real:
+                    self._swapped.append((handler, "stream", real))
+                    handler.stream = live
+                    console = getattr(handler, "console", None)  # Prefect's handler prints through rich
+                    if isinstance(console, Console) and console.file is real:
+                        self._swapped.append((console, "file", real))
+                        console.file = live
+
+    def skip(self, rows: int) -> None:
+        """Rows already on storage: counted as done, not in the rate."""
+        self._move(rows, computed=False)
+
     def advance(self, rows: int) -> None:
+        self._move(rows, computed=True)
+
+    def _move(self, rows: int, computed: bool) -> None:
         self.done += rows
-        rate = self.done / max(1e-9, time.perf_counter() - self.started)
+        if computed:
+            self.computed += rows
+        rate = self.computed / max(1e-9, time.perf_counter() - self.started)
+        rate_text = f"{rate:,.1f} rows/s" if self.computed else ("from storage" if self.done else "")
         if self._progress is not None and self._task is not None:
-            self._progress.update(self._task, advance=rows, rate=f"{rate:,.1f} rows/s")
+            self._progress.update(self._task, advance=rows, rate=rate_text)
         elif self.total and self.done / self.total >= self._next_log:
             self._next_log = (int(self.done / self.total * 10) + 1) / 10
-            log.info("%s: %d/%d rows (%.1f rows/s)", self.stage, self.done, self.total, rate)
+            log.info("%s: %d/%d rows (%s)", self.stage, self.done, self.total, rate_text)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if self._progress is not None:
             self._progress.stop()
+        for target, attribute, original in reversed(self._swapped):
+            setattr(target, attribute, original)
+        self._swapped.clear()
