@@ -17,7 +17,7 @@ The code of ``explain``/``fix``/``refactor``/``tests`` is the row's ``code`` inp
 when present, else its prompt. Templates are Jinja2 with ``prompt``, ``code``,
 ``error``, ``entry_point`` and every other input as variables; ``templates`` in
 the params replaces any of them. Without a chat template the model is primed
-with an open ````python`` fence, so a base model answers in code right away.
+with an opening ```python fence, so a base model answers in code right away.
 """
 
 from __future__ import annotations
