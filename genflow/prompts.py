@@ -90,7 +90,7 @@ def _disagreement(files: list[str], schemas: list[pa.Schema], exc: Exception) ->
         try:
             pa.unify_schemas(schemas[: i + 1], promote_options="permissive")
         except (pa.ArrowInvalid, pa.ArrowTypeError):
-            earlier = {f.name: f.type for f in schemas[:i]}
+            earlier = {f.name: f.type for schema in schemas[:i] for f in schema}
             for field in schemas[i]:
                 if field.name in earlier:
                     try:
