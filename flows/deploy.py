@@ -71,9 +71,10 @@ def job_parameters(raw: dict[str, Any], base: Path | None = None) -> dict[str, A
 
 def to_deployment(raw: dict[str, Any], name: str | None = None, base: Path | None = None) -> Any:
     """The job flow's ``RunnerDeployment`` for a config: its schedule, its parameters."""
-    from genflow.flows.job import genflow_job
     from prefect.flows import EntrypointType
     from prefect.schedules import Cron
+
+    from genflow.flows.job import genflow_job
 
     job = build_config(raw, source=f"config {raw.get('name', '?')!r}")
     schedules = [Cron(job.schedule.cron, timezone=job.schedule.timezone)] if job.schedule else []

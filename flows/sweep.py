@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from genflow.flows.job import genflow_job
 from prefect import flow, get_run_logger
 
 from genflow.config import build_config
+from genflow.flows.job import genflow_job
 from genflow.report import job_summary, write_sweep_report
 from genflow.storage import Storage
 from genflow.sweep import SweepFailed, SweepPlan, SweepRun, plan_sweep, runs_table, share_finished_work

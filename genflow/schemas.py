@@ -7,10 +7,10 @@ import pyarrow as pa
 # Input columns genflow understands; any other column is carried through.
 KNOWN_INPUT_COLUMNS = (
     "id", "prompt", "task", "system", "tests", "entry_point", "image", "mask",
-    "reference", "response", "responses", "task_id", "test", "canonical_solution",
+    "reference", "response", "responses", "task_id", "test", "canonical_solution", "code", "error",
 )
 # Columns of a row handed to plugins in ``inputs``.
-PLUGIN_INPUT_COLUMNS = ("tests", "entry_point", "image", "mask", "reference", "test", "task_id")
+PLUGIN_INPUT_COLUMNS = ("tests", "entry_point", "image", "mask", "reference", "test", "task_id", "code", "error")
 
 PROMPTS = pa.schema([
     ("prompt_id", pa.string()),

@@ -140,9 +140,10 @@ def tiny_clip_tokenizer(vocab_size: int = 1000) -> CLIPTokenizer:
     that one numbers tokens and breaks ties differently from run to run; tiny
     models written twice must be identical for generated data to be reproducible.
     """
-    from genflow.plugins.tiny_tokenizer import corpus_lines
     from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
+
+    from genflow.plugins.tiny_tokenizer import corpus_lines
 
     clip = CLIPTokenizer()  # empty vocabulary, but CLIP's text pipeline
     normalize = clip.backend_tokenizer.normalizer.normalize_str

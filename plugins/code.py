@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jinja2
-from genflow.plugins.code_exec import extract_code
-from genflow.plugins.text import HFTextGenerator, HFTextParams, write_tiny_causal_lm
 from pydantic import Field, field_validator
 
 from genflow import hookimpl
 from genflow.api import Generation, GenerationRequest, RowError
+from genflow.plugins.code_exec import extract_code
+from genflow.plugins.text import HFTextGenerator, HFTextParams, write_tiny_causal_lm
 
 Mode = Literal["generate", "explain", "fix", "refactor", "tests"]
 MODES: tuple[str, ...] = ("generate", "explain", "fix", "refactor", "tests")

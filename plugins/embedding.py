@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-from genflow.plugins.batching import torch_threads_for_worker
 from pydantic import Field
 
 from genflow import hookimpl
 from genflow.api import PluginParams, RowError, Score, ScoreItem, Scorer
 from genflow.hookspecs import Register
+from genflow.plugins.batching import torch_threads_for_worker
 
 
 def bundled_minilm() -> str:

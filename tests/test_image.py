@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from genflow.plugins import image as image_plugin
-from genflow.plugins.image import DiffusersImageGenerator, DiffusersImageParams
 from PIL import Image
 from pydantic import ValidationError
 
 from genflow.api import Generation, GenerationRequest, RowError
+from genflow.plugins import image as image_plugin
+from genflow.plugins.image import DiffusersImageGenerator, DiffusersImageParams
 
 STEPS = 3
 

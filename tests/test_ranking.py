@@ -7,7 +7,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from genflow.plugins.training_data import BestOfN, BestOfNParams, PreferenceParams, PreferencePairs
+from genflow.plugins.training_data import BestOfN, BestOfNParams, PreferencePairs, PreferenceParams
 from genflow.ranking import rank_candidates
 from genflow.schemas import GENERATIONS, PREFERENCES, RANKED, SCORES, SFT
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from genflow.plugins.text import SeededSampler, seeded_draws
 
 

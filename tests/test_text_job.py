@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
-
 from conftest import text_job
+
 from genflow.schemas import GENERATIONS, PREFERENCES, RANKINGS, SCORES, SFT
 
 pytestmark = pytest.mark.slow
