@@ -237,3 +237,36 @@ def test_genflow_report_rebuilds_the_page(text_output: Path, tmp_path: Path) -> 
 
 def _undated(page: str) -> str:
     return re.sub(r"report built [^·]+", "", page)
+
+
+@pytest.mark.slow
+def test_a_report_on_s3_embeds_every_image(image_output: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page in a bucket cannot link the PNGs beside it: thumbnails are in the page, links are not."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from genflow.report import rebuild
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                           "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(key, value)
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="reports")
+        for path in image_output.rglob("*"):
+            if path.is_file() and path.name != "report.html":
+                s3.upload_file(str(path), "reports", f"job/{path.relative_to(image_output)}")
+        assert rebuild("s3://reports/job") == ["s3://reports/job/report.html"]
+        page = s3.get_object(Bucket="reports", Key="job/report.html")["Body"].read().decode()
+    finally:
+        server.stop()
+    images = sections(page)["images"]
+    generations = ds.dataset(image_output / "generations").to_table().num_rows
+    inputs = sum(v is not None for c in ("image", "mask")
+                 for v in ds.dataset(image_output / "prompts").to_table()[c].to_pylist())
+    assert images.count('src="data:image/jpeg;base64,') == generations + inputs
+    assert "href=" not in images
