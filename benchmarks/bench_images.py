@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from genflow.plugins.image import DiffusersImageGenerator, DiffusersImageParams, write_tiny_sd
 from PIL import Image
 
 from genflow.api import Generation, GenerationRequest, RowError
+from genflow.plugins.image import DiffusersImageGenerator, DiffusersImageParams, write_tiny_sd
 
 PROMPTS = [
     "An astronaut riding a horse on the moon, digital art",
