@@ -51,17 +51,21 @@ def main_options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="
 def run(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no-resume",
         help="skip (stage, shard) outputs already on storage")] = True, set_: SetOpt = None) -> None:
     """Run one job."""
-    from genflow.config import load_config
-    from genflow.flows.job import JobFailed
-    from genflow.job import run_job
+    from genflow.local_prefect import local_prefect_api
 
-    try:
-        job = load_config(config, set_ or [])
-        manifest = run_job(job, resume=resume)
-    except _user_errors() as exc:
-        fail(str(exc))
-    except JobFailed as exc:
-        fail(str(exc), code=1)
+    with local_prefect_api() as prefect_ready:  # boots while the job's modules load and its config is checked
+        from genflow.config import load_config
+        from genflow.flows.job import JobFailed
+        from genflow.job import run_job
+
+        try:
+            job = load_config(config, set_ or [])
+            prefect_ready()
+            manifest = run_job(job, resume=resume)
+        except _user_errors() as exc:
+            fail(str(exc))
+        except JobFailed as exc:
+            fail(str(exc), code=1)
     _print_summary(manifest)
 
 

@@ -1,0 +1,147 @@
+"""A local Prefect API for one ``genflow`` command, started before the rest of the work.
+
+With no ``PREFECT_API_URL``, Prefect starts a temporary server when the first flow
+runs: the driver first imports Prefect's whole server package (seconds, only to
+get at the class that launches it), then launches the server process and waits
+while that process imports it all again. ``start_local_api`` launches the same
+server process (Prefect's own command: uvicorn on
+``prefect.server.api.server:create_app``, UI off, ephemeral mode, same database)
+at the start of the command and points ``PREFECT_API_URL`` at it, so the server
+boots while the driver imports genflow, reads the config and checks the input,
+and the driver never imports the server package. Measured on 2 cores, this is
+most of the time a rerun of a finished job takes (``benchmarks/bench_rerun.py``).
+
+A user's own API (``PREFECT_API_URL`` from the environment or a Prefect profile)
+is left alone, and so is a profile that turns the ephemeral server off.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib.util import find_spec
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LocalPrefectAPI:
+    """A temporary Prefect server process, the way Prefect's ephemeral mode starts one."""
+
+    def __init__(self, process: subprocess.Popen[bytes], port: int) -> None:
+        self.process, self.port = process, port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Block until the API answers its health check; False if it exits or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return True
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_local_api() -> LocalPrefectAPI | None:
+    """Launch the server and point this process's Prefect settings at it.
+
+    Returns None (and changes nothing) when a Prefect API is configured or the
+    ephemeral server is turned off.
+    """
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        return None
+    spec = find_spec("prefect")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    # As genflow.job.quiet_prefect_defaults: no telemetry heartbeat ("database is locked"),
+    # and patience for a slow start on a busy machine.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    port = _free_port()
+    env = {**os.environ, **settings.to_environment_variables(exclude_unset=True), **SERVER_ENV}
+    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.submodule_search_locations[0]).parent),
+               "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+               "--log-level", "error", "--lifespan", "on"]
+    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+    api = LocalPrefectAPI(process, port)
+    atexit.register(api.stop)
+    _point_prefect_at(api.url)
+    log.debug("local Prefect API starting on %s", api.url)
+    return api
+
+
+def use_prefects_own_server(api: LocalPrefectAPI) -> None:
+    """Fall back to Prefect's ephemeral mode (the local API did not come up)."""
+    api.stop()
+    _point_prefect_at(None)
+
+
+def _point_prefect_at(url: str | None) -> None:
+    import prefect.context
+
+    if url is None:
+        os.environ.pop("PREFECT_API_URL", None)
+        if os.environ.get("PREFECT_UI_URL") == "":
+            del os.environ["PREFECT_UI_URL"]
+    else:
+        os.environ["PREFECT_API_URL"] = url
+        os.environ.setdefault("PREFECT_UI_URL", "")  # it serves no UI: no "View at" link to nowhere
+    prefect.context.refresh_global_settings_context()
+
+
+@contextmanager
+def local_prefect_api() -> Iterator[Callable[[], None]]:
+    """Start the local API now; the yielded ``ready()`` waits for it (call it right before the first flow).
+
+    If the server does not come up, ``ready()`` falls back to Prefect's own
+    ephemeral server, so the command behaves as it would without this module.
+    """
+    api = start_local_api()
+
+    def ready() -> None:
+        timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 90)
+        if api is not None and not api.wait_ready(timeout):
+            log.warning("the local Prefect API did not start; using Prefect's own temporary server")
+            use_prefects_own_server(api)
+
+    # No stop on the way out: Prefect sends its last logs and events at exit, and the
+    # atexit hook registered at start (so run after Prefect's own) stops the server.
+    yield ready
