@@ -169,10 +169,7 @@ def plan_sweep(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
             _set(config, key, value, source)
         config["name"] = f"{base.name}/{name}"
         config["output"] = f"{output}/{name}"
-        try:
-            build_config(config, source=f"{source} (sweep run {name})")
-        except ConfigError as exc:
-            raise ConfigError(str(exc)) from None
+        build_config(config, source=f"{source} (sweep run {name})")
         plan.runs.append(SweepRun(name, values, config))
     return plan
 
