@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks: genflow vs the bare model loop. Run them all with ``python -m benchmarks``."""

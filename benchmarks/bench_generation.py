@@ -1,0 +1,172 @@
+"""Tokens/s: genflow's batched hf-text generator vs a per-prompt ``model.generate`` loop.
+
+Both sides use the same model object, the same prompts, the same sampling
+(temperature 0.8, top-p 0.95, one seed per prompt) and produce exactly
+``--new-tokens`` tokens per prompt: EOS is banned on both through the model's
+``generation_config.min_new_tokens``. The prompts run in rounds of 500,
+alternating the two sides so machine noise hits both alike. Torch
+uses the same thread count on both sides (``--threads``, default 1: what each of
+two Ray workers gets on a 2-core machine).
+
+Also reported: padding efficiency of genflow's length-sorted batches (real prompt
+tokens / padded tokens), the same for unsorted batches, and whether greedy
+decoding gives the same text batched and one by one.
+
+    python -m benchmarks.bench_generation [--quick] [--prompts 1000] [--new-tokens 32]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    Comparison,
+    at_least,
+    base_parser,
+    causal_lm,
+    emit,
+    log,
+    quiet_environment,
+    synthetic_prompts,
+    timer,
+)
+
+TARGETS = {"tiny-gpt2": 8.0, "gpt2-4x256": 3.0}
+PADDING_TARGET = 0.85
+TEMPERATURE, TOP_P = 0.8, 0.95
+
+
+def padding_efficiency(batches: list[list[int]]) -> float:
+    """Real prompt tokens / tokens after left-padding each batch to its longest prompt."""
+    real = sum(sum(b) for b in batches)
+    padded = sum(max(b) * len(b) for b in batches if b)
+    return real / padded if padded else 1.0
+
+
+def one_by_one(model: Any, tokenizer: Any, prompts: list[str], seeds: list[int], new_tokens: int,
+               greedy: bool = False) -> tuple[int, list[str]]:
+    """The bare loop: one ``generate`` call per prompt, seeded with ``torch.manual_seed``."""
+    import torch
+
+    tokens, texts = 0, []
+    sampling: dict[str, Any] = ({"do_sample": False} if greedy else
+                                {"do_sample": True, "temperature": TEMPERATURE, "top_p": TOP_P})
+    with torch.inference_mode():
+        for prompt, seed in zip(prompts, seeds, strict=True):
+            encoded = tokenizer(prompt, return_tensors="pt")
+            torch.manual_seed(seed)
+            out = model.generate(**encoded, max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 **sampling)
+            new = out[0, encoded["input_ids"].shape[1]:]
+            tokens += int(new.shape[0])
+            texts.append(tokenizer.decode(new, skip_special_tokens=True))
+    return tokens, texts
+
+
+def compare(model_name: str, model_path: str, prompts: list[str], new_tokens: int, threads: int,
+            round_size: int, check_greedy: int) -> Comparison:
+    import torch
+
+    from genflow.api import Generation, GenerationRequest
+    from genflow.plugins.text import HFTextGenerator, HFTextParams
+
+    generator = HFTextGenerator(model_path, HFTextParams(max_new_tokens=new_tokens, temperature=TEMPERATURE,
+                                                         top_p=TOP_P))
+    torch.set_num_threads(threads)  # the constructor sets the worker's share; both sides get the same
+    model, tokenizer = generator.model, generator.tokenizer
+    model.generation_config.min_new_tokens = new_tokens  # no EOS on either side: equal token counts
+
+    batches: list[list[int]] = []
+    run_batch = generator._generate_batch
+
+    def recording(ids: list[list[int]], seeds: list[int]) -> list[tuple[str, int, str]]:
+        batches.append([len(i) for i in ids])
+        return run_batch(ids, seeds)
+
+    setattr(generator, "_generate_batch", recording)  # noqa: B010 - count the padding genflow really does
+
+    requests = [GenerationRequest(f"g{i}", f"p{i}", p, 0, 1000 + i) for i, p in enumerate(prompts)]
+    seeds = [r.seed for r in requests]
+    generator.generate(requests[:4])  # warm-up, both sides share the model
+    one_by_one(model, tokenizer, prompts[:2], seeds[:2], new_tokens)
+    batches.clear()
+
+    ours_s = base_s = 0.0
+    ours_tokens = base_tokens = 0
+    for start in range(0, len(requests), round_size):
+        chunk = requests[start:start + round_size]
+        with timer() as t:
+            results = generator.generate(chunk)
+        ours_s += t[0]
+        ours_tokens += sum(r.num_tokens or 0 for r in results if isinstance(r, Generation))
+        with timer() as t:
+            tokens, _ = one_by_one(model, tokenizer, [r.prompt for r in chunk], [r.seed for r in chunk],
+                                   new_tokens)
+        base_s += t[0]
+        base_tokens += tokens
+        log(f"{model_name}: {start + len(chunk)}/{len(requests)} prompts "
+            f"({ours_tokens / ours_s:,.0f} vs {base_tokens / base_s:,.0f} tokens/s)")
+    expected = len(requests) * new_tokens
+    if ours_tokens != expected or base_tokens != expected:
+        raise RuntimeError(f"unequal token counts: genflow {ours_tokens}, baseline {base_tokens}, "
+                           f"expected {expected}")
+
+    sorted_efficiency = padding_efficiency(batches)
+    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    micro = generator.params.micro_batch
+    unsorted_efficiency = padding_efficiency([lengths[i:i + micro] for i in range(0, len(lengths), micro)])
+
+    details: dict[str, Any] = {
+        "model": model_name, "parameters": sum(p.numel() for p in model.parameters()),
+        "prompts": len(prompts), "new_tokens_per_prompt": new_tokens, "tokens_each_side": expected,
+        "torch_threads": threads, "micro_batch": micro,
+        "genflow_s": round(ours_s, 3), "baseline_s": round(base_s, 3),
+        "padding_efficiency": round(sorted_efficiency, 4),
+        "padding_efficiency_unsorted": round(unsorted_efficiency, 4),
+        "padding_target": f">= {PADDING_TARGET}", "padding_met": sorted_efficiency >= PADDING_TARGET,
+    }
+    if check_greedy:
+        generator.params = HFTextParams(max_new_tokens=new_tokens, temperature=0)
+        sample = requests[:check_greedy]
+        ours_text = [r.text for r in generator.generate(sample) if isinstance(r, Generation)]
+        _, base_text = one_by_one(model, tokenizer, [r.prompt for r in sample], [r.seed for r in sample],
+                                  new_tokens, greedy=True)
+        details["greedy_identical"] = f"{sum(a == b for a, b in zip(ours_text, base_text, strict=True))}" \
+                                      f"/{len(sample)}"
+    ours, base = ours_tokens / ours_s, base_tokens / base_s
+    target, met = at_least(ours / base, TARGETS[model_name])
+    return Comparison(f"generate batched vs one-by-one ({model_name})", "tokens/s", round(ours, 1),
+                      round(base, 1), round(ours / base, 2), target, met, details)
+
+
+def padding_row(comparisons: list[Comparison]) -> Comparison:
+    tiny = comparisons[0].details
+    value = tiny["padding_efficiency"]
+    return Comparison(f"padding efficiency, length-sorted ({tiny['model']})", "real/padded prompt tokens",
+                      value, tiny["padding_efficiency_unsorted"], round(value, 3),
+                      f">= {PADDING_TARGET}", value >= PADDING_TARGET,
+                      {"baseline_is": "the same prompts in unsorted batches of the same size",
+                       "micro_batch": tiny["micro_batch"]}, ratio_is="genflow efficiency")
+
+
+def main() -> None:
+    parser = base_parser(__doc__.split("\n")[0])
+    parser.add_argument("--prompts", type=int, help="prompts per model (default 1000, --quick 200)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, the same on both sides")
+    parser.add_argument("--models", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument("--greedy-check", type=int, default=64, help="prompts compared under greedy decoding")
+    args = parser.parse_args()
+    quiet_environment()
+    count = args.prompts or (200 if args.quick else 1000)
+    prompts = synthetic_prompts(count, min_words=2, max_words=16)
+    workdir: Path = args.workdir
+    comparisons = [compare(name, causal_lm(workdir, name), prompts, args.new_tokens, args.threads,
+                           round_size=500, check_greedy=args.greedy_check) for name in args.models]
+    comparisons.append(padding_row(comparisons))
+    emit(comparisons, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""The whole ``genflow run`` vs a plain batched ``generate`` loop, wall clock, same work.
+
+genflow side: ``genflow run`` in a fresh process — Prefect (ephemeral server),
+Ray (2 workers on the machine's cores), Parquet in and out, generation only, no
+scorers. Bare side: one Python process that loads the same model, reads the same
+Parquet prompts, generates in length-sorted left-padded batches of the same size
+with the same sampling and writes the texts to Parquet.
+
+Both sides produce exactly ``--new-tokens`` tokens per prompt: the model's
+``generation_config.json`` says ``min_new_tokens`` (EOS banned until then), and
+both load the model from that folder.
+
+Cores: the job runs 2 Ray workers of 1 torch thread each on a 2-core machine. The
+bare loop is measured both ways a plain script can use 2 cores — one process with 2
+torch threads, and 2 processes of 1 thread on half the prompts each — and the
+faster is the reference, so genflow is not flattered by a badly threaded baseline.
+
+The report splits the job's wall time into start-up before the flow's work
+(interpreter, imports, Prefect's server), planning, the worker pool's start (Ray,
+model loads), generation and the rest (writes, manifest, shutdown), from the
+manifest's ``timings_s`` and the bench's own clock.
+
+    python -m benchmarks.bench_job [--quick] [--prompts 2000] [--new-tokens 32] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    QUIET_ENV,
+    ROOT,
+    Comparison,
+    at_least,
+    base_parser,
+    causal_lm,
+    emit,
+    log,
+    quiet_environment,
+    synthetic_prompts,
+    write_prompts_parquet,
+)
+
+TARGET = 0.90
+TEMPERATURE, TOP_P = 0.8, 0.95
+MODEL = "gpt2-4x256"
+
+
+def fixed_length_model(workdir: Path, new_tokens: int) -> str:
+    """The 4x256 GPT-2 with ``min_new_tokens`` in its generation config: every sample has the same length."""
+    from transformers import GenerationConfig
+
+    source = Path(causal_lm(workdir, MODEL))
+    path = workdir / "models" / f"{MODEL}-{new_tokens}-tokens"
+    if not (path / "config.json").exists():
+        shutil.copytree(source, path, dirs_exist_ok=True)
+        config = GenerationConfig.from_pretrained(path)
+        config.min_new_tokens = new_tokens
+        config.save_pretrained(path)
+    return str(path)
+
+
+def job_config(model: str, prompts: Path, output: Path, new_tokens: int, batch_size: int,
+               workers: int) -> dict[str, Any]:
+    return {
+        "name": "bench-job",
+        "input": str(prompts),
+        "output": str(output),
+        "shard_rows": 256,
+        "generators": [{"label": "gen", "plugin": "hf-text", "model": model, "samples": 1,
+                        "params": {"max_new_tokens": new_tokens, "temperature": TEMPERATURE, "top_p": TOP_P,
+                                   "micro_batch": batch_size}}],
+        "scorers": [],
+        "ray": {"workers": workers, "batch_size": batch_size},
+    }
+
+
+def environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, **QUIET_ENV, **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+# -- the bare loop (runs in its own process) ----------------------------------
+
+def bare_loop(model_path: str, prompts_path: str, out_path: str, new_tokens: int, batch_size: int,
+              threads: int, part: int, parts: int) -> dict[str, Any]:
+    """What a user writes without genflow: load, sort by length, generate in batches, save."""
+    started = time.perf_counter()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    table = pq.read_table(prompts_path)
+    ids, prompts = table["id"].to_pylist()[part::parts], table["prompt"].to_pylist()[part::parts]
+    loaded = time.perf_counter()
+    encoded = tokenizer(prompts)["input_ids"]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    texts: list[str] = [""] * len(prompts)
+    tokens = 0
+    torch.manual_seed(part)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
+            out = model.generate(**batch, do_sample=True, temperature=TEMPERATURE, top_p=TOP_P,
+                                 max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)
+            new = out[:, batch["input_ids"].shape[1]:]
+            tokens += int(new.numel())
+            for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
+                texts[i] = text
+    generated = time.perf_counter()
+    pq.write_table(pa.table({"id": ids, "text": texts}), out_path)
+    return {"load_s": loaded - started, "generate_s": generated - loaded,
+            "write_s": time.perf_counter() - generated, "tokens": tokens, "prompts": len(prompts)}
+
+
+def run_bare(model: str, prompts: Path, workdir: Path, new_tokens: int, batch_size: int,
+             threads: int, parts: int) -> dict[str, Any]:
+    """``parts`` processes of ``threads`` torch threads each; wall clock from launch to the last exit."""
+    procs = []
+    started = time.perf_counter()
+    for part in range(parts):
+        cmd = [sys.executable, "-m", "benchmarks.bench_job", "--bare", model, str(prompts),
+               str(workdir / f"bare-{part}.parquet"), str(new_tokens), str(batch_size), str(threads),
+               str(part), str(parts)]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=environment({"OMP_NUM_THREADS": str(threads)}),
+                                      stdout=subprocess.PIPE, text=True))
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"bare loop failed with exit code {proc.returncode}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    wall = time.perf_counter() - started
+    return {"wall_s": wall, "tokens": sum(r["tokens"] for r in results),
+            "generate_s": max(r["generate_s"] for r in results),
+            "load_s": max(r["load_s"] for r in results), "write_s": max(r["write_s"] for r in results),
+            "processes": parts, "torch_threads": threads}
+
+
+# -- the job ------------------------------------------------------------------
+
+def run_job(config_path: Path, output: Path, profile: Path | None) -> dict[str, Any]:
+    shutil.rmtree(output, ignore_errors=True)
+    cmd = [sys.executable, "-m", "genflow.cli", "run", str(config_path), "--no-resume"]
+    if profile is not None:
+        cmd = ["py-spy", "record", "--rate", "50", "--format", "raw", "--output", str(profile), "--", *cmd]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=environment(), capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode:
+        raise RuntimeError(f"genflow run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    manifest = json.loads((output / "manifest.json").read_text())
+    import pyarrow.dataset as ds
+
+    gens = ds.dataset(output / "generations").to_table(columns=["num_tokens"])
+    tokens = int(sum(gens["num_tokens"].to_pylist()))
+    return {"wall_s": wall, "tokens": tokens, "manifest": manifest}
+
+
+def breakdown(job: dict[str, Any]) -> dict[str, float]:
+    """Where the job's wall clock goes, in seconds."""
+    timings = job["manifest"]["timings_s"]
+    stages = job["manifest"]["stages"]
+    gen_stage = next(k for k in timings if k.startswith("generate/"))
+    workers_start = timings.get(f"workers/{gen_stage.split('/', 1)[1]}", 0.0)
+    generate_total = timings[gen_stage]
+    out = {
+        "before_and_after_flow (interpreter, imports, Prefect server, flow-run bookkeeping, exit)":
+            job["wall_s"] - timings["total"],
+        "plan (read input, write prompt shards)": timings.get("plan", 0.0),
+        "worker pool start (Ray, actors load the model)": workers_start,
+        "generate stage, shard tasks (generation, batches to and from actors, Parquet writes)":
+            stages[gen_stage]["seconds"],
+    }
+    out["rest of the flow (manifest, row counts, pool stop)"] = (
+        timings["total"] - out["plan (read input, write prompt shards)"] - generate_total
+        + (generate_total - workers_start - stages[gen_stage]["seconds"]))
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def summarize_profile(path: Path, top: int = 12) -> list[str]:
+    """The driver's busiest functions (inclusive share of samples) from a py-spy raw profile."""
+    from collections import Counter
+
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        seen = set()
+        for frame in stack.split(";"):
+            name = frame.split(" (")[0]
+            where = frame.rsplit("/", 1)[-1].split(":")[0] if "/" in frame else ""
+            key = f"{name} ({where})" if where else name
+            if key not in seen:
+                seen.add(key)
+                inclusive[key] += n
+    return [f"{n / total:6.1%} {k}" for k, n in inclusive.most_common(top * 4)
+            if any(s in k for s in ("genflow", "flows", "stages", "execution", "storage", "prefect", "ray",
+                                    "import", "wait", "get"))][:top]
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--bare":
+        model, prompts, out, new_tokens, batch, threads, part, parts = sys.argv[2:10]
+        result = bare_loop(model, prompts, out, int(new_tokens), int(batch), int(threads), int(part), int(parts))
+        print(json.dumps(result))
+        return
+    parser: argparse.ArgumentParser = base_parser(__doc__.split("\n")[0])
+    parser.add_argument("--prompts", type=int, help="prompts (default 2000, --quick 400)")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences per generate call, both sides")
+    parser.add_argument("--workers", type=int, default=2, help="Ray workers (default 2)")
+    parser.add_argument("--profile", action="store_true", help="record the job's driver with py-spy")
+    args = parser.parse_args()
+    quiet_environment()
+    workdir: Path = args.workdir / "job"
+    workdir.mkdir(parents=True, exist_ok=True)
+    count = args.prompts or (400 if args.quick else 2000)
+    model = fixed_length_model(args.workdir, args.new_tokens)
+    prompts = write_prompts_parquet(workdir / "prompts.parquet", synthetic_prompts(count, seed=1))
+    output = workdir / "out"
+    config_path = workdir / "job.yaml"
+    import yaml
+
+    config_path.write_text(yaml.safe_dump(job_config(model, prompts, output, args.new_tokens, args.batch_size,
+                                                     args.workers)))
+    cores = os.cpu_count() or 1
+    log(f"bare loop: 1 process x {cores} torch threads")
+    bare_threads = run_bare(model, prompts, workdir, args.new_tokens, args.batch_size, cores, 1)
+    log(f"  {bare_threads['wall_s']:.1f}s; genflow run ({args.workers} Ray workers)")
+    profile = workdir / "job-driver.pyspy.txt" if args.profile else None
+    job = run_job(config_path, output, profile)
+    log(f"  {job['wall_s']:.1f}s; bare loop: {cores} processes x 1 torch thread")
+    bare_procs = run_bare(model, prompts, workdir, args.new_tokens, args.batch_size, 1, cores)
+    log(f"  {bare_procs['wall_s']:.1f}s")
+
+    expected = count * args.new_tokens
+    for name, side in (("job", job), ("bare (threads)", bare_threads), ("bare (processes)", bare_procs)):
+        if side["tokens"] != expected:
+            raise RuntimeError(f"{name} generated {side['tokens']} tokens, expected {expected}")
+    bare = min(bare_threads, bare_procs, key=lambda r: r["wall_s"])
+    ratio = bare["wall_s"] / job["wall_s"]
+    target, met = at_least(ratio, TARGET)
+    parts = breakdown(job)
+    gen_stage = parts["generate stage, shard tasks (generation, batches to and from actors, Parquet writes)"]
+    steady = bare["generate_s"] / gen_stage if gen_stage else 0.0
+    details: dict[str, Any] = {
+        "model": MODEL, "prompts": count, "new_tokens_per_prompt": args.new_tokens, "tokens_each_side": expected,
+        "batch_size": args.batch_size, "ray_workers": args.workers,
+        "job_wall_s": round(job["wall_s"], 2),
+        "bare_threads": {k: round(v, 2) if isinstance(v, float) else v for k, v in bare_threads.items()},
+        "bare_processes": {k: round(v, 2) if isinstance(v, float) else v for k, v in bare_procs.items()},
+        "reference": f"{bare['processes']} process(es) x {bare['torch_threads']} thread(s)",
+        "job_breakdown_s": parts,
+        "job_manifest_timings_s": job["manifest"]["timings_s"],
+        "steady_state_ratio": round(steady, 3),
+        "steady_state_is": "bare generate loop seconds / job generate-stage task seconds (no start-up on "
+                           "either side)",
+    }
+    if profile is not None and profile.exists():
+        details["driver_profile_top"] = summarize_profile(profile)
+    comparisons = [Comparison("job vs bare batched loop, end to end", "tokens/s",
+                              round(expected / job["wall_s"], 1), round(expected / bare["wall_s"], 1),
+                              round(ratio, 3), target, met, details)]
+    emit(comparisons, args.json)
+
+
+if __name__ == "__main__":
+    main()
