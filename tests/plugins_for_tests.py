@@ -65,7 +65,7 @@ class LengthParams(Misbehaviour):
 def _log(state_dir: str | None, line: str) -> None:
     if state_dir:
         with open(Path(state_dir) / "calls.log", "a") as f:
-            f.write(f"{line} pid={os.getpid()}\n")
+            f.write(f"{line} pid={os.getpid()} ppid={os.getppid()}\n")
 
 
 def calls(state_dir: str | Path) -> list[str]:

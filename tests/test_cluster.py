@@ -1,0 +1,127 @@
+"""Beyond one machine: a job sent to a running Ray cluster (``ray.address``) that reports to
+a real Prefect server (``PREFECT_API_URL``)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import plugins_for_tests
+import psutil
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import free_port, run_genflow
+
+
+class RayHead:
+    def __init__(self, proc: subprocess.Popen[bytes], address: str, log: Path) -> None:
+        self.proc, self.address, self.log = proc, address, log
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        host, port = self.address.split(":")
+        deadline = time.monotonic() + timeout
+        while "Ray runtime started" not in self.log.read_text():
+            assert self.proc.poll() is None, f"ray start failed:\n{self.log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "ray start did not finish"
+            time.sleep(0.5)
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+
+    @property
+    def raylet_pid(self) -> int:
+        return next(p.pid for p in psutil.Process(self.proc.pid).children() if p.name() == "raylet")
+
+
+@pytest.fixture(scope="module")
+def ray_head(test_plugins_site: Path) -> Iterator[RayHead]:
+    """``ray start --head`` on 127.0.0.1 with 2 CPUs, in its own process group; stopped by
+    signalling that group (``ray stop`` would stop every Ray on the machine)."""
+    port = free_port()
+    temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "PYTHONPATH": plugins_for_tests.pythonpath(test_plugins_site),
+           "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    log = temp / "head.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2",
+                                 "--include-dashboard=false", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",
+                                 "--block"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    head = RayHead(proc, f"127.0.0.1:{port}", log)
+    yield head  # starting in the background; the test waits for it
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+async def _flow_run_and_task_runs(api_url: str, job_name: str) -> tuple[Any, list[Any]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        async with get_client() as client:
+            runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["genflow-job"])))
+            mine = [r for r in runs if r.parameters.get("config", {}).get("name") == job_name]
+            assert len(mine) == 1, [r.parameters.get("config", {}).get("name") for r in runs]
+            tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[mine[0].id])))
+            return mine[0], tasks
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_a_job_runs_on_a_ray_cluster_and_reports_to_a_prefect_server(
+        ray_head: RayHead, prefect_server: str, tmp_path: Path, test_plugins: dict[str, str]) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    pq.write_table(pa.table({"prompt": [f"cluster prompt {i}" for i in range(12)]}), tmp_path / "prompts.parquet")
+    config = {
+        "name": "on-the-cluster",
+        "input": str(tmp_path / "prompts.parquet"),
+        "output": str(tmp_path / "out"),
+        "shard_rows": 4,
+        "generators": [{"label": "echo", "plugin": "echo", "samples": 2, "params": {"state_dir": str(state)}}],
+        "scorers": [{"plugin": "length", "params": {"state_dir": str(state)}}],
+        "ray": {"workers": 2, "batch_size": 4},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    ray_head.wait_ready()
+
+    result = run_genflow("run", str(tmp_path / "job.yaml"), "--set", f"ray.address={ray_head.address}",
+                         env={**test_plugins, "PREFECT_API_URL": prefect_server})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Starting temporary server" not in result.stderr  # the real server, not an ephemeral one
+    assert ds.dataset(tmp_path / "out" / "generations").count_rows() == 24
+
+    # Every plugin instance lived in a worker of the cluster's raylet, not in a Ray the job started.
+    inits = [line for line in plugins_for_tests.calls(state) if line.startswith("init ")]
+    assert {line.split()[1] for line in inits} == {"echo", "length"}
+    assert {line.split("ppid=")[1] for line in inits} == {str(ray_head.raylet_pid)}
+
+    # The Prefect server has the completed flow run and one task run per (stage, shard), plus planning.
+    flow_run, task_runs = asyncio.run(_flow_run_and_task_runs(prefect_server, "on-the-cluster"))
+    assert flow_run.state.is_completed()
+    names = sorted(t.name for t in task_runs)
+    assert len(names) == 1 + 3 * 3 and all(t.state.is_completed() for t in task_runs)
+    assert [n.rsplit("-", 1)[0] for n in names if n.startswith("generate")] == [
+        "generate-echo-0", "generate-echo-1", "generate-echo-2"]
