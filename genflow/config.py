@@ -92,7 +92,10 @@ class JobConfig(_Strict):
     name: str
     input: str
     output: str
-    shard_rows: int = Field(256, ge=1)
+    shard_rows: int = Field(1024, ge=1)
+    """Prompts per shard: the unit of resume and of Prefect task runs (one per stage and shard).
+    1024 keeps a job at a few dozen task runs per 10k prompts (Prefect is slow with thousands)
+    while a kill loses at most one shard's work per stage."""
     seed: int = 0
     generators: list[GeneratorSpec] = Field(default_factory=list)
     scorers: list[ScorerSpec] = Field(default_factory=list)
