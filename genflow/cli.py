@@ -133,6 +133,9 @@ def _raw_config(config: Path, overrides: list[str] | None) -> dict:
 
 
 def _needs_prefect_server(command: str) -> None:
+    from genflow.job import quiet_prefect_defaults
+
+    quiet_prefect_defaults()
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
@@ -148,14 +151,20 @@ def sweep(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no
           help="skip work already on storage (in a run's folder or an earlier run's)")] = True,
           set_: SetOpt = None) -> None:
     """Run every point of the config's `sweep` grid; compare them in sweep.parquet and sweep.html."""
-    from genflow.sweep import SweepFailed, run_sweep
+    from genflow.local_prefect import local_prefect_api
 
-    try:
-        plan, rows = run_sweep(_raw_config(config, set_), resume=resume, source=str(config))
-    except _user_errors() as exc:
-        fail(str(exc))
-    except SweepFailed as exc:
-        fail(str(exc), code=1)
+    with local_prefect_api() as prefect_ready:
+        from genflow.sweep import SweepFailed, plan_sweep, run_sweep
+
+        try:
+            raw = _raw_config(config, set_)
+            plan_sweep(raw, source=str(config))  # every run's config checked before Prefect is waited for
+            prefect_ready()
+            plan, rows = run_sweep(raw, resume=resume, source=str(config))
+        except _user_errors() as exc:
+            fail(str(exc))
+        except SweepFailed as exc:
+            fail(str(exc), code=1)
     table = Table(title=f"sweep {plan.name!r}: {len(rows)} runs", show_header=True)
     for col, justify in (("run", "left"), ("status", "left"), ("mean score", "right"), ("tokens/s", "right")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
@@ -218,12 +227,16 @@ def runs(limit: Annotated[int, typer.Option("--limit", "-n", help="how many runs
          scheduled: Annotated[bool, typer.Option("--scheduled", help="include runs scheduled for later")] = False
          ) -> None:
     """List recent runs of genflow jobs and sweeps from the Prefect API, newest first."""
-    from genflow.flows.deploy import list_runs
+    from genflow.local_prefect import local_prefect_api
 
-    try:
-        rows = list_runs(limit, deployment_name, scheduled=scheduled)
-    except Exception as exc:  # the API is down or the deployment unknown: one line, no traceback
-        fail(f"cannot list runs from the Prefect API: {type(exc).__name__}: {exc}")
+    with local_prefect_api() as prefect_ready:  # no PREFECT_API_URL: the local database `genflow run` uses
+        from genflow.flows.deploy import list_runs
+
+        try:
+            prefect_ready()
+            rows = list_runs(limit, deployment_name, scheduled=scheduled)
+        except Exception as exc:  # the API is down or the deployment unknown: one line, no traceback
+            fail(f"cannot list runs from the Prefect API: {type(exc).__name__}: {exc}")
     table = Table(show_header=True)
     for col in ("run", "flow", "deployment", "state", "start", "duration"):
         table.add_column(col, justify="right" if col == "duration" else "left")
