@@ -305,18 +305,22 @@ def _samples(storage: Storage, scorer_names: list[str], ids: list[str]) -> list[
     ranks = _read(storage, "rankings", ["generation_id", "rank", "score"], where)
     rank_of = {} if ranks is None else {g: (r, s) for g, r, s in zip(
         ranks["generation_id"].to_pylist(), ranks["rank"].to_pylist(), ranks["score"].to_pylist(), strict=True)}
-    scores = _read(storage, "scores", ["generation_id", "scorer", "score"], where)
+    scores = _read(storage, "scores", ["generation_id", "scorer", "score", "details"], where)
     per_scorer: dict[str, dict[str, float]] = {}
+    outcomes: dict[str, list[tuple[str, str]]] = {}
     if scores is not None:
-        for g, name, value in zip(scores["generation_id"].to_pylist(), scores["scorer"].to_pylist(),
-                                  scores["score"].to_pylist(), strict=True):
-            per_scorer.setdefault(g, {})[name] = value
+        for row in scores.to_pylist():
+            per_scorer.setdefault(row["generation_id"], {})[row["scorer"]] = row["score"]
+            outcome = _outcome(row.get("details"))
+            if outcome:
+                outcomes.setdefault(row["generation_id"], []).append((row["scorer"], outcome))
     by_prompt: dict[str, list[dict[str, Any]]] = {}
     for row in gens.to_pylist():
         rank, combined = rank_of.get(row["generation_id"], (None, None))
         by_prompt.setdefault(row["prompt_id"], []).append(
             {**row, "rank": rank, "score": combined,
-             "scores": [per_scorer.get(row["generation_id"], {}).get(n) for n in scorer_names]})
+             "scores": [per_scorer.get(row["generation_id"], {}).get(n) for n in scorer_names],
+             "outcomes": outcomes.get(row["generation_id"], [])})
     out = []
     for pid in ids:
         cands = by_prompt.get(pid)
@@ -332,6 +336,15 @@ def _samples(storage: Storage, scorer_names: list[str], ids: list[str]) -> list[
                     "candidates": cands, "top": ends[:SHOWN_PER_END] if hidden else ends,
                     "bottom": ends[SHOWN_PER_END:] if hidden else [], "hidden": hidden})
     return out
+
+
+def _outcome(details: str | None) -> str | None:
+    """A scorer's one-word verdict on a candidate (code-exec: passed, failed: ..., timed out)."""
+    try:
+        value = json.loads(details or "{}").get("outcome")
+    except (ValueError, AttributeError):
+        return None
+    return str(value)[:120] if value else None
 
 
 def _errors(storage: Storage) -> list[dict[str, Any]]:
