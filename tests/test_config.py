@@ -26,7 +26,7 @@ def base(**overrides: object) -> dict:
 
 def test_a_valid_config_has_defaults() -> None:
     config = build_config(base())
-    assert config.shard_rows == 256 and config.ray.workers == 2 and config.ray.address is None
+    assert config.shard_rows == 1024 and config.ray.workers == 2 and config.ray.address is None
     assert config.generators[0].samples == 1 and config.scorers[0].weight == 1.0
     assert config.ranking.pairs is not None and config.ranking.best_of_n
 
