@@ -192,6 +192,9 @@ def test_code_report_gives_pass_at_k_and_the_top_errors(code_output: Path) -> No
     errors = text_of(found["errors"])
     assert manifest["errors"]["rows"] == 2  # both candidates of the row without tests
     assert re.search(r"2\s*score\s*code-exec\s*code-exec: the row has no tests", errors)
+    # Each shown candidate carries its verdict from the sandbox.
+    samples = text_of(found["samples"])
+    assert "code-exec: passed" in samples and "code-exec: failed: " in samples
 
 
 def test_visible_escapes_and_shows_control_characters() -> None:
