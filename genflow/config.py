@@ -232,14 +232,22 @@ def validate_plugins(config: JobConfig, source: str = "config") -> None:
         raise ConfigError(f"{source} is not a valid genflow job:\n" + "\n".join(problems))
 
 
+SECRET_KEY_ENDINGS = ("secret", "password", "passwd", "token", "api_key", "access_key", "secret_key",
+                      "credential", "credentials")
+
+
+def is_secret_key(key: str) -> bool:
+    """``aws_secret_access_key``, ``session_token``, ``api_key``... but not ``max_new_tokens``."""
+    k = key.lower()
+    return any(k == e or k.endswith("_" + e) or k.endswith("-" + e) for e in SECRET_KEY_ENDINGS)
+
+
 def redacted(data: Any) -> Any:
-    """The config as JSON-able data with anything secret-looking removed."""
-    secret_words = ("secret", "password", "token", "access_key", "credential")
+    """The config as JSON-able data with secret-looking values replaced by ``***``."""
     if isinstance(data, BaseModel):
         data = data.model_dump(mode="json")
     if isinstance(data, dict):
-        return {k: ("***" if any(w in k.lower() for w in secret_words) else redacted(v))
-                for k, v in data.items()}
+        return {k: ("***" if is_secret_key(str(k)) else redacted(v)) for k, v in data.items()}
     if isinstance(data, list):
         return [redacted(v) for v in data]
     return data

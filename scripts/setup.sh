@@ -11,7 +11,7 @@ VENV=${VENV:-.venv}
 if [ "${GENFLOW_SKIP_APT:-0}" != "1" ] && command -v apt-get >/dev/null 2>&1; then
   missing=()
   command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
-  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium fonts-dejavu-core)
   if [ ${#missing[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
     echo "==> installing system packages: ${missing[*]}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,8 +17,8 @@ from genflow.prompts import InputError, open_input, shard_tables
 PROMPTS = str(ROOT / "configs/data/quickstart_prompts.parquet")
 
 
-def base(**overrides: object) -> dict:
-    data = {"name": "t", "input": PROMPTS, "output": "/tmp/unused",
+def base(**overrides: object) -> dict[str, Any]:
+    data: dict[str, Any] = {"name": "t", "input": PROMPTS, "output": "/tmp/unused",
             "generators": [{"label": "g", "plugin": "hf-text", "model": "m", "params": {"max_new_tokens": 4}}],
             "scorers": [{"plugin": "hf-reward", "model": "r"}]}
     data.update(overrides)
@@ -151,3 +152,12 @@ def test_cli_validate_exit_codes(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "no 'prompt' column" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_redaction_hides_secrets_but_keeps_generation_params() -> None:
+    from genflow.config import redacted
+
+    data = {"params": {"max_new_tokens": 32, "api_key": "k", "aws_secret_access_key": "s"},
+            "storage": {"session_token": "t", "endpoint_url": "http://x"}, "token": "t"}
+    assert redacted(data) == {"params": {"max_new_tokens": 32, "api_key": "***", "aws_secret_access_key": "***"},
+                              "storage": {"session_token": "***", "endpoint_url": "http://x"}, "token": "***"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 from conftest import text_job
@@ -14,7 +15,7 @@ from genflow.schemas import GENERATIONS, PREFERENCES, RANKINGS, SCORES, SFT
 pytestmark = pytest.mark.slow
 
 
-def table(out: Path, folder: str):  # type: ignore[no-untyped-def]
+def table(out: Path, folder: str) -> pa.Table:
     return ds.dataset(out / folder, format="parquet").to_table()
 
 
