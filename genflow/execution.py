@@ -70,13 +70,7 @@ class PluginWorker:
 
     def __init__(self, factory: Any, model: str | None, params: dict[str, Any]) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        try:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-        except ImportError:
-            pass
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars
         gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
         device = "cuda" if gpu_ids else "cpu"
         self.kind = "generator" if hasattr(factory, "generate") else "scorer"

@@ -198,13 +198,21 @@ def _plugin_inputs(row: dict[str, Any], base_dir: str) -> dict[str, Any]:
     return inputs
 
 
-def build_requests(prompts: pa.Table, spec: GeneratorSpec, config: JobConfig, base_dir: str) -> list[GenerationRequest]:
+def accepts(task: str | None, modality: str) -> bool:
+    """Rows marked ``task: image`` go to image generators only; image generators take only those and unmarked rows."""
+    return task is None or (task == "image") == (modality == "image")
+
+
+def build_requests(prompts: pa.Table, spec: GeneratorSpec, config: JobConfig, base_dir: str,
+                   modality: str = "text") -> list[GenerationRequest]:
     template = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True).from_string(
         spec.template) if spec.template else None
     params_key = json.dumps(spec.params, sort_keys=True)
     base_seed = config.seed if spec.seed is None else spec.seed
     requests = []
     for row in prompts.to_pylist():
+        if not accepts(row.get("task"), modality):
+            continue
         try:
             prompt = template.render(**row) if template else row["prompt"]
         except jinja2.TemplateError as exc:
@@ -240,7 +248,7 @@ def generate_shard(storage: Storage, shard: Shard, spec: GeneratorSpec, config: 
     fp = generation_fingerprint(shard, spec, config)
     started = time.perf_counter()
     prompts = read_prompts(storage, shard)
-    requests = build_requests(prompts, spec, config, base_dir)
+    requests = build_requests(prompts, spec, config, base_dir, modality)
     # Similar lengths travel together: less padding inside the plugin's batches.
     order = sorted(requests, key=lambda r: (-len(r.prompt), r.generation_id))
     batches = chunked(order, spec.batch_size or config.ray.batch_size)

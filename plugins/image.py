@@ -129,9 +129,11 @@ class DiffusersImageGenerator(Generator):
         super().__init__(model, params, device)
         import torch
         from diffusers import AutoPipelineForText2Image
+        from diffusers.utils import logging as diffusers_logging
 
         dtype_name = params.dtype or ("float16" if device.startswith("cuda") else "float32")
         self.dtype = getattr(torch, dtype_name)
+        diffusers_logging.disable_progress_bar()  # this process is the plugin's worker: no loading bars
         # Generated data is filtered by the job's scorers; a safety checker would
         # silently black out images and costs a second model.
         pipe = AutoPipelineForText2Image.from_pretrained(

@@ -74,3 +74,12 @@ def test_best_of_n_keeps_the_top_candidate_and_honours_min_score() -> None:
     assert [(r["prompt_id"], r["completion"], r["score"]) for r in sft.to_pylist()] == [
         ("a", " answer a1", 0.9), ("b", " answer b0", -1.0)]
     assert BestOfN(BestOfNParams(min_score=0.0)).export(ranked)["prompt_id"].to_pylist() == ["a"]
+
+
+def test_rows_marked_as_images_go_to_image_generators_only() -> None:
+    from genflow.stages import accepts
+
+    assert accepts(None, "text") and accepts(None, "image")
+    assert accepts("code", "code") and accepts("explain", "code") and accepts("text", "text")
+    assert not accepts("image", "text") and not accepts("image", "code")
+    assert accepts("image", "image") and not accepts("text", "image")
