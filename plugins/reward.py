@@ -68,8 +68,9 @@ class HFRewardScorer(Scorer):
         texts = [self.text_of(i) for i in items]
         lengths = [len(t) for t in texts]
         values = map_sorted(texts, lengths, self.params.micro_batch, self._score_batch)
-        return [Score(v, {"truncated": n > self.params.max_length}) for v, n in
-                zip(values, (len(self.tokenizer(t)["input_ids"]) for t in texts), strict=True)]
+        untruncated = self.tokenizer(texts)["input_ids"]  # one call for all the truncation flags
+        return [Score(v, {"truncated": len(ids) > self.params.max_length})
+                for v, ids in zip(values, untruncated, strict=True)]
 
     def _score_batch(self, texts: list[str]) -> list[float]:
         import torch
