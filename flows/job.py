@@ -154,6 +154,8 @@ def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, A
                                "version": info.version, "loaded": pool.description is not None,
                                "model": pool.description or {"model": spec.model}}
         timings[f"generate/{spec.label}"] = time.perf_counter() - t
+        if pool.start_seconds:
+            timings[f"start/generate/{spec.label}"] = pool.start_seconds  # Ray and the model loads
     if not config.generators:
         for shard in shards:
             fp = stable_hash([shard.fingerprint, "input-candidates"])
@@ -186,6 +188,8 @@ def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, A
                               "model": pool.description or {"model": scorer.model or info.factory.default_model}}
         metrics.update(_summarize(storage, scorer, info.factory))
         timings[f"score/{scorer.name}"] = time.perf_counter() - t
+        if pool.start_seconds:
+            timings[f"start/score/{scorer.name}"] = pool.start_seconds
 
     # Rank and export: cheap, no Ray.
     if config.scorers:

@@ -149,6 +149,8 @@ class WorkerPool:
         self.description: dict[str, Any] | None = None
         self.deaths = 0
         """Worker processes that died under this pool (each one replaced)."""
+        self.start_seconds = 0.0
+        """How long ``start`` took: Ray's start (first pool only) and every worker loading its model."""
         self._actor_cls: Any = None
 
     @property
@@ -158,6 +160,7 @@ class WorkerPool:
     def start(self) -> None:
         if self.actors:
             return
+        started = time.perf_counter()
         init_ray(self.spec)
         cpus = ray.available_resources().get("CPU", 1.0)
         per_actor = max(0.01, min(1.0, cpus / self.size)) if not self.spec.address else 1.0
@@ -171,6 +174,7 @@ class WorkerPool:
             self.stop()
             cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause else _death_reason(exc)
             raise PluginError(f"{self.name}: the plugin failed to load: {cause}") from None
+        self.start_seconds = time.perf_counter() - started
 
     def _new_actor(self) -> Any:
         return self._actor_cls.remote(self.factory, self.model, self.params)
