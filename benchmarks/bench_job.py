@@ -171,24 +171,29 @@ def run_job(config_path: Path, output: Path, profile: Path | None) -> dict[str, 
     return {"wall_s": wall, "tokens": tokens, "manifest": manifest}
 
 
+BREAKDOWN_LEGEND = {
+    "outside_flow": "interpreter start, imports, Prefect API start, flow-run bookkeeping, exit",
+    "plan": "read the input, write the prompt shards",
+    "pool_start": "Ray start and the workers loading the model (manifest timings_s start/generate/...)",
+    "generation": "the generate stage's shard tasks minus the pool start: generation, batches to and from the "
+                  "workers, Parquet writes",
+    "rest_of_flow": "Prefect task runs, manifest, row counts, pool stop",
+}
+
+
 def breakdown(job: dict[str, Any]) -> dict[str, float]:
-    """Where the job's wall clock goes, in seconds."""
+    """Where the job's wall clock goes, in seconds (see ``BREAKDOWN_LEGEND``)."""
     timings = job["manifest"]["timings_s"]
-    stages = job["manifest"]["stages"]
-    gen_stage = next(k for k in timings if k.startswith("generate/"))
-    workers_start = timings.get(f"workers/{gen_stage.split('/', 1)[1]}", 0.0)
-    generate_total = timings[gen_stage]
+    gen_stage = next(k for k in timings if k.startswith("generate/"))  # the only generator
+    pool_start = timings.get(f"start/{gen_stage}", 0.0)
+    shard_tasks = job["manifest"]["stages"][gen_stage]["seconds"]  # the first task starts the pool
     out = {
-        "before_and_after_flow (interpreter, imports, Prefect server, flow-run bookkeeping, exit)":
-            job["wall_s"] - timings["total"],
-        "plan (read input, write prompt shards)": timings.get("plan", 0.0),
-        "worker pool start (Ray, actors load the model)": workers_start,
-        "generate stage, shard tasks (generation, batches to and from actors, Parquet writes)":
-            stages[gen_stage]["seconds"],
+        "outside_flow": job["wall_s"] - timings["total"],
+        "plan": timings.get("plan", 0.0),
+        "pool_start": pool_start,
+        "generation": shard_tasks - pool_start,
+        "rest_of_flow": timings["total"] - timings.get("plan", 0.0) - shard_tasks,
     }
-    out["rest of the flow (manifest, row counts, pool stop)"] = (
-        timings["total"] - out["plan (read input, write prompt shards)"] - generate_total
-        + (generate_total - workers_start - stages[gen_stage]["seconds"]))
     return {k: round(v, 3) for k, v in out.items()}
 
 
@@ -217,9 +222,8 @@ def summarize_profile(path: Path, top: int = 12) -> list[str]:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--bare":
-        model, prompts, out, new_tokens, batch, threads, part, parts = sys.argv[2:10]
-        result = bare_loop(model, prompts, out, int(new_tokens), int(batch), int(threads), int(part), int(parts))
-        print(json.dumps(result))
+        a = sys.argv[2:10]
+        print(json.dumps(bare_loop(a[0], a[1], a[2], int(a[3]), int(a[4]), int(a[5]), int(a[6]), int(a[7]))))
         return
     parser: argparse.ArgumentParser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, help="prompts (default 2000, --quick 400)")
@@ -258,8 +262,7 @@ def main() -> None:
     ratio = bare["wall_s"] / job["wall_s"]
     target, met = at_least(ratio, TARGET)
     parts = breakdown(job)
-    gen_stage = parts["generate stage, shard tasks (generation, batches to and from actors, Parquet writes)"]
-    steady = bare["generate_s"] / gen_stage if gen_stage else 0.0
+    steady = bare["generate_s"] / parts["generation"] if parts["generation"] else 0.0
     details: dict[str, Any] = {
         "model": MODEL, "prompts": count, "new_tokens_per_prompt": args.new_tokens, "tokens_each_side": expected,
         "batch_size": args.batch_size, "ray_workers": args.workers,
@@ -268,9 +271,10 @@ def main() -> None:
         "bare_processes": {k: round(v, 2) if isinstance(v, float) else v for k, v in bare_procs.items()},
         "reference": f"{bare['processes']} process(es) x {bare['torch_threads']} thread(s)",
         "job_breakdown_s": parts,
+        "job_breakdown_legend": BREAKDOWN_LEGEND,
         "job_manifest_timings_s": job["manifest"]["timings_s"],
         "steady_state_ratio": round(steady, 3),
-        "steady_state_is": "bare generate loop seconds / job generate-stage task seconds (no start-up on "
+        "steady_state_is": "bare loop's generate seconds / the job's generation seconds (no start-up on "
                            "either side)",
     }
     if profile is not None and profile.exists():

