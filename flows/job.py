@@ -42,7 +42,7 @@ from prefect.states import State
 
 from genflow.api import Scorer
 from genflow.config import ConfigError, JobConfig, ScorerSpec, build_config, stable_hash
-from genflow.execution import WorkerPool
+from genflow.execution import RayUnreachable, WorkerPool
 from genflow.manifest import build_manifest
 from genflow.progress import StageProgress
 from genflow.prompts import InputError, open_input
@@ -72,7 +72,7 @@ class JobFailed(RuntimeError):
 
 def worth_retrying(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Retry what may pass (storage, network); not what a retry cannot fix."""
-    return not isinstance(state.data, (ConfigError, InputError, PluginError))
+    return not isinstance(state.data, (ConfigError, InputError, PluginError, RayUnreachable))
 
 
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": 1,

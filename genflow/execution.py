@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 import traceback
 from collections import deque
@@ -47,8 +48,25 @@ class Failure:
     traceback: str
 
 
+class RayUnreachable(ConnectionError):
+    """``ray.address`` names a cluster that does not answer."""
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Ray retries an address where nothing listens for minutes; find out in seconds."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", or a form Ray parses itself
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise RayUnreachable(f"cannot connect to the Ray cluster at {address!r}: nothing answers at "
+                             f"{host}:{port} ({exc})") from None
+
+
 def init_ray(spec: RaySpec) -> None:
-    """Start Ray locally, or connect to ``spec.address`` (``auto``, ``ray://host:port``)."""
+    """Start Ray locally, or connect to ``spec.address`` (``auto``, ``host:port``, ``ray://host:port``)."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -57,10 +75,11 @@ def init_ray(spec: RaySpec) -> None:
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
                               "log_to_driver": True}
     if spec.address:
+        _check_reachable(spec.address)
         try:
             ray.init(address=spec.address, **kwargs)
         except ConnectionError as exc:
-            raise ConnectionError(f"cannot connect to the Ray cluster at {spec.address!r}: {exc}") from None
+            raise RayUnreachable(f"cannot connect to the Ray cluster at {spec.address!r}: {exc}") from None
     else:
         ray.init(**kwargs)
 

@@ -125,3 +125,19 @@ def test_a_job_runs_on_a_ray_cluster_and_reports_to_a_prefect_server(
     assert len(names) == 1 + 3 * 3 and all(t.state.is_completed() for t in task_runs)
     assert [n.rsplit("-", 1)[0] for n in names if n.startswith("generate")] == [
         "generate-echo-0", "generate-echo-1", "generate-echo-2"]
+
+
+@pytest.mark.slow
+def test_an_unreachable_ray_address_fails_fast_with_one_message(tmp_path: Path, test_plugins: dict[str, str]) -> None:
+    pq.write_table(pa.table({"prompt": ["hello"]}), tmp_path / "prompts.parquet")
+    config = {"name": "no-cluster", "input": str(tmp_path / "prompts.parquet"), "output": str(tmp_path / "out"),
+              "generators": [{"label": "echo", "plugin": "echo"}]}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    port = free_port()  # nothing listens there: Ray alone would retry it for minutes
+    started = time.monotonic()
+    result = run_genflow("run", str(tmp_path / "job.yaml"), "--set", f"ray.address=127.0.0.1:{port}",
+                         env=test_plugins, timeout=120)
+    assert result.returncode == 2
+    assert (f"error: cannot connect to the Ray cluster at '127.0.0.1:{port}': nothing answers at 127.0.0.1:{port}"
+            in " ".join(result.stderr.split()))
+    assert "will start" not in result.stderr and time.monotonic() - started < 90  # no Prefect retries
