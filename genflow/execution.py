@@ -315,7 +315,7 @@ class WorkerPool:
             queue.appendleft(_Work(work.index, work.items, work.deaths, suspect=True))
         else:
             msg = f"WorkerDied: the worker process died {work.deaths} times on this row ({reason})"
-            yield BatchResult(work.index, work.items, [Failure(msg, "")], time.perf_counter() - call.started)
+            yield BatchResult(work.index, work.items, [Failure(msg, str(exc))], time.perf_counter() - call.started)
 
 
 def chunked(items: Sequence[Any], size: int) -> list[list[Any]]:

@@ -68,6 +68,7 @@ def test_rows_that_raise_or_kill_the_worker_become_errors_and_the_rest_is_kept(
     poison = by_kind.pop(("generate", "p02"))
     assert len(poison) == 2 and all(e["plugin"] == "echo" for e in poison)
     assert all(e["error"].startswith("WorkerDied: the worker process died") for e in poison)
+    assert all("The actor died unexpectedly" in e["traceback"] for e in poison)  # Ray's report of the death
     refused = [by_kind.pop(("generate", f"p{i:02d}")) for i in (6, *range(12, 18))]
     assert all(len(r) == 2 and r[0]["error"].startswith("ValueError: refusing prompt") for r in refused)
     assert all("Traceback" in e["traceback"] and "fail_on" not in e["error"] for r in refused for e in r)
