@@ -43,7 +43,7 @@ from prefect.states import State
 from genflow.api import Scorer
 from genflow.config import ConfigError, JobConfig, ScorerSpec, build_config, stable_hash
 from genflow.execution import RayUnreachable, WorkerPool
-from genflow.manifest import build_manifest
+from genflow.manifest import build_manifest, rows_of
 from genflow.progress import StageProgress
 from genflow.prompts import InputError, open_input
 from genflow.registry import PluginError, get_registry
@@ -206,7 +206,8 @@ def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, A
     work = sum(o.work_items for o in outcomes if o.stage != "rank")
     fraction = errors / work if work else 0.0
     status = "failed" if fraction > config.max_error_fraction else "completed"
-    manifest = build_manifest(config, storage, outcomes, plugins, metrics, timings, status)
+    manifest = build_manifest(config, storage, outcomes, plugins, metrics, timings, status,
+                              rows=rows_of(outcomes, sum(s.rows for s in shards)))
     manifest["errors"] = {"rows": errors, "work_items": work, "fraction": round(fraction, 6),
                           "max_error_fraction": config.max_error_fraction}
     manifest["output"] = storage.uri

@@ -32,12 +32,26 @@ def count_rows(storage: Storage, folder: str) -> int:
     return total
 
 
+def rows_of(outcomes: list[StageOutcome], prompts: int) -> dict[str, int]:
+    """Rows per output folder from what each (stage, shard) recorded, opening no part: on a
+    bucket, reading every footer would cost one request per part at the end of every run."""
+    rows = dict.fromkeys(OUTPUT_FOLDERS, 0)
+    rows["prompts"] = prompts
+    for o in outcomes:
+        for folder, n in o.rows.items():
+            rows[folder] = rows.get(folder, 0) + n
+        rows["errors"] += o.errors
+    return rows
+
+
 def config_hash(config: JobConfig) -> str:
     return stable_hash(config.model_dump(mode="json", exclude={"sweep", "schedule"}))
 
 
 def build_manifest(config: JobConfig, storage: Storage, outcomes: list[StageOutcome], plugins: dict[str, Any],
-                   metrics: dict[str, Any], timings: dict[str, float], status: str) -> dict[str, Any]:
+                   metrics: dict[str, Any], timings: dict[str, float], status: str,
+                   rows: dict[str, int] | None = None) -> dict[str, Any]:
+    """The manifest; ``rows`` per folder are counted from the parts' footers unless given."""
     stages: dict[str, dict[str, Any]] = {}
     for o in outcomes:
         s = stages.setdefault(o.stage, {"shards": 0, "skipped": 0, "work_items": 0, "errors": 0, "seconds": 0.0})
@@ -58,7 +72,7 @@ def build_manifest(config: JobConfig, storage: Storage, outcomes: list[StageOutc
         "versions": {d: _version(d) for d in ("genflow", "torch", "transformers", "diffusers", "prefect", "ray",
                                               "pyarrow", "sentence-transformers")},
         "python": platform.python_version(),
-        "rows": {f: count_rows(storage, f) for f in OUTPUT_FOLDERS},
+        "rows": rows if rows is not None else {f: count_rows(storage, f) for f in OUTPUT_FOLDERS},
         "stages": stages,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "metrics": metrics,

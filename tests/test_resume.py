@@ -182,7 +182,16 @@ def test_a_changed_config_or_input_redoes_only_what_it_affects(
     job_runner(config, resume=False)
     assert all(skipped == 0 for _, skipped in _stages(out).values())
     (folder / "b.parquet").unlink()
-    job_runner(config)
+    manifest = job_runner(config)
     assert _stages(out) == {"generate/echo": (2, 2), "score/length": (2, 2), "rank": (2, 2)}
     assert not list(out.rglob("part-00002*")) and not list(out.glob("_state/**/00002.json"))
     assert len(_rows(out, "generations")) == 8 * 2
+    assert manifest["rows"] == _footer_rows(out)  # counted from the markers, as the parts say
+
+
+def _footer_rows(out: Path) -> dict[str, int]:
+    from genflow.manifest import OUTPUT_FOLDERS, count_rows
+    from genflow.storage import Storage
+
+    storage = Storage.open(str(out))
+    return {folder: count_rows(storage, folder) for folder in OUTPUT_FOLDERS}
