@@ -1,16 +1,17 @@
 """Items/s: genflow's batched scorers vs scoring one (prompt, response) at a time.
 
-genflow side: the scorer called as a job's Ray worker calls it — ``score`` on
-the batches the score stage makes (``genflow.stages.score_batches``: similar
-lengths together, a prompt's candidates together, ``ray.batch_size`` items, 16 by
-default). hf-reward then runs length-sorted micro-batches through the model;
-embedding-sim embeds each distinct text of the batch once, in one ``encode``.
-Baseline: one forward pass per item with the same model and tokenizer (hf-reward),
-``encode`` on one text at a time with the same once-per-distinct-text cache
-(embedding-sim), so the ratio is batching alone. Items are what a job scores:
-prompts x samples. Same torch thread count on both sides (``--threads``, default
-1). The two sides alternate in rounds so machine noise hits both alike, and their
-scores are compared.
+genflow side: the scorer called as a job's Ray worker calls it: ``score`` on the
+batches the score stage makes (``genflow.stages.score_batches``: sorted by the
+scorer's ``batch_key``, ``ray.batch_size`` items, 16 by default). hf-reward then
+runs length-sorted micro-batches through the model; embedding-sim embeds each
+distinct text of a batch once, in one ``encode``.
+
+Baseline: one forward pass per item with the same model and tokenizer
+(hf-reward); ``encode`` on one text at a time with the same once-per-distinct-text
+cache (embedding-sim), so the ratio is batching alone. Items are what a job
+scores: prompts x samples. Same torch thread count on both sides (``--threads``,
+default 1). The two sides alternate in rounds so machine noise hits both alike,
+and their scores are compared.
 
     python -m benchmarks.bench_scoring [--quick] [--prompts 250] [--samples 4]
 """
@@ -91,7 +92,7 @@ def compare(name: str, scorer: Any, baseline: Any, items: list[Any], rounds: int
     for start in range(0, len(items), per_round):
         chunk = items[start:start + per_round]
         with timer() as t:
-            batches = score_batches(chunk, batch_size)  # what the score stage sends the workers
+            batches = score_batches(chunk, batch_size, scorer.batch_key)  # what the score stage sends
             results = {i.generation_id: r for b in batches for i, r in zip(b, scorer.score(b), strict=True)}
         ours_s += t[0]
         ours += [r.value for r in (results[i.generation_id] for i in chunk) if isinstance(r, Score)]

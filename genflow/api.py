@@ -115,6 +115,15 @@ class Scorer(_Plugin):
         """Job-level metrics from all of this scorer's rows (e.g. pass@k)."""
         return {}
 
+    @staticmethod
+    def batch_key(item: ScoreItem) -> Any:
+        """Where an item goes when a shard is cut into ``score`` calls: items whose keys sort
+        close together share a call. By default a prompt's candidates stay together (a scorer
+        that embeds the prompt does it once per call) and prompts of similar length share one.
+        A scorer that reads prompt and candidate as one sequence should key on their joint
+        length, so that its batches pad little."""
+        return (len(item.prompt), item.prompt_id, len(item.text or ""))
+
 
 class Exporter(ABC):
     Params: ClassVar[type[PluginParams]] = PluginParams

@@ -57,6 +57,11 @@ class HFRewardScorer(Scorer):
         return {"model": self.model_name, "architecture": type(self.model).__name__,
                 "config_sha256": hashlib.sha256(cfg.encode()).hexdigest()[:16]}
 
+    @staticmethod
+    def batch_key(item: ScoreItem) -> Any:
+        """Prompt and response are one sequence: batches by their joint length pad least."""
+        return len(item.prompt) + len(item.text or "")
+
     def text_of(self, item: ScoreItem) -> str:
         if self.use_chat:
             messages = [{"role": "user", "content": item.prompt},
