@@ -67,7 +67,13 @@ from genflow.storage import Storage
 
 
 class JobFailed(RuntimeError):
-    """The job ran but produced more errors than ``max_error_fraction`` allows."""
+    """The job ran but produced more errors than ``max_error_fraction`` allows.
+
+    Its outputs are written all the same; ``manifest`` says what they are."""
+
+    def __init__(self, message: str, manifest: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.manifest = manifest
 
 
 def worth_retrying(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -240,5 +246,5 @@ def genflow_job(config: dict[str, Any], resume: bool = True) -> dict[str, Any]:
     if manifest["status"] == "failed":
         raise JobFailed(f"{errors['rows']} of {errors['work_items']} rows failed "
                         f"({errors['fraction']:.1%} > max_error_fraction {job.max_error_fraction:.1%}); "
-                        f"see {storage.uri_of('errors')}")
+                        f"see {storage.uri_of('errors')}", manifest)
     return manifest

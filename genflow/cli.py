@@ -65,6 +65,8 @@ def run(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no-r
         except _user_errors() as exc:
             fail(str(exc))
         except JobFailed as exc:
+            if exc.manifest is not None:
+                _print_summary(exc.manifest)
             fail(str(exc), code=1)
     _print_summary(manifest)
 

@@ -91,8 +91,9 @@ def test_rows_that_raise_or_kill_the_worker_become_errors_and_the_rest_is_kept(
 
     # Past max_error_fraction the same outputs make the job fail, without redoing any work.
     lines = len(log)
-    with pytest.raises(JobFailed, match=r"18 of \d+ rows failed .* > max_error_fraction 10.0%"):
+    with pytest.raises(JobFailed, match=r"18 of \d+ rows failed .* > max_error_fraction 10.0%") as failed:
         job_runner({**config, "max_error_fraction": 0.1})
+    assert failed.value.manifest is not None and failed.value.manifest["rows"]["generations"] == 20
     assert len(calls(tmp_path / "state")) == lines
     assert len(ds.dataset(out / "generations").to_table()) == len(expected)
 
