@@ -50,6 +50,7 @@ from genflow.registry import PluginError, get_registry
 from genflow.report import write_report_safely
 from genflow.stages import (
     INPUT_LABEL,
+    DoneIndex,
     Shard,
     StageOutcome,
     drop_unused_parts,
@@ -137,6 +138,7 @@ def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, A
 
     shards, base_dir = plan_task(config, storage, resume)
     drop_unused_parts(storage, config, exporters)
+    index = DoneIndex(storage) if resume else None  # what earlier runs finished, listed once
     timings["plan"] = time.perf_counter() - t0
     gen_fps: dict[int, list[str]] = {s.index: [] for s in shards}
 
@@ -149,7 +151,7 @@ def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, A
             for shard in shards:
                 fp = generation_fingerprint(shard, spec, config)
                 gen_fps[shard.index].append(fp)
-                done = finished(storage, f"generate/{spec.label}", shard, fp) if resume else None
+                done = finished(storage, f"generate/{spec.label}", shard, fp, index) if index else None
                 if done:
                     outcomes.append(done)
                     bar.skip(shard.rows * spec.samples)
@@ -166,7 +168,7 @@ def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, A
         for shard in shards:
             fp = stable_hash([shard.fingerprint, "input-candidates"])
             gen_fps[shard.index].append(fp)
-            done = finished(storage, f"generate/{INPUT_LABEL}", shard, fp) if resume else None
+            done = finished(storage, f"generate/{INPUT_LABEL}", shard, fp, index) if index else None
             outcomes.append(done or input_task(storage, shard, fp))
 
     # Score: one pool per scorer.
@@ -181,7 +183,7 @@ def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, A
             for shard in shards:
                 fp = score_fingerprint(gen_fps[shard.index], scorer)
                 score_fps[shard.index].append(fp)
-                done = finished(storage, f"score/{scorer.name}", shard, fp) if resume else None
+                done = finished(storage, f"score/{scorer.name}", shard, fp, index) if index else None
                 if done:
                     outcomes.append(done)
                     bar.skip(done.work_items)
@@ -203,7 +205,7 @@ def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, A
         weights = {s.name: s.weight for s in config.scorers}
         for shard in shards:
             fp = stable_hash([gen_fps[shard.index], score_fps[shard.index], weights, exporters])
-            done = finished(storage, "rank", shard, fp) if resume else None
+            done = finished(storage, "rank", shard, fp, index) if index else None
             outcomes.append(done or rank_task(storage, shard, config, fp, exporters))
         timings["rank"] = time.perf_counter() - t
 

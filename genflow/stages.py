@@ -19,6 +19,7 @@ import posixpath
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,19 +78,66 @@ def _marker(stage: str, shard: Shard) -> str:
     return f"_state/{stage}/{shard.name}.json"
 
 
-def finished(storage: Storage, stage: str, shard: Shard, fingerprint: str) -> StageOutcome | None:
+class DoneIndex:
+    """The markers and parts on storage, listed once per folder; a stage's markers read in parallel.
+
+    Checking each (stage, shard) on its own costs a request to find its marker, one to
+    read it and one per part: on a bucket, a rerun of a job of thousands of shards with
+    nothing left to do would spend most of an hour on that. Here a folder costs one
+    listing per thousand names and a stage's markers are read ``threads`` at a time.
+    Build it once the run has removed what it no longer wants; it answers for the state
+    before this run's own writes, which is what resume needs (each (stage, shard) is
+    checked once, before its work)."""
+
+    def __init__(self, storage: Storage, threads: int = 16) -> None:
+        self.storage, self.threads = storage, threads
+        self._names: dict[str, set[str]] = {}
+        self._markers: dict[str, dict[int, Any]] = {}
+
+    def exists(self, rel: str) -> bool:
+        folder, name = posixpath.split(rel)
+        if folder not in self._names:
+            self._names[folder] = {posixpath.basename(p) for p in self.storage.list(folder)}
+        return name in self._names[folder]
+
+    def marker(self, stage: str, shard: Shard) -> Any:
+        """The marker's content, or None when there is none (or it is not JSON)."""
+        if stage not in self._markers:
+            folder = f"_state/{stage}"
+            names = [n for n in (posixpath.basename(p) for p in self.storage.list(folder, ".json"))
+                     if n[:-5].isdigit()]
+
+            def read(name: str) -> tuple[int, Any]:
+                try:
+                    return int(name[:-5]), self.storage.read_json(f"{folder}/{name}")
+                except (OSError, ValueError):
+                    return int(name[:-5]), None
+
+            with ThreadPoolExecutor(self.threads) as pool:
+                self._markers[stage] = {i: data for i, data in pool.map(read, names) if data is not None}
+        return self._markers[stage].get(shard.index)
+
+
+def finished(storage: Storage, stage: str, shard: Shard, fingerprint: str,
+             index: DoneIndex | None = None) -> StageOutcome | None:
     """The recorded outcome of a (stage, shard) if it finished with this fingerprint and
-    every part it wrote is still on storage (a deleted part is redone, never trusted)."""
-    rel = _marker(stage, shard)
-    if not storage.exists(rel):
+    every part it wrote is still on storage (a deleted part is redone, never trusted).
+    With an ``index``, the answer costs no request of its own."""
+    if index is not None:
+        data = index.marker(stage, shard)
+        exists = index.exists
+    else:
+        rel = _marker(stage, shard)
+        if not storage.exists(rel):
+            return None
+        try:
+            data = storage.read_json(rel)
+        except ValueError:  # not JSON: a marker cut short by something other than genflow
+            return None
+        exists = storage.exists
+    if not isinstance(data, dict) or data.get("fingerprint") != fingerprint or "parts" not in data:
         return None
-    try:
-        data = storage.read_json(rel)
-    except ValueError:  # not JSON: a marker cut short by something other than genflow
-        return None
-    if data.get("fingerprint") != fingerprint or "parts" not in data:
-        return None
-    if not all(storage.exists(part) for part in data["parts"]):
+    if not all(exists(part) for part in data["parts"]):
         log.warning("%s shard %s: a part recorded as done is missing; redoing it", stage, shard.name)
         return None
     return StageOutcome(stage, shard.index, fingerprint, data.get("rows", {}), data.get("errors", 0),
@@ -127,9 +175,10 @@ def plan_shards(config: JobConfig, source: InputDataset, storage: Storage, resum
     left over from an earlier, larger input are removed.
     """
     shards = []
+    done = DoneIndex(storage) if resume else None
     for index, table in enumerate(shard_tables(source, config.shard_rows)):
         shard = Shard(index, table_fingerprint(table), table.num_rows)
-        if not (resume and finished(storage, "prompts", shard, shard.fingerprint)):
+        if not (done and finished(storage, "prompts", shard, shard.fingerprint, done)):
             parts: list[str] = []
             write_part(storage, f"prompts/part-{shard.name}.parquet", table, parts)
             mark_finished(storage, StageOutcome("prompts", index, shard.fingerprint, {"prompts": table.num_rows},
