@@ -2,11 +2,12 @@
 
 Both sides use the same model object, the same prompts, the same sampling
 (temperature 0.8, top-p 0.95, one seed per prompt) and produce exactly
-``--new-tokens`` tokens per prompt: EOS is banned on both through the model's
-``generation_config.min_new_tokens``. The prompts run in rounds of 500,
-alternating the two sides so machine noise hits both alike. Torch
-uses the same thread count on both sides (``--threads``, default 1: what each of
-two Ray workers gets on a 2-core machine).
+``--new-tokens`` tokens per prompt: EOS (and the pad token, which a random tiny
+model sometimes samples) is banned on both through the model's
+``generation_config`` (``min_new_tokens``, ``suppress_tokens``). The prompts run
+in rounds of 500, alternating the two sides so machine noise hits both alike.
+Torch uses the same thread count on both sides (``--threads``, default 1: what
+each of two Ray workers gets on a 2-core machine).
 
 Also reported: padding efficiency of genflow's length-sorted batches (real prompt
 tokens / padded tokens), the same for unsorted batches, and whether greedy
@@ -28,6 +29,7 @@ from benchmarks.common import (
     emit,
     log,
     quiet_environment,
+    run_as_genflow_worker,
     synthetic_prompts,
     timer,
 )
@@ -75,7 +77,10 @@ def compare(model_name: str, model_path: str, prompts: list[str], new_tokens: in
                                                          top_p=TOP_P))
     torch.set_num_threads(threads)  # the constructor sets the worker's share; both sides get the same
     model, tokenizer = generator.model, generator.tokenizer
-    model.generation_config.min_new_tokens = new_tokens  # no EOS on either side: equal token counts
+    # Equal token counts: no EOS before new_tokens on either side, and no pad token either (genflow
+    # strips trailing pads when it decodes; a random tiny model samples one now and then).
+    model.generation_config.min_new_tokens = new_tokens
+    model.generation_config.suppress_tokens = [tokenizer.pad_token_id]
 
     batches: list[list[int]] = []
     run_batch = generator._generate_batch
@@ -158,6 +163,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument("--greedy-check", type=int, default=64, help="prompts compared under greedy decoding")
     args = parser.parse_args()
+    run_as_genflow_worker("benchmarks.bench_generation")
     quiet_environment()
     count = args.prompts or (200 if args.quick else 1000)
     prompts = synthetic_prompts(count, min_words=2, max_words=16)

@@ -7,8 +7,11 @@ Parquet prompts, generates in length-sorted left-padded batches of the same size
 with the same sampling and writes the texts to Parquet.
 
 Both sides produce exactly ``--new-tokens`` tokens per prompt: the model's
-``generation_config.json`` says ``min_new_tokens`` (EOS banned until then), and
-both load the model from that folder.
+``generation_config.json`` says ``min_new_tokens`` (EOS banned until then) and
+``suppress_tokens`` (the pad token, which genflow would strip), and both load the
+model from that folder. Both sides' processes get the glibc malloc settings that
+genflow gives its local Ray workers (``genflow.execution.WORKER_MALLOC_ENV``), so
+the ratio is orchestration overhead, not allocator tuning.
 
 Cores: the job runs 2 Ray workers of 1 torch thread each on a 2-core machine. The
 bare loop is measured both ways a plain script can use 2 cores — one process with 2
@@ -46,6 +49,7 @@ from benchmarks.common import (
     log,
     quiet_environment,
     synthetic_prompts,
+    worker_environment,
     write_prompts_parquet,
 )
 
@@ -59,11 +63,12 @@ def fixed_length_model(workdir: Path, new_tokens: int) -> str:
     from transformers import GenerationConfig
 
     source = Path(causal_lm(workdir, MODEL))
-    path = workdir / "models" / f"{MODEL}-{new_tokens}-tokens"
+    path = workdir / "models" / f"{MODEL}-exactly-{new_tokens}-tokens"
     if not (path / "config.json").exists():
         shutil.copytree(source, path, dirs_exist_ok=True)
         config = GenerationConfig.from_pretrained(path)
         config.min_new_tokens = new_tokens
+        config.suppress_tokens = [config.pad_token_id]  # genflow strips trailing pads; never sample one
         config.save_pretrained(path)
     return str(path)
 
@@ -84,7 +89,8 @@ def job_config(model: str, prompts: Path, output: Path, new_tokens: int, batch_s
 
 
 def environment(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {**os.environ, **QUIET_ENV, **(extra or {})}
+    """Both sides' processes: quiet, and the malloc settings genflow gives its Ray workers."""
+    env = {**os.environ, **QUIET_ENV, **worker_environment(), **(extra or {})}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     return env
 

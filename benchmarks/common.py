@@ -41,6 +41,25 @@ def quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+def worker_environment() -> dict[str, str]:
+    """The process environment genflow gives its local Ray workers (glibc malloc settings)."""
+    from genflow.execution import WORKER_MALLOC_ENV
+
+    return {k: os.environ.get(k, v) for k, v in WORKER_MALLOC_ENV.items()}
+
+
+def run_as_genflow_worker(module: str) -> None:
+    """Restart this process with the worker environment if it lacks it.
+
+    The in-process comparisons (generation, scoring) run genflow's plugin classes
+    as a job's Ray worker would; the baseline shares the process, so both sides get
+    the same environment. glibc reads these settings only when a process starts.
+    """
+    env = worker_environment()
+    if any(os.environ.get(k) != v for k, v in env.items()):
+        os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], {**os.environ, **env})
+
+
 @dataclass
 class Comparison:
     """One row of the results table: genflow vs its baseline, measured side by side.
