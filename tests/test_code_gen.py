@@ -33,16 +33,21 @@ SIMPLE_CHAT = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% en
 
 
 class ScriptedLM(GPT2LMHeadModel):
-    """A causal LM that writes ``script`` (token ids), then end-of-text, whatever the prompt."""
+    """A causal LM that writes ``script`` (token ids), then end-of-text, whatever the prompt.
+
+    ``generate`` makes one forward pass per new token; the pass count since the
+    call began is the position in the script (independent of how the cache works).
+    """
 
     script: list[int] = []  # noqa: RUF012 - set per test
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        self._step = 0
+        return super().generate(*args, **kwargs)
+
     def forward(self, input_ids: Any = None, attention_mask: Any = None, **kwargs: Any) -> Any:
-        cache = kwargs.get("past_key_values")
-        cached = cache.get_seq_length() if cache is not None else 0
-        if cached == 0:
-            self._start = input_ids.shape[1]
-        step = cached + input_ids.shape[1] - self._start
+        step = self._step
+        self._step += 1
         out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         token = self.script[step] if step < len(self.script) else self.config.eos_token_id
         forced = torch.full_like(out.logits[:, -1, :], -1e9)
