@@ -49,7 +49,9 @@ class EmbeddingSimScorer(Scorer):
                                            and torch.cuda.is_available() else "cpu")
 
     def describe(self) -> dict[str, Any]:
-        return {"model": self.model_name, "dimensions": self.encoder.get_sentence_embedding_dimension()}
+        dimension = getattr(self.encoder, "get_embedding_dimension", None) or \
+            self.encoder.get_sentence_embedding_dimension  # sentence-transformers < 6
+        return {"model": self.model_name, "dimensions": dimension()}
 
     def score(self, items: list[ScoreItem]) -> list[Score | RowError]:
         anchors: list[str | None] = []
