@@ -21,7 +21,11 @@ faster is the reference, so genflow is not flattered by a badly threaded baselin
 The report splits the job's wall time into start-up before the flow's work
 (interpreter, imports, Prefect's server), planning, the worker pool's start (Ray,
 model loads), generation and the rest (writes, manifest, shutdown), from the
-manifest's ``timings_s`` and the bench's own clock.
+manifest's ``timings_s`` and the bench's own clock; gives the CPU seconds of every
+process of the job by kind (driver, Prefect server, Ray daemons, workers); and runs
+the job a second time on a fifth of the prompts, which splits its wall clock into a
+fixed cost and a cost per prompt, to compare with the bare loop's (load vs
+generate) and to say at how many prompts the target would be met.
 
     python -m benchmarks.bench_job [--quick] [--prompts 2000] [--new-tokens 32] [--profile]
 """
@@ -159,22 +163,74 @@ def run_bare(model: str, prompts: Path, workdir: Path, new_tokens: int, batch_si
 
 # -- the job ------------------------------------------------------------------
 
+PROCESS_KINDS = (
+    ("ray::PluginWorker", "Ray workers (the model)"),
+    ("ray::", "Ray workers (idle)"),
+    ("uvicorn", "Prefect API server"),
+    ("genflow.cli", "driver (genflow run)"),
+    ("py-spy", "profiler"),
+    ("", "Ray daemons (gcs, raylet, dashboard, agents, log monitor)"),
+)
+
+
+class FamilyCPU:
+    """CPU seconds of a process and all its descendants, by kind, sampled every 0.2 s."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.root, self.done = pid, threading.Event()
+        self.seen: dict[int, tuple[str, float]] = {}
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self.done.wait(0.2):
+            try:
+                family = [psutil.Process(self.root), *psutil.Process(self.root).children(recursive=True)]
+            except psutil.Error:
+                continue
+            for p in family:
+                try:
+                    with p.oneshot():
+                        cpu = p.cpu_times()
+                        cmd = " ".join(p.cmdline())
+                    self.seen[p.pid] = (cmd, cpu.user + cpu.system)
+                except psutil.Error:
+                    pass
+
+    def stop(self) -> dict[str, float]:
+        self.done.set()
+        self.thread.join()
+        out: dict[str, float] = {}
+        for cmd, seconds in self.seen.values():
+            kind = next(name for marker, name in PROCESS_KINDS if marker in cmd)
+            out[kind] = round(out.get(kind, 0.0) + seconds, 2)
+        return out
+
+
 def run_job(config_path: Path, output: Path, profile: Path | None) -> dict[str, Any]:
     shutil.rmtree(output, ignore_errors=True)
     cmd = [sys.executable, "-m", "genflow.cli", "run", str(config_path), "--no-resume"]
     if profile is not None:
         cmd = ["py-spy", "record", "--rate", "50", "--format", "raw", "--output", str(profile), "--", *cmd]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=environment(), capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    cpu = FamilyCPU(proc.pid)
+    _, stderr = proc.communicate()
     wall = time.perf_counter() - started
+    cpu_s = cpu.stop()
     if proc.returncode:
-        raise RuntimeError(f"genflow run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"genflow run failed ({proc.returncode}):\n{stderr[-3000:]}")
     manifest = json.loads((output / "manifest.json").read_text())
     import pyarrow.dataset as ds
 
     gens = ds.dataset(output / "generations").to_table(columns=["num_tokens"])
     tokens = int(sum(gens["num_tokens"].to_pylist()))
-    return {"wall_s": wall, "tokens": tokens, "manifest": manifest}
+    return {"wall_s": wall, "tokens": tokens, "manifest": manifest, "cpu_s": cpu_s}
 
 
 BREAKDOWN_LEGEND = {
@@ -226,6 +282,16 @@ def summarize_profile(path: Path, top: int = 12) -> list[str]:
                                     "import", "wait", "get"))][:top]
 
 
+def write_job(workdir: Path, name: str, model: str, count: int, args: argparse.Namespace) -> tuple[Path, Path]:
+    import yaml
+
+    prompts = write_prompts_parquet(workdir / f"{name}.parquet", synthetic_prompts(count, seed=1))
+    config_path, output = workdir / f"{name}.yaml", workdir / f"out-{name}"
+    config_path.write_text(yaml.safe_dump(job_config(model, prompts, output, args.new_tokens, args.batch_size,
+                                                     args.workers)))
+    return config_path, output
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--bare":
         a = sys.argv[2:10]
@@ -242,14 +308,12 @@ def main() -> None:
     workdir: Path = args.workdir / "job"
     workdir.mkdir(parents=True, exist_ok=True)
     count = args.prompts or (400 if args.quick else 2000)
+    small = max(1, count // 5)
     model = fixed_length_model(args.workdir, args.new_tokens)
-    prompts = write_prompts_parquet(workdir / "prompts.parquet", synthetic_prompts(count, seed=1))
-    output = workdir / "out"
-    config_path = workdir / "job.yaml"
-    import yaml
+    config_path, output = write_job(workdir, "job", model, count, args)
+    small_config, small_output = write_job(workdir, "job-small", model, small, args)
+    prompts = workdir / "job.parquet"
 
-    config_path.write_text(yaml.safe_dump(job_config(model, prompts, output, args.new_tokens, args.batch_size,
-                                                     args.workers)))
     cores = os.cpu_count() or 1
     log(f"bare loop: 1 process x {cores} torch threads")
     bare_threads = run_bare(model, prompts, workdir, args.new_tokens, args.batch_size, cores, 1)
@@ -258,30 +322,47 @@ def main() -> None:
     job = run_job(config_path, output, profile)
     log(f"  {job['wall_s']:.1f}s; bare loop: {cores} processes x 1 torch thread")
     bare_procs = run_bare(model, prompts, workdir, args.new_tokens, args.batch_size, 1, cores)
-    log(f"  {bare_procs['wall_s']:.1f}s")
+    log(f"  {bare_procs['wall_s']:.1f}s; genflow run on {small} prompts (fixed vs per-prompt costs)")
+    job_small = run_job(small_config, small_output, None)
+    log(f"  {job_small['wall_s']:.1f}s")
 
     expected = count * args.new_tokens
-    for name, side in (("job", job), ("bare (threads)", bare_threads), ("bare (processes)", bare_procs)):
+    for name, side in (("job", job), ("bare (threads)", bare_threads), ("bare (processes)", bare_procs),
+                       ("job (small)", {"tokens": job_small["tokens"] * count // small})):
         if side["tokens"] != expected:
             raise RuntimeError(f"{name} generated {side['tokens']} tokens, expected {expected}")
     bare = min(bare_threads, bare_procs, key=lambda r: r["wall_s"])
     ratio = bare["wall_s"] / job["wall_s"]
     target, met = at_least(ratio, TARGET)
     parts = breakdown(job)
-    steady = bare["generate_s"] / parts["generation"] if parts["generation"] else 0.0
+    # Two job sizes split the job's wall clock into a fixed cost and a cost per prompt;
+    # the bare loop's split is its own clock (load vs generate).
+    job_per_prompt = (job["wall_s"] - job_small["wall_s"]) / (count - small)
+    job_fixed = job["wall_s"] - count * job_per_prompt
+    bare_per_prompt = bare["generate_s"] / count
+    bare_fixed = bare["wall_s"] - bare["generate_s"]
+    # Prompts at which bare / job reaches the target, if the per-prompt costs allow it.
+    margin = bare_per_prompt - TARGET * job_per_prompt
+    break_even = (TARGET * job_fixed - bare_fixed) / margin if margin > 0 else None
     details: dict[str, Any] = {
         "model": MODEL, "prompts": count, "new_tokens_per_prompt": args.new_tokens, "tokens_each_side": expected,
         "batch_size": args.batch_size, "ray_workers": args.workers,
-        "job_wall_s": round(job["wall_s"], 2),
+        "job_wall_s": round(job["wall_s"], 2), "job_small_wall_s": round(job_small["wall_s"], 2),
+        "job_small_prompts": small,
         "bare_threads": {k: round(v, 2) if isinstance(v, float) else v for k, v in bare_threads.items()},
         "bare_processes": {k: round(v, 2) if isinstance(v, float) else v for k, v in bare_procs.items()},
         "reference": f"{bare['processes']} process(es) x {bare['torch_threads']} thread(s)",
+        "fixed_s": {"job": round(job_fixed, 2), "bare": round(bare_fixed, 2)},
+        "per_prompt_ms": {"job": round(job_per_prompt * 1e3, 3), "bare": round(bare_per_prompt * 1e3, 3)},
+        "marginal_ratio": round(bare_per_prompt / job_per_prompt, 3) if job_per_prompt > 0 else None,
+        "marginal_ratio_is": "bare loop's generate seconds per prompt / the job's extra seconds per extra prompt "
+                             f"({small} vs {count} prompts): throughput once start-up is paid",
+        "prompts_for_target": round(break_even) if break_even else None,
         "job_breakdown_s": parts,
         "job_breakdown_legend": BREAKDOWN_LEGEND,
         "job_manifest_timings_s": job["manifest"]["timings_s"],
-        "steady_state_ratio": round(steady, 3),
-        "steady_state_is": "bare loop's generate seconds / the job's generation seconds (no start-up on "
-                           "either side)",
+        "job_cpu_s_by_process": job["cpu_s"],
+        "job_small_cpu_s_by_process": job_small["cpu_s"],
     }
     if profile is not None and profile.exists():
         details["driver_profile_top"] = summarize_profile(profile)
@@ -289,6 +370,10 @@ def main() -> None:
                               round(expected / job["wall_s"], 1), round(expected / bare["wall_s"], 1),
                               round(ratio, 3), target, met, details)]
     emit(comparisons, args.json)
+    needs = (f"about {details['prompts_for_target']:,} prompts" if break_even
+             else "more than the per-prompt costs allow")
+    print(f"fixed cost: job {job_fixed:.1f}s, bare {bare_fixed:.1f}s; per prompt: job {job_per_prompt * 1e3:.2f} ms, "
+          f"bare {bare_per_prompt * 1e3:.2f} ms; the target needs {needs}")
 
 
 if __name__ == "__main__":
