@@ -15,7 +15,7 @@ from genflow import hookimpl
 from genflow.api import PluginParams, RowError, Score, ScoreItem, Scorer
 from genflow.hookspecs import Register
 from genflow.plugins.batching import map_sorted, torch_threads_for_worker
-from genflow.plugins.text import resolve_device
+from genflow.plugins.text import resolve_device, write_tiny_gpt2
 
 
 class HFRewardParams(PluginParams):
@@ -91,19 +91,8 @@ class HFRewardScorer(Scorer):
 
 
 def write_tiny_reward_model(directory: Path, seed: int = 1) -> Path:
-    import torch
-    from transformers import GPT2Config, GPT2ForSequenceClassification
-
-    from genflow.plugins.tiny_tokenizer import save_tokenizer
-
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = save_tokenizer(directory)
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=64, n_layer=2, n_head=2,
-                        num_labels=1, pad_token_id=tokenizer.pad_token_id,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # type: ignore[call-arg]
-    GPT2ForSequenceClassification(config).save_pretrained(directory)
-    return directory
+    """A tiny GPT-2 with a one-label classification head, like a TRL reward model."""
+    return write_tiny_gpt2(directory, "GPT2ForSequenceClassification", seed=seed, num_labels=1)
 
 
 @hookimpl

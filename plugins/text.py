@@ -222,24 +222,32 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return text[:min(positions)], True
 
 
-def write_tiny_causal_lm(directory: Path, n_layer: int = 2, n_embd: int = 64, n_head: int = 2,
-                         seed: int = 0) -> Path:
-    """A randomly initialised GPT-2 with a locally trained tokenizer, via save_pretrained."""
+def write_tiny_gpt2(directory: Path, head: str = "GPT2LMHeadModel", n_layer: int = 2, n_embd: int = 64,
+                    n_head: int = 2, seed: int = 0, **config: Any) -> Path:
+    """A randomly initialised GPT-2 (``head``: a transformers GPT-2 class name) with a
+    locally trained tokenizer, written with save_pretrained."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    import transformers
+    from transformers import GPT2Config
 
     from genflow.plugins.tiny_tokenizer import save_tokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = save_tokenizer(directory)
     torch.manual_seed(seed)
-    config = GPT2Config(
+    gpt2_config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=512, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id, **config,
     )
-    GPT2LMHeadModel(config).save_pretrained(directory)
+    getattr(transformers, head)(gpt2_config).save_pretrained(directory)
     return directory
+
+
+def write_tiny_causal_lm(directory: Path, n_layer: int = 2, n_embd: int = 64, n_head: int = 2,
+                         seed: int = 0) -> Path:
+    """The tiny causal LM of the quickstart (and of benchmarks at other sizes)."""
+    return write_tiny_gpt2(directory, "GPT2LMHeadModel", n_layer, n_embd, n_head, seed)
 
 
 @hookimpl
