@@ -26,7 +26,10 @@ def bundled_minilm() -> str:
 
 class EmbeddingSimParams(PluginParams):
     against: Literal["prompt", "reference"] = "prompt"
-    micro_batch: int = Field(64, ge=1)
+    micro_batch: int | None = Field(None, ge=1)
+    """Texts per forward pass; None = 8 on a CPU, 64 on a GPU. On a CPU one text is already
+    a decent matrix product and padding a batch to its longest text costs more than batching
+    saves: 8 scores a job's batches 1.4x faster than 64 (benchmarks/bench_scoring.py)."""
 
 
 class EmbeddingSimScorer(Scorer):
@@ -63,7 +66,8 @@ class EmbeddingSimScorer(Scorer):
                 anchors.append(item.prompt)
         texts = [i.text or "" for i in items]
         uniq = sorted({a for a in anchors if a is not None} | set(texts))
-        vectors = self.encoder.encode(uniq, batch_size=self.params.micro_batch, normalize_embeddings=True,
+        micro_batch = self.params.micro_batch or (64 if self.encoder.device.type == "cuda" else 8)
+        vectors = self.encoder.encode(uniq, batch_size=micro_batch, normalize_embeddings=True,
                                       convert_to_numpy=True, show_progress_bar=False)
         index = {t: np.asarray(vectors[i]) for i, t in enumerate(uniq)}
         out: list[Score | RowError] = []
