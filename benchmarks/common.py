@@ -42,10 +42,10 @@ def quiet_environment() -> None:
 
 
 def worker_environment() -> dict[str, str]:
-    """The process environment genflow gives its local Ray workers (glibc malloc settings)."""
-    from genflow.execution import WORKER_MALLOC_ENV
+    """The process environment genflow gives its plugin workers (glibc malloc settings)."""
+    from genflow.execution import worker_env_vars
 
-    return {k: os.environ.get(k, v) for k, v in WORKER_MALLOC_ENV.items()}
+    return worker_env_vars()
 
 
 def run_as_genflow_worker(module: str) -> None:

@@ -66,20 +66,23 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(128 * 2**20)}
-"""glibc malloc settings for the processes of a local Ray: freed blocks up to 32 MiB are
-kept for reuse instead of going back to the OS, so a batch's large temporary tensors stop
-costing page faults (batched generation on CPU: +6% tokens/s on a 4x256 GPT-2, +15% on
-the tiny one; benchmarks/bench_generation.py). Both are needed: setting one alone turns
-off glibc's own adaptive thresholds and is slower than neither."""
+"""glibc malloc settings for the plugin workers: freed blocks up to 32 MiB are kept for
+reuse instead of going back to the OS, so a batch's large temporary tensors stop costing
+page faults (batched generation on CPU: +6% tokens/s on a 4x256 GPT-2, +15% on the tiny
+one; benchmarks/bench_generation.py). Both are needed: setting one alone turns off glibc's
+own adaptive thresholds and is slower than neither. Only the workers get them (through
+their runtime_env), not Ray's own processes, which would keep more memory for nothing."""
+
+
+def worker_env_vars() -> dict[str, str]:
+    """``WORKER_MALLOC_ENV``, except where the user's environment sets a value."""
+    return {k: os.environ.get(k, v) for k, v in WORKER_MALLOC_ENV.items()}
 
 
 def init_ray(spec: RaySpec) -> None:
     """Start Ray locally, or connect to ``spec.address`` (``auto``, ``host:port``, ``ray://host:port``)."""
     if ray.is_initialized():
         return
-    if not spec.address:  # the local Ray's processes, workers included, inherit these
-        for key, value in WORKER_MALLOC_ENV.items():
-            os.environ.setdefault(key, value)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -196,6 +199,7 @@ class WorkerPool:
         per_actor = max(0.01, min(1.0, cpus / self.size)) if not self.spec.address else 1.0
         self._actor_cls = ray.remote(PluginWorker).options(
             num_cpus=per_actor, num_gpus=self.spec.gpus_per_worker, max_restarts=0, max_task_retries=0,
+            runtime_env={"env_vars": worker_env_vars()},
         )
         self.actors = [self._new_actor() for _ in range(self.size)]
         try:  # every actor loads its model now, in parallel; a model that cannot load fails here
