@@ -70,8 +70,10 @@ WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THR
 reuse instead of going back to the OS, so a batch's large temporary tensors stop costing
 page faults (batched generation on CPU: +6% tokens/s on a 4x256 GPT-2, +15% on the tiny
 one; benchmarks/bench_generation.py). Both are needed: setting one alone turns off glibc's
-own adaptive thresholds and is slower than neither. Only the workers get them (through
-their runtime_env), not Ray's own processes, which would keep more memory for nothing."""
+own adaptive thresholds and is slower than neither. A local Ray's processes inherit them
+from the driver (a worker with a runtime_env of its own starts 0.5-1 s later: Ray cannot
+use the workers it started in advance); a cluster's workers get them through their
+runtime_env."""
 
 
 def worker_env_vars() -> dict[str, str]:
@@ -83,6 +85,8 @@ def init_ray(spec: RaySpec) -> None:
     """Start Ray locally, or connect to ``spec.address`` (``auto``, ``host:port``, ``ray://host:port``)."""
     if ray.is_initialized():
         return
+    if not spec.address:
+        os.environ.update(worker_env_vars())  # the local Ray's processes, workers included, inherit these
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -199,7 +203,7 @@ class WorkerPool:
         per_actor = max(0.01, min(1.0, cpus / self.size)) if not self.spec.address else 1.0
         self._actor_cls = ray.remote(PluginWorker).options(
             num_cpus=per_actor, num_gpus=self.spec.gpus_per_worker, max_restarts=0, max_task_retries=0,
-            runtime_env={"env_vars": worker_env_vars()},
+            **({"runtime_env": {"env_vars": worker_env_vars()}} if self.spec.address else {}),
         )
         self.actors = [self._new_actor() for _ in range(self.size)]
         try:  # every actor loads its model now, in parallel; a model that cannot load fails here
