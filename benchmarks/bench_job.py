@@ -83,7 +83,6 @@ def job_config(model: str, prompts: Path, output: Path, new_tokens: int, batch_s
         "name": "bench-job",
         "input": str(prompts),
         "output": str(output),
-        "shard_rows": 256,
         "generators": [{"label": "gen", "plugin": "hf-text", "model": model, "samples": 1,
                         "params": {"max_new_tokens": new_tokens, "temperature": TEMPERATURE, "top_p": TOP_P,
                                    "micro_batch": batch_size}}],
@@ -197,7 +196,8 @@ class FamilyCPU:
                     with p.oneshot():
                         cpu = p.cpu_times()
                         cmd = " ".join(p.cmdline())
-                    self.seen[p.pid] = (cmd, cpu.user + cpu.system)
+                    # An exiting process shows no command line: keep the last one seen.
+                    self.seen[p.pid] = (cmd or self.seen.get(p.pid, ("", 0.0))[0], cpu.user + cpu.system)
                 except psutil.Error:
                     pass
 
