@@ -1,7 +1,7 @@
 """Run the side-by-side benchmarks, print one table of ratios vs targets, write it to JSON.
 
-    python -m benchmarks                     # everything at the targets' sizes (several minutes on 2 cores)
-    python -m benchmarks --quick             # smaller sizes, a quick look (figures are not the targets')
+    python -m benchmarks                     # everything at the targets' sizes (~6 min on 2 idle cores)
+    python -m benchmarks --quick             # smaller sizes, ~3 min: a quick look (not the targets' figures)
     python -m benchmarks --only generation scoring --out /tmp/results.json
 
 Each benchmark runs in its own process (``python -m benchmarks.bench_<name>``,
@@ -50,11 +50,13 @@ def run_one(name: str, quick: bool, workdir: Path) -> tuple[list[dict[str, Any]]
         return json.loads(out.read_text()), seconds, None
 
 
-def print_table(rows: list[dict[str, Any]], failures: dict[str, str]) -> None:
+def print_table(rows: list[dict[str, Any]], failures: dict[str, str], quick: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="genflow vs the bare model loop", show_lines=False)
+    caption = "--quick: smaller sizes than the targets are set for; run without it for the real figures" \
+        if quick else None
+    table = Table(title="genflow vs the bare model loop", caption=caption, show_lines=False)
     for col, justify in (("comparison", "left"), ("genflow", "right"), ("baseline", "right"), ("unit", "left"),
                          ("ratio / figure", "right"), ("target", "left"), ("met", "left")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
@@ -88,7 +90,7 @@ def main() -> None:
         rows += [{"benchmark": name, **r} for r in got]
         if error:
             failures[name] = error
-    print_table(rows, failures)
+    print_table(rows, failures, args.quick)
     result = {"created": started, "quick": args.quick, "machine": machine(), "benchmark_seconds":
               {k: round(v, 1) for k, v in seconds.items()}, "comparisons": rows, "failures": failures}
     args.out.parent.mkdir(parents=True, exist_ok=True)
