@@ -4,16 +4,17 @@ Both sides use the same model object, the same prompts, the same sampling
 (temperature 0.8, top-p 0.95, one seed per prompt) and produce exactly
 ``--new-tokens`` tokens per prompt: EOS (and the pad token, which a random tiny
 model sometimes samples) is banned on both through the model's
-``generation_config`` (``min_new_tokens``, ``suppress_tokens``). genflow gets all
-prompts in one ``generate`` call (it sorts and micro-batches them itself), three
-times; the baseline's single pass is cut into three chunks that alternate with
+``generation_config`` (``min_new_tokens``, ``suppress_tokens``). genflow's side is
+what the generate stage does: the plugin's ``batch_keys`` (token lengths), calls
+cut from the sorted prompts (``genflow.stages.call_batches``), one ``generate``
+per call, all prompts three times; the baseline's single pass is cut into three chunks that alternate with
 them, so both sides see the same stretch of machine noise; genflow's median pass
 counts. Torch uses the same thread count on both sides (``--threads``, default 1: what
 each of two Ray workers gets on a 2-core machine).
 
-Also reported: padding efficiency of genflow's length-sorted batches (real prompt
-tokens / padded tokens), the same for unsorted batches, and whether greedy
-decoding gives the same text batched and one by one.
+Also reported: padding efficiency of genflow's batches (real prompt tokens /
+padded tokens), the same for unsorted batches and for calls cut by character
+length, and whether greedy decoding gives the same text batched and one by one.
 
     python -m benchmarks.bench_generation [--quick] [--prompts 1000] [--new-tokens 32]
 """
@@ -74,8 +75,9 @@ def compare(model_name: str, model_path: str, prompts: list[str], new_tokens: in
             check_greedy: int) -> Comparison:
     import torch
 
-    from genflow.api import Generation, GenerationRequest
+    from genflow.api import Generation, GenerationRequest, RowError
     from genflow.plugins.text import HFTextGenerator, HFTextParams
+    from genflow.stages import call_batches
 
     generator = HFTextGenerator(model_path, HFTextParams(max_new_tokens=new_tokens, temperature=TEMPERATURE,
                                                          top_p=TOP_P))
@@ -100,8 +102,16 @@ def compare(model_name: str, model_path: str, prompts: list[str], new_tokens: in
     generator.generate(requests[:4])  # warm-up, both sides share the model
     one_by_one(model, tokenizer, prompts[:2], seeds[:2], new_tokens)
     batches.clear()
+    calls = type(generator).batch_size
 
-    # genflow: all prompts in one generate() call (it sorts and micro-batches them), PASSES times;
+    def as_a_job(reqs: list[GenerationRequest]) -> list[Generation | RowError]:
+        """The generate stage's way: calls cut by the plugin's batch_keys, one generate() each."""
+        out: list[Generation | RowError] = []
+        for call in call_batches(reqs, generator.batch_keys(reqs), calls):
+            out += generator.generate(call)
+        return out
+
+    # genflow: all prompts through the generate stage's calls, PASSES times;
     # baseline: one pass, cut into PASSES chunks that alternate with genflow's passes, so both
     # sides see the same stretch of machine noise. genflow's median pass counts.
     ours_s: list[float] = []
@@ -111,7 +121,7 @@ def compare(model_name: str, model_path: str, prompts: list[str], new_tokens: in
     for n, start in enumerate(range(0, len(requests), chunk_size)):
         batches.clear()
         with timer() as t:
-            results = generator.generate(requests)
+            results = as_a_job(requests)
         ours_s.append(t[0])
         ours_tokens = sum(r.num_tokens or 0 for r in results if isinstance(r, Generation))
         chunk = requests[start:start + chunk_size]
@@ -132,20 +142,24 @@ def compare(model_name: str, model_path: str, prompts: list[str], new_tokens: in
     lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
     micro = generator.params.micro_batch
     unsorted_efficiency = padding_efficiency([lengths[i:i + micro] for i in range(0, len(lengths), micro)])
+    by_chars = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # calls cut by character length
+    chars_efficiency = padding_efficiency([[lengths[i] for i in by_chars[j:j + calls]]
+                                           for j in range(0, len(by_chars), calls)])
 
     details: dict[str, Any] = {
         "model": model_name, "parameters": sum(p.numel() for p in model.parameters()),
         "prompts": len(prompts), "new_tokens_per_prompt": new_tokens, "tokens_each_side": expected,
-        "torch_threads": threads, "micro_batch": micro,
+        "torch_threads": threads, "micro_batch": micro, "call_size": calls,
         "genflow_s": [round(x, 3) for x in ours_s], "baseline_s": round(base_s, 3),
         "padding_efficiency": round(sorted_efficiency, 4),
         "padding_efficiency_unsorted": round(unsorted_efficiency, 4),
+        "padding_efficiency_calls_by_characters": round(chars_efficiency, 4),
         "padding_target": f">= {PADDING_TARGET}", "padding_met": sorted_efficiency >= PADDING_TARGET,
     }
     if check_greedy:
         generator.params = HFTextParams(max_new_tokens=new_tokens, temperature=0)
         sample = requests[:check_greedy]
-        ours_text = [r.text for r in generator.generate(sample) if isinstance(r, Generation)]
+        ours_text = [r.text for r in as_a_job(sample) if isinstance(r, Generation)]
         _, base_text = one_by_one(model, tokenizer, [r.prompt for r in sample], [r.seed for r in sample],
                                   new_tokens, greedy=True)
         details["greedy_identical"] = f"{sum(a == b for a, b in zip(ours_text, base_text, strict=True))}" \
@@ -163,6 +177,7 @@ def padding_row(comparisons: list[Comparison]) -> Comparison:
                       value, tiny["padding_efficiency_unsorted"], round(value, 3),
                       f">= {PADDING_TARGET}", value >= PADDING_TARGET,
                       {"baseline_is": "the same prompts in unsorted batches of the same size",
+                       "calls_cut_by_characters": tiny["padding_efficiency_calls_by_characters"],
                        "micro_batch": tiny["micro_batch"]}, ratio_is="genflow efficiency")
 
 

@@ -32,7 +32,6 @@ a plugin that cannot load or keeps crashing fail at once.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from typing import Any
 
 from prefect import Task, flow, get_run_logger, task
@@ -41,8 +40,9 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 from genflow.api import Scorer
-from genflow.config import ConfigError, JobConfig, ScorerSpec, build_config, stable_hash
-from genflow.execution import RayUnreachable, WorkerPool
+from genflow.config import ConfigError, JobConfig, ScorerSpec, build_config, resolve_output, stable_hash
+from genflow.execution import RayUnreachable, worker_pool
+from genflow.job import JobFailed
 from genflow.manifest import build_manifest, rows_of
 from genflow.progress import StageProgress
 from genflow.prompts import InputError, open_input
@@ -65,16 +65,6 @@ from genflow.stages import (
     score_shard,
 )
 from genflow.storage import Storage
-
-
-class JobFailed(RuntimeError):
-    """The job ran but produced more errors than ``max_error_fraction`` allows.
-
-    Its outputs are written all the same; ``manifest`` says what they are."""
-
-    def __init__(self, message: str, manifest: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.manifest = manifest
 
 
 def worth_retrying(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -121,12 +111,6 @@ def rank_task(storage, shard, config, fingerprint, exporters) -> StageOutcome:
     return rank_shard(storage, shard, config, fingerprint, exporters, get_registry())
 
 
-def resolve_output(output: str, now: datetime | None = None) -> str:
-    """Fill ``{date}`` / ``{datetime}`` in an output path (scheduled jobs)."""
-    now = now or datetime.now(timezone.utc)
-    return output.replace("{date}", now.strftime("%Y-%m-%d")).replace("{datetime}", now.strftime("%Y-%m-%dT%H%M%S"))
-
-
 def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, Any]:
     """The job's recipe; returns the manifest."""
     t0 = time.perf_counter()
@@ -146,7 +130,7 @@ def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, A
     for spec in config.generators:
         t = time.perf_counter()
         info = registry.get("generator", spec.plugin)
-        pool = WorkerPool(info.factory, spec.model, spec.params, config.ray, name=spec.label)
+        pool = worker_pool(info.factory, spec.model, spec.params, config.ray, spec.label)
         with pool, StageProgress(f"generate {spec.label}", sum(s.rows for s in shards) * spec.samples) as bar:
             for shard in shards:
                 fp = generation_fingerprint(shard, spec, config)
@@ -163,7 +147,7 @@ def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, A
                                "model": pool.description or {"model": spec.model}}
         timings[f"generate/{spec.label}"] = time.perf_counter() - t
         if pool.start_seconds:
-            timings[f"start/generate/{spec.label}"] = pool.start_seconds  # Ray and the model loads
+            timings[f"start/generate/{spec.label}"] = pool.start_seconds  # waiting for Ray and the model loads
     if not config.generators:
         for shard in shards:
             fp = stable_hash([shard.fingerprint, "input-candidates"])
@@ -177,7 +161,7 @@ def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, A
     for scorer in config.scorers:
         t = time.perf_counter()
         info = registry.get("scorer", scorer.plugin)
-        pool = WorkerPool(info.factory, scorer.model, scorer.params, config.ray, name=scorer.name)
+        pool = worker_pool(info.factory, scorer.model, scorer.params, config.ray, scorer.name)
         total = sum(o.rows.get("generations", 0) for o in outcomes if o.stage.startswith("generate/"))
         with pool, StageProgress(f"score {scorer.name}", total) as bar:
             for shard in shards:

@@ -84,6 +84,10 @@ class _Plugin(ABC):
     Params: ClassVar[type[PluginParams]] = PluginParams
     description: ClassVar[str] = ""
     default_model: ClassVar[str | None] = None
+    batch_size: ClassVar[int] = 16
+    """Items per call when the job sets none (``ray.batch_size``, or the stage's ``batch_size``).
+    A call is the unit of work a worker takes at a time: big enough for the model to batch
+    well, small enough that the workers share a shard's work evenly."""
 
     def __init__(self, model: str | None, params: PluginParams, device: str = "cpu") -> None:
         self.model_name = model or self.default_model
@@ -102,6 +106,18 @@ class Generator(_Plugin):
     def generate(self, requests: list[GenerationRequest]) -> list[Generation | RowError]:
         """Return one result per request, in the same order."""
 
+    def batch_keys(self, requests: list[GenerationRequest]) -> list[Any]:
+        """One sort key per request, saying which requests should share a call.
+
+        The generate stage sorts a shard's requests by key (largest first) and cuts them
+        into calls, so requests with neighbouring keys are batched together. It runs on
+        a worker, once per shard, before the shard's first call: a plugin can key on
+        what makes requests cost alike, such as prompt length in its own tokens (padding
+        a batch to its longest prompt is the waste that sorting avoids). Keys of one
+        shard must be comparable with each other. Default: the prompt's length in characters.
+        """
+        return [len(r.prompt) for r in requests]
+
 
 class Scorer(_Plugin):
     modalities: ClassVar[tuple[str, ...]] = ("text", "code")
@@ -115,14 +131,17 @@ class Scorer(_Plugin):
         """Job-level metrics from all of this scorer's rows (e.g. pass@k)."""
         return {}
 
-    @staticmethod
-    def batch_key(item: ScoreItem) -> Any:
-        """Where an item goes when a shard is cut into ``score`` calls: items whose keys sort
-        close together share a call. By default a prompt's candidates stay together (a scorer
-        that embeds the prompt does it once per call) and prompts of similar length share one.
-        A scorer that reads prompt and candidate as one sequence should key on their joint
-        length, so that its batches pad little."""
-        return (len(item.prompt), item.prompt_id, len(item.text or ""))
+    def batch_keys(self, items: list[ScoreItem]) -> list[Any]:
+        """One sort key per item, saying which items should share a ``score`` call.
+
+        As :meth:`Generator.batch_keys`: runs on a worker once per shard, before its first
+        call. The items come without their image bytes (``image`` is None), which would
+        otherwise travel to the workers twice. By default a prompt's candidates stay
+        together (a scorer that embeds the prompt does it once per call) and prompts of
+        similar length share a call. A scorer that reads prompt and candidate as one
+        sequence should key on their joint length in its own tokens, so its batches pad little.
+        """
+        return [(len(i.prompt), i.prompt_id, len(i.text or "")) for i in items]
 
 
 class Exporter(ABC):

@@ -55,13 +55,11 @@ def run(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no-r
 
     with local_prefect_api() as prefect_ready:  # boots while the job's modules load and its config is checked
         from genflow.config import load_config
-        from genflow.flows.job import JobFailed
-        from genflow.job import run_job
+        from genflow.job import JobFailed, run_job
 
         try:
             job = load_config(config, set_ or [])
-            prefect_ready()
-            manifest = run_job(job, resume=resume)
+            manifest = run_job(job, resume=resume, api_ready=prefect_ready)
         except _user_errors() as exc:
             fail(str(exc))
         except JobFailed as exc:
@@ -69,6 +67,9 @@ def run(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no-r
                 _print_summary(exc.manifest)
             fail(str(exc), code=1)
     _print_summary(manifest)
+    from genflow.execution import shutdown_ray
+
+    shutdown_ray()  # now, not at exit: Ray's own exit hook first pauses half a second
 
 
 def _print_summary(manifest: dict) -> None:

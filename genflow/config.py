@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,9 @@ class RankingSpec(_Strict):
 class RaySpec(_Strict):
     address: str | None = None
     workers: int = Field(2, ge=1)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int | None = Field(None, ge=1)
+    """Items per Ray call for every stage that sets none itself; None = each plugin's own
+    ``batch_size`` (hf-text 64, embedding-sim 64, diffusers-image 4, ...)."""
     gpus_per_worker: float = Field(0.0, ge=0.0)
     max_restarts: int = Field(2, ge=0)
     """How many worker-process deaths a row may be part of before it becomes an ``errors/`` row.
@@ -127,6 +130,12 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list):
         return [_jsonable(v) for v in value]
     return value
+
+
+def resolve_output(output: str, now: datetime | None = None) -> str:
+    """Fill ``{date}`` / ``{datetime}`` in an output path (scheduled jobs)."""
+    now = now or datetime.now(timezone.utc)
+    return output.replace("{date}", now.strftime("%Y-%m-%d")).replace("{datetime}", now.strftime("%Y-%m-%dT%H%M%S"))
 
 
 def stable_hash(value: Any, length: int = 16) -> str:

@@ -34,7 +34,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from genflow.api import RowError
-from genflow.config import RaySpec
+from genflow.config import RaySpec, stable_hash
 from genflow.registry import PluginError
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,16 @@ def worker_env_vars() -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in WORKER_MALLOC_ENV.items()}
 
 
+_ray_started_here = False
+"""Whether this process's Ray was started (or connected) by :func:`init_ray`, not by the caller."""
+
+
 def init_ray(spec: RaySpec) -> None:
-    """Start Ray locally, or connect to ``spec.address`` (``auto``, ``host:port``, ``ray://host:port``)."""
+    """Start Ray locally, or connect to ``spec.address`` (``auto``, ``host:port``, ``ray://host:port``).
+
+    Call it from the main thread: a local Ray's processes are tied to the thread that
+    starts them (``PR_SET_PDEATHSIG``) and die with it."""
+    global _ray_started_here
     if ray.is_initialized():
         return
     if not spec.address:
@@ -100,6 +108,19 @@ def init_ray(spec: RaySpec) -> None:
             raise RayUnreachable(f"cannot connect to the Ray cluster at {spec.address!r}: {exc}") from None
     else:
         ray.init(**kwargs)
+    _ray_started_here = True
+
+
+def shutdown_ray() -> None:
+    """Stop the Ray that :func:`init_ray` started (a cluster is only disconnected from).
+
+    Ray does this itself at exit, but only after a half-second pause for log lines;
+    a command that has nothing more to do with Ray calls this instead. A Ray the
+    caller started is left alone."""
+    global _ray_started_here
+    if _ray_started_here and ray.is_initialized():
+        ray.shutdown()
+    _ray_started_here = False
 
 
 class PluginWorker:
@@ -115,6 +136,9 @@ class PluginWorker:
 
     def describe(self) -> dict[str, Any]:
         return self.plugin.describe()
+
+    def keys(self, items: list[Any]) -> list[Any]:
+        return list(self.plugin.batch_keys(items))
 
     def call(self, items: list[Any]) -> list[Any]:
         return self._call(items)
@@ -176,7 +200,7 @@ def _death_reason(exc: BaseException) -> str:
 
 
 class WorkerPool:
-    """A fixed pool of ``PluginWorker`` actors, started on first use."""
+    """A fixed pool of ``PluginWorker`` actors, started on first use (or launched early)."""
 
     def __init__(self, factory: type, model: str | None, params: dict[str, Any], spec: RaySpec,
                  name: str, workers: int | None = None) -> None:
@@ -187,17 +211,23 @@ class WorkerPool:
         self.deaths = 0
         """Worker processes that died under this pool (each one replaced)."""
         self.start_seconds = 0.0
-        """How long ``start`` took: Ray's start (first pool only) and every worker loading its model."""
+        """How long the stage waited in ``start`` for Ray and the workers' model loads (less
+        when the pool was launched early and loaded while the flow was starting)."""
         self._actor_cls: Any = None
+        self._loading: list[Any] = []
+        """The launched workers' first calls: each answers once its model is loaded."""
+        self._ready = False
 
     @property
-    def started(self) -> bool:
-        return bool(self.actors)
+    def key(self) -> str:
+        """What makes two pools interchangeable: plugin, model, params, Ray settings, name and size."""
+        return stable_hash([f"{self.factory.__module__}.{self.factory.__qualname__}", self.model, self.params,
+                            self.spec.model_dump(mode="json"), self.name, self.size])
 
-    def start(self) -> None:
+    def launch(self) -> None:
+        """Start Ray (if needed) and the workers without waiting: each loads its model in the background."""
         if self.actors:
             return
-        started = time.perf_counter()
         init_ray(self.spec)
         cpus = ray.available_resources().get("CPU", 1.0)
         per_actor = max(0.01, min(1.0, cpus / self.size)) if not self.spec.address else 1.0
@@ -206,13 +236,53 @@ class WorkerPool:
             **({"runtime_env": {"env_vars": worker_env_vars()}} if self.spec.address else {}),
         )
         self.actors = [self._new_actor() for _ in range(self.size)]
-        try:  # every actor loads its model now, in parallel; a model that cannot load fails here
-            self.description = ray.get([a.describe.remote() for a in self.actors])[0]
+        self._loading = [a.describe.remote() for a in self.actors]
+
+    def start(self) -> None:
+        """Launch the pool if needed and wait until every worker has loaded its model."""
+        if self._ready:
+            return
+        started = time.perf_counter()
+        self.launch()
+        try:  # a model that cannot load fails here
+            self.description = ray.get(self._loading)[0]
         except (RayTaskError, RayActorError) as exc:
             self.stop()
             cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause else _death_reason(exc)
             raise PluginError(f"{self.name}: the plugin failed to load: {cause}") from None
+        self._loading, self._ready = [], True
         self.start_seconds = time.perf_counter() - started
+
+    def batch_keys(self, items: Sequence[Any]) -> list[Any] | None:
+        """The plugin's ``batch_keys`` for ``items``, worked out on the workers, a share each.
+
+        None when the plugin raises or its worker dies: the caller then keeps its own
+        order (the calls still run; a row that breaks the plugin fails there, alone)."""
+        if not items:
+            return []
+        self.start()
+        share = -(-len(items) // len(self.actors))
+        shares = [list(items[i:i + share]) for i in range(0, len(items), share)]
+        refs = [actor.keys.remote(part) for actor, part in zip(self.actors, shares, strict=False)]
+        keys: list[Any] = []
+        problem = None
+        for slot, (ref, part) in enumerate(zip(refs, shares, strict=False)):
+            try:
+                got = ray.get(ref)
+            except RayActorError as exc:
+                self._replace(slot, self.actors[slot], exc, len(part))
+                problem = f"its worker died ({_death_reason(exc)})"
+                continue
+            except RayTaskError as exc:
+                problem = f"{type(exc.cause).__name__}: {exc.cause}" if exc.cause else str(exc)
+                continue
+            if len(got) != len(part):
+                problem = f"it returned {len(got)} keys for {len(part)} items"
+            keys += got
+        if problem:
+            log.warning("%s: batch_keys failed (%s); batching in the shard's own order", self.name, problem)
+            return None
+        return keys
 
     def _new_actor(self) -> Any:
         return self._actor_cls.remote(self.factory, self.model, self.params)
@@ -220,7 +290,7 @@ class WorkerPool:
     def stop(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
-        self.actors = []
+        self.actors, self._loading, self._ready = [], [], False
 
     def __enter__(self) -> WorkerPool:
         return self
@@ -335,6 +405,31 @@ class WorkerPool:
         else:
             msg = f"WorkerDied: the worker process died {work.deaths} times on this row ({reason})"
             yield BatchResult(work.index, work.items, [Failure(msg, str(exc))], time.perf_counter() - call.started)
+
+
+_launched_early: dict[str, WorkerPool] = {}
+
+
+def launch_early(pool: WorkerPool) -> None:
+    """Launch ``pool`` now, for a stage that will ask for the same pool through :func:`worker_pool`.
+
+    A job's first pool spends seconds on Ray's start and on its workers' model loads;
+    launched before the flow, that happens while Prefect starts the flow run. (A
+    registry in this module because a Prefect flow's parameters cannot carry actors.)"""
+    pool.launch()
+    _launched_early[pool.key] = pool
+
+
+def worker_pool(factory: type, model: str | None, params: dict[str, Any], spec: RaySpec, name: str) -> WorkerPool:
+    """The pool launched early for these arguments, or a new one (started on first use)."""
+    pool = WorkerPool(factory, model, params, spec, name)
+    return _launched_early.pop(pool.key, pool)
+
+
+def stop_early_pools() -> None:
+    """Stop the pools launched early that no stage took (the job failed before, or had no work for them)."""
+    while _launched_early:
+        _launched_early.popitem()[1].stop()
 
 
 def chunked(items: Sequence[Any], size: int) -> list[list[Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from genflow.config import ConfigError, JobConfig
@@ -12,6 +13,16 @@ from genflow.registry import PluginError
 from genflow.storage import StorageError
 
 USER_ERRORS = (ConfigError, InputError, PluginError, StorageError, ConnectionError, FileNotFoundError)
+
+
+class JobFailed(RuntimeError):
+    """The job ran but produced more errors than ``max_error_fraction`` allows.
+
+    Its outputs are written all the same; ``manifest`` says what they are."""
+
+    def __init__(self, message: str, manifest: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.manifest = manifest
 
 
 class _NoTracebackForUserErrors(logging.Filter):
@@ -39,17 +50,52 @@ def quiet_prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
-def run_job(config: JobConfig | dict[str, Any], resume: bool = True) -> dict[str, Any]:
-    """Run the job flow and return its manifest (raises ``JobFailed`` past ``max_error_fraction``)."""
+def run_job(config: JobConfig | dict[str, Any], resume: bool = True,
+            api_ready: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run the job flow and return its manifest (raises ``JobFailed`` past ``max_error_fraction``).
+
+    ``api_ready`` is called right before the flow starts: the CLI waits there for the
+    local Prefect API it launched at start-up, while the job's first workers load."""
     quiet_prefect_defaults()
     _install_log_filter()
-    from genflow.config import build_config
-    from genflow.flows.job import genflow_job, resolve_output
+    from genflow.config import build_config, resolve_output
+    from genflow.execution import stop_early_pools
     from genflow.prompts import open_input
     from genflow.storage import Storage
 
     job = config if isinstance(config, JobConfig) else build_config(config)
     # Fail on a bad config, an unreadable input or unreachable storage before Prefect and Ray start.
     open_input(job.input, job.storage.endpoint_url, job.storage.region)
-    Storage.open(resolve_output(job.output), job.storage.endpoint_url, job.storage.region).check()
-    return genflow_job(job.model_dump(mode="json"), resume=resume)
+    storage = Storage.open(resolve_output(job.output), job.storage.endpoint_url, job.storage.region)
+    storage.check()
+    try:
+        if not resume or not storage.exists("manifest.json"):  # a new job: its first stage has work
+            _launch_first_pool(job)
+        from genflow.flows.job import genflow_job  # Prefect's import, while the workers load
+
+        if api_ready is not None:
+            api_ready()
+        return genflow_job(job.model_dump(mode="json"), resume=resume)
+    finally:
+        stop_early_pools()
+
+
+def _launch_first_pool(job: JobConfig) -> None:
+    """Start the first stage's workers now: Ray's start and their model loads take seconds,
+    which then pass while Prefect starts the flow run and plans the shards.
+
+    Only for a job that has not finished before: a rerun may have nothing to do, and
+    must then start no Ray at all (its pools start when a stage finds work)."""
+    from genflow.execution import WorkerPool, launch_early
+    from genflow.registry import get_registry
+
+    registry = get_registry()
+    if job.generators:
+        g = job.generators[0]
+        pool = WorkerPool(registry.get("generator", g.plugin).factory, g.model, g.params, job.ray, g.label)
+    elif job.scorers:
+        s = job.scorers[0]
+        pool = WorkerPool(registry.get("scorer", s.plugin).factory, s.model, s.params, job.ray, s.name)
+    else:
+        return
+    launch_early(pool)

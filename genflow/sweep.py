@@ -27,7 +27,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from genflow.config import ConfigError, JobConfig, build_config, parse_override, set_dotted, stable_hash
+from genflow.config import (
+    ConfigError,
+    JobConfig,
+    build_config,
+    parse_override,
+    resolve_output,
+    set_dotted,
+    stable_hash,
+)
 from genflow.stages import (
     INPUT_LABEL,
     Shard,
@@ -149,7 +157,6 @@ def run_name(parts: list[tuple[str, str]]) -> str:
 def plan_sweep(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
                source: str = "config") -> SweepPlan:
     """Every run of the config's grid, each validated as a job before any work starts."""
-    from genflow.flows.job import resolve_output
 
     base = build_config(raw, overrides, source=source)
     if not base.sweep:

@@ -113,6 +113,10 @@ class HFCodeGenerator(HFTextGenerator):
     def mode_of(self, request: GenerationRequest) -> str:
         return request.task if request.task in MODES else self.params.mode
 
+    def batch_keys(self, requests: list[GenerationRequest]) -> list[Any]:
+        """Mode first (a call generates mode by mode, each with its own stops), then prompt tokens."""
+        return [(self.mode_of(r), n) for r, n in zip(requests, super().batch_keys(requests), strict=True)]
+
     def stops_for(self, mode: str) -> list[str]:
         """Stop strings for a mode: the user's, plus code-aware ones for base models."""
         if self.use_chat:  # a chat model answers in Markdown; extraction finds the code

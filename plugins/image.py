@@ -122,6 +122,7 @@ class DiffusersImageGenerator(Generator):
     modality: ClassVar[str] = "image"
     default_model: ClassVar[str | None] = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     description: ClassVar[str] = "diffusers text-to-image, image-to-image and inpainting; one seed per image"
+    batch_size: ClassVar[int] = 8
 
     params: DiffusersImageParams
 
@@ -179,16 +180,23 @@ class DiffusersImageGenerator(Generator):
                 results[task.index] = Generation(image=_png(image))
         return [results[i] for i in range(len(requests))]
 
+    def mode_of(self, request: GenerationRequest) -> Mode:
+        if self.params.mode != "auto":
+            return self.params.mode
+        if _present(request.inputs.get("mask")):
+            return "inpaint"
+        return "img2img" if _present(request.inputs.get("image")) else "text2img"
+
+    def batch_keys(self, requests: list[GenerationRequest]) -> list[Any]:
+        """Requests of one mode share calls: each mode is a pipeline call of its own."""
+        return [(self.mode_of(r), len(r.prompt)) for r in requests]
+
     def _task(self, index: int, request: GenerationRequest) -> _Task:
         """Resolve a request's mode, input image and mask, and output size."""
         params = self.params
         has_image = _present(request.inputs.get("image"))
         has_mask = _present(request.inputs.get("mask"))
-        mode: Mode
-        if params.mode != "auto":
-            mode = params.mode
-        else:
-            mode = "inpaint" if has_mask else "img2img" if has_image else "text2img"
+        mode = self.mode_of(request)
         task = _Task(index, request.prompt, request.seed, mode)
         if mode == "text2img":
             task.height, task.width = params.height, params.width

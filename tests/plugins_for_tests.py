@@ -7,7 +7,8 @@ distribution's ``dist-info`` into a folder; put the folder and this module's fol
 on the path (``sys.path`` in-process, ``PYTHONPATH`` for a ``genflow`` subprocess,
 whose Ray workers inherit it).
 
-- ``echo`` (generator, text): the prompt reversed, plus ``suffix`` and one "!" per sample index.
+- ``echo`` (generator, text): the prompt reversed, plus ``suffix`` and one "!" per sample index;
+  ``keys`` makes its ``batch_keys`` observable (``words``) or broken.
 - ``tiny-png`` (generator, image): a 4x4 PNG whose colour comes from the prompt.
 - ``length`` (scorer, text/code/image): ``scale`` x the candidate's length.
 
@@ -24,7 +25,7 @@ import io
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -56,6 +57,9 @@ class Misbehaviour(PluginParams):
 
 class EchoParams(Misbehaviour):
     suffix: str = ""
+    keys: Literal["default", "words", "broken"] = "default"
+    """``words``: ``batch_keys`` is the prompt's word count, and every call logs its
+    prompts' word counts; ``broken``: ``batch_keys`` raises."""
 
 
 class LengthParams(Misbehaviour):
@@ -111,7 +115,16 @@ class Echo(_Misbehaving, Generator):
         super().__init__(model, params, device)
         _log(self.params.state_dir, "init echo")
 
+    def batch_keys(self, requests: list[GenerationRequest]) -> list[Any]:
+        if self.params.keys == "broken":
+            raise RuntimeError("batch_keys is broken on purpose")
+        if self.params.keys == "words":
+            return [len(r.prompt.split()) for r in requests]
+        return super().batch_keys(requests)
+
     def generate(self, requests: list[GenerationRequest]) -> list[Generation | RowError]:
+        if self.params.keys == "words":
+            _log(self.params.state_dir, "words " + ",".join(str(len(r.prompt.split())) for r in requests))
         self._begin("echo", [r.prompt for r in requests])
         return [Generation(text=" " + r.prompt[::-1] + self.params.suffix + "!" * r.sample,
                            num_tokens=len(r.prompt.split()), finish_reason="stop") for r in requests]

@@ -101,3 +101,11 @@ def test_chat_template_is_used_when_the_tokenizer_has_one(tiny_models: dict[str,
 
 def test_system_prompt_without_chat_template(generator: Tiny) -> None:
     assert generator.render(GenerationRequest("a", "p", "Hi", 0, 1, system="Sys")) == "Sys\n\nHi"
+
+
+def test_batch_keys_are_prompt_lengths_in_the_models_tokens(tiny_models: dict[str, str]) -> None:
+    gen = HFTextGenerator(tiny_models["tiny-gpt2"], HFTextParams(max_prompt_tokens=6))
+    reqs = requests(samples=1)
+    lengths = [len(gen.tokenizer(p)["input_ids"]) for p in PROMPTS]
+    assert gen.batch_keys(reqs) == [min(n, 6) for n in lengths]
+    assert gen.batch_keys(reqs) == [len(ids) for ids in gen.encode(reqs)]
