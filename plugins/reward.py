@@ -32,6 +32,7 @@ class HFRewardScorer(Scorer):
     modalities = ("text", "code")
     Params = HFRewardParams
     description = "reward model (sequence classification head) logit per (prompt, response)"
+    batch_size = 32
     params: HFRewardParams
 
     def __init__(self, model: str | None, params: HFRewardParams, device: str = "cpu") -> None:
@@ -48,6 +49,7 @@ class HFRewardScorer(Scorer):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForSequenceClassification.from_pretrained(self.model_name).to(self.torch_device)
         self.model.eval()
+        self.model.config.use_cache = False  # one forward per sequence: a key/value cache is wasted work
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.use_chat = bool(self.tokenizer.chat_template) if params.chat_template is None else params.chat_template
@@ -57,11 +59,6 @@ class HFRewardScorer(Scorer):
         return {"model": self.model_name, "architecture": type(self.model).__name__,
                 "config_sha256": hashlib.sha256(cfg.encode()).hexdigest()[:16]}
 
-    @staticmethod
-    def batch_key(item: ScoreItem) -> Any:
-        """Prompt and response are one sequence: batches by their joint length pad least."""
-        return len(item.prompt) + len(item.text or "")
-
     def text_of(self, item: ScoreItem) -> str:
         if self.use_chat:
             messages = [{"role": "user", "content": item.prompt},
@@ -69,24 +66,33 @@ class HFRewardScorer(Scorer):
             return str(self.tokenizer.apply_chat_template(messages, tokenize=False))
         return item.prompt + (item.text or "")
 
-    def score(self, items: list[ScoreItem]) -> list[Score | RowError]:
-        texts = [self.text_of(i) for i in items]
-        lengths = [len(t) for t in texts]
-        values = map_sorted(texts, lengths, self.params.micro_batch, self._score_batch)
-        untruncated = self.tokenizer(texts)["input_ids"]  # one call for all the truncation flags
-        return [Score(v, {"truncated": len(ids) > self.params.max_length})
-                for v, ids in zip(values, untruncated, strict=True)]
+    def encode(self, items: list[ScoreItem]) -> list[list[int]]:
+        """Each (prompt, response) as the model reads it, before truncation: one tokenizer call."""
+        return list(self.tokenizer([self.text_of(i) for i in items])["input_ids"])
 
-    def _score_batch(self, texts: list[str]) -> list[float]:
+    def batch_keys(self, items: list[ScoreItem]) -> list[Any]:
+        """Prompt and response are one sequence: calls of equal token lengths pad nothing."""
+        return [min(len(ids), self.params.max_length) for ids in self.encode(items)]
+
+    def score(self, items: list[ScoreItem]) -> list[Score | RowError]:
+        encoded = self.encode(items)
+        truncated = [len(ids) > self.params.max_length for ids in encoded]
+        model_ids = list(encoded)
+        too_long = [i for i, cut in enumerate(truncated) if cut]
+        if too_long:  # the tokenizer truncates (keeping its special tokens); only these few are redone
+            again = self.tokenizer([self.text_of(items[i]) for i in too_long], truncation=True,
+                                   max_length=self.params.max_length)["input_ids"]
+            for i, ids in zip(too_long, again, strict=True):
+                model_ids[i] = ids
+        values = map_sorted(model_ids, [len(ids) for ids in model_ids], self.params.micro_batch, self._logits)
+        return [Score(v, {"truncated": cut}) for v, cut in zip(values, truncated, strict=True)]
+
+    def _logits(self, batch_ids: list[list[int]]) -> list[float]:
         import torch
 
+        batch = self.tokenizer.pad({"input_ids": batch_ids}, return_tensors="pt").to(self.torch_device)
         with torch.inference_mode():
-            return self._logits(texts)
-
-    def _logits(self, texts: list[str]) -> list[float]:
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.params.max_length,
-                               return_tensors="pt").to(self.torch_device)
-        logits = self.model(**batch).logits
+            logits = self.model(**batch).logits
         return [float(v) for v in logits[:, self.params.label_index].float().cpu()]
 
 
