@@ -41,7 +41,7 @@ from prefect.states import State
 
 from genflow.api import Scorer
 from genflow.config import ConfigError, JobConfig, ScorerSpec, build_config, resolve_output, stable_hash
-from genflow.execution import RayUnreachable, worker_pool
+from genflow.execution import RayUnreachable, WorkerPool, Workers, job_workers
 from genflow.job import JobFailed
 from genflow.manifest import build_manifest, rows_of
 from genflow.progress import StageProgress
@@ -78,7 +78,7 @@ TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "retries": 2, "retry_d
 
 @task(name="plan-shards", cache_policy=NO_CACHE)
 def plan_task(config: JobConfig, storage: Storage, resume: bool) -> tuple[list[Shard], str]:
-    source = open_input(config.input, config.storage.endpoint_url, config.storage.region)
+    source = open_input(config.input, **config.storage.model_dump())
     shards = plan_shards(config, source, storage, resume)
     get_run_logger().info("%d prompts in %d shards of up to %d", sum(s.rows for s in shards), len(shards),
                           config.shard_rows)
@@ -112,7 +112,12 @@ def rank_task(storage, shard, config, fingerprint, exporters) -> StageOutcome:
 
 
 def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, Any]:
-    """The job's recipe; returns the manifest."""
+    """The job's recipe; returns the manifest. Its model stages take turns on one set of workers."""
+    with job_workers(config.ray) as workers:
+        return _run_stages(config, storage, resume, workers)
+
+
+def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Workers) -> dict[str, Any]:
     t0 = time.perf_counter()
     registry = get_registry()
     timings: dict[str, float] = {}
@@ -130,7 +135,7 @@ def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, A
     for spec in config.generators:
         t = time.perf_counter()
         info = registry.get("generator", spec.plugin)
-        pool = worker_pool(info.factory, spec.model, spec.params, config.ray, spec.label)
+        pool = WorkerPool(info.factory, spec.model, spec.params, config.ray, spec.label, workers)
         with pool, StageProgress(f"generate {spec.label}", sum(s.rows for s in shards) * spec.samples) as bar:
             for shard in shards:
                 fp = generation_fingerprint(shard, spec, config)
@@ -147,7 +152,7 @@ def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, A
                                "model": pool.description or {"model": spec.model}}
         timings[f"generate/{spec.label}"] = time.perf_counter() - t
         if pool.start_seconds:
-            timings[f"start/generate/{spec.label}"] = pool.start_seconds  # waiting for Ray and the model loads
+            timings[f"start/generate/{spec.label}"] = pool.start_seconds  # waiting for the model loads
     if not config.generators:
         for shard in shards:
             fp = stable_hash([shard.fingerprint, "input-candidates"])
@@ -161,7 +166,7 @@ def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, A
     for scorer in config.scorers:
         t = time.perf_counter()
         info = registry.get("scorer", scorer.plugin)
-        pool = worker_pool(info.factory, scorer.model, scorer.params, config.ray, scorer.name)
+        pool = WorkerPool(info.factory, scorer.model, scorer.params, config.ray, scorer.name, workers)
         total = sum(o.rows.get("generations", 0) for o in outcomes if o.stage.startswith("generate/"))
         with pool, StageProgress(f"score {scorer.name}", total) as bar:
             for shard in shards:
@@ -225,7 +230,7 @@ def genflow_job(config: dict[str, Any], resume: bool = True) -> dict[str, Any]:
     """Run one genflow job from its config mapping (as in the YAML file)."""
     job = build_config(config, source=f"job {config.get('name', '?')!r}")
     job = job.model_copy(update={"output": resolve_output(job.output)})
-    storage = Storage.open(job.output, job.storage.endpoint_url, job.storage.region)
+    storage = Storage.open(job.output, **job.storage.model_dump())
     storage.makedirs()
     manifest = run_stages(job, storage, resume)
     errors = manifest["errors"]

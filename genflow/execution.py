@@ -20,9 +20,11 @@ death is seen, counted and blamed on the batch that was running.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
+import sys
 import time
 import traceback
 from collections import deque
@@ -124,15 +126,28 @@ def shutdown_ray() -> None:
 
 
 class PluginWorker:
-    """Ray actor body: one plugin instance, many batches."""
+    """Ray actor body: one plugin instance at a time, many batches."""
 
     def __init__(self, factory: Any, model: str | None, params: dict[str, Any]) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars
         gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
-        device = "cuda" if gpu_ids else "cpu"
+        self.device = "cuda" if gpu_ids else "cpu"
+        self._build(factory, model, params)
+
+    def _build(self, factory: Any, model: str | None, params: dict[str, Any]) -> None:
         self.kind = "generator" if hasattr(factory, "generate") else "scorer"
-        self.plugin = factory(model, factory.Params.model_validate(params), device)
+        self.plugin = factory(model, factory.Params.model_validate(params), self.device)
+
+    def load(self, factory: Any, model: str | None, params: dict[str, Any]) -> dict[str, Any]:
+        """Host another plugin in this process, the current one's model freed first."""
+        self.plugin = None
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the next model gets the memory back
+        self._build(factory, model, params)
+        return self.describe()
 
     def describe(self) -> dict[str, Any]:
         return self.plugin.describe()
@@ -199,34 +214,38 @@ def _death_reason(exc: BaseException) -> str:
     return text.split("\t")[0].split("\n")[0].strip()
 
 
-class WorkerPool:
-    """A fixed pool of ``PluginWorker`` actors, started on first use (or launched early)."""
+def plugin_key(factory: type, model: str | None, params: dict[str, Any]) -> str:
+    """What makes two loads of a plugin the same: its class, model and params."""
+    return stable_hash([f"{factory.__module__}.{factory.__qualname__}", model, params])
 
-    def __init__(self, factory: type, model: str | None, params: dict[str, Any], spec: RaySpec,
-                 name: str, workers: int | None = None) -> None:
-        self.factory, self.model, self.params, self.spec, self.name = factory, model, params, spec, name
-        self.size = workers or spec.workers
+
+class Workers:
+    """A job's Ray actors: worker processes that host one plugin at a time.
+
+    The stages of a job take turns on the same processes: a stage's plugin is loaded
+    where the previous stage's was, whose model is freed first. A job so starts its
+    worker processes, and imports torch in them, once rather than once per stage.
+    Started on first use, or launched early (:func:`launch_early`)."""
+
+    def __init__(self, spec: RaySpec, size: int | None = None) -> None:
+        self.spec, self.size = spec, size or spec.workers
         self.actors: list[Any] = []
+        self.hosting: str | None = None
+        """:func:`plugin_key` of the plugin the workers host (or are loading)."""
         self.description: dict[str, Any] | None = None
-        self.deaths = 0
-        """Worker processes that died under this pool (each one replaced)."""
-        self.start_seconds = 0.0
-        """How long the stage waited in ``start`` for Ray and the workers' model loads (less
-        when the pool was launched early and loaded while the flow was starting)."""
-        self._actor_cls: Any = None
+        self._plugin: tuple[type, str | None, dict[str, Any]] | None = None
         self._loading: list[Any] = []
-        """The launched workers' first calls: each answers once its model is loaded."""
-        self._ready = False
+        """Each worker's answer once it has loaded the plugin (its ``describe()``)."""
+        self._actor_cls: Any = None
 
-    @property
-    def key(self) -> str:
-        """What makes two pools interchangeable: plugin, model, params, Ray settings, name and size."""
-        return stable_hash([f"{self.factory.__module__}.{self.factory.__qualname__}", self.model, self.params,
-                            self.spec.model_dump(mode="json"), self.name, self.size])
-
-    def launch(self) -> None:
-        """Start Ray (if needed) and the workers without waiting: each loads its model in the background."""
+    def load(self, factory: type, model: str | None, params: dict[str, Any]) -> None:
+        """Have every worker load this plugin, starting Ray and the workers if needed; returns at once."""
+        key = plugin_key(factory, model, params)
+        if self.actors and key == self.hosting:
+            return
+        self._plugin, self.hosting, self.description = (factory, model, params), key, None
         if self.actors:
+            self._loading = [actor.load.remote(factory, model, params) for actor in self.actors]
             return
         init_ray(self.spec)
         cpus = ray.available_resources().get("CPU", 1.0)
@@ -235,22 +254,77 @@ class WorkerPool:
             num_cpus=per_actor, num_gpus=self.spec.gpus_per_worker, max_restarts=0, max_task_retries=0,
             **({"runtime_env": {"env_vars": worker_env_vars()}} if self.spec.address else {}),
         )
-        self.actors = [self._new_actor() for _ in range(self.size)]
-        self._loading = [a.describe.remote() for a in self.actors]
+        self.actors = [self.new_actor() for _ in range(self.size)]
+        self._loading = [actor.describe.remote() for actor in self.actors]
+
+    def wait_loaded(self) -> dict[str, Any]:
+        """Block until every worker has loaded the plugin; its ``describe()``.
+
+        Raises Ray's error when a worker failed to (its plugin's exception inside)."""
+        if self._loading:
+            loading, self._loading = self._loading, []
+            try:
+                self.description = ray.get(loading)[0]
+            except (RayTaskError, RayActorError):
+                self.hosting = None
+                raise
+        assert self.description is not None
+        return self.description
+
+    def new_actor(self) -> Any:
+        """A fresh worker process hosting the current plugin (in a dead one's place)."""
+        assert self._plugin is not None
+        return self._actor_cls.remote(*self._plugin)
+
+    def stop(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors, self._loading, self.hosting, self.description = [], [], None, None
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class WorkerPool:
+    """One plugin on a job's :class:`Workers`: batches in, results out, dead workers replaced."""
+
+    def __init__(self, factory: type, model: str | None, params: dict[str, Any], spec: RaySpec,
+                 name: str, workers: Workers | None = None) -> None:
+        self.factory, self.model, self.params, self.spec, self.name = factory, model, params, spec, name
+        self.workers = workers or Workers(spec)
+        self._own_workers = workers is None
+        self.description: dict[str, Any] | None = None
+        self.deaths = 0
+        """Worker processes that died under this pool (each one replaced)."""
+        self.start_seconds = 0.0
+        """How long the stage waited in ``start`` for its plugin to load (for the first stage also
+        Ray's start and the worker processes', unless they were launched early)."""
+        self._ready = False
+
+    @property
+    def actors(self) -> list[Any]:
+        return self.workers.actors
+
+    def launch(self) -> None:
+        """Have the workers load this plugin, without waiting."""
+        self.workers.load(self.factory, self.model, self.params)
 
     def start(self) -> None:
-        """Launch the pool if needed and wait until every worker has loaded its model."""
+        """Launch if needed and wait until every worker has loaded this plugin."""
         if self._ready:
             return
         started = time.perf_counter()
         self.launch()
         try:  # a model that cannot load fails here
-            self.description = ray.get(self._loading)[0]
+            self.description = self.workers.wait_loaded()
         except (RayTaskError, RayActorError) as exc:
-            self.stop()
+            self.workers.stop()
             cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause else _death_reason(exc)
             raise PluginError(f"{self.name}: the plugin failed to load: {cause}") from None
-        self._loading, self._ready = [], True
+        self._ready = True
         self.start_seconds = time.perf_counter() - started
 
     def batch_keys(self, items: Sequence[Any]) -> list[Any] | None:
@@ -284,13 +358,11 @@ class WorkerPool:
             return None
         return keys
 
-    def _new_actor(self) -> Any:
-        return self._actor_cls.remote(self.factory, self.model, self.params)
-
     def stop(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
-        self.actors, self._loading, self._ready = [], [], False
+        """The stage is done: workers of the pool's own stop; a job's stay for its next stage."""
+        self._ready = False
+        if self._own_workers:
+            self.workers.stop()
 
     def __enter__(self) -> WorkerPool:
         return self
@@ -301,14 +373,14 @@ class WorkerPool:
     def _replace(self, slot: int, dead: Any, exc: BaseException, batch_rows: int) -> None:
         self.deaths += 1
         if self.deaths > self.spec.max_worker_deaths:
-            self.stop()
+            self.workers.stop()
             raise PluginCrashed(
                 f"{self.name}: worker processes died {self.deaths} times (last on a batch of {batch_rows} "
                 f"rows: {_death_reason(exc)}); the plugin keeps crashing. Fix it, or raise "
                 f"ray.max_worker_deaths ({self.spec.max_worker_deaths}) and rerun to go on.")
         if self.actors[slot] is dead:
             ray.kill(dead, no_restart=True)
-            self.actors[slot] = self._new_actor()
+            self.actors[slot] = self.workers.new_actor()
 
     def map(self, batches: Sequence[list[Any]], in_flight_per_actor: int = 2) -> Iterator[BatchResult]:
         """Run every batch on the pool; yield results as batches (or parts of them) finish.
@@ -368,7 +440,7 @@ class WorkerPool:
         queue unblamed, to run one per actor; the next death then names its batch.
         """
         if getattr(exc, "actor_init_failed", False):
-            self.stop()
+            self.workers.stop()
             raise PluginError(f"{self.name}: the plugin failed to load on a restarted worker: "
                               f"{_death_reason(exc)}") from None
         mine = [ref for ref, c in running.items() if c.actor is call.actor]
@@ -407,27 +479,28 @@ class WorkerPool:
             yield BatchResult(work.index, work.items, [Failure(msg, str(exc))], time.perf_counter() - call.started)
 
 
-_launched_early: dict[str, WorkerPool] = {}
+_launched_early: dict[str, Workers] = {}
 
 
-def launch_early(pool: WorkerPool) -> None:
-    """Launch ``pool`` now, for a stage that will ask for the same pool through :func:`worker_pool`.
+def launch_early(spec: RaySpec, factory: type, model: str | None, params: dict[str, Any]) -> None:
+    """Start a job's workers now, loading its first stage's plugin, for the flow that will ask
+    for them through :func:`job_workers`.
 
-    A job's first pool spends seconds on Ray's start and on its workers' model loads;
-    launched before the flow, that happens while Prefect starts the flow run. (A
-    registry in this module because a Prefect flow's parameters cannot carry actors.)"""
-    pool.launch()
-    _launched_early[pool.key] = pool
-
-
-def worker_pool(factory: type, model: str | None, params: dict[str, Any], spec: RaySpec, name: str) -> WorkerPool:
-    """The pool launched early for these arguments, or a new one (started on first use)."""
-    pool = WorkerPool(factory, model, params, spec, name)
-    return _launched_early.pop(pool.key, pool)
+    Ray's start, the worker processes' and their model loads take seconds; launched
+    before the flow, they pass while Prefect starts the flow run. (A registry in this
+    module because a Prefect flow's parameters cannot carry actors.)"""
+    workers = Workers(spec)
+    workers.load(factory, model, params)
+    _launched_early[stable_hash(spec.model_dump(mode="json"))] = workers
 
 
-def stop_early_pools() -> None:
-    """Stop the pools launched early that no stage took (the job failed before, or had no work for them)."""
+def job_workers(spec: RaySpec) -> Workers:
+    """The workers launched early for a job with these Ray settings, or new ones (started on first use)."""
+    return _launched_early.pop(stable_hash(spec.model_dump(mode="json")), None) or Workers(spec)
+
+
+def stop_early_workers() -> None:
+    """Stop workers launched early that no flow took (the job failed before its first stage)."""
     while _launched_early:
         _launched_early.popitem()[1].stop()
 

@@ -59,14 +59,14 @@ def run_job(config: JobConfig | dict[str, Any], resume: bool = True,
     quiet_prefect_defaults()
     _install_log_filter()
     from genflow.config import build_config, resolve_output
-    from genflow.execution import stop_early_pools
+    from genflow.execution import stop_early_workers
     from genflow.prompts import open_input
     from genflow.storage import Storage
 
     job = config if isinstance(config, JobConfig) else build_config(config)
     # Fail on a bad config, an unreadable input or unreachable storage before Prefect and Ray start.
-    open_input(job.input, job.storage.endpoint_url, job.storage.region)
-    storage = Storage.open(resolve_output(job.output), job.storage.endpoint_url, job.storage.region)
+    open_input(job.input, **job.storage.model_dump())
+    storage = Storage.open(resolve_output(job.output), **job.storage.model_dump())
     storage.check()
     try:
         if not resume or not storage.exists("manifest.json"):  # a new job: its first stage has work
@@ -77,25 +77,21 @@ def run_job(config: JobConfig | dict[str, Any], resume: bool = True,
             api_ready()
         return genflow_job(job.model_dump(mode="json"), resume=resume)
     finally:
-        stop_early_pools()
+        stop_early_workers()
 
 
 def _launch_first_pool(job: JobConfig) -> None:
-    """Start the first stage's workers now: Ray's start and their model loads take seconds,
-    which then pass while Prefect starts the flow run and plans the shards.
+    """Start the job's workers now, loading its first stage's plugin: Ray's start and the
+    model loads take seconds, which then pass while Prefect starts the flow run and plans
+    the shards.
 
     Only for a job that has not finished before: a rerun may have nothing to do, and
-    must then start no Ray at all (its pools start when a stage finds work)."""
-    from genflow.execution import WorkerPool, launch_early
+    must then start no Ray at all (its workers start when a stage finds work)."""
+    from genflow.execution import launch_early
     from genflow.registry import get_registry
 
-    registry = get_registry()
-    if job.generators:
-        g = job.generators[0]
-        pool = WorkerPool(registry.get("generator", g.plugin).factory, g.model, g.params, job.ray, g.label)
-    elif job.scorers:
-        s = job.scorers[0]
-        pool = WorkerPool(registry.get("scorer", s.plugin).factory, s.model, s.params, job.ray, s.name)
-    else:
+    first = (job.generators or job.scorers or [None])[0]
+    if first is None:
         return
-    launch_early(pool)
+    kind = "generator" if job.generators else "scorer"
+    launch_early(job.ray, get_registry().get(kind, first.plugin).factory, first.model, first.params)

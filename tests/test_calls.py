@@ -87,26 +87,31 @@ def test_a_plugin_whose_keys_fail_still_gets_every_row(tmp_path: Path, job_runne
 
 
 @pytest.mark.slow
-def test_a_new_job_launches_its_first_workers_before_the_flow_and_a_rerun_does_not(
+def test_a_new_job_launches_its_workers_before_the_flow_and_its_stages_share_them(
         tmp_path: Path, job_runner: Any, test_plugins: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     import genflow.execution as execution
 
     launched: list[str] = []
     real_launch = execution.launch_early
 
-    def recording(pool: Any) -> None:
-        launched.append(pool.name)
-        real_launch(pool)
+    def recording(spec: Any, factory: type, model: str | None, params: dict[str, Any]) -> None:
+        launched.append(factory.__name__)
+        real_launch(spec, factory, model, params)
 
     monkeypatch.setattr(execution, "launch_early", recording)
     config = _echo_job(tmp_path, [f"prompt {i}" for i in range(6)])
-    config["scorers"] = [{"plugin": "length"}]
+    config["scorers"] = [{"plugin": "length", "params": {"state_dir": str(tmp_path / "state")}}]
     first = job_runner(config)
-    assert launched == ["echo"] and first["rows"]["scores"] == 6
-    assert not execution._launched_early  # the generate stage took the pool it launched
-    inits = [line for line in calls(tmp_path / "state") if line.startswith("init echo")]
-    assert len(inits) == 2  # two workers, each loaded once: the stage used the launched pool
+    assert launched == ["Echo"] and first["rows"]["scores"] == 6
+    assert not execution._launched_early  # the flow took the workers launched for it
+
+    def pids(kind: str) -> set[str]:
+        return {line.split("pid=")[1].split()[0] for line in calls(tmp_path / "state") if line.startswith(kind)}
+
+    # Two worker processes, each loaded the generator once, then the scorer in its place.
+    assert len(pids("init echo")) == 2 and pids("init length") == pids("init echo")
+    assert pids("call length") <= pids("init echo")
 
     second = job_runner(config)  # finished: nothing to launch, nothing to run
-    assert launched == ["echo"] and second["rows"] == first["rows"]
-    assert len([line for line in calls(tmp_path / "state") if line.startswith("init echo")]) == 2
+    assert launched == ["Echo"] and second["rows"] == first["rows"]
+    assert len([line for line in calls(tmp_path / "state") if line.startswith("init")]) == 4
