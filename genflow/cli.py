@@ -95,7 +95,7 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
 
     try:
         job = load_config(config, set_ or [])
-        source = open_input(job.input, job.storage.endpoint_url, job.storage.region)
+        source = open_input(job.input, **job.storage.model_dump())
         rows = shards = 0
         for table in shard_tables(source, job.shard_rows):
             rows += table.num_rows

@@ -81,9 +81,12 @@ class RaySpec(_Strict):
 
 
 class StorageSpec(_Strict):
+    """How ``s3://`` inputs and outputs are reached; the fields are ``Storage.open``'s keywords."""
+
     endpoint_url: str | None = None
     region: str | None = None
     anonymous: bool = False
+    """Unsigned requests (a public bucket): no credentials are sent."""
 
 
 class ScheduleSpec(_Strict):

@@ -58,10 +58,12 @@ def _list_parquet(fs: pafs.FileSystem, path: str, uri: str) -> tuple[list[str], 
     return files, path
 
 
-def open_input(uri: str, endpoint_url: str | None = None, region: str | None = None) -> InputDataset:
+def open_input(uri: str, endpoint_url: str | None = None, region: str | None = None,
+               anonymous: bool = False) -> InputDataset:
     """Open and check every file's footer: a corrupt file or one without a usable
-    ``prompt`` column is reported by name before any work starts."""
-    fs, path = filesystem_for(uri, endpoint_url, region)
+    ``prompt`` column is reported by name before any work starts. The keyword
+    arguments are the job's ``storage`` settings."""
+    fs, path = filesystem_for(uri, endpoint_url, region, anonymous)
     files, base = _list_parquet(fs, path, uri)
     schemas = []
     fmt = ds.ParquetFileFormat()
