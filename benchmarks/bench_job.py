@@ -18,16 +18,22 @@ bare loop is measured both ways a plain script can use 2 cores — one process w
 torch threads, and 2 processes of 1 thread on half the prompts each — and the
 faster is the reference, so genflow is not flattered by a badly threaded baseline.
 
+Two models: the 4-layer, 256-wide GPT-2 of the performance issue's example, and a
+6-layer, 512-wide one with 6x its compute per token. On 2 CPU cores the first
+generates 2k prompts in ~14 s, which does not dominate the job's fixed start-up
+(Prefect's server, Ray, the model loads); the second takes over a minute, which does.
+
 The report splits the job's wall time into start-up before the flow's work
-(interpreter, imports, Prefect's server), planning, the worker pool's start (Ray,
-model loads), generation and the rest (writes, manifest, shutdown), from the
+(interpreter, imports, Prefect's server, Ray and the workers' launch), planning,
+the wait for the workers' model loads, generation and the rest (writes, manifest,
+shutdown), from the
 manifest's ``timings_s`` and the bench's own clock; gives the CPU seconds of every
 process of the job by kind (driver, Prefect server, Ray daemons, workers); and runs
 the job a second time on a fifth of the prompts, which splits its wall clock into a
 fixed cost and a cost per prompt, to compare with the bare loop's (load vs
 generate) and to say at how many prompts the target would be met.
 
-    python -m benchmarks.bench_job [--quick] [--prompts 2000] [--new-tokens 32] [--profile]
+    python -m benchmarks.bench_job [--quick] [--prompts 2000] [--new-tokens 32] [--models ...] [--profile]
 """
 
 from __future__ import annotations
@@ -59,15 +65,15 @@ from benchmarks.common import (
 
 TARGET = 0.90
 TEMPERATURE, TOP_P = 0.8, 0.95
-MODEL = "gpt2-4x256"
+JOB_MODELS = ("gpt2-4x256", "gpt2-6x512")
 
 
-def fixed_length_model(workdir: Path, new_tokens: int) -> str:
-    """The 4x256 GPT-2 with ``min_new_tokens`` in its generation config: every sample has the same length."""
+def fixed_length_model(workdir: Path, name: str, new_tokens: int) -> str:
+    """GPT-2 ``name`` with ``min_new_tokens`` in its generation config: every sample has the same length."""
     from transformers import GenerationConfig
 
-    source = Path(causal_lm(workdir, MODEL))
-    path = workdir / "models" / f"{MODEL}-exactly-{new_tokens}-tokens"
+    source = Path(causal_lm(workdir, name))
+    path = workdir / "models" / f"{name}-exactly-{new_tokens}-tokens"
     if not (path / "config.json").exists():
         shutil.copytree(source, path, dirs_exist_ok=True)
         config = GenerationConfig.from_pretrained(path)
@@ -164,6 +170,8 @@ def run_bare(model: str, prompts: Path, workdir: Path, new_tokens: int, batch_si
 
 PROCESS_KINDS = (
     ("ray::PluginWorker", "Ray workers (the model)"),
+    ("ray::DashboardAgent", "Ray agents (dashboard, runtime env)"),
+    ("ray::RuntimeEnvAgent", "Ray agents (dashboard, runtime env)"),
     ("ray::", "Ray workers (idle)"),
     ("uvicorn", "Prefect API server"),
     ("genflow.cli", "driver (genflow run)"),
@@ -234,9 +242,11 @@ def run_job(config_path: Path, output: Path, profile: Path | None) -> dict[str, 
 
 
 BREAKDOWN_LEGEND = {
-    "outside_flow": "interpreter start, imports, Prefect API start, flow-run bookkeeping, exit",
+    "outside_flow": "interpreter start, imports, Prefect API start, Ray start and the workers' launch (both "
+                    "before the flow), flow-run bookkeeping, Ray shutdown, exit",
     "plan": "read the input, write the prompt shards",
-    "pool_start": "Ray start and the workers loading the model (manifest timings_s start/generate/...)",
+    "pool_start": "waiting in the first generate task for the workers to load the model, launched before the "
+                  "flow (manifest timings_s start/generate/...)",
     "generation": "the generate stage's shard tasks minus the pool start: generation, batches to and from the "
                   "workers, Parquet writes",
     "rest_of_flow": "Prefect task runs, manifest, row counts, pool stop",
@@ -302,20 +312,33 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per generate call, both sides")
     parser.add_argument("--workers", type=int, default=2, help="Ray workers (default 2)")
+    parser.add_argument("--models", nargs="+", choices=JOB_MODELS,
+                        help=f"default: {' '.join(JOB_MODELS)} (--quick: {JOB_MODELS[0]})")
     parser.add_argument("--profile", action="store_true", help="record the job's driver with py-spy")
     args = parser.parse_args()
     quiet_environment()
-    workdir: Path = args.workdir / "job"
-    workdir.mkdir(parents=True, exist_ok=True)
     count = args.prompts or (400 if args.quick else 2000)
+    models = args.models or (JOB_MODELS[:1] if args.quick else JOB_MODELS)
+    comparisons = []
+    for name in models:
+        comparison, summary = measure(name, count, args)
+        comparisons.append(comparison)
+        print(summary)
+    emit(comparisons, args.json)
+
+
+def measure(model_name: str, count: int, args: argparse.Namespace) -> tuple[Comparison, str]:
+    """One model: both bare loops, the job, and the job on a fifth of the prompts."""
+    workdir: Path = args.workdir / "job" / model_name
+    workdir.mkdir(parents=True, exist_ok=True)
     small = max(1, count // 5)
-    model = fixed_length_model(args.workdir, args.new_tokens)
+    model = fixed_length_model(args.workdir, model_name, args.new_tokens)
     config_path, output = write_job(workdir, "job", model, count, args)
     small_config, small_output = write_job(workdir, "job-small", model, small, args)
     prompts = workdir / "job.parquet"
 
     cores = os.cpu_count() or 1
-    log(f"bare loop: 1 process x {cores} torch threads")
+    log(f"{model_name}: bare loop: 1 process x {cores} torch threads")
     bare_threads = run_bare(model, prompts, workdir, args.new_tokens, args.batch_size, cores, 1)
     log(f"  {bare_threads['wall_s']:.1f}s; genflow run ({args.workers} Ray workers)")
     profile = workdir / "job-driver.pyspy.txt" if args.profile else None
@@ -345,8 +368,8 @@ def main() -> None:
     margin = bare_per_prompt - TARGET * job_per_prompt
     break_even = (TARGET * job_fixed - bare_fixed) / margin if margin > 0 else None
     details: dict[str, Any] = {
-        "model": MODEL, "prompts": count, "new_tokens_per_prompt": args.new_tokens, "tokens_each_side": expected,
-        "batch_size": args.batch_size, "ray_workers": args.workers,
+        "model": model_name, "prompts": count, "new_tokens_per_prompt": args.new_tokens,
+        "tokens_each_side": expected, "batch_size": args.batch_size, "ray_workers": args.workers,
         "job_wall_s": round(job["wall_s"], 2), "job_small_wall_s": round(job_small["wall_s"], 2),
         "job_small_prompts": small,
         "bare_threads": {k: round(v, 2) if isinstance(v, float) else v for k, v in bare_threads.items()},
@@ -366,15 +389,14 @@ def main() -> None:
     }
     if profile is not None and profile.exists():
         details["driver_profile_top"] = summarize_profile(profile)
-    comparisons = [Comparison("job vs bare batched loop, end to end", "tokens/s",
-                              round(expected / job["wall_s"], 1), round(expected / bare["wall_s"], 1),
-                              round(ratio, 3), target, met, details)]
-    emit(comparisons, args.json)
+    comparison = Comparison(f"job vs bare batched loop, end to end ({model_name})", "tokens/s",
+                            round(expected / job["wall_s"], 1), round(expected / bare["wall_s"], 1),
+                            round(ratio, 3), target, met, details)
     needs = (f"about {details['prompts_for_target']:,} prompts" if break_even
              else "more than the per-prompt costs allow")
-    print(f"fixed cost: job {job_fixed:.1f}s, bare {bare_fixed:.1f}s; per prompt: job {job_per_prompt * 1e3:.2f} ms, "
-          f"bare {bare_per_prompt * 1e3:.2f} ms; the target needs {needs}")
-
+    return comparison, (f"{model_name}: fixed cost: job {job_fixed:.1f}s, bare {bare_fixed:.1f}s; per prompt: "
+                        f"job {job_per_prompt * 1e3:.2f} ms, bare {bare_per_prompt * 1e3:.2f} ms; "
+                        f"the target needs {needs}")
 
 if __name__ == "__main__":
     main()

@@ -124,7 +124,8 @@ def write_prompts_parquet(path: Path, prompts: list[str]) -> Path:
 MODELS = {
     # name: (n_layer, n_embd, n_head); same locally trained tokenizer for all
     "tiny-gpt2": (2, 64, 2),         # what `genflow models init-tiny` writes
-    "gpt2-4x256": (4, 256, 4),       # heavy enough on a CPU that compute dominates
+    "gpt2-4x256": (4, 256, 4),       # the performance issue's example: "a few layers, 256 hidden"
+    "gpt2-6x512": (6, 512, 8),       # 6x the compute per token: on 2 CPU cores, compute dominates a 2k-prompt job
 }
 
 
