@@ -70,7 +70,7 @@ def run_job(config: JobConfig | dict[str, Any], resume: bool = True,
     storage.check()
     try:
         if not resume or not storage.exists("manifest.json"):  # a new job: its first stage has work
-            _launch_first_pool(job)
+            _launch_workers(job)
         from genflow.flows.job import genflow_job  # Prefect's import, while the workers load
 
         if api_ready is not None:
@@ -80,7 +80,7 @@ def run_job(config: JobConfig | dict[str, Any], resume: bool = True,
         stop_early_workers()
 
 
-def _launch_first_pool(job: JobConfig) -> None:
+def _launch_workers(job: JobConfig) -> None:
     """Start the job's workers now, loading its first stage's plugin: Ray's start and the
     model loads take seconds, which then pass while Prefect starts the flow run and plans
     the shards.
