@@ -509,4 +509,3 @@ def chunked(items: Sequence[Any], size: int) -> list[list[Any]]:
     return [list(items[i:i + size]) for i in range(0, len(items), size)]
 
 
-PoolFactory = Callable[[], WorkerPool]
