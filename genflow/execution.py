@@ -1,9 +1,9 @@
-"""Ray execution: a fixed pool of actors per plugin, fed batches from the driver.
+"""Ray execution: a job's fixed set of actors, hosting one plugin at a time, fed batches from the driver.
 
-Each actor builds its plugin once (the model loads in the constructor) and then
-answers batches. A batch whose call raises is split and retried inside the actor
-until the failing rows are isolated, so one bad row costs an ``errors/`` row, not
-a batch.
+Each actor loads a stage's plugin once (its model) and then answers that stage's
+batches; the next stage's plugin is loaded into the same actors (:class:`Workers`).
+A batch whose call raises is split and retried inside the actor until the failing
+rows are isolated, so one bad row costs an ``errors/`` row, not a batch.
 
 A worker process that dies (segfault, ``os._exit``, out of memory, a lost node)
 cannot isolate anything itself, so the pool does it: it starts a fresh actor in the
