@@ -69,7 +69,7 @@ class RaySpec(_Strict):
     workers: int = Field(2, ge=1)
     batch_size: int | None = Field(None, ge=1)
     """Items per Ray call for every stage that sets none itself; None = each plugin's own
-    ``batch_size`` (hf-text 64, embedding-sim 64, diffusers-image 4, ...)."""
+    ``batch_size`` (hf-text 32, hf-reward 32, embedding-sim 128, diffusers-image 8, others 16)."""
     gpus_per_worker: float = Field(0.0, ge=0.0)
     max_restarts: int = Field(2, ge=0)
     """How many worker-process deaths a row may be part of before it becomes an ``errors/`` row.
