@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -284,30 +284,7 @@ def init_tiny(directory: Annotated[Path, typer.Argument(help="where to write the
 def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        app(prog_name="genflow")
-    except SystemExit as exc:
-        _leave(exc.code)
-    _leave(0)
-
-
-def _leave(code: object) -> NoReturn:
-    """Run the exit hooks, then end the process without tearing the interpreter down.
-
-    The hooks do what a finished command still owes: Prefect sends its last logs and
-    events, the local Prefect API stops, Ray stops. The teardown after them frees the
-    objects of every module Prefect, Ray and pyarrow loaded, one by one: 0.9 s of a
-    quickstart run on 2 CPU cores, for nothing a finished command needs."""
-    import atexit
-
-    if isinstance(code, str):  # sys.exit("message")
-        print(code, file=sys.stderr)
-        code = 1
-    atexit._run_exitfuncs()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code if isinstance(code, int) else 0)
+    app(prog_name="genflow")
 
 
 if __name__ == "__main__":
