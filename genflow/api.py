@@ -1,9 +1,52 @@
-"""What a plugin sees: requests in, candidates and scores out.
+"""What a plugin sees, and how genflow calls it: the execution contract.
 
-Generators, scorers and exporters are classes. genflow validates a job's
-``params`` against the class's ``Params`` model before any work starts, then builds
-one instance per Ray worker (the constructor loads the model) and calls it with
-batches. Everything here is plain data so batches travel cheaply to workers.
+A plugin is a class deriving from :class:`Generator`, :class:`Scorer` or
+:class:`Exporter`; the base class, not the methods it happens to have, says which
+kind it is. A class declares what it needs and genflow does the rest:
+
+- ``Params``: a pydantic model of its ``params``. genflow validates a job's params
+  against it before any work starts (``genflow validate``), so a typo fails with
+  the key path named and no model loads. Give each field ``Field(description=...)``:
+  ``genflow plugins --params NAME`` prints them.
+- ``input_columns``: the input columns it reads. The engine hands it exactly those
+  of a row (``inputs``), where the row has a value; a column no plugin of the job
+  reads is carried through to ``generations/``. ``path_columns`` are the ones
+  whose string values are paths or URIs: genflow resolves a relative path against
+  the input's folder, once, before the plugin sees it.
+- ``requires`` and ``extra``: the distributions it imports and the genflow extra
+  that installs them. A plugin whose requirements are missing is listed by
+  ``genflow plugins`` as unavailable with that pip command, and a job naming it
+  fails at validation. The manifest records the versions of what the job's
+  plugins require.
+
+How a model plugin is called (generators and scorers):
+
+- **Construction**: once per Ray worker process, never per batch. ``__init__``
+  loads the model; an exception there fails the stage at once (the model cannot
+  load, so no row could succeed). A worker hosts one plugin at a time: the job's
+  stages take turns on the same processes, the previous plugin's object dropped
+  first.
+- **Calls**: ``generate(requests)`` / ``score(items)`` take a list of up to the
+  stage's ``batch_size`` items (``ray.batch_size``, else the class's
+  ``batch_size``) and return one result per item, in order. A worker runs one call
+  at a time. Items of a call come from one shard, cut by ``batch_keys``.
+- **A result may be a** :class:`RowError`: that item alone becomes an ``errors/``
+  row (its message, no traceback) and the job goes on.
+- **An exception** from a call makes genflow split the call in halves and call
+  again until the failing items are alone; each item that still raises on its
+  own becomes an ``errors/`` row with its traceback. A worker process that dies
+  (segfault, out of memory) is replaced and its call retried in halves the same
+  way, up to ``ray.max_restarts`` deaths per item.
+- **What is written**: a :class:`Generation`'s text or image (PNG, under
+  ``images/``), ``num_tokens`` and ``finish_reason`` go to ``generations/`` with
+  the request's ids, seed and the stage's params; a :class:`Score`'s value and its
+  ``details`` (as JSON) go to ``scores/``. Nothing else a plugin holds is written.
+- **Job-level figures**: after its stage, a scorer's :meth:`Scorer.summarize` gets
+  all of its rows and returns the job's metrics for it (``manifest.json``), and
+  :meth:`Scorer.report_sections` turns those into tables for ``report.html``.
+
+Exporters run on the driver, once per shard, after ranking (see :class:`Exporter`).
+Everything passed to a model plugin is plain data, so batches travel cheaply to workers.
 """
 
 from __future__ import annotations
@@ -80,9 +123,24 @@ class Score:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-class _Plugin(ABC):
+class Plugin(ABC):
+    """What every plugin class declares: its params, what it reads and what it needs installed."""
+
     Params: ClassVar[type[PluginParams]] = PluginParams
     description: ClassVar[str] = ""
+    input_columns: ClassVar[tuple[str, ...]] = ()
+    """Input columns the plugin reads; a row's values of these arrive in ``inputs``."""
+    path_columns: ClassVar[tuple[str, ...]] = ()
+    """Those of ``input_columns`` that may hold a path or URI; a relative path is resolved
+    against the input's folder before the plugin sees it."""
+    requires: ClassVar[tuple[str, ...]] = ()
+    """Distributions the plugin imports (``("torch", "transformers")``): missing ones make it
+    unavailable, and the manifest records their versions."""
+    extra: ClassVar[str | None] = None
+    """The genflow extra that installs ``requires`` (``hf`` for ``pip install 'genflow[hf]'``)."""
+
+
+class _ModelPlugin(Plugin):
     default_model: ClassVar[str | None] = None
     batch_size: ClassVar[int] = 16
     """Items per call when the job sets none (``ray.batch_size``, or the stage's ``batch_size``).
@@ -99,7 +157,7 @@ class _Plugin(ABC):
         return {"model": self.model_name}
 
 
-class Generator(_Plugin):
+class Generator(_ModelPlugin):
     modality: ClassVar[str] = "text"
 
     @abstractmethod
@@ -119,7 +177,7 @@ class Generator(_Plugin):
         return [len(r.prompt) for r in requests]
 
 
-class Scorer(_Plugin):
+class Scorer(_ModelPlugin):
     modalities: ClassVar[tuple[str, ...]] = ("text", "code")
 
     @abstractmethod
@@ -128,8 +186,21 @@ class Scorer(_Plugin):
 
     @classmethod
     def summarize(cls, scores: pa.Table, params: PluginParams) -> dict[str, Any]:
-        """Job-level metrics from all of this scorer's rows (e.g. pass@k)."""
+        """Job-level metrics from all of this scorer's rows (``scores/`` columns), for the
+        manifest's ``metrics``. Runs on the driver after the scorer's stage; JSON-able values."""
         return {}
+
+    @classmethod
+    def report_sections(cls, name: str, metrics: dict[str, Any]) -> list[ReportSection]:
+        """Tables for ``report.html`` from this scorer's :meth:`summarize` metrics.
+
+        ``name`` is the scorer's name in the job. The default shows every number in
+        ``metrics`` as one row; a scorer with figures of its own shape returns its own.
+        The report escapes every cell."""
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if not numbers:
+            return []
+        return [ReportSection(f"{name} metrics", ["scorer", *numbers], [[name, *numbers.values()]])]
 
     def batch_keys(self, items: list[ScoreItem]) -> list[Any]:
         """One sort key per item, saying which items should share a ``score`` call.
@@ -144,13 +215,35 @@ class Scorer(_Plugin):
         return [(len(i.prompt), i.prompt_id, len(i.text or "")) for i in items]
 
 
-class Exporter(ABC):
-    Params: ClassVar[type[PluginParams]] = PluginParams
-    description: ClassVar[str] = ""
+@dataclass(frozen=True)
+class ReportSection:
+    """A table in ``report.html``, from a plugin: a title, column names and rows of cells."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+    note: str = ""
+
+
+class Exporter(Plugin):
+    """A training-data format made from each shard's ranked candidates.
+
+    Its registered name is the folder it writes (``<output>/<name>/part-*.parquet``).
+    ``export`` runs on the driver, once per shard after ranking; an exception fails
+    that shard's rank task (Prefect retries it), so an exporter validates what it can
+    in ``Params``. A job runs the exporters named under ``exporters:`` in its config,
+    plus those whose :meth:`job_params` say they run by default."""
+
     modality: ClassVar[str] = "any"
 
     def __init__(self, params: PluginParams) -> None:
         self.params = params
+
+    @classmethod
+    def job_params(cls, ranking: Any) -> dict[str, Any] | None:
+        """Params when this exporter runs in every job with scorers, from the job's ``ranking``
+        section (a :class:`genflow.config.RankingSpec`); None: only when the config names it."""
+        return None
 
     @abstractmethod
     def export(self, ranked: pa.Table) -> pa.Table | None:
