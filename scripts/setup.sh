@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up genflow in .venv: CPU torch first, then the project with its dev extras,
+# Set up genflow in .venv: CPU torch first, then the project with every extra (all) and the dev tools,
 # then the tiny offline models. System packages for the sandbox (bubblewrap) and
 # the report's browser test (chromium) are installed when apt is available.
 set -euo pipefail
@@ -30,7 +30,7 @@ $PIP install -q --upgrade pip
 # The CPU build of torch first: an unpinned torch would pull a CUDA build of several GB.
 echo "==> installing torch (CPU)"
 $PIP install -q "torch==2.13.0"
-echo "==> installing genflow"
-$PIP install -q -e ".[dev]"
+echo "==> installing genflow with every plugin family and the dev tools"
+$PIP install -q -e ".[all,dev]"
 echo "==> writing tiny offline models to models/"
 HF_HUB_OFFLINE=1 "$VENV/bin/genflow" models init-tiny models
