@@ -43,7 +43,7 @@ def quiet_environment() -> None:
 
 def worker_environment() -> dict[str, str]:
     """The process environment genflow gives its plugin workers (glibc malloc settings)."""
-    from genflow.execution import worker_env_vars
+    from genflow.ray_cluster import worker_env_vars
 
     return worker_env_vars()
 

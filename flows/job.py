@@ -41,11 +41,12 @@ from prefect.states import State
 
 from genflow.api import Scorer
 from genflow.config import ConfigError, JobConfig, ScorerSpec, build_config, resolve_output, stable_hash
-from genflow.execution import RayUnreachable, WorkerPool, Workers, job_workers
+from genflow.execution import WorkerPool, Workers, job_workers
 from genflow.job import JobFailed
 from genflow.manifest import build_manifest, rows_of
 from genflow.progress import StageProgress
 from genflow.prompts import InputError, open_input
+from genflow.ray_cluster import RayUnreachable
 from genflow.registry import PluginError, get_registry
 from genflow.report import write_report_safely
 from genflow.stages import (

@@ -67,7 +67,7 @@ def run(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no-r
                 _print_summary(exc.manifest)
             fail(str(exc), code=1)
     _print_summary(manifest)
-    from genflow.execution import shutdown_ray
+    from genflow.ray_cluster import shutdown_ray
 
     shutdown_ray()  # now, not at exit: Ray's own exit hook first pauses half a second
 

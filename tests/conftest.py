@@ -49,7 +49,7 @@ def ray_local() -> Iterator[None]:
     import ray
 
     from genflow.config import RaySpec
-    from genflow.execution import init_ray
+    from genflow.ray_cluster import init_ray
 
     init_ray(RaySpec())
     yield

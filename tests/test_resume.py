@@ -133,7 +133,7 @@ def test_a_killed_job_resumes_to_the_output_of_an_uninterrupted_run(
         raise AssertionError("a finished job must not start Ray or load a model")
 
     monkeypatch.setattr("genflow.execution.WorkerPool.start", no_ray)
-    monkeypatch.setattr("genflow.execution.init_ray", no_ray)
+    monkeypatch.setattr("genflow.ray_cluster.init_ray", no_ray)
     manifest = job_runner(config)
     assert manifest["status"] == "completed"
     assert all(skipped == shards for shards, skipped in _stages(killed_out).values())
