@@ -1,32 +1,116 @@
-"""Ray start-up: a job's Ray started locally, or a cluster connected to."""
+"""Ray start-up: which Ray a job uses, and never waiting on one that is gone.
+
+``ray.init()`` left to itself connects to ``RAY_ADDRESS``, or else to the "current
+cluster" that the last ``ray start --head`` on this machine wrote to
+``<Ray temp dir>/ray_current_cluster`` (``/tmp/ray/ray_current_cluster`` unless
+``RAY_TMPDIR`` or ``TMPDIR`` says otherwise). A head that died without ``ray stop``
+leaves that file behind, and Ray then retries its dead address for many minutes.
+So genflow decides itself what it hands to ``ray.init`` (:func:`ray_address`):
+
+- ``ray.address`` set, or else ``RAY_ADDRESS``: that cluster, which must answer a TCP
+  connect within seconds, else :class:`RayUnreachable` (exit code 2 from the CLI).
+  ``auto`` is looked up in the current-cluster file here, so that it is checked too.
+- neither (``ray.address: null``): the cluster named by the current-cluster file if it
+  answers within seconds; otherwise, or with no file, a fresh local Ray
+  (``address="local"``, which makes Ray ignore the file), with one line saying so
+  when the file named a dead cluster.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
+from pathlib import Path
 from typing import Any
 
 import ray
 
 from genflow.config import RaySpec
 
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0
+"""How long a cluster named by ``ray.address`` or ``RAY_ADDRESS`` has to accept a connection."""
+CURRENT_CLUSTER_TIMEOUT_S = 2.0
+"""The same for the current-cluster file's address (a local one: it answers at once or never)."""
+
 
 class RayUnreachable(ConnectionError):
-    """``ray.address`` names a cluster that does not answer."""
+    """``ray.address`` (or ``RAY_ADDRESS``) names a cluster that does not answer."""
 
 
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Ray retries an address where nothing listens for minutes; find out in seconds."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        return  # "auto", or a form Ray parses itself
+def current_cluster_file() -> Path:
+    """Where Ray looks for the address of the last ``ray start --head`` on this machine."""
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
+        from ray._common.utils import get_ray_address_file
+    except ImportError:  # Ray before 2.4x kept it here
+        from ray._private.utils import get_ray_address_file
+    return Path(get_ray_address_file(None))
+
+
+def _read_current_cluster(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``host:port`` of an address (``ray://`` or another scheme stripped); None for other forms."""
+    host, _, port = re.sub(r"^[a-z][a-z0-9+.-]*://", "", address).rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _no_answer(address: str, timeout: float) -> str | None:
+    """Why nothing answers at ``address`` ("nothing answers at host:port (error)"), or None if it does."""
+    target = _host_port(address)
+    if target is None:
+        return None  # a form Ray parses itself
+    try:
+        with socket.create_connection(target, timeout=timeout):
+            return None
     except OSError as exc:
-        raise RayUnreachable(f"cannot connect to the Ray cluster at {address!r}: nothing answers at "
-                             f"{host}:{port} ({exc})") from None
+        return f"nothing answers at {target[0]}:{target[1]} ({exc})"
+
+
+def _check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S, source: str = "") -> None:
+    """Ray retries an address where nothing listens for minutes; find out in seconds."""
+    problem = _no_answer(address, timeout)
+    if problem:
+        raise RayUnreachable(f"cannot connect to the Ray cluster at {address!r}{source}: {problem}") from None
+
+
+def ray_address(spec: RaySpec) -> str:
+    """What genflow passes to ``ray.init(address=...)``: a cluster that answers, or ``"local"``.
+
+    Raises :class:`RayUnreachable` when ``ray.address`` or ``RAY_ADDRESS`` names a cluster
+    that does not answer. See the module's docstring for the rules."""
+    address, source = spec.address, ""
+    if not address and os.environ.get("RAY_ADDRESS"):
+        address, source = os.environ["RAY_ADDRESS"], " (RAY_ADDRESS)"
+    if address == "local":
+        return "local"
+    path = current_cluster_file()
+    if address == "auto":
+        named = _read_current_cluster(path)
+        if named is None:
+            return "auto"  # Ray looks for a running instance on this machine, and says so at once if none
+        _check_reachable(named, source=f" (named by {path}, for {address!r}{source})")
+        return named
+    if address:
+        _check_reachable(address, source=source)
+        return address
+    named = _read_current_cluster(path)
+    if named is None:
+        return "local"
+    if _no_answer(named, CURRENT_CLUSTER_TIMEOUT_S) is None:
+        return named
+    log.warning("the Ray cluster named by %s (%s) does not answer; starting a local Ray", path, named)
+    return "local"
 
 
 WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(128 * 2**20)}
@@ -50,28 +134,27 @@ _ray_started_here = False
 
 
 def init_ray(spec: RaySpec) -> None:
-    """Start Ray locally, or connect to ``spec.address`` (``auto``, ``host:port``, ``ray://host:port``).
+    """Start Ray locally, or connect to the cluster :func:`ray_address` picks for ``spec``.
 
     Call it from the main thread: a local Ray's processes are tied to the thread that
     starts them (``PR_SET_PDEATHSIG``) and die with it."""
     global _ray_started_here
     if ray.is_initialized():
         return
-    if not spec.address:
+    address = ray_address(spec)
+    if address == "local":
         os.environ.update(worker_env_vars())  # the local Ray's processes, workers included, inherit these
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
                               "log_to_driver": True}
-    if spec.address:
-        _check_reachable(spec.address)
-        try:
-            ray.init(address=spec.address, **kwargs)
-        except ConnectionError as exc:
-            raise RayUnreachable(f"cannot connect to the Ray cluster at {spec.address!r}: {exc}") from None
-    else:
-        ray.init(**kwargs)
+    try:
+        ray.init(address=address, **kwargs)
+    except ConnectionError as exc:
+        if address == "local":
+            raise
+        raise RayUnreachable(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
     _ray_started_here = True
 
 
