@@ -24,10 +24,3 @@ def map_sorted(items: Sequence[T], lengths: Sequence[int], batch_size: int,
         for i, out in zip(idx, run([items[i] for i in idx]), strict=True):
             results[i] = out
     return results  # type: ignore[return-value]
-
-
-def torch_threads_for_worker() -> int:
-    """CPU threads a worker's torch should use: Ray sets OMP_NUM_THREADS from its CPU share."""
-    import os
-
-    return max(1, int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1))

@@ -19,8 +19,12 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
+from pydantic import Field
+
 from genflow import hookimpl
 from genflow.api import PluginParams, RowError, Score, ScoreItem, Scorer
+from genflow.hookspecs import Register
+from genflow.plugins.hf_common import describe_model, prepare_torch
 from genflow.storage import read_bytes
 
 if TYPE_CHECKING:
@@ -33,19 +37,9 @@ DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 CLIP_MAX_LENGTH = 77  # the context length of every released CLIP text tower
 
 
-@hookimpl
-def register_scorers(register: Any) -> None:
-    register("clip-score", ClipScorer)
-
-
-@hookimpl
-def init_tiny_models(directory: Path) -> dict[str, str]:
-    return {TINY_CLIP: str(write_tiny_clip(Path(directory) / TINY_CLIP))}
-
-
 class ClipScoreParams(PluginParams):
-    clip_at_zero: bool = False
-    """Report ``max(score, 0)`` as the CLIPScore paper does (loses the order of poor candidates)."""
+    clip_at_zero: bool = Field(False, description="Report max(score, 0) as the CLIPScore paper does "
+                               "(loses the order of poor candidates).")
 
 
 class ClipScorer(Scorer):
@@ -53,22 +47,27 @@ class ClipScorer(Scorer):
 
     Params: ClassVar[type[PluginParams]] = ClipScoreParams
     modalities: ClassVar[tuple[str, ...]] = ("image",)
-    default_model: ClassVar[str | None] = DEFAULT_CLIP
     description: ClassVar[str] = "CLIP text-image agreement: 100 x cosine (CLIPScore scale)"
+    input_columns: ClassVar[tuple[str, ...]] = ()  # the prompt and the candidate image come with every item
+    requires: ClassVar[tuple[str, ...]] = ("torch", "transformers", "pillow")
+    extra: ClassVar[str | None] = "image"
+    default_model: ClassVar[str | None] = DEFAULT_CLIP
+    params: ClipScoreParams
 
     def __init__(self, model: str | None, params: ClipScoreParams, device: str = "cpu") -> None:
         super().__init__(model, params, device)
         from transformers import CLIPModel, CLIPProcessor
 
         self.clip_at_zero = params.clip_at_zero
-        name = model or DEFAULT_CLIP
+        self.torch_device = prepare_torch(device)
+        name = self.model_name or DEFAULT_CLIP
         self.processor = CLIPProcessor.from_pretrained(name)
         self.model = CLIPModel.from_pretrained(name)
-        self.model.to(device)  # type: ignore[arg-type]  # transformers types .to() wrongly
+        self.model.to(self.torch_device)
         self.model.eval()
 
     def describe(self) -> dict[str, Any]:
-        return {"model": self.model_name, "projection_dim": self.model.config.projection_dim}
+        return describe_model(self.model_name, self.model, projection_dim=self.model.config.projection_dim)
 
     def score(self, items: list[ScoreItem]) -> list[Score | RowError]:
         import torch
@@ -96,11 +95,11 @@ class ClipScorer(Scorer):
 
     def _embed_text(self, prompts: list[str]) -> torch.Tensor:
         inputs = self.processor(text=prompts, padding=True, truncation=True,
-                                max_length=CLIP_MAX_LENGTH, return_tensors="pt").to(self.device)
+                                max_length=CLIP_MAX_LENGTH, return_tensors="pt").to(self.torch_device)
         return _unit(self.model.get_text_features(**inputs))
 
     def _embed_images(self, images: list[Image.Image]) -> torch.Tensor:
-        inputs = self.processor(images=images, return_tensors="pt").to(self.device)
+        inputs = self.processor(images=images, return_tensors="pt").to(self.torch_device)
         return _unit(self.model.get_image_features(**inputs))
 
 
@@ -220,3 +219,13 @@ def write_tiny_clip(path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     return path
+
+
+@hookimpl
+def register_scorers(register: Register) -> None:
+    register("clip-score", ClipScorer)
+
+
+@hookimpl
+def init_tiny_models(directory: Path) -> dict[str, str]:
+    return {TINY_CLIP: str(write_tiny_clip(Path(directory) / TINY_CLIP))}

@@ -15,9 +15,10 @@ Tasks (the row's ``task`` when it names one, else the ``mode`` param):
 
 The code of ``explain``/``fix``/``refactor``/``tests`` is the row's ``code`` input
 when present, else its prompt. Templates are Jinja2 with ``prompt``, ``code``,
-``error``, ``entry_point`` and every other input as variables; ``templates`` in
-the params replaces any of them. Without a chat template the model is primed
-with an opening ```python fence, so a base model answers in code right away.
+``error``, ``entry_point`` and the other columns the plugin reads (``input_columns``)
+as variables; ``templates`` in the params replaces any of them. Without a chat
+template the model is primed with an opening ```python fence, so a base model
+answers in code right away.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import jinja2
 from pydantic import Field, field_validator
 
 from genflow import hookimpl
-from genflow.api import Generation, GenerationRequest, RowError
+from genflow.api import Generation, GenerationRequest, PluginParams, RowError
+from genflow.hookspecs import Register
 from genflow.plugins.code_exec import extract_code
 from genflow.plugins.text import HFTextGenerator, HFTextParams, write_tiny_causal_lm
 
@@ -72,13 +74,12 @@ _TOP_LEVEL_LINE = re.compile(r"\n(?=[^\s#])")
 
 
 class HFCodeParams(HFTextParams):
-    max_new_tokens: int = Field(256, ge=1)
-    mode: Mode = "generate"
-    """Task for rows whose ``task`` is not one of the modes."""
-    templates: dict[str, str] = Field(default_factory=dict)
-    """Replace the Jinja2 template of a mode: ``{fix: "..."}``."""
-    extract_code: bool = True
-    """Return only the code of a Markdown answer (its ```python block)."""
+    max_new_tokens: int = Field(256, ge=1, description="Tokens to generate at most per candidate.")
+    mode: Mode = Field("generate", description="Task for rows whose `task` is not one of the modes.")
+    templates: dict[str, str] = Field(default_factory=dict, description="Replace the Jinja2 template of a "
+                                      "mode: {fix: \"...\"}.")
+    extract_code: bool = Field(True, description="Return only the code of a Markdown answer "
+                               "(its ```python block).")
 
     @field_validator("templates")
     @classmethod
@@ -97,9 +98,14 @@ class HFCodeParams(HFTextParams):
 class HFCodeGenerator(HFTextGenerator):
     """Code generation with a causal LM: generate, explain, fix, refactor, write tests."""
 
-    modality = "code"
-    Params = HFCodeParams
-    description = "transformers causal LM for code: generate/explain/fix/refactor/tests, code-aware stops"
+    Params: ClassVar[type[PluginParams]] = HFCodeParams
+    modality: ClassVar[str] = "code"
+    description: ClassVar[str] = (
+        "transformers causal LM for code: generate/explain/fix/refactor/tests, code-aware stops")
+    input_columns: ClassVar[tuple[str, ...]] = (
+        "code", "error", "entry_point", "task_id", "tests", "test", "canonical_solution")
+    """Template variables; HumanEval's ``test`` and ``canonical_solution`` among them (e.g. a
+    ``tests`` template that shows the reference solution)."""
     params: HFCodeParams
     stop: list[str]
 
@@ -174,7 +180,7 @@ class HFCodeGenerator(HFTextGenerator):
 
 
 @hookimpl
-def register_generators(register: Any) -> None:
+def register_generators(register: Register) -> None:
     register("hf-code", HFCodeGenerator)
 
 

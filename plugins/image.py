@@ -25,6 +25,8 @@ from pydantic import Field, field_validator, model_validator
 
 from genflow import hookimpl
 from genflow.api import Generation, GenerationRequest, Generator, PluginParams, RowError
+from genflow.hookspecs import Register
+from genflow.plugins.hf_common import prepare_torch
 from genflow.storage import read_bytes
 
 if TYPE_CHECKING:
@@ -36,38 +38,28 @@ TINY_SD = "tiny-sd"
 Mode = Literal["text2img", "img2img", "inpaint"]
 
 
-@hookimpl
-def register_generators(register: Any) -> None:
-    register("diffusers-image", DiffusersImageGenerator)
-
-
-@hookimpl
-def init_tiny_models(directory: Path) -> dict[str, str]:
-    return {TINY_SD: str(write_tiny_sd(Path(directory) / TINY_SD))}
-
-
 class DiffusersImageParams(PluginParams):
-    num_inference_steps: int = Field(30, ge=1)
-    guidance_scale: float = Field(7.5, ge=0.0)
-    """Classifier-free guidance; values above 1 enable it (and double the UNet batch)."""
-    height: int | None = Field(None, ge=8, multiple_of=8)
-    """Output height in pixels; default: the model's native size for text-to-image,
-    the input image's height (rounded down to a multiple of 8) otherwise."""
-    width: int | None = Field(None, ge=8, multiple_of=8)
-    negative_prompt: str | None = None
-    strength: float | None = Field(None, gt=0.0, le=1.0)
-    """How far to move from the input image (1 ignores it); default: diffusers' own,
-    0.8 for image-to-image and 1.0 for inpainting."""
-    scheduler: str | None = None
-    """A diffusers scheduler class, e.g. ``DDIMScheduler``, built from the model's scheduler config."""
-    mode: Literal["auto", "text2img", "img2img", "inpaint"] = "auto"
-    """``auto`` picks per row from its ``image`` and ``mask`` columns; a forced mode
-    ignores the columns it does not use and fails rows that lack one it needs."""
-    keep_unmasked: bool = True
-    """Inpainting: paste the input pixels back outside the mask, so only the masked
-    area changes (the VAE round trip otherwise alters the whole image slightly)."""
-    dtype: Literal["float32", "float16", "bfloat16"] | None = None
-    """Weights' dtype; default float16 on CUDA, float32 elsewhere."""
+    num_inference_steps: int = Field(30, ge=1, description="Denoising steps per image.")
+    guidance_scale: float = Field(7.5, ge=0.0, description="Classifier-free guidance; values above 1 enable it "
+                                  "(and double the UNet batch).")
+    height: int | None = Field(None, ge=8, multiple_of=8, description="Output height in pixels; null = the "
+                               "model's native size for text-to-image, the input image's height (rounded "
+                               "down to a multiple of 8) otherwise.")
+    width: int | None = Field(None, ge=8, multiple_of=8, description="Output width in pixels; null as for height.")
+    negative_prompt: str | None = Field(None, description="What the images should not show.")
+    strength: float | None = Field(None, gt=0.0, le=1.0, description="How far to move from the input image "
+                                   "(1 ignores it); null = diffusers' own, 0.8 for image-to-image and 1.0 for "
+                                   "inpainting.")
+    scheduler: str | None = Field(None, description="A diffusers scheduler class, e.g. DDIMScheduler, built "
+                                  "from the model's scheduler config; null = the model's own.")
+    mode: Literal["auto", "text2img", "img2img", "inpaint"] = Field(
+        "auto", description="auto picks per row from its `image` and `mask` columns; a forced mode ignores "
+        "the columns it does not use and fails rows that lack one it needs.")
+    keep_unmasked: bool = Field(True, description="Inpainting: paste the input pixels back outside the mask, "
+                                "so only the masked area changes (the VAE round trip otherwise alters the "
+                                "whole image slightly).")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="Weights' dtype; null = "
+                                                                     "float16 on CUDA, float32 elsewhere.")
 
     @field_validator("scheduler")
     @classmethod
@@ -84,46 +76,18 @@ class DiffusersImageParams(PluginParams):
         return self
 
 
-def scheduler_class(name: str) -> type[SchedulerMixin]:
-    """The diffusers scheduler class called ``name``, or a ValueError listing the choices."""
-    import diffusers
-    from diffusers import SchedulerMixin
-
-    found = getattr(diffusers, name, None)
-    if isinstance(found, type) and issubclass(found, SchedulerMixin):
-        return found
-    known = sorted(n for n in dir(diffusers.schedulers) if n.endswith("Scheduler"))
-    raise ValueError(f"unknown diffusers scheduler {name!r}; choose one of: {', '.join(known)}")
-
-
-@dataclass
-class _Task:
-    """A request resolved to what its pipeline call needs."""
-
-    index: int
-    prompt: str
-    seed: int
-    mode: Mode
-    image: Image.Image | None = None
-    mask: Image.Image | None = None
-    height: int | None = None
-    width: int | None = None
-
-    @property
-    def group(self) -> tuple[Mode, int | None, int | None]:
-        """Requests with equal groups run in one pipeline call."""
-        return self.mode, self.height, self.width
-
-
 class DiffusersImageGenerator(Generator):
     """Stable Diffusion-style pipelines: text-to-image, image-to-image, inpainting."""
 
     Params: ClassVar[type[PluginParams]] = DiffusersImageParams
     modality: ClassVar[str] = "image"
-    default_model: ClassVar[str | None] = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     description: ClassVar[str] = "diffusers text-to-image, image-to-image and inpainting; one seed per image"
+    input_columns: ClassVar[tuple[str, ...]] = ("image", "mask")
+    path_columns: ClassVar[tuple[str, ...]] = ("image", "mask")
+    requires: ClassVar[tuple[str, ...]] = ("torch", "diffusers", "transformers", "pillow")
+    extra: ClassVar[str | None] = "image"
+    default_model: ClassVar[str | None] = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     batch_size: ClassVar[int] = 8
-
     params: DiffusersImageParams
 
     def __init__(self, model: str | None, params: DiffusersImageParams, device: str = "cpu") -> None:
@@ -132,7 +96,8 @@ class DiffusersImageGenerator(Generator):
         from diffusers import AutoPipelineForText2Image
         from diffusers.utils import logging as diffusers_logging
 
-        dtype_name = params.dtype or ("float16" if device.startswith("cuda") else "float32")
+        self.torch_device = prepare_torch(device)
+        dtype_name = params.dtype or ("float16" if self.torch_device.type == "cuda" else "float32")
         self.dtype = getattr(torch, dtype_name)
         diffusers_logging.disable_progress_bar()  # this process is the plugin's worker: no loading bars
         # Generated data is filtered by the job's scorers; a safety checker would
@@ -141,7 +106,7 @@ class DiffusersImageGenerator(Generator):
             self.model_name, dtype=self.dtype, safety_checker=None, requires_safety_checker=False)
         if params.scheduler:
             pipe.scheduler = scheduler_class(params.scheduler).from_config(pipe.scheduler.config)
-        pipe.to(device)
+        pipe.to(self.torch_device)
         pipe.set_progress_bar_config(disable=True)
         # diffusers pipelines are duck-typed (their __call__ differs per class): Any.
         self._pipelines: dict[Mode, Any] = {"text2img": pipe}
@@ -255,6 +220,37 @@ class DiffusersImageGenerator(Generator):
         return images
 
 
+def scheduler_class(name: str) -> type[SchedulerMixin]:
+    """The diffusers scheduler class called ``name``, or a ValueError listing the choices."""
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    found = getattr(diffusers, name, None)
+    if isinstance(found, type) and issubclass(found, SchedulerMixin):
+        return found
+    known = sorted(n for n in dir(diffusers.schedulers) if n.endswith("Scheduler"))
+    raise ValueError(f"unknown diffusers scheduler {name!r}; choose one of: {', '.join(known)}")
+
+
+@dataclass
+class _Task:
+    """A request resolved to what its pipeline call needs."""
+
+    index: int
+    prompt: str
+    seed: int
+    mode: Mode
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+    height: int | None = None
+    width: int | None = None
+
+    @property
+    def group(self) -> tuple[Mode, int | None, int | None]:
+        """Requests with equal groups run in one pipeline call."""
+        return self.mode, self.height, self.width
+
+
 def _present(value: Any) -> bool:
     """Whether an ``image``/``mask`` cell holds something (datasets use None or "" for "no image")."""
     if isinstance(value, dict):
@@ -347,3 +343,13 @@ def write_tiny_sd(path: Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(path)  # type: ignore[attr-defined]
     return path
+
+
+@hookimpl
+def register_generators(register: Register) -> None:
+    register("diffusers-image", DiffusersImageGenerator)
+
+
+@hookimpl
+def init_tiny_models(directory: Path) -> dict[str, str]:
+    return {TINY_SD: str(write_tiny_sd(Path(directory) / TINY_SD))}

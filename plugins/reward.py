@@ -5,48 +5,50 @@ Works with TRL reward models (one logit per sequence): the score is that logit.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
 from genflow import hookimpl
 from genflow.api import PluginParams, RowError, Score, ScoreItem, Scorer
 from genflow.hookspecs import Register
-from genflow.plugins.batching import map_sorted, torch_threads_for_worker
-from genflow.plugins.text import resolve_device, write_tiny_gpt2
+from genflow.plugins.batching import map_sorted
+from genflow.plugins.hf_common import HF_REQUIRES, describe_model, load_tokenizer, prepare_torch
+from genflow.plugins.text import write_tiny_gpt2
+
+TINY_REWARD = "tiny-reward"
 
 
 class HFRewardParams(PluginParams):
-    max_length: int = Field(512, ge=8)
-    micro_batch: int = Field(32, ge=1)
-    chat_template: bool | None = None
-    """Join prompt and response with the tokenizer's chat template: None = when it has one."""
-    label_index: int = Field(0, ge=0)
+    max_length: int = Field(512, ge=8, description="Tokens of (prompt, response) the model reads at most; "
+                            "longer ones are truncated (details.truncated).")
+    micro_batch: int = Field(32, ge=1, description="Sequences per forward pass inside one call.")
+    chat_template: bool | None = Field(None, description="Join prompt and response with the tokenizer's chat "
+                                       "template: null = when it has one.")
+    label_index: int = Field(0, ge=0, description="Which logit of the classification head is the score.")
 
 
 class HFRewardScorer(Scorer):
     """Reward model score: the classification head's logit for (prompt, response)."""
 
-    modalities = ("text", "code")
-    Params = HFRewardParams
-    description = "reward model (sequence classification head) logit per (prompt, response)"
-    batch_size = 32
+    Params: ClassVar[type[PluginParams]] = HFRewardParams
+    modalities: ClassVar[tuple[str, ...]] = ("text", "code")
+    description: ClassVar[str] = "reward model (sequence classification head) logit per (prompt, response)"
+    input_columns: ClassVar[tuple[str, ...]] = ()  # the prompt and the candidate come with every item
+    requires: ClassVar[tuple[str, ...]] = HF_REQUIRES
+    extra: ClassVar[str | None] = "hf"
+    batch_size: ClassVar[int] = 32
     params: HFRewardParams
 
     def __init__(self, model: str | None, params: HFRewardParams, device: str = "cpu") -> None:
         super().__init__(model, params, device)
         if not self.model_name:
             raise ValueError("hf-reward needs a model path or id")
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        torch.set_num_threads(torch_threads_for_worker())
-        self.torch_device = resolve_device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_name, padding_side="right")
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.torch_device = prepare_torch(device)
+        self.tokenizer = load_tokenizer(self.model_name, padding_side="right")
         self.model = AutoModelForSequenceClassification.from_pretrained(self.model_name).to(self.torch_device)
         self.model.eval()
         self.model.config.use_cache = False  # one forward per sequence: a key/value cache is wasted work
@@ -55,9 +57,7 @@ class HFRewardScorer(Scorer):
         self.use_chat = bool(self.tokenizer.chat_template) if params.chat_template is None else params.chat_template
 
     def describe(self) -> dict[str, Any]:
-        cfg = self.model.config.to_json_string(use_diff=False)
-        return {"model": self.model_name, "architecture": type(self.model).__name__,
-                "config_sha256": hashlib.sha256(cfg.encode()).hexdigest()[:16]}
+        return describe_model(self.model_name, self.model)
 
     def text_of(self, item: ScoreItem) -> str:
         if self.use_chat:
@@ -108,4 +108,4 @@ def register_scorers(register: Register) -> None:
 
 @hookimpl
 def init_tiny_models(directory: Path) -> dict[str, str]:
-    return {"tiny-reward": str(write_tiny_reward_model(directory / "tiny-reward"))}
+    return {TINY_REWARD: str(write_tiny_reward_model(directory / TINY_REWARD))}

@@ -8,112 +8,46 @@ not on which other prompts shared its batch.
 
 from __future__ import annotations
 
-import hashlib
-import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field
 
 from genflow import hookimpl
 from genflow.api import Generation, GenerationRequest, Generator, PluginParams, RowError
 from genflow.hookspecs import Register
-from genflow.plugins.batching import length_sorted_batches, torch_threads_for_worker
+from genflow.plugins.batching import length_sorted_batches
+from genflow.plugins.hf_common import HF_REQUIRES, describe_model, load_tokenizer, prepare_torch
 
 if TYPE_CHECKING:  # torch and transformers load in the worker, not when plugins are listed
     import torch
 
-log = logging.getLogger(__name__)
+TINY_GPT2 = "tiny-gpt2"
 
 
 class HFTextParams(PluginParams):
-    max_new_tokens: int = Field(32, ge=1)
-    temperature: float = Field(1.0, ge=0.0)
-    """0 means greedy decoding."""
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    stop: list[str] = Field(default_factory=list)
-    chat_template: bool | None = None
-    """Use the tokenizer's chat template: None = when it has one."""
-    max_prompt_tokens: int | None = Field(None, ge=1)
-    """Keep only the last N prompt tokens."""
-    micro_batch: int = Field(32, ge=1)
-    """Sequences per forward pass inside one batch of requests."""
-
-
-class SeededSampler:
-    """Temperature/top-k/top-p sampling with one random generator per row.
-
-    ``generate`` runs greedy, and this logits processor leaves exactly one token
-    open per row, drawn from that row's own generator.
-    """
-
-    def __init__(self, seeds: list[int], temperature: float, top_p: float, top_k: int) -> None:
-        import torch
-
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
-        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        import torch
-
-        logits = scores.float()
-        if self.temperature == 0:
-            chosen = logits.argmax(dim=-1)
-        else:
-            logits = logits / self.temperature
-            if self.top_k:
-                kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            if self.top_p < 1.0:
-                sorted_p, sorted_i = probs.sort(dim=-1, descending=True)
-                cum = sorted_p.cumsum(dim=-1)
-                drop = cum - sorted_p > self.top_p
-                sorted_p = sorted_p.masked_fill(drop, 0.0)
-                probs = torch.zeros_like(probs).scatter(-1, sorted_i, sorted_p)
-            chosen = seeded_draws(probs, self.generators).to(logits.device)
-        out = torch.full_like(scores, float("-inf"))
-        out.scatter_(-1, chosen.unsqueeze(-1), 0.0)
-        return out
-
-
-def seeded_draws(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """One index per row of ``probs``, row i drawn with ``generators[i]``.
-
-    The same draw as ``torch.multinomial(probs[i], 1, generator=generators[i])``
-    row by row (for one sample torch races exponentials: argmax of p / q with
-    q ~ Exp(1) from the generator), with only the noise drawn per row; the checks,
-    division and argmax run once for the whole batch. Per-row multinomial calls
-    were half of a small model's generation time.
-    """
-    import torch
-
-    probs = probs.cpu()
-    valid = torch.isfinite(probs).all() & (probs >= 0).all() & (probs.sum(dim=-1) > 0).all()
-    if not bool(valid):
-        raise RuntimeError("probability tensor contains either `inf`, `nan`, an element < 0 or a row summing to 0")
-    noise = torch.empty_like(probs)
-    for row, generator in zip(noise, generators, strict=True):
-        row.exponential_(generator=generator)
-    return (probs / noise).argmax(dim=-1)
-
-
-def resolve_device(device: str) -> torch.device:
-    import torch
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device(device)
+    max_new_tokens: int = Field(32, ge=1, description="Tokens to generate at most per candidate.")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature; 0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set of tokens "
+                         "whose probabilities sum to top_p (1 keeps all).")
+    top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens (0 keeps all).")
+    stop: list[str] = Field(default_factory=list, description="Strings that end a candidate (not included in it).")
+    chat_template: bool | None = Field(None, description="Use the tokenizer's chat template: "
+                                       "null = when it has one.")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="Keep only the last N prompt tokens.")
+    micro_batch: int = Field(32, ge=1, description="Sequences per forward pass inside one call.")
 
 
 class HFTextGenerator(Generator):
     """Causal LM generation with transformers (GPT-style models)."""
 
-    modality = "text"
-    Params = HFTextParams
-    description = "transformers causal LM: batched, left-padded, length-sorted, seeded samples"
-    batch_size = 32  # one micro-batch a call: the stage already cut calls by token length
+    Params: ClassVar[type[PluginParams]] = HFTextParams
+    modality: ClassVar[str] = "text"
+    description: ClassVar[str] = "transformers causal LM: batched, left-padded, length-sorted, seeded samples"
+    input_columns: ClassVar[tuple[str, ...]] = ()  # prompt, system and task come with every request
+    requires: ClassVar[tuple[str, ...]] = HF_REQUIRES
+    extra: ClassVar[str | None] = "hf"
+    batch_size: ClassVar[int] = 32  # one micro-batch a call: the stage already cut calls by token length
     params: HFTextParams
 
     def __init__(self, model: str | None, params: HFTextParams, device: str = "cpu") -> None:
@@ -121,13 +55,10 @@ class HFTextGenerator(Generator):
         if not self.model_name:
             raise ValueError(f"{type(self).__name__} needs a model path or id")
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        torch.set_num_threads(torch_threads_for_worker())
-        self.torch_device = resolve_device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_name, padding_side="left")
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.torch_device = prepare_torch(device)
+        self.tokenizer = load_tokenizer(self.model_name, padding_side="left")
         dtype = torch.float16 if self.torch_device.type == "cuda" else torch.float32
         loaded: Any = AutoModelForCausalLM.from_pretrained(self.model_name, dtype=dtype)
         self.model = loaded.to(self.torch_device)
@@ -141,14 +72,7 @@ class HFTextGenerator(Generator):
         return []
 
     def describe(self) -> dict[str, Any]:
-        cfg = self.model.config.to_json_string(use_diff=False)
-        return {
-            "model": self.model_name,
-            "architecture": type(self.model).__name__,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "config_sha256": hashlib.sha256(cfg.encode()).hexdigest()[:16],
-            "chat_template": self.use_chat,
-        }
+        return describe_model(self.model_name, self.model, chat_template=self.use_chat)
 
     # -- prompts -------------------------------------------------------------
     def render(self, request: GenerationRequest) -> str:
@@ -174,8 +98,8 @@ class HFTextGenerator(Generator):
     def batch_keys(self, requests: list[GenerationRequest]) -> list[Any]:
         """Prompt length in this model's tokens: calls of equal lengths pad nothing.
 
-        Characters are a poor stand-in: on 1k prompts of the benchmarks, calls cut by
-        character length padded to 1.32x the tokens that calls cut by token length did."""
+        Characters are a poor stand-in for tokens: calls cut by characters pad a lot
+        more (benchmarks/README.md)."""
         return [len(ids) for ids in self.encode(requests)]
 
     # -- generation ----------------------------------------------------------
@@ -226,6 +150,64 @@ class HFTextGenerator(Generator):
         return decoded
 
 
+class SeededSampler:
+    """Temperature/top-k/top-p sampling with one random generator per row.
+
+    ``generate`` runs greedy, and this logits processor leaves exactly one token
+    open per row, drawn from that row's own generator.
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, top_k: int) -> None:
+        import torch
+
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        logits = scores.float()
+        if self.temperature == 0:
+            chosen = logits.argmax(dim=-1)
+        else:
+            logits = logits / self.temperature
+            if self.top_k:
+                kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            if self.top_p < 1.0:
+                sorted_p, sorted_i = probs.sort(dim=-1, descending=True)
+                cum = sorted_p.cumsum(dim=-1)
+                drop = cum - sorted_p > self.top_p
+                sorted_p = sorted_p.masked_fill(drop, 0.0)
+                probs = torch.zeros_like(probs).scatter(-1, sorted_i, sorted_p)
+            chosen = seeded_draws(probs, self.generators).to(logits.device)
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(-1, chosen.unsqueeze(-1), 0.0)
+        return out
+
+
+def seeded_draws(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One index per row of ``probs``, row i drawn with ``generators[i]``.
+
+    The same draw as ``torch.multinomial(probs[i], 1, generator=generators[i])``
+    row by row (for one sample torch races exponentials: argmax of p / q with
+    q ~ Exp(1) from the generator), with only the noise drawn per row; the checks,
+    division and argmax run once for the whole batch: per-row multinomial calls were a
+    large part of a small model's generation time (benchmarks/README.md).
+    """
+    import torch
+
+    probs = probs.cpu()
+    valid = torch.isfinite(probs).all() & (probs >= 0).all() & (probs.sum(dim=-1) > 0).all()
+    if not bool(valid):
+        raise RuntimeError("probability tensor contains either `inf`, `nan`, an element < 0 or a row summing to 0")
+    noise = torch.empty_like(probs)
+    for row, generator in zip(noise, generators, strict=True):
+        row.exponential_(generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     """Text up to the first stop string, and whether one was found."""
     positions = [text.find(s) for s in stops if s and s in text]
@@ -269,5 +251,5 @@ def register_generators(register: Register) -> None:
 
 @hookimpl
 def init_tiny_models(directory: Path) -> dict[str, str]:
-    path = write_tiny_causal_lm(directory / "tiny-gpt2")
-    return {"tiny-gpt2": str(path)}
+    path = write_tiny_causal_lm(directory / TINY_GPT2)
+    return {TINY_GPT2: str(path)}

@@ -187,6 +187,18 @@ def test_default_k_is_1_5_10():
     assert summary["pass@1"] == 1.0 and summary["pass@5"] == 1.0 and "pass@10" not in summary
 
 
+def test_report_section_shows_pass_at_k_in_increasing_k():
+    table = scores_table(
+        [("a", 1.0, "passed")] * 3 + [("a", 0.0, "failed: AssertionError"), ("a", 0.0, "timed out")]
+        + [("b", 0.0, "failed: NameError: x")] * 5)
+    summary = CodeExecScorer.summarize(table, CodeExecParams(k=[5, 1, 2]))
+    [section] = CodeExecScorer.report_sections("code-exec", summary)
+    assert section.title == "pass@k"
+    assert section.columns == ["scorer", "pass@1", "pass@2", "pass@5", "prompts", "samples", "passed", "outcomes"]
+    assert section.rows == [["code-exec", "30.0%", "45.0%", "50.0%", 2, 10, 3, "failed: 6, passed: 3, timed out: 1"]]
+    assert CodeExecScorer.report_sections("code-exec", {"prompts": 0, "samples": 0, "passed": 0}) == []
+
+
 # --- params and registration ------------------------------------------------------------------------
 
 
