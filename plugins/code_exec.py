@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field, field_validator
 
 from genflow import hookimpl
-from genflow.api import PluginParams, RowError, Score, ScoreItem, Scorer
+from genflow.api import PluginParams, ReportSection, RowError, Score, ScoreItem, Scorer
+from genflow.hookspecs import Register
 from genflow.plugins.sandbox import Limits, Sandbox, SandboxError, SandboxResult
 
 if TYPE_CHECKING:
@@ -34,27 +35,22 @@ _PYTHON_FENCES = {"", "python", "python3", "py"}
 _TOP_LEVEL_DEF = re.compile(r"^(?:async[ \t]+)?(?:def|class)[ \t]+\w+", re.M)
 _CHECK_DEF = re.compile(r"^def[ \t]+check[ \t]*\(", re.M)
 DEFAULT_K = (1, 5, 10)
-
-
-@hookimpl
-def register_scorers(register: Any) -> None:
-    register("code-exec", CodeExecScorer)
+PASS_AT = "pass@"
+"""The metrics' key prefix: ``pass@1``, ``pass@5``..."""
 
 
 class CodeExecParams(PluginParams):
-    timeout_s: float = Field(5.0, gt=0)
-    """Wall-clock seconds per candidate; the whole process group is killed after it."""
-    memory_mb: int = Field(1024, ge=64)
-    """Address-space limit per process."""
-    max_processes: int = Field(16, ge=1)
-    workers: int | None = Field(None, ge=1)
-    """Programs run at once; default: the machine's cores."""
-    k: list[int] = Field(default_factory=lambda: list(DEFAULT_K))
-    """pass@k values for the job summary; a k above the samples per prompt is left out."""
-    isolation: Literal["auto", "bwrap", "unshare", "rlimits"] = "auto"
-    """``auto`` uses the strongest level that works here; name one to require it."""
-    python: str | None = None
-    """Interpreter for the candidates (default: genflow's, or the system python3)."""
+    timeout_s: float = Field(5.0, gt=0, description="Wall-clock seconds per candidate; the whole process "
+                             "group is killed after it.")
+    memory_mb: int = Field(1024, ge=64, description="Address-space limit per process, in MiB.")
+    max_processes: int = Field(16, ge=1, description="Processes the candidate may run at once.")
+    workers: int | None = Field(None, ge=1, description="Programs run at once; null = the machine's cores.")
+    k: list[int] = Field(default_factory=lambda: list(DEFAULT_K), description="pass@k values for the job "
+                         "summary; a k above the samples per prompt is left out.")
+    isolation: Literal["auto", "bwrap", "unshare", "rlimits"] = Field(
+        "auto", description="auto uses the strongest level that works here; name one to require it.")
+    python: str | None = Field(None, description="Interpreter for the candidates; null = genflow's, or the "
+                               "system python3.")
 
     @field_validator("k")
     @classmethod
@@ -70,6 +66,10 @@ class CodeExecScorer(Scorer):
     Params: ClassVar[type[PluginParams]] = CodeExecParams
     modalities: ClassVar[tuple[str, ...]] = ("code", "text")
     description: ClassVar[str] = "runs code against the prompt's tests in a sandbox; 1 pass, 0 fail; pass@k"
+    input_columns: ClassVar[tuple[str, ...]] = ("tests", "test", "entry_point")
+    requires: ClassVar[tuple[str, ...]] = ()  # the sandbox runs on the standard library
+    extra: ClassVar[str | None] = "code"
+    params: CodeExecParams
 
     def __init__(self, model: str | None, params: CodeExecParams, device: str = "cpu") -> None:
         super().__init__(model, params, device)
@@ -115,6 +115,22 @@ class CodeExecScorer(Scorer):
             outcomes["failed" if outcome.startswith("failed") else outcome] += 1
         summary["outcomes"] = dict(sorted(outcomes.items()))
         return summary
+
+    @classmethod
+    def report_sections(cls, name: str, metrics: dict[str, Any]) -> list[ReportSection]:
+        """The job's pass@k (k increasing, as percentages), its counts and how the candidates ended."""
+        ks = sorted(int(key.removeprefix(PASS_AT)) for key in metrics
+                    if key.startswith(PASS_AT) and key.removeprefix(PASS_AT).isdigit())
+        if not ks:
+            return []
+        counts = [key for key in ("prompts", "samples", "passed") if key in metrics]
+        outcomes = metrics.get("outcomes") or {}
+        columns = ["scorer", *(f"{PASS_AT}{k}" for k in ks), *counts, "outcomes"]
+        row = [name, *(f"{metrics[f'{PASS_AT}{k}'] * 100:.1f}%" for k in ks), *(metrics[key] for key in counts),
+               ", ".join(f"{outcome}: {n}" for outcome, n in outcomes.items())]
+        return [ReportSection("pass@k", columns, [row],
+                              "Unbiased estimator (Chen et al. 2021), averaged over prompts; a k above a "
+                              "prompt's samples is left out.")]
 
 
 def _to_score(result: SandboxResult) -> Score:
@@ -194,3 +210,14 @@ def _preamble(prompt: str, entry_point: str | None) -> str:
                 continue
             imports.append(line)
     return "\n".join(imports) + "\n" if imports else ""
+
+
+@hookimpl
+def infer_task(columns: list[str]) -> str | None:
+    """HumanEval rows (``test`` and ``entry_point``) and MBPP-style rows (``tests``) are code tasks."""
+    return "code" if {"entry_point", "test"} <= set(columns) or "tests" in columns else None
+
+
+@hookimpl
+def register_scorers(register: Register) -> None:
+    register("code-exec", CodeExecScorer)
