@@ -11,6 +11,7 @@ columns hold the images' paths.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import ClassVar
 
 import pyarrow as pa
 from pydantic import Field
@@ -21,29 +22,16 @@ from genflow.hookspecs import Register
 from genflow.schemas import PREFERENCES, SFT
 
 
-def _candidate(row: dict) -> str:
-    return row["text"] if row["text"] is not None else (row["image_path"] or "")
-
-
-def _by_prompt(ranked: pa.Table) -> dict[str, list[dict]]:
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for row in ranked.to_pylist():
-        groups[row["prompt_id"]].append(row)
-    for rows in groups.values():
-        rows.sort(key=lambda r: r["rank"])
-    return groups
-
-
 class PreferenceParams(PluginParams):
-    min_margin: float = Field(0.0, ge=0.0)
-    per_prompt: int = Field(1, ge=1)
+    min_margin: float = Field(0.0, ge=0.0, description="Smallest score difference between chosen and rejected.")
+    per_prompt: int = Field(1, ge=1, description="Pairs per prompt at most, widest margins first.")
 
 
 class PreferencePairs(Exporter):
     """Chosen/rejected pairs per prompt, widest score margins first."""
 
-    Params = PreferenceParams
-    description = "TRL preference pairs: prompt, chosen, rejected (+ scores)"
+    Params: ClassVar[type[PluginParams]] = PreferenceParams
+    description: ClassVar[str] = "TRL preference pairs: prompt, chosen, rejected (+ scores)"
     params: PreferenceParams
 
     def export(self, ranked: pa.Table) -> pa.Table:
@@ -67,14 +55,15 @@ class PreferencePairs(Exporter):
 
 
 class BestOfNParams(PluginParams):
-    min_score: float | None = None
+    min_score: float | None = Field(None, description="Leave out prompts whose best candidate scores below "
+                                    "this; null keeps every prompt.")
 
 
 class BestOfN(Exporter):
     """The top-ranked candidate of each prompt as a prompt-completion row."""
 
-    Params = BestOfNParams
-    description = "best-of-n SFT rows: prompt, completion, score"
+    Params: ClassVar[type[PluginParams]] = BestOfNParams
+    description: ClassVar[str] = "best-of-n SFT rows: prompt, completion, score"
     params: BestOfNParams
 
     def export(self, ranked: pa.Table) -> pa.Table:
@@ -86,6 +75,19 @@ class BestOfN(Exporter):
             rows.append({"prompt": best["prompt"], "completion": _candidate(best), "score": best["score"],
                          "prompt_id": prompt_id, "generation_id": best["generation_id"]})
         return pa.Table.from_pylist(rows, schema=SFT)
+
+
+def _candidate(row: dict) -> str:
+    return row["text"] if row["text"] is not None else (row["image_path"] or "")
+
+
+def _by_prompt(ranked: pa.Table) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in ranked.to_pylist():
+        groups[row["prompt_id"]].append(row)
+    for rows in groups.values():
+        rows.sort(key=lambda r: r["rank"])
+    return groups
 
 
 @hookimpl
