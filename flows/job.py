@@ -25,8 +25,10 @@ key from the fingerprint would be easy to write:
   hash; a hand-written key would repeat the fingerprint logic in a second place.
 
 Task runs are named ``<stage>-<shard>-<fingerprint>`` so a run in the Prefect UI
-matches its marker. ``retries`` cover what may pass (a storage hiccup); bad input,
-a plugin that cannot load or keeps crashing fail at once.
+matches its marker. Every task takes its arguments in one order: the job's context,
+the stage, the shard, the fingerprint its marker will hold, then what runs it.
+``retries`` cover what may pass (a storage hiccup); bad input, a plugin that
+cannot load or keeps crashing fail at once.
 """
 
 from __future__ import annotations
@@ -39,32 +41,30 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
+from genflow import layout
 from genflow.api import Scorer
-from genflow.config import ConfigError, JobConfig, ScorerSpec, build_config, resolve_output, stable_hash
+from genflow.config import ConfigError, JobConfig, build_config, resolve_output
 from genflow.execution import WorkerPool, Workers, job_workers
 from genflow.job import JobFailed
+from genflow.layout import Shard, ShardPlan, Stage
 from genflow.manifest import build_manifest, rows_of
 from genflow.progress import StageProgress
 from genflow.prompts import InputError, open_input
 from genflow.ray_cluster import RayUnreachable
-from genflow.registry import PluginError, get_registry
+from genflow.registry import PluginError, Registry, get_registry
 from genflow.report import write_report_safely
+from genflow.resume import DoneIndex, StageOutcome, drop_unused_parts, finished
 from genflow.stages import (
-    INPUT_LABEL,
-    DoneIndex,
-    Shard,
-    StageOutcome,
-    drop_unused_parts,
-    exporters_of,
-    finished,
+    JobContext,
+    ModelStage,
     generate_shard,
-    generation_fingerprint,
     input_candidates_shard,
+    job_exporters,
     plan_shards,
     rank_shard,
-    score_fingerprint,
     score_shard,
 )
+from genflow.stages.common import Advance
 from genflow.storage import Storage
 
 
@@ -75,41 +75,53 @@ def worth_retrying(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -
 
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": 1,
                                 "retry_condition_fn": worth_retrying}
+RUN_NAME = "{stage.run_name}-{shard.index}-{fingerprint}"
 
 
 @task(name="plan-shards", cache_policy=NO_CACHE)
-def plan_task(config: JobConfig, storage: Storage, resume: bool) -> tuple[list[Shard], str]:
+def plan_task(config: JobConfig, storage: Storage, resume: bool, part_folders: list[str]) -> tuple[list[Shard], str]:
     source = open_input(config.input, **config.storage.model_dump())
-    shards = plan_shards(config, source, storage, resume)
+    shards = plan_shards(config, source, storage, resume, part_folders)
     get_run_logger().info("%d prompts in %d shards of up to %d", sum(s.rows for s in shards), len(shards),
                           config.shard_rows)
     return shards, source.base_dir
 
 
-@task(name="generate", task_run_name="generate-{spec.label}-{shard.index}-{fingerprint}", **TASK_OPTIONS)
-def generate_task(storage, shard, spec, fingerprint, config, pool, modality, base_dir, progress) -> StageOutcome:
-    outcome = generate_shard(storage, shard, spec, config, pool, modality, base_dir, progress.advance)
-    get_run_logger().info("shard %d: %s generations, %d errors in %.1fs", shard.index,
-                          outcome.rows.get("generations"), outcome.errors, outcome.seconds)
-    return outcome
+@task(name="generate", task_run_name=RUN_NAME, **TASK_OPTIONS)
+def generate_task(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: str, pool: WorkerPool,
+                  advance: Advance) -> StageOutcome:
+    return _logged(generate_shard(job, stage, shard, fingerprint, pool, advance))
+
+
+@task(name="score", task_run_name=RUN_NAME, **TASK_OPTIONS)
+def score_task(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: str, pool: WorkerPool,
+               advance: Advance) -> StageOutcome:
+    return _logged(score_shard(job, stage, shard, fingerprint, pool, advance))
 
 
 @task(name="input-candidates", task_run_name="input-candidates-{shard.index}-{fingerprint}", **TASK_OPTIONS)
-def input_task(storage: Storage, shard: Shard, fingerprint: str) -> StageOutcome:
-    return input_candidates_shard(storage, shard)
+def input_task(job: JobContext, stage: Stage, shard: Shard, fingerprint: str) -> StageOutcome:
+    return input_candidates_shard(job, shard, fingerprint)
 
 
-@task(name="score", task_run_name="score-{spec.name}-{shard.index}-{fingerprint}", **TASK_OPTIONS)
-def score_task(storage, shard, spec, fingerprint, pool, modalities, config, base_dir, progress) -> StageOutcome:
-    outcome = score_shard(storage, shard, spec, fingerprint, pool, modalities, config, base_dir, progress.advance)
-    get_run_logger().info("shard %d: %s scores, %d errors in %.1fs", shard.index,
-                          outcome.rows.get("scores"), outcome.errors, outcome.seconds)
+@task(name="rank", task_run_name=RUN_NAME, **TASK_OPTIONS)
+def rank_task(job: JobContext, stage: Stage, shard: Shard, fingerprint: str,
+              exporters: dict[str, dict[str, Any]]) -> StageOutcome:
+    return rank_shard(job, shard, fingerprint, exporters, get_registry())
+
+
+def _logged(outcome: StageOutcome) -> StageOutcome:
+    rows = ", ".join(f"{n} {folder}" for folder, n in outcome.rows.items())
+    get_run_logger().info("shard %d: %s, %d errors in %.1fs", outcome.shard, rows, outcome.errors, outcome.seconds)
     return outcome
 
 
-@task(name="rank", task_run_name="rank-{shard.index}-{fingerprint}", **TASK_OPTIONS)
-def rank_task(storage, shard, config, fingerprint, exporters) -> StageOutcome:
-    return rank_shard(storage, shard, config, fingerprint, exporters, get_registry())
+def model_stages(config: JobConfig, registry: Registry) -> list[ModelStage]:
+    """The job's generators, then its scorers: the stages that run a plugin on the workers."""
+    stages = [ModelStage(layout.generate_stage(g.label), g, registry.get("generator", g.plugin))
+              for g in config.generators]
+    return stages + [ModelStage(layout.score_stage(s.name), s, registry.get("scorer", s.plugin))
+                     for s in config.scorers]
 
 
 def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, Any]:
@@ -121,109 +133,117 @@ def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, A
 def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Workers) -> dict[str, Any]:
     t0 = time.perf_counter()
     registry = get_registry()
+    stages = model_stages(config, registry)
+    exporters = job_exporters(config, registry) if config.scorers else {}
+    every_exporter = {p.name for p in registry.all() if p.kind == "exporter"}
     timings: dict[str, float] = {}
-    outcomes: list[StageOutcome] = []
-    plugins: dict[str, Any] = {}
-    exporters = exporters_of(config) if config.scorers else {}
 
-    shards, base_dir = plan_task(config, storage, resume)
-    drop_unused_parts(storage, config, exporters)
+    # Plan: the input cut into shards; what this config no longer has is removed.
+    folders = [*layout.CORE_FOLDERS, *sorted(every_exporter | set(exporters)), layout.ERRORS]
+    shards, base_dir = plan_task(config, storage, resume, folders)
+    drop_unused_parts(storage, set(layout.generator_labels(config)), {s.name for s in config.scorers},
+                      set(exporters), every_exporter)
+    job = JobContext(config, storage, base_dir, frozenset(c for s in stages for c in s.factory.input_columns))
     index = DoneIndex(storage) if resume else None  # what earlier runs finished, listed once
+    plans = [layout.plan_shard(shard, config, exporters) for shard in shards]
+    outcomes: list[StageOutcome] = []
     timings["plan"] = time.perf_counter() - t0
-    gen_fps: dict[int, list[str]] = {s.index: [] for s in shards}
 
-    # Generate: one pool per generator, one task per shard that is not done yet.
-    for spec in config.generators:
-        t = time.perf_counter()
-        info = registry.get("generator", spec.plugin)
-        pool = WorkerPool(info.factory, spec.model, spec.params, config.ray, spec.label, workers)
-        with pool, StageProgress(f"generate {spec.label}", sum(s.rows for s in shards) * spec.samples) as bar:
-            for shard in shards:
-                fp = generation_fingerprint(shard, spec, config)
-                gen_fps[shard.index].append(fp)
-                done = finished(storage, f"generate/{spec.label}", shard, fp, index) if index else None
-                if done:
-                    outcomes.append(done)
-                    bar.skip(shard.rows * spec.samples)
-                    continue
-                outcomes.append(generate_task(storage, shard, spec, fp, config, pool, info.factory.modality,
-                                              base_dir, bar))
-        plugins[spec.label] = {"kind": "generator", "plugin": spec.plugin, "source": info.source,
-                               "version": info.version, "loaded": pool.description is not None,
-                               "model": pool.description or {"model": spec.model}}
-        timings[f"generate/{spec.label}"] = time.perf_counter() - t
-        if pool.start_seconds:
-            timings[f"start/generate/{spec.label}"] = pool.start_seconds  # waiting for the model loads
-    if not config.generators:
-        for shard in shards:
-            fp = stable_hash([shard.fingerprint, "input-candidates"])
-            gen_fps[shard.index].append(fp)
-            done = finished(storage, f"generate/{INPUT_LABEL}", shard, fp, index) if index else None
-            outcomes.append(done or input_task(storage, shard, fp))
+    def done(stage: Stage, shard: Shard, fingerprint: str) -> StageOutcome | None:
+        return finished(storage, stage, shard, fingerprint, index) if index else None
 
-    # Score: one pool per scorer.
-    score_fps: dict[int, list[str]] = {s.index: [] for s in shards}
+    # Generate, then score: a stage at a time on the workers, a task per shard not done yet.
+    plugins: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
-    for scorer in config.scorers:
+    if not config.generators:  # the rows' own candidates
+        for plan in plans:
+            own, fp = plan.generate[0]
+            outcomes.append(done(own, plan.shard, fp) or input_task(job, own, plan.shard, fp))
+    for stage in stages:
         t = time.perf_counter()
-        info = registry.get("scorer", scorer.plugin)
-        pool = WorkerPool(info.factory, scorer.model, scorer.params, config.ray, scorer.name, workers)
-        total = sum(o.rows.get("generations", 0) for o in outcomes if o.stage.startswith("generate/"))
-        with pool, StageProgress(f"score {scorer.name}", total) as bar:
-            for shard in shards:
-                fp = score_fingerprint(gen_fps[shard.index], scorer)
-                score_fps[shard.index].append(fp)
-                done = finished(storage, f"score/{scorer.name}", shard, fp, index) if index else None
-                if done:
-                    outcomes.append(done)
-                    bar.skip(done.work_items)
-                    continue
-                outcomes.append(score_task(storage, shard, scorer, fp, pool, info.factory.modalities, config,
-                                           base_dir, bar))
-        plugins[scorer.name] = {"kind": "scorer", "plugin": scorer.plugin, "source": info.source,
-                              "version": info.version, "weight": scorer.weight,
-                              "loaded": pool.description is not None,
-                              "model": pool.description or {"model": scorer.model or info.factory.default_model}}
-        metrics.update(_summarize(storage, scorer, info.factory))
-        timings[f"score/{scorer.name}"] = time.perf_counter() - t
+        pool = WorkerPool(stage.factory, stage.spec.model, stage.spec.params, config.ray, stage.label, workers)
+        outcomes += _run_model_stage(job, stage, plans, outcomes, pool, done)
+        plugins[stage.label] = stage_manifest(stage, pool.description)
+        if stage.plugin.kind == "scorer":
+            metrics.update(_summarize(storage, stage))
+        timings[stage.stage.name] = time.perf_counter() - t
         if pool.start_seconds:
-            timings[f"start/score/{scorer.name}"] = pool.start_seconds
+            timings[f"start/{stage.stage.name}"] = pool.start_seconds  # waiting for the model loads
 
     # Rank and export: cheap, no Ray.
     if config.scorers:
         t = time.perf_counter()
-        weights = {s.name: s.weight for s in config.scorers}
-        for shard in shards:
-            fp = stable_hash([gen_fps[shard.index], score_fps[shard.index], weights, exporters])
-            done = finished(storage, "rank", shard, fp, index) if index else None
-            outcomes.append(done or rank_task(storage, shard, config, fp, exporters))
+        for plan in plans:
+            assert plan.rank is not None
+            rank, fp = plan.rank
+            outcomes.append(done(rank, plan.shard, fp) or rank_task(job, rank, plan.shard, fp, exporters))
         timings["rank"] = time.perf_counter() - t
 
     timings["total"] = time.perf_counter() - t0
     errors = sum(o.errors for o in outcomes)
-    work = sum(o.work_items for o in outcomes if o.stage != "rank")
+    work = sum(o.work_items for o in outcomes if o.stage != layout.RANK_STAGE.name)
     fraction = errors / work if work else 0.0
     status = "failed" if fraction > config.max_error_fraction else "completed"
     manifest = build_manifest(config, storage, outcomes, plugins, metrics, timings, status,
-                              rows=rows_of(outcomes, sum(s.rows for s in shards)))
+                              rows=rows_of(outcomes, sum(s.rows for s in shards), exporters),
+                              requires=sorted({d for s in stages for d in s.factory.requires}))
     manifest["errors"] = {"rows": errors, "work_items": work, "fraction": round(fraction, 6),
                           "max_error_fraction": config.max_error_fraction}
     manifest["output"] = storage.uri
-    storage.write_json("manifest.json", manifest)
+    storage.write_json(layout.MANIFEST, manifest)
     write_report_safely(storage, manifest)  # logs a warning on failure; never fails the job
     return manifest
 
 
-def _summarize(storage: Storage, spec: ScorerSpec, factory: type[Scorer]) -> dict[str, Any]:
+def _run_model_stage(job: JobContext, stage: ModelStage, plans: list[ShardPlan], before: list[StageOutcome],
+                     pool: WorkerPool, done: Any) -> list[StageOutcome]:
+    """One generator's or scorer's tasks: a shard at a time, those finished before skipped."""
+    generating = stage.stage.kind == "generate"
+    run = generate_task if generating else score_task
+    if generating:
+        total = sum(p.shard.rows for p in plans) * stage.spec.samples  # type: ignore[union-attr]
+    else:
+        total = sum(o.rows.get(layout.GENERATIONS, 0) for o in before if o.stage.startswith("generate/"))
+    outcomes = []
+    with pool, StageProgress(f"{stage.stage.kind} {stage.label}", total) as bar:
+        for plan in plans:
+            fp = dict(plan.stages())[stage.stage]
+            finished_before = done(stage.stage, plan.shard, fp)
+            if finished_before:
+                outcomes.append(finished_before)
+                bar.skip(plan.shard.rows * stage.spec.samples if generating  # type: ignore[union-attr]
+                         else finished_before.work_items)
+                continue
+            outcomes.append(run(job, stage, plan.shard, fp, pool, bar.advance))
+    return outcomes
+
+
+def stage_manifest(stage: ModelStage, description: dict[str, Any] | None) -> dict[str, Any]:
+    """What the manifest records of a generator or scorer: its plugin, where it came from, its model
+    (``description``: the plugin's ``describe()``, None when no shard needed it loaded)."""
+    info, spec = stage.plugin, stage.spec
+    entry: dict[str, Any] = {"kind": info.kind, "plugin": spec.plugin, "source": info.source,
+                             "version": info.version}
+    if info.kind == "scorer":
+        entry["weight"] = spec.weight  # type: ignore[union-attr]
+    entry["loaded"] = description is not None
+    entry["model"] = description or {"model": spec.model or (info.factory.default_model if info.kind == "scorer"
+                                                            else spec.model)}
+    return entry
+
+
+def _summarize(storage: Storage, stage: ModelStage) -> dict[str, Any]:
+    factory: type[Scorer] = stage.factory
     if factory.summarize.__func__ is Scorer.summarize.__func__:  # type: ignore[attr-defined]
         return {}
     import pyarrow as pa
 
-    parts = [p for p in storage.list("scores", ".parquet") if p.endswith(f"-{spec.name}.parquet")]
+    parts = [p for p in storage.list(layout.SCORES, ".parquet")
+             if (name := layout.parse_part(p)) is not None and name.label == stage.label]
     if not parts:
         return {}
     table = pa.concat_tables([storage.read_table(p) for p in parts])
-    return {spec.name: factory.summarize(table, factory.Params.model_validate(spec.params))}
+    return {stage.label: factory.summarize(table, factory.Params.model_validate(stage.spec.params))}
 
 
 @flow(name="genflow-job", log_prints=False, validate_parameters=False)
@@ -238,5 +258,5 @@ def genflow_job(config: dict[str, Any], resume: bool = True) -> dict[str, Any]:
     if manifest["status"] == "failed":
         raise JobFailed(f"{errors['rows']} of {errors['work_items']} rows failed "
                         f"({errors['fraction']:.1%} > max_error_fraction {job.max_error_fraction:.1%}); "
-                        f"see {storage.uri_of('errors')}", manifest)
+                        f"see {storage.uri_of(layout.ERRORS)}", manifest)
     return manifest

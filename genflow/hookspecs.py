@@ -51,6 +51,16 @@ def register_exporters(register: Register) -> None:
     """
 
 
+@hookspec(firstresult=True)
+def infer_task(columns: list[str]) -> str | None:
+    """Name the ``task`` of the rows of a dataset that has these columns and no ``task`` column.
+
+    A plugin family that knows a dataset format recognises it here (the code plugins
+    make HumanEval rows, with ``test`` and ``entry_point``, ``code`` tasks). Return
+    None for a format you do not know; the first answer that is not None wins.
+    """
+
+
 @hookspec
 def init_tiny_models(directory: Path) -> dict[str, str] | None:
     """Write tiny, randomly initialised models for offline use into ``directory``.

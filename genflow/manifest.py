@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import platform
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow.parquet as pq
 
+from genflow import layout
 from genflow.config import JobConfig, redacted, stable_hash
-from genflow.stages import StageOutcome
+from genflow.resume import StageOutcome
 from genflow.storage import Storage
 
-OUTPUT_FOLDERS = ("prompts", "generations", "scores", "rankings", "preferences", "sft", "errors")
+ENGINE_DISTRIBUTIONS = ("genflow", "prefect", "ray", "pyarrow")
+"""Versions every manifest records; a job's plugins add what they require."""
+
+
+def output_folders(exporters: Iterable[str] = ()) -> list[str]:
+    """The folders of parts a job writes, in the order the manifest and the report list them."""
+    return [*layout.CORE_FOLDERS, *exporters, layout.ERRORS]
 
 
 def _version(dist: str) -> str | None:
@@ -32,15 +40,15 @@ def count_rows(storage: Storage, folder: str) -> int:
     return total
 
 
-def rows_of(outcomes: list[StageOutcome], prompts: int) -> dict[str, int]:
+def rows_of(outcomes: list[StageOutcome], prompts: int, exporters: Iterable[str] = ()) -> dict[str, int]:
     """Rows per output folder from what each (stage, shard) recorded, opening no part: on a
     bucket, reading every footer would cost one request per part at the end of every run."""
-    rows = dict.fromkeys(OUTPUT_FOLDERS, 0)
-    rows["prompts"] = prompts
+    rows = dict.fromkeys(output_folders(exporters), 0)
+    rows[layout.PROMPTS] = prompts
     for o in outcomes:
         for folder, n in o.rows.items():
             rows[folder] = rows.get(folder, 0) + n
-        rows["errors"] += o.errors
+        rows[layout.ERRORS] += o.errors
     return rows
 
 
@@ -50,8 +58,9 @@ def config_hash(config: JobConfig) -> str:
 
 def build_manifest(config: JobConfig, storage: Storage, outcomes: list[StageOutcome], plugins: dict[str, Any],
                    metrics: dict[str, Any], timings: dict[str, float], status: str,
-                   rows: dict[str, int] | None = None) -> dict[str, Any]:
-    """The manifest; ``rows`` per folder are counted from the parts' footers unless given."""
+                   rows: dict[str, int] | None = None, requires: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The manifest; ``rows`` per folder are counted from the parts' footers unless given.
+    ``requires``: the distributions the job's plugins depend on, whose versions it records."""
     stages: dict[str, dict[str, Any]] = {}
     for o in outcomes:
         s = stages.setdefault(o.stage, {"shards": 0, "skipped": 0, "work_items": 0, "errors": 0, "seconds": 0.0})
@@ -69,10 +78,9 @@ def build_manifest(config: JobConfig, storage: Storage, outcomes: list[StageOutc
         "seeds": {"job": config.seed, **{g.label: (config.seed if g.seed is None else g.seed)
                                          for g in config.generators}},
         "plugins": plugins,
-        "versions": {d: _version(d) for d in ("genflow", "torch", "transformers", "diffusers", "prefect", "ray",
-                                              "pyarrow", "sentence-transformers")},
+        "versions": {d: _version(d) for d in (*ENGINE_DISTRIBUTIONS, *requires)},
         "python": platform.python_version(),
-        "rows": rows if rows is not None else {f: count_rows(storage, f) for f in OUTPUT_FOLDERS},
+        "rows": rows if rows is not None else {f: count_rows(storage, f) for f in output_folders()},
         "stages": stages,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "metrics": metrics,

@@ -17,7 +17,6 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from genflow.schemas import KNOWN_INPUT_COLUMNS
 from genflow.storage import filesystem_for
 
 
@@ -131,13 +130,24 @@ def check_prompts(batch: pa.RecordBatch | pa.Table, where: str, first_row: int) 
         raise InputError(f"{where}: row {first_row + idx}: the prompt is null or empty; every row needs a prompt")
 
 
+ENGINE_COLUMNS = ("id", "task_id", "prompt", "task", "system", "response", "responses")
+"""Input columns the engine itself reads: ids, the prompt, routing, and candidates the rows carry."""
+
+
+def infer_task(columns: list[str]) -> str | None:
+    """The ``task`` of rows of a dataset without a ``task`` column, as the plugins recognise
+    its format (the code family: HumanEval's and MBPP's test columns make code rows)."""
+    from genflow.registry import get_registry
+
+    return get_registry().pm.hook.infer_task(columns=list(columns))
+
+
 def normalize(table: pa.Table, first_row: int = 0) -> pa.Table:
-    """Add ``prompt_id`` (and ``task`` for HumanEval-style rows) to rows whose prompts are checked."""
+    """Add ``prompt_id`` (and ``task``, where the plugins recognise the rows) to rows whose prompts are checked."""
     ids = _prompt_ids(table)
     out = table
     if "task" not in out.column_names:
-        humaneval = {"entry_point", "test"} <= set(out.column_names) or "tests" in out.column_names
-        out = out.append_column("task", pa.array(["code" if humaneval else None] * len(out), pa.string()))
+        out = out.append_column("task", pa.array([infer_task(out.column_names)] * len(out), pa.string()))
     if "prompt_id" in out.column_names:
         out = out.drop_columns(["prompt_id"])
     return out.add_column(0, "prompt_id", ids)
@@ -186,6 +196,8 @@ def table_fingerprint(table: pa.Table) -> str:
     return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:20]
 
 
-def carried_columns(table: pa.Table) -> list[str]:
-    """Input columns genflow does not interpret: carried through to generations/."""
-    return [c for c in table.column_names if c not in KNOWN_INPUT_COLUMNS and c != "prompt_id"]
+def carried_columns(table: pa.Table, read_columns: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """Input columns neither the engine nor the job's plugins (``read_columns``) read:
+    carried through to ``generations/``."""
+    return [c for c in table.column_names
+            if c not in ENGINE_COLUMNS and c not in read_columns and c != "prompt_id"]

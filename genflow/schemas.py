@@ -4,14 +4,6 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-# Input columns genflow understands; any other column is carried through.
-KNOWN_INPUT_COLUMNS = (
-    "id", "prompt", "task", "system", "tests", "entry_point", "image", "mask",
-    "reference", "response", "responses", "task_id", "test", "canonical_solution", "code", "error",
-)
-# Columns of a row handed to plugins in ``inputs``.
-PLUGIN_INPUT_COLUMNS = ("tests", "entry_point", "image", "mask", "reference", "test", "task_id", "code", "error")
-
 PROMPTS = pa.schema([
     ("prompt_id", pa.string()),
     ("prompt", pa.string()),
@@ -63,25 +55,6 @@ RANKED = pa.schema([
     ("rank", pa.int32()),
     ("score", pa.float64()),
     ("scores", pa.string()),  # JSON {scorer: score}
-])
-
-PREFERENCES = pa.schema([
-    ("prompt", pa.string()),
-    ("chosen", pa.string()),
-    ("rejected", pa.string()),
-    ("score_chosen", pa.float64()),
-    ("score_rejected", pa.float64()),
-    ("prompt_id", pa.string()),
-    ("chosen_id", pa.string()),
-    ("rejected_id", pa.string()),
-])
-
-SFT = pa.schema([
-    ("prompt", pa.string()),
-    ("completion", pa.string()),
-    ("score", pa.float64()),
-    ("prompt_id", pa.string()),
-    ("generation_id", pa.string()),
 ])
 
 ERRORS = pa.schema([

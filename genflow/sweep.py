@@ -27,6 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from genflow import layout
 from genflow.config import (
     ConfigError,
     JobConfig,
@@ -36,15 +37,8 @@ from genflow.config import (
     set_dotted,
     stable_hash,
 )
-from genflow.stages import (
-    INPUT_LABEL,
-    Shard,
-    StageOutcome,
-    finished,
-    generation_fingerprint,
-    mark_finished,
-    score_fingerprint,
-)
+from genflow.layout import Shard, Stage
+from genflow.resume import StageOutcome, finished, mark_finished
 from genflow.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -209,21 +203,14 @@ def run_sweep(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), 
 
 # -- sharing finished work between runs ---------------------------------------
 
-def _part_names(stage: str, shard: Shard) -> list[str]:
-    kind, _, label = stage.partition("/")
-    if kind == "generate":
-        return [f"generations/part-{shard.name}-{label}.parquet", f"errors/part-generate-{label}-{shard.name}.parquet"]
-    return [f"scores/part-{shard.name}-{label}.parquet", f"errors/part-score-{label}-{shard.name}.parquet"]
-
-
 def _shards_of(storage: Storage) -> list[Shard]:
     """The shards a finished run planned, from its ``prompts`` markers."""
-    shards = []
-    index = 0
-    while storage.exists(f"_state/prompts/{index:05d}.json"):
-        marker = storage.read_json(f"_state/prompts/{index:05d}.json")
-        shards.append(Shard(index, marker["fingerprint"], int(marker.get("rows", {}).get("prompts", 0))))
-        index += 1
+    shards: list[Shard] = []
+    stage = layout.PROMPTS_STAGE
+    while storage.exists(stage.marker(len(shards))):
+        marker = storage.read_json(stage.marker(len(shards)))
+        shards.append(Shard(len(shards), marker["fingerprint"],
+                            int(marker.get("rows", {}).get(layout.PROMPTS, 0))))
     return shards
 
 
@@ -235,50 +222,39 @@ def share_finished_work(donor: Storage, donor_config: JobConfig, target: Storage
     """Copy the donor's finished (stage, shard) outputs the target would compute identically.
 
     Returns the stages copied, as ``stage:shard``. The engine then finds their
-    markers and skips them, exactly as when a job resumes.
-    """
+    markers and skips them, exactly as when a job resumes. Generate and score stages
+    are shared; ranking is cheap and is redone."""
     if not _same_input(donor_config, config):
         return []
-    shards = _shards_of(donor)
     copied: list[str] = []
-    gen_fps: dict[int, list[str]] = {s.index: [] for s in shards}
-    for shard in shards:
-        if config.generators:
-            for spec in config.generators:
-                fp = generation_fingerprint(shard, spec, config)
-                gen_fps[shard.index].append(fp)
-                copied += _copy_stage(donor, target, f"generate/{spec.label}", shard, fp)
-        else:
-            fp = stable_hash([shard.fingerprint, "input-candidates"])
-            gen_fps[shard.index].append(fp)
-            copied += _copy_stage(donor, target, f"generate/{INPUT_LABEL}", shard, fp)
-        for scorer in config.scorers:
-            fp = score_fingerprint(gen_fps[shard.index], scorer)
-            copied += _copy_stage(donor, target, f"score/{scorer.name}", shard, fp)
+    for shard in _shards_of(donor):
+        plan = layout.plan_shard(shard, config, {})
+        for stage, fp in [*plan.generate, *plan.score]:
+            copied += _copy_stage(donor, target, stage, shard, fp)
     return copied
 
 
-def _copy_stage(donor: Storage, target: Storage, stage: str, shard: Shard, fingerprint: str) -> list[str]:
+def _copy_stage(donor: Storage, target: Storage, stage: Stage, shard: Shard, fingerprint: str) -> list[str]:
     done = finished(donor, stage, shard, fingerprint)
     if done is None or finished(target, stage, shard, fingerprint) is not None:
         return []
     for rel in done.parts:
         target.write_bytes(rel, donor.read_bytes(rel))
-        if rel.startswith("generations/"):
+        if rel.startswith(f"{layout.GENERATIONS}/"):
             _copy_images(donor, target, rel)
-    for rel in _part_names(stage, shard):
+    for rel in stage.own_parts(shard.index):
         if rel not in done.parts:  # what an earlier, different run of this stage left here
             target.delete(rel)
-    mark_finished(target, StageOutcome(stage, shard.index, fingerprint, done.rows, done.errors, done.work_items,
+    mark_finished(target, StageOutcome(stage.name, shard.index, fingerprint, done.rows, done.errors, done.work_items,
                                        done.seconds, parts=done.parts))
-    return [f"{stage}:{shard.index}"]
+    return [f"{stage.name}:{shard.index}"]
 
 
 def _copy_images(donor: Storage, target: Storage, generations_part: str) -> None:
     table = donor.read_table(generations_part, columns=["image_path"])
     paths = table["image_path"].drop_null().to_pylist()
     for rel in paths:
-        if rel.startswith("images/") and donor.exists(rel) and not target.exists(rel):
+        if layout.is_job_file(rel) and donor.exists(rel) and not target.exists(rel):
             target.write_bytes(rel, donor.read_bytes(rel))
 
 

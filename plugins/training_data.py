@@ -11,7 +11,7 @@ columns hold the images' paths.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pyarrow as pa
 from pydantic import Field
@@ -19,7 +19,27 @@ from pydantic import Field
 from genflow import hookimpl
 from genflow.api import Exporter, PluginParams
 from genflow.hookspecs import Register
-from genflow.schemas import PREFERENCES, SFT
+
+PREFERENCES = pa.schema([
+    ("prompt", pa.string()),
+    ("chosen", pa.string()),
+    ("rejected", pa.string()),
+    ("score_chosen", pa.float64()),
+    ("score_rejected", pa.float64()),
+    ("prompt_id", pa.string()),
+    ("chosen_id", pa.string()),
+    ("rejected_id", pa.string()),
+])
+"""``preferences/``: TRL's explicit-prompt preference columns, with the scores and ids behind them."""
+
+SFT = pa.schema([
+    ("prompt", pa.string()),
+    ("completion", pa.string()),
+    ("score", pa.float64()),
+    ("prompt_id", pa.string()),
+    ("generation_id", pa.string()),
+])
+"""``sft/``: TRL's prompt-completion columns, the best candidate of each prompt."""
 
 
 class PreferenceParams(PluginParams):
@@ -33,6 +53,11 @@ class PreferencePairs(Exporter):
     Params: ClassVar[type[PluginParams]] = PreferenceParams
     description: ClassVar[str] = "TRL preference pairs: prompt, chosen, rejected (+ scores)"
     params: PreferenceParams
+
+    @classmethod
+    def job_params(cls, ranking: Any) -> dict[str, Any] | None:
+        """Every job with scorers makes pairs, unless its ``ranking.pairs`` is null."""
+        return ranking.pairs.model_dump() if ranking.pairs is not None else None
 
     def export(self, ranked: pa.Table) -> pa.Table:
         rows = []
@@ -65,6 +90,11 @@ class BestOfN(Exporter):
     Params: ClassVar[type[PluginParams]] = BestOfNParams
     description: ClassVar[str] = "best-of-n SFT rows: prompt, completion, score"
     params: BestOfNParams
+
+    @classmethod
+    def job_params(cls, ranking: Any) -> dict[str, Any] | None:
+        """Every job with scorers makes best-of-n rows, unless ``ranking.best_of_n`` is false."""
+        return {"min_score": ranking.sft_min_score} if ranking.best_of_n else None
 
     def export(self, ranked: pa.Table) -> pa.Table:
         rows = []

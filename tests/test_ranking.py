@@ -7,9 +7,9 @@ import json
 import pyarrow as pa
 import pytest
 
-from genflow.plugins.training_data import BestOfN, BestOfNParams, PreferencePairs, PreferenceParams
+from genflow.plugins.training_data import PREFERENCES, SFT, BestOfN, BestOfNParams, PreferencePairs, PreferenceParams
 from genflow.ranking import rank_candidates
-from genflow.schemas import GENERATIONS, PREFERENCES, RANKED, SCORES, SFT
+from genflow.schemas import GENERATIONS, RANKED, SCORES
 
 
 def gens(*rows: tuple[str, str, str]) -> pa.Table:

@@ -10,7 +10,8 @@ import pyarrow.dataset as ds
 import pytest
 from conftest import text_job
 
-from genflow.schemas import GENERATIONS, PREFERENCES, RANKINGS, SCORES, SFT
+from genflow.plugins.training_data import PREFERENCES, SFT
+from genflow.schemas import GENERATIONS, RANKINGS, SCORES
 
 pytestmark = pytest.mark.slow
 
@@ -82,21 +83,47 @@ def test_scores_combine_into_rankings_pairs_and_best_of_n(finished_job: tuple[Pa
     for pid, rows in by_prompt.items():
         assert sft[pid]["generation_id"] == rows[0]["generation_id"]
         assert sft[pid]["completion"] == texts[rows[0]["generation_id"]]
+    # Pairs: per prompt, the 2 widest positive margins (min_margin 0), worked out here from rankings/.
+    gens = {g["generation_id"]: g for g in table(out, "generations").to_pylist()}
+    expected = set()
+    for pid, rows in by_prompt.items():
+        candidates = [(better, worse) for i, better in enumerate(rows) for worse in rows[i + 1:]
+                      if better["score"] - worse["score"] > 0]
+        candidates.sort(key=lambda p: (p[1]["score"] - p[0]["score"], p[0]["rank"], p[1]["rank"]))
+        expected |= {(pid, b["generation_id"], w["generation_id"]) for b, w in candidates[:2]}
     prefs = table(out, "preferences").to_pylist()
-    assert 0 < len(prefs) <= 2 * 16
-    assert all(p["score_chosen"] > p["score_rejected"] for p in prefs)
+    assert len(prefs) == len(expected) == 2 * 16  # 3 distinct scores a prompt: 3 pairs, 2 kept
+    assert {(p["prompt_id"], p["chosen_id"], p["rejected_id"]) for p in prefs} == expected
+    score = {r["generation_id"]: r["score"] for r in rankings}
+    for p in prefs:  # each row's texts and scores are those of the candidates its ids name
+        chosen, rejected = gens[p["chosen_id"]], gens[p["rejected_id"]]
+        assert (p["prompt"], p["chosen"], p["rejected"]) == (chosen["prompt"], chosen["text"], rejected["text"])
+        assert chosen["prompt_id"] == rejected["prompt_id"] == p["prompt_id"]
+        assert (p["score_chosen"], p["score_rejected"]) == (score[p["chosen_id"]], score[p["rejected_id"]])
+        assert p["score_chosen"] > p["score_rejected"]
 
 
 def test_outputs_load_with_datasets_in_trl_columns(finished_job: tuple[Path, dict]) -> None:
     from datasets import load_dataset
 
     out, _ = finished_job
+    texts = {g["generation_id"]: g for g in table(out, "generations").to_pylist()}
     prefs = load_dataset("parquet", data_dir=str(out / "preferences"), split="train")
-    assert {"prompt", "chosen", "rejected"} <= set(prefs.column_names)
+    assert {"prompt", "chosen", "rejected"} <= set(prefs.column_names) and len(prefs) == 32
+    for row in prefs:  # what DPOTrainer reads is the generated text, whitespace and all
+        assert row["prompt"] == texts[row["chosen_id"]]["prompt"]
+        assert (row["chosen"], row["rejected"]) == (texts[row["chosen_id"]]["text"], texts[row["rejected_id"]]["text"])
+    assert sorted(prefs.to_pandas()["chosen_id"] + prefs.to_pandas()["rejected_id"]) == sorted(
+        p["chosen_id"] + p["rejected_id"] for p in table(out, "preferences").to_pylist())
     sft = load_dataset("parquet", data_dir=str(out / "sft"), split="train")
     assert {"prompt", "completion"} <= set(sft.column_names) and len(sft) == 16
+    for row in sft:
+        assert (row["prompt"], row["completion"]) == (texts[row["generation_id"]]["prompt"],
+                                                      texts[row["generation_id"]]["text"])
+    assert sorted(sft["prompt_id"]) == [f"q{i:03d}" for i in range(16)]
     gens = load_dataset("parquet", data_dir=str(out / "generations"), split="train")
     assert len(gens) == 48
+    assert {g["generation_id"]: g["text"] for g in gens} == {gid: g["text"] for gid, g in texts.items()}
 
 
 def test_manifest_records_config_versions_seeds_counts_and_timings(finished_job: tuple[Path, dict]) -> None:

@@ -1,0 +1,229 @@
+"""Where a job's files live and what vouches for them: the one owner of the output layout.
+
+Every name below an output folder is built here, and parsed back here: the stages
+of a job (a :class:`Stage` per generator, scorer and the rank step), the part files
+each (stage, shard) writes, the ``_state/`` marker that records it finished, and
+the fingerprint that says whether a marker still holds for the job as configured.
+The flow, resume, sweeps and the report all go through this module; nothing else
+writes a part name with an f-string or slices one apart.
+
+```
+prompts/part-00000.parquet               the shard's input rows
+generations/part-00000-<label>.parquet   one per generator (label ``input``: the rows' own candidates)
+scores/part-00000-<scorer>.parquet       one per scorer
+rankings/part-00000.parquet              and ``<exporter>/part-00000.parquet`` per exporter
+errors/part-<stage kind>-<label>-00000.parquet
+images/<prompt_id>/<generation_id>.png
+_state/<stage>/00000.json                the marker of a finished (stage, shard)
+```
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from genflow.config import stable_hash
+
+if TYPE_CHECKING:
+    from genflow.config import GeneratorSpec, JobConfig, ScorerSpec
+
+PROMPTS = "prompts"
+GENERATIONS = "generations"
+SCORES = "scores"
+RANKINGS = "rankings"
+ERRORS = "errors"
+IMAGES = "images"
+STATE = "_state"
+MANIFEST = "manifest.json"
+CORE_FOLDERS = (PROMPTS, GENERATIONS, SCORES, RANKINGS)
+"""The folders of parts every job may write, before its exporters' folders and ``errors/``."""
+
+INPUT_LABEL = "input"
+"""The generator label of candidates the input rows carry (``response`` / ``responses``)."""
+
+SHARD_DIGITS = 5
+_PART = re.compile(r"^part-(?P<body>.+)\.parquet$")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A slice of the input, ``shard_rows`` prompts: the unit of resume."""
+
+    index: int
+    fingerprint: str
+    rows: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:0{SHARD_DIGITS}d}"
+
+
+def shard_name(index: int) -> str:
+    return f"{index:0{SHARD_DIGITS}d}"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A step of a job that writes parts per shard: ``prompts``, ``generate/<label>``,
+    ``score/<scorer>`` or ``rank``."""
+
+    kind: str
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}/{self.label}" if self.label else self.kind
+
+    @property
+    def run_name(self) -> str:
+        """The stage in a Prefect task run's name: ``generate-<label>``, ``rank``."""
+        return f"{self.kind}-{self.label}" if self.label else self.kind
+
+    @classmethod
+    def parse(cls, name: str) -> Stage:
+        kind, _, label = name.partition("/")
+        return cls(kind, label)
+
+    def marker(self, index: int) -> str:
+        return f"{STATE}/{self.name}/{shard_name(index)}.json"
+
+    def marker_folder(self) -> str:
+        return f"{STATE}/{self.name}"
+
+    def part(self, index: int, folder: str | None = None) -> str:
+        """The main part this stage writes for a shard (``folder``: an exporter's, for ``rank``)."""
+        shard = shard_name(index)
+        if self.kind == "prompts":
+            return f"{PROMPTS}/part-{shard}.parquet"
+        if self.kind == "generate":
+            return f"{GENERATIONS}/part-{shard}-{self.label}.parquet"
+        if self.kind == "score":
+            return f"{SCORES}/part-{shard}-{self.label}.parquet"
+        return f"{folder or RANKINGS}/part-{shard}.parquet"
+
+    def errors_part(self, index: int) -> str:
+        return f"{ERRORS}/part-{self.kind}-{self.label}-{shard_name(index)}.parquet"
+
+    def own_parts(self, index: int) -> list[str]:
+        """Every part name a generate or score stage may write for a shard."""
+        return [self.part(index), self.errors_part(index)]
+
+
+PROMPTS_STAGE = Stage("prompts")
+RANK_STAGE = Stage("rank")
+
+
+def generate_stage(label: str) -> Stage:
+    return Stage("generate", label)
+
+
+def score_stage(name: str) -> Stage:
+    return Stage("score", name)
+
+
+@dataclass(frozen=True)
+class PartName:
+    """A part file's name taken apart: its folder, shard and the label in it (if any)."""
+
+    folder: str
+    shard: int
+    label: str = ""
+    stage_kind: str = ""
+    """For ``errors/`` parts: the kind of stage that wrote it."""
+
+
+def parse_part(rel: str) -> PartName | None:
+    """``generations/part-00003-tiny.parquet`` -> (generations, 3, tiny); None for other files."""
+    folder, base = posixpath.split(rel)
+    found = _PART.match(base)
+    if not found:
+        return None
+    body = found["body"]
+    if folder == ERRORS:
+        kind, _, rest = body.partition("-")
+        label, _, shard = rest.rpartition("-")
+        return PartName(folder, int(shard), label, kind) if _is_shard(shard) else None
+    shard, _, label = body.partition("-")
+    return PartName(folder, int(shard), label) if _is_shard(shard) else None
+
+
+def _is_shard(text: str) -> bool:
+    return len(text) == SHARD_DIGITS and text.isdigit()
+
+
+def parse_marker(rel: str) -> int | None:
+    """The shard index of a marker file's name, or None for another file."""
+    base = posixpath.basename(rel)
+    stem = base[:-len(".json")] if base.endswith(".json") else ""
+    return int(stem) if stem.isdigit() else None
+
+
+def image_path(prompt_id: str, generation_id: str) -> str:
+    return f"{IMAGES}/{prompt_id}/{generation_id}.png"
+
+
+def is_job_file(path: str) -> bool:
+    """A path inside the job's output (an image a generator wrote), not one of the input's."""
+    return path.startswith(f"{IMAGES}/")
+
+
+# -- fingerprints: what a marker vouches for ------------------------------------
+
+def generation_fingerprint(shard: Shard, spec: GeneratorSpec, config: JobConfig) -> str:
+    return stable_hash([shard.fingerprint, spec.model_dump(mode="json"), config.seed])
+
+
+def input_candidates_fingerprint(shard: Shard) -> str:
+    return stable_hash([shard.fingerprint, "input-candidates"])
+
+
+def score_fingerprint(generation_fps: list[str], spec: ScorerSpec) -> str:
+    return stable_hash([generation_fps, spec.model_dump(mode="json", exclude={"weight"})])
+
+
+def rank_fingerprint(generation_fps: list[str], score_fps: list[str], weights: dict[str, float],
+                     exporters: dict[str, Any]) -> str:
+    return stable_hash([generation_fps, score_fps, weights, exporters])
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """The stages of a job for one shard, each with the fingerprint its marker must hold."""
+
+    shard: Shard
+    generate: list[tuple[Stage, str]]
+    score: list[tuple[Stage, str]]
+    rank: tuple[Stage, str] | None
+
+    def stages(self) -> list[tuple[Stage, str]]:
+        return [*self.generate, *self.score, *([self.rank] if self.rank else [])]
+
+
+def plan_shard(shard: Shard, config: JobConfig, exporters: dict[str, Any]) -> ShardPlan:
+    """Every (stage, fingerprint) of a shard for this config: a stage's fingerprint chains
+    the fingerprints of the stages it reads, so a change redoes exactly what depends on it."""
+    if config.generators:
+        generate = [(generate_stage(g.label), generation_fingerprint(shard, g, config)) for g in config.generators]
+    else:
+        generate = [(generate_stage(INPUT_LABEL), input_candidates_fingerprint(shard))]
+    gen_fps = [fp for _, fp in generate]
+    score = [(score_stage(s.name), score_fingerprint(gen_fps, s)) for s in config.scorers]
+    rank = None
+    if config.scorers:
+        weights = {s.name: s.weight for s in config.scorers}
+        rank = (RANK_STAGE, rank_fingerprint(gen_fps, [fp for _, fp in score], weights, exporters))
+    return ShardPlan(shard, generate, score, rank)
+
+
+def generator_labels(config: JobConfig) -> list[str]:
+    """Labels of the generations a job's shards hold (``input`` when it has no generators)."""
+    return [g.label for g in config.generators] or [INPUT_LABEL]
+
+
+def params_key(params: dict[str, Any]) -> str:
+    """A generator's params as they are written to ``generations/`` and hashed into ids."""
+    return json.dumps(params, sort_keys=True)

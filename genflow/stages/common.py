@@ -1,0 +1,186 @@
+"""What every stage of a shard does alike: read its inputs, call the plugin, write parts and a marker."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import posixpath
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pyarrow as pa
+
+from genflow import layout
+from genflow.api import GenerationRequest, Plugin, ScoreItem
+from genflow.config import GeneratorSpec, JobConfig, ScorerSpec
+from genflow.execution import Failure, WorkerPool, chunked
+from genflow.layout import Shard, Stage
+from genflow.registry import PluginInfo
+from genflow.resume import StageOutcome, mark_finished
+from genflow.schemas import ERRORS, GENERATIONS, SCORES
+from genflow.storage import Storage, is_remote
+
+log = logging.getLogger(__name__)
+
+Advance = Callable[[int], None]
+Item = TypeVar("Item", GenerationRequest, ScoreItem)
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What every (stage, shard) of a job reads: its config, its storage and its input's place."""
+
+    config: JobConfig
+    storage: Storage
+    base_dir: str
+    """The input's folder: relative paths in the rows' path columns are relative to it."""
+    read_columns: frozenset[str] = frozenset()
+    """Input columns the job's plugins read: not carried through to ``generations/``."""
+
+
+@dataclass(frozen=True)
+class ModelStage:
+    """A generator or scorer of the job: its stage, its config entry and its plugin."""
+
+    stage: Stage
+    spec: GeneratorSpec | ScorerSpec
+    plugin: PluginInfo = field(compare=False)
+
+    @property
+    def factory(self) -> type[Any]:
+        return self.plugin.factory
+
+    @property
+    def label(self) -> str:
+        return self.stage.label
+
+    @property
+    def run_name(self) -> str:
+        return self.stage.run_name
+
+    def call_size(self, config: JobConfig) -> int:
+        """Items per Ray call: the stage's ``batch_size``, else ``ray.batch_size``, else the plugin's own."""
+        return call_size(self.spec.batch_size, config, self.factory)
+
+
+def call_size(stage_batch_size: int | None, config: JobConfig, factory: type) -> int:
+    """Items per Ray call: the stage's ``batch_size``, else ``ray.batch_size``, else the plugin's own."""
+    plugin_default: int = getattr(factory, "batch_size", 16)
+    return stage_batch_size or config.ray.batch_size or plugin_default
+
+
+# -- reading --------------------------------------------------------------------
+
+def read_prompts(storage: Storage, shard: Shard) -> pa.Table:
+    return storage.read_table(layout.PROMPTS_STAGE.part(shard.index))
+
+
+def read_generations(storage: Storage, shard: Shard, labels: list[str]) -> pa.Table:
+    """The shard's candidates from every generator (found by name: listing the folder
+    for every shard would cost a job quadratic time on a bucket)."""
+    parts = [p for p in (layout.generate_stage(label).part(shard.index) for label in labels) if storage.exists(p)]
+    if not parts:
+        return GENERATIONS.empty_table()
+    tables = [storage.read_table(p, columns=GENERATIONS.names) for p in parts]
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def read_scores(storage: Storage, shard: Shard, scorers: list[str]) -> pa.Table:
+    tables = [storage.read_table(p) for p in (layout.score_stage(s).part(shard.index) for s in scorers)
+              if storage.exists(p)]
+    return pa.concat_tables(tables) if tables else SCORES.empty_table()
+
+
+def resolve_input_path(value: Any, base_dir: str) -> Any:
+    """A relative path in a row is relative to the input's folder; URIs and absolute paths stay."""
+    if isinstance(value, str) and value and not is_remote(value) and not posixpath.isabs(value):
+        return posixpath.join(base_dir, value)
+    return value
+
+
+def plugin_inputs(row: dict[str, Any], factory: type[Plugin], base_dir: str) -> dict[str, Any]:
+    """The row's values of the columns the plugin reads (where it has one), paths resolved."""
+    return {k: resolve_input_path(row[k], base_dir) if k in factory.path_columns else row[k]
+            for k in factory.input_columns if row.get(k) is not None}
+
+
+# -- calling the plugin ---------------------------------------------------------
+
+def call_batches(items: list[Item], keys: list[Any] | None, size: int) -> list[list[Item]]:
+    """Items sorted by their keys, largest first (ties by ``generation_id``), ``size`` a call.
+
+    Neighbouring keys share a call, so a plugin that keys on its own token counts
+    gets batches that pad little; the costliest calls go first and the smallest,
+    last, so the shard's tail is short. Without keys (or with keys that do not
+    compare), the items keep their order."""
+    if keys is not None:
+        try:
+            order = sorted(range(len(items)), key=lambda i: (keys[i], items[i].generation_id), reverse=True)
+            items = [items[i] for i in order]
+        except TypeError as exc:
+            log.warning("batch_keys returned keys that do not compare (%s); batching in the shard's order", exc)
+    return chunked(items, size)
+
+
+def plan_calls(pool: WorkerPool, items: list[Item], size: int) -> list[list[Item]]:
+    """A shard's calls, cut by the plugin's ``batch_keys`` (worked out on its workers).
+
+    A shard that fits in one call needs no keys: the plugin sorts inside the call."""
+    if len(items) <= size:
+        return [items] if items else []
+    return call_batches(items, pool.batch_keys([_keys_view(i) for i in items]), size)
+
+
+def _keys_view(item: GenerationRequest | ScoreItem) -> GenerationRequest | ScoreItem:
+    """An item as ``batch_keys`` sees it: a score item without its image bytes."""
+    if isinstance(item, ScoreItem) and item.image is not None:
+        return dataclasses.replace(item, image=None)
+    return item
+
+
+def answers(pool: WorkerPool, items: list[Item], size: int, advance: Advance) -> Iterator[tuple[Item, Any, float]]:
+    """Each item with its result (or :class:`Failure`) and the seconds its call spent per item,
+    as calls finish; the progress bar moves per call."""
+    for batch in pool.map(plan_calls(pool, items, size)):
+        per_item = batch.seconds / max(1, len(batch.items))
+        yield from ((item, result, per_item) for item, result in zip(batch.items, batch.results, strict=True))
+        advance(len(batch.items))
+
+
+# -- writing --------------------------------------------------------------------
+
+def error_row(prompt_id: str, stage: str, plugin: str, failure: Failure, generation_id: str | None = None) -> dict:
+    return {"prompt_id": prompt_id, "stage": stage, "plugin": plugin, "error": failure.error,
+            "traceback": failure.traceback, "generation_id": generation_id}
+
+
+def write_part(storage: Storage, rel: str, table: pa.Table, parts: list[str]) -> int:
+    """Write a part (atomically; nothing when it has no rows) and note it in ``parts``."""
+    if storage.write_table(rel, table):
+        parts.append(rel)
+    return table.num_rows
+
+
+def finish_model_stage(storage: Storage, stage: Stage, shard: Shard, fingerprint: str, folder: str,
+                       table: pa.Table, errors: list[dict[str, Any]], work_items: int,
+                       started: float) -> StageOutcome:
+    """Write a generate or score stage's part and errors, then its marker: the stage is done."""
+    parts: list[str] = []
+    write_part(storage, stage.part(shard.index), table, parts)
+    n_err = write_part(storage, stage.errors_part(shard.index), pa.Table.from_pylist(errors, schema=ERRORS), parts)
+    outcome = StageOutcome(stage.name, shard.index, fingerprint, {folder: table.num_rows}, n_err, work_items,
+                           time.perf_counter() - started, parts=parts)
+    mark_finished(storage, outcome)
+    return outcome
+
+
+def candidate_image(storage: Storage, path: str, base_dir: str) -> bytes:
+    """The PNG of an image candidate: one a generator wrote lies in the job's ``images/``; one
+    the input carried is a path relative to the input's folder, or a URI."""
+    from genflow.storage import read_bytes
+
+    if layout.is_job_file(path):
+        return storage.read_bytes(path)
+    return read_bytes(resolve_input_path(path, base_dir))

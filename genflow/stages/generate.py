@@ -1,0 +1,136 @@
+"""The generate stage of a shard: a request per (prompt, sample), a candidate per request."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jinja2
+import pyarrow as pa
+
+from genflow import layout
+from genflow.api import Generation, GenerationRequest, Plugin
+from genflow.config import GeneratorSpec, JobConfig, stable_hash
+from genflow.execution import Failure, WorkerPool
+from genflow.layout import INPUT_LABEL, Shard
+from genflow.prompts import carried_columns
+from genflow.resume import StageOutcome
+from genflow.schemas import GENERATIONS
+from genflow.stages.common import (
+    Advance,
+    JobContext,
+    ModelStage,
+    answers,
+    error_row,
+    finish_model_stage,
+    plugin_inputs,
+    read_prompts,
+)
+from genflow.storage import Storage
+
+
+def derive_seed(base: int, prompt_id: str, sample: int) -> int:
+    return int(stable_hash([base, prompt_id, sample], 12), 16) % (2**31 - 1)
+
+
+def accepts(task: str | None, modality: str) -> bool:
+    """Rows marked ``task: image`` go to image generators only; image generators take only those and unmarked rows."""
+    return task is None or (task == "image") == (modality == "image")
+
+
+def build_requests(prompts: pa.Table, spec: GeneratorSpec, config: JobConfig, base_dir: str,
+                   factory: type[Plugin]) -> list[GenerationRequest]:
+    modality: str = getattr(factory, "modality", "text")
+    template = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True).from_string(
+        spec.template) if spec.template else None
+    params_key = layout.params_key(spec.params)
+    base_seed = config.seed if spec.seed is None else spec.seed
+    requests = []
+    for row in prompts.to_pylist():
+        if not accepts(row.get("task"), modality):
+            continue
+        try:
+            prompt = template.render(**row) if template else row["prompt"]
+        except jinja2.TemplateError as exc:
+            raise ValueError(f"generators[{spec.label}].template: {exc}") from None
+        inputs = plugin_inputs(row, factory, base_dir)
+        for sample in range(spec.samples):
+            seed = derive_seed(base_seed, row["prompt_id"], sample)
+            gid = stable_hash([row["prompt_id"], spec.label, sample, seed, params_key, spec.model, spec.template], 20)
+            requests.append(GenerationRequest(
+                generation_id=gid, prompt_id=row["prompt_id"], prompt=prompt, sample=sample, seed=seed,
+                task=row.get("task"), system=row.get("system"), inputs=inputs))
+    return requests
+
+
+def generations_table(rows: list[dict[str, Any]], prompts: pa.Table, read_columns: frozenset[str]) -> pa.Table:
+    """``generations/`` rows with the input columns no plugin of the job reads."""
+    table = pa.Table.from_pylist(rows, schema=GENERATIONS)
+    cols = carried_columns(prompts, read_columns)
+    if not cols:
+        return table
+    carry = {r["prompt_id"]: r for r in prompts.select(["prompt_id", *cols]).to_pylist()}
+    ids = table["prompt_id"].to_pylist()
+    for c in cols:
+        column = prompts.schema.field(c)
+        table = table.append_column(column, pa.array([carry[pid][c] for pid in ids], column.type))
+    return table
+
+
+def generate_shard(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: str, pool: WorkerPool,
+                   advance: Advance) -> StageOutcome:
+    started = time.perf_counter()
+    spec = stage.spec
+    assert isinstance(spec, GeneratorSpec)
+    factory = stage.factory
+    prompts = read_prompts(job.storage, shard)
+    requests = build_requests(prompts, spec, job.config, job.base_dir, factory)
+    params_json = layout.params_key(spec.params)
+    model_name = spec.model or factory.default_model or ""
+    rows, errors = [], []
+    for req, res, seconds in answers(pool, requests, stage.call_size(job.config), advance):
+        if isinstance(res, Failure):
+            errors.append(error_row(req.prompt_id, "generate", spec.plugin, res, req.generation_id))
+        else:
+            rows.append(_generation_row(job.storage, req, res, spec.label, factory.modality, model_name,
+                                        params_json, seconds))
+    rows.sort(key=lambda r: (r["prompt_id"], r["sample"]))
+    return finish_model_stage(job.storage, stage.stage, shard, fingerprint, layout.GENERATIONS,
+                              generations_table(rows, prompts, job.read_columns), errors, len(requests), started)
+
+
+def _generation_row(storage: Storage, req: GenerationRequest, res: Generation, label: str, modality: str,
+                    model_name: str, params_json: str, latency: float) -> dict[str, Any]:
+    image_path = None
+    if res.image is not None:
+        image_path = layout.image_path(req.prompt_id, req.generation_id)
+        storage.write_bytes(image_path, res.image)
+    return {"prompt_id": req.prompt_id, "sample": req.sample, "generation_id": req.generation_id,
+            "generator": label, "model": model_name, "modality": modality, "prompt": req.prompt,
+            "text": res.text, "image_path": image_path, "seed": req.seed, "params": params_json,
+            "num_tokens": res.num_tokens, "finish_reason": res.finish_reason, "latency_s": latency}
+
+
+def input_candidates_shard(job: JobContext, shard: Shard, fingerprint: str) -> StageOutcome:
+    """Candidates the input rows already carry (``response`` / ``responses``) as generations."""
+    started = time.perf_counter()
+    prompts = read_prompts(job.storage, shard)
+    rows = []
+    for row in prompts.to_pylist():
+        answers_ = list(row.get("responses") or [])
+        if row.get("response") is not None:
+            answers_.insert(0, row["response"])
+        task = row.get("task") or "text"
+        modality = task if task in ("code", "image") else "text"
+        for sample, answer in enumerate(answers_):
+            if answer is None:
+                continue
+            gid = stable_hash([row["prompt_id"], INPUT_LABEL, sample, answer], 20)
+            rows.append({"prompt_id": row["prompt_id"], "sample": sample, "generation_id": gid,
+                         "generator": INPUT_LABEL, "model": "", "modality": modality, "prompt": row["prompt"],
+                         "text": None if modality == "image" else str(answer),
+                         "image_path": str(answer) if modality == "image" else None, "seed": None,
+                         "params": "{}", "num_tokens": None, "finish_reason": "input", "latency_s": 0.0})
+    return finish_model_stage(job.storage, layout.generate_stage(INPUT_LABEL), shard, fingerprint,
+                              layout.GENERATIONS, generations_table(rows, prompts, job.read_columns), [],
+                              len(rows), started)

@@ -1,0 +1,50 @@
+"""The rank stage of a shard: candidates ranked by their weighted scores, then every exporter's rows."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from genflow import layout
+from genflow.config import JobConfig
+from genflow.layout import Shard
+from genflow.ranking import rank_candidates, rankings_table
+from genflow.registry import Registry
+from genflow.resume import StageOutcome, mark_finished
+from genflow.stages.common import JobContext, read_generations, read_scores, write_part
+
+
+def job_exporters(config: JobConfig, registry: Registry) -> dict[str, dict[str, Any]]:
+    """The exporters a job runs, with their params: those that run by default in a job with
+    scorers (their ``job_params`` from the ``ranking`` section), plus those the config names."""
+    out: dict[str, dict[str, Any]] = {}
+    for info in registry.all():
+        if info.kind == "exporter":
+            params = info.factory.job_params(config.ranking)
+            if params is not None:
+                out[info.name] = params
+    out.update(config.exporters)
+    return out
+
+
+def rank_shard(job: JobContext, shard: Shard, fingerprint: str, exporters: dict[str, dict[str, Any]],
+               registry: Registry) -> StageOutcome:
+    started = time.perf_counter()
+    storage = job.storage
+    weights = {s.name: s.weight for s in job.config.scorers}
+    ranked = rank_candidates(read_generations(storage, shard, layout.generator_labels(job.config)),
+                             read_scores(storage, shard, list(weights)), weights)
+    stage = layout.RANK_STAGE
+    parts: list[str] = []
+    rows = {layout.RANKINGS: write_part(storage, stage.part(shard.index), rankings_table(ranked), parts)}
+    for name, params in exporters.items():
+        factory = registry.get("exporter", name).factory
+        table = factory(factory.Params.model_validate(params)).export(ranked)
+        rows[name] = write_part(storage, stage.part(shard.index, folder=name),
+                                table if table is not None else pa.table({}), parts)
+    outcome = StageOutcome(stage.name, shard.index, fingerprint, rows, 0, ranked.num_rows,
+                           time.perf_counter() - started, parts=parts)
+    mark_finished(storage, outcome)
+    return outcome

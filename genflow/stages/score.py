@@ -1,0 +1,62 @@
+"""The score stage of a shard: a score per candidate of the modalities the scorer takes."""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from genflow import layout
+from genflow.api import Score, ScoreItem
+from genflow.execution import Failure, WorkerPool
+from genflow.layout import Shard
+from genflow.resume import StageOutcome
+from genflow.schemas import SCORES
+from genflow.stages.common import (
+    Advance,
+    JobContext,
+    ModelStage,
+    answers,
+    candidate_image,
+    error_row,
+    finish_model_stage,
+    plugin_inputs,
+    read_generations,
+    read_prompts,
+)
+
+
+def score_shard(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: str, pool: WorkerPool,
+                advance: Advance) -> StageOutcome:
+    started = time.perf_counter()
+    spec, factory = stage.spec, stage.factory
+    gens = read_generations(job.storage, shard, layout.generator_labels(job.config))
+    gens = gens.filter(pc.is_in(gens["modality"], pa.array(list(factory.modalities), pa.string())))
+    prompts = {r["prompt_id"]: r for r in read_prompts(job.storage, shard).to_pylist()}
+    items: list[ScoreItem] = []
+    errors: list[dict[str, Any]] = []
+    for g in gens.select(["generation_id", "prompt_id", "prompt", "modality", "text", "image_path"]).to_pylist():
+        image = None
+        if g["modality"] == "image":
+            try:
+                image = candidate_image(job.storage, g["image_path"] or "", job.base_dir)
+            except OSError as exc:
+                errors.append(error_row(g["prompt_id"], "score", spec.plugin, Failure(
+                    f"cannot read image {g['image_path']}: {exc}", traceback.format_exc()), g["generation_id"]))
+                continue
+        items.append(ScoreItem(g["generation_id"], g["prompt_id"], g["prompt"], g["modality"], g["text"], image,
+                               plugin_inputs(prompts[g["prompt_id"]], factory, job.base_dir)))
+    rows: list[dict[str, Any]] = []
+    for item, res, _ in answers(pool, items, stage.call_size(job.config), advance):
+        if isinstance(res, Failure):
+            errors.append(error_row(item.prompt_id, "score", spec.plugin, res, item.generation_id))
+        elif isinstance(res, Score):
+            rows.append({"generation_id": item.generation_id, "prompt_id": item.prompt_id, "scorer": stage.label,
+                         "score": float(res.value), "details": json.dumps(res.details, sort_keys=True, default=str)})
+    rows.sort(key=lambda r: r["generation_id"])
+    return finish_model_stage(job.storage, stage.stage, shard, fingerprint, layout.SCORES,
+                              pa.Table.from_pylist(rows, schema=SCORES), errors, len(items), started)
