@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup quickstart test test-fast lint bench clean
+.PHONY: setup quickstart test test-fast lint bench mutants clean
 
 $(BIN)/genflow: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -30,6 +30,11 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks
+
+## Mutation testing (mutmut, installed on demand) of the promise-bearing core against the fast tests;
+## prints the surviving mutants and the score. The modules are listed in scripts/mutants.sh. Not part of CI.
+mutants: setup
+	BIN=$(abspath $(BIN)) bash scripts/mutants.sh
 
 clean:
 	rm -rf outputs/quickstart outputs/images outputs/code

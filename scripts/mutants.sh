@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# `make mutants`: a small mutation run (mutmut) over the code that carries genflow's
+# promises: ranking and pairs, pass@k, config validation, resume markers, atomic writes
+# and error rows. A developer's tool, not part of CI. It prints every surviving mutant
+# (with its diff) and the score: killed / mutants that the fast tests reach.
+#
+# mutmut imports the mutated copy through the sys.path entry it puts first; the editable
+# install maps genflow.plugins to plugins/ and genflow.flows to flows/, which would reach
+# around that copy. So the run works in a staging folder laid out as the installed
+# package (genflow/, genflow/plugins/, genflow/flows/) where every mutated module is the
+# one the tests import; mutmut's own forced-fail check proves it before any mutant runs.
+#
+#   make mutants                                   the modules below
+#   make mutants MUTATE="genflow/passk.py"         one module
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+BIN=${BIN:-$ROOT/.venv/bin}
+MUTMUT_VERSION=3.8.1
+STAGE=${STAGE:-$ROOT/.mutants}
+
+# What is mutated: files as they are in this repository, each optionally followed by
+# ":" and a comma-separated list of its functions (a class name takes all its methods).
+# The one place to update when a module moves (plugins/x.py is genflow.plugins.x).
+MUTATE=${MUTATE:-"
+  genflow/ranking.py
+  plugins/training_data.py
+  plugins/passk.py
+  genflow/config.py
+  genflow/resume.py:finished,mark_finished,DoneIndex,StageOutcome
+  genflow/stages/common.py:error_row,write_part,finish_model_stage
+  genflow/storage.py:Storage.write_bytes,Storage.write_table,Storage.remove_temporaries,Storage.list
+"}
+# The fast tests (no Ray, no Prefect): for each mutant mutmut runs those that reach its function.
+TESTS=${TESTS:-"tests/test_promises.py tests/test_ranking.py tests/test_passk.py tests/test_config.py"}
+TESTS_K=${TESTS_K:-"not cli"}   # pytest -k: leaves out the tests that start a genflow subprocess
+
+if ! "$BIN/python" -c "import mutmut, sys; sys.exit(mutmut.__version__ != '$MUTMUT_VERSION')" 2>/dev/null; then
+    "$BIN/pip" install -q "mutmut==$MUTMUT_VERSION"
+fi
+
+rm -rf "$STAGE"
+mkdir -p "$STAGE"
+cp -R genflow "$STAGE/genflow"
+cp -R plugins "$STAGE/genflow/plugins"
+cp -R flows "$STAGE/genflow/flows"
+cp -R tests configs pyproject.toml "$STAGE/"
+find "$STAGE" -name __pycache__ -type d -prune -exec rm -rf {} +
+rm -rf "$STAGE/genflow/templates/__pycache__"
+
+"$BIN/python" - "$STAGE" "$MUTATE" "$TESTS" "$TESTS_K" <<'EOF'
+import sys
+from pathlib import Path
+
+stage, mutate, tests, tests_k = sys.argv[1:]
+files, globs = [], []
+for entry in mutate.split():
+    path, _, functions = entry.partition(":")
+    if path.startswith(("plugins/", "flows/")):
+        path = "genflow/" + path
+    if not (Path(stage) / path).is_file():
+        sys.exit(f"MUTATE: {entry}: no such file")
+    files.append(path)
+    module = path[:-3].replace("/", ".")
+    for name in functions.split(",") if functions else ["*"]:
+        cls, _, method = name.rpartition(".")
+        if name == "*":
+            globs.append(f"{module}.*")
+        elif cls:
+            globs.append(f"{module}.xǁ{cls}ǁ{method}__mutmut_*")
+        elif name[:1].isupper():
+            globs.append(f"{module}.xǁ{name}ǁ*")
+        else:
+            globs.append(f"{module}.x_{name}__mutmut_*")
+
+def lines(values):
+    return "".join(f"\n    {v}" for v in values)
+
+Path(stage, "setup.cfg").write_text(
+    "[mutmut]\nsource_paths = genflow\n"
+    f"only_mutate ={lines(files)}\n"
+    f"pytest_add_cli_args_test_selection ={lines(t for t in tests.split() if Path(stage, t).exists())}\n"
+    f"pytest_add_cli_args ={lines(['-m', 'not slow', '-k', tests_k, '-p', 'no:cacheprovider', '-q'])}\n")
+Path(stage, "mutant-globs.txt").write_text("\n".join(globs) + "\n")
+EOF
+
+cd "$STAGE"
+mapfile -t GLOBS < mutant-globs.txt
+started=$(date +%s)
+echo "mutmut run: generating the mutants, then running the fast tests against each (log: $STAGE/run.log)"
+"$BIN/mutmut" run "${GLOBS[@]}" > run.log 2>&1 || { tail -20 run.log; echo "mutmut run failed"; exit 1; }
+elapsed=$(( $(date +%s) - started ))
+"$BIN/mutmut" results --all true > results.txt
+
+"$BIN/python" - "$elapsed" "$BIN/mutmut" <<'EOF'
+import fnmatch
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+globs = Path("mutant-globs.txt").read_text().split()
+status = {}
+for line in Path("results.txt").read_text().splitlines():
+    name, _, state = line.strip().rpartition(": ")
+    if name and any(fnmatch.fnmatch(name, g) for g in globs):
+        status[name] = state
+by_module = defaultdict(Counter)
+for name, state in status.items():
+    module = name.split(".x", 1)[0]
+    by_module[module][state] += 1
+survivors = sorted(n for n, s in status.items() if s == "survived")
+for name in survivors:
+    print(subprocess.run([sys.argv[2], "show", name], capture_output=True, text=True).stdout.rstrip())
+    print()
+unreached = Counter(n.split("__mutmut_")[0] for n, s in status.items() if s == "no tests")
+if unreached:
+    print("not reached by any fast test (function: mutants):")
+    for function, count in sorted(unreached.items()):
+        print(f"  {function}: {count}")
+print("mutants by module (only the functions in MUTATE):")
+for module in sorted(by_module):
+    counts = by_module[module]
+    print(f"  {module:36s} " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+total = Counter()
+for c in by_module.values():
+    total.update(c)
+in_scope = sum(total.values())
+killed = total["killed"] + total["timeout"] + total["caught by type check"]
+print(f"surviving mutants: {total['survived']}" + (" (diffs above)" if survivors else ""))
+print(f"not reached by any fast test: {total['no tests']} (they count as surviving)")
+score = 100.0 * killed / in_scope if in_scope else 0.0
+print(f"mutation score: {killed}/{in_scope} killed = {score:.1f}%  (mutmut run: {sys.argv[1]} s)")
+EOF
