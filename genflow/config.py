@@ -225,21 +225,26 @@ def validate_plugins(config: JobConfig, source: str = "config") -> None:
 
     registry = get_registry()
     problems = []
-    specs: list[tuple[str, str, str, dict[str, Any]]] = [
-        ("generator", f"generators.{i}", g.plugin, g.params) for i, g in enumerate(config.generators)]
-    specs += [("scorer", f"scorers.{i}", s.plugin, s.params) for i, s in enumerate(config.scorers)]
-    specs += [("exporter", f"exporters.{name}", name, params) for name, params in config.exporters.items()]
-    for kind, where, name, params in specs:
+    # (kind, the key naming the plugin, the key holding its params, plugin, params); an
+    # exporter is named by its key under ``exporters`` and its params sit right below it.
+    specs: list[tuple[str, str, str, str, dict[str, Any]]] = [
+        ("generator", f"generators.{i}.plugin", f"generators.{i}.params", g.plugin, g.params)
+        for i, g in enumerate(config.generators)]
+    specs += [("scorer", f"scorers.{i}.plugin", f"scorers.{i}.params", s.plugin, s.params)
+              for i, s in enumerate(config.scorers)]
+    specs += [("exporter", f"exporters.{name}", f"exporters.{name}", name, params)
+              for name, params in config.exporters.items()]
+    for kind, plugin_key, params_key, name, params in specs:
         try:
             info = registry.get(kind, name)
         except PluginError as exc:
-            problems.append(f"  {where}.plugin: {exc}")
+            problems.append(f"  {plugin_key}: {exc}")
             continue
         try:
             info.factory.Params.model_validate(params)
         except ValidationError as exc:
             for line in _format_errors(exc).splitlines():
-                problems.append(f"  {where}.params.{line.strip()}")
+                problems.append(f"  {params_key}.{line.strip()}")
     if problems:
         raise ConfigError(f"{source} is not a valid genflow job:\n" + "\n".join(problems))
 
