@@ -31,7 +31,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    from rich.markup import escape  # the message is text: "genflow[hf]" is no style tag
+
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
     raise typer.Exit(code)
 
 
@@ -109,19 +111,52 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
 
 
 @app.command()
-def plugins() -> None:
-    """List installed plugins."""
+def plugins(params: Annotated[str | None, typer.Option(
+        "--params", metavar="NAME", help="print this plugin's options (its params) instead")] = None) -> None:
+    """List installed plugins, and the pip command that enables those whose requirements are missing."""
     from genflow.registry import get_registry
 
     registry = get_registry()
+    if params is not None:
+        _print_options(params)
+        return
     table = Table(show_header=True)
-    for col in ("name", "kind", "modality", "source", "version", "description"):
+    for col in ("name", "kind", "modality", "source", "version", "status", "description"):
         table.add_column(col)
     for p in registry.all():
-        table.add_row(p.name, p.kind, p.modality or "-", p.source, p.version, p.description)
+        table.add_row(p.name, p.kind, p.modality or "-", p.source, p.version,
+                      "ok" if p.available else "unavailable", p.description)
     out.print(table)
+    for p in registry.all():
+        if not p.available:
+            out.print(f"unavailable: {p.unavailable_reason()}", highlight=False, markup=False)
     for source, error in registry.broken.items():
         console.print(f"[red]plugin {source} failed to load:[/] {error}", highlight=False)
+
+
+def _print_options(name: str) -> None:
+    """A plugin's options from its Params' JSON schema, as ``llm models --options`` prints them."""
+    from genflow.registry import PluginError, get_registry, plugin_options
+
+    registry = get_registry()
+    found = registry.named(name)
+    if not found:
+        known = ", ".join(sorted({p.name for p in registry.all()}))
+        fail(str(PluginError(f"no plugin called {name!r} (installed: {known})")))
+    for info in found:
+        out.print(f"{info.name} ({info.kind}): {info.description}", highlight=False, markup=False)
+        if not info.available:
+            out.print(f"unavailable here: {info.unavailable_reason()}", highlight=False, markup=False)
+        options = plugin_options(info.factory.Params)
+        if not options:
+            out.print("no options")
+            continue
+        table = Table(show_header=True)
+        for col in ("option", "type", "default", "description"):
+            table.add_column(col)
+        for option in options:
+            table.add_row(option.name, option.type, option.default, option.description)
+        out.print(table, markup=False)
 
 
 def _raw_config(config: Path, overrides: list[str] | None) -> dict:

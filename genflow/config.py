@@ -220,7 +220,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def validate_plugins(config: JobConfig, source: str = "config") -> None:
-    """Check each plugin name exists and its params fit its ``Params`` model."""
+    """Check each plugin name exists, is installed with what it requires, and its params fit
+    its ``Params`` model."""
     from genflow.registry import PluginError, get_registry
 
     registry = get_registry()
@@ -239,6 +240,9 @@ def validate_plugins(config: JobConfig, source: str = "config") -> None:
             info = registry.get(kind, name)
         except PluginError as exc:
             problems.append(f"  {plugin_key}: {exc}")
+            continue
+        if not info.available:  # its Params may import what is missing
+            problems.append(f"  {plugin_key}: {info.unavailable_reason()}")
             continue
         try:
             info.factory.Params.model_validate(params)

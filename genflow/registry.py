@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from functools import lru_cache
 from typing import Any
 
 import pluggy
+from pydantic import BaseModel
 
 from genflow import hookspecs
 from genflow.api import Exporter, Generator, Scorer
@@ -33,6 +35,90 @@ class PluginInfo:
     source: str
     version: str
     description: str
+    missing: tuple[str, ...] = ()
+    """Distributions of the plugin's ``requires`` that are not installed."""
+
+    @property
+    def available(self) -> bool:
+        return not self.missing
+
+    @property
+    def install_hint(self) -> str:
+        """The pip command that installs what the plugin is missing ("" when nothing is)."""
+        if not self.missing:
+            return ""
+        extra = getattr(self.factory, "extra", None)
+        return f"pip install 'genflow[{extra}]'" if extra else "pip install " + " ".join(self.missing)
+
+    def unavailable_reason(self) -> str:
+        """Why the plugin cannot run here, and the command that fixes it."""
+        return f"{self.kind} plugin {self.name!r} needs {', '.join(self.missing)}: {self.install_hint}"
+
+
+def missing_distributions(names: tuple[str, ...], found: dict[str, bool] | None = None) -> tuple[str, ...]:
+    """Those of ``names`` that are not installed, read from installed metadata (importing nothing).
+
+    ``found`` caches the answers across plugins that share requirements."""
+    found = {} if found is None else found
+    for name in names:
+        if name not in found:
+            try:
+                md.distribution(name)
+                found[name] = True
+            except md.PackageNotFoundError:
+                found[name] = False
+    return tuple(name for name in names if not found[name])
+
+
+@dataclass(frozen=True)
+class PluginOption:
+    """One key of a plugin's ``params``, as ``genflow plugins --params NAME`` shows it."""
+
+    name: str
+    type: str
+    default: str
+    description: str
+
+
+def plugin_options(params_model: type[BaseModel]) -> list[PluginOption]:
+    """The options of a plugin's ``Params``, read from its JSON schema (names, types, limits,
+    defaults and ``Field(description=...)``), in the order the model declares them."""
+    schema = params_model.model_json_schema()
+    defs = schema.get("$defs", {})
+    fields = params_model.model_fields
+    options = []
+    for name, prop in schema.get("properties", {}).items():
+        if "default" in prop:
+            default = json.dumps(prop["default"])
+        elif name in fields and not fields[name].is_required():  # a default_factory: not in the schema
+            default = json.dumps(fields[name].get_default(call_default_factory=True), default=str)
+        else:
+            default = "required"
+        options.append(PluginOption(name, _schema_type(prop, defs), default, prop.get("description", "")))
+    return options
+
+
+_LIMITS = (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"),
+           ("multipleOf", "multiple of"))
+
+
+def _schema_type(prop: dict[str, Any], defs: dict[str, Any]) -> str:
+    """A JSON schema type in words: ``integer >= 1``, ``a | b``, ``list of string | null``."""
+    if "$ref" in prop:
+        prop = {**defs.get(prop["$ref"].rsplit("/", 1)[-1], {}), **{k: v for k, v in prop.items() if k != "$ref"}}
+    if "anyOf" in prop:
+        return " | ".join(_schema_type(p, defs) for p in prop["anyOf"])
+    if "enum" in prop:
+        return " | ".join(str(v) for v in prop["enum"])
+    if "const" in prop:
+        return json.dumps(prop["const"])
+    kind = prop.get("type", "any")
+    if kind == "array":
+        kind = f"list of {_schema_type(prop.get('items', {}), defs)}"
+    elif kind == "object" and isinstance(prop.get("additionalProperties"), dict):
+        kind = f"mapping of {_schema_type(prop['additionalProperties'], defs)}"
+    limits = [f"{word} {prop[key]}" for key, word in _LIMITS if key in prop]
+    return f"{kind} {', '.join(limits)}" if limits else kind
 
 
 class Registry:
@@ -47,6 +133,7 @@ class Registry:
         self._collect()
 
     def _collect(self) -> None:
+        installed: dict[str, bool] = {}
         for kind, hook in (("generator", self.pm.hook.register_generators),
                            ("scorer", self.pm.hook.register_scorers),
                            ("exporter", self.pm.hook.register_exporters)):
@@ -63,7 +150,8 @@ class Registry:
                         getattr(factory, "modalities", ()))
                     self._items[(_kind, name)] = PluginInfo(
                         name, _kind, factory, modality, _source, _version,
-                        (factory.description or (factory.__doc__ or "")).strip().split("\n")[0])
+                        (factory.description or (factory.__doc__ or "")).strip().split("\n")[0],
+                        missing_distributions(tuple(factory.requires), installed))
 
                 try:
                     impl.function(register=register)
@@ -86,6 +174,10 @@ class Registry:
 
     def all(self) -> list[PluginInfo]:
         return sorted(self._items.values(), key=lambda p: (p.kind, p.name))
+
+    def named(self, name: str) -> list[PluginInfo]:
+        """The plugins called ``name``, of any kind (a generator and a scorer may share one)."""
+        return [p for p in self.all() if p.name == name]
 
 
 def _wanted() -> set[str] | None:

@@ -11,7 +11,10 @@ import pyarrow.dataset as ds
 import pytest
 from conftest import ROOT, run_genflow
 
-from genflow.registry import get_registry
+import genflow
+from genflow.api import Generator
+from genflow.plugins.text import HFTextParams
+from genflow.registry import get_registry, plugin_options, registry_with
 
 BUILT_INS = {("generator", "hf-text"), ("generator", "hf-code"), ("generator", "diffusers-image"),
              ("scorer", "hf-reward"), ("scorer", "embedding-sim"), ("scorer", "clip-score"),
@@ -159,3 +162,98 @@ def test_job_runs_with_a_third_party_plugin(third_party_site: Path, tmp_path: Pa
     assert first["text"] == " EXPLAIN WHY THE SKY IS BLUE.??"
     sft = {r["prompt_id"]: r for r in ds.dataset(out / "sft").to_table().to_pylist()}
     assert sft["q001"]["completion"] == " EXPLAIN WHY THE SKY IS BLUE.??"  # the longer sample wins
+
+
+# --- what a plugin declares: requirements, extras, options ------------------------------------------
+
+
+class NeedsLibfoo(Generator):
+    """Needs a distribution nobody has."""
+
+    requires = ("genflow-test-no-such-distribution", "pluggy")
+    extra = "libfoo"
+
+    def generate(self, requests):  # pragma: no cover - never constructed
+        return []
+
+
+class NeedsLibfooPlugin:
+    @genflow.hookimpl
+    def register_generators(self, register: object) -> None:
+        register("needs-libfoo", NeedsLibfoo)  # type: ignore[operator]
+
+
+def test_a_plugin_with_missing_requirements_is_unavailable_with_its_pip_command() -> None:
+    registry = registry_with(NeedsLibfooPlugin())
+    info = registry.get("generator", "needs-libfoo")
+    assert not info.available
+    assert info.missing == ("genflow-test-no-such-distribution",)  # pluggy is installed
+    assert info.install_hint == "pip install 'genflow[libfoo]'"
+    assert registry.get("generator", "hf-text").available  # this environment has every extra
+    assert registry.get("generator", "hf-text").install_hint == ""
+
+
+def test_a_job_naming_an_unavailable_plugin_fails_validation_with_the_command(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from genflow import config as config_module
+
+    registry = registry_with(NeedsLibfooPlugin())
+    monkeypatch.setattr("genflow.registry.get_registry", lambda refresh=False: registry)
+    job = config_module.JobConfig.model_validate({
+        "name": "x", "input": "in.parquet", "output": "out",
+        "generators": [{"label": "g", "plugin": "needs-libfoo", "params": {"anything": 1}}]})
+    with pytest.raises(config_module.ConfigError) as caught:
+        config_module.validate_plugins(job)
+    assert ("generators.0.plugin: generator plugin 'needs-libfoo' needs genflow-test-no-such-distribution: "
+            "pip install 'genflow[libfoo]'") in str(caught.value)
+    assert "anything" not in str(caught.value)  # its params are not checked: its Params may need what is missing
+
+
+def test_built_in_plugins_declare_what_they_read_and_need() -> None:
+    found = {p.name: p.factory for p in get_registry(refresh=True).all()}
+    assert found["code-exec"].input_columns == ("tests", "test", "entry_point")
+    assert found["embedding-sim"].input_columns == ("reference",)
+    assert found["diffusers-image"].path_columns == ("image", "mask")
+    assert found["hf-text"].input_columns == ()
+    assert {name: f.extra for name, f in found.items()} == {
+        "hf-text": "hf", "hf-code": "hf", "hf-reward": "hf", "embedding-sim": "hf",
+        "diffusers-image": "image", "clip-score": "image", "code-exec": "code",
+        "preferences": None, "sft": None}
+    for name, factory in found.items():
+        assert set(factory.path_columns) <= set(factory.input_columns), name
+
+
+def test_every_built_in_option_is_described() -> None:
+    for info in get_registry(refresh=True).all():
+        if info.source != "built-in":
+            continue
+        for option in plugin_options(info.factory.Params):
+            assert option.description, f"{info.name}: params.{option.name} has no Field(description=...)"
+
+
+def test_options_come_from_the_params_schema() -> None:
+    from genflow.plugins.code_exec import CodeExecParams
+
+    options = {o.name: o for o in plugin_options(CodeExecParams)}
+    assert list(options)[:2] == ["timeout_s", "memory_mb"]  # the model's order
+    assert (options["timeout_s"].type, options["timeout_s"].default) == ("number > 0", "5.0")
+    assert options["k"].default == "[1, 5, 10]"  # a default_factory's value
+    assert options["isolation"].type == "auto | bwrap | unshare | rlimits"
+    assert options["workers"].type == "integer >= 1 | null"
+
+
+def test_plugins_params_prints_a_plugins_options() -> None:
+    result = run_genflow("plugins", "--params", "hf-text", env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:-1]]
+            for line in result.stdout.splitlines() if line.startswith("│")}
+    assert rows["max_new_tokens"] == ["integer >= 1", "32", "Tokens to generate at most per candidate."]
+    assert rows["temperature"][:2] == ["number >= 0.0", "1.0"] and "greedy" in rows["temperature"][2]
+    assert rows["stop"][:2] == ["list of string", "[]"]
+    assert set(rows) == set(HFTextParams.model_fields)
+
+
+def test_plugins_params_of_an_unknown_plugin_names_the_installed_ones() -> None:
+    result = run_genflow("plugins", "--params", "hf-txet")
+    assert result.returncode == 2
+    assert "no plugin called 'hf-txet'" in result.stderr and "hf-text" in result.stderr
