@@ -1,9 +1,11 @@
-"""Ray execution: a job's fixed set of actors, hosting one plugin at a time, fed batches from the driver.
+"""Scheduling on Ray: a job's fixed set of actors, hosting one plugin at a time, fed batches
+from the driver, and the blame for a worker that dies.
 
-Each actor loads a stage's plugin once (its model) and then answers that stage's
-batches; the next stage's plugin is loaded into the same actors (:class:`Workers`).
-A batch whose call raises is split and retried inside the actor until the failing
-rows are isolated, so one bad row costs an ``errors/`` row, not a batch.
+Each actor (:class:`genflow.worker.PluginWorker`) loads a stage's plugin once (its
+model) and then answers that stage's batches; the next stage's plugin is loaded into
+the same actors (:class:`Workers`). A batch whose call raises is split and retried
+inside the actor until the failing rows are isolated, so one bad row costs an
+``errors/`` row, not a batch. Ray itself is started by :mod:`genflow.ray_cluster`.
 
 A worker process that dies (segfault, ``os._exit``, out of memory, a lost node)
 cannot isolate anything itself, so the pool does it: it starts a fresh actor in the
@@ -20,12 +22,8 @@ death is seen, counted and blamed on the batch that was running.
 
 from __future__ import annotations
 
-import gc
 import logging
-import os
-import sys
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,67 +33,11 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from genflow import ray_cluster
-from genflow.api import Generator, RowError
 from genflow.config import RaySpec, stable_hash
 from genflow.registry import PluginError
+from genflow.worker import Failure, PluginWorker
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Failure:
-    """A row that could not be processed: the error and where it came from."""
-
-    error: str
-    traceback: str
-
-
-class PluginWorker:
-    """Ray actor body: one plugin instance at a time, many batches."""
-
-    def __init__(self, factory: Any, model: str | None, params: dict[str, Any]) -> None:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars
-        gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
-        self.device = "cuda" if gpu_ids else "cpu"
-        self._build(factory, model, params)
-
-    def _build(self, factory: Any, model: str | None, params: dict[str, Any]) -> None:
-        self.kind = "generator" if issubclass(factory, Generator) else "scorer"
-        self.plugin = factory(model, factory.Params.model_validate(params), self.device)
-
-    def load(self, factory: Any, model: str | None, params: dict[str, Any]) -> dict[str, Any]:
-        """Host another plugin in this process, the current one's model freed first."""
-        self.plugin = None
-        gc.collect()
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the next model gets the memory back
-        self._build(factory, model, params)
-        return self.describe()
-
-    def describe(self) -> dict[str, Any]:
-        return self.plugin.describe()
-
-    def keys(self, items: list[Any]) -> list[Any]:
-        return list(self.plugin.batch_keys(items))
-
-    def call(self, items: list[Any]) -> list[Any]:
-        return self._call(items)
-
-    def _call(self, items: list[Any]) -> list[Any]:
-        method = self.plugin.generate if self.kind == "generator" else self.plugin.score
-        try:
-            results = method(items)
-            if len(results) != len(items):
-                raise RuntimeError(f"{type(self.plugin).__name__} returned {len(results)} results "
-                                   f"for {len(items)} inputs")
-        except Exception as exc:
-            if len(items) == 1:
-                return [Failure(f"{type(exc).__name__}: {exc}", traceback.format_exc())]
-            half = len(items) // 2
-            return self._call(items[:half]) + self._call(items[half:])
-        return [Failure(str(r), "") if isinstance(r, RowError) else r for r in results]
 
 
 @dataclass

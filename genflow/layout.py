@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from genflow.config import stable_hash
+from genflow.storage import Storage, is_remote, read_bytes
 
 if TYPE_CHECKING:
     from genflow.config import GeneratorSpec, JobConfig, ScorerSpec
@@ -169,6 +170,21 @@ def image_path(prompt_id: str, generation_id: str) -> str:
 def is_job_file(path: str) -> bool:
     """A path inside the job's output (an image a generator wrote), not one of the input's."""
     return path.startswith(f"{IMAGES}/")
+
+
+def resolve_input_path(value: Any, base_dir: str) -> Any:
+    """A relative path in an input row is relative to the input's folder; URIs and absolute paths stay."""
+    if isinstance(value, str) and value and not is_remote(value) and not posixpath.isabs(value):
+        return posixpath.join(base_dir, value)
+    return value
+
+
+def candidate_image(storage: Storage, path: str, base_dir: str) -> bytes:
+    """The PNG of an image candidate: one a generator wrote lies in the job's ``images/``; one
+    the input carried is a path relative to the input's folder, or a URI."""
+    if is_job_file(path):
+        return storage.read_bytes(path)
+    return read_bytes(resolve_input_path(path, base_dir))
 
 
 # -- fingerprints: what a marker vouches for ------------------------------------

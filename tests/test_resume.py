@@ -190,8 +190,8 @@ def test_a_changed_config_or_input_redoes_only_what_it_affects(
 
 
 def _footer_rows(out: Path) -> dict[str, int]:
-    from genflow.manifest import OUTPUT_FOLDERS, count_rows
+    from genflow.manifest import count_rows, output_folders
     from genflow.storage import Storage
 
     storage = Storage.open(str(out))
-    return {folder: count_rows(storage, folder) for folder in OUTPUT_FOLDERS}
+    return {folder: count_rows(storage, folder) for folder in output_folders(["preferences", "sft"])}

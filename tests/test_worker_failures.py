@@ -42,7 +42,7 @@ def _job(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
 def test_rows_that_raise_or_kill_the_worker_become_errors_and_the_rest_is_kept(
         tmp_path: Path, job_runner: Any, test_plugins: dict[str, str]) -> None:
     from genflow.flows.job import JobFailed
-    from genflow.manifest import OUTPUT_FOLDERS, count_rows
+    from genflow.manifest import count_rows, output_folders
     from genflow.storage import Storage
 
     config = _job(tmp_path)
@@ -80,7 +80,8 @@ def test_rows_that_raise_or_kill_the_worker_become_errors_and_the_rest_is_kept(
     assert not by_kind
     assert manifest["errors"]["rows"] == len(errors) == 2 + 14 + 2
     storage = Storage.open(str(out))
-    assert manifest["rows"] == {f: count_rows(storage, f) for f in OUTPUT_FOLDERS}  # markers agree with parts
+    folders = output_folders(["preferences", "sft"])
+    assert manifest["rows"] == {f: count_rows(storage, f) for f in folders}  # markers agree with parts
     assert [manifest["rows"][f] for f in ("prompts", "generations", "scores", "errors")] == [18, 20, 18, 18]
 
     # Workers were restarted (the poison pill and the flaky row each killed at least one),

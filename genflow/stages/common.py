@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import posixpath
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,12 +14,13 @@ import pyarrow as pa
 from genflow import layout
 from genflow.api import GenerationRequest, Plugin, ScoreItem
 from genflow.config import GeneratorSpec, JobConfig, ScorerSpec
-from genflow.execution import Failure, WorkerPool, chunked
-from genflow.layout import Shard, Stage
+from genflow.execution import WorkerPool, chunked
+from genflow.layout import Shard, Stage, resolve_input_path
 from genflow.registry import PluginInfo
 from genflow.resume import StageOutcome, mark_finished
 from genflow.schemas import ERRORS, GENERATIONS, SCORES
-from genflow.storage import Storage, is_remote
+from genflow.storage import Storage
+from genflow.worker import Failure
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,6 @@ def read_scores(storage: Storage, shard: Shard, scorers: list[str]) -> pa.Table:
     tables = [storage.read_table(p) for p in (layout.score_stage(s).part(shard.index) for s in scorers)
               if storage.exists(p)]
     return pa.concat_tables(tables) if tables else SCORES.empty_table()
-
-
-def resolve_input_path(value: Any, base_dir: str) -> Any:
-    """A relative path in a row is relative to the input's folder; URIs and absolute paths stay."""
-    if isinstance(value, str) and value and not is_remote(value) and not posixpath.isabs(value):
-        return posixpath.join(base_dir, value)
-    return value
 
 
 def plugin_inputs(row: dict[str, Any], factory: type[Plugin], base_dir: str) -> dict[str, Any]:
@@ -175,12 +168,3 @@ def finish_model_stage(storage: Storage, stage: Stage, shard: Shard, fingerprint
     mark_finished(storage, outcome)
     return outcome
 
-
-def candidate_image(storage: Storage, path: str, base_dir: str) -> bytes:
-    """The PNG of an image candidate: one a generator wrote lies in the job's ``images/``; one
-    the input carried is a path relative to the input's folder, or a URI."""
-    from genflow.storage import read_bytes
-
-    if layout.is_job_file(path):
-        return storage.read_bytes(path)
-    return read_bytes(resolve_input_path(path, base_dir))

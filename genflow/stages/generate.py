@@ -11,7 +11,7 @@ import pyarrow as pa
 from genflow import layout
 from genflow.api import Generation, GenerationRequest, Plugin
 from genflow.config import GeneratorSpec, JobConfig, stable_hash
-from genflow.execution import Failure, WorkerPool
+from genflow.execution import WorkerPool
 from genflow.layout import INPUT_LABEL, Shard
 from genflow.prompts import carried_columns
 from genflow.resume import StageOutcome
@@ -27,6 +27,7 @@ from genflow.stages.common import (
     read_prompts,
 )
 from genflow.storage import Storage
+from genflow.worker import Failure
 
 
 def derive_seed(base: int, prompt_id: str, sample: int) -> int:

@@ -12,8 +12,8 @@ import pyarrow.compute as pc
 
 from genflow import layout
 from genflow.api import Score, ScoreItem
-from genflow.execution import Failure, WorkerPool
-from genflow.layout import Shard
+from genflow.execution import WorkerPool
+from genflow.layout import Shard, candidate_image
 from genflow.resume import StageOutcome
 from genflow.schemas import SCORES
 from genflow.stages.common import (
@@ -21,13 +21,13 @@ from genflow.stages.common import (
     JobContext,
     ModelStage,
     answers,
-    candidate_image,
     error_row,
     finish_model_stage,
     plugin_inputs,
     read_generations,
     read_prompts,
 )
+from genflow.worker import Failure
 
 
 def score_shard(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: str, pool: WorkerPool,

@@ -1,0 +1,70 @@
+"""The body of a Ray worker: one plugin at a time, called with batches, failures isolated inside."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from genflow.api import Generator, RowError
+
+
+@dataclass
+class Failure:
+    """A row that could not be processed: the error and where it came from."""
+
+    error: str
+    traceback: str
+
+
+class PluginWorker:
+    """Ray actor body: one plugin instance at a time, many batches."""
+
+    def __init__(self, factory: Any, model: str | None, params: dict[str, Any]) -> None:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars
+        gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+        self.device = "cuda" if gpu_ids else "cpu"
+        self._build(factory, model, params)
+
+    def _build(self, factory: Any, model: str | None, params: dict[str, Any]) -> None:
+        self.kind = "generator" if issubclass(factory, Generator) else "scorer"
+        self.plugin = factory(model, factory.Params.model_validate(params), self.device)
+
+    def load(self, factory: Any, model: str | None, params: dict[str, Any]) -> dict[str, Any]:
+        """Host another plugin in this process, the current one's model freed first."""
+        self.plugin = None
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the next model gets the memory back
+        self._build(factory, model, params)
+        return self.describe()
+
+    def describe(self) -> dict[str, Any]:
+        return self.plugin.describe()
+
+    def keys(self, items: list[Any]) -> list[Any]:
+        return list(self.plugin.batch_keys(items))
+
+    def call(self, items: list[Any]) -> list[Any]:
+        return self._call(items)
+
+    def _call(self, items: list[Any]) -> list[Any]:
+        method = self.plugin.generate if self.kind == "generator" else self.plugin.score
+        try:
+            results = method(items)
+            if len(results) != len(items):
+                raise RuntimeError(f"{type(self.plugin).__name__} returned {len(results)} results "
+                                   f"for {len(items)} inputs")
+        except Exception as exc:
+            if len(items) == 1:
+                return [Failure(f"{type(exc).__name__}: {exc}", traceback.format_exc())]
+            half = len(items) // 2
+            return self._call(items[:half]) + self._call(items[half:])
+        return [Failure(str(r), "") if isinstance(r, RowError) else r for r in results]
