@@ -45,6 +45,27 @@ How a model plugin is called (generators and scorers):
   all of its rows and returns the job's metrics for it (``manifest.json``), and
   :meth:`Scorer.report_sections` turns those into tables for ``report.html``.
 
+How a request plugin is called (a client of an inference server or a hosted API):
+a plugin whose ``generate`` / ``score`` is ``async def`` takes **one** request (a
+:class:`GenerationRequest` or a :class:`ScoreItem`) and returns one result.
+
+- The engine runs its calls on one event loop in a worker that reserves little CPU,
+  with up to the stage's ``requests.concurrency`` in flight across the job, each
+  under ``requests.timeout_s``. Answers are handled as they arrive, not per batch.
+- :class:`TransientError` (429, 5xx, timeout, dropped connection) sends the request
+  again after an exponential backoff with jitter (its ``retry_after`` first), up to
+  ``requests.max_retries``; a 429 also halves the concurrency, which grows back with
+  successes. A :class:`RowError`, returned or raised, is permanent: an ``errors/``
+  row, with the ``raw`` answer when the plugin gives one. Any other exception is an
+  ``errors/`` row with its traceback.
+- Every answer goes to the stage's request journal within seconds, so a job killed
+  mid-shard sends again only the requests that had no answer.
+- ``prompt_tokens`` and ``num_tokens`` (or a score's token counts) price the request
+  with the stage's ``price``; the job stops cleanly at ``max_cost``.
+- Params named in ``unhashed_params`` (where requests go, which variable holds the
+  key) change no id and no fingerprint; ``secret_env`` names the environment
+  variables a worker needs (sent to a cluster's workers, never written anywhere).
+
 Exporters run on the driver, once per shard, after ranking (see :class:`Exporter`).
 Everything passed to a model plugin is plain data, so batches travel cheaply to workers.
 """
@@ -67,6 +88,19 @@ class PluginParams(BaseModel):
     """Base for a plugin's ``params``: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class TransientError(Exception):
+    """A request failed in a way that may pass if sent again: a 429, a 5xx, a timeout, a
+    dropped connection. Raised by an async plugin's ``generate``/``score``; the engine sends
+    the request again after a backoff (``retry_after`` seconds when the server said how
+    long), up to the stage's ``requests.max_retries``, then writes an ``errors/`` row.
+    ``rate_limited`` (a 429) also halves the stage's concurrency for a while."""
+
+    def __init__(self, message: str, retry_after: float | None = None, rate_limited: bool = False) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.rate_limited = rate_limited
 
 
 class RowError(Exception):
@@ -102,6 +136,10 @@ class Generation:
     """PNG bytes; genflow stores them under ``images/<prompt_id>/<generation_id>.png``."""
     num_tokens: int | None = None
     finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    """Tokens of the prompt as the model counted them (a server's ``usage``), for costs."""
+    raw: str | None = None
+    """What the model answered, when ``text`` is derived from it (kept in ``errors/`` when unusable)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +159,9 @@ class ScoreItem:
 class Score:
     value: float
     details: dict[str, Any] = field(default_factory=dict)
+    prompt_tokens: int | None = None
+    """Tokens a model-backed scorer (a judge) spent reading, and writing (``completion_tokens``): for costs."""
+    completion_tokens: int | None = None
 
 
 class Plugin(ABC):
@@ -138,6 +179,15 @@ class Plugin(ABC):
     unavailable, and the manifest records their versions."""
     extra: ClassVar[str | None] = None
     """The genflow extra that installs ``requires`` (``hf`` for ``pip install 'genflow[hf]'``)."""
+    unhashed_params: ClassVar[tuple[str, ...]] = ()
+    """Params that do not change what the plugin computes (a server's URL, the name of the
+    variable holding a key): left out of ``generation_id`` and the stage fingerprints."""
+
+    @classmethod
+    def secret_env(cls, params: PluginParams) -> list[str]:
+        """Environment variables the plugin reads in its workers (an API key's): a cluster's
+        workers get them through their runtime environment; no output records their values."""
+        return []
 
 
 class _ModelPlugin(Plugin):
