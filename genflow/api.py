@@ -13,8 +13,8 @@ kind it is. A class declares what it needs and genflow does the rest:
   reads is carried through to ``generations/``. ``path_columns`` are the ones
   whose string values are paths or URIs: genflow resolves a relative path against
   the input's folder, once, before the plugin sees it.
-- ``requires`` and ``extra``: the distributions it imports and the genflow extra
-  that installs them. A plugin whose requirements are missing is listed by
+- ``requires`` and ``extra``: the distributions it imports and the extra that
+  installs them (genflow's for a built-in, its own distribution's otherwise). A plugin whose requirements are missing is listed by
   ``genflow plugins`` as unavailable with that pip command, and a job naming it
   fails at validation. The manifest records the versions of what the job's
   plugins require.
@@ -178,7 +178,8 @@ class Plugin(ABC):
     """Distributions the plugin imports (``("torch", "transformers")``): missing ones make it
     unavailable, and the manifest records their versions."""
     extra: ClassVar[str | None] = None
-    """The genflow extra that installs ``requires`` (``hf`` for ``pip install 'genflow[hf]'``)."""
+    """The extra that installs ``requires``: of genflow for a built-in (``hf`` for
+    ``pip install 'genflow[hf]'``), of its own distribution for a third-party plugin."""
     unhashed_params: ClassVar[tuple[str, ...]] = ()
     """Params that do not change what the plugin computes (a server's URL, the name of the
     variable holding a key): left out of ``generation_id`` and the stage fingerprints."""

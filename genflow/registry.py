@@ -44,11 +44,15 @@ class PluginInfo:
 
     @property
     def install_hint(self) -> str:
-        """The pip command that installs what the plugin is missing ("" when nothing is)."""
+        """The pip command that installs what the plugin is missing ("" when nothing is): its
+        ``extra`` of genflow for a built-in, of its own distribution for a third-party plugin."""
         if not self.missing:
             return ""
         extra = getattr(self.factory, "extra", None)
-        return f"pip install 'genflow[{extra}]'" if extra else "pip install " + " ".join(self.missing)
+        distribution = "genflow" if self.source == "built-in" else self.source if self.version != "-" else None
+        if extra and distribution:
+            return f"pip install '{distribution}[{extra}]'"
+        return "pip install " + " ".join(self.missing)
 
     def unavailable_reason(self) -> str:
         """Why the plugin cannot run here, and the command that fixes it."""

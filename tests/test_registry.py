@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import textwrap
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -188,7 +189,11 @@ def test_a_plugin_with_missing_requirements_is_unavailable_with_its_pip_command(
     info = registry.get("generator", "needs-libfoo")
     assert not info.available
     assert info.missing == ("genflow-test-no-such-distribution",)  # pluggy is installed
-    assert info.install_hint == "pip install 'genflow[libfoo]'"
+    assert info.unavailable_reason() == ("generator plugin 'needs-libfoo' needs genflow-test-no-such-distribution: "
+                                         "pip install genflow-test-no-such-distribution")  # no distribution of its own
+    # The extra is genflow's for a built-in, else that of the distribution the plugin comes from.
+    assert replace(info, source="built-in", version="0.1.0").install_hint == "pip install 'genflow[libfoo]'"
+    assert replace(info, source="acme-genflow", version="1.2.3").install_hint == "pip install 'acme-genflow[libfoo]'"
     assert registry.get("generator", "hf-text").available  # this environment has every extra
     assert registry.get("generator", "hf-text").install_hint == ""
 
@@ -205,7 +210,7 @@ def test_a_job_naming_an_unavailable_plugin_fails_validation_with_the_command(
     with pytest.raises(config_module.ConfigError) as caught:
         config_module.validate_plugins(job)
     assert ("generators.0.plugin: generator plugin 'needs-libfoo' needs genflow-test-no-such-distribution: "
-            "pip install 'genflow[libfoo]'") in str(caught.value)
+            "pip install genflow-test-no-such-distribution") in str(caught.value)
     assert "anything" not in str(caught.value)  # its params are not checked: its Params may need what is missing
 
 
