@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import logging
+import math
 import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -16,7 +19,7 @@ import pytest
 from conftest import ROOT, run_genflow, text_job
 from PIL import Image
 
-from genflow.report import SAMPLE_PROMPTS, visible, write_report_safely
+from genflow.report import PALETTE, SAMPLE_PROMPTS, visible, write_report_safely
 from genflow.storage import Storage
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -42,14 +45,26 @@ def dom(tmp_path: Path, page: Path) -> str:
     return chromium(tmp_path, page, "--dump-dom").stdout
 
 
-def screenshot(tmp_path: Path, page: Path, name: str, height: int = 2400) -> Path:
+def screenshot(tmp_path: Path, page: Path, name: str, height: int = 2400) -> np.ndarray:
+    """The page as Chromium paints it, decoded: (height, 1280, 3) RGB, checked to show a page's worth."""
     shot = tmp_path / name
     chromium(tmp_path, page, f"--screenshot={shot}", f"--window-size=1280,{height}", "--hide-scrollbars")
     with Image.open(shot) as img:
-        assert img.size == (1280, height)
-        colors = img.convert("RGB").getcolors(maxcolors=1 << 20)
-        assert colors is not None and len(colors) > 200, "the screenshot is (nearly) blank"
-    return shot
+        assert img.format == "PNG" and img.size == (1280, height)
+        pixels = np.asarray(img.convert("RGB"))
+    colors, counts = np.unique(pixels.reshape(-1, 3), axis=0, return_counts=True)
+    assert len(colors) > 200, "the screenshot is (nearly) blank"
+    background = colors[counts.argmax()]
+    assert counts.max() / counts.sum() < 0.97, "the screenshot is (nearly) one colour"
+    inked = (np.abs(pixels.astype(int) - background).sum(axis=2) > 96).any(axis=1)
+    assert inked[:200].any() and inked[200:].mean() > 0.15, "the page's content is not painted down the window"
+    return pixels
+
+
+def share_of(pixels: np.ndarray, hex_color: str, tolerance: int = 24) -> float:
+    """The fraction of the screenshot painted (about) ``hex_color``."""
+    rgb = np.array([int(hex_color[i:i + 2], 16) for i in (1, 3, 5)])
+    return float((np.abs(pixels.astype(int) - rgb).max(axis=2) <= tolerance).mean())
 
 
 def sections(html: str) -> dict[str, str]:
@@ -145,8 +160,15 @@ def test_text_report_in_a_headless_browser(text_output: Path, tmp_path: Path) ->
     found = sections(loaded)
     assert {"summary", "throughput", "errors", "scores", "samples", "config"} <= set(found)
     assert found["samples"].count('<pre class="text">') >= SAMPLE_PROMPTS * 2
-    shot = screenshot(tmp_path, text_output / "report.html", "text-report.png")
-    assert shot.stat().st_size > 50_000
+    # The score histogram is in the page as an SVG of the hf-reward scores...
+    figures = re.findall(r'<img[^>]+src="data:image/svg\+xml;base64,([^"]+)"', found["scores"])
+    assert len(figures) == 1
+    svg = base64.b64decode(figures[0]).decode()
+    assert svg.lstrip().startswith(("<?xml", "<svg")) and ">hf-reward<" in svg and ">candidates<" in svg
+    assert PALETTE[0] in svg  # the bars, in the first scorer's colour
+    # ...and Chromium paints it: its bars' colour covers a visible patch of the page.
+    pixels = screenshot(tmp_path, text_output / "report.html", "text-report.png")
+    assert share_of(pixels, PALETTE[0]) > 0.002
 
 
 @needs_browser
@@ -164,7 +186,9 @@ def test_image_report_shows_every_candidate_with_its_score(image_output: Path, t
         assert f'href="{g["image_path"]}"' in found["images"]
         assert f"#{rankings[g['generation_id']]['rank']} · {rankings[g['generation_id']]['score']:.3f}" in \
             text_of(found["images"])
-    screenshot(tmp_path, page, "image-report.png", height=1800)
+    pixels = screenshot(tmp_path, page, "image-report.png", height=1800)
+    # The thumbnails are painted: the tiny model's noisy images bring thousands of colours.
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 2000
 
 
 @needs_browser
@@ -188,7 +212,19 @@ def test_code_report_gives_pass_at_k_and_the_top_errors(code_output: Path) -> No
     found = sections((code_output / "report.html").read_text())
     passk = text_of(found["pass-at-k"])
     metrics = manifest["metrics"]["code-exec"]
-    assert f"{metrics['pass@1'] * 100:.1f}%" in passk and f"{metrics['pass@2'] * 100:.1f}%" in passk
+    # pass@k worked out here from scores/: per prompt, n candidates scored and c of them passing
+    # (score 1.0), 1 - C(n-c, k) / C(n, k), averaged over the prompts.
+    outcomes: dict[str, list[bool]] = {}
+    for s in ds.dataset(code_output / "scores").to_table().to_pylist():
+        if s["scorer"] == "code-exec":
+            outcomes.setdefault(s["prompt_id"], []).append(s["score"] >= 1.0)
+    assert len(outcomes) == 5 and all(len(v) == 5 for v in outcomes.values())  # the row with no tests: errors
+    assert 0 < sum(map(sum, outcomes.values())) < sum(map(len, outcomes.values()))  # some pass, some fail
+    for k in (1, 2):
+        expected = sum(1 - math.comb(len(v) - sum(v), k) / math.comb(len(v), k) for v in outcomes.values()) / len(
+            outcomes)
+        assert f"{expected * 100:.1f}%" in passk
+        assert metrics[f"pass@{k}"] == pytest.approx(expected, abs=1e-12)
     errors = text_of(found["errors"])
     assert manifest["errors"]["rows"] == 2  # both candidates of the row without tests
     assert re.search(r"2\s*score\s*code-exec\s*code-exec: the row has no tests", errors)
