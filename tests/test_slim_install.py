@@ -122,3 +122,11 @@ def test_options_of_an_unavailable_plugin_are_still_shown() -> None:
     assert f"unavailable here: generator plugin 'diffusers-image' needs torch, diffusers, transformers, pillow: " \
            f"{IMAGE}" in result.stdout
     assert "num_inference_steps" in result.stdout and "scheduler" in result.stdout
+
+
+def test_every_core_package_is_in_the_distribution() -> None:
+    """``pip install .`` ships only the packages pyproject lists: a new sub-package must be listed."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "genflow").rglob("__init__.py")}
+    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
