@@ -24,7 +24,7 @@ from pydantic import Field
 from genflow import hookimpl
 from genflow.api import PluginParams, RowError, Score, ScoreItem, Scorer
 from genflow.hookspecs import Register
-from genflow.plugins.hf_common import describe_model, prepare_torch
+from genflow.plugins.hf_common import can_write_tiny_model, describe_model, prepare_torch
 from genflow.storage import read_bytes
 
 if TYPE_CHECKING:
@@ -228,4 +228,6 @@ def register_scorers(register: Register) -> None:
 
 @hookimpl
 def init_tiny_models(directory: Path) -> dict[str, str]:
+    if not can_write_tiny_model(TINY_CLIP, ClipScorer):
+        return {}
     return {TINY_CLIP: str(write_tiny_clip(Path(directory) / TINY_CLIP))}

@@ -37,6 +37,7 @@ from genflow import hookimpl
 from genflow.api import Generation, GenerationRequest, PluginParams, RowError
 from genflow.hookspecs import Register
 from genflow.plugins.code_exec import extract_code
+from genflow.plugins.hf_common import can_write_tiny_model
 from genflow.plugins.text import HFTextGenerator, HFTextParams, write_tiny_causal_lm
 
 Mode = Literal["generate", "explain", "fix", "refactor", "tests"]
@@ -186,5 +187,7 @@ def register_generators(register: Register) -> None:
 
 @hookimpl
 def init_tiny_models(directory: Path) -> dict[str, str]:
+    if not can_write_tiny_model(TINY_CODE, HFCodeGenerator):
+        return {}
     path = write_tiny_causal_lm(Path(directory) / TINY_CODE, seed=1)
     return {TINY_CODE: str(path)}

@@ -7,11 +7,18 @@ import this one when genflow lists its plugins, where those may not be installed
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from typing import TYPE_CHECKING, Any, Literal
 
+from genflow.registry import missing_distributions
+
 if TYPE_CHECKING:
     import torch
+
+    from genflow.api import Plugin
+
+log = logging.getLogger(__name__)
 
 HF_REQUIRES = ("torch", "transformers")
 """What a transformers plugin imports (``requires``); ``pip install 'genflow[hf]'`` installs them."""
@@ -60,3 +67,12 @@ def describe_model(name: str | None, model: Any, **facts: Any) -> dict[str, Any]
         text = to_json(use_diff=False)
         described["config_sha256"] = hashlib.sha256(text.encode()).hexdigest()[:16]
     return {**described, **facts}
+
+
+def can_write_tiny_model(name: str, plugin: type[Plugin]) -> bool:
+    """Whether ``plugin``'s requirements are installed, so ``genflow models init-tiny`` can write
+    its tiny model ``name``; when not, says which extra to install (the other models are still written)."""
+    missing = missing_distributions(plugin.requires)
+    if missing:
+        log.warning("%s not written: it needs %s (pip install 'genflow[%s]')", name, ", ".join(missing), plugin.extra)
+    return not missing

@@ -26,7 +26,7 @@ from pydantic import Field, field_validator, model_validator
 from genflow import hookimpl
 from genflow.api import Generation, GenerationRequest, Generator, PluginParams, RowError
 from genflow.hookspecs import Register
-from genflow.plugins.hf_common import prepare_torch
+from genflow.plugins.hf_common import can_write_tiny_model, prepare_torch
 from genflow.storage import read_bytes
 
 if TYPE_CHECKING:
@@ -352,4 +352,6 @@ def register_generators(register: Register) -> None:
 
 @hookimpl
 def init_tiny_models(directory: Path) -> dict[str, str]:
+    if not can_write_tiny_model(TINY_SD, DiffusersImageGenerator):
+        return {}
     return {TINY_SD: str(write_tiny_sd(Path(directory) / TINY_SD))}

@@ -14,7 +14,7 @@ from genflow import hookimpl
 from genflow.api import PluginParams, RowError, Score, ScoreItem, Scorer
 from genflow.hookspecs import Register
 from genflow.plugins.batching import map_sorted
-from genflow.plugins.hf_common import HF_REQUIRES, describe_model, load_tokenizer, prepare_torch
+from genflow.plugins.hf_common import HF_REQUIRES, can_write_tiny_model, describe_model, load_tokenizer, prepare_torch
 from genflow.plugins.text import write_tiny_gpt2
 
 TINY_REWARD = "tiny-reward"
@@ -108,4 +108,6 @@ def register_scorers(register: Register) -> None:
 
 @hookimpl
 def init_tiny_models(directory: Path) -> dict[str, str]:
+    if not can_write_tiny_model(TINY_REWARD, HFRewardScorer):
+        return {}
     return {TINY_REWARD: str(write_tiny_reward_model(directory / TINY_REWARD))}

@@ -17,7 +17,7 @@ from genflow import hookimpl
 from genflow.api import Generation, GenerationRequest, Generator, PluginParams, RowError
 from genflow.hookspecs import Register
 from genflow.plugins.batching import length_sorted_batches
-from genflow.plugins.hf_common import HF_REQUIRES, describe_model, load_tokenizer, prepare_torch
+from genflow.plugins.hf_common import HF_REQUIRES, can_write_tiny_model, describe_model, load_tokenizer, prepare_torch
 
 if TYPE_CHECKING:  # torch and transformers load in the worker, not when plugins are listed
     import torch
@@ -251,5 +251,7 @@ def register_generators(register: Register) -> None:
 
 @hookimpl
 def init_tiny_models(directory: Path) -> dict[str, str]:
+    if not can_write_tiny_model(TINY_GPT2, HFTextGenerator):
+        return {}
     path = write_tiny_causal_lm(directory / TINY_GPT2)
     return {TINY_GPT2: str(path)}

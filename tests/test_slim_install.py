@@ -130,3 +130,12 @@ def test_every_core_package_is_in_the_distribution() -> None:
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "genflow").rglob("__init__.py")}
     assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
+
+
+def test_init_tiny_says_which_extra_each_model_needs(tmp_path) -> None:
+    result = run_slim("models", "init-tiny", str(tmp_path / "models"))
+    assert result.returncode == 0, result.stderr
+    assert "tiny-gpt2 not written: it needs torch, transformers (pip install 'genflow[hf]')" in result.stderr
+    assert "tiny-sd not written: it needs torch, diffusers, transformers, pillow (pip install 'genflow[image]')" \
+        in result.stderr
+    assert not any((tmp_path / "models").iterdir())
