@@ -157,6 +157,9 @@ class ScoreItem:
 
 @dataclass
 class Score:
+    """A candidate's score; ``details`` (JSON-able) go to ``scores/``. A ``details["outcome"]``,
+    a short verdict such as ``passed`` or ``timed out``, is shown beside the candidate in ``report.html``."""
+
     value: float
     details: dict[str, Any] = field(default_factory=dict)
     prompt_tokens: int | None = None

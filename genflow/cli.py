@@ -288,12 +288,21 @@ def runs(limit: Annotated[int, typer.Option("--limit", "-n", help="how many runs
 @app.command()
 def report(output: Annotated[str, typer.Argument(help="a job's output folder or s3:// URI (or a sweep's)",
                                                  show_default=False)],
-           endpoint_url: Annotated[str | None, typer.Option("--endpoint-url", help="S3 endpoint")] = None) -> None:
-    """(Re)build report.html of a job's output, or sweep.html and every run's report of a sweep's."""
+           endpoint_url: Annotated[str | None, typer.Option(
+               "--endpoint-url", help="S3 endpoint (the job's storage.endpoint_url)")] = None,
+           region: Annotated[str | None, typer.Option(
+               "--region", help="S3 region (the job's storage.region)")] = None,
+           anonymous: Annotated[bool, typer.Option(
+               "--anonymous", help="unsigned S3 requests, for a public bucket (the job's storage.anonymous)")] = False,
+           ) -> None:
+    """(Re)build report.html of a job's output, or sweep.html and every run's report of a sweep's.
+
+    The storage options are those of the job's ``storage:`` section; a sweep's runs are read with the same."""
+    from genflow.config import StorageSpec
     from genflow.report import ReportError, rebuild
 
     try:
-        written = rebuild(output, endpoint_url)
+        written = rebuild(output, StorageSpec(endpoint_url=endpoint_url, region=region, anonymous=anonymous))
     except ReportError as exc:
         fail(str(exc))
     except _user_errors() as exc:
