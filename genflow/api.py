@@ -16,8 +16,8 @@ kind it is. A class declares what it needs and genflow does the rest:
 - ``requires`` and ``extra``: the distributions it imports and the extra that
   installs them (genflow's for a built-in, its own distribution's otherwise). A
   plugin whose requirements are missing is listed by ``genflow plugins`` as
-  unavailable with that pip command, and a job naming it fails at validation. The manifest records the versions of what the job's
-  plugins require.
+  unavailable with that pip command, and a job naming it fails at validation. The
+  manifest records the versions of what the job's plugins require.
 
 How a model plugin is called (generators and scorers):
 
