@@ -171,3 +171,58 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+# -- OpenAI-protocol servers (tests/servers.py) ---------------------------------------------
+
+@pytest.fixture(scope="session")
+def transformers_server(tiny_models: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """``transformers serve`` on 127.0.0.1 with the tiny GPT-2 (plus a chat template), for the session.
+
+    ``.url`` (base URL, ``.../v1``), ``.model`` (the name to send: the model's path),
+    ``.requests()`` (``POST /v1/...`` lines of its access log: requests it answered)."""
+    import servers
+
+    directory = tmp_path_factory.mktemp("transformers-serve")
+    model = servers.write_chat_model(tiny_models["tiny-gpt2"], directory / "tiny-gpt2-chat")
+    server = servers.TransformersServe(model, directory / "server.log", free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_standin_server() -> Iterator[Any]:
+    """``make(latency=0.0, answer=echo_answer) -> StandinServer``, started; all stopped after the test."""
+    import servers
+
+    started: list[Any] = []
+
+    def make(latency: float = 0.0, answer: Any = servers.echo_answer) -> Any:
+        started.append(servers.StandinServer(latency, answer).start())
+        return started[-1]
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def standin_server(make_standin_server: Any) -> Any:
+    """A stand-in OpenAI server answering at once (``.url``, ``.received``, ``.requests``)."""
+    return make_standin_server()
+
+
+@pytest.fixture
+def make_fault_proxy() -> Iterator[Any]:
+    """``make(upstream_url, **faults) -> FaultProxy`` (see tests/servers.py), started; all stopped after the test."""
+    import servers
+
+    started: list[Any] = []
+
+    def make(upstream: str, **kwargs: Any) -> Any:
+        started.append(servers.FaultProxy(upstream, **kwargs).start())
+        return started[-1]
+
+    yield make
+    for proxy in started:
+        proxy.stop()
