@@ -220,10 +220,10 @@ def test_built_in_plugins_declare_what_they_read_and_need() -> None:
     assert found["embedding-sim"].input_columns == ("reference",)
     assert found["diffusers-image"].path_columns == ("image", "mask")
     assert found["hf-text"].input_columns == ()
-    assert {name: f.extra for name, f in found.items()} == {
-        "hf-text": "hf", "hf-code": "hf", "hf-reward": "hf", "embedding-sim": "hf",
-        "diffusers-image": "image", "clip-score": "image", "code-exec": "code",
-        "preferences": None, "sft": None}
+    extras = {"hf-text": "hf", "hf-code": "hf", "hf-reward": "hf", "embedding-sim": "hf",
+              "diffusers-image": "image", "clip-score": "image", "code-exec": "code",
+              "preferences": None, "sft": None}
+    assert {name: found[name].extra for name in extras} == extras
     for name, factory in found.items():
         assert set(factory.path_columns) <= set(factory.input_columns), name
 
