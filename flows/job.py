@@ -44,7 +44,7 @@ from prefect.states import State
 from genflow import layout
 from genflow.api import Scorer
 from genflow.config import ConfigError, JobConfig, build_config, resolve_output
-from genflow.execution import WorkerPool, Workers, job_workers
+from genflow.execution import RequestPool, Workers, job_workers
 from genflow.job import JobFailed
 from genflow.layout import Shard, ShardPlan, Stage
 from genflow.manifest import build_manifest, rows_of
@@ -64,13 +64,13 @@ from genflow.stages import (
     rank_shard,
     score_shard,
 )
-from genflow.stages.common import Advance
+from genflow.stages.common import Advance, Budget, Pool
 from genflow.storage import Storage
 
 
 def worth_retrying(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Retry what may pass (storage, network); not what a retry cannot fix."""
-    return not isinstance(state.data, (ConfigError, InputError, PluginError, RayUnreachable))
+    return not isinstance(state.data, (ConfigError, InputError, PluginError, RayUnreachable, JobFailed))
 
 
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": 1,
@@ -88,13 +88,13 @@ def plan_task(config: JobConfig, storage: Storage, resume: bool, part_folders: l
 
 
 @task(name="generate", task_run_name=RUN_NAME, **TASK_OPTIONS)
-def generate_task(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: str, pool: WorkerPool,
+def generate_task(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: str, pool: Pool,
                   advance: Advance) -> StageOutcome:
     return _logged(generate_shard(job, stage, shard, fingerprint, pool, advance))
 
 
 @task(name="score", task_run_name=RUN_NAME, **TASK_OPTIONS)
-def score_task(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: str, pool: WorkerPool,
+def score_task(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: str, pool: Pool,
                advance: Advance) -> StageOutcome:
     return _logged(score_shard(job, stage, shard, fingerprint, pool, advance))
 
@@ -143,9 +143,11 @@ def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Work
     shards, base_dir = plan_task(config, storage, resume, folders)
     drop_unused_parts(storage, set(layout.generator_labels(config)), {s.name for s in config.scorers},
                       set(exporters), every_exporter)
-    job = JobContext(config, storage, base_dir, frozenset(c for s in stages for c in s.factory.input_columns))
+    job = JobContext(config, storage, base_dir, frozenset(c for s in stages for c in s.factory.input_columns),
+                     Budget(config.max_cost))
     index = DoneIndex(storage) if resume else None  # what earlier runs finished, listed once
-    plans = [layout.plan_shard(shard, config, exporters) for shard in shards]
+    unhashed = {s.stage.name: s.factory.unhashed_params for s in stages}
+    plans = [layout.plan_shard(shard, config, exporters, unhashed) for shard in shards]
     outcomes: list[StageOutcome] = []
     timings["plan"] = time.perf_counter() - t0
 
@@ -161,9 +163,11 @@ def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Work
             outcomes.append(done(own, plan.shard, fp) or input_task(job, own, plan.shard, fp))
     for stage in stages:
         t = time.perf_counter()
-        pool = WorkerPool(stage.factory, stage.spec.model, stage.spec.params, config.ray, stage.label, workers)
+        pool = stage.pool(config, workers)
         outcomes += _run_model_stage(job, stage, plans, outcomes, pool, done)
         plugins[stage.label] = stage_manifest(stage, pool.description)
+        if isinstance(pool, RequestPool) and pool.stats:
+            plugins[stage.label]["requests"] = pool.stats
         if stage.plugin.kind == "scorer":
             metrics.update(_summarize(storage, stage))
         timings[stage.stage.name] = time.perf_counter() - t
@@ -196,7 +200,7 @@ def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Work
 
 
 def _run_model_stage(job: JobContext, stage: ModelStage, plans: list[ShardPlan], before: list[StageOutcome],
-                     pool: WorkerPool, done: Any) -> list[StageOutcome]:
+                     pool: Pool, done: Any) -> list[StageOutcome]:
     """One generator's or scorer's tasks: a shard at a time, those finished before skipped."""
     generating = stage.stage.kind == "generate"
     run = generate_task if generating else score_task

@@ -269,6 +269,14 @@ class Scorer(_ModelPlugin):
         return [(len(i.prompt), i.prompt_id, len(i.text or "")) for i in items]
 
 
+def sends_requests(factory: type) -> bool:
+    """Whether a generator or scorer class is a request plugin (its call is ``async def``)."""
+    import inspect
+
+    method = getattr(factory, "generate", None) or getattr(factory, "score", None)
+    return inspect.iscoroutinefunction(method)
+
+
 @dataclass(frozen=True)
 class ReportSection:
     """A table in ``report.html``, from a plugin: a title, column names and rows of cells."""

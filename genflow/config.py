@@ -21,6 +21,37 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class RequestsSpec(_Strict):
+    """How an async (request) plugin's calls are sent: the engine's limits, not the model's params.
+
+    None of these change what is generated, so none is hashed into ids or fingerprints."""
+
+    concurrency: int = Field(64, ge=1, description="Requests in flight at most, across the job; halved on "
+                             "429s and grown back on successes.")
+    max_retries: int = Field(6, ge=0, description="Times a request that failed transiently (429, 5xx, a "
+                             "timeout, a dropped connection) is sent again before it becomes an errors/ row.")
+    timeout_s: float = Field(60.0, gt=0, description="Seconds one attempt may take.")
+    backoff_s: float = Field(0.5, ge=0, description="First retry's delay; doubles per attempt, with jitter.")
+    max_backoff_s: float = Field(30.0, ge=0, description="Longest delay between two attempts.")
+    rpm: float | None = Field(None, gt=0, description="Requests per minute at most, for the whole job.")
+    tpm: float | None = Field(None, gt=0, description="Tokens (prompt + completion) per minute at most, "
+                              "for the whole job.")
+
+
+class PriceSpec(_Strict):
+    """What a model's tokens cost, in the currency of the user's choice, per million tokens."""
+
+    input_per_mtok: float = Field(0.0, ge=0)
+    output_per_mtok: float = Field(0.0, ge=0)
+
+    def cost(self, prompt_tokens: int | None, completion_tokens: int | None) -> float:
+        return ((prompt_tokens or 0) * self.input_per_mtok + (completion_tokens or 0) * self.output_per_mtok) / 1e6
+
+
+UNHASHED_SPEC_KEYS = {"requests", "price"}
+"""Keys of a generator's or scorer's entry that change no output: left out of its fingerprint."""
+
+
 class GeneratorSpec(_Strict):
     label: str
     plugin: str
@@ -31,6 +62,9 @@ class GeneratorSpec(_Strict):
     """Jinja2 template for the prompt, with the row's columns as variables."""
     batch_size: int | None = Field(None, ge=1)
     params: dict[str, Any] = Field(default_factory=dict)
+    requests: RequestsSpec = Field(default_factory=RequestsSpec)
+    """For plugins that send requests (``async def generate``): concurrency, retries, rate limits."""
+    price: PriceSpec | None = None
 
     @field_validator("label")
     @classmethod
@@ -47,6 +81,8 @@ class ScorerSpec(_Strict):
     weight: float = 1.0
     batch_size: int | None = Field(None, ge=1)
     params: dict[str, Any] = Field(default_factory=dict)
+    requests: RequestsSpec = Field(default_factory=RequestsSpec)
+    price: PriceSpec | None = None
 
     @property
     def name(self) -> str:
@@ -111,6 +147,8 @@ class JobConfig(_Strict):
     ray: RaySpec = Field(default_factory=RaySpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     max_error_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    max_cost: float | None = Field(None, ge=0)
+    """The job stops cleanly once its requests have cost this much (with each stage's ``price``)."""
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
     schedule: ScheduleSpec | None = None
 

@@ -23,6 +23,7 @@ death is seen, counted and blamed on the batch that was running.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -376,3 +377,96 @@ def chunked(items: Sequence[Any], size: int) -> list[list[Any]]:
     return [list(items[i:i + size]) for i in range(0, len(items), size)]
 
 
+
+
+class RequestPool:
+    """A request plugin's stage on one low-CPU actor: requests in, answers streamed back.
+
+    The actor (:class:`genflow.requesting.RequestWorker`) lives for the stage, across its
+    shards, so the stage's limits hold for the whole job. A worker that dies is replaced
+    and sent the requests it had not answered, up to ``ray.max_worker_deaths`` times."""
+
+    def __init__(self, factory: type[Any], model: str | None, params: dict[str, Any], spec: RaySpec,
+                 name: str, requests: dict[str, Any], seed: int = 0) -> None:
+        self.factory, self.model, self.params, self.spec, self.name = factory, model, params, spec, name
+        self.requests, self.seed = requests, seed
+        self.actor: Any = None
+        self.description: dict[str, Any] | None = None
+        self.deaths = 0
+        self.start_seconds = 0.0
+        self.stats: dict[str, Any] = {}
+
+    def _new_actor(self) -> Any:
+        from genflow.requesting import RequestWorker
+
+        env = {}
+        if self.spec.address:  # a cluster's workers do not share the driver's environment
+            secret_names = self.factory.secret_env(self.factory.Params.model_validate(self.params))
+            env = {**ray_cluster.worker_env_vars(), **{k: os.environ[k] for k in secret_names if k in os.environ}}
+        actor_cls = ray.remote(RequestWorker).options(
+            num_cpus=0, max_restarts=0, max_task_retries=0, max_concurrency=4,
+            **({"runtime_env": {"env_vars": env}} if env else {}))
+        return actor_cls.remote(self.factory, self.model, self.params, self.requests, self.seed)
+
+    def start(self) -> None:
+        if self.actor is not None:
+            return
+        started = time.perf_counter()
+        ray_cluster.init_ray(self.spec)
+        self.actor = self._new_actor()
+        try:
+            self.description = ray.get(self.actor.describe.remote())
+        except (RayTaskError, RayActorError) as exc:
+            self.actor = None
+            cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause else _death_reason(exc)
+            raise PluginError(f"{self.name}: the plugin failed to load: {cause}") from None
+        self.start_seconds = time.perf_counter() - started
+
+    def answers(self, items: list[Any]) -> Iterator[list[Any]]:
+        """Lists of :class:`genflow.requesting.Answer` (``index`` into ``items``) as they arrive;
+        every item is answered exactly once."""
+        if not items:
+            return
+        self.start()
+        left = dict(enumerate(items))
+        while left:
+            order = list(left)
+            stream = self.actor.run.options(num_returns="streaming").remote([left[i] for i in order])
+            try:
+                for ref in stream:
+                    batch = ray.get(ref)
+                    for answer in batch:
+                        answer.index = order[answer.index]
+                        del left[answer.index]
+                    yield batch
+            except RayActorError as exc:
+                self.deaths += 1
+                if self.deaths > self.spec.max_worker_deaths:
+                    raise PluginCrashed(f"{self.name}: its request worker died {self.deaths} times "
+                                        f"({_death_reason(exc)})") from None
+                log.warning("%s: the request worker died (%s); sending its %d unanswered requests again",
+                            self.name, _death_reason(exc), len(left))
+                self.actor = self._new_actor()
+            finally:
+                if left:  # the caller stopped early (a spent budget) or the worker died: stop sending
+                    try:
+                        ray.cancel(stream)
+                    except Exception as exc:  # a dead actor's stream has nothing left to cancel
+                        log.debug("%s: cancelling the request stream: %s", self.name, exc)
+
+    def stop(self) -> None:
+        if self.actor is None:
+            return
+        try:
+            self.stats = ray.get(self.actor.stats.remote(), timeout=10)
+            ray.get(self.actor.close.remote(), timeout=10)
+        except (RayTaskError, RayActorError, GetTimeoutError):
+            pass
+        ray.kill(self.actor)
+        self.actor = None
+
+    def __enter__(self) -> RequestPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -25,6 +25,10 @@ class JobFailed(RuntimeError):
         self.manifest = manifest
 
 
+class BudgetSpent(JobFailed):
+    """The job's requests have cost ``max_cost``: it stopped, keeping every answer it had."""
+
+
 class _NoTracebackForUserErrors(logging.Filter):
     """Prefect logs every task failure with its traceback; a bad input needs only its message."""
 
@@ -93,5 +97,9 @@ def _launch_workers(job: JobConfig) -> None:
     first = (job.generators or job.scorers or [None])[0]
     if first is None:
         return
+    from genflow.api import sends_requests
+
     kind = "generator" if job.generators else "scorer"
-    launch_early(job.ray, get_registry().get(kind, first.plugin).factory, first.model, first.params)
+    factory = get_registry().get(kind, first.plugin).factory
+    if not sends_requests(factory):  # a request plugin runs on a worker of its own, not these
+        launch_early(job.ray, factory, first.model, first.params)

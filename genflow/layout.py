@@ -15,6 +15,7 @@ rankings/part-00000.parquet              and ``<exporter>/part-00000.parquet`` p
 errors/part-<stage kind>-<label>-00000.parquet
 images/<prompt_id>/<generation_id>.png
 _state/<stage>/00000.json                the marker of a finished (stage, shard)
+_journal/<stage>/00000-<fingerprint>/    answered requests of a shard not finished yet
 ```
 """
 
@@ -26,7 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from genflow.config import stable_hash
+from genflow.config import UNHASHED_SPEC_KEYS, stable_hash
 from genflow.storage import Storage, is_remote, read_bytes
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ RANKINGS = "rankings"
 ERRORS = "errors"
 IMAGES = "images"
 STATE = "_state"
+JOURNAL = "_journal"
 MANIFEST = "manifest.json"
 CORE_FOLDERS = (PROMPTS, GENERATIONS, SCORES, RANKINGS)
 """The folders of parts every job may write, before its exporters' folders and ``errors/``."""
@@ -94,6 +96,10 @@ class Stage:
 
     def marker_folder(self) -> str:
         return f"{STATE}/{self.name}"
+
+    def journal_folder(self, index: int, fingerprint: str) -> str:
+        """Where a request stage's answers for a shard wait until its parts are written."""
+        return f"{JOURNAL}/{self.name}/{shard_name(index)}-{fingerprint}"
 
     def part(self, index: int, folder: str | None = None) -> str:
         """The main part this stage writes for a shard (``folder``: an exporter's, for ``rank``)."""
@@ -189,16 +195,30 @@ def candidate_image(storage: Storage, path: str, base_dir: str) -> bytes:
 
 # -- fingerprints: what a marker vouches for ------------------------------------
 
-def generation_fingerprint(shard: Shard, spec: GeneratorSpec, config: JobConfig) -> str:
-    return stable_hash([shard.fingerprint, spec.model_dump(mode="json"), config.seed])
+def hashed_spec(spec: GeneratorSpec | ScorerSpec, unhashed_params: tuple[str, ...] = (),
+                exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """A generator's or scorer's entry as it counts for fingerprints: without what changes no
+    output (its request limits and price, the plugin's ``unhashed_params``)."""
+    data = spec.model_dump(mode="json", exclude=set(UNHASHED_SPEC_KEYS | exclude))
+    data["params"] = hashed_params(spec.params, unhashed_params)
+    return data
+
+
+def hashed_params(params: dict[str, Any], unhashed_params: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k not in unhashed_params}
+
+
+def generation_fingerprint(shard: Shard, spec: GeneratorSpec, config: JobConfig,
+                           unhashed_params: tuple[str, ...] = ()) -> str:
+    return stable_hash([shard.fingerprint, hashed_spec(spec, unhashed_params), config.seed])
 
 
 def input_candidates_fingerprint(shard: Shard) -> str:
     return stable_hash([shard.fingerprint, "input-candidates"])
 
 
-def score_fingerprint(generation_fps: list[str], spec: ScorerSpec) -> str:
-    return stable_hash([generation_fps, spec.model_dump(mode="json", exclude={"weight"})])
+def score_fingerprint(generation_fps: list[str], spec: ScorerSpec, unhashed_params: tuple[str, ...] = ()) -> str:
+    return stable_hash([generation_fps, hashed_spec(spec, unhashed_params, frozenset({"weight"}))])
 
 
 def rank_fingerprint(generation_fps: list[str], score_fps: list[str], weights: dict[str, float],
@@ -219,15 +239,21 @@ class ShardPlan:
         return [*self.generate, *self.score, *([self.rank] if self.rank else [])]
 
 
-def plan_shard(shard: Shard, config: JobConfig, exporters: dict[str, Any]) -> ShardPlan:
+def plan_shard(shard: Shard, config: JobConfig, exporters: dict[str, Any],
+               unhashed: dict[str, tuple[str, ...]] | None = None) -> ShardPlan:
     """Every (stage, fingerprint) of a shard for this config: a stage's fingerprint chains
-    the fingerprints of the stages it reads, so a change redoes exactly what depends on it."""
+    the fingerprints of the stages it reads, so a change redoes exactly what depends on it.
+    ``unhashed``: each stage's plugin's ``unhashed_params``, by stage name."""
+    unhashed = unhashed or {}
     if config.generators:
-        generate = [(generate_stage(g.label), generation_fingerprint(shard, g, config)) for g in config.generators]
+        generate = [(stage := generate_stage(g.label),
+                     generation_fingerprint(shard, g, config, unhashed.get(stage.name, ())))
+                    for g in config.generators]
     else:
         generate = [(generate_stage(INPUT_LABEL), input_candidates_fingerprint(shard))]
     gen_fps = [fp for _, fp in generate]
-    score = [(score_stage(s.name), score_fingerprint(gen_fps, s)) for s in config.scorers]
+    score = [(stage := score_stage(s.name), score_fingerprint(gen_fps, s, unhashed.get(stage.name, ())))
+             for s in config.scorers]
     rank = None
     if config.scorers:
         weights = {s.name: s.weight for s in config.scorers}
@@ -240,6 +266,7 @@ def generator_labels(config: JobConfig) -> list[str]:
     return [g.label for g in config.generators] or [INPUT_LABEL]
 
 
-def params_key(params: dict[str, Any]) -> str:
-    """A generator's params as they are written to ``generations/`` and hashed into ids."""
-    return json.dumps(params, sort_keys=True)
+def params_key(params: dict[str, Any], unhashed_params: tuple[str, ...] = ()) -> str:
+    """A generator's params as they are written to ``generations/`` (all of them) and hashed
+    into ids (without the plugin's ``unhashed_params``)."""
+    return json.dumps(hashed_params(params, unhashed_params), sort_keys=True)

@@ -69,6 +69,11 @@ def build_manifest(config: JobConfig, storage: Storage, outcomes: list[StageOutc
         s["errors"] += o.errors
         s["work_items"] += o.work_items
         s["seconds"] = round(s["seconds"] + (0.0 if o.skipped else o.seconds), 4)
+        if o.tokens or o.cost:
+            tokens = s.setdefault("tokens", {"prompt": 0, "completion": 0})
+            for kind in tokens:
+                tokens[kind] += int(o.tokens.get(kind, 0))
+            s["cost"] = round(s.get("cost", 0.0) + o.cost, 8)
     return {
         "name": config.name,
         "status": status,
@@ -82,6 +87,7 @@ def build_manifest(config: JobConfig, storage: Storage, outcomes: list[StageOutc
         "python": platform.python_version(),
         "rows": rows if rows is not None else {f: count_rows(storage, f) for f in output_folders()},
         "stages": stages,
+        "cost": round(sum(s.get("cost", 0.0) for s in stages.values()), 8),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "metrics": metrics,
     }

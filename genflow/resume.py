@@ -40,11 +40,18 @@ class StageOutcome:
     skipped: bool = False
     parts: list[str] = field(default_factory=list)
     """Files this (stage, shard) wrote (parts with no rows are not written)."""
+    tokens: dict[str, int] = field(default_factory=dict)
+    """Tokens its requests spent (``prompt``, ``completion``), where the plugin counts them."""
+    cost: float = 0.0
+    """What its rows cost with the stage's ``price``."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"stage": self.stage, "shard": self.shard, "fingerprint": self.fingerprint, "rows": self.rows,
+        data = {"stage": self.stage, "shard": self.shard, "fingerprint": self.fingerprint, "rows": self.rows,
                 "errors": self.errors, "work_items": self.work_items, "seconds": round(self.seconds, 4),
                 "parts": self.parts}
+        if self.tokens or self.cost:
+            data.update(tokens=self.tokens, cost=self.cost)
+        return data
 
 
 class DoneIndex:
@@ -111,7 +118,8 @@ def finished(storage: Storage, stage: Stage, shard: Shard, fingerprint: str,
         log.warning("%s shard %s: a part recorded as done is missing; redoing it", stage.name, shard.name)
         return None
     return StageOutcome(stage.name, shard.index, fingerprint, data.get("rows", {}), data.get("errors", 0),
-                        data.get("work_items", 0), data.get("seconds", 0.0), skipped=True, parts=data["parts"])
+                        data.get("work_items", 0), data.get("seconds", 0.0), skipped=True, parts=data["parts"],
+                        tokens=data.get("tokens", {}), cost=data.get("cost", 0.0))
 
 
 def mark_finished(storage: Storage, outcome: StageOutcome) -> None:

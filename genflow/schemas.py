@@ -24,6 +24,7 @@ GENERATIONS = pa.schema([
     ("seed", pa.int64()),
     ("params", pa.string()),
     ("num_tokens", pa.int32()),
+    ("prompt_tokens", pa.int32()),
     ("finish_reason", pa.string()),
     ("latency_s", pa.float64()),
 ])

@@ -124,6 +124,12 @@ class Storage:
                       if i.type == pafs.FileType.File and i.path.endswith(suffix)
                       and not posixpath.basename(i.path).startswith((".", "_")))
 
+    def list_dirs(self, rel: str) -> builtins.list[str]:
+        """Relative paths of the folders directly below ``rel``, sorted."""
+        selector = pafs.FileSelector(self.path(rel), allow_not_found=True)
+        return sorted(posixpath.join(rel, posixpath.basename(i.path)) for i in self.fs.get_file_info(selector)
+                      if i.type == pafs.FileType.Directory)
+
     def remove_temporaries(self, rel: str) -> None:
         """Delete the temporary files of writes that never finished, directly below ``rel``."""
         selector = pafs.FileSelector(self.path(rel), allow_not_found=True)

@@ -16,6 +16,7 @@ differ only in a scorer's weight also score once.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import logging
@@ -38,7 +39,7 @@ from genflow.config import (
     stable_hash,
 )
 from genflow.layout import Shard, Stage
-from genflow.resume import StageOutcome, finished, mark_finished
+from genflow.resume import finished, mark_finished
 from genflow.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -226,9 +227,13 @@ def share_finished_work(donor: Storage, donor_config: JobConfig, target: Storage
     are shared; ranking is cheap and is redone."""
     if not _same_input(donor_config, config):
         return []
+    from genflow.registry import get_registry
+    from genflow.stages.common import unhashed_params_of
+
     copied: list[str] = []
+    unhashed = unhashed_params_of(config, get_registry())
     for shard in _shards_of(donor):
-        plan = layout.plan_shard(shard, config, {})
+        plan = layout.plan_shard(shard, config, {}, unhashed)
         for stage, fp in [*plan.generate, *plan.score]:
             copied += _copy_stage(donor, target, stage, shard, fp)
     return copied
@@ -245,8 +250,7 @@ def _copy_stage(donor: Storage, target: Storage, stage: Stage, shard: Shard, fin
     for rel in stage.own_parts(shard.index):
         if rel not in done.parts:  # what an earlier, different run of this stage left here
             target.delete(rel)
-    mark_finished(target, StageOutcome(stage.name, shard.index, fingerprint, done.rows, done.errors, done.work_items,
-                                       done.seconds, parts=done.parts))
+    mark_finished(target, dataclasses.replace(done, skipped=False))
     return [f"{stage.name}:{shard.index}"]
 
 

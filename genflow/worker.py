@@ -68,3 +68,4 @@ class PluginWorker:
             half = len(items) // 2
             return self._call(items[:half]) + self._call(items[half:])
         return [Failure(str(r), "") if isinstance(r, RowError) else r for r in results]
+

@@ -11,6 +11,10 @@ whose Ray workers inherit it).
   ``keys`` makes its ``batch_keys`` observable (``words``) or broken.
 - ``tiny-png`` (generator, image): a 4x4 PNG whose colour comes from the prompt.
 - ``length`` (scorer, text/code/image): ``scale`` x the candidate's length.
+- ``echo-async`` (generator, text): ``echo`` as a request plugin (``async def generate``, one
+  request a call), each attempt logged as ``request <generation_id>``; ``transient_on``
+  answers the first ``transient_times`` attempts of matching prompts with a 429
+  (``TransientError``), ``fail_on`` is a permanent failure (``RowError``).
 
 ``fail_on`` raises for matching prompts; ``crash_on`` kills the worker process
 (``os._exit``) every time it meets a matching prompt; ``crash_once_on`` kills it the
@@ -39,6 +43,7 @@ from genflow.api import (
     Score,
     ScoreItem,
     Scorer,
+    TransientError,
 )
 
 DIST_NAME = "genflow-test-plugins"
@@ -166,10 +171,55 @@ class Length(_Misbehaving, Scorer):
                       {"chars": len(i.text or "")}) for i in items]
 
 
+class EchoAsyncParams(PluginParams):
+    delay_s: float = Field(0.0, ge=0.0)
+    fail_on: list[str] = Field(default_factory=list)
+    transient_on: list[str] = Field(default_factory=list)
+    transient_times: int = 1
+    hang_on: list[str] = Field(default_factory=list)
+    """Never answer (the engine's timeout must end the attempt) the first time."""
+    state_dir: str | None = None
+    endpoint: str = "http://unused.invalid"
+    """Where a real client would send requests: in ``unhashed_params``, so it changes no id."""
+
+
+class EchoAsync(Generator):
+    """``echo`` as a request plugin: one request per (async) call, as an API client is."""
+
+    Params = EchoAsyncParams
+    params: EchoAsyncParams
+    unhashed_params = ("endpoint",)
+
+    async def generate(self, request: GenerationRequest) -> Generation | RowError:  # type: ignore[override]
+        import asyncio
+
+        state = self.params.state_dir
+        _log(state, f"request {request.generation_id}")
+        if self.params.delay_s:
+            await asyncio.sleep(self.params.delay_s)
+        if state and any(s in request.prompt for s in self.params.hang_on):
+            marker = Path(state) / f"hung-{request.generation_id}"
+            if not marker.exists():
+                marker.write_text("")
+                await asyncio.sleep(3600)
+        if state and any(s in request.prompt for s in self.params.transient_on):
+            marker = Path(state) / f"attempts-{request.generation_id}"
+            seen = int(marker.read_text()) if marker.exists() else 0
+            marker.write_text(str(seen + 1))
+            if seen < self.params.transient_times:
+                raise TransientError("429 Too Many Requests", retry_after=0.05, rate_limited=True)
+        if any(s in request.prompt for s in self.params.fail_on):
+            return RowError(f"400 Bad Request: refusing prompt {request.prompt!r}")
+        return Generation(text=" " + request.prompt[::-1] + "!" * request.sample,
+                          num_tokens=len(request.prompt.split()), prompt_tokens=len(request.prompt),
+                          finish_reason="stop")
+
+
 @hookimpl
 def register_generators(register: Any) -> None:
     register("echo", Echo)
     register("tiny-png", TinyPng)
+    register("echo-async", EchoAsync)
 
 
 @hookimpl

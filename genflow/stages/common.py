@@ -12,11 +12,13 @@ from typing import Any, TypeVar
 import pyarrow as pa
 
 from genflow import layout
-from genflow.api import GenerationRequest, Plugin, ScoreItem
-from genflow.config import GeneratorSpec, JobConfig, ScorerSpec
-from genflow.execution import WorkerPool, chunked
+from genflow.api import GenerationRequest, Plugin, ScoreItem, sends_requests
+from genflow.config import GeneratorSpec, JobConfig, PriceSpec, ScorerSpec
+from genflow.execution import RequestPool, WorkerPool, chunked
+from genflow.job import BudgetSpent
+from genflow.journal import Journal
 from genflow.layout import Shard, Stage, resolve_input_path
-from genflow.registry import PluginInfo
+from genflow.registry import PluginInfo, Registry
 from genflow.resume import StageOutcome, mark_finished
 from genflow.schemas import ERRORS, GENERATIONS, SCORES
 from genflow.storage import Storage
@@ -26,6 +28,18 @@ log = logging.getLogger(__name__)
 
 Advance = Callable[[int], None]
 Item = TypeVar("Item", GenerationRequest, ScoreItem)
+Pool = WorkerPool | RequestPool
+
+
+class Budget:
+    """What a job's requests may cost (``max_cost``) and what they have cost in this run."""
+
+    def __init__(self, max_cost: float | None) -> None:
+        self.max_cost, self.spent = max_cost, 0.0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.max_cost is not None and self.spent >= self.max_cost
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,7 @@ class JobContext:
     """The input's folder: relative paths in the rows' path columns are relative to it."""
     read_columns: frozenset[str] = frozenset()
     """Input columns the job's plugins read: not carried through to ``generations/``."""
+    budget: Budget = field(default_factory=lambda: Budget(None), compare=False)
 
 
 @dataclass(frozen=True)
@@ -60,9 +75,30 @@ class ModelStage:
     def run_name(self) -> str:
         return self.stage.run_name
 
+    @property
+    def sends_requests(self) -> bool:
+        return sends_requests(self.factory)
+
+    def pool(self, config: JobConfig, workers: Any) -> Pool:
+        """Where the stage runs: the job's workers (a local model), or a request worker."""
+        spec = self.spec
+        if self.sends_requests:
+            return RequestPool(self.factory, spec.model, spec.params, config.ray, self.label,
+                               spec.requests.model_dump(), config.seed)
+        return WorkerPool(self.factory, spec.model, spec.params, config.ray, self.label, workers)
+
     def call_size(self, config: JobConfig) -> int:
         """Items per Ray call: the stage's ``batch_size``, else ``ray.batch_size``, else the plugin's own."""
         return call_size(self.spec.batch_size, config, self.factory)
+
+
+def unhashed_params_of(config: JobConfig, registry: Registry) -> dict[str, tuple[str, ...]]:
+    """Each generator's and scorer's plugin's ``unhashed_params``, by stage name (for fingerprints)."""
+    out = {layout.generate_stage(g.label).name: registry.get("generator", g.plugin).factory.unhashed_params
+           for g in config.generators}
+    out.update({layout.score_stage(s.name).name: registry.get("scorer", s.plugin).factory.unhashed_params
+                for s in config.scorers})
+    return out
 
 
 def call_size(stage_batch_size: int | None, config: JobConfig, factory: type) -> int:
@@ -117,6 +153,39 @@ def call_batches(items: list[Item], keys: list[Any] | None, size: int) -> list[l
     return chunked(items, size)
 
 
+def _request_answers(pool: RequestPool, items: list[Item], advance: Advance, journal: Journal | None,
+                     price: PriceSpec | None, budget: Budget | None) -> Iterator[tuple[Item, Any, float]]:
+    """A request stage's answers: those the journal holds first (sent by an earlier run), then
+    the rest as the server answers, each one journaled; stops once the budget is spent."""
+    answered = journal.load() if journal is not None else {}
+    todo = [item for item in items if item.generation_id not in answered]
+    for item in items:
+        if item.generation_id in answered:
+            result, seconds = answered[item.generation_id]
+            yield item, result, seconds
+    if answered:
+        advance(len(items) - len(todo))
+    for batch in pool.answers(todo):
+        for answer in batch:
+            item = todo[answer.index]
+            if journal is not None:
+                journal.add(item.generation_id, answer.result, answer.seconds)
+            if budget is not None:
+                budget.spent += result_cost(answer.result, price)
+            yield item, answer.result, answer.seconds
+        if journal is not None:
+            journal.flush()  # the answers are durable before the next ones are waited for
+        advance(len(batch))
+        if budget is not None and budget.exhausted:
+            if journal is not None:
+                journal.flush()
+            raise BudgetSpent(f"the job's requests have cost {budget.spent:.4f}, its max_cost is "
+                              f"{budget.max_cost:g}: stopped with every answer kept; raise max_cost and "
+                              f"run it again to go on")
+    if journal is not None:
+        journal.flush()
+
+
 def plan_calls(pool: WorkerPool, items: list[Item], size: int) -> list[list[Item]]:
     """A shard's calls, cut by the plugin's ``batch_keys`` (worked out on its workers).
 
@@ -133,9 +202,20 @@ def _keys_view(item: GenerationRequest | ScoreItem) -> GenerationRequest | Score
     return item
 
 
-def answers(pool: WorkerPool, items: list[Item], size: int, advance: Advance) -> Iterator[tuple[Item, Any, float]]:
+def result_cost(result: Any, price: PriceSpec | None) -> float:
+    if price is None or isinstance(result, Failure):
+        return 0.0
+    return price.cost(getattr(result, "prompt_tokens", None),
+                      getattr(result, "num_tokens", None) or getattr(result, "completion_tokens", None))
+
+
+def answers(pool: Pool, items: list[Item], size: int, advance: Advance, journal: Journal | None = None,
+            price: PriceSpec | None = None, budget: Budget | None = None) -> Iterator[tuple[Item, Any, float]]:
     """Each item with its result (or :class:`Failure`) and the seconds its call spent per item,
     as calls finish; the progress bar moves per call."""
+    if isinstance(pool, RequestPool):
+        yield from _request_answers(pool, items, advance, journal, price, budget)
+        return
     for batch in pool.map(plan_calls(pool, items, size)):
         per_item = batch.seconds / max(1, len(batch.items))
         yield from ((item, result, per_item) for item, result in zip(batch.items, batch.results, strict=True))
@@ -156,15 +236,43 @@ def write_part(storage: Storage, rel: str, table: pa.Table, parts: list[str]) ->
     return table.num_rows
 
 
+def open_journal(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: str) -> Journal | None:
+    """A request stage's journal for this shard (None for a stage of local models)."""
+    return Journal(job.storage, stage.stage, shard, fingerprint) if stage.sends_requests else None
+
+
+@dataclass
+class Usage:
+    """Tokens and cost of a (stage, shard)'s rows."""
+
+    prompt: int = 0
+    completion: int = 0
+    cost: float = 0.0
+
+    def add(self, result: Any, price: PriceSpec | None) -> None:
+        if isinstance(result, Failure):
+            return
+        self.prompt += int(getattr(result, "prompt_tokens", None) or 0)
+        self.completion += int(getattr(result, "num_tokens", None) or getattr(result, "completion_tokens", None)
+                               or 0)
+        self.cost += result_cost(result, price)
+
+
 def finish_model_stage(storage: Storage, stage: Stage, shard: Shard, fingerprint: str, folder: str,
                        table: pa.Table, errors: list[dict[str, Any]], work_items: int,
-                       started: float) -> StageOutcome:
-    """Write a generate or score stage's part and errors, then its marker: the stage is done."""
+                       started: float, usage: Usage | None = None, journal: Journal | None = None) -> StageOutcome:
+    """Write a generate or score stage's part and errors, then its marker: the stage is done
+    (and its request journal, now in the parts, goes)."""
     parts: list[str] = []
     write_part(storage, stage.part(shard.index), table, parts)
     n_err = write_part(storage, stage.errors_part(shard.index), pa.Table.from_pylist(errors, schema=ERRORS), parts)
     outcome = StageOutcome(stage.name, shard.index, fingerprint, {folder: table.num_rows}, n_err, work_items,
                            time.perf_counter() - started, parts=parts)
+    if usage is not None and (usage.prompt or usage.completion or usage.cost):
+        outcome.tokens = {"prompt": usage.prompt, "completion": usage.completion}
+        outcome.cost = round(usage.cost, 8)
     mark_finished(storage, outcome)
+    if journal is not None:
+        journal.discard()
     return outcome
 

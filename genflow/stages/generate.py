@@ -11,7 +11,6 @@ import pyarrow as pa
 from genflow import layout
 from genflow.api import Generation, GenerationRequest, Plugin
 from genflow.config import GeneratorSpec, JobConfig, stable_hash
-from genflow.execution import WorkerPool
 from genflow.layout import INPUT_LABEL, Shard
 from genflow.prompts import carried_columns
 from genflow.resume import StageOutcome
@@ -20,9 +19,12 @@ from genflow.stages.common import (
     Advance,
     JobContext,
     ModelStage,
+    Pool,
+    Usage,
     answers,
     error_row,
     finish_model_stage,
+    open_journal,
     plugin_inputs,
     read_prompts,
 )
@@ -44,7 +46,7 @@ def build_requests(prompts: pa.Table, spec: GeneratorSpec, config: JobConfig, ba
     modality: str = getattr(factory, "modality", "text")
     template = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True).from_string(
         spec.template) if spec.template else None
-    params_key = layout.params_key(spec.params)
+    params_key = layout.params_key(spec.params, factory.unhashed_params)
     base_seed = config.seed if spec.seed is None else spec.seed
     requests = []
     for row in prompts.to_pylist():
@@ -78,7 +80,7 @@ def generations_table(rows: list[dict[str, Any]], prompts: pa.Table, read_column
     return table
 
 
-def generate_shard(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: str, pool: WorkerPool,
+def generate_shard(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: str, pool: Pool,
                    advance: Advance) -> StageOutcome:
     started = time.perf_counter()
     spec = stage.spec
@@ -89,7 +91,10 @@ def generate_shard(job: JobContext, stage: ModelStage, shard: Shard, fingerprint
     params_json = layout.params_key(spec.params)
     model_name = spec.model or factory.default_model or ""
     rows, errors = [], []
-    for req, res, seconds in answers(pool, requests, stage.call_size(job.config), advance):
+    usage, journal = Usage(), open_journal(job, stage, shard, fingerprint)
+    for req, res, seconds in answers(pool, requests, stage.call_size(job.config), advance, journal, spec.price,
+                                     job.budget):
+        usage.add(res, spec.price)
         if isinstance(res, Failure):
             errors.append(error_row(req.prompt_id, "generate", spec.plugin, res, req.generation_id))
         else:
@@ -97,7 +102,8 @@ def generate_shard(job: JobContext, stage: ModelStage, shard: Shard, fingerprint
                                         params_json, seconds))
     rows.sort(key=lambda r: (r["prompt_id"], r["sample"]))
     return finish_model_stage(job.storage, stage.stage, shard, fingerprint, layout.GENERATIONS,
-                              generations_table(rows, prompts, job.read_columns), errors, len(requests), started)
+                              generations_table(rows, prompts, job.read_columns), errors, len(requests), started,
+                              usage, journal)
 
 
 def _generation_row(storage: Storage, req: GenerationRequest, res: Generation, label: str, modality: str,
@@ -109,7 +115,8 @@ def _generation_row(storage: Storage, req: GenerationRequest, res: Generation, l
     return {"prompt_id": req.prompt_id, "sample": req.sample, "generation_id": req.generation_id,
             "generator": label, "model": model_name, "modality": modality, "prompt": req.prompt,
             "text": res.text, "image_path": image_path, "seed": req.seed, "params": params_json,
-            "num_tokens": res.num_tokens, "finish_reason": res.finish_reason, "latency_s": latency}
+            "num_tokens": res.num_tokens, "prompt_tokens": res.prompt_tokens, "finish_reason": res.finish_reason,
+            "latency_s": latency}
 
 
 def input_candidates_shard(job: JobContext, shard: Shard, fingerprint: str) -> StageOutcome:
@@ -131,7 +138,8 @@ def input_candidates_shard(job: JobContext, shard: Shard, fingerprint: str) -> S
                          "generator": INPUT_LABEL, "model": "", "modality": modality, "prompt": row["prompt"],
                          "text": None if modality == "image" else str(answer),
                          "image_path": str(answer) if modality == "image" else None, "seed": None,
-                         "params": "{}", "num_tokens": None, "finish_reason": "input", "latency_s": 0.0})
+                         "params": "{}", "num_tokens": None, "prompt_tokens": None, "finish_reason": "input",
+                         "latency_s": 0.0})
     return finish_model_stage(job.storage, layout.generate_stage(INPUT_LABEL), shard, fingerprint,
                               layout.GENERATIONS, generations_table(rows, prompts, job.read_columns), [],
                               len(rows), started)

@@ -12,7 +12,6 @@ import pyarrow.compute as pc
 
 from genflow import layout
 from genflow.api import Score, ScoreItem
-from genflow.execution import WorkerPool
 from genflow.layout import Shard, candidate_image
 from genflow.resume import StageOutcome
 from genflow.schemas import SCORES
@@ -20,9 +19,12 @@ from genflow.stages.common import (
     Advance,
     JobContext,
     ModelStage,
+    Pool,
+    Usage,
     answers,
     error_row,
     finish_model_stage,
+    open_journal,
     plugin_inputs,
     read_generations,
     read_prompts,
@@ -30,7 +32,7 @@ from genflow.stages.common import (
 from genflow.worker import Failure
 
 
-def score_shard(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: str, pool: WorkerPool,
+def score_shard(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: str, pool: Pool,
                 advance: Advance) -> StageOutcome:
     started = time.perf_counter()
     spec, factory = stage.spec, stage.factory
@@ -51,7 +53,9 @@ def score_shard(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: s
         items.append(ScoreItem(g["generation_id"], g["prompt_id"], g["prompt"], g["modality"], g["text"], image,
                                plugin_inputs(prompts[g["prompt_id"]], factory, job.base_dir)))
     rows: list[dict[str, Any]] = []
-    for item, res, _ in answers(pool, items, stage.call_size(job.config), advance):
+    usage, journal = Usage(), open_journal(job, stage, shard, fingerprint)
+    for item, res, _ in answers(pool, items, stage.call_size(job.config), advance, journal, spec.price, job.budget):
+        usage.add(res, spec.price)
         if isinstance(res, Failure):
             errors.append(error_row(item.prompt_id, "score", spec.plugin, res, item.generation_id))
         elif isinstance(res, Score):
@@ -59,4 +63,4 @@ def score_shard(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: s
                          "score": float(res.value), "details": json.dumps(res.details, sort_keys=True, default=str)})
     rows.sort(key=lambda r: r["generation_id"])
     return finish_model_stage(job.storage, stage.stage, shard, fingerprint, layout.SCORES,
-                              pa.Table.from_pylist(rows, schema=SCORES), errors, len(items), started)
+                              pa.Table.from_pylist(rows, schema=SCORES), errors, len(items), started, usage, journal)

@@ -1,0 +1,145 @@
+"""The request path: an async plugin's requests with retries, timeouts, a journal and costs.
+
+The ``echo-async`` test plugin logs every attempt it receives (``request <generation_id>``):
+the count a server would see.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.dataset as ds
+import pytest
+from conftest import ROOT
+from plugins_for_tests import calls
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = str(ROOT / "configs/data/quickstart_prompts.parquet")
+
+
+def _job(tmp_path: Path, **params: Any) -> dict[str, Any]:
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    return {
+        "name": "requests", "input": PROMPTS, "output": str(tmp_path / "out"), "shard_rows": 8,
+        "generators": [{"label": "api", "plugin": "echo-async", "samples": 2,
+                        "params": {"state_dir": str(state), **params},
+                        "requests": {"concurrency": 8, "timeout_s": 1.0, "backoff_s": 0.01, "max_retries": 3},
+                        "price": {"input_per_mtok": 1000.0, "output_per_mtok": 2000.0}}],
+        "scorers": [{"plugin": "length"}],
+        "ray": {"workers": 1},
+    }
+
+
+def _requests(state: Path) -> collections.Counter[str]:
+    return collections.Counter(line.split()[1] for line in calls(state) if line.startswith("request "))
+
+
+def _rows(out: Path, folder: str) -> list[dict[str, Any]]:
+    return ds.dataset(str(out / folder)).to_table().to_pylist()
+
+
+def test_a_request_job_retries_what_may_pass_and_records_what_cannot(tmp_path, job_runner, test_plugins):
+    config = _job(tmp_path, transient_on=["dog"], transient_times=2, fail_on=["France"], hang_on=["cat"])
+    manifest = job_runner(config)
+    out, state = Path(config["output"]), tmp_path / "state"
+    gens = _rows(out, "generations")
+    prompts = {r["prompt_id"]: r["prompt"] for r in _rows(out, "prompts")}
+    refused = [pid for pid, p in prompts.items() if "France" in p]
+    assert refused, "a quickstart prompt names France"
+    assert len(gens) == 2 * (len(prompts) - len(refused))
+    for g in gens:  # every answer is the one for its own request
+        assert g["text"] == " " + prompts[g["prompt_id"]][::-1] + "!" * g["sample"]
+        assert g["prompt_tokens"] == len(prompts[g["prompt_id"]]) and g["num_tokens"] >= 1
+    # Only the permanent failures reach errors/; the 429s and the hang were retried away.
+    errors = _rows(out, "errors")
+    assert sorted(e["prompt_id"] for e in errors) == sorted(refused * 2)
+    assert all("400 Bad Request" in e["error"] for e in errors)
+    sent = _requests(state)
+    by_prompt = {g["generation_id"]: prompts[g["prompt_id"]] for g in gens}
+    for gid, prompt in by_prompt.items():
+        expected = (3 if "dog" in prompt else 1) + (1 if "cat" in prompt and "dog" not in prompt else 0)
+        assert sent[gid] >= expected if "cat" in prompt else sent[gid] == expected, (prompt, sent[gid])
+    # Tokens and cost per stage, from the rows' usage and the price.
+    stage = manifest["stages"]["generate/api"]
+    prompt_tokens = sum(g["prompt_tokens"] for g in gens)
+    completion_tokens = sum(g["num_tokens"] for g in gens)
+    assert stage["tokens"] == {"prompt": prompt_tokens, "completion": completion_tokens}
+    assert stage["cost"] == pytest.approx((prompt_tokens * 1000 + completion_tokens * 2000) / 1e6)
+    assert manifest["plugins"]["api"]["requests"]["rate_limited"] >= 2
+    assert not (out / "_journal").exists() or not any((out / "_journal").rglob("*.parquet"))
+
+    # A rerun of the finished job sends no request.
+    before = sum(sent.values())
+    job_runner(config)
+    assert sum(_requests(state).values()) == before
+
+
+def test_the_endpoint_changes_no_id_and_the_key_is_never_written(tmp_path, job_runner, test_plugins):
+    config = _job(tmp_path)
+    job_runner(config)
+    out = Path(config["output"])
+    first = sorted(g["generation_id"] for g in _rows(out, "generations"))
+    sent = sum(_requests(tmp_path / "state").values())
+    config["generators"][0]["params"]["endpoint"] = "http://elsewhere.invalid"
+    job_runner(config)  # another server for the same model: nothing to redo
+    assert sum(_requests(tmp_path / "state").values()) == sent
+    assert sorted(g["generation_id"] for g in _rows(out, "generations")) == first
+
+
+def test_max_cost_stops_the_job_and_a_rerun_goes_on_from_the_journal(tmp_path, job_runner, test_plugins):
+    from genflow.job import BudgetSpent
+
+    config = _job(tmp_path, delay_s=0.05)
+    config["max_cost"] = 0.05  # about a third of the job's 32 requests
+    with pytest.raises(BudgetSpent, match="max_cost"):
+        job_runner(config)
+    state = tmp_path / "state"
+    first = _requests(state)
+    assert 0 < sum(first.values()) < 32
+    config["max_cost"] = None
+    job_runner(config)
+    second = _requests(state)
+    assert len(second) == 32
+    resent = [gid for gid, n in second.items() if n > 1]
+    assert len(resent) <= 8  # at most what was in flight when the budget ran out (concurrency 8)
+
+
+def test_a_job_killed_mid_shard_resends_only_what_was_in_flight(tmp_path, test_plugins):
+    config = _job(tmp_path, delay_s=0.2)
+    config["shard_rows"] = 16  # one shard: the kill lands mid-shard
+    config["generators"][0]["requests"]["concurrency"] = 4
+    config["scorers"] = []
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps(config))
+    env = {**os.environ, **test_plugins, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "genflow.cli", "run", str(path)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    state = tmp_path / "state"
+    deadline = time.monotonic() + 120
+    while sum(_requests(state).values()) < 12 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _requests(state)
+    assert 12 <= sum(before.values()) < 32, "the kill must land mid-shard"
+    done = subprocess.run([sys.executable, "-m", "genflow.cli", "run", str(path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = _requests(state)
+    assert set(after) == set(before) | set(after) and len(after) == 32
+    resent = [gid for gid in before if after[gid] > 1]
+    # In flight at the kill: up to the concurrency at the server, and answers not yet flushed
+    # (the request worker streams them back every 0.1 s): at most twice the concurrency.
+    assert len(resent) <= 8, resent
+    gens = _rows(Path(config["output"]), "generations")
+    assert len(gens) == 32 and len({g["generation_id"] for g in gens}) == 32
