@@ -194,6 +194,10 @@ def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Work
     manifest["errors"] = {"rows": errors, "work_items": work, "fraction": round(fraction, 6),
                           "max_error_fraction": config.max_error_fraction}
     manifest["output"] = storage.uri
+    manifest["input_dir"] = base_dir  # what relative paths in the rows are relative to
+    manifest["exporters"] = {name: {"source": (info := registry.get("exporter", name)).source,
+                                    "version": info.version, "params": params}
+                             for name, params in exporters.items()}
     storage.write_json(layout.MANIFEST, manifest)
     write_report_safely(storage, manifest)  # logs a warning on failure; never fails the job
     return manifest

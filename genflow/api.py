@@ -188,6 +188,12 @@ class Plugin(ABC):
     variable holding a key): left out of ``generation_id`` and the stage fingerprints."""
 
     @classmethod
+    def implementation(cls, params: dict[str, Any]) -> type[Plugin]:
+        """The class that does the work for these params: a plugin with two backends (a local
+        model, a served one) registers one name and picks here. Same ``Params``; default: itself."""
+        return cls
+
+    @classmethod
     def secret_env(cls, params: PluginParams) -> list[str]:
         """Environment variables the plugin reads in its workers (an API key's): a cluster's
         workers get them through their runtime environment; no output records their values."""
@@ -233,6 +239,11 @@ class Generator(_ModelPlugin):
 
 class Scorer(_ModelPlugin):
     modalities: ClassVar[tuple[str, ...]] = ("text", "code")
+    per_prompt: ClassVar[bool] = False
+    """Scores a prompt's candidates together (a pairwise judge). A call then holds whole
+    prompts only: a sync ``score(items)`` gets one or more prompts' candidates, and an
+    exception splits the call at prompt boundaries; an async ``score(items)`` gets one
+    prompt's candidates per request."""
 
     @abstractmethod
     def score(self, items: list[ScoreItem]) -> list[Score | RowError]:

@@ -100,6 +100,6 @@ def _launch_workers(job: JobConfig) -> None:
     from genflow.api import sends_requests
 
     kind = "generator" if job.generators else "scorer"
-    factory = get_registry().get(kind, first.plugin).factory
+    factory = get_registry().get(kind, first.plugin).factory.implementation(first.params)
     if not sends_requests(factory):  # a request plugin runs on a worker of its own, not these
         launch_early(job.ray, factory, first.model, first.params)

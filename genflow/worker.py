@@ -63,9 +63,22 @@ class PluginWorker:
                 raise RuntimeError(f"{type(self.plugin).__name__} returned {len(results)} results "
                                    f"for {len(items)} inputs")
         except Exception as exc:
-            if len(items) == 1:
-                return [Failure(f"{type(exc).__name__}: {exc}", traceback.format_exc())]
-            half = len(items) // 2
+            groups = _prompt_groups(items) if getattr(self.plugin, "per_prompt", False) else None
+            if len(items) == 1 or (groups is not None and len(groups) == 1):
+                failure = Failure(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+                return [failure] * len(items)
+            # A prompt's candidates are scored together or not at all.
+            half = sum(len(g) for g in groups[:len(groups) // 2]) if groups is not None else len(items) // 2
             return self._call(items[:half]) + self._call(items[half:])
         return [Failure(str(r), "") if isinstance(r, RowError) else r for r in results]
 
+
+def _prompt_groups(items: list[Any]) -> list[list[Any]]:
+    """Consecutive items of one prompt (a per-prompt scorer's calls hold whole prompts, in order)."""
+    groups: list[list[Any]] = []
+    for item in items:
+        if groups and groups[-1][0].prompt_id == item.prompt_id:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups

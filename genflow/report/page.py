@@ -75,7 +75,7 @@ def report_context(storage: Storage, manifest: dict[str, Any]) -> dict[str, Any]
     sampled = samples(storage, scorer_names, ids)
     images = any(c["modality"] == "image" for p in sampled for c in p["candidates"])
     if images:
-        add_thumbnails(storage, sampled, input_folder(config))
+        add_thumbnails(storage, sampled, manifest.get("input_dir") or input_folder(config))
     rows = manifest.get("rows", {})
     return {
         "title": f"{manifest.get('name', 'genflow job')}",

@@ -199,9 +199,10 @@ def score_values(storage: Storage, scorer_names: list[str]) -> dict[str, np.ndar
 
 
 def input_folder(config: dict[str, Any]) -> str:
-    """The folder the job resolved its rows' relative paths against: the input's own folder,
-    or the folder holding the input file. Asked of the input's storage when it is reachable
-    (with the job's ``storage`` settings), told by the ``.parquet`` suffix when not."""
+    """The folder the job resolved its rows' relative paths against, for a manifest that does
+    not record it (``input_dir``): the input's own folder, or the folder holding the input
+    file. Asked of the input's storage when it is reachable (with the job's ``storage``
+    settings), told by the ``.parquet`` suffix when not."""
     uri = str(config.get("input") or "").rstrip("/")
     try:
         fs, path = filesystem_for(uri, **(config.get("storage") or {}))

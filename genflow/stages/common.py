@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import pyarrow as pa
 
 from genflow import layout
-from genflow.api import GenerationRequest, Plugin, ScoreItem, sends_requests
+from genflow.api import GenerationRequest, Plugin, RowError, ScoreItem, sends_requests
 from genflow.config import GeneratorSpec, JobConfig, PriceSpec, ScorerSpec
 from genflow.execution import RequestPool, WorkerPool, chunked
 from genflow.job import BudgetSpent
@@ -65,7 +65,12 @@ class ModelStage:
 
     @property
     def factory(self) -> type[Any]:
-        return self.plugin.factory
+        """The class that does the stage's work (the plugin's ``implementation`` for its params)."""
+        return self.plugin.factory.implementation(self.spec.params)
+
+    @property
+    def per_prompt(self) -> bool:
+        return bool(getattr(self.factory, "per_prompt", False))
 
     @property
     def label(self) -> str:
@@ -94,9 +99,11 @@ class ModelStage:
 
 def unhashed_params_of(config: JobConfig, registry: Registry) -> dict[str, tuple[str, ...]]:
     """Each generator's and scorer's plugin's ``unhashed_params``, by stage name (for fingerprints)."""
-    out = {layout.generate_stage(g.label).name: registry.get("generator", g.plugin).factory.unhashed_params
+    out = {layout.generate_stage(g.label).name:
+           registry.get("generator", g.plugin).factory.implementation(g.params).unhashed_params
            for g in config.generators}
-    out.update({layout.score_stage(s.name).name: registry.get("scorer", s.plugin).factory.unhashed_params
+    out.update({layout.score_stage(s.name).name:
+                registry.get("scorer", s.plugin).factory.implementation(s.params).unhashed_params
                 for s in config.scorers})
     return out
 
@@ -154,28 +161,39 @@ def call_batches(items: list[Item], keys: list[Any] | None, size: int) -> list[l
 
 
 def _request_answers(pool: RequestPool, items: list[Item], advance: Advance, journal: Journal | None,
-                     price: PriceSpec | None, budget: Budget | None) -> Iterator[tuple[Item, Any, float]]:
+                     price: PriceSpec | None, budget: Budget | None,
+                     per_prompt: bool) -> Iterator[tuple[Item, Any, float]]:
     """A request stage's answers: those the journal holds first (sent by an earlier run), then
-    the rest as the server answers, each one journaled; stops once the budget is spent."""
+    the rest as the server answers, each one journaled; stops once the budget is spent.
+    A request is one item, or (``per_prompt``) the list of a prompt's items."""
     answered = journal.load() if journal is not None else {}
-    todo = [item for item in items if item.generation_id not in answered]
-    for item in items:
-        if item.generation_id in answered:
-            result, seconds = answered[item.generation_id]
-            yield item, result, seconds
-    if answered:
-        advance(len(items) - len(todo))
-    for batch in pool.answers(todo):
+    units: list[list[Item]] = prompt_groups(items) if per_prompt else [[item] for item in items]
+    todo = [unit for unit in units if not all(i.generation_id in answered for i in unit)]
+    replayed = 0
+    for unit in units:
+        if all(i.generation_id in answered for i in unit):
+            for item in unit:
+                result, seconds = answered[item.generation_id]
+                replayed += 1
+                yield item, result, seconds
+    if replayed:
+        advance(replayed)
+    requests = [unit if per_prompt else unit[0] for unit in todo]
+    for batch in pool.answers(requests):
+        moved = 0
         for answer in batch:
-            item = todo[answer.index]
-            if journal is not None:
-                journal.add(item.generation_id, answer.result, answer.seconds)
-            if budget is not None:
-                budget.spent += result_cost(answer.result, price)
-            yield item, answer.result, answer.seconds
+            unit = todo[answer.index]
+            results = _fan_out(answer.result, len(unit)) if per_prompt else [answer.result]
+            for item, result in zip(unit, results, strict=True):
+                if journal is not None:
+                    journal.add(item.generation_id, result, answer.seconds)
+                if budget is not None:
+                    budget.spent += result_cost(result, price)
+                yield item, result, answer.seconds
+            moved += len(unit)
         if journal is not None:
             journal.flush()  # the answers are durable before the next ones are waited for
-        advance(len(batch))
+        advance(moved)
         if budget is not None and budget.exhausted:
             if journal is not None:
                 journal.flush()
@@ -184,6 +202,16 @@ def _request_answers(pool: RequestPool, items: list[Item], advance: Advance, jou
                               f"run it again to go on")
     if journal is not None:
         journal.flush()
+
+
+def _fan_out(result: Any, n: int) -> list[Any]:
+    """A per-prompt request's answer as one result per item: its list, or its failure n times."""
+    if isinstance(result, list) and len(result) == n:
+        return [Failure(str(r), "") if isinstance(r, RowError) else r for r in result]
+    if isinstance(result, Failure):
+        return [result] * n
+    return [Failure(f"the scorer answered {len(result) if isinstance(result, list) else type(result).__name__} "
+                    f"results for a prompt of {n} candidates", "")] * n
 
 
 def plan_calls(pool: WorkerPool, items: list[Item], size: int) -> list[list[Item]]:
@@ -209,14 +237,36 @@ def result_cost(result: Any, price: PriceSpec | None) -> float:
                       getattr(result, "num_tokens", None) or getattr(result, "completion_tokens", None))
 
 
+def prompt_groups(items: list[Item]) -> list[list[Item]]:
+    """Items grouped by prompt (in the order prompts first appear), for a per-prompt scorer."""
+    groups: dict[str, list[Item]] = {}
+    for item in items:
+        groups.setdefault(item.prompt_id, []).append(item)
+    return list(groups.values())
+
+
+def prompt_calls(items: list[Item], size: int) -> list[list[Item]]:
+    """Whole prompts packed into calls of about ``size`` items (a larger prompt is a call alone)."""
+    calls: list[list[Item]] = []
+    for group in prompt_groups(items):
+        if calls and len(calls[-1]) + len(group) <= size:
+            calls[-1].extend(group)
+        else:
+            calls.append(list(group))
+    return calls
+
+
 def answers(pool: Pool, items: list[Item], size: int, advance: Advance, journal: Journal | None = None,
-            price: PriceSpec | None = None, budget: Budget | None = None) -> Iterator[tuple[Item, Any, float]]:
+            price: PriceSpec | None = None, budget: Budget | None = None,
+            per_prompt: bool = False) -> Iterator[tuple[Item, Any, float]]:
     """Each item with its result (or :class:`Failure`) and the seconds its call spent per item,
-    as calls finish; the progress bar moves per call."""
+    as calls finish; the progress bar moves per call. ``per_prompt``: calls (and requests)
+    hold a prompt's candidates together."""
     if isinstance(pool, RequestPool):
-        yield from _request_answers(pool, items, advance, journal, price, budget)
+        yield from _request_answers(pool, items, advance, journal, price, budget, per_prompt)
         return
-    for batch in pool.map(plan_calls(pool, items, size)):
+    calls = prompt_calls(items, size) if per_prompt else plan_calls(pool, items, size)
+    for batch in pool.map(calls):
         per_item = batch.seconds / max(1, len(batch.items))
         yield from ((item, result, per_item) for item, result in zip(batch.items, batch.results, strict=True))
         advance(len(batch.items))

@@ -54,7 +54,8 @@ def score_shard(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: s
                                plugin_inputs(prompts[g["prompt_id"]], factory, job.base_dir)))
     rows: list[dict[str, Any]] = []
     usage, journal = Usage(), open_journal(job, stage, shard, fingerprint)
-    for item, res, _ in answers(pool, items, stage.call_size(job.config), advance, journal, spec.price, job.budget):
+    for item, res, _ in answers(pool, items, stage.call_size(job.config), advance, journal, spec.price, job.budget,
+                                stage.per_prompt):
         usage.add(res, spec.price)
         if isinstance(res, Failure):
             errors.append(error_row(item.prompt_id, "score", spec.plugin, res, item.generation_id))
