@@ -421,3 +421,14 @@ def test_chat_and_completions_against_transformers_serve(transformers_server) ->
 def test_transformers_serve_refuses_another_model_name_permanently(transformers_server) -> None:
     result = outcome(make_plugin(transformers_server.url, model="not-the-served-model"), req())
     assert type(result) is RowError and str(result).startswith("400 ") and "pinned" in str(result)
+
+
+def test_the_fault_proxy_in_front_of_transformers_serve(transformers_server, make_fault_proxy) -> None:
+    proxy = make_fault_proxy(transformers_server.url, faults={1: 429, 2: "drop"})
+    plugin = make_plugin(proxy.url, model=transformers_server.model, endpoint="completions", max_tokens=4)
+    before = transformers_server.requests()
+    results = [outcome(plugin, req("the cat")) for _ in range(3)]
+    assert [type(r) for r in results] == [TransientError, TransientError, Generation]
+    assert proxy.stats() == {"received": 3, "forwarded": 1, "injected": {"429": 1, "drop": 1},
+                             "max_in_flight_seen": 1}
+    assert transformers_server.requests() - before == 1
