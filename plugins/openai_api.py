@@ -125,94 +125,28 @@ class _Server:
         self.in_flight = 0
 
 
-class OpenAIGenerator(Generator):
-    """Candidates from an OpenAI-protocol server or hosted API (chat or text completions)."""
+class OpenAIClient:
+    """Requests to one OpenAI-protocol server or a list of them, over one aiohttp session per event loop.
 
-    Params: ClassVar[type[PluginParams]] = OpenAIParams
-    modality: ClassVar[str] = "text"
-    description: ClassVar[str] = "OpenAI-protocol server or hosted API (vLLM, SGLang, TGI, transformers serve...)"
-    input_columns: ClassVar[tuple[str, ...]] = ("messages",)
-    requires: ClassVar[tuple[str, ...]] = ("aiohttp",)
-    extra: ClassVar[str | None] = "openai"
-    unhashed_params: ClassVar[tuple[str, ...]] = ("base_url", "api_key_env")
-    params: OpenAIParams
+    Each request goes to the server with the fewest in flight; its answer is the JSON
+    body, or a :class:`TransientError` / :class:`RowError` as the module docstring says.
+    The key is read from ``$api_key_env`` at each request. Shared by the ``openai``
+    generator and the ``llm-judge`` scorer's served backend."""
 
-    def __init__(self, model: str | None, params: OpenAIParams, device: str = "cpu") -> None:
-        super().__init__(model, params, device)
-        if not self.model_name:
-            raise ValueError("the openai generator needs `model:`, the model name the server serves")
-        if params.api_key_env and not os.environ.get(params.api_key_env, "").strip():
-            raise ValueError(f"api_key_env: the environment variable {params.api_key_env} is not set where the "
-                             "plugin runs")
-        urls = [params.base_url] if isinstance(params.base_url, str) else params.base_url
+    def __init__(self, base_url: str | list[str], api_key_env: str | None, path: str) -> None:
+        urls = [base_url] if isinstance(base_url, str) else base_url
         self.servers = [_Server(url) for url in urls]
-        self.path = PATHS[params.endpoint]
+        self.api_key_env = api_key_env
+        self.path = path
         self._next = 0
-        self._validator: Any = None
-        if params.response_format is not None:
-            import jsonschema
-
-            self._validator = jsonschema.validators.validator_for(params.response_format)(params.response_format)
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
 
-    @classmethod
-    def secret_env(cls, params: PluginParams) -> list[str]:
-        key_env = getattr(params, "api_key_env", None)
-        return [key_env] if key_env else []
-
-    def describe(self) -> dict[str, Any]:
-        return {"model": self.model_name, "endpoint": self.params.endpoint, "servers": len(self.servers)}
-
-    async def generate(self, request: GenerationRequest) -> Generation | RowError:  # type: ignore[override]
-        """One candidate for ``request``: one request to a server (more when an answer misses the schema)."""
-        body = self._body(request)
-        if isinstance(body, RowError):
-            return body
-        for attempt in range(self.params.schema_retries + 1 if self._validator is not None else 1):
-            if attempt and self.params.seed_requests:
-                body["seed"] = retry_seed(request.seed, attempt)
-            generation = self._generation(await self._post(body))
-            if self._validator is None:
-                return generation
-            problem = self._schema_problem(generation)
-            if problem is None:
-                return generation
-        error = RowError(f"the answer does not meet response_format after {attempt + 1} requests ({problem}); "
-                         f"the answer: {generation.raw}")
-        error.raw = generation.raw  # type: ignore[attr-defined]
-        return error
-
     async def aclose(self) -> None:
-        """Close the HTTP session (the engine calls it at the end of the stage)."""
+        """Close the HTTP session."""
         if self._session is not None and not self._session.closed:
             await self._session.close()
         self._session = None
-
-    # -- the request -------------------------------------------------------------
-
-    def _body(self, request: GenerationRequest) -> dict[str, Any] | RowError:
-        body: dict[str, Any] = {"model": self.model_name}
-        if self.params.endpoint == "chat":
-            messages = chat_messages(request)
-            if isinstance(messages, RowError):
-                return messages
-            body["messages"] = messages
-        else:
-            body["prompt"] = request.prompt
-        p = self.params
-        for name, value in (("temperature", p.temperature), ("top_p", p.top_p), ("max_tokens", p.max_tokens),
-                            ("stop", p.stop)):
-            if value is not None:
-                body[name] = value
-        if p.seed_requests:
-            body["seed"] = request.seed
-        if p.response_format is not None:
-            body["response_format"] = {"type": "json_schema",
-                                       "json_schema": {"name": "response", "schema": p.response_format,
-                                                       "strict": True}}
-        body.update(p.extra_body)
-        return body
 
     def _client(self) -> aiohttp.ClientSession:
         """The session of the running event loop, made on first use there."""
@@ -236,7 +170,7 @@ class OpenAIGenerator(Generator):
         self._next = (start + 1) % count
         return min((self.servers[(start + i) % count] for i in range(count)), key=lambda s: s.in_flight)
 
-    async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def post(self, body: dict[str, Any]) -> dict[str, Any]:
         """The server's answer as JSON; a failed request raises TransientError or RowError."""
         import aiohttp
 
@@ -269,11 +203,11 @@ class OpenAIGenerator(Generator):
         return answer
 
     def _key(self) -> str | None:
-        if not self.params.api_key_env:
+        if not self.api_key_env:
             return None
-        key = os.environ.get(self.params.api_key_env, "").strip()
+        key = os.environ.get(self.api_key_env, "").strip()
         if not key:
-            raise RowError(f"the environment variable {self.params.api_key_env} (api_key_env) is not set")
+            raise RowError(f"the environment variable {self.api_key_env} (api_key_env) is not set")
         return key
 
     def _refusal(self, server: _Server, status: int, headers: CIMultiDictProxy[str], payload: bytes,
@@ -285,13 +219,97 @@ class OpenAIGenerator(Generator):
         if status in TRANSIENT_STATUSES or 520 <= status <= 529:
             return TransientError(f"{status} from {server.name}: {message}", retry_after=retry_after(headers))
         if status in KEY_REFUSED:
-            if self.params.api_key_env:
-                return RowError(f"{status} from {server.name}: the key in ${self.params.api_key_env} was refused "
+            if self.api_key_env:
+                return RowError(f"{status} from {server.name}: the key in ${self.api_key_env} was refused "
                                 f"({message})")
             return RowError(f"{status} from {server.name}: the server wants an API key; set api_key_env to the "
                             f"environment variable that holds it ({message})")
         hint = " (is base_url the server's /v1 URL?)" if status == 404 else ""
         return RowError(f"{status} from {server.name}{hint}: {message}")
+
+
+class OpenAIGenerator(Generator):
+    """Candidates from an OpenAI-protocol server or hosted API (chat or text completions)."""
+
+    Params: ClassVar[type[PluginParams]] = OpenAIParams
+    modality: ClassVar[str] = "text"
+    description: ClassVar[str] = "OpenAI-protocol server or hosted API (vLLM, SGLang, TGI, transformers serve...)"
+    input_columns: ClassVar[tuple[str, ...]] = ("messages",)
+    requires: ClassVar[tuple[str, ...]] = ("aiohttp",)
+    extra: ClassVar[str | None] = "openai"
+    unhashed_params: ClassVar[tuple[str, ...]] = ("base_url", "api_key_env")
+    params: OpenAIParams
+
+    def __init__(self, model: str | None, params: OpenAIParams, device: str = "cpu") -> None:
+        super().__init__(model, params, device)
+        if not self.model_name:
+            raise ValueError("the openai generator needs `model:`, the model name the server serves")
+        if params.api_key_env and not os.environ.get(params.api_key_env, "").strip():
+            raise ValueError(f"api_key_env: the environment variable {params.api_key_env} is not set where the "
+                             "plugin runs")
+        self.client = OpenAIClient(params.base_url, params.api_key_env, PATHS[params.endpoint])
+        self.servers = self.client.servers
+        self._validator: Any = None
+        if params.response_format is not None:
+            import jsonschema
+
+            self._validator = jsonschema.validators.validator_for(params.response_format)(params.response_format)
+
+    @classmethod
+    def secret_env(cls, params: PluginParams) -> list[str]:
+        key_env = getattr(params, "api_key_env", None)
+        return [key_env] if key_env else []
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.model_name, "endpoint": self.params.endpoint, "servers": len(self.servers)}
+
+    async def generate(self, request: GenerationRequest) -> Generation | RowError:  # type: ignore[override]
+        """One candidate for ``request``: one request to a server (more when an answer misses the schema)."""
+        body = self._body(request)
+        if isinstance(body, RowError):
+            return body
+        for attempt in range(self.params.schema_retries + 1 if self._validator is not None else 1):
+            if attempt and self.params.seed_requests:
+                body["seed"] = retry_seed(request.seed, attempt)
+            generation = self._generation(await self.client.post(body))
+            if self._validator is None:
+                return generation
+            problem = self._schema_problem(generation)
+            if problem is None:
+                return generation
+        error = RowError(f"the answer does not meet response_format after {attempt + 1} requests ({problem}); "
+                         f"the answer: {generation.raw}")
+        error.raw = generation.raw  # type: ignore[attr-defined]
+        return error
+
+    async def aclose(self) -> None:
+        """Close the HTTP session (the engine calls it at the end of the stage)."""
+        await self.client.aclose()
+
+    # -- the request -------------------------------------------------------------
+
+    def _body(self, request: GenerationRequest) -> dict[str, Any] | RowError:
+        body: dict[str, Any] = {"model": self.model_name}
+        if self.params.endpoint == "chat":
+            messages = chat_messages(request)
+            if isinstance(messages, RowError):
+                return messages
+            body["messages"] = messages
+        else:
+            body["prompt"] = request.prompt
+        p = self.params
+        for name, value in (("temperature", p.temperature), ("top_p", p.top_p), ("max_tokens", p.max_tokens),
+                            ("stop", p.stop)):
+            if value is not None:
+                body[name] = value
+        if p.seed_requests:
+            body["seed"] = request.seed
+        if p.response_format is not None:
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "response", "schema": p.response_format,
+                                                       "strict": True}}
+        body.update(p.extra_body)
+        return body
 
     # -- the answer --------------------------------------------------------------
 
