@@ -287,6 +287,17 @@ def validate_plugins(config: JobConfig, source: str = "config") -> None:
         except ValidationError as exc:
             for line in _format_errors(exc).splitlines():
                 problems.append(f"  {params_key}.{line.strip()}")
+            continue
+        if kind != "exporter":  # a plugin with two backends: what the one these params pick needs
+            import dataclasses
+
+            from genflow.registry import missing_distributions
+
+            chosen = info.factory.implementation(params)
+            missing = missing_distributions(tuple(chosen.requires)) if chosen is not info.factory else ()
+            if missing:
+                problems.append(f"  {plugin_key}: "
+                                f"{dataclasses.replace(info, factory=chosen, missing=missing).unavailable_reason()}")
     if problems:
         raise ConfigError(f"{source} is not a valid genflow job:\n" + "\n".join(problems))
 
