@@ -42,6 +42,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 from genflow import layout
+from genflow.agreement import scorer_agreement
 from genflow.api import Scorer
 from genflow.config import ConfigError, JobConfig, build_config, resolve_output
 from genflow.execution import RequestPool, Workers, job_workers
@@ -198,6 +199,9 @@ def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Work
     manifest["exporters"] = {name: {"source": (info := registry.get("exporter", name)).source,
                                     "version": info.version, "params": params}
                              for name, params in exporters.items()}
+    if len(config.scorers) > 1:  # how the scorers' rankings of each prompt agree, read shard by shard
+        manifest["agreement"] = scorer_agreement(storage, [s.index for s in shards],
+                                                 {s.name: s.weight for s in config.scorers})
     storage.write_json(layout.MANIFEST, manifest)
     write_report_safely(storage, manifest)  # logs a warning on failure; never fails the job
     return manifest
@@ -213,7 +217,8 @@ def _run_model_stage(job: JobContext, stage: ModelStage, plans: list[ShardPlan],
     else:
         total = sum(o.rows.get(layout.GENERATIONS, 0) for o in before if o.stage.startswith("generate/"))
     outcomes = []
-    with pool, StageProgress(f"{stage.stage.kind} {stage.label}", total) as bar:
+    cost = (lambda: job.budget.spent) if stage.spec.price is not None else None
+    with pool, StageProgress(f"{stage.stage.kind} {stage.label}", total, cost=cost) as bar:
         for plan in plans:
             fp = dict(plan.stages())[stage.stage]
             finished_before = done(stage.stage, plan.shard, fp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TextIO
 
@@ -31,8 +32,11 @@ class StageProgress:
     above it instead of through it.
     """
 
-    def __init__(self, stage: str, total: int, console: Console | None = None) -> None:
+    def __init__(self, stage: str, total: int, console: Console | None = None,
+                 cost: Callable[[], float] | None = None) -> None:
+        """``cost``: what the job's requests have cost so far, shown beside the rate."""
         self.stage, self.total, self.done, self.computed = stage, total, 0, 0
+        self.cost = cost
         self.started = time.perf_counter()
         self._next_log = 0.1
         self.tty = sys.stderr.isatty()
@@ -81,6 +85,8 @@ class StageProgress:
             self.computed += rows
         rate = self.computed / max(1e-9, time.perf_counter() - self.started)
         rate_text = f"{rate:,.1f} rows/s" if self.computed else ("from storage" if self.done else "")
+        if self.cost is not None:
+            rate_text += f"  cost {self.cost():,.4f}"
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, advance=rows, rate=rate_text)
         elif self.total and self.done / self.total >= self._next_log:

@@ -18,6 +18,7 @@ sends them the way a careful client does:
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 import traceback
@@ -71,7 +72,9 @@ class AdaptiveLimit:
                 if self._credit >= self.size:
                     self.size += 1
                     self._credit = 0
-            self._changed.notify_all()
+            # Wake as many waiters as there are free slots (waking all of hundreds costs more CPU
+            # than the requests themselves).
+            self._changed.notify(max(0, self.size - self.in_flight))
 
 
 class RateLimit:
@@ -172,15 +175,30 @@ class RequestRunner:
             self.retries += 1
             await asyncio.sleep(backoff(attempt - 1, self.spec, retry_after, self.rng))
 
-    async def run(self, items: list[Any]) -> AsyncIterator[Answer]:
-        """Every item's answer, as each arrives (all items answered exactly once)."""
+    async def run(self, items: list[Any], most: int = 256) -> AsyncIterator[list[Answer]]:
+        """Every item's answer as it arrives, in lists of what arrived together (at most
+        ``most``): the caller waits for no more than the next answer. All items are answered
+        exactly once."""
+        arrived: asyncio.Queue[Answer] = asyncio.Queue()
+
+        def deliver(task: asyncio.Task[Answer]) -> None:
+            if not task.cancelled():
+                arrived.put_nowait(task.result())
+
         tasks = [asyncio.ensure_future(self.one(i, item)) for i, item in enumerate(items)]
+        for task in tasks:
+            task.add_done_callback(deliver)
+        answered = 0
         try:
-            for next_done in asyncio.as_completed(tasks):
-                yield await next_done
+            while answered < len(tasks):
+                batch = [await arrived.get()]
+                while not arrived.empty() and len(batch) < most:
+                    batch.append(arrived.get_nowait())
+                answered += len(batch)
+                yield batch
         finally:
-            for t in tasks:
-                t.cancel()
+            for task in tasks:
+                task.cancel()
 
 
 def _as_result(result: Any) -> Any:
@@ -200,6 +218,8 @@ class RequestWorker:
 
     def __init__(self, factory: Any, model: str | None, params: dict[str, Any], requests: dict[str, Any],
                  seed: int = 0) -> None:
+        self._parent = os.getppid()
+        self._watching: asyncio.Task[None] | None = None
         self.plugin = factory(model, factory.Params.model_validate(params), "cpu")
         call = self.plugin.generate if issubclass(factory, Generator) else self.plugin.score
         self.runner = RequestRunner(call, RequestsSpec.model_validate(requests), seed)
@@ -207,17 +227,21 @@ class RequestWorker:
     def describe(self) -> dict[str, Any]:
         return self.plugin.describe()
 
-    async def run(self, items: list[Any], every_s: float = 0.1, most: int = 256) -> Any:
-        """Answers in small lists: whatever arrived within ``every_s`` (at most ``most``)."""
-        buffer: list[Any] = []
-        last = time.monotonic()
-        async for answer in self.runner.run(items):
-            buffer.append(answer)
-            if len(buffer) >= most or time.monotonic() - last >= every_s:
-                yield buffer
-                buffer, last = [], time.monotonic()
-        if buffer:
-            yield buffer
+    async def run(self, items: list[Any]) -> Any:
+        """Answers streamed back in lists of those that arrived together."""
+        if self._watching is None:
+            self._watching = asyncio.ensure_future(self._watch_parent())
+        async for batch in self.runner.run(items):
+            yield batch
+
+    async def _watch_parent(self) -> None:
+        """A worker whose raylet died (a local job killed with SIGKILL takes its Ray with it)
+        stops at once: its answers would reach no one, and every request it sent would be
+        paid for twice when the job runs again."""
+        while True:
+            await asyncio.sleep(0.1)
+            if os.getppid() != self._parent:
+                os._exit(1)
 
     def stats(self) -> dict[str, Any]:
         limit = self.runner.limit

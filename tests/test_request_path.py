@@ -139,7 +139,7 @@ def test_a_job_killed_mid_shard_resends_only_what_was_in_flight(tmp_path, test_p
     assert set(after) == set(before) | set(after) and len(after) == 32
     resent = [gid for gid in before if after[gid] > 1]
     # In flight at the kill: up to the concurrency at the server, and answers not yet flushed
-    # (the request worker streams them back every 0.1 s): at most twice the concurrency.
+    # (answered but still on their way to the driver): at most twice the concurrency.
     assert len(resent) <= 8, resent
     gens = _rows(Path(config["output"]), "generations")
     assert len(gens) == 32 and len({g["generation_id"] for g in gens}) == 32

@@ -163,9 +163,12 @@ def stage_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
         s = stages[stage]
         computed = s.get("shards", 0) - s.get("skipped", 0)
         seconds = s.get("seconds") or 0.0
+        tokens = s.get("tokens") or {}
         rows.append({"stage": stage, "shards": s.get("shards", 0), "skipped": s.get("skipped", 0),
                      "work_items": s.get("work_items", 0), "errors": s.get("errors", 0), "seconds": seconds,
-                     "rate": (s.get("work_items", 0) / seconds) if computed and seconds > 0 else None})
+                     "rate": (s.get("work_items", 0) / seconds) if computed and seconds > 0 else None,
+                     "prompt_tokens": tokens.get("prompt"), "completion_tokens": tokens.get("completion"),
+                     "cost": s.get("cost")})
     return rows
 
 
