@@ -149,7 +149,29 @@ def generation_requests(prompts: list[str]) -> list[Any]:
             for i, p in enumerate(prompts)]
 
 
-DRIVERS: dict[str, Driver] = {"bare": bare_aiohttp, "plugin": plugin_direct}
+async def engine_path(base_url: str, concurrency: int, prompts: list[str]) -> list[str]:
+    """genflow's request path (``genflow.requesting.RequestRunner``: the adaptive limit, timeouts,
+    retries, answers as they arrive) driving the plugin, as a generate stage's request worker does."""
+    from genflow.api import Generation
+    from genflow.config import RequestsSpec
+    from genflow.plugins.openai_api import OpenAIGenerator, OpenAIParams
+    from genflow.requesting import RequestRunner
+
+    plugin = OpenAIGenerator(MODEL, OpenAIParams(base_url=base_url, max_tokens=MAX_TOKENS))
+    runner = RequestRunner(plugin.generate, RequestsSpec(concurrency=concurrency))
+    texts = [""] * len(prompts)
+    try:
+        async for batch in runner.run(generation_requests(prompts)):
+            for answer in batch:
+                if not isinstance(answer.result, Generation) or answer.result.text is None:
+                    raise RuntimeError(f"request {answer.index} failed: {answer.result}")
+                texts[answer.index] = answer.result.text
+    finally:
+        await plugin.aclose()
+    return texts
+
+
+DRIVERS: dict[str, Driver] = {"bare": bare_aiohttp, "plugin": plugin_direct, "engine": engine_path}
 """The sides measured at each concurrency; ``bare`` is the reference of the others. A side
 named ``engine`` (genflow's request path driving the plugin) is compared with the same target."""
 
