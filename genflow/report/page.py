@@ -15,6 +15,7 @@ import numpy as np
 import yaml
 
 from genflow import layout
+from genflow.agreement import COMBINED
 from genflow.report.charts import COMBINED_COLOR, PALETTE, histogram
 from genflow.report.read import (
     error_groups,
@@ -32,7 +33,7 @@ from genflow.report.samples import SAMPLE_PROMPTS, add_thumbnails, sample_ids, s
 from genflow.report.sections import page_sections
 from genflow.storage import Storage
 
-FIXED_SECTIONS = ("summary", "throughput", "errors", "scores", "images", "samples", "config")
+FIXED_SECTIONS = ("summary", "throughput", "errors", "scores", "agreement", "images", "samples", "config")
 """The ids of the page's own sections; a scorer's table never takes one of them."""
 
 
@@ -54,6 +55,13 @@ def _histograms(storage: Storage, scorer_names: list[str]) -> list[dict[str, Any
     if len(values.get("", ())):
         charts.append(_chart_row("combined (weighted)", values[""], COMBINED_COLOR))
     return charts
+
+
+def _agreement_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The scorer agreement rows of the manifest (a job with several scorers), as the page shows them."""
+    agreement = manifest.get("agreement")
+    rows = agreement.get("pairs") if isinstance(agreement, dict) else None
+    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
 
 
 def _in_field_order(config: dict[str, Any]) -> dict[str, Any]:
@@ -89,6 +97,8 @@ def report_context(storage: Storage, manifest: dict[str, Any]) -> dict[str, Any]
         "errors": error_groups(storage),
         "histograms": _histograms(storage, scorer_names),
         "scorer_sections": page_sections(manifest, set(FIXED_SECTIONS)),
+        "agreement": _agreement_rows(manifest),
+        "agreement_combined": COMBINED,
         "scorer_names": scorer_names,
         "weights": weights,
         "samples": sampled,
