@@ -930,21 +930,17 @@ def served_logprobs(question: Question, logprobs: Any) -> dict[str, float] | Non
 
 # -- job figures ------------------------------------------------------------------------
 
-EXAMPLES = 3
-"""Rationales the report shows: the best and worst scored candidates that have one."""
-
-
 def summarize_judgements(scores: pa.Table) -> dict[str, Any]:
-    """The judge's figures: how scores were read, retries, the aspects' means (ratings), how
-    often the two orders of a pair agreed (pairwise: position consistency), and a few rationales."""
-    rows = scores.select(["generation_id", "score", "details"]).to_pylist()
+    """The judge's figures: how its scores were read, judgements asked again (ratings), the
+    aspects' means (UltraFeedback), and how often a pair's two orders gave the same verdict
+    (pairwise: position consistency; a judge that prefers a position scores 0). Its rationales
+    are in ``details`` and, for the report's sampled candidates, in their ``outcome``."""
+    rows = scores.select(["details"]).to_pylist()
     if not rows:
         return {}
     read_from: dict[str, int] = {}
     aspects: dict[str, list[float]] = {}
-    retried = 0
-    consistent = judged_pairs = 0
-    examples = []
+    retried = consistent = judged_pairs = 0
     for row in rows:
         details = json.loads(row["details"] or "{}")
         how = str(details.get("score_from", "?"))
@@ -957,37 +953,26 @@ def summarize_judgements(scores: pa.Table) -> dict[str, Any]:
                 judged_pairs += 1
                 first, second = pair.get("verdicts") or ["", ""]
                 consistent += int({"A": "B", "B": "A"}.get(first) == second)
-        if details.get("reasoning"):
-            examples.append((float(row["score"]), row["generation_id"], " ".join(str(details["reasoning"]).split())))
     metrics: dict[str, Any] = {"candidates": len(rows), "read_from": read_from}
     if judged_pairs:
         metrics["pairs"] = judged_pairs
-        metrics["position_consistency"] = round(consistent / judged_pairs, 6) if judged_pairs else None
-    else:
+        metrics["position_consistency"] = round(consistent / judged_pairs, 6)
+    elif aspects:
         metrics["retried"] = retried
         if len(aspects) > 1:
             metrics.update({f"{name}_mean": round(sum(v) / len(v), 6) for name, v in aspects.items()})
-    examples.sort(key=lambda e: (-e[0], e[1]))
-    picked = examples[:2] + examples[2:][-1:] if len(examples) > EXAMPLES else examples
-    metrics["examples"] = [{"generation_id": g, "score": round(s, 4), "reasoning": _cut(r, 300)}
-                           for s, g, r in picked]
     return metrics
 
 
 def judge_sections(name: str, metrics: dict[str, Any]) -> list[ReportSection]:
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     read_from = metrics.get("read_from") or {}
-    sections = [ReportSection(f"{name}: judge", ["scorer", *numbers, "read from"],
-                              [[name, *numbers.values(), ", ".join(f"{k} {v}" for k, v in sorted(read_from.items()))]],
-                              note="position_consistency: the share of pairs whose two orders gave the same "
-                                   "verdict; the others count as ties." if "position_consistency" in numbers else "")]
-    examples = metrics.get("examples") or []
-    if examples:
-        sections.append(ReportSection(f"{name}: sample rationales", ["candidate", "score", "rationale"],
-                                      [[e.get("generation_id"), e.get("score"), e.get("reasoning")]
-                                       for e in examples],
-                                      note="The judge's reasoning for its best and worst scored candidates."))
-    return sections
+    note = ("position_consistency: the share of pairs whose two orders gave the same verdict; the others count as "
+            "ties. " if "position_consistency" in numbers else "")
+    note += "The judge's reasoning is under each sampled candidate below, and in scores/ details."
+    return [ReportSection(f"{name} judgements", ["scorer", *numbers, "read from"],
+                          [[name, *numbers.values(), ", ".join(f"{k} {v}" for k, v in sorted(read_from.items()))]],
+                          note=note)]
 
 
 @hookimpl
