@@ -25,13 +25,9 @@ from genflow.plugins.llm_judge import (
     Question,
     ServedPairwiseJudge,
     ServedRatingJudge,
-    bradley_terry,
-    choose_pairs,
-    expected_win_rates,
-    pair_outcome,
     served_logprobs,
-    win_rates,
 )
+from genflow.plugins.pairwise_ranking import bradley_terry, choose_pairs, expected_win_rates, pair_outcome, win_rates
 
 # -- reading answers ---------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """``report.html``: one self-contained page to judge what a job made; ``sweep.html`` for a sweep.
 
 Counts, throughput, the most common errors, a score histogram per scorer, the
-scorers' own tables, the best and worst candidates of a sample of prompts (an
+scorers' own tables, how the scorers' rankings agree (``manifest["agreement"]``, see
+:mod:`genflow.agreement`), the best and worst candidates of a sample of prompts (an
 image grid for image jobs) and the config. Everything is in the one file:
 charts are SVG and images are thumbnails, both as data URIs, so the page opens
 from a bucket, an e-mail or a laptop with no network. Generated text is
