@@ -63,13 +63,34 @@ def anchor_paths(raw: dict[str, Any], base: Path | None = None) -> dict[str, Any
     return data
 
 
-def job_parameters(raw: dict[str, Any], base: Path | None = None) -> dict[str, Any]:
+ConfigFile = tuple[Path, list[str]]
+"""The config file a deployment was made from, and its ``--set`` overrides."""
+
+
+def job_parameters(raw: dict[str, Any], base: Path | None = None,
+                   config_file: ConfigFile | None = None) -> dict[str, Any]:
+    """The deployment's parameters: the config with its secrets hidden (Prefect stores them and
+    shows them in its UI); each run reads the secrets back from the config file."""
+    from genflow.config import redacted
+
     data = anchor_paths(raw, base)
     data.pop("sweep", None)
-    return {"config": data, "resume": True}
+    shown = redacted(data)
+    if shown == data:
+        return {"config": data, "resume": True}
+    if config_file is None:
+        from genflow.config import ConfigError
+
+        raise ConfigError("the config holds secrets (or a URL with a password), and a deployment's parameters "
+                          "are stored by Prefect: deploy it from its file (`genflow deploy CONFIG`)")
+    path, overrides = config_file
+    source = {"file": str(Path(path).resolve()), "overrides": list(overrides),
+              "base": str((base or Path.cwd()).resolve())}
+    return {"config": shown, "resume": True, "config_source": source}
 
 
-def to_deployment(raw: dict[str, Any], name: str | None = None, base: Path | None = None) -> Any:
+def to_deployment(raw: dict[str, Any], name: str | None = None, base: Path | None = None,
+                  config_file: ConfigFile | None = None) -> Any:
     """The job flow's ``RunnerDeployment`` for a config: its schedule, its parameters."""
     from prefect.flows import EntrypointType
     from prefect.schedules import Cron
@@ -81,18 +102,19 @@ def to_deployment(raw: dict[str, Any], name: str | None = None, base: Path | Non
     return genflow_job.to_deployment(
         name=name or deployment_name(job),
         schedules=schedules,
-        parameters=job_parameters(raw, base),
+        parameters=job_parameters(raw, base, config_file),
         description=f"genflow job {job.name!r}: {job.input} -> {job.output}",
         tags=TAGS,
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
 
 
-def deploy(raw: dict[str, Any], name: str | None = None, work_pool: str | None = None) -> UUID:
+def deploy(raw: dict[str, Any], name: str | None = None, work_pool: str | None = None,
+           config_file: ConfigFile | None = None) -> UUID:
     """Register (or update) the deployment; returns its id."""
     import prefect
 
-    deployment = to_deployment(raw, name)
+    deployment = to_deployment(raw, name, config_file=config_file)
     if work_pool:
         ids: list[UUID] = prefect.deploy(deployment, work_pool_name=work_pool, build=False,  # type: ignore[assignment]
                                          push=False, print_next_steps_message=False, ignore_warnings=True)
@@ -100,11 +122,12 @@ def deploy(raw: dict[str, Any], name: str | None = None, work_pool: str | None =
     return deployment.apply()
 
 
-def serve(raw: dict[str, Any], name: str | None = None, limit: int | None = None) -> None:
+def serve(raw: dict[str, Any], name: str | None = None, limit: int | None = None,
+          config_file: ConfigFile | None = None) -> None:
     """Register the deployment and execute its runs here until stopped (Prefect's runner)."""
     import prefect
 
-    prefect.serve(to_deployment(raw, name), limit=limit, print_starting_message=True)
+    prefect.serve(to_deployment(raw, name, config_file=config_file), limit=limit, print_starting_message=True)
 
 
 def full_name(raw: dict[str, Any], name: str | None = None) -> str:

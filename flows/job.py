@@ -44,9 +44,9 @@ from prefect.states import State
 from genflow import layout
 from genflow.agreement import scorer_agreement
 from genflow.api import Scorer
-from genflow.config import ConfigError, JobConfig, build_config, resolve_output
+from genflow.config import ConfigError, JobConfig, build_config, redacted_urls, resolve_output
 from genflow.execution import RequestPool, Workers, job_workers
-from genflow.job import JobFailed
+from genflow.job import JobFailed, real_config
 from genflow.layout import Shard, ShardPlan, Stage
 from genflow.manifest import build_manifest, rows_of
 from genflow.progress import StageProgress
@@ -202,6 +202,7 @@ def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Work
     if len(config.scorers) > 1:  # how the scorers' rankings of each prompt agree, read shard by shard
         manifest["agreement"] = scorer_agreement(storage, [s.index for s in shards],
                                                  {s.name: s.weight for s in config.scorers})
+    manifest = redacted_urls(manifest)  # a URL's user:password, wherever a plugin or the config put one
     storage.write_json(layout.MANIFEST, manifest)
     write_report_safely(storage, manifest)  # logs a warning on failure; never fails the job
     return manifest
@@ -260,9 +261,13 @@ def _summarize(storage: Storage, stage: ModelStage) -> dict[str, Any]:
 
 
 @flow(name="genflow-job", log_prints=False, validate_parameters=False)
-def genflow_job(config: dict[str, Any], resume: bool = True) -> dict[str, Any]:
-    """Run one genflow job from its config mapping (as in the YAML file)."""
-    job = build_config(config, source=f"job {config.get('name', '?')!r}")
+def genflow_job(config: dict[str, Any], resume: bool = True,
+                config_source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one genflow job from its config mapping (as in the YAML file).
+
+    Prefect records the parameters, so ``config`` may have its secrets hidden (``***``);
+    ``config_source`` then says where the real config is (``genflow.job.real_config``)."""
+    job = build_config(real_config(config, config_source), source=f"job {config.get('name', '?')!r}")
     job = job.model_copy(update={"output": resolve_output(job.output)})
     storage = Storage.open(job.output, **job.storage.model_dump())
     storage.makedirs()

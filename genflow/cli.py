@@ -93,11 +93,12 @@ def _print_summary(manifest: dict) -> None:
 def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Check a config and read its whole input, loading no model."""
     from genflow.config import load_config
-    from genflow.prompts import open_input, shard_tables
+    from genflow.job import check_job
+    from genflow.prompts import shard_tables
 
     try:
         job = load_config(config, set_ or [])
-        source = open_input(job.input, **job.storage.model_dump())
+        source = check_job(job, read_rows=False)  # read below, shard by shard
         rows = shards = 0
         for table in shard_tables(source, job.shard_rows):
             rows += table.num_rows
@@ -224,7 +225,7 @@ def deploy(config: ConfigArg, name: NameOpt = None, work_pool: Annotated[str | N
     _needs_prefect_server("deploy")
     try:
         raw = _raw_config(config, set_)
-        deployment.deploy(raw, name, work_pool)
+        deployment.deploy(raw, name, work_pool, config_file=(config, set_ or []))
         info = deployment.describe_deployment(deployment.full_name(raw, name))
     except _user_errors() as exc:
         fail(str(exc))
@@ -252,10 +253,10 @@ def serve(config: ConfigArg, name: NameOpt = None, limit: Annotated[int | None, 
     quiet_prefect_defaults()
     try:
         raw = _raw_config(config, set_)
-        deployment.to_deployment(raw, name)  # a bad config fails here, before serving
+        deployment.to_deployment(raw, name, config_file=(config, set_ or []))  # a bad config fails here
     except _user_errors() as exc:
         fail(str(exc))
-    deployment.serve(raw, name, limit)
+    deployment.serve(raw, name, limit, config_file=(config, set_ or []))
 
 
 @app.command()

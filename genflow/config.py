@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,19 @@ UNHASHED_SPEC_KEYS = {"requests", "price"}
 """Keys of a generator's or scorer's entry that change no output: left out of its fingerprint."""
 
 
+LABEL_CHARACTERS = "letters, digits, '.', '_' and '-' (no '..')"
+
+
+def _label_name(value: str) -> str:
+    """A label names files and folders of the output (``scores/part-00000-<label>.parquet``):
+    an allow-list of characters, so none can climb out of the job's folder."""
+    from genflow.layout import is_safe_name
+
+    if not is_safe_name(value):
+        raise ValueError(f"label {value!r} must be a name of {LABEL_CHARACTERS}")
+    return value
+
+
 class GeneratorSpec(_Strict):
     label: str
     plugin: str
@@ -69,9 +83,9 @@ class GeneratorSpec(_Strict):
     @field_validator("label")
     @classmethod
     def _label_is_a_name(cls, v: str) -> str:
-        if not v or any(c in v for c in "/\\ \t\n") or v == "input":
-            raise ValueError("label must be a non-empty name without spaces or slashes (and not 'input')")
-        return v
+        if v == "input":
+            raise ValueError("label 'input' is taken: it names the candidates the input rows carry")
+        return _label_name(v)
 
 
 class ScorerSpec(_Strict):
@@ -83,6 +97,11 @@ class ScorerSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     requests: RequestsSpec = Field(default_factory=RequestsSpec)
     price: PriceSpec | None = None
+
+    @field_validator("label")
+    @classmethod
+    def _label_is_a_name(cls, v: str | None) -> str | None:
+        return None if v is None else _label_name(v)
 
     @property
     def name(self) -> str:
@@ -159,6 +178,15 @@ class JobConfig(_Strict):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise ValueError(f"{what} labels must be unique; repeated: {', '.join(dupes)}")
+        from genflow.layout import is_safe_name
+
+        for i, s in enumerate(self.scorers):
+            if s.label is None and not is_safe_name(s.plugin):
+                raise ValueError(f"scorers.{i}: plugin {s.plugin!r} cannot name the scorer's files; give it a "
+                                 f"label of {LABEL_CHARACTERS}")
+        if self.scorers and sum(s.weight for s in self.scorers) == 0:
+            raise ValueError("scorers: the weights sum to zero, so every candidate would get the same combined "
+                             "score; give the scorers weights that do not cancel out")
         return self
 
     def stage_dict(self, *keys: str) -> dict[str, Any]:
@@ -223,7 +251,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set expects key=value, got {text!r}")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(f"--set {text}: the value is not valid YAML ({problem}); quote it to set a "
+                          f"string: --set '{key.strip()}=\"...\"'") from None
 
 
 def load_raw(path: str | Path) -> dict[str, Any]:
@@ -312,12 +345,41 @@ def is_secret_key(key: str) -> bool:
     return any(k == e or k.endswith("_" + e) or k.endswith("-" + e) for e in SECRET_KEY_ENDINGS)
 
 
+_URL_USER_INFO = re.compile(r"(?<=://)[^/?#@\s]+@")
+
+
+def redact_url(text: str) -> str:
+    """``http://user:pass@host/x`` -> ``http://***@host/x``: credentials inside a URL, anywhere in a text."""
+    return _URL_USER_INFO.sub("***@", text)
+
+
 def redacted(data: Any) -> Any:
-    """The config as JSON-able data with secret-looking values replaced by ``***``."""
+    """The config as JSON-able data with secret-looking values replaced by ``***``, and the
+    user-info of every URL in it (``http://user:pass@host``) by ``***``."""
     if isinstance(data, BaseModel):
         data = data.model_dump(mode="json")
     if isinstance(data, dict):
         return {k: ("***" if is_secret_key(str(k)) else redacted(v)) for k, v in data.items()}
-    if isinstance(data, list):
+    if isinstance(data, list | tuple):
         return [redacted(v) for v in data]
+    if isinstance(data, str):
+        return redact_url(data)
     return data
+
+
+def hides_secrets(data: Any) -> bool:
+    """Whether ``redacted`` data hides something: a secret-named ``***`` or a URL's ``***@``."""
+    if isinstance(data, dict):
+        return any((is_secret_key(str(k)) and v == "***") or hides_secrets(v) for k, v in data.items())
+    if isinstance(data, list | tuple):
+        return any(hides_secrets(v) for v in data)
+    return isinstance(data, str) and "://***@" in data
+
+
+def redacted_urls(data: Any) -> Any:
+    """JSON-able data with the user-info of every URL in its strings hidden (keys kept)."""
+    if isinstance(data, dict):
+        return {k: redacted_urls(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [redacted_urls(v) for v in data]
+    return redact_url(data) if isinstance(data, str) else data

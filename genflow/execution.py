@@ -395,6 +395,7 @@ class RequestPool:
         self.deaths = 0
         self.start_seconds = 0.0
         self.stats: dict[str, Any] = {}
+        self.stopping = False
 
     def _new_actor(self) -> Any:
         from genflow.requesting import RequestWorker
@@ -429,7 +430,8 @@ class RequestPool:
             return
         self.start()
         left = dict(enumerate(items))
-        while left:
+        self.stopping = False
+        while left and not self.stopping:
             order = list(left)
             stream = self.actor.run.options(num_returns="streaming").remote([left[i] for i in order])
             try:
@@ -439,6 +441,9 @@ class RequestPool:
                         answer.index = order[answer.index]
                         del left[answer.index]
                     yield batch
+                if left and not self.stopping:
+                    raise RuntimeError(f"{self.name}: the request worker's stream ended with {len(left)} "
+                                       "requests unanswered")
             except RayActorError as exc:
                 self.deaths += 1
                 if self.deaths > self.spec.max_worker_deaths:
@@ -453,6 +458,12 @@ class RequestPool:
                         ray.cancel(stream)
                     except Exception as exc:  # a dead actor's stream has nothing left to cancel
                         log.debug("%s: cancelling the request stream: %s", self.name, exc)
+
+    def stop_sending(self) -> None:
+        """The requests in flight finish (``answers`` still yields them), no new one is sent."""
+        self.stopping = True
+        if self.actor is not None:
+            ray.get(self.actor.stop_sending.remote(), timeout=30)
 
     def stop(self) -> None:
         if self.actor is None:

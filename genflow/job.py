@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from genflow.config import ConfigError, JobConfig
@@ -64,14 +65,14 @@ def run_job(config: JobConfig | dict[str, Any], resume: bool = True,
     _install_log_filter()
     from genflow.config import build_config, resolve_output
     from genflow.execution import stop_early_workers
-    from genflow.prompts import open_input
     from genflow.storage import Storage
 
     job = config if isinstance(config, JobConfig) else build_config(config)
     # Fail on a bad config, an unreadable input or unreachable storage before Prefect and Ray start.
-    open_input(job.input, **job.storage.model_dump())
+    check_job(job)
     storage = Storage.open(resolve_output(job.output), **job.storage.model_dump())
     storage.check()
+    storage.probe_write()
     try:
         if not resume or not storage.exists("manifest.json"):  # a new job: its first stage has work
             _launch_workers(job)
@@ -79,9 +80,98 @@ def run_job(config: JobConfig | dict[str, Any], resume: bool = True,
 
         if api_ready is not None:
             api_ready()
-        return genflow_job(job.model_dump(mode="json"), resume=resume)
+        shown, source = hand_over(job.model_dump(mode="json"))
+        return genflow_job(shown, resume=resume, config_source=source)
     finally:
         stop_early_workers()
+
+
+def check_job(job: JobConfig, read_rows: bool = True) -> Any:
+    """What can be checked of a job before anything starts: it lies apart from its output, and
+    its input opens, has rows, and (``read_rows``) every row has a prompt, an id of its own and
+    valid text. Streams the input once (as the plan does again): a bad row found by the plan
+    would come after Ray and the first model had started. Returns the opened input."""
+    from genflow.config import resolve_output
+    from genflow.layout import overlapping
+    from genflow.prompts import open_input, shard_tables
+
+    output = resolve_output(job.output)
+    if overlapping(job.input, output):
+        raise ConfigError(f"input {job.input} and output {output} overlap: the job would read its own outputs "
+                          f"back as prompts (or write over its input); give the output a folder of its own")
+    source = open_input(job.input, **job.storage.model_dump())
+    _check_templates(job, source.columns)
+    if read_rows:
+        for _ in shard_tables(source, job.shard_rows):
+            pass
+    return source
+
+
+def _check_templates(job: JobConfig, columns: list[str]) -> None:
+    """A generator's template may only name the row's columns (as the input has them, plus
+    ``prompt_id`` and ``task``): a missing one would fail every row after the model loaded."""
+    import jinja2
+    from jinja2 import meta
+
+    environment = jinja2.Environment()
+    known = {*columns, "prompt_id", "task", *environment.globals}
+    for i, g in enumerate(job.generators):
+        if not g.template:
+            continue
+        try:
+            names = meta.find_undeclared_variables(environment.parse(g.template))
+        except jinja2.TemplateSyntaxError as exc:
+            raise ConfigError(f"generators.{i}.template: not a valid Jinja2 template: {exc}") from None
+        missing = sorted(names - known)
+        if missing:
+            raise ConfigError(f"generators.{i}.template names {', '.join(map(repr, missing))}, which the input "
+                              f"{job.input} has no column for (columns: {', '.join(columns)})")
+
+
+# -- the config Prefect sees ------------------------------------------------------
+#
+# A flow's parameters are stored by Prefect and shown to everyone who can open its UI.
+# So the flow is handed the config with its secrets hidden (``redacted``), and finds the
+# real one by a key into this process's registry (``run_job``), or by re-reading the
+# config file a deployment names (``config_source``).
+
+_HANDED_OVER: dict[str, dict[str, Any]] = {}
+
+
+def hand_over(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The config as Prefect may record it, and the ``config_source`` the flow finds the real one by."""
+    from genflow.config import redacted, stable_hash
+
+    shown = redacted(config)
+    if shown == config:
+        return config, None
+    key = stable_hash(config, 32)
+    _HANDED_OVER[key] = config
+    return shown, {"handed_over": key}
+
+
+def real_config(shown: dict[str, Any], source: dict[str, Any] | None) -> dict[str, Any]:
+    """The config a flow was given for Prefect's records, with its secrets back."""
+    from genflow.config import hides_secrets, load_raw, parse_override, redacted, set_dotted
+
+    if source and source.get("handed_over") in _HANDED_OVER:
+        return _HANDED_OVER[source["handed_over"]]
+    if source and source.get("file"):
+        from genflow.flows.deploy import anchor_paths
+
+        raw = load_raw(source["file"])
+        for text in source.get("overrides") or []:
+            set_dotted(raw, *parse_override(text))
+        raw = anchor_paths(raw, Path(source.get("base") or "."))
+        raw.pop("sweep", None)
+        if redacted(raw) != shown:
+            raise ConfigError(f"{source['file']} changed since this deployment was made: its secrets cannot be "
+                              f"matched to the deployment's config; run `genflow deploy` again")
+        return raw
+    if hides_secrets(shown):
+        raise ConfigError("this run's config has hidden (***) values, and the real ones are not in this process: "
+                          "run the job with `genflow run`, or deploy it with `genflow deploy CONFIG`")
+    return shown
 
 
 def _launch_workers(job: JobConfig) -> None:

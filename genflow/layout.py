@@ -13,7 +13,7 @@ generations/part-00000-<label>.parquet   one per generator (label ``input``: the
 scores/part-00000-<scorer>.parquet       one per scorer
 rankings/part-00000.parquet              and ``<exporter>/part-00000.parquet`` per exporter
 errors/part-<stage kind>-<label>-00000.parquet
-images/<prompt_id>/<generation_id>.png
+images/<prompt_id>/<generation_id>.png   (an id that is no safe name: its hash, see ``path_component``)
 _state/<stage>/00000.json                the marker of a finished (stage, shard)
 _journal/<stage>/00000-<fingerprint>/    answered requests of a shard not finished yet
 ```
@@ -21,7 +21,9 @@ _journal/<stage>/00000-<fingerprint>/    answered requests of a shard not finish
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import posixpath
 import re
 from dataclasses import dataclass
@@ -50,6 +52,24 @@ INPUT_LABEL = "input"
 
 SHARD_DIGITS = 5
 _PART = re.compile(r"^part-(?P<body>.+)\.parquet$")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
+HASHED_PREFIX = "~"
+"""Starts the path component of a value that is no safe name: a character no safe name holds."""
+
+
+def is_safe_name(value: str) -> bool:
+    """Letters, digits, ``.``, ``_`` and ``-`` only, with no ``..``: a name that stays one path
+    component on every filesystem and bucket, and can never climb out of its folder."""
+    return bool(_SAFE_NAME.fullmatch(value)) and ".." not in value and value != "."
+
+
+def path_component(value: str) -> str:
+    """A value from a dataset as one path component: itself when it is a safe name (so outputs
+    of such ids stay as they always were), else ``~`` and a hash of it (``../../x``, ``a/b``,
+    an empty or a very long id)."""
+    if is_safe_name(value):
+        return value
+    return HASHED_PREFIX + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -76,6 +96,12 @@ class Stage:
 
     kind: str
     label: str = ""
+
+    def __post_init__(self) -> None:
+        # Labels come from the config (checked there with a message); this is the last line of defence.
+        for part in (self.kind, self.label):
+            if part and not is_safe_name(part):
+                raise ValueError(f"{part!r} cannot name a stage: use letters, digits, '.', '_' and '-'")
 
     @property
     def name(self) -> str:
@@ -170,7 +196,8 @@ def parse_marker(rel: str) -> int | None:
 
 
 def image_path(prompt_id: str, generation_id: str) -> str:
-    return f"{IMAGES}/{prompt_id}/{generation_id}.png"
+    """Where a generated image lies: ids from the dataset never become a path unescaped."""
+    return f"{IMAGES}/{path_component(prompt_id)}/{path_component(generation_id)}.png"
 
 
 def is_job_file(path: str) -> bool:
@@ -183,6 +210,23 @@ def resolve_input_path(value: Any, base_dir: str) -> Any:
     if isinstance(value, str) and value and not is_remote(value) and not posixpath.isabs(value):
         return posixpath.join(base_dir, value)
     return value
+
+
+def overlapping(input_uri: str, output_uri: str) -> bool:
+    """Whether the input and the output share files: one is the other, or lies inside it (a job
+    would read its own outputs back as prompts, or write over its input). Local paths are
+    compared resolved (links, ``..``); ``s3://`` prefixes by their folders."""
+    def place(uri: str) -> tuple[str, tuple[str, ...]]:
+        if uri.startswith("file://"):
+            uri = uri[len("file://"):]
+        if is_remote(uri):
+            scheme, _, rest = uri.partition("://")
+            return scheme, tuple(p for p in rest.split("/") if p)
+        return "file", tuple(p for p in os.path.realpath(os.path.expanduser(uri)).split(os.sep) if p)
+
+    (fs_in, a), (fs_out, b) = place(input_uri), place(output_uri)
+    shorter = min(len(a), len(b))
+    return fs_in == fs_out and a[:shorter] == b[:shorter]
 
 
 def candidate_image(storage: Storage, path: str, base_dir: str) -> bytes:

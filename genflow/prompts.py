@@ -82,6 +82,8 @@ def open_input(uri: str, endpoint_url: str | None = None, region: str | None = N
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise InputError(_disagreement(files, schemas, exc)) from None
     dataset = ds.dataset(files, schema=unified, filesystem=fs, format="parquet")
+    if dataset.count_rows() == 0:  # from the files' footers: no data is read
+        raise InputError(f"{uri}: the input has no rows ({len(files)} file(s), all empty)")
     return InputDataset(uri, dataset, base if "://" not in uri else "s3://" + base, files)
 
 
@@ -130,6 +132,24 @@ def check_prompts(batch: pa.RecordBatch | pa.Table, where: str, first_row: int) 
         raise InputError(f"{where}: row {first_row + idx}: the prompt is null or empty; every row needs a prompt")
 
 
+def check_text(batch: pa.RecordBatch, where: str, first_row: int) -> None:
+    """Parquet stores strings as bytes and does not check them: a value that is not UTF-8 is
+    named here (file, row, column), not found by a worker halfway through the job."""
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            continue
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid:
+            for i in range(len(column)):
+                try:
+                    column[i].as_py()
+                except UnicodeDecodeError as exc:
+                    raise InputError(f"{where}: row {first_row + i}: column {name!r} is not valid UTF-8 "
+                                     f"({exc.reason} at byte {exc.start}); fix the text or drop the row") from None
+            raise InputError(f"{where}: column {name!r} holds invalid text") from None
+
+
 ENGINE_COLUMNS = ("id", "task_id", "prompt", "task", "system", "response", "responses")
 """Input columns the engine itself reads: ids, the prompt, routing, and candidates the rows carry."""
 
@@ -165,6 +185,7 @@ def _batches(source: InputDataset, batch_rows: int) -> Iterator[tuple[pa.RecordB
                 break
             except (pa.ArrowInvalid, OSError) as exc:  # a file whose footer was fine but whose data is not
                 raise InputError(f"{fragment.path}: reading failed after row {row}: {exc}") from None
+            check_text(batch, fragment.path, row)
             check_prompts(batch, fragment.path, row)
             yield batch, fragment.path, row
             row += batch.num_rows
@@ -172,20 +193,48 @@ def _batches(source: InputDataset, batch_rows: int) -> Iterator[tuple[pa.RecordB
 
 def shard_tables(source: InputDataset, shard_rows: int) -> Iterator[pa.Table]:
     """Normalised shards of ``shard_rows`` rows, streamed: memory holds one shard and one
-    read batch, whatever the size of the input. Shards run across file boundaries."""
-    pending: list[pa.RecordBatch] = []
+    read batch (and the ids seen so far), whatever the size of the input. Shards run across
+    file boundaries. Every row's id is checked: none empty, none twice in the whole input."""
+    pending: list[tuple[pa.RecordBatch, str, int]] = []
     pending_rows = 0
-    for batch, _, _ in _batches(source, min(shard_rows, 65536)):
+    ids = _IdCheck()
+    for batch, path, row in _batches(source, min(shard_rows, 65536)):
         while batch.num_rows:
             take = min(shard_rows - pending_rows, batch.num_rows)
-            pending.append(batch.slice(0, take))
+            pending.append((batch.slice(0, take), path, row))
             pending_rows += take
-            batch = batch.slice(take)
+            batch, row = batch.slice(take), row + take
             if pending_rows == shard_rows:
-                yield normalize(pa.Table.from_batches(pending))
+                yield ids.checked(pending)
                 pending, pending_rows = [], 0
     if pending_rows:
-        yield normalize(pa.Table.from_batches(pending))
+        yield ids.checked(pending)
+
+
+class _IdCheck:
+    """Refuses empty ids and an id that two rows share: different prompts would share
+    generation ids, a row would carry another's columns and rankings would span prompts."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, str] = {}
+
+    def checked(self, pending: list[tuple[pa.RecordBatch, str, int]]) -> pa.Table:
+        table = normalize(pa.Table.from_batches([b for b, _, _ in pending]))
+        where = [(path, row + i) for b, path, row in pending for i in range(b.num_rows)]
+        source = next((c for c in ("id", "task_id") if c in table.column_names
+                       and table[c].null_count == 0), None)
+        for i, value in enumerate(table["prompt_id"].to_pylist()):
+            path, row = where[i]
+            if not value or not value.strip():
+                raise InputError(f"{path}: row {row}: the {source} is empty; every row needs an id of its own "
+                                 f"(or leave out the {source} column: the row's hash is used)")
+            earlier = self.seen.setdefault(value, f"{path}: row {row}")
+            if earlier != f"{path}: row {row}":
+                what = (f"the same {source} {value!r}" if source else
+                        "the same prompt (and system and task), so the same id")
+                raise InputError(f"{path}: row {row} has {what} as {earlier}; ids must be unique "
+                                 f"(drop the duplicate rows, or give every row an id of its own)")
+        return table
 
 
 def table_fingerprint(table: pa.Table) -> str:

@@ -18,6 +18,7 @@ sends them the way a careful client does:
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import random
 import time
@@ -35,7 +36,9 @@ class AdaptiveLimit:
     """A semaphore whose size moves: halved on a rate-limit answer, +1 per ``size`` successes.
 
     A 429 halves the size at most once per window of requests already in flight when it
-    came, so a burst of 429s from one overload counts once."""
+    came, so a burst of 429s from one overload counts once. One event loop owns it, so it
+    needs no lock: a request that finds room takes it without waiting, and a freed slot
+    is handed straight to the longest waiter."""
 
     def __init__(self, ceiling: int) -> None:
         self.ceiling = ceiling
@@ -44,37 +47,52 @@ class AdaptiveLimit:
         self._credit = 0
         self._sent = 0
         self._no_cut_before = 0
-        self._changed = asyncio.Condition()
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.rejections = 0
         self.smallest = ceiling
 
     async def acquire(self) -> int:
         """Wait for a slot; returns the request's ordinal (to tell which window a 429 belongs to)."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.in_flight < self.size)
+        if self.in_flight >= self.size or self._waiters:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter  # the slot is ours once woken: release() counted it
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self.in_flight -= 1  # woken and cancelled at once: give the slot back
+                    self._wake()
+                elif waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                raise
+        else:
             self.in_flight += 1
-            self._sent += 1
-            return self._sent
+        self._sent += 1
+        return self._sent
+
+    def _wake(self) -> None:
+        while self._waiters and self.in_flight < self.size:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.in_flight += 1
+                waiter.set_result(None)
 
     async def release(self, ordinal: int, outcome: str) -> None:
         """``outcome``: ``ok``, ``rate_limited`` or ``other``."""
-        async with self._changed:
-            self.in_flight -= 1
-            if outcome == "rate_limited":
-                self.rejections += 1
-                if ordinal > self._no_cut_before:
-                    self.size = max(1, self.size // 2)
-                    self.smallest = min(self.smallest, self.size)
-                    self._credit = 0
-                    self._no_cut_before = self._sent
-            elif outcome == "ok" and self.size < self.ceiling:
-                self._credit += 1
-                if self._credit >= self.size:
-                    self.size += 1
-                    self._credit = 0
-            # Wake as many waiters as there are free slots (waking all of hundreds costs more CPU
-            # than the requests themselves).
-            self._changed.notify(max(0, self.size - self.in_flight))
+        self.in_flight -= 1
+        if outcome == "rate_limited":
+            self.rejections += 1
+            if ordinal > self._no_cut_before:
+                self.size = max(1, self.size // 2)
+                self.smallest = min(self.smallest, self.size)
+                self._credit = 0
+                self._no_cut_before = self._sent
+        elif outcome == "ok" and self.size < self.ceiling:
+            self._credit += 1
+            if self._credit >= self.size:
+                self.size += 1
+                self._credit = 0
+        self._wake()
 
 
 class RateLimit:
@@ -138,6 +156,12 @@ class RequestRunner:
         self.tpm = RateLimit(spec.tpm) if spec.tpm else None
         self.rng = random.Random(seed)
         self.retries = 0
+        self.backing_off = 0
+        self.stopped = False
+        """Set by :meth:`stop_sending`: requests in flight finish, no new one starts."""
+
+    def stop_sending(self) -> None:
+        self.stopped = True
 
     async def one(self, index: int, item: Any) -> Answer:
         attempt = 0
@@ -173,31 +197,54 @@ class RequestRunner:
                               time.perf_counter() - started, attempt + 1)
             attempt += 1
             self.retries += 1
-            await asyncio.sleep(backoff(attempt - 1, self.spec, retry_after, self.rng))
+            self.backing_off += 1  # holds no slot while it waits: another request may start
+            try:
+                await asyncio.sleep(backoff(attempt - 1, self.spec, retry_after, self.rng))
+            finally:
+                self.backing_off -= 1
 
     async def run(self, items: list[Any], most: int = 256) -> AsyncIterator[list[Answer]]:
         """Every item's answer as it arrives, in lists of what arrived together (at most
         ``most``): the caller waits for no more than the next answer. All items are answered
-        exactly once."""
+        exactly once, unless :meth:`stop_sending` ends the run early: then those started
+        are answered and no other."""
         arrived: asyncio.Queue[Answer] = asyncio.Queue()
+        waiting = iter(enumerate(items))
+        tasks: set[asyncio.Task[Answer]] = set()
+        started = 0
+        self.stopped = False
+
+        def start_more() -> None:
+            """Start requests while the limit has room (plus those waiting out a backoff): a
+            few more tasks than slots, not one per item, so a free slot wakes no crowd."""
+            nonlocal started
+            while not self.stopped and len(tasks) < self.limit.size + self.backing_off:
+                try:
+                    index, item = next(waiting)
+                except StopIteration:
+                    return
+                started += 1
+                task = asyncio.ensure_future(self.one(index, item))
+                tasks.add(task)
+                task.add_done_callback(deliver)
 
         def deliver(task: asyncio.Task[Answer]) -> None:
+            tasks.discard(task)
             if not task.cancelled():
                 arrived.put_nowait(task.result())
+                start_more()
 
-        tasks = [asyncio.ensure_future(self.one(i, item)) for i, item in enumerate(items)]
-        for task in tasks:
-            task.add_done_callback(deliver)
+        start_more()
         answered = 0
         try:
-            while answered < len(tasks):
+            while answered < len(items) and not (self.stopped and answered == started):
                 batch = [await arrived.get()]
                 while not arrived.empty() and len(batch) < most:
                     batch.append(arrived.get_nowait())
                 answered += len(batch)
                 yield batch
         finally:
-            for task in tasks:
+            for task in list(tasks):
                 task.cancel()
 
 
@@ -242,6 +289,10 @@ class RequestWorker:
             await asyncio.sleep(0.1)
             if os.getppid() != self._parent:
                 os._exit(1)
+
+    def stop_sending(self) -> None:
+        """Let the requests in flight finish and start no other (the job's budget is spent)."""
+        self.runner.stop_sending()
 
     def stats(self) -> dict[str, Any]:
         limit = self.runner.limit

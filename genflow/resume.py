@@ -11,6 +11,7 @@ killed between a part and its marker redoes that one (stage, shard).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,8 @@ class StageOutcome:
     """Tokens its requests spent (``prompt``, ``completion``), where the plugin counts them."""
     cost: float = 0.0
     """What its rows cost with the stage's ``price``."""
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per part, what the marker vouches for: size, modification time and content hash."""
 
     def to_json(self) -> dict[str, Any]:
         data = {"stage": self.stage, "shard": self.shard, "fingerprint": self.fingerprint, "rows": self.rows,
@@ -51,6 +54,8 @@ class StageOutcome:
                 "parts": self.parts}
         if self.tokens or self.cost:
             data.update(tokens=self.tokens, cost=self.cost)
+        if self.checks:
+            data["checks"] = self.checks
         return data
 
 
@@ -67,14 +72,18 @@ class DoneIndex:
 
     def __init__(self, storage: Storage, threads: int = 16) -> None:
         self.storage, self.threads = storage, threads
-        self._names: dict[str, set[str]] = {}
+        self._names: dict[str, dict[str, pafs.FileInfo]] = {}
         self._markers: dict[str, dict[int, Any]] = {}
 
     def exists(self, rel: str) -> bool:
+        return self.info(rel) is not None
+
+    def info(self, rel: str) -> pafs.FileInfo | None:
+        """The file's size and time from its folder's listing; None when it is not there."""
         folder, name = posixpath.split(rel)
         if folder not in self._names:
-            self._names[folder] = {posixpath.basename(p) for p in self.storage.list(folder)}
-        return name in self._names[folder]
+            self._names[folder] = self.storage.list_infos(folder)
+        return self._names[folder].get(name)
 
     def marker(self, stage: Stage, shard: Shard) -> Any:
         """The marker's content, or None when there is none (or it is not JSON)."""
@@ -102,7 +111,7 @@ def finished(storage: Storage, stage: Stage, shard: Shard, fingerprint: str,
     With an ``index``, the answer costs no request of its own."""
     if index is not None:
         data = index.marker(stage, shard)
-        exists = index.exists
+        info = index.info
     else:
         rel = stage.marker(shard.index)
         if not storage.exists(rel):
@@ -111,18 +120,45 @@ def finished(storage: Storage, stage: Stage, shard: Shard, fingerprint: str,
             data = storage.read_json(rel)
         except ValueError:  # not JSON: a marker cut short by something other than genflow
             return None
-        exists = storage.exists
+        info = storage.file_info
     if not isinstance(data, dict) or data.get("fingerprint") != fingerprint or "parts" not in data:
         return None
-    if not all(exists(part) for part in data["parts"]):
-        log.warning("%s shard %s: a part recorded as done is missing; redoing it", stage.name, shard.name)
-        return None
+    recorded = data.get("checks")
+    checks: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
+    for part in data["parts"]:
+        found = info(part)
+        if found is None:
+            log.warning("%s shard %s: %s, recorded as done, is missing; redoing it", stage.name, shard.name, part)
+            return None
+        if not matches(storage, part, found, checks.get(part)):
+            log.warning("%s shard %s: %s is not the file its marker vouches for (changed or corrupted since it "
+                        "was written); redoing it", stage.name, shard.name, part)
+            return None
     return StageOutcome(stage.name, shard.index, fingerprint, data.get("rows", {}), data.get("errors", 0),
                         data.get("work_items", 0), data.get("seconds", 0.0), skipped=True, parts=data["parts"],
-                        tokens=data.get("tokens", {}), cost=data.get("cost", 0.0))
+                        tokens=data.get("tokens", {}), cost=data.get("cost", 0.0), checks=checks)
+
+
+def matches(storage: Storage, part: str, info: pafs.FileInfo, check: Any) -> bool:
+    """Whether a part is the file its marker vouches for. The size and time come from the
+    listing a rerun makes anyway; only a part whose time changed (a copied folder, a part
+    rewritten in place) is read and hashed. A marker of an older genflow records no checks:
+    its parts are trusted by their presence, as they were then."""
+    if not isinstance(check, dict):
+        return True
+    if check.get("size") is not None and info.size != check["size"]:
+        return False
+    if check.get("mtime_ns") is not None and info.mtime_ns == check["mtime_ns"]:
+        return True
+    try:
+        return bool(hashlib.sha256(storage.read_bytes(part)).hexdigest() == check.get("sha256"))
+    except OSError:
+        return False
 
 
 def mark_finished(storage: Storage, outcome: StageOutcome) -> None:
+    """Record a finished (stage, shard), with what it vouches for of each part this process wrote."""
+    outcome.checks = {part: storage.written.pop(part) for part in outcome.parts if part in storage.written}
     storage.write_json(Stage.parse(outcome.stage).marker(outcome.shard), outcome.to_json())
 
 

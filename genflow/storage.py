@@ -8,12 +8,13 @@ killed job never leaves a half-written part that a rerun would trust.
 from __future__ import annotations
 
 import builtins
+import hashlib
 import io
 import json
 import os
 import posixpath
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -68,6 +69,13 @@ def filesystem_for(uri: str, endpoint_url: str | None = None, region: str | None
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def file_check(info: pafs.FileInfo, data: bytes) -> dict[str, Any]:
+    """What a marker records of a part it vouches for: its size and modification time (which
+    a rerun reads from the listing it makes anyway) and its content hash (read only when the
+    time differs: a copied folder, a part rewritten with the same size)."""
+    return {"size": info.size, "mtime_ns": info.mtime_ns, "sha256": hashlib.sha256(data).hexdigest()}
+
+
 @dataclass
 class Storage:
     """A root folder (or bucket prefix) with atomic writes below it."""
@@ -75,6 +83,8 @@ class Storage:
     uri: str
     fs: pafs.FileSystem
     root: str
+    written: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
+    """``file_check`` of each file this process wrote, by relative path: what markers record."""
 
     @classmethod
     def open(cls, uri: str, endpoint_url: str | None = None, region: str | None = None,
@@ -105,6 +115,18 @@ class Storage:
             raise StorageError(f"cannot reach storage {self.uri}: {exc}") from None
         if info.type == pafs.FileType.NotFound:
             raise StorageError(f"{self.uri}: bucket {bucket!r} does not exist")
+
+    def probe_write(self) -> None:
+        """Write and remove a small file where the job's markers go: a folder that cannot be
+        written (permissions, a read-only disk, a bucket without write access) fails now, in
+        one message, before Ray or any model starts."""
+        rel = f"_state/{TEMPORARY_PREFIX}probe-{uuid.uuid4().hex}"
+        try:
+            self.makedirs("_state")
+            self.write_bytes(rel, b"genflow write probe")
+            self.delete(rel)
+        except OSError as exc:
+            raise StorageError(f"cannot write to the output {self.uri}: {exc}") from None
 
     def exists(self, rel: str) -> bool:
         try:
@@ -165,6 +187,21 @@ class Storage:
             with self.fs.open_output_stream(final) as out:
                 out.write(data)
 
+    def write_part_bytes(self, rel: str, data: bytes) -> None:
+        """``write_bytes``, remembering the part's ``file_check`` for its marker."""
+        self.write_bytes(rel, data)
+        self.written[rel] = file_check(self.fs.get_file_info(self.path(rel)), data)
+
+    def file_info(self, rel: str) -> pafs.FileInfo | None:
+        info = self.fs.get_file_info(self.path(rel))
+        return None if info.type == pafs.FileType.NotFound else info
+
+    def list_infos(self, rel: str) -> dict[str, pafs.FileInfo]:
+        """The files directly below ``rel`` by name, with their sizes and times: one listing."""
+        selector = pafs.FileSelector(self.path(rel), allow_not_found=True)
+        return {posixpath.basename(i.path): i for i in self.fs.get_file_info(selector)
+                if i.type == pafs.FileType.File}
+
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.path(rel)) as f:
             return f.read()
@@ -182,7 +219,7 @@ class Storage:
             return False
         buf = io.BytesIO()
         pq.write_table(table, buf, row_group_size=row_group_size, compression="zstd")
-        self.write_bytes(rel, buf.getvalue())
+        self.write_part_bytes(rel, buf.getvalue())
         return True
 
     def read_table(self, rel: str, columns: builtins.list[str] | None = None) -> pa.Table:

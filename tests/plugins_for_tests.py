@@ -65,6 +65,8 @@ class EchoParams(Misbehaviour):
     keys: Literal["default", "words", "broken"] = "default"
     """``words``: ``batch_keys`` is the prompt's word count, and every call logs its
     prompts' word counts; ``broken``: ``batch_keys`` raises."""
+    api_token: str | None = None
+    """A secret as a config may hold one: every row fails if it arrives hidden (``***``)."""
 
 
 class LengthParams(Misbehaviour):
@@ -131,6 +133,8 @@ class Echo(_Misbehaving, Generator):
         if self.params.keys == "words":
             _log(self.params.state_dir, "words " + ",".join(str(len(r.prompt.split())) for r in requests))
         self._begin("echo", [r.prompt for r in requests])
+        if self.params.api_token == "***":
+            return [RowError("the plugin was given the hidden api_token, not the real one") for _ in requests]
         return [Generation(text=" " + r.prompt[::-1] + self.params.suffix + "!" * r.sample,
                            num_tokens=len(r.prompt.split()), finish_reason="stop") for r in requests]
 

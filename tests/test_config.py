@@ -98,7 +98,7 @@ def test_input_problems_are_named(tmp_path: Path) -> None:
         open_input(str(int_prompt))
 
 
-@pytest.mark.parametrize("prompts", [["ok", None, "ok"], ["ok", "ok", "   "]])
+@pytest.mark.parametrize("prompts", [["ok", None, "fine"], ["ok", "fine", "   "]])
 def test_null_or_empty_prompts_are_rejected_with_the_row(tmp_path: Path, prompts: list) -> None:
     path = _write(tmp_path / "p.parquet", pa.table({"prompt": pa.array(prompts, pa.string())}))
     source = open_input(str(path))

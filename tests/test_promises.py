@@ -9,6 +9,7 @@ become ``errors/`` rows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -338,6 +339,10 @@ def test_a_finished_shard_is_skipped_with_its_recorded_outcome(tmp_path: Path, i
     assert outcome is not None and outcome.skipped
     recorded = outcome.to_json()
     assert recorded.pop("seconds") >= 0
+    part = tmp_path / "scores/part-00003-rm.parquet"
+    assert recorded.pop("checks") == {"scores/part-00003-rm.parquet": {  # what the marker vouches for
+        "size": part.stat().st_size, "mtime_ns": part.stat().st_mtime_ns,
+        "sha256": hashlib.sha256(part.read_bytes()).hexdigest()}}
     assert recorded == {"stage": "score/rm", "shard": 3, "fingerprint": "fp", "rows": {"scores": 1},
                         "errors": 0, "work_items": 5, "parts": ["scores/part-00003-rm.parquet"]}
     assert done(storage, indexed, shard=Shard(4, "fp-shard", 8)) is None

@@ -179,6 +179,7 @@ def _request_answers(pool: RequestPool, items: list[Item], advance: Advance, jou
     if replayed:
         advance(replayed)
     requests = [unit if per_prompt else unit[0] for unit in todo]
+    stopping = False
     for batch in pool.answers(requests):
         moved = 0
         for answer in batch:
@@ -194,14 +195,15 @@ def _request_answers(pool: RequestPool, items: list[Item], advance: Advance, jou
         if journal is not None:
             journal.flush()  # the answers are durable before the next ones are waited for
         advance(moved)
-        if budget is not None and budget.exhausted:
-            if journal is not None:
-                journal.flush()
-            raise BudgetSpent(f"the job's requests have cost {budget.spent:.4f}, its max_cost is "
-                              f"{budget.max_cost:g}: stopped with every answer kept; raise max_cost and "
-                              f"run it again to go on")
+        if budget is not None and budget.exhausted and not stopping:
+            stopping = True  # what is in flight is paid for: take its answers, send nothing more
+            pool.stop_sending()
     if journal is not None:
         journal.flush()
+    if stopping and budget is not None:
+        raise BudgetSpent(f"the job's requests have cost {budget.spent:.4f}, its max_cost is "
+                          f"{budget.max_cost:g}: stopped with every answer kept; raise max_cost and "
+                          f"run it again to go on")
 
 
 def _fan_out(result: Any, n: int) -> list[Any]:

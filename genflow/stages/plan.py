@@ -5,7 +5,7 @@ from __future__ import annotations
 from genflow import layout
 from genflow.config import JobConfig
 from genflow.layout import Shard
-from genflow.prompts import InputDataset, shard_tables, table_fingerprint
+from genflow.prompts import InputDataset, InputError, shard_tables, table_fingerprint
 from genflow.resume import DoneIndex, StageOutcome, drop_stale_shards, finished, mark_finished
 from genflow.stages.common import write_part
 from genflow.storage import Storage
@@ -30,6 +30,6 @@ def plan_shards(config: JobConfig, source: InputDataset, storage: Storage, resum
                                                 {layout.PROMPTS: table.num_rows}, parts=parts))
         shards.append(shard)
     if not shards:
-        raise ValueError(f"{config.input}: the input has no rows")
+        raise InputError(f"{config.input}: the input has no rows")
     drop_stale_shards(storage, len(shards), part_folders)
     return shards

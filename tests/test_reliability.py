@@ -1,0 +1,294 @@
+"""Hostile and faulty inputs and faults (issue 14): untrusted ids and labels never become paths,
+input and output never overlap, a corrupted part is noticed, no secret reaches Prefect, and a
+bad input is one message with exit code 2 before Ray or any model starts."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from genflow import layout
+from genflow.cli import app
+from genflow.config import ConfigError, build_config, redacted
+from genflow.prompts import InputError, open_input, shard_tables
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args), env=env)
+    return result.exit_code, " ".join((result.stdout + result.stderr).split())
+
+
+def _job(tmp_path: Path, **values: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {"name": "reliability", "input": str(tmp_path / "prompts.parquet"),
+                              "output": str(tmp_path / "out"), "shard_rows": 4,
+                              "generators": [{"label": "echo", "plugin": "echo", "samples": 2}],
+                              "scorers": [{"plugin": "length"}]}
+    config.update(values)
+    return config
+
+
+def _config_file(tmp_path: Path, **values: Any) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(_job(tmp_path, **values)))
+    return path
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+# -- 1. row ids are not trusted ---------------------------------------------------------------
+
+@pytest.mark.parametrize(("ids", "message"), [
+    (["a", "b", "a"], r"p.parquet: row 2 has the same id 'a' as .*p.parquet: row 0; ids must be unique"),
+    (["a", "", "c"], r"p.parquet: row 1: the id is empty"),
+    (["a", "  ", "c"], r"p.parquet: row 1: the id is empty"),
+])
+def test_duplicate_and_empty_ids_are_refused_naming_the_rows(tmp_path: Path, ids: list[str], message: str) -> None:
+    pq.write_table(pa.table({"id": ids, "prompt": ["one", "two", "three"]}), tmp_path / "p.parquet")
+    with pytest.raises(InputError, match=message):
+        list(shard_tables(open_input(str(tmp_path / "p.parquet")), 2))  # the repeat is in another shard
+
+
+def test_a_duplicate_id_in_another_file_is_named_with_both_rows(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": ["x", "y"], "prompt": ["1", "2"]}), tmp_path / "in/a.parquet")
+    pq.write_table(pa.table({"id": ["z", "x"], "prompt": ["3", "4"]}), tmp_path / "in/b.parquet")
+    with pytest.raises(InputError, match=r"b.parquet: row 1 has the same id 'x' as .*a.parquet: row 0"):
+        list(shard_tables(open_input(str(tmp_path / "in")), 100))
+
+
+def test_rows_without_ids_that_repeat_a_prompt_are_refused(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"prompt": ["same", "other", "same"]}), tmp_path / "p.parquet")
+    with pytest.raises(InputError, match=r"row 2 has the same prompt \(and system and task\), so the same id"):
+        list(shard_tables(open_input(str(tmp_path / "p.parquet")), 8))
+
+
+def test_validate_refuses_duplicate_ids_with_exit_code_2(tmp_path: Path, test_plugins: dict[str, str]) -> None:
+    pq.write_table(pa.table({"id": ["a", "a"], "prompt": ["one", "two"]}), tmp_path / "prompts.parquet")
+    code, out = _cli("validate", str(_config_file(tmp_path)))
+    assert code == 2 and "row 1 has the same id 'a' as" in out and "Traceback" not in out
+
+
+def test_an_id_becomes_a_path_only_when_it_is_a_safe_name() -> None:
+    # Safe ids keep the paths they always had: existing image outputs stay where they are.
+    assert layout.image_path("p-1_A.b", "0123abcd") == "images/p-1_A.b/0123abcd.png"
+    for hostile in ("../../../X", "..", ".", "", "a/b", "a\\b", "/etc/passwd", "x" * 300, "é", "a b", "a..b"):
+        path = layout.image_path(hostile, "g1")
+        folder = path.split("/")[1]
+        assert folder.startswith("~") and len(folder) == 33, hostile
+        assert path.count("/") == 2 and ".." not in path
+    assert layout.image_path("../a", "g") != layout.image_path("../b", "g")  # distinct ids, distinct folders
+
+
+@pytest.mark.slow
+def test_a_hostile_id_writes_its_images_inside_the_output(tmp_path: Path, job_runner: Any,
+                                                          test_plugins: dict[str, str]) -> None:
+    work = tmp_path / "deep/er/down"
+    work.mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["../../../X", "safe-id"], "prompt": ["escape", "stay"]}),
+                   work / "prompts.parquet")
+    job_runner(_job(work, generators=[{"label": "png", "plugin": "tiny-png", "samples": 2}]))
+    assert _files(tmp_path) - {f"deep/er/down/{f}" for f in _files(work)} == set()  # nothing outside
+    gens = ds.dataset(work / "out/generations").to_table().to_pylist()
+    paths = {g["prompt_id"]: g["image_path"].split("/")[1] for g in gens}
+    assert paths["safe-id"] == "safe-id" and paths["../../../X"].startswith("~")
+    assert all((work / "out" / g["image_path"]).is_file() for g in gens)
+
+
+# -- 2. labels are names ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("label", ["../../evil", "a/b", "..", "a b", "", "x\\y", ".hidden/../up"])
+@pytest.mark.parametrize("section", ["generators", "scorers"])
+def test_a_label_that_is_no_safe_name_is_refused(section: str, label: str, test_plugins: dict[str, str]) -> None:
+    entry = {"label": label, "plugin": "echo" if section == "generators" else "length"}
+    data = {"name": "x", "input": "in.parquet", "output": "out", section: [entry]}
+    with pytest.raises(ConfigError, match=rf"{section}\.0\.label: .*must be a name of letters, digits"):
+        build_config(data)
+
+
+def test_a_stage_refuses_a_label_that_would_climb_out() -> None:
+    with pytest.raises(ValueError, match="cannot name a stage"):
+        layout.score_stage("../../evil")
+
+
+# -- 3. input and output apart -------------------------------------------------------------------
+
+def test_overlapping_input_and_output_are_named(tmp_path: Path) -> None:
+    d = str(tmp_path)
+    assert layout.overlapping(f"{d}/x", f"{d}/x")
+    assert layout.overlapping(f"{d}/x", f"{d}/x/out")  # the input folder holds the output
+    assert layout.overlapping(f"{d}/x/out/prompts/part-00000.parquet", f"{d}/x/out")  # an output as input
+    assert layout.overlapping(f"{d}/x/../x/", f"{d}/x")
+    assert not layout.overlapping(f"{d}/x/in.parquet", f"{d}/x/out")
+    assert not layout.overlapping(f"{d}/x", f"{d}/x2")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    assert layout.overlapping(f"{d}/link", f"{d}/real/out")
+    assert layout.overlapping("s3://b/data", "s3://b/data/out") and layout.overlapping("s3://b/p/", "s3://b/p")
+    assert not layout.overlapping("s3://b/data", "s3://b/data-out") and not layout.overlapping("s3://a/x", "s3://b/x")
+    assert not layout.overlapping(f"{d}/x", "s3://b" + f"{d}/x")
+
+
+def test_a_job_whose_output_overlaps_its_input_is_refused_before_any_work(
+        tmp_path: Path, test_plugins: dict[str, str]) -> None:
+    (tmp_path / "X").mkdir()
+    pq.write_table(pa.table({"prompt": ["one", "two"]}), tmp_path / "X/a.parquet")
+    for command in ("validate", "run"):
+        code, out = _cli(command, str(_config_file(tmp_path, input=str(tmp_path / "X"), output=str(tmp_path / "X"))))
+        assert code == 2 and "overlap: the job would read its own outputs back as prompts" in out, out
+    assert _files(tmp_path / "X") == {"a.parquet"}
+
+
+# -- 4. a corrupted part is noticed -------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_corrupted_or_changed_part_of_a_finished_job_is_redone(tmp_path: Path, job_runner: Any,
+                                                                  test_plugins: dict[str, str]) -> None:
+    pq.write_table(pa.table({"prompt": [f"prompt {i}" for i in range(8)]}), tmp_path / "prompts.parquet")
+    config = _job(tmp_path)
+    job_runner(config)
+    out = tmp_path / "out"
+    before = {f: ds.dataset(out / f).to_table() for f in ("generations", "scores", "rankings")}
+    scores, gens = out / "scores/part-00001-length.parquet", out / "generations/part-00000-echo.parquet"
+    data = bytearray(scores.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, the time changes
+    scores.write_bytes(bytes(data))
+    gens.write_bytes(gens.read_bytes()[:-100])  # cut short
+    manifest = job_runner(config)
+    stages = manifest["stages"]
+    assert stages["score/length"]["skipped"] == 1 and stages["generate/echo"]["skipped"] == 1
+    assert manifest["status"] == "completed"
+    for folder, table in before.items():  # the folders load again, with the rows of the first run
+        assert ds.dataset(out / folder).to_table().sort_by("generation_id").equals(table.sort_by("generation_id"))
+    # A part copied elsewhere with a new time but the same bytes is still trusted (hashed, not redone).
+    os.utime(scores, ns=(1, 1))
+    assert job_runner(config)["stages"]["score/length"]["skipped"] == 2
+
+
+# -- 7. secrets never reach Prefect, the manifest or the report ----------------------------------
+
+def test_redaction_hides_the_user_info_of_urls_anywhere() -> None:
+    data = {"storage": {"endpoint_url": "http://user:pa55@minio:9000"}, "api_key": "sk-1",
+            "params": {"base_url": "see https://bob:hunter2@api.example/v1 and http://plain/v1"}}
+    assert redacted(data) == {"storage": {"endpoint_url": "http://***@minio:9000"}, "api_key": "***",
+                              "params": {"base_url": "see https://***@api.example/v1 and http://plain/v1"}}
+
+
+@pytest.mark.slow
+def test_prefect_never_gets_a_secret_but_the_flow_gets_the_real_config(
+        tmp_path: Path, job_runner: Any, test_plugins: dict[str, str]) -> None:
+    from prefect import get_client
+
+    pq.write_table(pa.table({"prompt": ["one", "two"]}), tmp_path / "prompts.parquet")
+    token, password = "tok-sentinel-5150", "pw-sentinel-8086"
+    config = _job(tmp_path, generators=[{"label": "echo", "plugin": "echo", "params": {"api_token": token}}],
+                  storage={"endpoint_url": f"http://genflow:{password}@127.0.0.1:9"})
+    manifest = job_runner(config)
+    assert manifest["errors"]["rows"] == 0  # the plugin got the real token, not ***
+    with get_client(sync_client=True) as client:
+        runs = [r for r in client.read_flow_runs() if r.parameters.get("config", {}).get("output") == config["output"]]
+    assert len(runs) == 1
+    recorded = json.dumps(runs[0].parameters)
+    assert token not in recorded and password not in recorded and "http://***@127.0.0.1:9" in recorded
+    for name in ("manifest.json", "report.html"):
+        text = (tmp_path / "out" / name).read_text()
+        assert token not in text and password not in text, name
+
+
+def test_a_deployment_stores_no_secret_and_its_runs_read_them_from_the_file(tmp_path: Path,
+                                                                           test_plugins: dict[str, str]) -> None:
+    from genflow.flows.deploy import job_parameters
+    from genflow.job import real_config
+
+    path = _config_file(tmp_path, generators=[{"label": "echo", "plugin": "echo", "params": {"api_token": "t0p"}}])
+    raw = yaml.safe_load(path.read_text())
+    with pytest.raises(ConfigError, match="deploy it from its file"):
+        job_parameters(raw)
+    raw["seed"] = 3  # as `genflow deploy CONFIG --set seed=3` hands it over
+    params = job_parameters(raw, tmp_path, config_file=(path, ["seed=3"]))
+    assert "t0p" not in json.dumps(params) and params["config"]["generators"][0]["params"]["api_token"] == "***"
+    real = real_config(params["config"], params["config_source"])
+    assert real["generators"][0]["params"]["api_token"] == "t0p" and real["seed"] == 3
+    with pytest.raises(ConfigError, match="hidden"):
+        real_config(params["config"], None)
+    path.write_text(path.read_text().replace("reliability", "renamed"))
+    with pytest.raises(ConfigError, match="changed since this deployment was made"):
+        real_config(params["config"], params["config_source"])
+
+
+# -- weak: one message, exit code 2, before Ray or any model ------------------------------------
+
+def _no_ray_started() -> bool:
+    import ray
+
+    return not ray.is_initialized()
+
+
+def test_a_zero_row_input_is_one_message(tmp_path: Path, test_plugins: dict[str, str]) -> None:
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / "prompts.parquet")
+    for command in ("validate", "run"):
+        code, out = _cli(command, str(_config_file(tmp_path)))
+        assert code == 2 and "the input has no rows" in out and "Traceback" not in out, out
+
+
+def test_invalid_utf8_in_a_prompt_names_the_file_row_and_column(tmp_path: Path, test_plugins: dict[str, str]) -> None:
+    offsets = pa.py_buffer(bytes([0, 0, 0, 0, 2, 0, 0, 0, 5, 0, 0, 0]))
+    bad = pa.Array.from_buffers(pa.string(), 2, [None, offsets, pa.py_buffer(b"ok\xff\xfeb")])
+    pq.write_table(pa.table({"prompt": bad}), tmp_path / "prompts.parquet")
+    for command in ("validate", "run"):
+        code, out = _cli(command, str(_config_file(tmp_path)))
+        assert code == 2 and "prompts.parquet: row 1: column 'prompt' is not valid UTF-8" in out, out
+
+
+def test_scorer_weights_summing_to_zero_are_refused(test_plugins: dict[str, str]) -> None:
+    data = {"name": "x", "input": "in.parquet", "output": "out",
+            "scorers": [{"plugin": "length", "weight": 1.0}, {"plugin": "length", "label": "l2", "weight": -1.0}]}
+    with pytest.raises(ConfigError, match="the weights sum to zero"):
+        build_config(data)
+
+
+def test_bad_yaml_in_set_is_one_message(tmp_path: Path, test_plugins: dict[str, str]) -> None:
+    pq.write_table(pa.table({"prompt": ["one"]}), tmp_path / "prompts.parquet")
+    code, out = _cli("validate", str(_config_file(tmp_path)), "--set", "generators=[{label: x")
+    assert code == 2 and out.startswith("error: --set generators=[{label: x: the value is not valid YAML")
+    assert "Traceback" not in out
+
+
+def test_an_output_that_cannot_be_written_fails_before_ray(tmp_path: Path, test_plugins: dict[str, str]) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root writes through permissions; the probe is shown with a file in the way instead")
+    pq.write_table(pa.table({"prompt": ["one"]}), tmp_path / "prompts.parquet")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out").chmod(0o500)
+    code, out = _cli("run", str(_config_file(tmp_path)))
+    assert code == 2 and "cannot write to the output" in out and _no_ray_started()
+
+
+def test_an_output_blocked_by_a_file_fails_before_ray(tmp_path: Path, test_plugins: dict[str, str]) -> None:
+    pq.write_table(pa.table({"prompt": ["one"]}), tmp_path / "prompts.parquet")
+    (tmp_path / "out").write_text("a file where the output folder should be")
+    code, out = _cli("run", str(_config_file(tmp_path)))
+    assert code == 2 and "cannot write to the output" in out and "Traceback" not in out, out
+    assert _no_ray_started()
+
+
+def test_a_template_naming_a_missing_column_is_refused_before_ray(tmp_path: Path,
+                                                                  test_plugins: dict[str, str]) -> None:
+    pq.write_table(pa.table({"prompt": ["one"], "topic": ["t"]}), tmp_path / "prompts.parquet")
+    gen = {"label": "echo", "plugin": "echo", "template": "{{ topic }}: {{ prompt }} {{ sytem }}"}
+    code, out = _cli("run", str(_config_file(tmp_path, generators=[gen])))
+    assert code == 2 and "generators.0.template names 'sytem', which the input" in out
+    assert "columns: prompt, topic" in out
+    assert _no_ray_started()
+    gen["template"] = "{{ topic }} {% for x in range(2) %}{{ x }}{% endfor %} {{ prompt_id }}"
+    code, out = _cli("validate", str(_config_file(tmp_path, generators=[gen])))
+    assert code == 0, out
