@@ -45,6 +45,7 @@ from genflow import layout
 from genflow.agreement import scorer_agreement
 from genflow.api import Scorer
 from genflow.config import ConfigError, JobConfig, build_config, redacted_urls, resolve_output
+from genflow.dataset_card import write_card_safely
 from genflow.execution import RequestPool, Workers, job_workers
 from genflow.job import JobFailed, real_config
 from genflow.layout import Shard, ShardPlan, Stage
@@ -205,6 +206,7 @@ def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Work
     manifest = redacted_urls(manifest)  # a URL's user:password, wherever a plugin or the config put one
     storage.write_json(layout.MANIFEST, manifest)
     write_report_safely(storage, manifest)  # logs a warning on failure; never fails the job
+    write_card_safely(storage, manifest)  # README.md: the folder as a Hugging Face dataset, one config a folder
     return manifest
 
 

@@ -296,14 +296,18 @@ def report(output: Annotated[str, typer.Argument(help="a job's output folder or 
            anonymous: Annotated[bool, typer.Option(
                "--anonymous", help="unsigned S3 requests, for a public bucket (the job's storage.anonymous)")] = False,
            ) -> None:
-    """(Re)build report.html of a job's output, or sweep.html and every run's report of a sweep's.
+    """(Re)build report.html and the README.md dataset card of a job's output, or sweep.html and every
+    run's report and card of a sweep's.
 
     The storage options are those of the job's ``storage:`` section; a sweep's runs are read with the same."""
     from genflow.config import StorageSpec
+    from genflow.dataset_card import rebuild_cards
     from genflow.report import ReportError, rebuild
 
     try:
-        written = rebuild(output, StorageSpec(endpoint_url=endpoint_url, region=region, anonymous=anonymous))
+        spec = StorageSpec(endpoint_url=endpoint_url, region=region, anonymous=anonymous)
+        written = rebuild(output, spec)
+        written += rebuild_cards(output, spec)  # README.md: each job folder's dataset card
     except ReportError as exc:
         fail(str(exc))
     except _user_errors() as exc:
