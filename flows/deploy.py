@@ -171,7 +171,7 @@ def _deployment_filter(ids: list[UUID]) -> Any:
 
 def list_runs(limit: int = 20, deployment: str | None = None, flow_names: list[str] | None = None,
               scheduled: bool = False) -> list[dict[str, Any]]:
-    """Runs of genflow flows, newest first: name, flow, deployment, state, start, duration.
+    """Runs of genflow flows, newest first: id, name, flow, deployment, state, start, duration.
 
     Runs the scheduler created for the future are left out unless ``scheduled``.
     """
@@ -205,6 +205,7 @@ def list_runs(limit: int = 20, deployment: str | None = None, flow_names: list[s
         start = r.start_time
         end = r.end_time or (now if start and r.state and r.state.is_running() else None)
         out.append({
+            "id": r.id,
             "name": r.name,
             "flow": flows.get(r.flow_id, str(r.flow_id)),
             "deployment": deployments.get(r.deployment_id) if r.deployment_id else None,

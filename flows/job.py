@@ -36,7 +36,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prefect import Task, flow, get_run_logger, task
+from prefect import Task, flow, get_run_logger, tags, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
@@ -44,8 +44,10 @@ from prefect.states import State
 from genflow import layout
 from genflow.agreement import scorer_agreement
 from genflow.api import Scorer
+from genflow.artifacts import publish_job_artifacts, stage_tags
 from genflow.config import ConfigError, JobConfig, build_config, redacted_urls, resolve_output
 from genflow.dataset_card import write_card_safely
+from genflow.events import on_job_failure
 from genflow.execution import RequestPool, Workers, job_workers
 from genflow.job import JobFailed, real_config
 from genflow.layout import Shard, ShardPlan, Stage
@@ -160,9 +162,10 @@ def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Work
     plugins: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
     if not config.generators:  # the rows' own candidates
-        for plan in plans:
-            own, fp = plan.generate[0]
-            outcomes.append(done(own, plan.shard, fp) or input_task(job, own, plan.shard, fp))
+        with tags(*stage_tags(layout.generate_stage(layout.INPUT_LABEL).name)):
+            for plan in plans:
+                own, fp = plan.generate[0]
+                outcomes.append(done(own, plan.shard, fp) or input_task(job, own, plan.shard, fp))
     for stage in stages:
         t = time.perf_counter()
         pool = stage.pool(config, workers)
@@ -179,10 +182,11 @@ def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Work
     # Rank and export: cheap, no Ray.
     if config.scorers:
         t = time.perf_counter()
-        for plan in plans:
-            assert plan.rank is not None
-            rank, fp = plan.rank
-            outcomes.append(done(rank, plan.shard, fp) or rank_task(job, rank, plan.shard, fp, exporters))
+        with tags(*stage_tags(layout.RANK_STAGE.name, exporters)):
+            for plan in plans:
+                assert plan.rank is not None
+                rank, fp = plan.rank
+                outcomes.append(done(rank, plan.shard, fp) or rank_task(job, rank, plan.shard, fp, exporters))
         timings["rank"] = time.perf_counter() - t
 
     timings["total"] = time.perf_counter() - t0
@@ -205,8 +209,9 @@ def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Work
                                                  {s.name: s.weight for s in config.scorers})
     manifest = redacted_urls(manifest)  # a URL's user:password, wherever a plugin or the config put one
     storage.write_json(layout.MANIFEST, manifest)
-    write_report_safely(storage, manifest)  # logs a warning on failure; never fails the job
+    report = write_report_safely(storage, manifest)  # logs a warning on failure; never fails the job
     write_card_safely(storage, manifest)  # README.md: the folder as a Hugging Face dataset, one config a folder
+    publish_job_artifacts(storage, manifest, report)  # the run's counts, summary and report link in Prefect
     return manifest
 
 
@@ -221,7 +226,8 @@ def _run_model_stage(job: JobContext, stage: ModelStage, plans: list[ShardPlan],
         total = sum(o.rows.get(layout.GENERATIONS, 0) for o in before if o.stage.startswith("generate/"))
     outcomes = []
     cost = (lambda: job.budget.spent) if stage.spec.price is not None else None
-    with pool, StageProgress(f"{stage.stage.kind} {stage.label}", total, cost=cost) as bar:
+    with pool, StageProgress(f"{stage.stage.kind} {stage.label}", total, cost=cost) as bar, \
+            tags(*stage_tags(stage.stage.name, [stage.spec.plugin])):  # on each task run of the stage
         for plan in plans:
             fp = dict(plan.stages())[stage.stage]
             finished_before = done(stage.stage, plan.shard, fp)
@@ -262,7 +268,7 @@ def _summarize(storage: Storage, stage: ModelStage) -> dict[str, Any]:
     return {stage.label: factory.summarize(table, factory.Params.model_validate(stage.spec.params))}
 
 
-@flow(name="genflow-job", log_prints=False, validate_parameters=False)
+@flow(name="genflow-job", log_prints=False, validate_parameters=False, on_failure=[on_job_failure])
 def genflow_job(config: dict[str, Any], resume: bool = True,
                 config_source: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one genflow job from its config mapping (as in the YAML file).

@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from genflow.artifacts import publish_sweep_artifact, sweep_row
 from genflow.config import build_config
 from genflow.flows.job import genflow_job
 from genflow.report import job_summary, write_sweep_report
@@ -44,6 +45,7 @@ def genflow_sweep(config: dict[str, Any], resume: bool = True) -> list[dict[str,
     plan: SweepPlan = plan_sweep(config, source=f"sweep {config.get('name', '?')!r}")
     logger.info("sweep %s: %d runs under %s", plan.name, len(plan.runs), plan.output)
     rows: list[dict[str, Any]] = []
+    artifact_rows: list[dict[str, Any]] = []
     done: list[SweepRun] = []
     failed: list[str] = []
     for run in plan.runs:
@@ -64,12 +66,14 @@ def genflow_sweep(config: dict[str, Any], resume: bool = True) -> list[dict[str,
             figures["folder"] = storage.uri
             logger.error("%s failed: %s", run.name, state.message)
         rows.append({"run": run.name, "values": run.values, "figures": figures})
+        artifact_rows.append(sweep_row(run.name, run.values, figures, manifest))
         done.append(run)
     root = _open(config, plan.output)
     root.makedirs()
     table = runs_table(plan, rows)
     root.write_table(SWEEP_TABLE, table)
     logger.info("sweep table: %s; comparison: %s", root.uri_of(SWEEP_TABLE), write_sweep_report(root, table))
+    publish_sweep_artifact(plan.name, artifact_rows)  # one row per run, under a key of the sweep's name
     if failed:
         raise SweepFailed(f"{len(failed)} of {len(plan.runs)} runs failed: {', '.join(failed)}; "
                           f"the others are in {root.uri_of(SWEEP_TABLE)}")

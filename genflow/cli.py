@@ -269,20 +269,26 @@ def runs(limit: Annotated[int, typer.Option("--limit", "-n", help="how many runs
     from genflow.local_prefect import local_prefect_api
 
     with local_prefect_api() as prefect_ready:  # no PREFECT_API_URL: the local database `genflow run` uses
+        from genflow.artifacts import run_summaries
         from genflow.flows.deploy import list_runs
 
         try:
             prefect_ready()
             rows = list_runs(limit, deployment_name, scheduled=scheduled)
+            summaries = run_summaries(r["id"] for r in rows)  # from each run's counts artifact
         except Exception as exc:  # the API is down or the deployment unknown: one line, no traceback
             fail(f"cannot list runs from the Prefect API: {type(exc).__name__}: {exc}")
     table = Table(show_header=True)
-    for col in ("run", "flow", "deployment", "state", "start", "duration"):
-        table.add_column(col, justify="right" if col == "duration" else "left")
+    for col in ("run", "flow", "deployment", "state", "start", "duration", "prompts", "generations", "errors",
+                "cost"):
+        table.add_column(col, justify="left" if col in ("run", "flow", "deployment", "state", "start") else "right")
     for r in rows:
         start = r["start"].astimezone().strftime("%Y-%m-%d %H:%M:%S") if r["start"] else "-"
         duration = "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s"
-        table.add_row(r["name"], r["flow"], r["deployment"] or "-", r["state"], start, duration)
+        s = summaries.get(r["id"], {})
+        counts = ["-" if s.get(k) is None else f"{s[k]:,}" for k in ("prompts", "generations", "errors")]
+        cost = "-" if s.get("cost") is None else f"{s['cost']:.4f}"
+        table.add_row(r["name"], r["flow"], r["deployment"] or "-", r["state"], start, duration, *counts, cost)
     out.print(table if rows else "no genflow runs yet")
 
 
