@@ -367,10 +367,32 @@ def job_workers(spec: RaySpec) -> Workers:
     return _launched_early.pop(stable_hash(spec.model_dump(mode="json")), None) or Workers(spec)
 
 
+_launched_early_requests: dict[str, RequestPool] = {}
+
+
+def launch_early_requests(pool: RequestPool) -> None:
+    """Start a job's first stage's request worker now, for the flow that asks for it through
+    :func:`request_pool` (as :func:`launch_early` does for model workers)."""
+    pool.launch()
+    _launched_early_requests[_request_key(pool)] = pool
+
+
+def request_pool(pool: RequestPool) -> RequestPool:
+    """The request worker launched early for a stage like ``pool``, or ``pool`` itself."""
+    return _launched_early_requests.pop(_request_key(pool), None) or pool
+
+
+def _request_key(pool: RequestPool) -> str:
+    return stable_hash([pool.name, plugin_key(pool.factory, pool.model, pool.params), pool.requests,
+                        pool.spec.model_dump(mode="json")])
+
+
 def stop_early_workers() -> None:
     """Stop workers launched early that no flow took (the job failed before its first stage)."""
     while _launched_early:
         _launched_early.popitem()[1].stop()
+    while _launched_early_requests:
+        _launched_early_requests.popitem()[1].stop()
 
 
 def chunked(items: Sequence[Any], size: int) -> list[list[Any]]:
@@ -396,6 +418,7 @@ class RequestPool:
         self.start_seconds = 0.0
         self.stats: dict[str, Any] = {}
         self.stopping = False
+        self._ready: Any = None
 
     def _new_actor(self) -> Any:
         from genflow.requesting import RequestWorker
@@ -409,14 +432,20 @@ class RequestPool:
             **({"runtime_env": {"env_vars": env}} if env else {}))
         return actor_cls.remote(self.factory, self.model, self.params, self.requests, self.seed)
 
+    def launch(self) -> None:
+        """Start Ray and the request worker without waiting for it to be ready."""
+        if self.actor is None:
+            ray_cluster.init_ray(self.spec)
+            self.actor = self._new_actor()
+            self._ready = self.actor.describe.remote()
+
     def start(self) -> None:
-        if self.actor is not None:
+        if self.description is not None:
             return
         started = time.perf_counter()
-        ray_cluster.init_ray(self.spec)
-        self.actor = self._new_actor()
+        self.launch()
         try:
-            self.description = ray.get(self.actor.describe.remote())
+            self.description = ray.get(self._ready)
         except (RayTaskError, RayActorError) as exc:
             self.actor = None
             cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause else _death_reason(exc)
@@ -452,6 +481,7 @@ class RequestPool:
                 log.warning("%s: the request worker died (%s); sending its %d unanswered requests again",
                             self.name, _death_reason(exc), len(left))
                 self.actor = self._new_actor()
+                self._ready = self.actor.describe.remote()
             finally:
                 if left:  # the caller stopped early (a spent budget) or the worker died: stop sending
                     try:
@@ -474,7 +504,7 @@ class RequestPool:
         except (RayTaskError, RayActorError, GetTimeoutError):
             pass
         ray.kill(self.actor)
-        self.actor = None
+        self.actor, self.description, self._ready = None, None, None
 
     def __enter__(self) -> RequestPool:
         return self

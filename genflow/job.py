@@ -191,5 +191,12 @@ def _launch_workers(job: JobConfig) -> None:
 
     kind = "generator" if job.generators else "scorer"
     factory = get_registry().get(kind, first.plugin).factory.implementation(first.params)
-    if not sends_requests(factory):  # a request plugin runs on a worker of its own, not these
+    if sends_requests(factory):  # a request plugin runs on a worker of its own
+        from genflow.config import GeneratorSpec
+        from genflow.execution import RequestPool, launch_early_requests
+
+        label = first.label if isinstance(first, GeneratorSpec) else first.name
+        launch_early_requests(RequestPool(factory, first.model, first.params, job.ray, label,
+                                          first.requests.model_dump(), job.seed))
+    else:
         launch_early(job.ray, factory, first.model, first.params)

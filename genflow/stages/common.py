@@ -14,7 +14,7 @@ import pyarrow as pa
 from genflow import layout
 from genflow.api import GenerationRequest, Plugin, RowError, ScoreItem, sends_requests
 from genflow.config import GeneratorSpec, JobConfig, PriceSpec, ScorerSpec
-from genflow.execution import RequestPool, WorkerPool, chunked
+from genflow.execution import RequestPool, WorkerPool, chunked, request_pool
 from genflow.job import BudgetSpent
 from genflow.journal import Journal
 from genflow.layout import Shard, Stage, resolve_input_path
@@ -88,8 +88,8 @@ class ModelStage:
         """Where the stage runs: the job's workers (a local model), or a request worker."""
         spec = self.spec
         if self.sends_requests:
-            return RequestPool(self.factory, spec.model, spec.params, config.ray, self.label,
-                               spec.requests.model_dump(), config.seed)
+            return request_pool(RequestPool(self.factory, spec.model, spec.params, config.ray, self.label,
+                                            spec.requests.model_dump(), config.seed))
         return WorkerPool(self.factory, spec.model, spec.params, config.ray, self.label, workers)
 
     def call_size(self, config: JobConfig) -> int:
