@@ -185,6 +185,8 @@ class EchoAsyncParams(PluginParams):
     state_dir: str | None = None
     endpoint: str = "http://unused.invalid"
     """Where a real client would send requests: in ``unhashed_params``, so it changes no id."""
+    key_env: str | None = None
+    """An API key's variable, read in the worker: answers carry the key's hash, never the key."""
 
 
 class EchoAsync(Generator):
@@ -192,7 +194,12 @@ class EchoAsync(Generator):
 
     Params = EchoAsyncParams
     params: EchoAsyncParams
-    unhashed_params = ("endpoint",)
+    unhashed_params = ("endpoint", "key_env")
+
+    @classmethod
+    def secret_env(cls, params: PluginParams) -> list[str]:
+        key_env = getattr(params, "key_env", None)
+        return [key_env] if key_env else []
 
     async def generate(self, request: GenerationRequest) -> Generation | RowError:  # type: ignore[override]
         import asyncio
@@ -214,7 +221,13 @@ class EchoAsync(Generator):
                 raise TransientError("429 Too Many Requests", retry_after=0.05, rate_limited=True)
         if any(s in request.prompt for s in self.params.fail_on):
             return RowError(f"400 Bad Request: refusing prompt {request.prompt!r}")
-        return Generation(text=" " + request.prompt[::-1] + "!" * request.sample,
+        signed = ""
+        if self.params.key_env:
+            key = os.environ.get(self.params.key_env)
+            if not key:
+                return RowError(f"401: ${self.params.key_env} is not set in the worker")
+            signed = " key:" + hashlib.sha256(key.encode()).hexdigest()[:8]
+        return Generation(text=" " + request.prompt[::-1] + "!" * request.sample + signed,
                           num_tokens=len(request.prompt.split()), prompt_tokens=len(request.prompt),
                           finish_reason="stop")
 

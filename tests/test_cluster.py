@@ -128,6 +128,34 @@ def test_a_job_runs_on_a_ray_cluster_and_reports_to_a_prefect_server(
 
 
 @pytest.mark.slow
+@pytest.mark.server
+def test_a_request_plugin_on_a_cluster_gets_its_key_through_the_runtime_environment(
+        ray_head: RayHead, tmp_path: Path, test_plugins: dict[str, str]) -> None:
+    """The head was started without the key's variable: its workers can only have it from the
+    job's runtime environment. The key is in no output."""
+    import hashlib
+
+    key = "sk-cluster-sentinel-51f0c2"
+    pq.write_table(pa.table({"prompt": [f"cluster prompt {i}" for i in range(6)]}), tmp_path / "prompts.parquet")
+    config = {
+        "name": "requests-on-the-cluster", "input": str(tmp_path / "prompts.parquet"),
+        "output": str(tmp_path / "out"), "shard_rows": 3,
+        "generators": [{"label": "api", "plugin": "echo-async", "samples": 1,
+                        "params": {"key_env": "GENFLOW_CLUSTER_TEST_KEY"}}],
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    ray_head.wait_ready()
+    result = run_genflow("run", str(tmp_path / "job.yaml"), "--set", f"ray.address={ray_head.address}",
+                         env={**test_plugins, "GENFLOW_CLUSTER_TEST_KEY": key})
+    assert result.returncode == 0, result.stderr[-3000:]
+    texts = ds.dataset(tmp_path / "out" / "generations").to_table()["text"].to_pylist()
+    signed = "key:" + hashlib.sha256(key.encode()).hexdigest()[:8]
+    assert len(texts) == 6 and all(t.endswith(signed) for t in texts)
+    leaks = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
+    assert not leaks and key not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
 def test_an_unreachable_ray_address_fails_fast_with_one_message(tmp_path: Path, test_plugins: dict[str, str]) -> None:
     pq.write_table(pa.table({"prompt": ["hello"]}), tmp_path / "prompts.parquet")
     config = {"name": "no-cluster", "input": str(tmp_path / "prompts.parquet"), "output": str(tmp_path / "out"),
