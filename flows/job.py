@@ -41,6 +41,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
+from genflow import labelling as human_labels
 from genflow import layout
 from genflow.agreement import scorer_agreement
 from genflow.api import Scorer
@@ -207,6 +208,7 @@ def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Work
     if len(config.scorers) > 1:  # how the scorers' rankings of each prompt agree, read shard by shard
         manifest["agreement"] = scorer_agreement(storage, [s.index for s in shards],
                                                  {s.name: s.weight for s in config.scorers})
+    manifest = human_labels.refresh(storage, manifest)  # people's rows and agreement, from what was pulled
     manifest = redacted_urls(manifest)  # a URL's user:password, wherever a plugin or the config put one
     storage.write_json(layout.MANIFEST, manifest)
     report = write_report_safely(storage, manifest)  # logs a warning on failure; never fails the job

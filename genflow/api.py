@@ -325,3 +325,87 @@ class Exporter(Plugin):
         ``ranked`` has the columns of ``genflow.schemas.RANKED``; return ``None``
         or an empty table when the shard yields nothing.
         """
+
+
+# -- labelling tools: people in the loop ----------------------------------------
+
+LABEL_KINDS = ("rankings", "demonstrations")
+"""What a labelling task asks of a person: order a prompt's candidates, or write the answer."""
+
+
+@dataclass(frozen=True)
+class LabelCandidate:
+    """One candidate of a ranking task, as a labeller sees it: its text, or its image (PNG)."""
+
+    generation_id: str
+    modality: str
+    text: str | None = None
+    image: bytes | None = None
+
+
+@dataclass(frozen=True)
+class LabelTask:
+    """One prompt to label. ``key`` is genflow's name for the task, stable across pushes (the
+    prompt and its candidates): a tool keeps it with the task, so pushing again adds nothing.
+    ``candidates`` is empty for a demonstration task."""
+
+    key: str
+    kind: str
+    prompt_id: str
+    prompt: str
+    candidates: tuple[LabelCandidate, ...] = ()
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """A finished annotation of one task by one person.
+
+    ``ranking``: the candidates' generation ids from best to worst (a ranking task; a
+    judgement of a pair, "A better than B", is the ranking ``[A, B]``). ``completion``: the
+    answer written for a demonstration task. ``annotation_id`` is the tool's id for it,
+    unique within the project."""
+
+    key: str
+    kind: str
+    prompt_id: str
+    annotator: str
+    created_at: str
+    annotation_id: str
+    ranking: tuple[str, ...] = ()
+    completion: str | None = None
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What a push did: tasks created, tasks the project already had, and where people label them."""
+
+    project: str
+    created: int
+    existing: int
+    url: str
+
+
+class Labeller(Plugin):
+    """A labelling tool (Label Studio...): sends tasks to people and reads back what they did.
+
+    ``genflow label push`` builds :class:`LabelTask` s from a job's output and calls
+    :meth:`push`; ``genflow label pull`` calls :meth:`pull` and writes what comes back
+    (``human_rankings/``, ``demonstrations/``, and human rows in ``preferences/`` and
+    ``sft/``). A plugin talks to its tool; it writes nothing to the job's output.
+    Its ``Params`` are where the tool is and which environment variable holds the key
+    (``secret_env``); ``genflow label --param key=value`` sets them."""
+
+    modality: ClassVar[str] = "any"
+
+    def __init__(self, params: PluginParams) -> None:
+        self.params = params
+
+    @abstractmethod
+    def push(self, project: str, kind: str, tasks: list[LabelTask]) -> PushResult:
+        """Create the project called ``project`` for ``kind`` tasks (see :data:`LABEL_KINDS`), or
+        update the one there is, and add the tasks whose ``key`` it does not hold yet."""
+
+    @abstractmethod
+    def pull(self, project: str, kind: str) -> list[Annotation]:
+        """Every finished (submitted, not skipped) annotation of the project's tasks; a project
+        that does not exist is an error naming it."""

@@ -8,7 +8,7 @@ import json
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -119,6 +119,14 @@ class RankingSpec(_Strict):
     sft_min_score: float | None = None
 
 
+class LabellingSpec(_Strict):
+    """What people's labels (``genflow label pull``) do to the training data."""
+
+    human_rows: Literal["beside", "instead"] = "beside"
+    """``beside``: human rows (``source: human``) join the model-made ones in ``preferences/``
+    and ``sft/``; ``instead``: for a prompt people labelled, theirs are its only rows."""
+
+
 class RaySpec(_Strict):
     address: str | None = None
     workers: int = Field(2, ge=1)
@@ -161,6 +169,7 @@ class JobConfig(_Strict):
     generators: list[GeneratorSpec] = Field(default_factory=list)
     scorers: list[ScorerSpec] = Field(default_factory=list)
     ranking: RankingSpec = Field(default_factory=RankingSpec)
+    labelling: LabellingSpec = Field(default_factory=LabellingSpec)
     exporters: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Extra exporters by name, with their params."""
     ray: RaySpec = Field(default_factory=RaySpec)

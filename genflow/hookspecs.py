@@ -3,9 +3,10 @@
 A plugin is a module (or object) with functions marked ``@genflow.hookimpl``.
 Each ``register_*`` hook receives a ``register(name, factory)`` callback, so one
 module can offer many factories. Factories are classes deriving from
-:class:`genflow.api.Generator`, :class:`genflow.api.Scorer` or
-:class:`genflow.api.Exporter`; they are instantiated inside Ray workers, where
-their ``__init__`` loads the model once.
+:class:`genflow.api.Generator`, :class:`genflow.api.Scorer`,
+:class:`genflow.api.Exporter` or :class:`genflow.api.Labeller`; generators and
+scorers are instantiated inside Ray workers, where their ``__init__`` loads the
+model once.
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ def register_exporters(register: Register) -> None:
 
     An exporter turns one shard's ranked candidates into rows of a training-data
     format, written under ``<output>/<name>/``.
+    """
+
+
+@hookspec
+def register_labellers(register: Register) -> None:
+    """Register labelling tools: ``register("label-studio", LabelStudio)``.
+
+    A labeller (a :class:`genflow.api.Labeller`) sends a job's prompts and candidates to
+    people and reads back their rankings and demonstrations. The name is the value of
+    ``genflow label push/pull --tool``.
     """
 
 

@@ -14,6 +14,10 @@ scores/part-00000-<scorer>.parquet       one per scorer
 rankings/part-00000.parquet              and ``<exporter>/part-00000.parquet`` per exporter
 errors/part-<stage kind>-<label>-00000.parquet
 images/<prompt_id>/<generation_id>.png   (an id that is no safe name: its hash, see ``path_component``)
+human_rankings/part-<tool>.parquet       what people ranked, pulled from a labelling tool
+demonstrations/part-<tool>.parquet       what people wrote
+preferences/part-human.parquet           human rows beside the exporters' (``sft/`` too)
+_labelling/<tool>.json                   the projects pushed to a labelling tool
 _state/<stage>/00000.json                the marker of a finished (stage, shard)
 _journal/<stage>/00000-<fingerprint>/    answered requests of a shard not finished yet
 ```
@@ -44,6 +48,16 @@ IMAGES = "images"
 STATE = "_state"
 JOURNAL = "_journal"
 MANIFEST = "manifest.json"
+HUMAN_RANKINGS = "human_rankings"
+DEMONSTRATIONS = "demonstrations"
+LABELLING = "_labelling"
+HUMAN_FOLDERS = (HUMAN_RANKINGS, DEMONSTRATIONS)
+"""The folders ``genflow label pull`` writes; no job stage writes or removes them."""
+HUMAN_PART = "part-human.parquet"
+"""The name of the human-made part in ``preferences/`` and ``sft/``: not a shard's, so no
+stage overwrites it."""
+EXPORT_FORMAT = 2
+"""Version of the exporters' columns, in the rank fingerprint: 2 added ``source``."""
 CORE_FOLDERS = (PROMPTS, GENERATIONS, SCORES, RANKINGS)
 """The folders of parts every job may write, before its exporters' folders and ``errors/``."""
 
@@ -195,6 +209,21 @@ def parse_marker(rel: str) -> int | None:
     return int(stem) if stem.isdigit() else None
 
 
+def labelled_part(folder: str, tool: str) -> str:
+    """``human_rankings/part-<tool>.parquet``: what one labelling tool's projects gave."""
+    return f"{folder}/part-{path_component(tool)}.parquet"
+
+
+def human_part(folder: str) -> str:
+    """``preferences/part-human.parquet``: the rows made from people's labels."""
+    return f"{folder}/{HUMAN_PART}"
+
+
+def labelling_record(tool: str) -> str:
+    """``_labelling/<tool>.json``: the projects this output was pushed to."""
+    return f"{LABELLING}/{path_component(tool)}.json"
+
+
 def image_path(prompt_id: str, generation_id: str) -> str:
     """Where a generated image lies: ids from the dataset never become a path unescaped."""
     return f"{IMAGES}/{path_component(prompt_id)}/{path_component(generation_id)}.png"
@@ -266,8 +295,10 @@ def score_fingerprint(generation_fps: list[str], spec: ScorerSpec, unhashed_para
 
 
 def rank_fingerprint(generation_fps: list[str], score_fps: list[str], weights: dict[str, float],
-                     exporters: dict[str, Any]) -> str:
-    return stable_hash([generation_fps, score_fps, weights, exporters])
+                     exporters: dict[str, Any], human_rows: str = "beside") -> str:
+    """``human_rows``: ``instead`` leaves the prompts people labelled out of the exporters'
+    parts, so going back to ``beside`` must write them whole again."""
+    return stable_hash([generation_fps, score_fps, weights, exporters, EXPORT_FORMAT, human_rows])
 
 
 @dataclass(frozen=True)
@@ -301,7 +332,8 @@ def plan_shard(shard: Shard, config: JobConfig, exporters: dict[str, Any],
     rank = None
     if config.scorers:
         weights = {s.name: s.weight for s in config.scorers}
-        rank = (RANK_STAGE, rank_fingerprint(gen_fps, [fp for _, fp in score], weights, exporters))
+        rank = (RANK_STAGE, rank_fingerprint(gen_fps, [fp for _, fp in score], weights, exporters,
+                                             config.labelling.human_rows))
     return ShardPlan(shard, generate, score, rank)
 
 

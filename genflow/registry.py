@@ -14,12 +14,12 @@ import pluggy
 from pydantic import BaseModel
 
 from genflow import hookspecs
-from genflow.api import Exporter, Generator, Scorer
+from genflow.api import Exporter, Generator, Labeller, Scorer
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "genflow"
-KINDS = {"generator": Generator, "scorer": Scorer, "exporter": Exporter}
+KINDS = {"generator": Generator, "scorer": Scorer, "exporter": Exporter, "labeller": Labeller}
 
 
 class PluginError(RuntimeError):
@@ -140,7 +140,8 @@ class Registry:
         installed: dict[str, bool] = {}
         for kind, hook in (("generator", self.pm.hook.register_generators),
                            ("scorer", self.pm.hook.register_scorers),
-                           ("exporter", self.pm.hook.register_exporters)):
+                           ("exporter", self.pm.hook.register_exporters),
+                           ("labeller", self.pm.hook.register_labellers)):
             for impl in reversed(hook.get_hookimpls()):
                 source, version = self._source_of(impl.plugin)
 

@@ -70,3 +70,26 @@ ERRORS = pa.schema([
 
 def empty(schema: pa.Schema) -> pa.Table:
     return schema.empty_table()
+
+HUMAN_RANKINGS = pa.schema([
+    ("prompt_id", pa.string()),
+    ("generation_id", pa.string()),
+    ("rank", pa.int32()),
+    ("annotator", pa.string()),
+    ("created_at", pa.string()),
+    ("ranking_id", pa.string()),
+    ("tool", pa.string()),
+])
+"""``human_rankings/``: one row per candidate a person ranked (1 = best); ``ranking_id`` groups
+the rows of one annotation (a judgement of a pair has two)."""
+
+DEMONSTRATIONS = pa.schema([
+    ("prompt", pa.string()),
+    ("completion", pa.string()),
+    ("annotator", pa.string()),
+    ("prompt_id", pa.string()),
+    ("created_at", pa.string()),
+    ("demonstration_id", pa.string()),
+    ("tool", pa.string()),
+])
+"""``demonstrations/``: the answer a person wrote for a prompt, in TRL's prompt-completion columns."""

@@ -29,8 +29,11 @@ PREFERENCES = pa.schema([
     ("prompt_id", pa.string()),
     ("chosen_id", pa.string()),
     ("rejected_id", pa.string()),
+    ("source", pa.string()),
 ])
-"""``preferences/``: TRL's explicit-prompt preference columns, with the scores and ids behind them."""
+"""``preferences/``: TRL's explicit-prompt preference columns, with the scores and ids behind them.
+``source`` is ``model`` for the exporter's rows and ``human`` for those made from people's
+rankings (``genflow label pull``), whose scores are the share of votes for each side."""
 
 SFT = pa.schema([
     ("prompt", pa.string()),
@@ -38,8 +41,10 @@ SFT = pa.schema([
     ("score", pa.float64()),
     ("prompt_id", pa.string()),
     ("generation_id", pa.string()),
+    ("source", pa.string()),
 ])
-"""``sft/``: TRL's prompt-completion columns, the best candidate of each prompt."""
+"""``sft/``: TRL's prompt-completion columns, the best candidate of each prompt (``source: model``),
+and people's demonstrations (``source: human``, no score)."""
 
 
 class PreferenceParams(PluginParams):
@@ -74,7 +79,7 @@ class PreferencePairs(Exporter):
                     "prompt": chosen["prompt"], "chosen": _candidate(chosen), "rejected": _candidate(rejected),
                     "score_chosen": chosen["score"], "score_rejected": rejected["score"],
                     "prompt_id": prompt_id, "chosen_id": chosen["generation_id"],
-                    "rejected_id": rejected["generation_id"],
+                    "rejected_id": rejected["generation_id"], "source": "model",
                 })
         return pa.Table.from_pylist(rows, schema=PREFERENCES)
 
@@ -103,7 +108,7 @@ class BestOfN(Exporter):
             if self.params.min_score is not None and best["score"] < self.params.min_score:
                 continue
             rows.append({"prompt": best["prompt"], "completion": _candidate(best), "score": best["score"],
-                         "prompt_id": prompt_id, "generation_id": best["generation_id"]})
+                         "prompt_id": prompt_id, "generation_id": best["generation_id"], "source": "model"})
         return pa.Table.from_pylist(rows, schema=SFT)
 
 

@@ -79,9 +79,9 @@ def test_pair_rows_carry_the_texts_scores_and_ids_they_came_from() -> None:
     assert out.schema == PREFERENCES
     assert out.to_pylist() == [
         {"prompt": "prompt a", "chosen": " text a0", "rejected": " text a1", "score_chosen": 3.0,
-         "score_rejected": 1.0, "prompt_id": "a", "chosen_id": "a0", "rejected_id": "a1"},
+         "score_rejected": 1.0, "prompt_id": "a", "chosen_id": "a0", "rejected_id": "a1", "source": "model"},
         {"prompt": "prompt b", "chosen": " text b1", "rejected": " text b0", "score_chosen": 2.0,
-         "score_rejected": -1.0, "prompt_id": "b", "chosen_id": "b1", "rejected_id": "b0"},
+         "score_rejected": -1.0, "prompt_id": "b", "chosen_id": "b1", "rejected_id": "b0", "source": "model"},
     ]
 
 
@@ -99,7 +99,8 @@ def test_best_of_n_keeps_scores_at_min_score_and_the_prompts_after_a_dropped_one
     assert out.schema == SFT
     # a's best (0.25) is below min_score: dropped, and the prompts after it are still looked at.
     assert out.to_pylist() == [
-        {"prompt": "prompt b", "completion": " text b1", "score": 0.75, "prompt_id": "b", "generation_id": "b1"}]
+        {"prompt": "prompt b", "completion": " text b1", "score": 0.75, "prompt_id": "b", "generation_id": "b1",
+         "source": "model"}]
     at_the_bar = BestOfN(BestOfNParams(min_score=0.25)).export(table)
     assert at_the_bar["prompt_id"].to_pylist() == ["a", "b"]  # a's best is exactly 0.25: kept
 

@@ -85,7 +85,9 @@ def page_sections(manifest: dict[str, Any], taken: set[str]) -> list[dict[str, A
     """The scorers' tables as the template shows them: id, title, columns, rows, note, and
     which columns hold figures (every cell a number)."""
     out = []
-    for s in merged(scorer_sections(manifest)):
+    from genflow.labelling import report_sections as human_sections
+
+    for s in merged(scorer_sections(manifest) + human_sections(manifest)):
         rows = [list(r) for r in s.rows]
         figures = [bool(rows) and all(i < len(r) and (r[i] is None or _is_figure(r[i])) for r in rows)
                    for i in range(len(s.columns))]
