@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,6 +16,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Generate labelled training data with generative models: Prefect + Ray + plugins.")
 models_app = typer.Typer(no_args_is_help=True, help="Local models.")
 app.add_typer(models_app, name="models")
+label_app = typer.Typer(no_args_is_help=True, help="People in the loop: send a job's prompts to a labelling tool "
+                        "(Label Studio), read back their rankings and demonstrations.")
+app.add_typer(label_app, name="label")
 console = Console(stderr=True, soft_wrap=True)
 # Piped output is not cut at 80 columns: tables and paths stay whole.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
@@ -334,6 +337,89 @@ def init_tiny(directory: Annotated[Path, typer.Argument(help="where to write the
         written.update(result or {})
     for name, path in sorted(written.items()):
         out.print(f"{name:<12} {path}")
+
+
+OutputArg = Annotated[str, typer.Argument(help="a finished job's output folder or s3:// URI", show_default=False)]
+ToolOpt = Annotated[str, typer.Option("--tool", help="the labelling plugin (genflow plugins: kind labeller)")]
+UrlOpt = Annotated[str | None, typer.Option("--url", help="the tool's address (Label Studio: http://127.0.0.1:8080)")]
+KeyEnvOpt = Annotated[str | None, typer.Option("--api-key-env", help="the variable holding the tool's key "
+                                               "(Label Studio: LABEL_STUDIO_API_KEY)")]
+ParamOpt = Annotated[list[str] | None, typer.Option("--param", help="another of the plugin's params: key=value")]
+ProjectOpt = Annotated[str | None, typer.Option("--project", help="the project's title (push default: 'genflow "
+                                                "<job name> <kind>'; pull default: every project pushed from here)")]
+
+
+def _labeller_params(url: str | None, api_key_env: str | None, param: list[str] | None) -> dict:
+    from genflow.config import parse_override
+
+    params = dict(parse_override(p) for p in param or [])
+    params.update({k: v for k, v in (("url", url), ("api_key_env", api_key_env)) if v is not None})
+    return params
+
+
+def _label_storage(output: str) -> Any:
+    from genflow.storage import Storage
+
+    return Storage.open(output)
+
+
+@label_app.command("push")
+def label_push(output: OutputArg, tool: ToolOpt = "label-studio", url: UrlOpt = None, api_key_env: KeyEnvOpt = None,
+               project: ProjectOpt = None,
+               kind: Annotated[str, typer.Option("--kind", help="rankings: order each prompt's candidates; "
+                                                 "demonstrations: write each prompt's answer")] = "rankings",
+               sample: Annotated[int | None, typer.Option("--sample", min=1, help="push this many prompts, drawn "
+                                                          "with --seed (default: all)")] = None,
+               seed: Annotated[int, typer.Option("--seed", help="seed of the --sample draw")] = 0,
+               disagreeing: Annotated[bool, typer.Option("--disagreeing", help="only prompts where two scorers "
+                                                         "order some candidates oppositely")] = False,
+               param: ParamOpt = None) -> None:
+    """Create or update a labelling project from a finished job; pushing again adds no task twice."""
+    from genflow.labelling import LabellingError, push
+
+    try:
+        result = push(_label_storage(output), tool, _labeller_params(url, api_key_env, param), kind, project,
+                      sample, seed, disagreeing)
+    except LabellingError as exc:
+        fail(str(exc))
+    except RuntimeError as exc:  # the tool answered with an error, or could not be reached
+        fail(str(exc), code=1)
+    out.print(f"{result.project}: {result.created} tasks added, {result.existing} there already", highlight=False)
+    out.print(f"label them at {result.url}", highlight=False)
+
+
+@label_app.command("pull")
+def label_pull(output: OutputArg, tool: ToolOpt = "label-studio", url: UrlOpt = None, api_key_env: KeyEnvOpt = None,
+               project: ProjectOpt = None,
+               kind: Annotated[str | None, typer.Option("--kind", help="the kind of --project's tasks, or only "
+                                                        "the projects of this kind")] = None,
+               param: ParamOpt = None) -> None:
+    """Read finished annotations into human_rankings/, demonstrations/ and human rows of preferences/ and sft/."""
+    from genflow.labelling import LabellingError, pull
+
+    try:
+        manifest = pull(_label_storage(output), tool, _labeller_params(url, api_key_env, param), project, kind)
+    except LabellingError as exc:
+        fail(str(exc))
+    except RuntimeError as exc:
+        fail(str(exc), code=1)
+    labelled = manifest.get("labelling") or {}
+    for folder, n in (labelled.get("rows") or {}).items():
+        out.print(f"{folder}: {n:,} human rows", highlight=False)
+    agreement = manifest.get("human_agreement") or {}
+    if agreement.get("scorers"):
+        table = Table(title="agreement with the human rankings", show_header=True)
+        for col in ("scorer", "pairwise accuracy", "pairs", "Kendall tau", "prompts"):
+            table.add_column(col, justify="left" if col == "scorer" else "right")
+        fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+        for r in agreement["scorers"]:
+            table.add_row(r["scorer"], fmt(r["pairwise_accuracy"]), fmt(r["pairs"]), fmt(r["kendall_tau"]),
+                          fmt(r["prompts"]))
+        out.print(table)
+        inter = agreement.get("inter_annotator")
+        if inter:
+            out.print(f"inter-annotator: Kendall tau {fmt(inter['kendall_tau'])}, pairwise agreement "
+                      f"{fmt(inter['agreement'])} over {inter['prompts']} prompts", highlight=False)
 
 
 def main() -> None:
