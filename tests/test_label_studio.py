@@ -265,14 +265,15 @@ def test_push_label_pull_train(label_studio: LabelStudioServer, test_plugins: di
     assert inter["kendall_tau"] == pytest.approx(1 / 3, abs=1e-6) and inter["agreement"] == pytest.approx(2 / 3)
     assert manifest["rows"]["human_rankings"] == 9 and manifest["rows"]["preferences"] == len(model_prefs) + 5 + len(
         pq.read_table(out / "preferences" / "part-00001.parquet"))
-    report = (out / "report.html").read_text() if (out / "report.html").exists() else ""
     _genflow("report", str(out))
     report = (out / "report.html").read_text()
     assert "Agreement with human rankings" in report and "Inter-annotator agreement" in report
 
-    # Pull again: the same files; the rows still load as one dataset, and DPOTrainer trains on them.
+    # Pull again, with a personal access token this time (1.23's default kind of key): the same files;
+    # the rows still load as one dataset, and DPOTrainer trains on them.
     before = {name: _folder(out, name) for name in ("human_rankings", "demonstrations", "preferences", "sft")}
-    _genflow("label", "pull", str(out), *common)
+    monkeypatch.setenv("LABEL_STUDIO_PAT", label_studio.api("POST", "/api/token/")["token"])
+    _genflow("label", "pull", str(out), *common, "--api-key-env", "LABEL_STUDIO_PAT")
     assert {name: _folder(out, name) for name in before} == before
     assert json.loads((out / "manifest.json").read_text())["human_agreement"] == manifest["human_agreement"]
     _train_dpo(out / "preferences", tiny_models["tiny-gpt2"], tmp_path / "dpo")
