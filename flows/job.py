@@ -70,11 +70,13 @@ from genflow.stages import (
     score_shard,
 )
 from genflow.stages.common import Advance, Budget, Pool
-from genflow.storage import Storage
+from genflow.storage import Storage, disk_full
 
 
 def worth_retrying(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Retry what may pass (storage, network); not what a retry cannot fix."""
+    if isinstance(state.data, BaseException) and disk_full(state.data):
+        return False  # a full disk stays full for the next attempt
     return not isinstance(state.data, (ConfigError, InputError, PluginError, RayUnreachable, JobFailed))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -57,10 +58,15 @@ def run(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no-r
         help="skip (stage, shard) outputs already on storage")] = True, set_: SetOpt = None) -> None:
     """Run one job."""
     from genflow.local_prefect import local_prefect_api
+    from genflow.ray_cluster import shutdown_ray
+    from genflow.shutdown import command_ending
 
-    with local_prefect_api() as prefect_ready:  # boots while the job's modules load and its config is checked
+    # Ctrl-C: exit 130 with the line below; Ray stopped now, not at exit (Ray's own hook pauses first).
+    hint = shlex.join(["genflow", "run", str(config), *[a for s in set_ or [] for a in ("--set", s)]])
+    with command_ending(hint, lambda line: console.print(line, highlight=False, markup=False), shutdown_ray), \
+            local_prefect_api() as prefect_ready:  # boots while the job's modules load and its config is checked
         from genflow.config import load_config
-        from genflow.job import JobFailed, run_job
+        from genflow.job import JobFailed, PrefectAPILost, run_job
 
         try:
             job = load_config(config, set_ or [])
@@ -71,10 +77,16 @@ def run(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no-r
             if exc.manifest is not None:
                 _print_summary(exc.manifest)
             fail(str(exc), code=1)
-    _print_summary(manifest)
-    from genflow.ray_cluster import shutdown_ray
+        except PrefectAPILost as exc:
+            fail(str(exc), code=1)
+        except OSError as exc:
+            from genflow.storage import disk_full
 
-    shutdown_ray()  # now, not at exit: Ray's own exit hook first pauses half a second
+            if not disk_full(exc):
+                raise
+            fail(f"no space left on the output's disk ({exc}): the shards finished so far are kept; "
+                 "free some space and run the job again to resume", code=1)
+        _print_summary(manifest)
 
 
 def _print_summary(manifest: dict) -> None:

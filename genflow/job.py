@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,58 @@ def run_job(config: JobConfig | dict[str, Any], resume: bool = True,
         if api_ready is not None:
             api_ready()
         shown, source = hand_over(job.model_dump(mode="json"))
-        return genflow_job(shown, resume=resume, config_source=source)
+        started = time.time()
+        try:
+            return genflow_job(shown, resume=resume, config_source=source)
+        except (JobFailed, *USER_ERRORS):
+            raise
+        except Exception as exc:
+            if not prefect_api_lost():
+                raise
+            manifest = _written_since(storage, started)
+            if manifest is None:
+                raise PrefectAPILost(f"lost the Prefect API ({_api_url()}) mid-job ({type(exc).__name__}): the "
+                                     f"shards finished so far are kept; run the job again to resume") from None
+            logging.getLogger(__name__).warning(
+                "lost the Prefect API (%s) as the job ended: its outputs and manifest.json are complete, "
+                "Prefect's record of the run is not", _api_url())
+            return manifest
     finally:
         stop_early_workers()
+
+
+class PrefectAPILost(RuntimeError):
+    """The Prefect API stopped answering before the job finished."""
+
+
+def _api_url() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value() or "ephemeral")
+
+
+def prefect_api_lost(timeout: float = 3.0) -> bool:
+    """Whether the Prefect API this process uses no longer answers its health check."""
+    import urllib.error
+    import urllib.request
+
+    url = _api_url()
+    if not url.startswith("http"):
+        return False
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as response:
+            return bool(response.status >= 500)
+    except (urllib.error.URLError, OSError):
+        return True
+
+
+def _written_since(storage: Any, started: float) -> dict[str, Any] | None:
+    """This run's manifest, if the job got as far as writing it (its time is after ``started``)."""
+    info = storage.file_info("manifest.json")
+    if info is None or info.mtime is None or info.mtime.timestamp() < started - 1:
+        return None
+    manifest: dict[str, Any] = storage.read_json("manifest.json")
+    return manifest
 
 
 def check_job(job: JobConfig, read_rows: bool = True) -> Any:

@@ -95,17 +95,33 @@ def start_local_api() -> LocalPrefectAPI | None:
     # and patience for a slow start on a busy machine.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    # A server on this machine that refuses a connection is gone, not busy: Prefect's default
+    # (5 retries with exponential backoff per request) turned its loss into minutes of waiting.
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "1")
     port = _free_port()
     env = {**os.environ, **settings.to_environment_variables(exclude_unset=True), **SERVER_ENV}
     command = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.submodule_search_locations[0]).parent),
                "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
                "--log-level", "error", "--lifespan", "on"]
-    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+    # A session of its own: Ctrl-C in the terminal goes to the terminal's process group, and
+    # must not take the API away from the job, which still reports its end to it (genflow
+    # stops the server itself, at exit or on a second Ctrl-C).
+    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
     api = LocalPrefectAPI(process, port)
+    _RUNNING.append(api)
     atexit.register(api.stop)
     _point_prefect_at(api.url)
     log.debug("local Prefect API starting on %s", api.url)
     return api
+
+
+_RUNNING: list[LocalPrefectAPI] = []
+
+
+def stop_local_apis() -> None:
+    """Stop the servers this process started (for an exit that skips the atexit hooks)."""
+    for api in _RUNNING:
+        api.stop()
 
 
 def use_prefects_own_server(api: LocalPrefectAPI) -> None:

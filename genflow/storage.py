@@ -8,6 +8,7 @@ killed job never leaves a half-written part that a rerun would trust.
 from __future__ import annotations
 
 import builtins
+import errno
 import hashlib
 import io
 import json
@@ -28,6 +29,11 @@ removed when a job that was killed mid-write runs again."""
 
 class StorageError(RuntimeError):
     pass
+
+
+def disk_full(exc: BaseException) -> bool:
+    """An ENOSPC, as Python raises it or as pyarrow words it (its OSError carries no errno)."""
+    return isinstance(exc, OSError) and (exc.errno == errno.ENOSPC or "No space left on device" in str(exc))
 
 
 def is_remote(uri: str) -> bool:

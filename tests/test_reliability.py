@@ -296,3 +296,85 @@ def test_a_template_naming_a_missing_column_is_refused_before_ray(tmp_path: Path
     gen["template"] = "{{ topic }} {% for x in range(2) %}{{ x }}{% endfor %} {{ prompt_id }}"
     code, out = _cli("validate", str(_config_file(tmp_path, generators=[gen])))
     assert code == 0, out
+
+
+# -- 5, 6. Ctrl-C and a lost Prefect API end a job within seconds --------------------------------
+
+def _start_cli(tmp_path: Path, env: dict[str, str], delay_s: float) -> tuple[Any, Path]:
+    """``genflow run`` in a process group of its own, as a terminal's foreground job."""
+    import subprocess
+    import sys
+
+    pq.write_table(pa.table({"prompt": [f"prompt {i}" for i in range(16)]}), tmp_path / "prompts.parquet")
+    path = _config_file(tmp_path, shard_rows=2, ray={"workers": 1},
+                        generators=[{"label": "echo", "plugin": "echo", "params": {"delay_s": delay_s}}])
+    full_env = {k: v for k, v in {**os.environ, **env}.items() if k != "PREFECT_API_URL"}
+    full_env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    process = subprocess.Popen([sys.executable, "-m", "genflow.cli", "run", str(path)], env=full_env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    return process, path
+
+
+def _wait_for(process: Any, path: Path, limit: float = 240) -> None:
+    import time
+
+    deadline = time.monotonic() + limit
+    while not path.exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
+        time.sleep(0.1)
+
+
+def _ended(process: Any, within: float) -> tuple[int, str, float]:
+    import subprocess
+    import time
+
+    started = time.monotonic()
+    try:
+        out, _ = process.communicate(timeout=within)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        out, _ = process.communicate()
+        pytest.fail(f"still running {within:g}s later: {out[-3000:]}")
+    return process.returncode, out, time.monotonic() - started
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_stops_the_job_within_seconds_keeping_finished_shards(
+        tmp_path: Path, test_plugins: dict[str, str], presses: int) -> None:
+    import signal
+    import time
+
+    process, path = _start_cli(tmp_path, test_plugins, delay_s=2.0)
+    _wait_for(process, tmp_path / "out/_state/generate/echo/00000.json")
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
+    if presses == 2:
+        time.sleep(0.5)
+        os.killpg(process.pid, signal.SIGINT)
+    code, out, seconds = _ended(process, within=60)
+    assert code == 130 and seconds < 30, out[-3000:]
+    if presses == 1:
+        assert f"interrupted: finished shards are kept; to resume, run: genflow run {path}" in out
+        assert "Traceback" not in out
+    else:
+        assert "second Ctrl-C: exiting now" in out
+    marker = json.loads((tmp_path / "out/_state/generate/echo/00000.json").read_text())
+    assert marker["parts"] == ["generations/part-00000-echo.parquet"]
+
+
+@pytest.mark.slow
+def test_a_prefect_api_lost_as_the_job_ends_is_one_line_and_no_failure(
+        tmp_path: Path, test_plugins: dict[str, str]) -> None:
+    import signal
+
+    process, _ = _start_cli(tmp_path, test_plugins, delay_s=0.0)
+    _wait_for(process, tmp_path / "out/_state/rank/00000.json")
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    api = [int(c) for c in children if b"uvicorn" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(api) == 1
+    os.kill(api[0], signal.SIGKILL)  # the local Prefect API dies
+    code, out, seconds = _ended(process, within=90)
+    assert code == 0 and seconds < 60, out[-3000:]
+    assert "lost the Prefect API" in out and "Traceback" not in out
+    assert out.count("lost the Prefect API") + out.count("did not take this run's last logs") <= 3
+    assert json.loads((tmp_path / "out/manifest.json").read_text())["status"] == "completed"

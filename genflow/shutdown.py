@@ -1,0 +1,146 @@
+"""How a ``genflow`` command ends: on Ctrl-C, and when the Prefect API is gone, within seconds.
+
+- Ctrl-C (SIGINT) raises ``KeyboardInterrupt`` in the job, as Python does; the command
+  then stops Ray and the local Prefect API, says how to resume and exits 130. Finished
+  shards are on storage with their markers already, so nothing finished is lost. A
+  second Ctrl-C exits at once (130), whatever the first one is waiting for.
+- Prefect sends its last logs and events when the process exits and waits for them
+  without a limit: against an API that died, for many minutes. Here they get
+  ``DRAIN_SECONDS``; what is not sent by then is dropped, with one line saying so.
+- While the API is gone, Prefect's events client logs a warning per attempt to
+  reconnect; the first one becomes one line that says what it means, the rest are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DRAIN_SECONDS = 5.0
+"""How long Prefect's last logs and events may take to reach the API at exit."""
+INTERRUPTED = 130
+"""The exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it."""
+
+
+class _LostAPI(logging.Filter):
+    """Prefect's events client warns once per reconnect attempt: one line, then silence."""
+
+    said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        if "Unable to connect" not in text and "failed to process item" not in text:
+            return True
+        if _LostAPI.said:
+            return False
+        _LostAPI.said = True
+        record.msg = ("lost the Prefect API (%s): Prefect's record of this run stops here; every shard "
+                      "finished is kept on storage")
+        record.args = (_api_url(),)
+        record.exc_info = record.exc_text = None
+        return True
+
+
+def _api_url() -> str:
+    try:
+        from prefect.settings import PREFECT_API_URL
+
+        return str(PREFECT_API_URL.value() or "ephemeral")
+    except Exception:
+        return "?"
+
+
+def quiet_lost_api() -> None:
+    for name in ("prefect.events.clients", "prefect.runner._event_emitter", "prefect._internal.concurrency"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _LostAPI) for f in logger.filters):
+            logger.addFilter(_LostAPI())
+    # Prefect's log handler writes "--- Error logging to API ---" per failed batch unless this is off.
+    logging.raiseExceptions = False
+
+
+def drain_prefect(timeout: float = DRAIN_SECONDS) -> bool:
+    """Send Prefect's queued logs and events, waiting ``timeout`` seconds at most; False if some
+    were still unsent (the API does not answer)."""
+    if "prefect" not in sys.modules:
+        return True
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    pending: set[Any] = set()
+    for service in (APILogWorker, EventsWorker):
+        result = service.drain_all(timeout=timeout)
+        if isinstance(result, tuple):
+            pending |= result[1]
+    return not pending
+
+
+def _stop_children() -> None:
+    from genflow.local_prefect import stop_local_apis
+
+    stop_local_apis()
+
+
+def _force_exit(signum: int, frame: FrameType | None) -> None:
+    sys.stderr.write("\nsecond Ctrl-C: exiting now\n")
+    sys.stderr.flush()
+    try:
+        _stop_children()
+    finally:
+        os._exit(INTERRUPTED)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGINT, _force_exit)
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def command_ending(resume_hint: str, print_line: Callable[[str], None],
+                   cleanup: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """Run a command so that Ctrl-C ends it with code 130 and a line on how to resume, and
+    Prefect's exit is bounded. ``cleanup`` (stopping Ray) runs on every way out."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _interrupt) if main else None
+    quiet_lost_api()
+    code: int | None = None
+    try:
+        yield
+    except KeyboardInterrupt:
+        code = INTERRUPTED
+    except SystemExit as exc:  # typer.Exit is a click exception, turned into SystemExit later
+        code = exc.code if isinstance(exc.code, int) else 1
+        raise
+    except Exception as exc:
+        code = getattr(exc, "exit_code", 1)
+        raise
+    finally:
+        try:
+            cleanup()
+        except Exception as exc:
+            log.debug("cleanup after the command failed: %s", exc)
+        if code == INTERRUPTED:
+            print_line(f"interrupted: finished shards are kept; to resume, run: {resume_hint}")
+        drained = drain_prefect()
+        if main:
+            signal.signal(signal.SIGINT, previous or signal.default_int_handler)
+        if not drained:
+            print_line(f"the Prefect API ({_api_url()}) did not take this run's last logs within "
+                       f"{DRAIN_SECONDS:g}s; they are dropped")
+            _stop_children()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code or 0)  # Prefect's own exit hooks would wait for them without a limit
+    if code == INTERRUPTED:
+        import typer
+
+        raise typer.Exit(INTERRUPTED)
