@@ -152,7 +152,9 @@ def test_served_deployment_runs_when_triggered_and_writes_dated_outputs(
         assert listed.returncode == 0, listed.stderr
         [line] = [ln for ln in listed.stdout.splitlines() if run.name in ln]
         assert "genflow-job" in line and "nightly-serve" in line and "Completed" in line
-        assert line.rstrip(" │┃").endswith("s")  # the duration
+        cells = [c.strip() for c in line.split("│")]
+        assert any(c.endswith("s") and c[:-1].replace(".", "").isdigit() for c in cells)  # the duration
+        assert str(manifest["rows"]["generations"]) in cells  # from the run's counts artifact
     finally:
         serve.send_signal(signal.SIGTERM)
         try:
