@@ -328,13 +328,15 @@ def report(output: Annotated[str, typer.Argument(help="a job's output folder or 
     try:
         spec = StorageSpec(endpoint_url=endpoint_url, region=region, anonymous=anonymous)
         written = rebuild(output, spec)
-        written += rebuild_cards(output, spec)  # README.md: each job folder's dataset card
+        cards = rebuild_cards(output, spec)  # README.md: each job folder's dataset card
     except ReportError as exc:
         fail(str(exc))
     except _user_errors() as exc:
         fail(str(exc))
-    for uri in written:
+    for uri in written:  # the pages on stdout, one a line, for scripts; the cards said on stderr
         out.print(uri)
+    for uri in cards:
+        console.print(f"dataset card: {uri}", highlight=False, markup=False)
 
 
 @models_app.command("init-tiny")
