@@ -308,6 +308,9 @@ class Exporter(Plugin):
     plus those whose :meth:`job_params` say they run by default."""
 
     modality: ClassVar[str] = "any"
+    schema: ClassVar[pa.Schema | None] = None
+    """The columns of the rows it writes, when they are fixed (rows from people that join its
+    folder, such as ``genflow label pull``'s, are written with it)."""
 
     def __init__(self, params: PluginParams) -> None:
         self.params = params

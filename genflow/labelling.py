@@ -232,8 +232,6 @@ def net_wins(orders: Iterable[tuple[str, ...]]) -> dict[str, int]:
 def human_preferences(found: list[Judgement], generations: dict[str, dict[str, Any]]) -> pa.Table:
     """A pair for every two candidates of a prompt that more people ordered one way than the
     other; ``score_chosen`` is the share of their votes for ``chosen``."""
-    from genflow.plugins.training_data import PREFERENCES
-
     votes: dict[str, dict[tuple[str, str], int]] = defaultdict(lambda: defaultdict(int))
     for j in found:
         for i, better in enumerate(j.order):
@@ -252,16 +250,24 @@ def human_preferences(found: list[Judgement], generations: dict[str, dict[str, A
                          "rejected": _candidate(generations[rejected]), "score_chosen": share,
                          "score_rejected": 1.0 - share, "prompt_id": prompt_id, "chosen_id": chosen,
                          "rejected_id": rejected, "source": HUMAN})
-    return pa.Table.from_pylist(rows, schema=PREFERENCES)
+    return pa.Table.from_pylist(rows, schema=_exporter_schema("preferences"))
+
+
+def _exporter_schema(name: str) -> pa.Schema:
+    """The columns of the exporter that writes folder ``name``: human rows join its model rows."""
+    from genflow.registry import get_registry
+
+    schema = get_registry().get("exporter", name).factory.schema
+    if schema is None:
+        raise ValueError(f"exporter {name!r} declares no schema for rows people made")
+    return schema
 
 
 def human_sft(demonstrations: pa.Table) -> pa.Table:
-    from genflow.plugins.training_data import SFT
-
     rows = [{"prompt": d["prompt"], "completion": d["completion"], "score": None, "prompt_id": d["prompt_id"],
              "generation_id": d["demonstration_id"], "source": HUMAN}
             for d in sorted(demonstrations.to_pylist(), key=lambda d: (d["prompt_id"], d["demonstration_id"]))]
-    return pa.Table.from_pylist(rows, schema=SFT)
+    return pa.Table.from_pylist(rows, schema=_exporter_schema("sft"))
 
 
 def _candidate(row: dict[str, Any]) -> str:

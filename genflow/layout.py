@@ -25,7 +25,6 @@ _journal/<stage>/00000-<fingerprint>/    answered requests of a shard not finish
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import posixpath
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from genflow.config import UNHASHED_SPEC_KEYS, stable_hash
+from genflow.names import is_safe_name, path_component
 from genflow.storage import Storage, is_remote, read_bytes
 
 if TYPE_CHECKING:
@@ -66,26 +66,6 @@ INPUT_LABEL = "input"
 
 SHARD_DIGITS = 5
 _PART = re.compile(r"^part-(?P<body>.+)\.parquet$")
-_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
-HASHED_PREFIX = "~"
-"""Starts the path component of a value that is no safe name: a character no safe name holds."""
-
-
-def is_safe_name(value: str) -> bool:
-    """Letters, digits, ``.``, ``_`` and ``-`` only, with no ``..``: a name that stays one path
-    component on every filesystem and bucket, and can never climb out of its folder."""
-    return bool(_SAFE_NAME.fullmatch(value)) and ".." not in value and value != "."
-
-
-def path_component(value: str) -> str:
-    """A value from a dataset as one path component: itself when it is a safe name (so outputs
-    of such ids stay as they always were), else ``~`` and a hash of it (``../../x``, ``a/b``,
-    an empty or a very long id)."""
-    if is_safe_name(value):
-        return value
-    return HASHED_PREFIX + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-
-
 @dataclass(frozen=True)
 class Shard:
     """A slice of the input, ``shard_rows`` prompts: the unit of resume."""

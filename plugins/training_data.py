@@ -56,6 +56,7 @@ class PreferencePairs(Exporter):
     """Chosen/rejected pairs per prompt, widest score margins first."""
 
     Params: ClassVar[type[PluginParams]] = PreferenceParams
+    schema: ClassVar[pa.Schema | None] = PREFERENCES
     description: ClassVar[str] = "TRL preference pairs: prompt, chosen, rejected (+ scores)"
     params: PreferenceParams
 
@@ -93,6 +94,7 @@ class BestOfN(Exporter):
     """The top-ranked candidate of each prompt as a prompt-completion row."""
 
     Params: ClassVar[type[PluginParams]] = BestOfNParams
+    schema: ClassVar[pa.Schema | None] = SFT
     description: ClassVar[str] = "best-of-n SFT rows: prompt, completion, score"
     params: BestOfNParams
 
