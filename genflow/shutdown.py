@@ -38,7 +38,9 @@ class _LostAPI(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = str(record.msg)
-        if "Unable to connect" not in text and "failed to process item" not in text:
+        error = record.exc_info[1] if record.exc_info else None
+        unreachable = type(error).__name__ in ("ConnectError", "ConnectTimeout") or "Connection refused" in str(error)
+        if "Unable to connect" not in text and "failed to process item" not in text and not unreachable:
             return True
         if _LostAPI.said:
             return False
@@ -60,7 +62,8 @@ def _api_url() -> str:
 
 
 def quiet_lost_api() -> None:
-    for name in ("prefect.events.clients", "prefect.runner._event_emitter", "prefect._internal.concurrency"):
+    for name in ("prefect.events.clients", "prefect.runner._event_emitter", "prefect._internal.concurrency",
+                 "prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _LostAPI) for f in logger.filters):
             logger.addFilter(_LostAPI())
