@@ -55,6 +55,7 @@ from genflow.api import PluginParams, ReportSection, RowError, Score, ScoreItem,
 from genflow.hookspecs import Register
 from genflow.plugins import judge_rubrics as rubrics
 from genflow.plugins.hf_common import HF_REQUIRES, describe_model, load_tokenizer, prepare_torch
+from genflow.plugins.openai_api import check_base_url, check_key_env
 from genflow.plugins.pairwise_ranking import bradley_terry, choose_pairs, expected_win_rates, pair_outcome, win_rates
 
 if TYPE_CHECKING:
@@ -125,13 +126,12 @@ class JudgeParams(PluginParams):
     @field_validator("base_url")
     @classmethod
     def _urls(cls, value: str | list[str] | None) -> str | list[str] | None:
-        urls = [] if value is None else [value] if isinstance(value, str) else value
-        if value is not None and not urls:
-            raise ValueError("base_url: give at least one server")
-        for url in urls:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"base_url {url!r}: expected http://... or https://...")
-        return value
+        return None if value is None else check_base_url(value)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return check_key_env(value)
 
     @field_validator("template")
     @classmethod
@@ -172,9 +172,6 @@ class JudgeParams(PluginParams):
                 raise ValueError(f"weights: unknown aspects {unknown}; the aspects are {sorted(known)}")
             if any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
                 raise ValueError("weights: none negative, and their sum above 0")
-        if self.api_key_env is not None and not self.api_key_env.replace("_", "a").isalnum():
-            raise ValueError("api_key_env is the NAME of an environment variable (such as OPENAI_API_KEY), not "
-                             "the key")
         return self
 
     @property

@@ -59,6 +59,25 @@ CONNECT_TIMEOUT_S = 10.0
 _FENCE = re.compile(r"^\s*```(?:json)?\s*\n(.*?)\n?```\s*$", re.S)
 
 
+def check_base_url(value: str | list[str]) -> str | list[str]:
+    """One server's ``/v1`` URL or a list of them (the params of every OpenAI-protocol plugin)."""
+    urls = [value] if isinstance(value, str) else value
+    if not urls:
+        raise ValueError("base_url: give at least one server")
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url {url!r}: expected http://... or https://...")
+    return value
+
+
+def check_key_env(value: str | None) -> str | None:
+    """``api_key_env`` names a variable; a key pasted in its place is refused, and not echoed."""
+    if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        raise ValueError("api_key_env is the NAME of an environment variable (such as OPENAI_API_KEY), "
+                         "not the key")
+    return value
+
+
 class OpenAIParams(PluginParams):
     base_url: str | list[str] = Field(description="The server's base URL, ending in /v1 as OpenAI clients "
                                       "take it (http://127.0.0.1:8000/v1), or a list of servers of the same "
@@ -85,21 +104,12 @@ class OpenAIParams(PluginParams):
     @field_validator("base_url")
     @classmethod
     def _urls(cls, value: str | list[str]) -> str | list[str]:
-        urls = [value] if isinstance(value, str) else value
-        if not urls:
-            raise ValueError("base_url: give at least one server")
-        for url in urls:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"base_url {url!r}: expected http://... or https://...")
-        return value
+        return check_base_url(value)
 
     @field_validator("api_key_env")
     @classmethod
     def _name(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
-            raise ValueError("api_key_env is the NAME of an environment variable (such as OPENAI_API_KEY), "
-                             "not the key")
-        return value
+        return check_key_env(value)
 
     @field_validator("response_format")
     @classmethod
