@@ -39,8 +39,15 @@ def _share(done: list[SweepRun], run: SweepRun) -> list[str]:
 
 
 @flow(name="genflow-sweep", log_prints=False, validate_parameters=False)
-def genflow_sweep(config: dict[str, Any], resume: bool = True) -> list[dict[str, Any]]:
-    """Run every point of the config's ``sweep`` grid; returns one summary row per run."""
+def genflow_sweep(config: dict[str, Any], resume: bool = True,
+                  config_source: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Run every point of the config's ``sweep`` grid; returns one summary row per run.
+
+    As for a job, Prefect records only the redacted config: ``config_source`` says where the
+    real one is (``genflow.job.real_config``), and each run's flow gets its own the same way."""
+    from genflow.job import hand_over, real_config
+
+    config = real_config(config, config_source)
     logger = get_run_logger()
     plan: SweepPlan = plan_sweep(config, source=f"sweep {config.get('name', '?')!r}")
     logger.info("sweep %s: %d runs under %s", plan.name, len(plan.runs), plan.output)
@@ -54,7 +61,8 @@ def genflow_sweep(config: dict[str, Any], resume: bool = True) -> list[dict[str,
             if copied:
                 logger.info("%s: reusing %d finished (stage, shard) outputs of earlier runs", run.name, len(copied))
         job = genflow_job.with_options(flow_run_name=f"{plan.name}-{run.name}")
-        state = job(run.config, resume=resume, return_state=True)
+        shown, source = hand_over(run.config)
+        state = job(shown, resume=resume, config_source=source, return_state=True)
         storage = _open(run.config, run.output)
         manifest = storage.read_json("manifest.json") if storage.exists("manifest.json") else None
         if state.is_completed() and manifest is not None:

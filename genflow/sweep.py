@@ -191,7 +191,7 @@ def run_sweep(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), 
               source: str = "config") -> tuple[SweepPlan, list[dict[str, Any]]]:
     """Run a config's sweep through the sweep flow; returns its plan and the rows of ``sweep.parquet``."""
     from genflow.flows.sweep import genflow_sweep
-    from genflow.job import quiet_prefect_defaults
+    from genflow.job import hand_over, quiet_prefect_defaults
 
     quiet_prefect_defaults()
     plan = plan_sweep(raw, overrides, source)  # bad keys and values fail here, before Prefect starts
@@ -199,7 +199,8 @@ def run_sweep(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), 
     for text in overrides:
         key, value = parse_override(text)
         set_dotted(data, key, value)
-    return plan, genflow_sweep(data, resume=resume)
+    shown, config_source = hand_over(data)  # Prefect records the redacted config only
+    return plan, genflow_sweep(shown, resume=resume, config_source=config_source)
 
 
 # -- sharing finished work between runs ---------------------------------------

@@ -208,6 +208,27 @@ def test_prefect_never_gets_a_secret_but_the_flow_gets_the_real_config(
         assert token not in text and password not in text, name
 
 
+@pytest.mark.slow
+def test_a_sweep_hands_prefect_no_secret_and_its_runs_get_the_real_config(
+        tmp_path: Path, job_runner: Any, test_plugins: dict[str, str]) -> None:
+    from prefect import get_client
+
+    from genflow.sweep import run_sweep
+
+    pq.write_table(pa.table({"prompt": ["one", "two"]}), tmp_path / "prompts.parquet")
+    token = "tok-sweep-sentinel-6061"
+    config = _job(tmp_path, generators=[{"label": "echo", "plugin": "echo", "params": {"api_token": token}}],
+                  sweep={"seed": [1, 2]})
+    _plan, rows = run_sweep(config)
+    assert [r["status"] for r in rows] == ["completed", "completed"]  # each run's plugin got the real token
+    with get_client(sync_client=True) as client:
+        runs = [r for r in client.read_flow_runs()
+                if str(r.parameters.get("config", {}).get("output", "")).startswith(config["output"])]
+    assert len(runs) == 3  # the sweep and its two runs
+    for run in runs:
+        assert token not in json.dumps(run.parameters)
+
+
 def test_a_deployment_stores_no_secret_and_its_runs_read_them_from_the_file(tmp_path: Path,
                                                                            test_plugins: dict[str, str]) -> None:
     from genflow.flows.deploy import job_parameters
