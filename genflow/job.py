@@ -149,12 +149,40 @@ def check_job(job: JobConfig, read_rows: bool = True) -> Any:
     if overlapping(job.input, output):
         raise ConfigError(f"input {job.input} and output {output} overlap: the job would read its own outputs "
                           f"back as prompts (or write over its input); give the output a folder of its own")
+    _check_model_paths(job)
     source = open_input(job.input, **job.storage.model_dump())
     _check_templates(job, source.columns)
     if read_rows:
         for _ in shard_tables(source, job.shard_rows):
             pass
     return source
+
+
+def _check_model_paths(job: JobConfig) -> None:
+    """A model named by a local path must be there: loading would take seconds before failing
+    with a message about a model id. A name is taken for a path when it starts with ``/``,
+    ``./``, ``../`` or ``~``, or when its first part is a folder here (``models/tiny``); a hub
+    id (``org/name``) or a server's model name is left to the plugin."""
+    from genflow.api import sends_requests
+    from genflow.config import GeneratorSpec, ScorerSpec
+    from genflow.registry import get_registry
+
+    registry = get_registry()
+    entries: list[tuple[str, str, int, GeneratorSpec | ScorerSpec]] = [
+        ("generators", "generator", i, g) for i, g in enumerate(job.generators)]
+    entries += [("scorers", "scorer", i, s) for i, s in enumerate(job.scorers)]
+    for section, kind, i, spec in entries:
+        if not spec.model or "://" in spec.model:
+            continue
+        factory = registry.get(kind, spec.plugin).factory.implementation(spec.params)
+        if sends_requests(factory):  # the model is a name the server knows, not a folder
+            continue
+        path = Path(spec.model).expanduser()
+        local = spec.model.startswith(("/", "./", "../", "~")) or (
+            len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+        if local and not path.exists():
+            raise ConfigError(f"{section}.{i}.model: {spec.model} does not exist (a local model folder; "
+                              f"`genflow models init-tiny models` writes the tiny ones)")
 
 
 def _check_templates(job: JobConfig, columns: list[str]) -> None:

@@ -399,3 +399,20 @@ def test_a_prefect_api_lost_as_the_job_ends_is_one_line_and_no_failure(
     assert "lost the Prefect API" in out and "Traceback" not in out
     assert out.count("lost the Prefect API") + out.count("did not take this run's last logs") <= 3
     assert json.loads((tmp_path / "out/manifest.json").read_text())["status"] == "completed"
+
+
+def test_a_model_path_that_does_not_exist_is_named_before_anything_starts(tmp_path: Path,
+                                                                          test_plugins: dict[str, str]) -> None:
+    from genflow.job import check_job
+
+    pq.write_table(pa.table({"prompt": ["one"]}), tmp_path / "prompts.parquet")
+    (tmp_path / "models").mkdir()
+    missing = str(tmp_path / "models" / "tiny-gtp2")
+    job = build_config(_job(tmp_path, generators=[{"label": "echo", "plugin": "echo", "model": missing}]))
+    with pytest.raises(ConfigError, match=r"generators\.0\.model: .*tiny-gtp2 does not exist"):
+        check_job(job)
+    # A hub id, or a name a server knows, is the plugin's to resolve.
+    for name in ("Qwen/Qwen3-8B", "gpt-4.1-mini"):
+        check_job(build_config(_job(tmp_path, generators=[{"label": "echo", "plugin": "echo", "model": name}])))
+    config = _job(tmp_path, generators=[{"label": "api", "plugin": "echo-async", "model": "./served-name"}])
+    check_job(build_config(config))
