@@ -103,10 +103,33 @@ class HFTextGenerator(Generator):
         return [len(ids) for ids in self.encode(requests)]
 
     # -- generation ----------------------------------------------------------
+    def context_length(self) -> int | None:
+        """Tokens the model attends to at most (prompt and new tokens), when its config says."""
+        config = self.model.config
+        limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        return int(limit) if limit else None
+
+    def too_long(self, n_tokens: int) -> RowError | None:
+        """A clear error for a prompt the model cannot take with ``max_new_tokens`` more."""
+        limit, new = self.context_length(), self.params.max_new_tokens
+        if limit is None or n_tokens + new <= limit:
+            return None
+        return RowError(f"the prompt is {n_tokens} tokens and max_new_tokens is {new}: together more than "
+                        f"the model's context of {limit} tokens; set max_prompt_tokens (keeps the prompt's last "
+                        f"tokens) to at most {max(1, limit - new)}, or shorten the prompt")
+
     def generate(self, requests: list[GenerationRequest]) -> list[Generation | RowError]:
         encoded = self.encode(requests)
         results: list[Generation | RowError] = [RowError("not generated")] * len(requests)
-        for idx in length_sorted_batches([len(e) for e in encoded], self.params.micro_batch):
+        fits = []
+        for i, ids in enumerate(encoded):
+            error = self.too_long(len(ids))
+            if error is None:
+                fits.append(i)
+            else:
+                results[i] = error
+        for batch in length_sorted_batches([len(encoded[i]) for i in fits], self.params.micro_batch):
+            idx = [fits[j] for j in batch]
             outs = self._generate_batch([encoded[i] for i in idx], [requests[i].seed for i in idx])
             for i, (text, n_tokens, reason) in zip(idx, outs, strict=True):
                 results[i] = Generation(text=self.postprocess(requests[i], text),

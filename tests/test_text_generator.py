@@ -109,3 +109,17 @@ def test_batch_keys_are_prompt_lengths_in_the_models_tokens(tiny_models: dict[st
     lengths = [len(gen.tokenizer(p)["input_ids"]) for p in PROMPTS]
     assert gen.batch_keys(reqs) == [min(n, 6) for n in lengths]
     assert gen.batch_keys(reqs) == [len(ids) for ids in gen.encode(reqs)]
+
+
+def test_a_prompt_longer_than_the_context_is_one_clear_error_and_max_prompt_tokens_fits_it(
+        generator: Tiny, tiny_models: dict[str, str]) -> None:
+    limit = generator.context_length()
+    assert limit == 512  # the tiny GPT-2's n_positions
+    long_prompt = " ".join(["word"] * 700)
+    reqs = [GenerationRequest("g-long", "p-long", long_prompt, 0, 1), GenerationRequest("g-ok", "p-ok", "hello", 0, 2)]
+    long_result, short_result = generator.generate(reqs)
+    assert isinstance(short_result, Generation)
+    assert "more than the model's context of 512 tokens" in str(long_result)
+    assert "max_prompt_tokens" in str(long_result) and "to at most 500" in str(long_result)
+    cut = Tiny(tiny_models["tiny-gpt2"], HFTextParams(max_new_tokens=12, max_prompt_tokens=500))
+    assert isinstance(cut.generate(reqs[:1])[0], Generation)
