@@ -253,8 +253,8 @@ def stage_manifest(stage: ModelStage, description: dict[str, Any] | None) -> dic
     if info.kind == "scorer":
         entry["weight"] = spec.weight  # type: ignore[union-attr]
     entry["loaded"] = description is not None
-    entry["model"] = description or {"model": spec.model or (info.factory.default_model if info.kind == "scorer"
-                                                            else spec.model)}
+    default = info.factory.default_model if info.kind == "scorer" else None  # as the stage loads it
+    entry["model"] = description or {"model": spec.model or default}
     return entry
 
 
