@@ -305,10 +305,11 @@ class Judging:
         self.aspects = [a for a in self.rubric.aspects if weights is None or weights.get(a.name, 0) > 0]
         if self.custom:
             self.aspects = [rubrics.Aspect("score", params.criteria or "")]
-        reasoning = not (params.how == "logprobs" and params.resolved_backend == "local"
-                         and params.reasoning_tokens == 0)
+        # Whether the judge is asked for a rationale; its details then always hold one (maybe empty).
+        self.reasons = not (params.how == "logprobs" and params.resolved_backend == "local"
+                            and params.reasoning_tokens == 0)
         self.answer_format = rubrics.answer_format(params.how, self.low, self.high, self.cue,
-                                                   params.mode == "pairwise", reasoning)
+                                                   params.mode == "pairwise", self.reasons)
 
     def _render(self, item: ScoreItem, **variables: Any) -> str:
         values = {**item.inputs, "prompt": item.prompt, "reference": item.inputs.get("reference"),
@@ -368,7 +369,7 @@ class Judging:
                                    "scale": [self.low, self.high], "score_from": judged[0].how, "aspects": aspects,
                                    "outcome": f"{value:.2f} of {self.low}-{self.high}"
                                               + (f": {' '.join(reasoning.split())}" if reasoning else "")}
-        if reasoning:
+        if reasoning or self.reasons:
             details["reasoning"] = _cut(reasoning)
         if weights:
             details["weights"] = weights
@@ -455,8 +456,8 @@ class Judging:
                        "wins": wins, "ties": ties, "losses": losses, "pairs": records[i],
                        "outcome": f"won {wins}, tied {ties}, lost {losses} of {len(records[i])} pairs"}
             reasons = [r["reasoning"][0] for r in records[i] if r["reasoning"][0]]
-            if reasons:
-                details["reasoning"] = reasons[0]
+            if reasons or self.reasons:
+                details["reasoning"] = reasons[0] if reasons else ""
             out.append(Score(scores[i], details, prompt_tokens=prompt_tokens[i],
                              completion_tokens=completion_tokens[i]))
         return out

