@@ -55,7 +55,9 @@ def main_options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="
 
 @app.command()
 def run(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no-resume",
-        help="skip (stage, shard) outputs already on storage")] = True, set_: SetOpt = None) -> None:
+        help="skip (stage, shard) outputs already on storage")] = True, set_: SetOpt = None,
+        force: Annotated[bool, typer.Option("--force", help="take over the output's lease from a job that "
+                         "stopped renewing it (stale); a live job's lease is never taken")] = False) -> None:
     """Run one job."""
     from genflow.local_prefect import local_prefect_api
     from genflow.ray_cluster import shutdown_ray
@@ -70,7 +72,7 @@ def run(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no-r
 
         try:
             job = load_config(config, set_ or [])
-            manifest = run_job(job, resume=resume, api_ready=prefect_ready)
+            manifest = run_job(job, resume=resume, api_ready=prefect_ready, force=force)
         except _user_errors() as exc:
             fail(str(exc))
         except JobFailed as exc:

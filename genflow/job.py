@@ -57,15 +57,17 @@ def quiet_prefect_defaults() -> None:
 
 
 def run_job(config: JobConfig | dict[str, Any], resume: bool = True,
-            api_ready: Callable[[], None] | None = None) -> dict[str, Any]:
+            api_ready: Callable[[], None] | None = None, force: bool = False) -> dict[str, Any]:
     """Run the job flow and return its manifest (raises ``JobFailed`` past ``max_error_fraction``).
 
     ``api_ready`` is called right before the flow starts: the CLI waits there for the
-    local Prefect API it launched at start-up, while the job's first workers load."""
+    local Prefect API it launched at start-up, while the job's first workers load.
+    The job holds its output's lease throughout (``genflow.lease``): another job on the
+    output refuses at start (``OutputInUse``); ``force`` takes over a stale lease."""
     quiet_prefect_defaults()
     _install_log_filter()
     from genflow.config import build_config, resolve_output
-    from genflow.execution import stop_early_workers
+    from genflow.lease import output_lease
     from genflow.storage import Storage
 
     job = config if isinstance(config, JobConfig) else build_config(config)
@@ -74,6 +76,14 @@ def run_job(config: JobConfig | dict[str, Any], resume: bool = True,
     storage = Storage.open(resolve_output(job.output), **job.storage.model_dump())
     storage.check()
     storage.probe_write()
+    with output_lease(storage, job.name, force):
+        return _run_flow(job, storage, resume, api_ready)
+
+
+def _run_flow(job: JobConfig, storage: Any, resume: bool, api_ready: Callable[[], None] | None) -> dict[str, Any]:
+    """The flow, under the output's lease: the job's workers, Prefect, and a lost API made one line."""
+    from genflow.execution import stop_early_workers
+
     try:
         if not resume or not storage.exists("manifest.json"):  # a new job: its first stage has work
             _launch_workers(job)

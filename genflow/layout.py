@@ -19,6 +19,7 @@ demonstrations/part-<tool>.parquet       what people wrote
 preferences/part-human.parquet           human rows beside the exporters' (``sft/`` too)
 _labelling/<tool>.json                   the projects pushed to a labelling tool
 _state/<stage>/00000.json                the marker of a finished (stage, shard)
+_state/lease.json                        the job writing the folder now (genflow.lease)
 _journal/<stage>/00000-<fingerprint>/    answered requests of a shard not finished yet
 ```
 """
@@ -46,6 +47,7 @@ RANKINGS = "rankings"
 ERRORS = "errors"
 IMAGES = "images"
 STATE = "_state"
+LEASE = f"{STATE}/lease.json"
 JOURNAL = "_journal"
 MANIFEST = "manifest.json"
 HUMAN_RANKINGS = "human_rankings"

@@ -91,12 +91,14 @@ class Storage:
     root: str
     written: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
     """``file_check`` of each file this process wrote, by relative path: what markers record."""
+    options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """``open``'s keywords (endpoint, region, anonymous): for a second client of the same storage."""
 
     @classmethod
     def open(cls, uri: str, endpoint_url: str | None = None, region: str | None = None,
              anonymous: bool = False) -> Storage:
         fs, root = filesystem_for(uri, endpoint_url, region, anonymous)
-        return cls(uri, fs, root)
+        return cls(uri, fs, root, options={"endpoint_url": endpoint_url, "region": region, "anonymous": anonymous})
 
     @property
     def local(self) -> bool:

@@ -1,0 +1,281 @@
+"""The output lease (genflow.lease): one job at a time on an output folder, on local disk and
+on S3 (moto), with its heartbeat, its takeovers and its races. The jobs themselves, as the
+``genflow`` command runs them, are in test_reliability.py (concurrent jobs)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from genflow import lease as leases
+from genflow.lease import Holder, OutputInUse, OutputLease, output_lease, read_lease
+from genflow.storage import Storage
+
+STORAGE_KINDS = ["local", "s3", "s3-read-back"]
+BUCKET = "genflow-lease"
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 with one empty bucket (as in test_storage_s3.py)."""
+    import boto3
+    from conftest import free_port
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="k",
+                 aws_secret_access_key="s").create_bucket(Bucket=BUCKET)
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A boto3 client of the moto server; the credentials in the environment, where genflow finds them."""
+    import boto3
+
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "GENFLOWLEASETESTKEY1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "lease-test-secret")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    return boto3.client("s3", endpoint_url=moto_endpoint)
+
+
+def _objects(s3: Any, prefix: str) -> list[str]:
+    return [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])]
+
+
+def _ended_pid() -> int:
+    """The pid of a process of this machine that has ended."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def _plant(storage: Storage, **changes: Any) -> Holder:
+    """Write a lease as another job would have: by default one of this process, just renewed."""
+    holder = replace(Holder.of_this_process("other"), **changes)
+    storage.write_bytes("_state/lease.json", holder.encode())
+    return holder
+
+
+@pytest.fixture(params=STORAGE_KINDS)
+def storage(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Storage]:
+    """An output folder: local, on S3 with conditional writes (boto3), or on S3 written and read back."""
+    if request.param == "local":
+        yield Storage.open(str(tmp_path / "out"))
+        return
+    s3 = request.getfixturevalue("s3")
+    if request.param == "s3-read-back":  # no boto3: the lease is written, then read back
+        monkeypatch.setattr(leases, "SETTLE_S", 0.3)
+        monkeypatch.setitem(sys.modules, "boto3", None)
+    prefix = f"lease-{tmp_path.name}"
+    yield Storage.open(f"s3://{BUCKET}/{prefix}/out", endpoint_url=request.getfixturevalue("moto_endpoint"))
+    for key in _objects(s3, prefix):
+        s3.delete_object(Bucket=BUCKET, Key=key)
+
+
+def test_a_lease_names_its_job_and_refuses_a_second_one(storage: Storage) -> None:
+    with output_lease(storage, "first") as lease:
+        held = read_lease(storage)
+        assert held is not None and held.owner == lease.holder.owner and held.job == "first"
+        assert held.pid == lease.holder.pid and held.host == lease.holder.host
+        with pytest.raises(OutputInUse) as refused:
+            OutputLease(storage, "second").acquire()
+        message = str(refused.value)
+        assert message.startswith(f"the output {storage.uri} is in use by another job (host {held.host}, "
+                                  f"pid {held.pid}, started ")
+        assert re.search(r"last renewed [01] s ago\)", message) and "\n" not in message
+        with pytest.raises(OutputInUse, match="still running on this machine"):  # --force or not
+            OutputLease(storage, "second", force=True).acquire()
+        assert read_lease(storage) == held
+    assert read_lease(storage) is None  # released
+    with output_lease(storage, "third"):  # and free for the next job
+        pass
+
+
+def test_the_lease_is_released_when_the_job_raises(storage: Storage) -> None:
+    with pytest.raises(KeyboardInterrupt), output_lease(storage):
+        raise KeyboardInterrupt
+    assert read_lease(storage) is None
+
+
+def test_the_heartbeat_renews_the_lease(storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(leases, "HEARTBEAT_S", 0.05)
+    with output_lease(storage) as lease:
+        first = read_lease(storage)
+        assert first is not None
+        deadline = time.monotonic() + 10
+        while (read_lease(storage) or first).renewed_at == first.renewed_at:
+            assert time.monotonic() < deadline, "never renewed"
+            time.sleep(0.02)
+        later = read_lease(storage)
+        assert later is not None and later.owner == first.owner and later.started_at == first.started_at
+        assert lease.lost_to is None
+    assert read_lease(storage) is None
+
+
+def test_a_lease_of_a_process_that_ended_here_is_taken_over_without_force(
+        storage: Storage, caplog: pytest.LogCaptureFixture) -> None:
+    dead = _plant(storage, pid=_ended_pid())
+    with caplog.at_level(logging.WARNING, "genflow.lease"), output_lease(storage) as lease:
+        assert lease.taken_from == dead
+        assert read_lease(storage) == lease.holder
+    assert f"took over the lease of {storage.uri} from a job that has ended (pid {dead.pid} on this machine" \
+           in caplog.text
+
+
+def test_a_pid_used_again_by_another_process_is_no_holder(storage: Storage) -> None:
+    # This very pid, but a process that started at another time: the holder's pid was reused.
+    _plant(storage, process_start=Holder.of_this_process("").process_start - 1000)
+    with output_lease(storage) as lease:
+        assert lease.taken_from is not None
+
+
+def test_a_stale_lease_of_another_host_needs_force(storage: Storage, caplog: pytest.LogCaptureFixture) -> None:
+    an_hour_ago = time.time() - 3600
+    stale = _plant(storage, host="gpu-box-7", pid=4242, started_at=an_hour_ago - 60, renewed_at=an_hour_ago)
+    with pytest.raises(OutputInUse) as refused:
+        OutputLease(storage).acquire()
+    assert str(refused.value) == (
+        f"the output {storage.uri} has a stale lease of another job (host gpu-box-7, pid 4242, started "
+        f"{leases._when(stale.started_at)}, last renewed 60 min ago, over the 30 s limit): if that job is gone, "
+        f"run again with --force to take it over")
+    assert read_lease(storage) == stale
+    with caplog.at_level(logging.WARNING, "genflow.lease"), output_lease(storage, force=True) as lease:
+        assert lease.taken_from == stale and read_lease(storage) == lease.holder
+    assert "took over the stale lease" in caplog.text and "host gpu-box-7, pid 4242" in caplog.text
+    assert read_lease(storage) is None
+
+
+def test_force_never_takes_a_live_lease_of_another_host(storage: Storage) -> None:
+    live = _plant(storage, host="gpu-box-7", pid=4242, renewed_at=time.time() - 10)
+    for force in (False, True):
+        with pytest.raises(OutputInUse) as refused:
+            OutputLease(storage, force=force).acquire()
+        message = str(refused.value)
+        assert "is in use by another job (host gpu-box-7, pid 4242" in message
+        assert "last renewed 10 s ago" in message
+        assert ("--force takes over only a stale lease" in message) == force
+    assert read_lease(storage) == live
+
+
+def test_an_unreadable_lease_needs_force(storage: Storage) -> None:
+    storage.write_bytes("_state/lease.json", b"{not json")
+    with pytest.raises(OutputInUse, match=r"has a lease .* that cannot be read: if no other job writes to it, "
+                                          "run again with --force"):
+        OutputLease(storage).acquire()
+    with output_lease(storage, force=True) as lease:
+        assert lease.taken_from is None and read_lease(storage) == lease.holder
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["no-lease", "stale-lease"])
+def test_of_jobs_starting_together_exactly_one_takes_the_lease(storage: Storage, stale: bool) -> None:
+    if stale:
+        _plant(storage, host="gone", renewed_at=time.time() - 3600)
+    contenders = [OutputLease(storage, f"job-{i}", force=True) for i in range(6)]
+    start = threading.Barrier(len(contenders))
+    outcomes: dict[int, str] = {}
+
+    def contend(i: int) -> None:
+        start.wait()
+        try:
+            contenders[i].acquire()
+            outcomes[i] = "won"
+        except OutputInUse:
+            outcomes[i] = "refused"
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(len(contenders))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, outcome in outcomes.items() if outcome == "won"]
+    try:
+        assert len(winners) == 1, outcomes
+        assert read_lease(storage) == contenders[winners[0]].holder
+    finally:
+        for lease in contenders:
+            lease.release()
+    assert read_lease(storage) is None
+
+
+def test_a_job_whose_lease_was_taken_says_so_and_leaves_the_new_one(
+        storage: Storage, caplog: pytest.LogCaptureFixture) -> None:
+    lease = OutputLease(storage, "slow")
+    lease.acquire()
+    try:
+        newcomer = _plant(storage, host="gpu-box-7", pid=4242)  # took it while this one stalled
+        with caplog.at_level(logging.ERROR, "genflow.lease"):
+            lease.renew()
+        assert lease.lost_to == newcomer
+        assert f"the lease of {storage.uri} was taken over by host gpu-box-7, pid 4242" in caplog.text
+    finally:
+        lease.release()
+    assert read_lease(storage) == newcomer  # not removed by the job that lost it
+
+
+def test_a_lease_file_holds_what_a_person_needs(tmp_path: Path) -> None:
+    storage = Storage.open(str(tmp_path / "out"))
+    with output_lease(storage, "nightly"):
+        value = json.loads((tmp_path / "out/_state/lease.json").read_text())
+    assert {"owner", "host", "pid", "started_at", "renewed_at", "renewed", "heartbeat_s", "job"} <= set(value)
+    assert value["job"] == "nightly" and value["renewed"].endswith(" UTC")
+    assert not (tmp_path / "out/_state/lease.json").exists()
+    assert [p.name for p in (tmp_path / "out/_state").iterdir()] == []  # no scratch files left
+
+
+# -- S3 (moto) -------------------------------------------------------------------------------------
+
+def test_s3_leases_are_conditional_writes_when_boto3_is_there(s3: Any, moto_endpoint: str) -> None:
+    storage = Storage.open(f"s3://{BUCKET}/conditional/out", endpoint_url=moto_endpoint)
+    lease = OutputLease(storage)
+    assert isinstance(lease.file, leases._ConditionalS3Lease)
+    with output_lease(storage):
+        assert "conditional/out/_state/lease.json" in _objects(s3, "conditional/")
+    assert "conditional/out/_state/lease.json" not in _objects(s3, "conditional/")
+
+
+def test_an_s3_server_without_conditional_writes_falls_back_to_reading_back(
+        s3: Any, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from botocore.exceptions import ClientError
+
+    monkeypatch.setattr(leases, "SETTLE_S", 0.05)
+    storage = Storage.open(f"s3://{BUCKET}/no-conditions/out", endpoint_url=moto_endpoint)
+    lease = OutputLease(storage)
+    assert isinstance(lease.file, leases._ConditionalS3Lease)
+    put = lease.file.client.put_object
+
+    def without_conditions(**kwargs: Any) -> Any:
+        if "IfNoneMatch" in kwargs or "IfMatch" in kwargs:
+            raise ClientError({"Error": {"Code": "NotImplemented", "Message": "A header you provided implies "
+                                         "functionality that is not implemented"},
+                               "ResponseMetadata": {"HTTPStatusCode": 501}}, "PutObject")
+        return put(**kwargs)
+
+    monkeypatch.setattr(lease.file.client, "put_object", without_conditions)
+    lease.acquire()
+    try:
+        assert lease.file.unconditional and read_lease(storage) == lease.holder
+        lease.renew()
+        assert lease.lost_to is None
+        with pytest.raises(OutputInUse, match="still running on this machine"):
+            OutputLease(storage).acquire()
+    finally:
+        lease.release()
+    assert read_lease(storage) is None
