@@ -1,8 +1,11 @@
 """The genflow job flow: plan shards, generate, score, rank and export.
 
-Prefect sees coarse tasks, one per (stage, shard); inside each task the shard's
-rows stream through a Ray actor pool that holds the plugin's model. Stages run
-one after another so only one model pool is alive at a time.
+Prefect sees coarse tasks, one per (stage, pack of shards); inside each task the
+pack's rows stream through a Ray actor pool that holds the plugin's model. A pack
+is one shard, or consecutive small shards whose items share calls (shards are the
+unit of resume, not of a call), and the next pack's calls are sent before the
+current pack's parts are written. Stages run one after another so only one model
+pool is alive at a time.
 
 Resume. What a (stage, shard) has done is recorded with its output: a marker under
 ``<output>/_state/`` holding the stage fingerprint (the shard's rows plus the stage
@@ -24,15 +27,18 @@ key from the fingerprint would be easy to write:
 - a task's inputs hold an actor pool and a progress bar, which Prefect cannot
   hash; a hand-written key would repeat the fingerprint logic in a second place.
 
-Task runs are named ``<stage>-<shard>-<fingerprint>`` so a run in the Prefect UI
-matches its marker. Every task takes its arguments in one order: the job's context,
-the stage, the shard, the fingerprint its marker will hold, then what runs it.
+Task runs are named ``<stage>-<shard>-<fingerprint>`` (a pack:
+``<stage>-<first>-<last>-<fingerprint of the first>``) so a run in the Prefect UI
+matches its markers. Every task takes its arguments in one order: the job's context,
+the stage, the shard (or pack), the fingerprint its marker will hold, then what runs it.
 ``retries`` cover what may pass (a storage hiccup); bad input, a plugin that
 cannot load or keeps crashing fail at once.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from typing import Any
 
@@ -49,8 +55,9 @@ from genflow.artifacts import publish_job_artifacts, stage_tags
 from genflow.config import ConfigError, JobConfig, build_config, redacted_urls, resolve_output
 from genflow.dataset_card import write_card_safely
 from genflow.events import on_job_failure
-from genflow.execution import RequestPool, Workers, job_workers
-from genflow.job import JobFailed, real_config
+from genflow.execution import RequestPool, WorkerPool, Workers, job_workers
+from genflow.job import JobFailed, prefect_api_lost, real_config
+from genflow.job import _api_url as prefect_api_url
 from genflow.layout import Shard, ShardPlan, Stage
 from genflow.manifest import build_manifest, rows_of
 from genflow.progress import StageProgress
@@ -62,14 +69,15 @@ from genflow.resume import DoneIndex, StageOutcome, drop_unused_parts, finished
 from genflow.stages import (
     JobContext,
     ModelStage,
-    generate_shard,
+    Pack,
+    generate_work,
     input_candidates_shard,
     job_exporters,
     plan_shards,
     rank_shard,
-    score_shard,
+    score_work,
 )
-from genflow.stages.common import Advance, Budget, Pool
+from genflow.stages.common import Budget, Pool
 from genflow.storage import Storage, disk_full
 
 
@@ -83,6 +91,8 @@ def worth_retrying(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": 1,
                                 "retry_condition_fn": worth_retrying}
 RUN_NAME = "{stage.run_name}-{shard.index}-{fingerprint}"
+PACK_NAME = "{stage.run_name}-{shards}-{fingerprint}"
+"""A model stage's task: a pack of consecutive shards (``3``, or ``3-9``), its first shard's fingerprint."""
 
 
 @task(name="plan-shards", cache_policy=NO_CACHE)
@@ -94,16 +104,14 @@ def plan_task(config: JobConfig, storage: Storage, resume: bool, part_folders: l
     return shards, source.base_dir
 
 
-@task(name="generate", task_run_name=RUN_NAME, **TASK_OPTIONS)
-def generate_task(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: str, pool: Pool,
-                  advance: Advance) -> StageOutcome:
-    return _logged(generate_shard(job, stage, shard, fingerprint, pool, advance))
+@task(name="generate", task_run_name=PACK_NAME, **TASK_OPTIONS)
+def generate_task(job: JobContext, stage: ModelStage, shards: str, fingerprint: str, pack: Pack) -> list[StageOutcome]:
+    return [_logged(o) for o in pack.collect()]
 
 
-@task(name="score", task_run_name=RUN_NAME, **TASK_OPTIONS)
-def score_task(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: str, pool: Pool,
-               advance: Advance) -> StageOutcome:
-    return _logged(score_shard(job, stage, shard, fingerprint, pool, advance))
+@task(name="score", task_run_name=PACK_NAME, **TASK_OPTIONS)
+def score_task(job: JobContext, stage: ModelStage, shards: str, fingerprint: str, pack: Pack) -> list[StageOutcome]:
+    return [_logged(o) for o in pack.collect()]
 
 
 @task(name="input-candidates", task_run_name="input-candidates-{shard.index}-{fingerprint}", **TASK_OPTIONS)
@@ -147,7 +155,7 @@ def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Work
 
     # Plan: the input cut into shards; what this config no longer has is removed.
     folders = [*layout.CORE_FOLDERS, *sorted(every_exporter | set(exporters)), layout.ERRORS]
-    shards, base_dir = plan_task(config, storage, resume, folders)
+    shards, base_dir = call_task(plan_task, config, storage, resume, folders)
     drop_unused_parts(storage, set(layout.generator_labels(config)), {s.name for s in config.scorers},
                       set(exporters), every_exporter)
     job = JobContext(config, storage, base_dir, frozenset(c for s in stages for c in s.factory.input_columns),
@@ -168,7 +176,7 @@ def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Work
         with tags(*stage_tags(layout.generate_stage(layout.INPUT_LABEL).name)):
             for plan in plans:
                 own, fp = plan.generate[0]
-                outcomes.append(done(own, plan.shard, fp) or input_task(job, own, plan.shard, fp))
+                outcomes.append(done(own, plan.shard, fp) or call_task(input_task, job, own, plan.shard, fp))
     for stage in stages:
         t = time.perf_counter()
         pool = stage.pool(config, workers)
@@ -189,7 +197,8 @@ def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Work
             for plan in plans:
                 assert plan.rank is not None
                 rank, fp = plan.rank
-                outcomes.append(done(rank, plan.shard, fp) or rank_task(job, rank, plan.shard, fp, exporters))
+                outcomes.append(done(rank, plan.shard, fp) or call_task(rank_task, job, rank, plan.shard, fp,
+                                                                         exporters))
         timings["rank"] = time.perf_counter() - t
 
     timings["total"] = time.perf_counter() - t0
@@ -221,27 +230,102 @@ def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Work
 
 def _run_model_stage(job: JobContext, stage: ModelStage, plans: list[ShardPlan], before: list[StageOutcome],
                      pool: Pool, done: Any) -> list[StageOutcome]:
-    """One generator's or scorer's tasks: a shard at a time, those finished before skipped."""
+    """One generator's or scorer's tasks, a pack of shards each; shards finished before are skipped.
+
+    The next pack is made (its inputs read, its calls sent) before the current one is
+    collected, so the workers never wait for a shard's parts to be written."""
     generating = stage.stage.kind == "generate"
     run = generate_task if generating else score_task
+    per_row = _items_per_row(job.config, stage)
     if generating:
-        total = sum(p.shard.rows for p in plans) * stage.spec.samples  # type: ignore[union-attr]
+        total = sum(p.shard.rows for p in plans) * per_row
     else:
         total = sum(o.rows.get(layout.GENERATIONS, 0) for o in before if o.stage.startswith("generate/"))
-    outcomes = []
+    outcomes: dict[int, StageOutcome] = {}
     cost = (lambda: job.budget.spent) if stage.spec.price is not None else None
+    size = stage.call_size(job.config)
+    make = generate_work if generating else score_work
     with pool, StageProgress(f"{stage.stage.kind} {stage.label}", total, cost=cost) as bar, \
             tags(*stage_tags(stage.stage.name, [stage.spec.plugin])):  # on each task run of the stage
+        todo: list[tuple[Shard, str]] = []
         for plan in plans:
             fp = dict(plan.stages())[stage.stage]
             finished_before = done(stage.stage, plan.shard, fp)
             if finished_before:
-                outcomes.append(finished_before)
-                bar.skip(plan.shard.rows * stage.spec.samples if generating  # type: ignore[union-attr]
-                         else finished_before.work_items)
-                continue
-            outcomes.append(run(job, stage, plan.shard, fp, pool, bar.advance))
-    return outcomes
+                outcomes[plan.shard.index] = finished_before
+                bar.skip(plan.shard.rows * per_row if generating else finished_before.work_items)
+            else:
+                todo.append((plan.shard, fp))
+        groups = pack_shards(todo, per_row, pack_items(stage, job.config, pool))
+
+        def make_pack(group: list[tuple[Shard, str]]) -> Pack:
+            works = [make(job, stage, shard, fp) for shard, fp in group]
+            return Pack(stage, works, pool, size, bar.advance, job.budget)
+
+        # A budget is counted from the answers collected: with one, nothing is sent ahead of them.
+        ahead = not (isinstance(pool, RequestPool) and job.budget.max_cost is not None)
+        current = make_pack(groups[0]) if groups else None
+        for following in [*groups[1:], None] if groups else []:
+            upcoming = make_pack(following) if following and ahead else None  # sent before `current` is written
+            assert current is not None
+            first, last = current.shards[0].index, current.shards[-1].index
+            name = f"{first}" if first == last else f"{first}-{last}"
+            for outcome in call_task(run, job, stage, name, current.works[0].fingerprint, current):
+                outcomes[outcome.shard] = outcome
+            current = upcoming or (make_pack(following) if following else None)
+    return [outcomes[p.shard.index] for p in plans]
+
+
+def _items_per_row(config: JobConfig, stage: ModelStage) -> int:
+    """About how many items a prompt makes for the stage: its samples, or the candidates scored."""
+    if stage.stage.kind == "generate":
+        return stage.spec.samples  # type: ignore[union-attr]
+    return max(1, sum(g.samples for g in config.generators)) if config.generators else 1
+
+
+def pack_items(stage: ModelStage, config: JobConfig, pool: Pool) -> int:
+    """Items a pack of shards should hold: enough to keep every worker's calls queued (two a
+    worker, at the stage's call size), or every request slot of a server stage busy."""
+    if isinstance(pool, RequestPool):
+        return int(stage.spec.requests.concurrency)
+    return stage.call_size(config) * max(1, config.ray.workers) * WorkerPool.in_flight_per_actor
+
+
+def pack_shards(todo: list[tuple[Shard, str]], per_row: int, items: int) -> list[list[tuple[Shard, str]]]:
+    """Consecutive shards grouped until a group holds ``items`` (a larger shard is a group alone)."""
+    groups: list[list[tuple[Shard, str]]] = []
+    held = items
+    for entry in todo:
+        if held >= items:
+            groups.append([])
+            held = 0
+        groups[-1].append(entry)
+        held += entry[0].rows * per_row
+    return groups
+
+
+def call_task(run: Task[Any, Any], *args: Any) -> Any:
+    """Run a task of the flow; once the Prefect API is gone, run its function without Prefect.
+
+    A shared Prefect server that restarts, or a local API that dies, then costs Prefect's
+    record of the rest of the run (one line says so), not the job: the work is genflow's."""
+    if _lost_api.is_set():
+        return run.fn(*args)
+    try:
+        return run(*args)
+    except (JobFailed, ConfigError, InputError, PluginError, RayUnreachable):
+        raise
+    except Exception:
+        if not prefect_api_lost():
+            raise
+        _lost_api.set()
+        logging.getLogger(__name__).warning(
+            "lost the Prefect API (%s): the job goes on without Prefect's record of the rest of the run",
+            prefect_api_url())
+        return run.fn(*args)
+
+
+_lost_api = threading.Event()
 
 
 def stage_manifest(stage: ModelStage, description: dict[str, Any] | None) -> dict[str, Any]:

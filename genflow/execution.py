@@ -22,8 +22,11 @@ death is seen, counted and blamed on the batch that was running.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -54,12 +57,41 @@ class PluginCrashed(PluginError):
     """A plugin's worker processes died more often than ``ray.max_worker_deaths`` allows."""
 
 
+class Ticket:
+    """The answers to one :meth:`WorkerPool.submit`, as its batches (or parts of them) finish.
+
+    The pool's pump fills it from its own thread; ``results`` hands them over in the
+    order they finish and ends once every item is answered."""
+
+    def __init__(self, items: int) -> None:
+        self.left = items
+        self.cancelled = False
+        """The caller stopped listening: batches of this ticket not yet sent are dropped."""
+        self._answers: queue.SimpleQueue[BatchResult | BaseException] = queue.SimpleQueue()
+
+    def put(self, answer: BatchResult | BaseException) -> None:
+        self._answers.put(answer)
+
+    def results(self) -> Iterator[BatchResult]:
+        try:
+            while self.left > 0:
+                answer = self._answers.get()
+                if isinstance(answer, BaseException):
+                    raise answer
+                self.left -= len(answer.items)
+                yield answer
+        finally:
+            if self.left > 0:
+                self.cancelled = True
+
+
 @dataclass
 class _Work:
     """Items of one batch (or a part of one) and the worker deaths they were blamed for."""
 
     index: int
     items: list[Any]
+    ticket: Ticket
     deaths: int = 0
     suspect: bool = False
     """Runs alone on its actor, so that if the actor dies it is certain who killed it."""
@@ -157,7 +189,14 @@ class Workers:
 
 
 class WorkerPool:
-    """One plugin on a job's :class:`Workers`: batches in, results out, dead workers replaced."""
+    """One plugin on a job's :class:`Workers`: batches in, results out, dead workers replaced.
+
+    Batches are sent by a pump thread of the pool's own, which keeps every worker at
+    ``in_flight_per_actor`` calls: batches of several :meth:`submit` calls queue behind
+    each other, so a stage hands the next shards' batches over before it writes the
+    current shards' parts, and the workers never wait at a shard's boundary."""
+
+    in_flight_per_actor = 2
 
     def __init__(self, factory: type, model: str | None, params: dict[str, Any], spec: RaySpec,
                  name: str, workers: Workers | None = None) -> None:
@@ -171,6 +210,13 @@ class WorkerPool:
         """How long the stage waited in ``start`` for its plugin to load (for the first stage also
         Ray's start and the worker processes', unless they were launched early)."""
         self._ready = False
+        self._lock = threading.Lock()
+        """Guards the queue of batches not sent yet and the actors' replacement."""
+        self._queue: deque[_Work] = deque()
+        self._wake = threading.Event()
+        self._pump: threading.Thread | None = None
+        self._closing = False
+        self._broken: BaseException | None = None
 
     @property
     def actors(self) -> list[Any]:
@@ -203,16 +249,19 @@ class WorkerPool:
         if not items:
             return []
         self.start()
-        share = -(-len(items) // len(self.actors))
+        with self._lock:
+            actors = list(self.actors)
+        share = -(-len(items) // len(actors))
         shares = [list(items[i:i + share]) for i in range(0, len(items), share)]
-        refs = [actor.keys.remote(part) for actor, part in zip(self.actors, shares, strict=False)]
+        refs = [actor.keys.remote(part) for actor, part in zip(actors, shares, strict=False)]
         keys: list[Any] = []
         problem = None
         for slot, (ref, part) in enumerate(zip(refs, shares, strict=False)):
             try:
                 got = ray.get(ref)
             except RayActorError as exc:
-                self._replace(slot, self.actors[slot], exc, len(part))
+                with self._lock:
+                    self._replace(slot, actors[slot], exc, len(part))
                 problem = f"its worker died ({_death_reason(exc)})"
                 continue
             except RayTaskError as exc:
@@ -227,8 +276,13 @@ class WorkerPool:
         return keys
 
     def stop(self) -> None:
-        """The stage is done: workers of the pool's own stop; a job's stay for its next stage."""
+        """The stage is done: the pump ends; workers of the pool's own stop, a job's stay for its next stage."""
         self._ready = False
+        self._closing = True
+        self._wake.set()
+        if self._pump is not None:
+            self._pump.join(timeout=30)
+            self._pump = None
         if self._own_workers:
             self.workers.stop()
 
@@ -239,6 +293,9 @@ class WorkerPool:
         self.stop()
 
     def _replace(self, slot: int, dead: Any, exc: BaseException, batch_rows: int) -> None:
+        """Start a fresh actor in a dead one's place (called holding ``_lock``); a death counts once."""
+        if self.actors[slot] is not dead:
+            return  # already replaced (seen dying by the pump and by batch_keys)
         self.deaths += 1
         if self.deaths > self.spec.max_worker_deaths:
             self.workers.stop()
@@ -246,36 +303,68 @@ class WorkerPool:
                 f"{self.name}: worker processes died {self.deaths} times (last on a batch of {batch_rows} "
                 f"rows: {_death_reason(exc)}); the plugin keeps crashing. Fix it, or raise "
                 f"ray.max_worker_deaths ({self.spec.max_worker_deaths}) and rerun to go on.")
-        if self.actors[slot] is dead:
-            ray.kill(dead, no_restart=True)
-            self.actors[slot] = self.workers.new_actor()
+        ray.kill(dead, no_restart=True)
+        self.actors[slot] = self.workers.new_actor()
 
-    def map(self, batches: Sequence[list[Any]], in_flight_per_actor: int = 2) -> Iterator[BatchResult]:
+    def map(self, batches: Sequence[list[Any]]) -> Iterator[BatchResult]:
         """Run every batch on the pool; yield results as batches (or parts of them) finish.
 
         Every item is answered exactly once, with a result or a :class:`Failure`.
         """
-        if not batches:
-            return
+        yield from self.submit(batches).results()
+
+    def submit(self, batches: Sequence[list[Any]]) -> Ticket:
+        """Queue every batch for the workers at once and return; the :class:`Ticket` has the answers."""
+        ticket = Ticket(sum(len(b) for b in batches))
+        if not ticket.left:
+            return ticket
         self.start()
-        queue: deque[_Work] = deque(_Work(i, list(b)) for i, b in enumerate(batches))
+        with self._lock:
+            if self._broken is not None:
+                raise self._broken
+            self._queue.extend(_Work(i, list(b), ticket) for i, b in enumerate(batches))
+            if self._pump is None:
+                self._closing = False
+                self._pump = threading.Thread(target=self._run_pump, name=f"genflow-pump-{self.name}",
+                                              daemon=True)
+                self._pump.start()
+        self._wake.set()
+        return ticket
+
+    def _run_pump(self) -> None:
         running: dict[Any, _Call] = {}
+        try:
+            self._pumping(running)
+        except BaseException as exc:  # PluginCrashed, a plugin that cannot load again, Ray gone
+            with self._lock:
+                self._broken = exc
+                waiting = {id(w.ticket): w.ticket for w in self._queue}
+                waiting.update({id(c.work.ticket): c.work.ticket for c in running.values()})
+                self._queue.clear()
+            for ticket in waiting.values():
+                ticket.put(exc)
+
+    def _pumping(self, running: dict[Any, _Call]) -> None:
         load = [0] * len(self.actors)
         alone = [False] * len(self.actors)  # the actor runs a suspect batch: send it nothing else
 
-        def submit() -> None:
-            while queue:
-                work = queue[0]
-                cap = 1 if work.suspect else in_flight_per_actor
-                free = [i for i in range(len(self.actors)) if not alone[i] and load[i] < cap]
-                if not free:
-                    return
-                slot = min(free, key=lambda i: load[i])
-                queue.popleft()
-                actor = self.actors[slot]
-                running[actor.call.remote(work.items)] = _Call(work, slot, actor)
-                load[slot] += 1
-                alone[slot] = work.suspect
+        def send() -> None:
+            with self._lock:
+                while self._queue:
+                    work = self._queue[0]
+                    if work.ticket.cancelled:
+                        self._queue.popleft()
+                        continue
+                    cap = 1 if work.suspect else self.in_flight_per_actor
+                    free = [i for i in range(len(self.actors)) if not alone[i] and load[i] < cap]
+                    if not free:
+                        return
+                    slot = min(free, key=lambda i: load[i])
+                    self._queue.popleft()
+                    actor = self.actors[slot]
+                    running[actor.call.remote(work.items)] = _Call(work, slot, actor)
+                    load[slot] += 1
+                    alone[slot] = work.suspect
 
         def finish(ref: Any) -> _Call:
             call = running.pop(ref)
@@ -283,24 +372,29 @@ class WorkerPool:
             alone[call.slot] = False
             return call
 
-        submit()
-        while running:
-            done, _ = ray.wait(list(running), num_returns=1)
+        while not self._closing:
+            send()
+            if not running:
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            # Short waits, so that batches queued meanwhile reach a worker with a free slot soon.
+            done, _ = ray.wait(list(running), num_returns=1, timeout=0.02)
+            if not done:
+                continue
             call = finish(done[0])
             try:
                 results = ray.get(done[0])
             except RayActorError as exc:
-                yield from self._after_death(call, exc, running, finish, queue)
-                submit()
+                self._after_death(call, exc, running, finish)
                 continue
             except RayTaskError as exc:  # the call itself broke (e.g. results that cannot be pickled)
                 cause = exc.cause if exc.cause else exc
                 results = [Failure(f"{type(cause).__name__}: {cause}", str(exc)) for _ in call.work.items]
-            yield BatchResult(call.work.index, call.work.items, results, time.perf_counter() - call.started)
-            submit()
+            _answer(call, results)
 
     def _after_death(self, call: _Call, exc: RayActorError, running: dict[Any, _Call],
-                     finish: Callable[[Any], _Call], queue: deque[_Work]) -> Iterator[BatchResult]:
+                     finish: Callable[[Any], _Call]) -> None:
         """An actor died: settle every call it had, blame the batch that killed it, replace it.
 
         With one batch on the actor the blame is certain: the batch is split in halves (or,
@@ -322,29 +416,40 @@ class WorkerPool:
                 except (RayActorError, GetTimeoutError):
                     failed.append(other)
                     continue
-                yield BatchResult(other.work.index, other.work.items, results, time.perf_counter() - other.started)
-        self._replace(call.slot, call.actor, exc, sum(len(c.work.items) for c in failed))
+                _answer(other, results)
+        with self._lock:
+            self._replace(call.slot, call.actor, exc, sum(len(c.work.items) for c in failed))
         reason = _death_reason(exc)
+        retry: list[_Work]
         if len(failed) > 1:
             log.warning("%s: a worker died with %d batches on it (%s); retrying them one at a time",
                         self.name, len(failed), reason)
-            queue.extendleft(reversed([_Work(c.work.index, c.work.items, c.work.deaths, suspect=True)
-                                       for c in failed]))
-            return
-        work = call.work
-        work.deaths += 1
-        if len(work.items) > 1:
-            log.warning("%s: a worker died on a batch of %d rows (%s); retrying it in halves",
-                        self.name, len(work.items), reason)
-            half = len(work.items) // 2
-            queue.extendleft([_Work(work.index, work.items[half:], work.deaths, suspect=True),
-                              _Work(work.index, work.items[:half], work.deaths, suspect=True)])
-        elif work.deaths <= self.spec.max_restarts:
-            log.warning("%s: a worker died on a single row (%s); retrying it", self.name, reason)
-            queue.appendleft(_Work(work.index, work.items, work.deaths, suspect=True))
+            retry = [dataclasses.replace(c.work, suspect=True) for c in failed]
         else:
-            msg = f"WorkerDied: the worker process died {work.deaths} times on this row ({reason})"
-            yield BatchResult(work.index, work.items, [Failure(msg, str(exc))], time.perf_counter() - call.started)
+            work = call.work
+            work.deaths += 1
+            if len(work.items) > 1:
+                log.warning("%s: a worker died on a batch of %d rows (%s); retrying it in halves",
+                            self.name, len(work.items), reason)
+                half = len(work.items) // 2
+                retry = [dataclasses.replace(work, items=work.items[:half], suspect=True),
+                         dataclasses.replace(work, items=work.items[half:], suspect=True)]
+            elif work.deaths <= self.spec.max_restarts:
+                log.warning("%s: a worker died on a single row (%s); retrying it", self.name, reason)
+                retry = [dataclasses.replace(work, suspect=True)]
+            else:
+                msg = f"WorkerDied: the worker process died {work.deaths} times on this row ({reason})"
+                work.ticket.put(BatchResult(work.index, work.items, [Failure(msg, str(exc))],
+                                            time.perf_counter() - call.started))
+                return
+        with self._lock:
+            self._queue.extendleft(reversed(retry))
+
+
+def _answer(call: _Call, results: list[Any]) -> None:
+    work = call.work
+    work.ticket.put(BatchResult(work.index, work.items, results, time.perf_counter() - call.started))
+
 
 
 _launched_early: dict[str, Workers] = {}
@@ -399,8 +504,6 @@ def chunked(items: Sequence[Any], size: int) -> list[list[Any]]:
     return [list(items[i:i + size]) for i in range(0, len(items), size)]
 
 
-
-
 class RequestPool:
     """A request plugin's stage on one low-CPU actor: requests in, answers streamed back.
 
@@ -419,6 +522,7 @@ class RequestPool:
         self.stats: dict[str, Any] = {}
         self.stopping = False
         self._ready: Any = None
+        self._lock = threading.Lock()
 
     def _new_actor(self) -> Any:
         from genflow.requesting import RequestWorker
@@ -455,39 +559,33 @@ class RequestPool:
     def answers(self, items: list[Any]) -> Iterator[list[Any]]:
         """Lists of :class:`genflow.requesting.Answer` (``index`` into ``items``) as they arrive;
         every item is answered exactly once."""
-        if not items:
-            return
-        self.start()
-        left = dict(enumerate(items))
-        self.stopping = False
-        while left and not self.stopping:
-            order = list(left)
-            stream = self.actor.run.options(num_returns="streaming").remote([left[i] for i in order])
-            try:
-                for ref in stream:
-                    batch = ray.get(ref)
-                    for answer in batch:
-                        answer.index = order[answer.index]
-                        del left[answer.index]
-                    yield batch
-                if left and not self.stopping:
-                    raise RuntimeError(f"{self.name}: the request worker's stream ended with {len(left)} "
-                                       "requests unanswered")
-            except RayActorError as exc:
-                self.deaths += 1
-                if self.deaths > self.spec.max_worker_deaths:
-                    raise PluginCrashed(f"{self.name}: its request worker died {self.deaths} times "
-                                        f"({_death_reason(exc)})") from None
-                log.warning("%s: the request worker died (%s); sending its %d unanswered requests again",
-                            self.name, _death_reason(exc), len(left))
-                self.actor = self._new_actor()
-                self._ready = self.actor.describe.remote()
-            finally:
-                if left:  # the caller stopped early (a spent budget) or the worker died: stop sending
-                    try:
-                        ray.cancel(stream)
-                    except Exception as exc:  # a dead actor's stream has nothing left to cancel
-                        log.debug("%s: cancelling the request stream: %s", self.name, exc)
+        yield from self.submit(items).results()
+
+    def submit(self, items: list[Any]) -> RequestTicket:
+        """Send ``items`` to the request worker now; the ticket streams their answers.
+
+        The worker runs every stream it is given under the stage's one set of limits, so
+        the next shards' requests start while the current shards' answers are written."""
+        return RequestTicket(self, items)
+
+    def _stream(self, items: list[Any]) -> tuple[Any, Any]:
+        """A streaming ``run`` of ``items`` on the current worker: (the worker, the stream)."""
+        actor = self.actor
+        return actor, actor.run.options(num_returns="streaming").remote(items)
+
+    def _died(self, actor: Any, exc: RayActorError, unanswered: int) -> None:
+        """A stream's worker died: replace it (once, whichever of its streams saw it first)."""
+        with self._lock:
+            if self.actor is not actor:
+                return
+            self.deaths += 1
+            if self.deaths > self.spec.max_worker_deaths:
+                raise PluginCrashed(f"{self.name}: its request worker died {self.deaths} times "
+                                    f"({_death_reason(exc)})") from None
+            log.warning("%s: the request worker died (%s); sending its %d unanswered requests again",
+                        self.name, _death_reason(exc), unanswered)
+            self.actor = self._new_actor()
+            self._ready = self.actor.describe.remote()
 
     def stop_sending(self) -> None:
         """The requests in flight finish (``answers`` still yields them), no new one is sent."""
@@ -511,3 +609,45 @@ class RequestPool:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class RequestTicket:
+    """The answers to one :meth:`RequestPool.submit`: its requests are on their way from the
+    start; ``results`` streams the answers and sends what a dying worker left unanswered again."""
+
+    def __init__(self, pool: RequestPool, items: list[Any]) -> None:
+        self.pool = pool
+        self.left = dict(enumerate(items))
+        self._first: tuple[list[int], Any, Any] | None = None
+        if self.left:
+            pool.start()
+            pool.stopping = False
+            order = list(self.left)
+            self._first = (order, *pool._stream([self.left[i] for i in order]))
+
+    def results(self) -> Iterator[list[Any]]:
+        pool, left = self.pool, self.left
+        while left and not pool.stopping:
+            if self._first is not None:
+                (order, actor, stream), self._first = self._first, None
+            else:
+                order = list(left)
+                actor, stream = pool._stream([left[i] for i in order])
+            try:
+                for ref in stream:
+                    batch = ray.get(ref)
+                    for answer in batch:
+                        answer.index = order[answer.index]
+                        del left[answer.index]
+                    yield batch
+                if left and not pool.stopping:
+                    raise RuntimeError(f"{pool.name}: the request worker's stream ended with {len(left)} "
+                                       "requests unanswered")
+            except RayActorError as exc:
+                pool._died(actor, exc, len(left))
+            finally:
+                if left:  # the caller stopped early (a spent budget) or the worker died: stop sending
+                    try:
+                        ray.cancel(stream)
+                    except Exception as exc:  # a dead actor's stream has nothing left to cancel
+                        log.debug("%s: cancelling the request stream: %s", pool.name, exc)

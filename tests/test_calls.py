@@ -115,3 +115,73 @@ def test_a_new_job_launches_its_workers_before_the_flow_and_its_stages_share_the
     second = job_runner(config)  # finished: nothing to launch, nothing to run
     assert launched == ["Echo"] and second["rows"] == first["rows"]
     assert len([line for line in calls(tmp_path / "state") if line.startswith("init")]) == 4
+
+
+# -- packs: small shards share calls -----------------------------------------------
+
+def _shard_rows(out: Path, folder: str, n: int) -> list[list[dict[str, Any]]]:
+    from genflow import layout
+
+    stage = layout.generate_stage("echo") if folder == "generations" else layout.score_stage("length")
+    return [pq.read_table(out / stage.part(i)).to_pylist() for i in range(n)]
+
+
+@pytest.mark.slow
+def test_calls_span_small_shards_and_every_row_lands_in_its_own_shards_part(
+        tmp_path: Path, job_runner: Any, test_plugins: dict[str, str]) -> None:
+    from genflow import layout
+
+    prompts = [f"prompt {i}" for i in range(22)]  # 8 shards of 3 (the last of 1), 2 samples: 6 items a shard
+    config = _echo_job(tmp_path, prompts)
+    config.update(shard_rows=3)
+    config["generators"][0]["samples"] = 2
+    config["scorers"] = [{"plugin": "length", "params": {"state_dir": str(tmp_path / "state")}}]
+    manifest = job_runner(config)
+    assert manifest["status"] == "completed" and manifest["rows"]["generations"] == 44
+    assert manifest["rows"]["scores"] == 44
+
+    # Calls of the batch size (4) although a shard has 6 items: 11 calls of 4, not 8 of 4 and 8 of 2.
+    sizes = [int(line.split()[2]) for line in calls(tmp_path / "state") if line.startswith("call echo")]
+    assert sum(sizes) == 44 and sizes.count(4) >= 10 and len(sizes) <= 12
+
+    # Each shard's parts hold exactly its own prompts' rows, each once; its marker vouches for them.
+    out = Path(config["output"])
+    generations, scores = _shard_rows(out, "generations", 8), _shard_rows(out, "scores", 8)
+    for i in range(8):
+        own = {r["prompt_id"] for r in pq.read_table(out / layout.PROMPTS_STAGE.part(i)).to_pylist()}
+        assert len(own) == (3 if i < 7 else 1)
+        assert sorted(r["prompt_id"] for r in generations[i]) == sorted([*own, *own])
+        ids = [r["generation_id"] for r in generations[i]]
+        assert len(set(ids)) == len(ids) == 2 * len(own)
+        assert sorted(r["generation_id"] for r in scores[i]) == sorted(ids)
+        assert all(r["text"] == " " + r["prompt"][::-1] + "!" * r["sample"] for r in generations[i])
+        assert (out / layout.generate_stage("echo").marker(i)).exists()
+
+    # A rerun finds every shard done: no task, no call.
+    before = len(calls(tmp_path / "state"))
+    again = job_runner(config)
+    assert again["rows"] == manifest["rows"] and len(calls(tmp_path / "state")) == before
+
+
+@pytest.mark.slow
+def test_a_request_stage_packs_small_shards_and_journals_each_answer_in_its_own_shard(
+        tmp_path: Path, job_runner: Any, test_plugins: dict[str, str]) -> None:
+    from genflow import layout
+
+    pq.write_table(pa.table({"prompt": [f"ask {i}" for i in range(20)]}), tmp_path / "prompts.parquet")
+    config = {"name": "requests", "input": str(tmp_path / "prompts.parquet"), "output": str(tmp_path / "out"),
+              "shard_rows": 2, "generators": [{"label": "api", "plugin": "echo-async", "samples": 3,
+                                               "requests": {"concurrency": 16}}]}
+    manifest = job_runner(config)
+    assert manifest["status"] == "completed" and manifest["rows"]["generations"] == 60
+    out = Path(config["output"])
+    seen: set[str] = set()
+    for i in range(10):
+        own = {r["prompt_id"] for r in pq.read_table(out / layout.PROMPTS_STAGE.part(i)).to_pylist()}
+        rows = pq.read_table(out / layout.generate_stage("api").part(i)).to_pylist()
+        assert {r["prompt_id"] for r in rows} == own and len(rows) == 3 * len(own)
+        ids = {r["generation_id"] for r in rows}
+        assert len(ids) == len(rows) and not ids & seen
+        seen |= ids
+    journals = out / layout.JOURNAL  # every shard's journal went into its parts
+    assert not journals.exists() or not [p for p in journals.rglob("*") if p.is_file()]

@@ -160,15 +160,26 @@ def call_batches(items: list[Item], keys: list[Any] | None, size: int) -> list[l
     return chunked(items, size)
 
 
-def _request_answers(pool: RequestPool, items: list[Item], advance: Advance, journal: Journal | None,
+def _request_answers(pool: RequestPool, items: list[Item], advance: Advance, journals: Journals,
                      price: PriceSpec | None, budget: Budget | None,
                      per_prompt: bool) -> Iterator[tuple[Item, Any, float]]:
-    """A request stage's answers: those the journal holds first (sent by an earlier run), then
+    """A request stage's answers: those the journals hold first (sent by an earlier run), then
     the rest as the server answers, each one journaled; stops once the budget is spent.
-    A request is one item, or (``per_prompt``) the list of a prompt's items."""
-    answered = journal.load() if journal is not None else {}
+    A request is one item, or (``per_prompt``) the list of a prompt's items. The requests
+    not journaled are sent before this returns."""
+    answered: dict[str, tuple[Any, float]] = {}
+    for journal in journals.unique():
+        answered.update(journal.load())
     units: list[list[Item]] = prompt_groups(items) if per_prompt else [[item] for item in items]
     todo = [unit for unit in units if not all(i.generation_id in answered for i in unit)]
+    ticket = pool.submit([unit if per_prompt else unit[0] for unit in todo]) if todo else None
+    return _journaled_answers(pool, ticket, units, todo, answered, advance, journals, price, budget, per_prompt)
+
+
+def _journaled_answers(pool: RequestPool, ticket: Any, units: list[list[Item]], todo: list[list[Item]],
+                       answered: dict[str, tuple[Any, float]], advance: Advance, journals: Journals,
+                       price: PriceSpec | None, budget: Budget | None,
+                       per_prompt: bool) -> Iterator[tuple[Item, Any, float]]:
     replayed = 0
     for unit in units:
         if all(i.generation_id in answered for i in unit):
@@ -178,32 +189,50 @@ def _request_answers(pool: RequestPool, items: list[Item], advance: Advance, jou
                 yield item, result, seconds
     if replayed:
         advance(replayed)
-    requests = [unit if per_prompt else unit[0] for unit in todo]
     stopping = False
-    for batch in pool.answers(requests):
+    for batch in ticket.results() if ticket is not None else ():
         moved = 0
         for answer in batch:
             unit = todo[answer.index]
             results = _fan_out(answer.result, len(unit)) if per_prompt else [answer.result]
             for item, result in zip(unit, results, strict=True):
-                if journal is not None:
-                    journal.add(item.generation_id, result, answer.seconds)
+                journals.add(item.generation_id, result, answer.seconds)
                 if budget is not None:
                     budget.spent += result_cost(result, price)
                 yield item, result, answer.seconds
             moved += len(unit)
-        if journal is not None:
-            journal.flush()  # the answers are durable before the next ones are waited for
+        journals.flush()  # the answers are durable before the next ones are waited for
         advance(moved)
         if budget is not None and budget.exhausted and not stopping:
             stopping = True  # what is in flight is paid for: take its answers, send nothing more
             pool.stop_sending()
-    if journal is not None:
-        journal.flush()
+    journals.flush()
     if stopping and budget is not None:
         raise BudgetSpent(f"the job's requests have cost {budget.spent:.4f}, its max_cost is "
                           f"{budget.max_cost:g}: stopped with every answer kept; raise max_cost and "
                           f"run it again to go on")
+
+
+class Journals:
+    """The request journals of a pack's shards, each item's answer going to its own shard's."""
+
+    def __init__(self) -> None:
+        self.of: dict[str, Journal] = {}
+        self._touched: dict[int, Journal] = {}
+
+    def unique(self) -> list[Journal]:
+        return list({id(j): j for j in self.of.values()}.values())
+
+    def add(self, generation_id: str, result: Any, seconds: float) -> None:
+        journal = self.of.get(generation_id)
+        if journal is not None:
+            journal.add(generation_id, result, seconds)
+            self._touched[id(journal)] = journal
+
+    def flush(self) -> None:
+        for journal in self._touched.values():
+            journal.flush()
+        self._touched.clear()
 
 
 def _fan_out(result: Any, n: int) -> list[Any]:
@@ -258,20 +287,91 @@ def prompt_calls(items: list[Item], size: int) -> list[list[Item]]:
     return calls
 
 
-def answers(pool: Pool, items: list[Item], size: int, advance: Advance, journal: Journal | None = None,
-            price: PriceSpec | None = None, budget: Budget | None = None,
-            per_prompt: bool = False) -> Iterator[tuple[Item, Any, float]]:
-    """Each item with its result (or :class:`Failure`) and the seconds its call spent per item,
-    as calls finish; the progress bar moves per call. ``per_prompt``: calls (and requests)
-    hold a prompt's candidates together."""
+def send(pool: Pool, items: list[Item], size: int, advance: Advance, journals: Journals | None = None,
+         price: PriceSpec | None = None, budget: Budget | None = None,
+         per_prompt: bool = False) -> Iterator[tuple[Item, Any, float]]:
+    """Send ``items`` to the plugin now; iterate each with its result (or :class:`Failure`) and the
+    seconds its call spent per item, as calls finish. The progress bar moves per call.
+    ``per_prompt``: calls (and requests) hold a prompt's candidates together."""
     if isinstance(pool, RequestPool):
-        yield from _request_answers(pool, items, advance, journal, price, budget, per_prompt)
-        return
+        return _request_answers(pool, items, advance, journals or Journals(), price, budget, per_prompt)
     calls = prompt_calls(items, size) if per_prompt else plan_calls(pool, items, size)
-    for batch in pool.map(calls):
+    return _call_answers(pool.submit(calls), advance)
+
+
+def _call_answers(ticket: Any, advance: Advance) -> Iterator[tuple[Item, Any, float]]:
+    for batch in ticket.results():
         per_item = batch.seconds / max(1, len(batch.items))
         yield from ((item, result, per_item) for item, result in zip(batch.items, batch.results, strict=True))
         advance(len(batch.items))
+
+
+# -- a pack of shards -----------------------------------------------------------
+
+Answered = list[tuple[Any, Any, float]]
+
+
+@dataclass
+class ShardWork:
+    """A shard's share of a :class:`Pack`: its items, its journal, and how its parts are written."""
+
+    shard: Shard
+    fingerprint: str
+    items: list[Any]
+    finish: Callable[[Answered], StageOutcome]
+    """Writes the shard's parts and marker from every item's answer."""
+    journal: Journal | None = None
+    answered: Answered = field(default_factory=list)
+
+
+class Pack:
+    """Consecutive shards of one stage whose items go to the plugin together.
+
+    Shards are the unit of resume, not of a call: a pack's items are cut into calls of
+    the plugin's batch size together, so small shards do not make small calls. The
+    calls are sent when the pack is made, so a stage makes its next pack before it
+    collects the current one: the workers (or the server) have the next shards' work
+    queued while the current shards' parts are written. Each shard's parts and marker
+    are written as soon as its last item is answered, so a kill loses no finished shard."""
+
+    def __init__(self, stage: ModelStage, works: list[ShardWork], pool: Pool, size: int, advance: Advance,
+                 budget: Budget | None) -> None:
+        self.stage, self.works, self.pool, self.size, self.advance = stage, works, pool, size, advance
+        self.budget = budget
+        self.outcomes: dict[int, StageOutcome] = {}
+        """What is written, by shard: a retried collect sends only the rest again."""
+        self._answers: Iterator[tuple[Any, Any, float]] | None = self._send()
+
+    @property
+    def shards(self) -> list[Shard]:
+        return [w.shard for w in self.works]
+
+    def _send(self) -> Iterator[tuple[Any, Any, float]]:
+        journals = Journals()
+        items: list[Any] = []
+        for work in self.works:
+            if work.shard.index in self.outcomes:
+                continue
+            work.answered = []
+            items += work.items
+            if work.journal is not None:
+                journals.of.update((i.generation_id, work.journal) for i in work.items)
+        return send(self.pool, items, self.size, self.advance, journals, self.stage.spec.price, self.budget,
+                    self.stage.per_prompt)
+
+    def collect(self) -> list[StageOutcome]:
+        """Every shard's outcome, its parts and marker written as its answers complete."""
+        answers, self._answers = self._answers or self._send(), None
+        owner = {i.generation_id: w for w in self.works if w.shard.index not in self.outcomes for i in w.items}
+        for work in self.works:
+            if not work.items and work.shard.index not in self.outcomes:
+                self.outcomes[work.shard.index] = work.finish([])
+        for item, result, seconds in answers:
+            work = owner[item.generation_id]
+            work.answered.append((item, result, seconds))
+            if len(work.answered) == len(work.items):
+                self.outcomes[work.shard.index] = work.finish(work.answered)
+        return [self.outcomes[w.shard.index] for w in self.works]
 
 
 # -- writing --------------------------------------------------------------------

@@ -16,12 +16,11 @@ from genflow.prompts import carried_columns
 from genflow.resume import StageOutcome
 from genflow.schemas import GENERATIONS
 from genflow.stages.common import (
-    Advance,
+    Answered,
     JobContext,
     ModelStage,
-    Pool,
+    ShardWork,
     Usage,
-    answers,
     error_row,
     finish_model_stage,
     open_journal,
@@ -80,8 +79,8 @@ def generations_table(rows: list[dict[str, Any]], prompts: pa.Table, read_column
     return table
 
 
-def generate_shard(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: str, pool: Pool,
-                   advance: Advance) -> StageOutcome:
+def generate_work(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: str) -> ShardWork:
+    """A shard's generation requests, and how its ``generations/`` and ``errors/`` parts are written."""
     started = time.perf_counter()
     spec = stage.spec
     assert isinstance(spec, GeneratorSpec)
@@ -90,20 +89,23 @@ def generate_shard(job: JobContext, stage: ModelStage, shard: Shard, fingerprint
     requests = build_requests(prompts, spec, job.config, job.base_dir, factory)
     params_json = layout.params_key(spec.params)
     model_name = spec.model or factory.default_model or ""
-    rows, errors = [], []
-    usage, journal = Usage(), open_journal(job, stage, shard, fingerprint)
-    for req, res, seconds in answers(pool, requests, stage.call_size(job.config), advance, journal, spec.price,
-                                     job.budget):
-        usage.add(res, spec.price)
-        if isinstance(res, Failure):
-            errors.append(error_row(req.prompt_id, "generate", spec.plugin, res, req.generation_id))
-        else:
-            rows.append(_generation_row(job.storage, req, res, spec.label, factory.modality, model_name,
-                                        params_json, seconds))
-    rows.sort(key=lambda r: (r["prompt_id"], r["sample"]))
-    return finish_model_stage(job.storage, stage.stage, shard, fingerprint, layout.GENERATIONS,
-                              generations_table(rows, prompts, job.read_columns), errors, len(requests), started,
-                              usage, journal)
+    journal = open_journal(job, stage, shard, fingerprint)
+
+    def finish(answered: Answered) -> StageOutcome:
+        rows, errors, usage = [], [], Usage()
+        for req, res, seconds in answered:
+            usage.add(res, spec.price)
+            if isinstance(res, Failure):
+                errors.append(error_row(req.prompt_id, "generate", spec.plugin, res, req.generation_id))
+            else:
+                rows.append(_generation_row(job.storage, req, res, spec.label, factory.modality, model_name,
+                                            params_json, seconds))
+        rows.sort(key=lambda r: (r["prompt_id"], r["sample"]))
+        return finish_model_stage(job.storage, stage.stage, shard, fingerprint, layout.GENERATIONS,
+                                  generations_table(rows, prompts, job.read_columns), errors, len(requests),
+                                  started, usage, journal)
+
+    return ShardWork(shard, fingerprint, requests, finish, journal)
 
 
 def _generation_row(storage: Storage, req: GenerationRequest, res: Generation, label: str, modality: str,

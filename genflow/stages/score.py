@@ -16,12 +16,11 @@ from genflow.layout import Shard, candidate_image
 from genflow.resume import StageOutcome
 from genflow.schemas import SCORES
 from genflow.stages.common import (
-    Advance,
+    Answered,
     JobContext,
     ModelStage,
-    Pool,
+    ShardWork,
     Usage,
-    answers,
     error_row,
     finish_model_stage,
     open_journal,
@@ -32,36 +31,42 @@ from genflow.stages.common import (
 from genflow.worker import Failure
 
 
-def score_shard(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: str, pool: Pool,
-                advance: Advance) -> StageOutcome:
+def score_work(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: str) -> ShardWork:
+    """A shard's candidates to score, and how its ``scores/`` and ``errors/`` parts are written."""
     started = time.perf_counter()
     spec, factory = stage.spec, stage.factory
     gens = read_generations(job.storage, shard, layout.generator_labels(job.config))
     gens = gens.filter(pc.is_in(gens["modality"], pa.array(list(factory.modalities), pa.string())))
     prompts = {r["prompt_id"]: r for r in read_prompts(job.storage, shard).to_pylist()}
     items: list[ScoreItem] = []
-    errors: list[dict[str, Any]] = []
+    unreadable: list[dict[str, Any]] = []
     for g in gens.select(["generation_id", "prompt_id", "prompt", "modality", "text", "image_path"]).to_pylist():
         image = None
         if g["modality"] == "image":
             try:
                 image = candidate_image(job.storage, g["image_path"] or "", job.base_dir)
             except OSError as exc:
-                errors.append(error_row(g["prompt_id"], "score", spec.plugin, Failure(
+                unreadable.append(error_row(g["prompt_id"], "score", spec.plugin, Failure(
                     f"cannot read image {g['image_path']}: {exc}", traceback.format_exc()), g["generation_id"]))
                 continue
         items.append(ScoreItem(g["generation_id"], g["prompt_id"], g["prompt"], g["modality"], g["text"], image,
                                plugin_inputs(prompts[g["prompt_id"]], factory, job.base_dir)))
-    rows: list[dict[str, Any]] = []
-    usage, journal = Usage(), open_journal(job, stage, shard, fingerprint)
-    for item, res, _ in answers(pool, items, stage.call_size(job.config), advance, journal, spec.price, job.budget,
-                                stage.per_prompt):
-        usage.add(res, spec.price)
-        if isinstance(res, Failure):
-            errors.append(error_row(item.prompt_id, "score", spec.plugin, res, item.generation_id))
-        elif isinstance(res, Score):
-            rows.append({"generation_id": item.generation_id, "prompt_id": item.prompt_id, "scorer": stage.label,
-                         "score": float(res.value), "details": json.dumps(res.details, sort_keys=True, default=str)})
-    rows.sort(key=lambda r: r["generation_id"])
-    return finish_model_stage(job.storage, stage.stage, shard, fingerprint, layout.SCORES,
-                              pa.Table.from_pylist(rows, schema=SCORES), errors, len(items), started, usage, journal)
+    journal = open_journal(job, stage, shard, fingerprint)
+
+    def finish(answered: Answered) -> StageOutcome:
+        rows: list[dict[str, Any]] = []
+        errors, usage = list(unreadable), Usage()
+        for item, res, _ in answered:
+            usage.add(res, spec.price)
+            if isinstance(res, Failure):
+                errors.append(error_row(item.prompt_id, "score", spec.plugin, res, item.generation_id))
+            elif isinstance(res, Score):
+                rows.append({"generation_id": item.generation_id, "prompt_id": item.prompt_id,
+                             "scorer": stage.label, "score": float(res.value),
+                             "details": json.dumps(res.details, sort_keys=True, default=str)})
+        rows.sort(key=lambda r: r["generation_id"])
+        return finish_model_stage(job.storage, stage.stage, shard, fingerprint, layout.SCORES,
+                                  pa.Table.from_pylist(rows, schema=SCORES), errors, len(items), started, usage,
+                                  journal)
+
+    return ShardWork(shard, fingerprint, items, finish, journal)
