@@ -205,7 +205,9 @@ NameOpt = Annotated[str | None, typer.Option("--name", help="deployment name (de
 @app.command()
 def sweep(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no-resume",
           help="skip work already on storage (in a run's folder or an earlier run's)")] = True,
-          set_: SetOpt = None) -> None:
+          set_: SetOpt = None,
+          force: Annotated[bool, typer.Option("--force", help="take over the output's lease from a sweep that "
+                           "stopped renewing it (stale); a live one's lease is never taken")] = False) -> None:
     """Run every point of the config's `sweep` grid; compare them in sweep.parquet and sweep.html."""
     from genflow.local_prefect import local_prefect_api
 
@@ -216,7 +218,7 @@ def sweep(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no
             raw = _raw_config(config, set_)
             plan_sweep(raw, source=str(config))  # every run's config checked before Prefect is waited for
             prefect_ready()
-            plan, rows = run_sweep(raw, resume=resume, source=str(config))
+            plan, rows = run_sweep(raw, resume=resume, source=str(config), force=force)
         except _user_errors() as exc:
             fail(str(exc))
         except SweepFailed as exc:

@@ -188,10 +188,14 @@ def _set(config: dict[str, Any], key: str, value: Any, source: str) -> None:
 
 
 def run_sweep(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), resume: bool = True,
-              source: str = "config") -> tuple[SweepPlan, list[dict[str, Any]]]:
-    """Run a config's sweep through the sweep flow; returns its plan and the rows of ``sweep.parquet``."""
+              source: str = "config", force: bool = False) -> tuple[SweepPlan, list[dict[str, Any]]]:
+    """Run a config's sweep through the sweep flow; returns its plan and the rows of ``sweep.parquet``.
+
+    The sweep holds the lease of its output folder (``genflow.lease``) while it runs, as a
+    job holds its own: a second sweep on it refuses at start; ``force`` takes over a stale one."""
     from genflow.flows.sweep import genflow_sweep
     from genflow.job import hand_over, quiet_prefect_defaults
+    from genflow.lease import output_lease
 
     quiet_prefect_defaults()
     plan = plan_sweep(raw, overrides, source)  # bad keys and values fail here, before Prefect starts
@@ -200,7 +204,9 @@ def run_sweep(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), 
         key, value = parse_override(text)
         set_dotted(data, key, value)
     shown, config_source = hand_over(data)  # Prefect records the redacted config only
-    return plan, genflow_sweep(shown, resume=resume, config_source=config_source)
+    root = Storage.open(plan.output, **build_config(data, source=source).storage.model_dump())
+    with output_lease(root, plan.name, force):
+        return plan, genflow_sweep(shown, resume=resume, config_source=config_source)
 
 
 # -- sharing finished work between runs ---------------------------------------

@@ -279,3 +279,37 @@ def test_an_s3_server_without_conditional_writes_falls_back_to_reading_back(
     finally:
         lease.release()
     assert read_lease(storage) is None
+
+
+@pytest.mark.slow
+def test_a_job_on_s3_refuses_a_live_lease_and_leaves_none_when_done(
+        s3: Any, moto_endpoint: str, tmp_path: Path, job_runner: Any, test_plugins: dict[str, str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["one", "two", "three"]}), tmp_path / "prompts.parquet")
+    config = {"name": "leased", "input": str(tmp_path / "prompts.parquet"), "output": f"s3://{BUCKET}/job/out",
+              "storage": {"endpoint_url": moto_endpoint}, "shard_rows": 2,
+              "generators": [{"label": "echo", "plugin": "echo"}], "scorers": [{"plugin": "length"}]}
+    storage = Storage.open(config["output"], endpoint_url=moto_endpoint)
+    _plant(storage, host="gpu-box-7", pid=4242)  # a job on another machine, renewing
+    with pytest.raises(OutputInUse, match=rf"^the output s3://{BUCKET}/job/out is in use by another job "
+                                          r"\(host gpu-box-7, pid 4242, "):
+        job_runner(config)
+    assert not [k for k in _objects(s3, "job/out/") if "/generations/" in k]  # no work done
+    storage.delete("_state/lease.json")  # that job ended
+    assert job_runner(config)["status"] == "completed"
+    assert "job/out/_state/lease.json" not in _objects(s3, "job/out/")
+
+
+def test_a_sweep_holds_the_lease_of_its_folder(tmp_path: Path, test_plugins: dict[str, str]) -> None:
+    from genflow.sweep import run_sweep
+
+    root = Storage.open(str(tmp_path / "sweep"))
+    _plant(root, host="gpu-box-7", pid=4242)  # another sweep on this folder, renewing
+    config = {"name": "grid", "input": str(tmp_path / "prompts.parquet"), "output": str(tmp_path / "sweep"),
+              "generators": [{"label": "echo", "plugin": "echo"}], "sweep": {"seed": [1, 2]}}
+    with pytest.raises(OutputInUse, match=rf"^the output {tmp_path / 'sweep'} is in use by another job "
+                                          r"\(host gpu-box-7, pid 4242, "):
+        run_sweep(config)
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["_state"]  # no run started
