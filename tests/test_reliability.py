@@ -321,14 +321,14 @@ def test_a_template_naming_a_missing_column_is_refused_before_ray(tmp_path: Path
 
 # -- 5, 6. Ctrl-C and a lost Prefect API end a job within seconds --------------------------------
 
-def _start_cli(tmp_path: Path, env: dict[str, str], delay_s: float) -> tuple[Any, Path]:
+def _start_cli(tmp_path: Path, env: dict[str, str], delay_s: float, **values: Any) -> tuple[Any, Path]:
     """``genflow run`` in a process group of its own, as a terminal's foreground job."""
     import subprocess
     import sys
 
     pq.write_table(pa.table({"prompt": [f"prompt {i}" for i in range(16)]}), tmp_path / "prompts.parquet")
-    path = _config_file(tmp_path, shard_rows=2, ray={"workers": 1},
-                        generators=[{"label": "echo", "plugin": "echo", "params": {"delay_s": delay_s}}])
+    echo = {"label": "echo", "plugin": "echo", "params": {"delay_s": delay_s}}
+    path = _config_file(tmp_path, **{"shard_rows": 2, "ray": {"workers": 1}, **values, "generators": [echo]})
     full_env = {k: v for k, v in {**os.environ, **env}.items() if k != "PREFECT_API_URL"}
     full_env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     process = subprocess.Popen([sys.executable, "-m", "genflow.cli", "run", str(path)], env=full_env, text=True,
@@ -381,6 +381,14 @@ def test_ctrl_c_stops_the_job_within_seconds_keeping_finished_shards(
         assert "second Ctrl-C: exiting now" in out or "interrupted: finished shards are kept" in out
     marker = json.loads((tmp_path / "out/_state/generate/echo/00000.json").read_text())
     assert marker["parts"] == ["generations/part-00000-echo.parquet"]
+    lease = tmp_path / "out/_state/lease.json"
+    if presses == 1:
+        assert not lease.exists()  # released on the way out
+    elif lease.exists():  # the second press exits at once: the lease names a process that has ended,
+        from genflow.lease import Holder  # which the next job here takes over without --force
+
+        holder = Holder.parse(lease.read_bytes())
+        assert holder is not None and holder.pid == process.pid and not holder.running()
 
 
 @pytest.mark.slow
@@ -416,3 +424,111 @@ def test_a_model_path_that_does_not_exist_is_named_before_anything_starts(tmp_pa
         check_job(build_config(_job(tmp_path, generators=[{"label": "echo", "plugin": "echo", "model": name}])))
     config = _job(tmp_path, generators=[{"label": "api", "plugin": "echo-async", "model": "./served-name"}])
     check_job(build_config(config))
+
+
+# -- concurrent jobs: one job at a time holds an output's lease -----------------------------------
+
+def _run_cli(tmp_path: Path, path: Path, env: dict[str, str], *args: str) -> tuple[int, str]:
+    """``genflow run`` in a subprocess, with the environment ``_start_cli`` gives it."""
+    import subprocess
+    import sys
+
+    full_env = {k: v for k, v in {**os.environ, **env}.items() if k != "PREFECT_API_URL"}
+    full_env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    result = subprocess.run([sys.executable, "-m", "genflow.cli", "run", str(path), *args], env=full_env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    return result.returncode, result.stdout
+
+
+def _kill_family(process: Any) -> None:
+    """SIGKILL a job and every process it started (Ray's daemons may have left its group)."""
+    import signal
+
+    import psutil
+
+    family = psutil.Process(process.pid).children(recursive=True)
+    os.killpg(process.pid, signal.SIGKILL)
+    for child in family:  # before reading on: they hold the job's output pipe open
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    process.communicate(timeout=60)
+
+
+@pytest.mark.slow
+def test_a_second_job_on_an_output_refuses_and_a_killed_jobs_lease_is_taken_over(
+        tmp_path: Path, test_plugins: dict[str, str]) -> None:
+    import socket
+
+    first, path = _start_cli(tmp_path, test_plugins, delay_s=2.0, ray={"workers": 1, "batch_size": 2})
+    _wait_for(first, tmp_path / "out/_state/generate/echo/00000.json")  # its Ray and first stage are up
+    lease = tmp_path / "out/_state/lease.json"
+    held = json.loads(lease.read_text())
+    assert held["pid"] == first.pid and held["host"] == socket.gethostname()
+
+    code, out = _run_cli(tmp_path, path, test_plugins)
+    assert code == 2, out[-3000:]
+    assert out.splitlines() == [out.strip()], out[-3000:]  # one line, and nothing started before it
+    assert out.startswith(f"error: the output {tmp_path / 'out'} is in use by another job (host "
+                          f"{socket.gethostname()}, pid {first.pid}, started "), out
+    assert "last renewed " in out and out.strip().endswith(
+        f"which is still running on this machine: wait for it to end, or stop it (kill {first.pid})")
+    assert first.poll() is None and json.loads(lease.read_text())["owner"] == held["owner"]
+
+    _kill_family(first)  # SIGKILL: its lease stays behind, naming a process that has ended
+    assert json.loads(lease.read_text())["owner"] == held["owner"]
+    code, out = _run_cli(tmp_path, path, test_plugins, "--set", "generators.0.params.delay_s=0")
+    assert code == 0, out[-3000:]
+    assert f"took over the lease of {tmp_path / 'out'} from a job that has ended (pid {first.pid} on this " \
+           f"machine" in out
+    assert not lease.exists()  # released after the run
+    assert json.loads((tmp_path / "out/manifest.json").read_text())["status"] == "completed"
+
+
+def _plant_lease(output: Path, **values: Any) -> bytes:
+    """A lease as another job leaves it: ``values`` over one of a live process of this machine."""
+    import dataclasses
+
+    from genflow.lease import Holder
+
+    data = dataclasses.replace(Holder.of_this_process("other"), **values).encode()
+    (output / "_state").mkdir(parents=True, exist_ok=True)
+    (output / "_state/lease.json").write_bytes(data)
+    return data
+
+
+@pytest.mark.slow
+def test_a_stale_lease_needs_force_and_validate_takes_no_lease(
+        tmp_path: Path, test_plugins: dict[str, str], request: pytest.FixtureRequest,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    pq.write_table(pa.table({"prompt": ["one", "two", "three"]}), tmp_path / "prompts.parquet")
+    path, out = _config_file(tmp_path), tmp_path / "out"
+    an_hour_ago = time.time() - 3600
+    planted = _plant_lease(out, host="gpu-box-7", pid=4242, started_at=an_hour_ago, renewed_at=an_hour_ago)
+
+    code, text = _cli("validate", str(path))
+    assert code == 0 and text.startswith("ok:"), text
+    code, text = _cli("run", str(path))
+    assert code == 2 and "Traceback" not in text, text
+    assert text.startswith(f"error: the output {out} has a stale lease of another job (host gpu-box-7, pid 4242, "
+                           f"started "), text
+    assert text.endswith("last renewed 60 min ago, over the 30 s limit): if that job is gone, run again with "
+                         "--force to take it over"), text
+    assert (out / "_state/lease.json").read_bytes() == planted
+
+    seen: dict[str, Any] = {}
+
+    def stop_at_the_job(job: Any, **options: Any) -> None:
+        seen.update(options)
+        raise ConfigError("stopped here")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("genflow.job.run_job", stop_at_the_job)
+        assert _cli("run", str(path), "--force")[0] == 2 and seen["force"] is True  # --force reaches the job
+    manifest = request.getfixturevalue("job_runner")(_job(tmp_path), force=True)
+    assert manifest["status"] == "completed"
+    assert not (out / "_state/lease.json").exists()  # taken over, then released at the end
+
