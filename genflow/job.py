@@ -12,7 +12,7 @@ from typing import Any
 from genflow.config import ConfigError, JobConfig
 from genflow.prompts import InputError
 from genflow.registry import PluginError
-from genflow.storage import StorageError
+from genflow.storage import StorageError, disk_full
 
 USER_ERRORS = (ConfigError, InputError, PluginError, StorageError, ConnectionError, FileNotFoundError)
 
@@ -32,10 +32,11 @@ class BudgetSpent(JobFailed):
 
 
 class _NoTracebackForUserErrors(logging.Filter):
-    """Prefect logs every task failure with its traceback; a bad input needs only its message."""
+    """Prefect logs every task failure with its traceback; a bad input, or a full disk, needs only its message."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], USER_ERRORS):
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and (isinstance(error, USER_ERRORS) or disk_full(error)):
             record.exc_info = None
             record.exc_text = None
             record.msg = str(record.getMessage()).split("\nTraceback")[0]

@@ -532,3 +532,63 @@ def test_a_stale_lease_needs_force_and_validate_takes_no_lease(
     assert manifest["status"] == "completed"
     assert not (out / "_state/lease.json").exists()  # taken over, then released at the end
 
+
+# -- full disks: not retried, one message, the finished shards kept ------------------------------
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Any:
+    """A real disk of 500 KiB that a job fills: a tmpfs mounted at ``tmp_path/disk``."""
+    import shutil
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no `mount` command: a full disk is shown on a small tmpfs")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=500k", "tmpfs", str(disk)], text=True,
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root with CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_message_keeps_the_finished_shards_and_resumes(
+        tmp_path: Path, tiny_disk: Path, test_plugins: dict[str, str]) -> None:
+    import base64
+    import hashlib
+    import random
+    import subprocess
+
+    noise = random.Random(14)  # incompressible prompts: 16 KB a row, so 8 shards of 2 overflow the disk
+    pq.write_table(pa.table({"prompt": [base64.b64encode(noise.randbytes(12_000)).decode() for _ in range(16)]}),
+                   tmp_path / "prompts.parquet")
+    out = tiny_disk / "out"
+    path = _config_file(tmp_path, output=str(out), shard_rows=2, ray={"workers": 1})
+
+    code, text = _run_cli(tmp_path, path, test_plugins)
+    assert code == 1, text[-3000:]
+    assert "Traceback" not in text and "Retry" not in text, text[-3000:]  # one attempt: a full disk stays full
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert errors == [text.strip().splitlines()[-1]] and errors[0].startswith(
+        "error: no space left on the output's disk ("), text[-3000:]
+    assert errors[0].endswith("): the shards finished so far are kept; free some space and run the job again "
+                              "to resume")
+    markers = sorted((out / "_state/generate/echo").glob("*.json"))
+    assert 1 <= len(markers) < 8, text[-3000:]  # it filled mid-stage
+    for marker in markers:  # each finished shard's parts are whole: the marker's size and hash hold
+        for rel, check in json.loads(marker.read_text())["checks"].items():
+            data = (out / rel).read_bytes()
+            assert len(data) == check["size"] and hashlib.sha256(data).hexdigest() == check["sha256"], rel
+    assert not (out / "_state/lease.json").exists() and not (out / "manifest.json").exists()
+
+    subprocess.run(["mount", "-o", "remount,size=16m", str(tiny_disk)], check=True)  # space freed
+    code, text = _run_cli(tmp_path, path, test_plugins)
+    assert code == 0, text[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["rows"]["generations"] == 32
+    assert manifest["stages"]["generate/echo"]["skipped"] == len(markers)  # finished shards not redone
+    assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
