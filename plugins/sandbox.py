@@ -23,6 +23,7 @@ reach local services' Unix sockets         no         yes        yes
 see or signal other processes              no         no         [4]_
 write outside its working directory        no [5]_    [6]_       [6]_
 read files                                 [7]_       [8]_       [8]_
+forge a pass of :meth:`Sandbox.check`      no         no         [9]_
 =========================================  =========  =========  =========
 
 .. [1] a child that calls ``setsid()`` escapes the process-group kill.
@@ -37,6 +38,8 @@ read files                                 [7]_       [8]_       [8]_
 .. [7] only ``/usr``, ``/etc``, ``/lib*`` and the interpreter's installation,
    read-only; not ``/home``, ``/root``, ``/var``, ``/run`` or the project.
 .. [8] whatever its user may read.
+.. [9] no as ``nobody``; as your own user, by attacking genflow's own process
+   (ptrace, ``/proc/<pid>/mem``) where the kernel lets your processes do that.
 
 ``bwrap`` is bubblewrap (Debian/Ubuntu package ``bubblewrap``): new user, pid,
 network, ipc, uts and mount namespaces, the system directories mounted read-only
@@ -53,13 +56,34 @@ setuid programs cannot raise its rights. Memory is limited per process
 (``RLIMIT_AS``), not per sandbox: there is no cgroup, so a program may use up to
 ``max_processes`` times the limit.
 
-A program passes only when it ran to its last line: the runner executes it,
-then writes a random per-run nonce, which the program never sees in its source,
-arguments, environment or files, to a separate pipe, and exits 0. An early
-``sys.exit(0)``, ``os._exit(0)``, a killed interpreter or printed fake success
-therefore fail. The nonce does live in the runner's memory, so code written to
-attack this runner (walking interpreter frames to find it) could forge a pass;
-the isolation keeps such code from harming the machine, not from lying.
+Who decides that a program passed:
+
+:meth:`Sandbox.check` runs a candidate against tests, and the verdict lives outside the
+candidate's process. The sandboxed process runs the tests; it makes itself non-dumpable
+and checks that it holds no capabilities, then forks the candidate's process, and only
+then reads the tests and a random per-run nonce. The candidate runs in the child: it
+never sees the tests, the nonce or the pipe that reports the verdict, in its memory,
+files, arguments, environment or descriptors, and as a process of the same user without
+capabilities it cannot read its non-dumpable parent's memory, descriptors or environment
+(``/proc/<pid>/...``, ptrace, ``pidfd_getfd``). The tests get what they use of the
+candidate as plain data over a pipe, tagged JSON parsed by the standard library's C
+scanner into None, bool, int, float, complex, str, bytes, bytearray, list, tuple, dict,
+set and frozenset only: an object equal to everything, patched builtins or a walk
+through the frames change nothing in the tests' process. The candidate passes only if
+the tests ran to their end; an exit, a crash or a malformed message from the candidate
+before then fails, even where the tests catch every exception. What remains possible: a
+candidate that computes (or looks up) the expected values passes, as the tests cannot
+tell how an answer was found; it sees every argument it is called with; tests that
+accept any exception or any value are as weak as they were. Under ``rlimits`` as your
+own user (not root) the candidate may still attack genflow's own process, a process of
+yours; see the table.
+
+:meth:`Sandbox.run` runs one program, which passes only when it ran to its last line: the
+runner writes a nonce to a separate pipe after it, so an early ``sys.exit(0)``,
+``os._exit(0)``, a killed interpreter or printed fake success fail. The nonce lives in
+the program's own process, though: a program written to attack the runner (walking the
+interpreter's frames, reading its own memory) can forge that pass. Use it for code you
+only want to contain, and :meth:`check` for code whose verdict matters.
 """
 
 from __future__ import annotations
@@ -78,6 +102,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import IO
 
@@ -92,13 +117,11 @@ MIB = 1 << 20
 _TAIL_BYTES = 4000
 _RLIMITS_NPROC_SLACK = 32
 
-# Runs first inside the sandbox: sets the limits, reads the nonce and the program
-# from an unlinked temp file, runs the program as main.py, reports on a pipe. Python 3.8+.
-_RUNNER = r"""
+# Shared by both runners: limits, error text, tracebacks. Python 3.8+.
+_PRELUDE = r"""
 import os, sys
-def _genflow_runner(src_fd, res_fd, limits):
+def _genflow_limits(limits):
     import resource
-    write, exit_now = os.write, os._exit
     names = ("RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_CORE")
     for name, value in zip(names, limits):
         if value < 0:
@@ -109,6 +132,37 @@ def _genflow_runner(src_fd, res_fd, limits):
         if cur_hard != resource.RLIM_INFINITY:
             hard = min(hard, cur_hard)
         resource.setrlimit(which, (min(value, hard), hard))
+def _genflow_text(exc, limit=500):
+    text = type(exc).__name__
+    try:
+        if str(exc):
+            text += ": " + str(exc)
+    except BaseException:
+        pass
+    return text[:limit].replace("\n", " ")
+def _genflow_print(exc):
+    # Drop the runner's own frame; print with the C printer (importing the
+    # traceback module would cost more than a typical run).
+    try:
+        exc.__traceback__ = exc.__traceback__.tb_next if exc.__traceback__ else None
+        sys.__excepthook__(type(exc), exc, exc.__traceback__)
+        sys.stderr.flush()
+    except BaseException:
+        pass
+def _genflow_flush():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+"""
+
+# Runs one program: sets the limits, reads the nonce and the program from an unlinked
+# temp file, runs the program as main.py, reports on a pipe.
+_RUNNER = _PRELUDE + r"""
+def _genflow_runner(src_fd, res_fd, limits):
+    write, exit_now = os.write, os._exit
+    _genflow_limits(limits)
     os.set_inheritable(res_fd, False)
     with open(src_fd, "rb") as f:
         data = f.read()
@@ -127,29 +181,408 @@ def _genflow_runner(src_fd, res_fd, limits):
         exec(compile(source, filename, "exec"),
              {"__name__": "__main__", "__file__": filename, "__builtins__": __builtins__})
     except BaseException as exc:
-        text = type(exc).__name__
         try:
-            if str(exc):
-                text += ": " + str(exc)
-        except BaseException:
-            pass
-        try:
-            write(res_fd, b"E" + text[:500].replace("\n", " ").encode("utf-8", "replace") + b"\n")
-            # Drop the runner's own frame; print with the C printer (importing the
-            # traceback module would cost more than a typical run).
-            exc.__traceback__ = exc.__traceback__.tb_next if exc.__traceback__ else None
-            sys.__excepthook__(type(exc), exc, exc.__traceback__)
-            sys.stderr.flush()
+            write(res_fd, b"E" + _genflow_text(exc).encode("utf-8", "replace") + b"\n")
+            _genflow_print(exc)
         finally:
             exit_now(1)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BaseException:
-            pass
+    _genflow_flush()
     write(res_fd, b"P" + nonce + b"\n")
     exit_now(0)
 _genflow_runner(int(sys.argv[1]), int(sys.argv[2]), [int(v) for v in sys.argv[3].split(",")])
+"""
+
+# Runs a candidate and its tests as two processes: the tests' process (this one) makes
+# itself non-dumpable, forks the candidate's, reads the nonce and the tests only then,
+# and runs them with the candidate's names bound to values or to functions that call the
+# candidate's over a pipe. Only plain data crosses, as tagged JSON. Python 3.8+.
+_CHECK_RUNNER = _PRELUDE + r"""
+def _genflow_codec():
+    try:
+        from _json import encode_basestring_ascii as quote, make_scanner
+    except ImportError:
+        from json.encoder import encode_basestring_ascii as quote
+        make_scanner = None
+    specials = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+    def put(value, out):
+        if value is None:
+            out.append("null")
+        elif value is True:
+            out.append("true")
+        elif value is False:
+            out.append("false")
+        elif isinstance(value, str):
+            out.append(quote(value))
+        elif isinstance(value, int):
+            try:
+                out.append(int.__repr__(value))
+            except ValueError:  # more digits than int -> str allows
+                out.append('{"i":"%s"}' % int.__format__(value, "x"))
+        elif isinstance(value, float):
+            text = float.__repr__(value)
+            out.append(specials.get(text, text))
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            opening = ("[" if isinstance(value, list) else '{"t":[' if isinstance(value, tuple)
+                       else '{"f":[' if isinstance(value, frozenset) else '{"s":[')
+            out.append(opening)
+            for i, item in enumerate(value):
+                if i:
+                    out.append(",")
+                put(item, out)
+            out.append("]" if opening == "[" else "]}")
+        elif isinstance(value, dict):
+            out.append('{"d":[')
+            for i, (key, item) in enumerate(value.items()):
+                out.append(",[" if i else "[")
+                put(key, out)
+                out.append(",")
+                put(item, out)
+                out.append("]")
+            out.append("]}")
+        elif isinstance(value, (bytes, bytearray)):
+            out.append('{"%s":"%s"}' % ("b" if isinstance(value, bytes) else "a", value.hex()))
+        elif isinstance(value, complex):
+            out.append('{"c":[')
+            put(value.real, out)
+            out.append(",")
+            put(value.imag, out)
+            out.append("]}")
+        else:
+            raise TypeError("a %s is not plain data" % type(value).__name__)
+
+    def tagged(obj):
+        if len(obj) == 1:
+            (tag, body), = obj.items()
+            if type(body) is list:
+                if tag == "t":
+                    return tuple(body)
+                if tag == "s":
+                    return set(body)
+                if tag == "f":
+                    return frozenset(body)
+                if tag == "d" and all(type(pair) is list and len(pair) == 2 for pair in body):
+                    return {key: item for key, item in body}
+                if tag == "c" and len(body) == 2 and all(type(part) is float for part in body):
+                    return complex(body[0], body[1])
+            elif type(body) is str:
+                if tag == "b":
+                    return bytes.fromhex(body)
+                if tag == "a":
+                    return bytearray.fromhex(body)
+                if tag == "i":
+                    return int(body, 16)
+        raise ValueError("not plain data")
+
+    if make_scanner is not None:
+        class Context:
+            pass
+        context = Context()
+        context.strict, context.object_hook, context.object_pairs_hook = True, tagged, None
+        context.parse_float, context.parse_int, context.parse_constant = float, int, float
+        context.memo = {}
+        scan = make_scanner(context)
+
+        def load(text):
+            value, end = scan(text, 0)
+            if end != len(text):
+                raise ValueError("more than one value")
+            return value
+    else:
+        import json
+        load = json.JSONDecoder(object_hook=tagged, parse_constant=float).decode
+
+    def dump(value):
+        out = []
+        put(value, out)
+        out.append("\n")
+        return "".join(out).encode("ascii")
+
+    return dump, load
+
+
+def _genflow_candidate(src_fd, calls_fd, replies_fd, dump, load):
+    exit_now = os._exit
+    with open(src_fd, "rb") as f:
+        data = f.read()
+    names, _, source = data.partition(b"\n")
+    del data
+    replies = open(replies_fd, "wb")
+
+    def send(message):
+        replies.write(message)
+        replies.flush()
+
+    def failure(exc):
+        if not isinstance(exc, Exception):  # SystemExit, KeyboardInterrupt...: the program ends
+            return dump(("exit", _genflow_text(exc)))
+        kinds = tuple(getattr(kind, "__name__", "") for kind in type(exc).__mro__)
+        try:
+            text = str(exc)[:1000]
+        except BaseException:
+            text = ""
+        for args in (exc.args, None):
+            try:
+                return dump(("raise", kinds, args, text))
+            except BaseException:
+                pass
+        return dump(("raise", ("Exception",), None, ""))
+
+    filename = "<candidate>"
+    try:  # a file beside it lets the traceback show source lines; it holds no secret
+        with open("main.py", "wb") as f:
+            f.write(source)
+        filename = "main.py"
+    except OSError:
+        pass
+    sys.argv = [filename]
+    space = {"__name__": "__main__", "__file__": filename, "__builtins__": __builtins__}
+    try:
+        exec(compile(source, filename, "exec"), space)
+    except BaseException as exc:
+        _genflow_print(exc)
+        send(failure(exc))
+        exit_now(1)
+    _genflow_flush()
+    ready = {}
+    for name in names.decode("ascii").split():
+        if name not in space:
+            continue
+        value = space[name]
+        if isinstance(value, type(sys)) and getattr(value, "__name__", None) == name:
+            ready[name] = ("module",)
+        elif callable(value):
+            ready[name] = ("call",)
+        else:
+            try:
+                dump(value)
+                ready[name] = ("value", value)
+            except Exception:
+                ready[name] = ("call",)  # calling it tells the tests why they cannot have it
+    send(dump(("ready", ready)))
+    mutable = (list, dict, set, bytearray)
+    last = None
+    for line in open(calls_fd, "rb"):
+        request = load(line[:-1].decode("ascii"))
+        if request[0] == "traceback":  # the tests failed on what the last call raised
+            if last is not None:
+                _genflow_print(last)
+            send(dump(("done",)))
+            continue
+        _, name, args, kwargs = request
+        try:
+            given = [(key, value, dump(value)) for key, value in list(enumerate(args)) + list(kwargs.items())
+                     if type(value) in mutable]
+            result = space[name](*args, **kwargs)
+            changed = {key: value for key, value, before in given if dump(value) != before}
+            try:
+                message = dump(("ok", result, changed))
+            except Exception as exc:
+                raise TypeError("%s() returned what the tests cannot receive: %s (only None, bool, int, "
+                                "float, complex, str, bytes, bytearray, list, tuple, dict, set and "
+                                "frozenset reach them)" % (name, exc)) from None
+        except Exception as exc:
+            last = exc
+            message = failure(exc)
+        except BaseException as exc:
+            _genflow_flush()
+            send(failure(exc))
+            exit_now(1)
+        send(message)
+    _genflow_flush()
+    exit_now(0)
+
+
+def _genflow_prctl():
+    # libc's prctl through _ctypes itself: importing ctypes would cost more than a typical run.
+    try:
+        import _ctypes
+        class Int(_ctypes._SimpleCData):
+            _type_ = "i"
+        class Function(_ctypes.CFuncPtr):
+            _flags_ = _ctypes.FUNCFLAG_CDECL
+            _restype_ = Int
+        class Libc:
+            _handle = _ctypes.dlopen(None, 2)  # RTLD_NOW
+        return Function(("prctl", Libc()))
+    except Exception:
+        import ctypes
+        return ctypes.CDLL(None).prctl
+
+
+class _GenflowGone(BaseException):
+    # The candidate's process ended or broke the protocol: args[0] says how, or None (ask waitpid).
+    pass
+
+
+def _genflow_runner_check(tests_fd, candidate_fd, res_fd, limits):
+    write, exit_now = os.write, os._exit
+    _genflow_limits(limits)
+    os.set_inheritable(res_fd, False)
+    # The candidate will be this process's child, as the same user. Non-dumpable, this process
+    # is out of its reach (no /proc/<pid>/mem, fd or environ, no ptrace, no pidfd_getfd) as long
+    # as it has no capabilities; the nonce and the tests are read only after the fork.
+    try:
+        with open("/proc/self/status") as f:
+            caps = [line.split()[1] for line in f if line.startswith("CapEff:")]
+        if not caps or int(caps[0], 16):
+            raise OSError("the sandboxed process has capabilities (CapEff %s)" % caps)
+        prctl = _genflow_prctl()
+        prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+        if prctl(3, 0, 0, 0, 0) != 0:  # PR_GET_DUMPABLE
+            raise OSError("prctl(PR_SET_DUMPABLE, 0) did not take")
+    except BaseException as exc:
+        sys.stderr.write("genflow: cannot keep the tests out of the candidate's reach: %s\n" % _genflow_text(exc))
+        sys.stderr.flush()
+        exit_now(2)
+    write(res_fd, b"S\n")
+    dump, load = _genflow_codec()
+    calls_r, calls_w = os.pipe()
+    replies_r, replies_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for fd in (tests_fd, res_fd, calls_w, replies_r):
+                os.close(fd)
+            prctl(4, 1, 0, 0, 0)  # the candidate's own /proc/self works as usual
+            _genflow_candidate(candidate_fd, calls_r, replies_w, dump, load)
+        finally:
+            exit_now(1)
+    for fd in (candidate_fd, calls_r, replies_w):
+        os.close(fd)
+    with open(tests_fd, "rb") as f:
+        data = f.read()
+    nonce, names, setup_size, rest = data.split(b"\n", 3)
+    del data
+    setup, tests = rest[:int(setup_size)], rest[int(setup_size):]
+    calls, replies = open(calls_w, "wb"), open(replies_r, "rb")
+    gone = []  # once the candidate's process is gone, nothing passes
+    relayed = [None]  # the last exception rebuilt from the candidate's
+    made = {}
+    import builtins
+
+    def receive():
+        line = replies.readline()
+        if not line:
+            gone.append(None)
+            raise _GenflowGone(None)
+        try:
+            message = load(line[:-1].decode("ascii"))
+            if type(message) is tuple and message and type(message[0]) is str:
+                return message
+        except Exception:
+            pass
+        gone.append("the candidate's process sent what is not plain data")
+        raise _GenflowGone(gone[-1])
+
+    def rebuild(kinds, args, text):
+        if (type(kinds) is not tuple or not all(type(kind) is str for kind in kinds) or type(text) is not str
+                or (args is not None and type(args) is not tuple)):
+            gone.append("the candidate's process sent a malformed exception")
+            raise _GenflowGone(gone[-1])
+        name = kinds[0] if kinds and kinds[0].isidentifier() and len(kinds[0]) <= 100 else "Exception"
+        for kind in kinds:
+            base = space[kind] if kind in space else getattr(builtins, kind, None)
+            if not (isinstance(base, type) and issubclass(base, Exception)):
+                continue
+            try:
+                cls = base if base.__name__ == name else made.setdefault((name, base), type(name, (base,), {}))
+                return cls(*args) if args is not None else cls(text)
+            except Exception:
+                continue
+        return Exception(text)
+
+    def call(name, args, kwargs):
+        if gone:
+            raise _GenflowGone(gone[0])
+        try:
+            request = dump(("call", name, args, kwargs))
+        except Exception as exc:
+            raise TypeError("the tests passed %s() what cannot reach the candidate's process: %s"
+                            % (name, exc)) from None
+        try:
+            calls.write(request)
+            calls.flush()
+        except OSError:
+            gone.append(None)
+            raise _GenflowGone(None) from None
+        reply = receive()
+        if reply[0] == "ok" and len(reply) == 3 and type(reply[2]) is dict:
+            for key, new in reply[2].items():  # arguments the candidate changed in place
+                old = (args[key] if type(key) is int and 0 <= key < len(args)
+                       else kwargs.get(key) if type(key) is str else None)
+                if type(old) is type(new) and type(old) in (list, bytearray):
+                    old[:] = new
+                elif type(old) is type(new) and type(old) in (dict, set):
+                    old.clear()
+                    old.update(new)
+            return reply[1]
+        if reply[0] == "raise" and len(reply) == 4:
+            relayed[0] = rebuild(*reply[1:])
+            raise relayed[0]
+        gone.append(reply[1] if reply[0] == "exit" and len(reply) == 2 and type(reply[1]) is str
+                    else "the candidate's process broke the protocol")
+        raise _GenflowGone(gone[-1])
+
+    def proxy(name):
+        def candidate(*args, **kwargs):
+            return call(name, args, kwargs)
+        candidate.__name__ = candidate.__qualname__ = name
+        return candidate
+
+    sys.argv = ["tests.py"]
+    space = {"__name__": "__main__", "__file__": "tests.py", "__builtins__": __builtins__}
+    try:
+        exec(compile(setup, "tests.py", "exec"), space)
+        ready = receive()
+        if ready[0] == "raise" and len(ready) == 4:  # the candidate failed before its end
+            raise rebuild(*ready[1:])
+        if ready[0] == "exit" and len(ready) == 2 and type(ready[1]) is str:
+            raise _GenflowGone(ready[1])
+        if ready[0] != "ready" or len(ready) != 2 or type(ready[1]) is not dict:
+            raise _GenflowGone("the candidate's process broke the protocol")
+        for name in names.decode("ascii").split():  # the setup's own names stay the setup's
+            kind = ready[1].get(name)
+            if name in space or type(kind) is not tuple:
+                continue
+            if kind == ("call",):
+                space[name] = proxy(name)
+            elif kind == ("module",):
+                space[name] = __import__(name)
+            elif len(kind) == 2 and kind[0] == "value":
+                space[name] = kind[1]
+        exec(compile(b"\n" * setup.count(b"\n") + tests, "tests.py", "exec"), space)
+        if gone:  # the tests caught what the candidate's end raised
+            raise _GenflowGone(gone[0])
+    except BaseException as exc:
+        try:
+            if isinstance(exc, _GenflowGone):
+                if exc.args[0] is None:
+                    write(res_fd, b"C%d\n" % os.waitpid(pid, 0)[1])
+                else:
+                    write(res_fd, b"E" + exc.args[0][:500].encode("utf-8", "replace") + b"\n")
+            else:
+                write(res_fd, b"E" + _genflow_text(exc).encode("utf-8", "replace") + b"\n")
+                if exc is relayed[0] and not gone:  # the candidate's side of the traceback first
+                    try:
+                        calls.write(dump(("traceback",)))
+                        calls.flush()
+                        replies.readline()
+                    except BaseException:
+                        pass
+                try:  # only now the tests go to a file, for the traceback's source lines
+                    with open("tests.py", "wb") as f:
+                        f.write(setup + tests)
+                except OSError:
+                    pass
+                _genflow_print(exc)
+        finally:
+            exit_now(1)
+    _genflow_flush()
+    write(res_fd, b"P" + nonce + b"\n")
+    exit_now(0)
+_genflow_runner_check(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
+                      [int(v) for v in sys.argv[4].split(",")])
 """
 
 _SIGNAL_OUTCOMES: dict[int, str] = {
@@ -229,7 +662,8 @@ class Sandbox:
             # user, other sandboxes' included; leave room for them and for exited processes
             # the system has not reaped yet.
             uid = self._setup.user[0] if self._setup.user else os.getuid()
-            self._nproc += (_count_processes(uid) + _RLIMITS_NPROC_SLACK
+            # Each check also runs the tests' process, one more per run.
+            self._nproc += (_count_processes(uid) + _RLIMITS_NPROC_SLACK + concurrency
                             + self.limits.max_processes * max(concurrency - 1, 0))
 
     @property
@@ -241,15 +675,60 @@ class Sandbox:
         return self._setup.python
 
     def run(self, source: str, timeout_s: float | None = None) -> SandboxResult:
-        """Run ``source`` as ``__main__``; ``passed`` only if it ran to its end."""
+        """Run ``source`` as ``__main__``; ``passed`` only if it ran to its end.
+
+        The verdict is the program's own: code written to attack the runner can forge it
+        (see the module docstring). To judge untrusted code against tests, use :meth:`check`.
+        """
         limits = self.limits if timeout_s is None else replace(self.limits, timeout_s=timeout_s)
-        return _execute(self._setup, limits, self._nproc, source)
+        nonce = secrets.token_hex(16)
+        return _execute(self._setup, limits, self._nproc, _RUNNER,
+                        [nonce.encode() + b"\n" + _encode(source)], nonce)
+
+    def check(self, candidate: str, tests: str, names: Iterable[str] = (), setup: str = "",
+              timeout_s: float | None = None) -> SandboxResult:
+        """Run ``tests`` against ``candidate``; ``passed`` only if the tests ran to their end.
+
+        ``candidate`` runs as ``__main__`` in a process of its own. ``setup``, then ``tests``,
+        run as ``__main__`` in another, which holds the verdict and which the candidate cannot
+        reach; between the two, each of ``names`` that the setup did not define is bound to
+        the candidate's: a plain value as it is, a module by importing it, anything else as a
+        function that calls the candidate's with the arguments and returns its result. Only
+        plain data crosses (None, bool, int, float, complex, str, bytes, bytearray, list,
+        tuple, dict, set, frozenset; subclasses as their base type); arguments it changes in
+        place are changed in the tests too; what it raises is raised in the tests, as the
+        nearest class they know. ``stdout``/``stderr`` hold both processes' output and
+        ``returncode`` the tests' process's exit status.
+        """
+        limits = self.limits if timeout_s is None else replace(self.limits, timeout_s=timeout_s)
+        runner, files, nonce = _check_files(candidate, tests, names, setup)
+        return _execute(self._setup, limits, self._nproc + 1, runner, files, nonce)
 
 
 # --- running one program ------------------------------------------------------------------
 
 
-def _command(setup: _Setup, limits: Limits, nproc: int, src_fd: int, res_fd: int) -> list[str]:
+def _encode(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _check_files(candidate: str, tests: str, names: Iterable[str], setup: str) -> tuple[str, list[bytes], str]:
+    """The check runner and its two files: the tests' (nonce, names, setup size, setup and
+    tests) and the candidate's (names, source)."""
+    names = list(dict.fromkeys(names))
+    bad = [name for name in names if not (isinstance(name, str) and name.isidentifier() and name.isascii())]
+    if bad:
+        raise ValueError(f"names must be Python identifiers, got {bad!r}")
+    nonce = secrets.token_hex(16)
+    line = " ".join(names).encode()
+    head = _encode(setup)
+    if head and not head.endswith(b"\n"):
+        head += b"\n"
+    tests_file = b"\n".join([nonce.encode(), line, str(len(head)).encode(), head + _encode(tests)])
+    return _CHECK_RUNNER, [tests_file, line + b"\n" + _encode(candidate)], nonce
+
+
+def _command(setup: _Setup, limits: Limits, nproc: int, runner: str, fds: list[int]) -> list[str]:
     rlimits = [
         math.ceil(limits.timeout_s) + 1,       # CPU seconds: the wall clock normally fires first
         limits.memory_mb * MIB,
@@ -258,7 +737,7 @@ def _command(setup: _Setup, limits: Limits, nproc: int, src_fd: int, res_fd: int
         limits.max_open_files,
         0,                                       # no core dumps
     ]
-    python = [setup.python, *PYTHON_FLAGS, "-c", _RUNNER, str(src_fd), str(res_fd),
+    python = [setup.python, *PYTHON_FLAGS, "-c", runner, *(str(fd) for fd in fds),
               ",".join(str(v) for v in rlimits)]
     prefix = []
     if setup.setpriv:
@@ -284,15 +763,20 @@ def _isolated(setup: _Setup, limits: Limits, python: list[str]) -> list[str]:
     return python
 
 
-def _execute(setup: _Setup, limits: Limits, nproc: int, source: str) -> SandboxResult:
-    nonce = secrets.token_hex(16)
+def _execute(setup: _Setup, limits: Limits, nproc: int, runner: str, files: list[bytes],
+             nonce: str) -> SandboxResult:
+    """Run ``runner`` in the sandbox with ``files`` (unlinked temp files) and a report pipe
+    as its arguments' descriptors; the verdict is the report's."""
     with contextlib.ExitStack() as stack:
-        program = stack.enter_context(tempfile.TemporaryFile())
+        fds = []
+        for content in files:
+            handed = stack.enter_context(tempfile.TemporaryFile())
+            handed.write(content)
+            handed.flush()
+            handed.seek(0)
+            fds.append(handed.fileno())
         out = stack.enter_context(tempfile.TemporaryFile())
         err = stack.enter_context(tempfile.TemporaryFile())
-        program.write(nonce.encode() + b"\n" + source.encode("utf-8", "surrogatepass"))
-        program.flush()
-        program.seek(0)
         workdir = "/"
         if setup.isolation != "bwrap":  # bwrap gives the program a private tmpfs instead
             workdir = tempfile.mkdtemp(prefix="genflow-sandbox-")
@@ -306,9 +790,9 @@ def _execute(setup: _Setup, limits: Limits, nproc: int, source: str) -> SandboxR
         started = time.monotonic()
         try:
             proc = subprocess.Popen(
-                _command(setup, limits, nproc, program.fileno(), res_w),
+                _command(setup, limits, nproc, runner, [*fds, res_w]),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=workdir, env=ENV,
-                pass_fds=(program.fileno(), res_w), start_new_session=True, close_fds=True,
+                pass_fds=(*fds, res_w), start_new_session=True, close_fds=True,
                 user=uid, group=gid, extra_groups=None if uid is None else [])
         except OSError as exc:
             raise SandboxError(f"could not start the {setup.isolation} sandbox: {exc}") from exc
@@ -367,6 +851,12 @@ def _outcome(setup: _Setup, report: bytes, nonce: str, returncode: int,
         return "timed out"
     if b"P" + nonce.encode() in lines and returncode == 0:
         return "passed"
+    status = next((line[1:] for line in lines if line.startswith(b"C")), None)
+    if status is not None and status.isdigit():  # how the candidate's process ended, mid-tests
+        code = os.waitstatus_to_exitcode(int(status))
+        if code < 0:
+            return _signal_outcome(-code)
+        return "failed: exited before the tests finished" if code == 0 else f"failed: exit code {code}"
     error = next((line[1:].decode("utf-8", "replace") for line in lines if line.startswith(b"E")), None)
     if error is not None:
         if error.startswith("MemoryError"):
@@ -376,18 +866,22 @@ def _outcome(setup: _Setup, report: bytes, nonce: str, returncode: int,
         return f"failed: {error}"
     signum = _signal_of(setup, returncode)
     if signum is not None:
-        if signum in _SIGNAL_OUTCOMES:
-            return _SIGNAL_OUTCOMES[signum]
-        try:
-            return f"killed: signal {signal.Signals(signum).name}"
-        except ValueError:
-            return f"killed: signal {signum}"
+        return _signal_outcome(signum)
     if not lines or lines[0] != b"S":
         detail = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit code {returncode}"
         raise SandboxError(f"the {setup.isolation} sandbox failed before the program started: {detail}")
     if returncode == 0:
         return "failed: exited before the tests finished"
     return f"failed: exit code {returncode}"
+
+
+def _signal_outcome(signum: int) -> str:
+    if signum in _SIGNAL_OUTCOMES:
+        return _SIGNAL_OUTCOMES[signum]
+    try:
+        return f"killed: signal {signal.Signals(signum).name}"
+    except ValueError:
+        return f"killed: signal {signum}"
 
 
 def _signal_of(setup: _Setup, returncode: int) -> int | None:
@@ -400,7 +894,8 @@ def _signal_of(setup: _Setup, returncode: int) -> int | None:
 
 # --- finding out what works here ----------------------------------------------------------
 
-_PROBE = "import collections, itertools, json, math, re, typing\nassert math.comb(5, 2) == 10\n"
+_PROBE = "import collections, itertools, json, math, re, typing\ndef probe():\n    return math.comb(5, 2)\n"
+_PROBE_TESTS = "assert probe() == 10\n"
 _resolved: dict[tuple[str, str | None], _Setup] = {}
 _resolve_lock = threading.Lock()
 
@@ -444,7 +939,8 @@ def _probe_levels(requested: str, python: str | None) -> _Setup:
 def _probe(setup: _Setup) -> str | None:
     """Why ``setup`` cannot run a trivial program, or None when it can."""
     try:
-        result = _execute(setup, Limits(timeout_s=20), 64, _PROBE)
+        runner, files, nonce = _check_files(_PROBE, _PROBE_TESTS, ["probe"], "")
+        result = _execute(setup, Limits(timeout_s=20), 64, runner, files, nonce)
     except (SandboxError, OSError) as exc:
         return str(exc)
     return None if result.passed else f"{result.outcome}: {result.stderr.strip()[-300:]}"

