@@ -90,9 +90,8 @@ def worth_retrying(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -
 
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": 1,
                                 "retry_condition_fn": worth_retrying}
-RUN_NAME = "{stage.run_name}-{shard.index}-{fingerprint}"
 PACK_NAME = "{stage.run_name}-{shards}-{fingerprint}"
-"""A model stage's task: a pack of consecutive shards (``3``, or ``3-9``), its first shard's fingerprint."""
+"""A task's consecutive shards (``3``, or ``3-9``) and its first shard's fingerprint."""
 
 
 @task(name="plan-shards", cache_policy=NO_CACHE)
@@ -114,15 +113,44 @@ def score_task(job: JobContext, stage: ModelStage, shards: str, fingerprint: str
     return [_logged(o) for o in pack.collect()]
 
 
-@task(name="input-candidates", task_run_name="input-candidates-{shard.index}-{fingerprint}", **TASK_OPTIONS)
-def input_task(job: JobContext, stage: Stage, shard: Shard, fingerprint: str) -> StageOutcome:
-    return input_candidates_shard(job, shard, fingerprint)
+@task(name="input-candidates", task_run_name=PACK_NAME, **TASK_OPTIONS)
+def input_task(job: JobContext, stage: Stage, shards: str, fingerprint: str,
+               group: list[tuple[Shard, str]]) -> list[StageOutcome]:
+    return [input_candidates_shard(job, shard, fp) for shard, fp in group]
 
 
-@task(name="rank", task_run_name=RUN_NAME, **TASK_OPTIONS)
-def rank_task(job: JobContext, stage: Stage, shard: Shard, fingerprint: str,
-              exporters: dict[str, dict[str, Any]]) -> StageOutcome:
-    return rank_shard(job, shard, fingerprint, exporters, get_registry())
+@task(name="rank", task_run_name=PACK_NAME, **TASK_OPTIONS)
+def rank_task(job: JobContext, stage: Stage, shards: str, fingerprint: str, group: list[tuple[Shard, str]],
+              exporters: dict[str, dict[str, Any]]) -> list[StageOutcome]:
+    registry = get_registry()
+    return [rank_shard(job, shard, fp, exporters, registry) for shard, fp in group]
+
+
+CHEAP_ROWS = 1024
+"""Prompts a task of a stage without a model (input candidates, rank) takes at least: small
+shards share a task run, each still written and marked on its own."""
+
+
+def _run_cheap_stage(job: JobContext, stage: Stage, plans: list[tuple[Shard, str]], done: Any, run: Task[Any, Any],
+                     *extra: Any) -> list[StageOutcome]:
+    outcomes: dict[int, StageOutcome] = {}
+    todo = []
+    for shard, fp in plans:
+        finished_before = done(stage, shard, fp)
+        if finished_before:
+            outcomes[shard.index] = finished_before
+        else:
+            todo.append((shard, fp))
+    for group in pack_shards(todo, 1, CHEAP_ROWS):
+        for outcome in call_task(run, job, stage, pack_name(group), group[0][1], group, *extra):
+            outcomes[outcome.shard] = outcome
+    return [outcomes[shard.index] for shard, _ in plans]
+
+
+def pack_name(group: list[tuple[Shard, str]]) -> str:
+    """``3``, or ``3-9`` for consecutive shards 3 to 9: the ``{shards}`` of a task run's name."""
+    first, last = group[0][0].index, group[-1][0].index
+    return f"{first}" if first == last else f"{first}-{last}"
 
 
 def _logged(outcome: StageOutcome) -> StageOutcome:
@@ -173,10 +201,9 @@ def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Work
     plugins: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
     if not config.generators:  # the rows' own candidates
-        with tags(*stage_tags(layout.generate_stage(layout.INPUT_LABEL).name)):
-            for plan in plans:
-                own, fp = plan.generate[0]
-                outcomes.append(done(own, plan.shard, fp) or call_task(input_task, job, own, plan.shard, fp))
+        own = layout.generate_stage(layout.INPUT_LABEL)
+        with tags(*stage_tags(own.name)):
+            outcomes += _run_cheap_stage(job, own, [(p.shard, p.generate[0][1]) for p in plans], done, input_task)
     for stage in stages:
         t = time.perf_counter()
         pool = stage.pool(config, workers)
@@ -194,11 +221,8 @@ def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Work
     if config.scorers:
         t = time.perf_counter()
         with tags(*stage_tags(layout.RANK_STAGE.name, exporters)):
-            for plan in plans:
-                assert plan.rank is not None
-                rank, fp = plan.rank
-                outcomes.append(done(rank, plan.shard, fp) or call_task(rank_task, job, rank, plan.shard, fp,
-                                                                         exporters))
+            ranks = [(p.shard, p.rank[1]) for p in plans if p.rank is not None]
+            outcomes += _run_cheap_stage(job, layout.RANK_STAGE, ranks, done, rank_task, exporters)
         timings["rank"] = time.perf_counter() - t
 
     timings["total"] = time.perf_counter() - t0
@@ -268,8 +292,7 @@ def _run_model_stage(job: JobContext, stage: ModelStage, plans: list[ShardPlan],
         for following in [*groups[1:], None] if groups else []:
             upcoming = make_pack(following) if following and ahead else None  # sent before `current` is written
             assert current is not None
-            first, last = current.shards[0].index, current.shards[-1].index
-            name = f"{first}" if first == last else f"{first}-{last}"
+            name = pack_name([(w.shard, w.fingerprint) for w in current.works])
             for outcome in call_task(run, job, stage, name, current.works[0].fingerprint, current):
                 outcomes[outcome.shard] = outcome
             current = upcoming or (make_pack(following) if following else None)
