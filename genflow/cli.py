@@ -60,18 +60,18 @@ def run(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no-r
                          "stopped renewing it (stale); a live job's lease is never taken")] = False) -> None:
     """Run one job."""
     from genflow.local_prefect import local_prefect_api
-    from genflow.ray_cluster import shutdown_ray
     from genflow.shutdown import command_ending
 
     # Ctrl-C: exit 130 with the line below; Ray stopped now, not at exit (Ray's own hook pauses first).
     hint = shlex.join(["genflow", "run", str(config), *[a for s in set_ or [] for a in ("--set", s)]])
-    with command_ending(hint, lambda line: console.print(line, highlight=False, markup=False), shutdown_ray), \
+    with command_ending(hint, lambda line: console.print(line, highlight=False, markup=False), _shutdown_ray), \
             local_prefect_api() as prefect_ready:  # boots while the job's modules load and its config is checked
         from genflow.config import load_config
         from genflow.job import JobFailed, PrefectAPILost, run_job
 
         try:
             job = load_config(config, set_ or [])
+            _import_in_background("genflow.flows.job")  # Prefect's flow machinery, while Ray starts
             manifest = run_job(job, resume=resume, api_ready=prefect_ready, force=force)
         except _user_errors() as exc:
             fail(str(exc))
@@ -89,6 +89,39 @@ def run(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no-r
             fail(f"no space left on the output's disk ({exc}): the shards finished so far are kept; "
                  "free some space and run the job again to resume", code=1)
         _print_summary(manifest)
+
+
+_IMPORTING: list[Any] = []
+"""Threads of :func:`_import_in_background` (joined before the command ends)."""
+
+
+def _shutdown_ray() -> None:
+    """Stop the Ray this command started (importing Ray only to find none would cost a second);
+    first let a background import finish, which an exit must not cut short."""
+    for thread in _IMPORTING:
+        thread.join(timeout=30)
+    if "genflow.ray_cluster" in sys.modules:
+        from genflow.ray_cluster import shutdown_ray
+
+        shutdown_ray()
+
+
+def _import_in_background(module: str) -> None:
+    """Import ``module`` in a thread: the job's main thread spends seconds waiting in ``ray.init``
+    meanwhile (on 2 cores, Prefect's flow machinery took 1-2 s after it). A failure is left for
+    the real import to raise, in the main thread, with its message."""
+    import importlib
+    import threading
+
+    def load() -> None:
+        try:
+            importlib.import_module(module)
+        except BaseException:  # raised again where it is imported for use
+            pass
+
+    thread = threading.Thread(target=load, name=f"import {module}", daemon=True)
+    _IMPORTING.append(thread)
+    thread.start()
 
 
 def _print_summary(manifest: dict) -> None:
@@ -441,9 +474,12 @@ def label_pull(output: OutputArg, tool: ToolOpt = "label-studio", url: UrlOpt = 
 
 
 def main() -> None:
+    from genflow.shutdown import exit_after_hooks
+
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    app(prog_name="genflow")
+    with exit_after_hooks():  # Python's teardown after the exit hooks: seconds, for nothing
+        app(prog_name="genflow")
 
 
 if __name__ == "__main__":

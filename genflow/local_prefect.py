@@ -11,6 +11,12 @@ boots while the driver imports genflow, reads the config and checks the input,
 and the driver never imports the server package. Measured on 2 cores, this is
 most of the time a rerun of a finished job takes (``benchmarks/bench_rerun.py``).
 
+The server is launched before this process imports Prefect at all: reading
+Prefect's settings means importing most of Prefect (1-2.5 s on 2 cores), which the
+job does anyway, later, while Ray starts. Whether the settings name an API of their
+own is checked when the API is first needed (``ready()``); then the server
+launched for nothing is stopped.
+
 A user's own API (``PREFECT_API_URL`` from the environment or a Prefect profile)
 is left alone, and so is a profile that turns the ephemeral server off.
 """
@@ -78,16 +84,23 @@ class LocalPrefectAPI:
 
 
 def start_local_api() -> LocalPrefectAPI | None:
-    """Launch the server and point this process's Prefect settings at it.
+    """Launch the server; :func:`adopt` points this process's Prefect settings at it.
 
-    Returns None (and changes nothing) when a Prefect API is configured or the
-    ephemeral server is turned off.
+    Returns None (and launches nothing) when ``PREFECT_API_URL`` is set or Prefect is
+    not installed. A Prefect profile's own API, or one that turns the ephemeral server
+    off, is only known once Prefect's settings are read: :func:`adopt` then stops the
+    server instead. With Prefect already imported (a test harness, a long-lived
+    process), the settings are read first, and nothing is launched for nothing.
     """
-    from prefect.settings import get_current_settings
-
-    settings = get_current_settings()
-    if settings.api.url or not settings.server.ephemeral.enabled:
+    if os.environ.get("PREFECT_API_URL"):
         return None
+    settings_env: dict[str, str] = {}
+    if "prefect.settings" in sys.modules:  # cheap now: read them, and hand them on (a harness's temporary ones)
+        if not _wants_local_api():
+            return None
+        from prefect.settings import get_current_settings
+
+        settings_env = get_current_settings().to_environment_variables(exclude_unset=True)
     spec = find_spec("prefect")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -99,7 +112,10 @@ def start_local_api() -> LocalPrefectAPI | None:
     # (5 retries with exponential backoff per request) turned its loss into minutes of waiting.
     os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "1")
     port = _free_port()
-    env = {**os.environ, **settings.to_environment_variables(exclude_unset=True), **SERVER_ENV}
+    # Otherwise the server reads the same profile, prefect.toml and .env as this process
+    # would (same environment, same working directory): its database is the one Prefect's
+    # own ephemeral server would use.
+    env = {**os.environ, **settings_env, **SERVER_ENV}
     command = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.submodule_search_locations[0]).parent),
                "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
                "--log-level", "error", "--lifespan", "on"]
@@ -110,9 +126,26 @@ def start_local_api() -> LocalPrefectAPI | None:
     api = LocalPrefectAPI(process, port)
     _RUNNING.append(api)
     atexit.register(api.stop)
-    _point_prefect_at(api.url)
     log.debug("local Prefect API starting on %s", api.url)
     return api
+
+
+def _wants_local_api() -> bool:
+    """Whether Prefect's settings leave the API to an ephemeral server (no API URL of their own)."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    return not settings.api.url and bool(settings.server.ephemeral.enabled)
+
+
+def adopt(api: LocalPrefectAPI) -> bool:
+    """Point this process's Prefect at ``api`` if its settings want an ephemeral server; else
+    stop ``api`` (the user's own API is used) and return False."""
+    if os.environ.get("PREFECT_API_URL") or not _wants_local_api():
+        api.stop()
+        return False
+    _point_prefect_at(api.url)
+    return True
 
 
 _RUNNING: list[LocalPrefectAPI] = []
@@ -151,13 +184,23 @@ def local_prefect_api() -> Iterator[Callable[[], None]]:
     ephemeral server, so the command behaves as it would without this module.
     """
     api = start_local_api()
+    adopted = False
 
     def ready() -> None:
+        nonlocal adopted
+        if api is None or adopted or not adopt(api):
+            return
+        adopted = True
         timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 90)
-        if api is not None and not api.wait_ready(timeout):
+        if not api.wait_ready(timeout):
             log.warning("the local Prefect API did not start; using Prefect's own temporary server")
             use_prefects_own_server(api)
 
-    # No stop on the way out: Prefect sends its last logs and events at exit, and the
-    # atexit hook registered at start (so run after Prefect's own) stops the server.
-    yield ready
+    try:
+        yield ready
+    finally:
+        # A server the command never used (it failed before, or Prefect has an API of its
+        # own) goes now. One it used stays: Prefect sends its last logs and events at exit,
+        # and the atexit hook registered at start (so run after Prefect's own) stops it.
+        if api is not None and not adopted:
+            api.stop()

@@ -166,5 +166,26 @@ def shutdown_ray() -> None:
     caller started is left alone."""
     global _ray_started_here
     if _ray_started_here and ray.is_initialized():
+        _kill_autoscaler_monitor()
         ray.shutdown()
     _ray_started_here = False
+
+
+def _kill_autoscaler_monitor() -> None:
+    """Kill a local Ray's autoscaler monitor before ``ray.shutdown``: it ignores SIGTERM, and
+    Ray waits a full second for it before it kills it anyway (1.2 s -> 0.2-0.4 s for the
+    whole shutdown, on 2 cores). It keeps no state of a one-machine Ray worth an orderly
+    exit. Nothing to do for a cluster this process only connected to (it started no
+    processes), or where Ray's private layout differs from the one this was written for."""
+    try:
+        from ray._private import ray_constants
+        from ray._private import worker as ray_worker
+
+        node = ray_worker._global_node
+        monitors: list[Any] = node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []) if node is not None else []
+        for info in monitors:
+            if info.process.poll() is None:
+                info.process.kill()
+                info.process.wait(timeout=2)
+    except Exception as exc:  # Ray's own shutdown stops it all the same, a second later
+        log.debug("could not kill Ray's autoscaler monitor early: %s", exc)
