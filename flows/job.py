@@ -57,7 +57,6 @@ from genflow.dataset_card import write_card_safely
 from genflow.events import on_job_failure
 from genflow.execution import RequestPool, WorkerPool, Workers, job_workers
 from genflow.job import JobFailed, prefect_api_lost, real_config
-from genflow.job import _api_url as prefect_api_url
 from genflow.layout import Shard, ShardPlan, Stage
 from genflow.manifest import build_manifest, rows_of
 from genflow.progress import StageProgress
@@ -66,6 +65,7 @@ from genflow.ray_cluster import RayUnreachable
 from genflow.registry import PluginError, Registry, get_registry
 from genflow.report import write_report_safely
 from genflow.resume import DoneIndex, StageOutcome, drop_unused_parts, finished
+from genflow.shutdown import lost_api_reported
 from genflow.stages import (
     JobContext,
     ModelStage,
@@ -342,9 +342,8 @@ def call_task(run: Task[Any, Any], *args: Any) -> Any:
         if not prefect_api_lost():
             raise
         _lost_api.set()
-        logging.getLogger(__name__).warning(
-            "lost the Prefect API (%s): the job goes on without Prefect's record of the rest of the run",
-            prefect_api_url())
+        logging.getLogger(__name__).warning(lost_api_reported(
+            "the job goes on without Prefect; Prefect's record of this run stops here"))
         return run.fn(*args)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from genflow.config import ConfigError, JobConfig
 from genflow.prompts import InputError
 from genflow.registry import PluginError
+from genflow.shutdown import lost_api_reported
 from genflow.storage import StorageError, disk_full
 
 USER_ERRORS = (ConfigError, InputError, PluginError, StorageError, ConnectionError, FileNotFoundError)
@@ -105,9 +106,8 @@ def _run_flow(job: JobConfig, storage: Any, resume: bool, api_ready: Callable[[]
             if manifest is None:
                 raise PrefectAPILost(f"lost the Prefect API ({_api_url()}) mid-job ({type(exc).__name__}): the "
                                      f"shards finished so far are kept; run the job again to resume") from None
-            logging.getLogger(__name__).warning(
-                "lost the Prefect API (%s) as the job ended: its outputs and manifest.json are complete, "
-                "Prefect's record of the run is not", _api_url())
+            logging.getLogger(__name__).warning(lost_api_reported(
+                "the job ended with its outputs and manifest.json complete; Prefect's record of the run is not"))
             return manifest
     finally:
         stop_early_workers()
