@@ -120,11 +120,11 @@ _RLIMITS_NPROC_SLACK = 32
 # Shared by both runners: limits, error text, tracebacks. Python 3.8+.
 _PRELUDE = r"""
 import os, sys
-def _genflow_limits(limits):
+def _genflow_limits(limits, only=None, but=None):
     import resource
     names = ("RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_CORE")
     for name, value in zip(names, limits):
-        if value < 0:
+        if value < 0 or name == but or only not in (None, name):
             continue
         which = getattr(resource, name)
         hard = value + 1 if name == "RLIMIT_CPU" else value
@@ -193,7 +193,7 @@ _genflow_runner(int(sys.argv[1]), int(sys.argv[2]), [int(v) for v in sys.argv[3]
 """
 
 # Runs a candidate and its tests as two processes: the tests' process (this one) makes
-# itself non-dumpable, forks the candidate's, reads the nonce and the tests only then,
+# itself non-dumpable, runs the setup, forks the candidate's, reads the nonce and the tests only then,
 # and runs them with the candidate's names bound to values or to functions that call the
 # candidate's over a pipe. Only plain data crosses, as tagged JSON. Python 3.8+.
 _CHECK_RUNNER = _PRELUDE + r"""
@@ -415,9 +415,10 @@ class _GenflowGone(BaseException):
     pass
 
 
-def _genflow_runner_check(tests_fd, candidate_fd, res_fd, limits):
+def _genflow_runner_check(tests_fd, setup_fd, candidate_fd, res_fd, limits):
     write, exit_now = os.write, os._exit
-    _genflow_limits(limits)
+    # The process limit after the fork: under rlimits it counts every process of the user.
+    _genflow_limits(limits, but="RLIMIT_NPROC")
     os.set_inheritable(res_fd, False)
     # The candidate will be this process's child, as the same user. Non-dumpable, this process
     # is out of its reach (no /proc/<pid>/mem, fd or environ, no ptrace, no pidfd_getfd) as long
@@ -436,25 +437,45 @@ def _genflow_runner_check(tests_fd, candidate_fd, res_fd, limits):
         sys.stderr.flush()
         exit_now(2)
     write(res_fd, b"S\n")
+    # The setup is no secret (the candidate may know it): it runs before the fork, so the
+    # candidate's process starts with the modules it imported.
+    with open(setup_fd, "rb") as f:
+        setup = f.read()
+    sys.argv = ["tests.py"]
+    space = {"__name__": "__main__", "__file__": "tests.py", "__builtins__": __builtins__}
+    try:
+        exec(compile(setup, "tests.py", "exec"), space)
+    except BaseException as exc:
+        try:
+            write(res_fd, b"E" + _genflow_text(exc).encode("utf-8", "replace") + b"\n")
+            _genflow_print(exc)
+        finally:
+            exit_now(1)
+    _genflow_flush()
     dump, load = _genflow_codec()
     calls_r, calls_w = os.pipe()
     replies_r, replies_w = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as exc:  # the sandbox's failure, not the candidate's
+        write(res_fd, b"Xcannot start the candidate's process: " + _genflow_text(exc).encode() + b"\n")
+        exit_now(2)
     if pid == 0:
         try:
             for fd in (tests_fd, res_fd, calls_w, replies_r):
                 os.close(fd)
+            _genflow_limits(limits, only="RLIMIT_NPROC")
             prctl(4, 1, 0, 0, 0)  # the candidate's own /proc/self works as usual
             _genflow_candidate(candidate_fd, calls_r, replies_w, dump, load)
         finally:
             exit_now(1)
+    _genflow_limits(limits, only="RLIMIT_NPROC")
     for fd in (candidate_fd, calls_r, replies_w):
         os.close(fd)
     with open(tests_fd, "rb") as f:
         data = f.read()
-    nonce, names, setup_size, rest = data.split(b"\n", 3)
+    nonce, names, tests = data.split(b"\n", 2)
     del data
-    setup, tests = rest[:int(setup_size)], rest[int(setup_size):]
     calls, replies = open(calls_w, "wb"), open(replies_r, "rb")
     gone = []  # once the candidate's process is gone, nothing passes
     relayed = [None]  # the last exception rebuilt from the candidate's
@@ -530,10 +551,7 @@ def _genflow_runner_check(tests_fd, candidate_fd, res_fd, limits):
         candidate.__name__ = candidate.__qualname__ = name
         return candidate
 
-    sys.argv = ["tests.py"]
-    space = {"__name__": "__main__", "__file__": "tests.py", "__builtins__": __builtins__}
     try:
-        exec(compile(setup, "tests.py", "exec"), space)
         ready = receive()
         if ready[0] == "raise" and len(ready) == 4:  # the candidate failed before its end
             raise rebuild(*ready[1:])
@@ -581,9 +599,17 @@ def _genflow_runner_check(tests_fd, candidate_fd, res_fd, limits):
     _genflow_flush()
     write(res_fd, b"P" + nonce + b"\n")
     exit_now(0)
-_genflow_runner_check(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
-                      [int(v) for v in sys.argv[4].split(",")])
+_genflow_runner_check(*(int(v) for v in sys.argv[1:5]), [int(v) for v in sys.argv[5].split(",")])
 """
+
+# Starts a runner from its bytecode (compiled once by the same interpreter: a runner's
+# source would be compiled again on every start), handed over as the first descriptor.
+_BOOT = ("import marshal, os, sys\n"
+         "with os.fdopen(int(sys.argv.pop(1)), 'rb') as _genflow_runner_code:\n"
+         "    _genflow_runner_code = marshal.loads(_genflow_runner_code.read())\n"
+         "exec(_genflow_runner_code)\n")
+_COMPILE = ("import marshal, sys\n"
+            "sys.stdout.buffer.write(marshal.dumps(compile(sys.stdin.read(), '<string>', 'exec')))\n")
 
 _SIGNAL_OUTCOMES: dict[int, str] = {
     signal.SIGXCPU: "killed: cpu time",
@@ -691,7 +717,9 @@ class Sandbox:
 
         ``candidate`` runs as ``__main__`` in a process of its own. ``setup``, then ``tests``,
         run as ``__main__`` in another, which holds the verdict and which the candidate cannot
-        reach; between the two, each of ``names`` that the setup did not define is bound to
+        reach. The setup is no secret: it runs before the candidate's process starts, which
+        inherits what it imported (the prompt's imports cost once). Between setup and tests,
+        each of ``names`` that the setup did not define is bound to
         the candidate's: a plain value as it is, a module by importing it, anything else as a
         function that calls the candidate's with the arguments and returns its result. Only
         plain data crosses (None, bool, int, float, complex, str, bytes, bytearray, list,
@@ -713,8 +741,8 @@ def _encode(text: str) -> bytes:
 
 
 def _check_files(candidate: str, tests: str, names: Iterable[str], setup: str) -> tuple[str, list[bytes], str]:
-    """The check runner and its two files: the tests' (nonce, names, setup size, setup and
-    tests) and the candidate's (names, source)."""
+    """The check runner and its three files: the tests' (nonce, names, tests), the setup
+    and the candidate's (names, source)."""
     names = list(dict.fromkeys(names))
     bad = [name for name in names if not (isinstance(name, str) and name.isidentifier() and name.isascii())]
     if bad:
@@ -724,8 +752,8 @@ def _check_files(candidate: str, tests: str, names: Iterable[str], setup: str) -
     head = _encode(setup)
     if head and not head.endswith(b"\n"):
         head += b"\n"
-    tests_file = b"\n".join([nonce.encode(), line, str(len(head)).encode(), head + _encode(tests)])
-    return _CHECK_RUNNER, [tests_file, line + b"\n" + _encode(candidate)], nonce
+    tests_file = b"\n".join([nonce.encode(), line, _encode(tests)])
+    return _CHECK_RUNNER, [tests_file, head, line + b"\n" + _encode(candidate)], nonce
 
 
 def _command(setup: _Setup, limits: Limits, nproc: int, runner: str, fds: list[int]) -> list[str]:
@@ -738,7 +766,7 @@ def _command(setup: _Setup, limits: Limits, nproc: int, runner: str, fds: list[i
         0,                                       # no core dumps
     ]
     python = [setup.python, *PYTHON_FLAGS, "-c", runner, *(str(fd) for fd in fds),
-              ",".join(str(v) for v in rlimits)]
+              ",".join(str(v) for v in rlimits)]  # runner: a source, or _BOOT and its code's descriptor first
     prefix = []
     if setup.setpriv:
         prefix = [setup.setpriv, "--nnp"]
@@ -767,6 +795,9 @@ def _execute(setup: _Setup, limits: Limits, nproc: int, runner: str, files: list
              nonce: str) -> SandboxResult:
     """Run ``runner`` in the sandbox with ``files`` (unlinked temp files) and a report pipe
     as its arguments' descriptors; the verdict is the report's."""
+    code = _bytecode(setup.python, runner)
+    if code is not None:
+        runner, files = _BOOT, [code, *files]
     with contextlib.ExitStack() as stack:
         fds = []
         for content in files:
@@ -810,6 +841,26 @@ def _execute(setup: _Setup, limits: Limits, nproc: int, runner: str, files: list
     return SandboxResult(outcome, round(duration, 4), setup.isolation, returncode, stdout, stderr)
 
 
+_bytecodes: dict[tuple[str, str], bytes | None] = {}
+_bytecode_lock = threading.Lock()
+
+
+def _bytecode(python: str, runner: str) -> bytes | None:
+    """``runner`` compiled by ``python`` (once per process), or None where that failed."""
+    key = (python, runner)
+    with _bytecode_lock:
+        if key not in _bytecodes:
+            try:
+                done = subprocess.run([python, *PYTHON_FLAGS, "-c", _COMPILE], input=runner.encode(),
+                                      capture_output=True, env=ENV, timeout=60, check=True)
+                _bytecodes[key] = done.stdout or None
+            except (OSError, subprocess.SubprocessError) as exc:
+                log.debug("sandbox: %s cannot precompile the runner (%s); it compiles on every run",
+                          python, exc)
+                _bytecodes[key] = None
+        return _bytecodes[key]
+
+
 def _wait_unreaped(proc: subprocess.Popen[bytes], timeout: float) -> bool:
     """Wait for exit without reaping, so the process group id cannot be reused yet."""
     try:
@@ -851,6 +902,9 @@ def _outcome(setup: _Setup, report: bytes, nonce: str, returncode: int,
         return "timed out"
     if b"P" + nonce.encode() in lines and returncode == 0:
         return "passed"
+    broken = next((line[1:] for line in lines if line.startswith(b"X")), None)
+    if broken is not None:
+        raise SandboxError(f"the {setup.isolation} sandbox failed: {broken.decode('utf-8', 'replace')}")
     status = next((line[1:] for line in lines if line.startswith(b"C")), None)
     if status is not None and status.isdigit():  # how the candidate's process ended, mid-tests
         code = os.waitstatus_to_exitcode(int(status))

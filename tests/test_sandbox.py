@@ -17,6 +17,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -374,6 +375,18 @@ def test_concurrent_checks_keep_their_verdicts(sandbox):
     for thread in threads:
         thread.join()
     assert [results[i] for i in range(len(cases))] == [expected for _, expected in cases]
+
+
+def test_max_processes_counts_the_candidates_processes_not_the_tests(sandbox):
+    if sandbox.isolation == "rlimits" and not AS_NOBODY:
+        pytest.skip("as your own user, RLIMIT_NPROC counts all your processes; the bound is loose")
+    single = Sandbox(replace(LIMITS, max_processes=1), isolation=sandbox.isolation)
+    candidate = ("import os\ndef fork():\n    try:\n        pid = os.fork()\n    except OSError as exc:\n"
+                 "        return type(exc).__name__\n    if pid == 0:\n        os._exit(0)\n    return 'forked'\n")
+    result = single.check(candidate, "print(fork())\n", ["fork"])
+    assert result.passed, result.stderr  # the tests' process took none of the one process allowed
+    if sandbox.isolation != "rlimits":  # there the bound is loose: it counts every process of nobody
+        assert result.stdout == "BlockingIOError\n"
 
 
 def test_check_refuses_names_that_are_not_identifiers(sandbox_for):
