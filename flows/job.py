@@ -58,6 +58,7 @@ from genflow.events import on_job_failure
 from genflow.execution import RequestPool, WorkerPool, Workers, job_workers
 from genflow.job import JobFailed, prefect_api_lost, real_config
 from genflow.layout import Shard, ShardPlan, Stage
+from genflow.lease import output_lease
 from genflow.manifest import build_manifest, rows_of
 from genflow.progress import StageProgress
 from genflow.prompts import InputError, open_input
@@ -389,7 +390,8 @@ def genflow_job(config: dict[str, Any], resume: bool = True,
     job = job.model_copy(update={"output": resolve_output(job.output)})
     storage = Storage.open(job.output, **job.storage.model_dump())
     storage.makedirs()
-    manifest = run_stages(job, storage, resume)
+    with output_lease(storage, job.name):  # `genflow run` holds it already; a deployment's run takes it here
+        manifest = run_stages(job, storage, resume)
     errors = manifest["errors"]
     if manifest["status"] == "failed":
         raise JobFailed(f"{errors['rows']} of {errors['work_items']} rows failed "

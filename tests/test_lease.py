@@ -109,6 +109,17 @@ def test_a_lease_names_its_job_and_refuses_a_second_one(storage: Storage) -> Non
         pass
 
 
+def test_the_flow_inside_genflow_run_works_under_the_runs_lease(storage: Storage) -> None:
+    """``genflow run`` takes the lease, then its flow asks again (as a deployment's run does): one lease."""
+    with output_lease(storage, "run") as lease:
+        with output_lease(storage, "flow") as inner:
+            assert inner is None and read_lease(storage).owner == lease.holder.owner  # type: ignore[union-attr]
+        assert read_lease(storage) is not None  # the flow's end leaves the run's lease
+    assert read_lease(storage) is None
+    with output_lease(storage, "deployment run") as alone:  # a flow run Prefect started takes its own
+        assert alone is not None and read_lease(storage).job == "deployment run"  # type: ignore[union-attr]
+
+
 def test_the_lease_is_released_when_the_job_raises(storage: Storage) -> None:
     with pytest.raises(KeyboardInterrupt), output_lease(storage):
         raise KeyboardInterrupt
