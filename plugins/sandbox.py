@@ -455,6 +455,8 @@ def _genflow_runner_check(tests_fd, setup_fd, candidate_fd, res_fd, limits):
     dump, load = _genflow_codec()
     calls_r, calls_w = os.pipe()
     replies_r, replies_w = os.pipe()
+    import gc
+    gc.freeze()  # the child's collector would otherwise write to, and so copy, every inherited page
     try:
         pid = os.fork()
     except OSError as exc:  # the sandbox's failure, not the candidate's
