@@ -59,9 +59,9 @@ setuid programs cannot raise its rights. Memory is limited per process
 Who decides that a program passed:
 
 :meth:`Sandbox.check` runs a candidate against tests, and the verdict lives outside the
-candidate's process. The sandboxed process runs the tests; it makes itself non-dumpable
-and checks that it holds no capabilities, then forks the candidate's process, and only
-then reads the tests and a random per-run nonce. The candidate runs in the child: it
+candidate's process. The sandboxed process runs the tests; it makes itself non-dumpable,
+checks that it holds no capabilities and runs the setup (no secret), then forks the
+candidate's process, and only then reads the tests and a random per-run nonce. The candidate runs in the child: it
 never sees the tests, the nonce or the pipe that reports the verdict, in its memory,
 files, arguments, environment or descriptors, and as a process of the same user without
 capabilities it cannot read its non-dumpable parent's memory, descriptors or environment
