@@ -1,6 +1,6 @@
 """Run the side-by-side benchmarks, print one table of ratios vs targets, write it to JSON.
 
-    python -m benchmarks                     # everything at the targets' sizes (~6 min on 2 idle cores)
+    python -m benchmarks                     # everything at the targets' sizes (~25 min on 2 idle cores)
     python -m benchmarks --quick             # smaller sizes, ~3 min: a quick look (not the targets' figures)
     python -m benchmarks --only generation scoring --out /tmp/results.json
 
@@ -27,6 +27,9 @@ from benchmarks.common import DEFAULT_WORKDIR, QUIET_ENV, ROOT, machine
 BENCHMARKS = {
     "generation": "batched hf-text vs a per-prompt generate loop; padding efficiency",
     "job": "the whole genflow run vs a bare batched loop",
+    "shards": "the same job at shard_rows 64 (and 8) vs the default shard size",
+    "fixed": "bookkeeping per (stage, shard); start-up and exit outside the flow, step by step",
+    "distilabel": "the whole genflow run vs distilabel 1.5.3's TransformersLLM pipeline (installed in its own venv)",
     "scoring": "batched hf-reward and embedding-sim vs one-by-one",
     "scale": "Prefect task runs per 10k prompts; peak memory at 10k vs 100k prompts",
     "rerun": "a second run of a finished job; genflow --help",

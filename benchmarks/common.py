@@ -140,6 +140,30 @@ def causal_lm(workdir: Path, name: str) -> str:
     return str(path)
 
 
+def fixed_length_copy(source: Path, path: Path, new_tokens: int) -> str:
+    """The model folder with ``min_new_tokens`` and the pad token banned: every sample is ``new_tokens`` long."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    if not (path / "config.json").exists():
+        shutil.copytree(source, path, dirs_exist_ok=True)
+        config = GenerationConfig.from_pretrained(path)
+        config.min_new_tokens = new_tokens
+        config.suppress_tokens = [config.pad_token_id]  # genflow strips trailing pads; never sample one
+        config.save_pretrained(path)
+    return str(path)
+
+
+def tiny_text_model(workdir: Path, new_tokens: int = 32) -> str:
+    """``models/tiny-gpt2`` (what `genflow models init-tiny models` writes; the same kind is written
+    under ``workdir`` if it is absent) with every sample ``new_tokens`` long, under ``workdir/models``."""
+    source = ROOT / "models" / "tiny-gpt2"
+    if not (source / "config.json").exists():
+        source = Path(causal_lm(workdir, "tiny-gpt2"))
+    return fixed_length_copy(source, workdir / "models" / f"tiny-gpt2-exactly-{new_tokens}-tokens", new_tokens)
+
+
 def reward_model(workdir: Path) -> str:
     from genflow.plugins.reward import write_tiny_reward_model
 
