@@ -55,7 +55,7 @@ from genflow.artifacts import publish_job_artifacts, stage_tags
 from genflow.config import ConfigError, JobConfig, build_config, redacted_urls, resolve_output
 from genflow.dataset_card import write_card_safely
 from genflow.events import on_job_failure
-from genflow.execution import RequestPool, WorkerPool, Workers, job_workers
+from genflow.execution import RequestPool, Workers, job_workers
 from genflow.job import JobFailed, prefect_api_lost, real_config
 from genflow.layout import Shard, ShardPlan, Stage
 from genflow.lease import output_lease
@@ -307,12 +307,17 @@ def _items_per_row(config: JobConfig, stage: ModelStage) -> int:
     return max(1, sum(g.samples for g in config.generators)) if config.generators else 1
 
 
+PACK_CALLS_PER_WORKER = 4
+"""Calls a pack holds per worker: the two in flight on each worker, and two more waiting in the
+pool's queue while the next pack's ``batch_keys`` come back from behind those in flight."""
+
+
 def pack_items(stage: ModelStage, config: JobConfig, pool: Pool) -> int:
-    """Items a pack of shards should hold: enough to keep every worker's calls queued (two a
-    worker, at the stage's call size), or every request slot of a server stage busy."""
+    """Items a pack of shards should hold: enough to keep every worker's calls queued while the
+    next pack is made (:data:`PACK_CALLS_PER_WORKER`), or every request slot of a server stage busy."""
     if isinstance(pool, RequestPool):
         return int(stage.spec.requests.concurrency)
-    return stage.call_size(config) * max(1, config.ray.workers) * WorkerPool.in_flight_per_actor
+    return stage.call_size(config) * max(1, config.ray.workers) * PACK_CALLS_PER_WORKER
 
 
 def pack_shards(todo: list[tuple[Shard, str]], per_row: int, items: int) -> list[list[tuple[Shard, str]]]:

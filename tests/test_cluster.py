@@ -119,13 +119,13 @@ def test_a_job_runs_on_a_ray_cluster_and_reports_to_a_prefect_server(
     assert {line.split("ppid=")[1] for line in inits} == {str(ray_head.raylet_pid)}
 
     # The Prefect server has the completed flow run and one task run per (stage, pack of shards), plus
-    # planning: 8 items a shard, 16 a pack (2 workers x 2 calls of 4); ranking takes 1,024 rows a task.
+    # planning: 8 items a shard, 32 a pack (2 workers x 4 calls of 4); ranking takes 1,024 rows a task.
     flow_run, task_runs = asyncio.run(_flow_run_and_task_runs(prefect_server, "on-the-cluster"))
     assert flow_run.state.is_completed()
     names = sorted(t.name for t in task_runs)
-    assert len(names) == 1 + 2 + 2 + 1 and all(t.state.is_completed() for t in task_runs)
+    assert len(names) == 1 + 1 + 1 + 1 and all(t.state.is_completed() for t in task_runs)
     assert [n.rsplit("-", 1)[0] for n in names if n.startswith("generate")] == [
-        "generate-echo-0-1", "generate-echo-2"]
+        "generate-echo-0-2"]
 
 
 @pytest.mark.slow
