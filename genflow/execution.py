@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class BatchResult:
     index: int
-    """Which of the batches given to ``map`` these items come from (a part of it after a split)."""
+    """Which of the batches given to ``submit`` these items come from (a part of it after a split)."""
     items: list[Any]
     results: list[Any]
     seconds: float
@@ -306,15 +306,9 @@ class WorkerPool:
         ray.kill(dead, no_restart=True)
         self.actors[slot] = self.workers.new_actor()
 
-    def map(self, batches: Sequence[list[Any]]) -> Iterator[BatchResult]:
-        """Run every batch on the pool; yield results as batches (or parts of them) finish.
-
-        Every item is answered exactly once, with a result or a :class:`Failure`.
-        """
-        yield from self.submit(batches).results()
-
     def submit(self, batches: Sequence[list[Any]]) -> Ticket:
-        """Queue every batch for the workers at once and return; the :class:`Ticket` has the answers."""
+        """Queue every batch for the workers at once and return; the :class:`Ticket` has the answers,
+        as batches (or parts of them) finish: every item exactly once, a result or a :class:`Failure`."""
         ticket = Ticket(sum(len(b) for b in batches))
         if not ticket.left:
             return ticket
@@ -556,13 +550,9 @@ class RequestPool:
             raise PluginError(f"{self.name}: the plugin failed to load: {cause}") from None
         self.start_seconds = time.perf_counter() - started
 
-    def answers(self, items: list[Any]) -> Iterator[list[Any]]:
-        """Lists of :class:`genflow.requesting.Answer` (``index`` into ``items``) as they arrive;
-        every item is answered exactly once."""
-        yield from self.submit(items).results()
-
     def submit(self, items: list[Any]) -> RequestTicket:
-        """Send ``items`` to the request worker now; the ticket streams their answers.
+        """Send ``items`` to the request worker now; the ticket streams their answers, lists of
+        :class:`genflow.requesting.Answer` (``index`` into ``items``), every item exactly once.
 
         The worker runs every stream it is given under the stage's one set of limits, so
         the next shards' requests start while the current shards' answers are written."""
