@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from prefect import Task, flow, get_run_logger, tags, task
@@ -135,6 +136,16 @@ shards share a task run, each still written and marked on its own."""
 def _run_cheap_stage(job: JobContext, stage: Stage, plans: list[tuple[Shard, str]], done: Any, run: Task[Any, Any],
                      *extra: Any) -> list[StageOutcome]:
     outcomes: dict[int, StageOutcome] = {}
+    todo = _undone(stage, plans, done, outcomes)
+    for group in pack_shards(todo, 1, CHEAP_ROWS):
+        for outcome in call_task(run, job, stage, pack_name(group), group[0][1], group, *extra):
+            outcomes[outcome.shard] = outcome
+    return [outcomes[shard.index] for shard, _ in plans]
+
+
+def _undone(stage: Stage, plans: list[tuple[Shard, str]], done: Any,
+            outcomes: dict[int, StageOutcome]) -> list[tuple[Shard, str]]:
+    """The (shard, fingerprint) pairs not finished before; the outcomes of those that were go into ``outcomes``."""
     todo = []
     for shard, fp in plans:
         finished_before = done(stage, shard, fp)
@@ -142,10 +153,7 @@ def _run_cheap_stage(job: JobContext, stage: Stage, plans: list[tuple[Shard, str
             outcomes[shard.index] = finished_before
         else:
             todo.append((shard, fp))
-    for group in pack_shards(todo, 1, CHEAP_ROWS):
-        for outcome in call_task(run, job, stage, pack_name(group), group[0][1], group, *extra):
-            outcomes[outcome.shard] = outcome
-    return [outcomes[shard.index] for shard, _ in plans]
+    return todo
 
 
 def pack_name(group: list[tuple[Shard, str]]) -> str:
@@ -272,31 +280,30 @@ def _run_model_stage(job: JobContext, stage: ModelStage, plans: list[ShardPlan],
     make = generate_work if generating else score_work
     with pool, StageProgress(f"{stage.stage.kind} {stage.label}", total, cost=cost) as bar, \
             tags(*stage_tags(stage.stage.name, [stage.spec.plugin])):  # on each task run of the stage
-        todo: list[tuple[Shard, str]] = []
+        todo = _undone(stage.stage, [(p.shard, dict(p.stages())[stage.stage]) for p in plans], done, outcomes)
         for plan in plans:
-            fp = dict(plan.stages())[stage.stage]
-            finished_before = done(stage.stage, plan.shard, fp)
-            if finished_before:
-                outcomes[plan.shard.index] = finished_before
-                bar.skip(plan.shard.rows * per_row if generating else finished_before.work_items)
-            else:
-                todo.append((plan.shard, fp))
+            if plan.shard.index in outcomes:  # finished before
+                bar.skip(plan.shard.rows * per_row if generating else outcomes[plan.shard.index].work_items)
         groups = pack_shards(todo, per_row, pack_items(stage, job.config, pool))
 
         def make_pack(group: list[tuple[Shard, str]]) -> Pack:
             works = [make(job, stage, shard, fp) for shard, fp in group]
             return Pack(stage, works, pool, size, bar.advance, job.budget)
 
-        # A budget is counted from the answers collected: with one, nothing is sent ahead of them.
-        ahead = not (isinstance(pool, RequestPool) and job.budget.max_cost is not None)
-        current = make_pack(groups[0]) if groups else None
-        for following in [*groups[1:], None] if groups else []:
-            upcoming = make_pack(following) if following and ahead else None  # sent before `current` is written
-            assert current is not None
-            name = pack_name([(w.shard, w.fingerprint) for w in current.works])
-            for outcome in call_task(run, job, stage, name, current.works[0].fingerprint, current):
+        def collect(pack: Pack) -> None:
+            name = pack_name([(w.shard, w.fingerprint) for w in pack.works])
+            for outcome in call_task(run, job, stage, name, pack.works[0].fingerprint, pack):
                 outcomes[outcome.shard] = outcome
-            current = upcoming or (make_pack(following) if following else None)
+
+        # One pack is sent ahead of the one collected; none where a budget is counted from the answers.
+        ahead = 0 if isinstance(pool, RequestPool) and job.budget.max_cost is not None else 1
+        sent: deque[Pack] = deque()
+        for group in groups:
+            sent.append(make_pack(group))  # its calls go out now
+            if len(sent) > ahead:
+                collect(sent.popleft())
+        while sent:
+            collect(sent.popleft())
     return [outcomes[p.shard.index] for p in plans]
 
 
