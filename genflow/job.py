@@ -12,7 +12,7 @@ from typing import Any
 from genflow.config import ConfigError, JobConfig
 from genflow.prompts import InputError
 from genflow.registry import PluginError
-from genflow.shutdown import lost_api_reported
+from genflow.shutdown import lost_api_reported, shown_api_url
 from genflow.storage import StorageError, disk_full
 
 USER_ERRORS = (ConfigError, InputError, PluginError, StorageError, ConnectionError, FileNotFoundError)
@@ -104,7 +104,7 @@ def _run_flow(job: JobConfig, storage: Any, resume: bool, api_ready: Callable[[]
                 raise
             manifest = _written_since(storage, started)
             if manifest is None:
-                raise PrefectAPILost(f"lost the Prefect API ({_api_url()}) mid-job ({type(exc).__name__}): the "
+                raise PrefectAPILost(f"lost the Prefect API ({shown_api_url()}) mid-job ({type(exc).__name__}): the "
                                      f"shards finished so far are kept; run the job again to resume") from None
             logging.getLogger(__name__).warning(lost_api_reported(
                 "the job ended with its outputs and manifest.json complete; Prefect's record of the run is not"))
@@ -118,6 +118,7 @@ class PrefectAPILost(RuntimeError):
 
 
 def _api_url() -> str:
+    """The Prefect API's URL, credentials included (to reach it; messages show :func:`shown_api_url`)."""
     from prefect.settings import PREFECT_API_URL
 
     return str(PREFECT_API_URL.value() or "ephemeral")

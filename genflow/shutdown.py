@@ -55,7 +55,7 @@ class _LostAPI(logging.Filter):
         _LostAPI.said = True
         record.msg = ("lost the Prefect API (%s): Prefect's record of this run stops here; every shard "
                       "finished is kept on storage")
-        record.args = (_api_url(),)
+        record.args = (shown_api_url(),)
         record.exc_info = record.exc_text = None
         return True
 
@@ -68,14 +68,17 @@ def lost_api_reported(text: str) -> str:
     if _LostAPI.said:
         return text
     _LostAPI.said = True
-    return f"lost the Prefect API ({_api_url()}): {text}"
+    return f"lost the Prefect API ({shown_api_url()}): {text}"
 
 
-def _api_url() -> str:
+def shown_api_url() -> str:
+    """The Prefect API's URL as a message may show it: a user:password inside it hidden."""
     try:
         from prefect.settings import PREFECT_API_URL
 
-        return str(PREFECT_API_URL.value() or "ephemeral")
+        from genflow.config import redact_url
+
+        return redact_url(str(PREFECT_API_URL.value() or "ephemeral"))
     except Exception:
         return "?"
 
@@ -156,7 +159,7 @@ def command_ending(resume_hint: str, print_line: Callable[[str], None],
         if main:
             signal.signal(signal.SIGINT, previous or signal.default_int_handler)
         if not drained:
-            print_line(f"the Prefect API ({_api_url()}) did not take this run's last logs within "
+            print_line(f"the Prefect API ({shown_api_url()}) did not take this run's last logs within "
                        f"{DRAIN_SECONDS:g}s; they are dropped")
             _stop_children()
             sys.stdout.flush()

@@ -598,3 +598,16 @@ def test_a_full_disk_is_one_message_keeps_the_finished_shards_and_resumes(
     assert manifest["status"] == "completed" and manifest["rows"]["generations"] == 32
     assert manifest["stages"]["generate/echo"]["skipped"] == len(markers)  # finished shards not redone
     assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
+
+
+def test_a_prefect_api_url_with_credentials_is_shown_without_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lost-API lines name the API; a user:password in its URL stays out of them."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from genflow import shutdown
+
+    monkeypatch.setattr(shutdown._LostAPI, "said", False)
+    with temporary_settings({PREFECT_API_URL: "http://alice:s3cret@127.0.0.1:9/api"}):
+        line = shutdown.lost_api_reported("the job goes on")
+        assert line == "lost the Prefect API (http://***@127.0.0.1:9/api): the job goes on"
+        assert "s3cret" not in shutdown.shown_api_url()
