@@ -160,3 +160,42 @@ def test_a_live_local_head_named_by_the_current_cluster_file_is_used(live_head: 
     gcs = next(line.split()[1] for line in result.stdout.splitlines() if line.startswith("gcs "))
     assert gcs.rsplit(":", 1)[1] == live_head.rsplit(":", 1)[1]  # the head's GCS, not a Ray of its own
     assert "does not answer" not in result.stderr
+
+
+LOCAL_START_CHECKS = """
+import threading
+import ray
+from ray._private import node, services, worker
+from genflow.config import RaySpec
+from genflow.ray_cluster import init_ray, shutdown_ray
+before = (node.Node.start_api_server, node.Node.start_monitor, services.get_node)
+init_ray(RaySpec())
+assert (node.Node.start_api_server, node.Node.start_monitor, services.get_node) == before, "Ray restored"
+assert "monitor" not in worker._global_node.all_processes, "no autoscaler for a one-machine Ray"
+dashboard = worker._global_node.all_processes["dashboard"][0].process
+assert dashboard.poll() is None, "the dashboard started in a thread is still running"
+assert ray.experimental.internal_kv._internal_kv_get("dashboard", namespace="dashboard"), "its address is known"
+@ray.remote
+def pid():
+    import os
+    return os.getpid()
+assert ray.get(pid.remote()) > 0
+shutdown_ray()
+dashboard.wait(timeout=30)
+for thread in threading.enumerate():
+    if thread.name == "ray dashboard start":
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the thread that started the dashboard ends with Ray"
+print("ok", flush=True)
+"""
+
+
+@pytest.mark.timeout(NO_HANG_S + 60)
+def test_a_local_start_keeps_rays_dashboard_and_restores_rays_functions(ray_tmp: Path) -> None:
+    """``init_ray`` starts a local Ray's dashboard beside its raylet and watches for the raylet's
+    registration itself (``_quicker_local_start``): Ray's processes and state are as after
+    a plain ``ray.init``, and the thread holding the dashboard's process ends with Ray."""
+    result = subprocess.run([sys.executable, "-c", LOCAL_START_CHECKS], env={**os.environ, "RAY_TMPDIR": str(ray_tmp)},
+                            capture_output=True, text=True, timeout=NO_HANG_S)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    assert "Retrying to get node" not in result.stderr
