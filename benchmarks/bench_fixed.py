@@ -19,7 +19,7 @@ clock from the launch to the process's end, less the flow's own clock
 into the steps below (``PHASES``); the workers' model loads overlap the flow's start
 and show inside it, as the first task's wait (``start/...``).
 
-    python -m benchmarks.bench_fixed [--quick] [--prompts 2000] [--rounds 1] [--only bookkeeping startup]
+    python -m benchmarks.bench_fixed [--quick] [--prompts 2000] [--rounds 2] [--only bookkeeping startup]
 """
 
 from __future__ import annotations
@@ -212,7 +212,8 @@ def main() -> None:
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="+", choices=("bookkeeping", "startup"), default=["bookkeeping", "startup"])
     parser.add_argument("--prompts", type=int, help="start-up job's prompts (default 2000, --quick 400)")
-    parser.add_argument("--rounds", type=int, default=1, help="start-up runs (the least time outside counts)")
+    parser.add_argument("--rounds", type=int,
+                        help="start-up runs (the least time outside counts; default 2, --quick 1)")
     parser.add_argument("--echo-prompts", type=int, help="bookkeeping job's prompts (default 4000, --quick 1000)")
     parser.add_argument("--big-shards", type=int, default=1024)
     parser.add_argument("--small-shards", type=int, default=4)
@@ -225,7 +226,8 @@ def main() -> None:
         comparisons.append(bookkeeping(workdir, args.echo_prompts or (1000 if args.quick else 4000),
                                        args.big_shards, args.small_shards))
     if "startup" in args.only:
-        comparisons.append(startup(workdir, args.prompts or (400 if args.quick else 2000), args.rounds))
+        comparisons.append(startup(workdir, args.prompts or (400 if args.quick else 2000),
+                                       args.rounds or (1 if args.quick else 2)))
     emit(comparisons, args.json)
 
 

@@ -11,7 +11,7 @@ size, and ``shard_rows: 64`` over the default. Target: >= 0.9. The details add t
 same ratio on the flow's own clock (no start-up), and the Prefect task runs per job
 (one per (stage, shard) not packed with others).
 
-    python -m benchmarks.bench_shards [--quick] [--prompts 2000] [--rounds 1] [--sizes 64 8]
+    python -m benchmarks.bench_shards [--quick] [--prompts 2000] [--rounds 2] [--sizes 64 8]
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def main() -> None:
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, help="prompts (default 2000, --quick 400)")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=1, help="runs of each size, alternating (the fastest counts)")
+    parser.add_argument("--rounds", type=int,
+                        help="runs of each size, alternating (the fastest counts; default 2, --quick 1)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 8],
                         help="shard_rows to compare with the default; the first is the target's (default: 64 8)")
     args = parser.parse_args()
@@ -93,7 +94,8 @@ def main() -> None:
     sizes: list[int | None] = [None, *args.sizes]
     best: dict[str, dict[str, Any]] = {}
     every: dict[str, list[dict[str, Any]]] = {}
-    for round_ in range(args.rounds):
+    rounds = args.rounds or (1 if args.quick else 2)
+    for round_ in range(rounds):
         for rows in sizes:
             name = str(rows or DEFAULT)
             config, output = workdir / f"job-{name}.yaml", workdir / f"out-{name}"
