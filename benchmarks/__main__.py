@@ -100,7 +100,10 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     met = sum(r["met"] for r in rows)
-    print(f"{met}/{len(rows)} targets met; results in {args.out}", file=sys.stderr)
+    failed = f"; {len(failures)} benchmark(s) failed: {', '.join(failures)}" if failures else ""
+    print(f"{met}/{len(rows)} targets met{failed}; results in {args.out}", file=sys.stderr)
+    if failures:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

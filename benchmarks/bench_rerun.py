@@ -54,8 +54,7 @@ def quickstart_config(workdir: Path) -> Path:
 
 def timed_run(*args: str, profile: Path | None = None) -> tuple[float, subprocess.CompletedProcess[str]]:
     """``genflow ARGS`` in a fresh process, as a user runs it (under pyinstrument with ``profile``)."""
-    runner = (["pyinstrument", "-r", "pyisession", "-o", str(profile)] if profile is not None
-              else [sys.executable])
+    runner = [sys.executable, *(["-m", "pyinstrument", "-r", "pyisession", "-o", str(profile)] if profile else [])]
     cmd = [*runner, "-m", "genflow.cli", *args]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=environment(), capture_output=True, text=True)
