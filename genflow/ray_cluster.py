@@ -275,8 +275,10 @@ def _kill_autoscaler_monitor() -> None:
     """Kill a local Ray's autoscaler monitor before ``ray.shutdown``: it ignores SIGTERM, and
     Ray waits a full second for it before it kills it anyway (1.2 s -> 0.2-0.4 s for the
     whole shutdown, on 2 cores). It keeps no state of a one-machine Ray worth an orderly
-    exit. Nothing to do for a cluster this process only connected to (it started no
-    processes), or where Ray's private layout differs from the one this was written for."""
+    exit. A local start by :func:`init_ray` starts no monitor (:func:`_quicker_local_start`);
+    this is for one that did, where that start fell back to plain ``ray.init``. Nothing to
+    do for a cluster this process only connected to (it started no processes), or where
+    Ray's private layout differs from the one this was written for."""
     try:
         from ray._private import ray_constants
         from ray._private import worker as ray_worker
