@@ -180,12 +180,12 @@ def pid():
     import os
     return os.getpid()
 assert ray.get(pid.remote()) > 0
+starters = [thread for thread in threading.enumerate() if thread.name == "ray dashboard start"]
+assert len(starters) == 1, "the dashboard was started by a thread of its own, which is still there"
 shutdown_ray()
 dashboard.wait(timeout=30)
-for thread in threading.enumerate():
-    if thread.name == "ray dashboard start":
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "the thread that started the dashboard ends with Ray"
+starters[0].join(timeout=30)
+assert not starters[0].is_alive(), "the thread that started the dashboard ends with Ray"
 print("ok", flush=True)
 """
 
