@@ -3,8 +3,10 @@ and ``transformers serve``; what the answers are read as, and what a job writes 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,21 +169,43 @@ def test_bad_params_fail_validation(params: dict[str, Any], message: str) -> Non
         JudgeParams.model_validate(params)
 
 
-def test_a_job_names_the_extra_its_backend_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+@contextlib.contextmanager
+def torch_reported_missing() -> Iterator[None]:
+    """The dependency check reports torch missing, within the block only. The registry caches
+    what it finds (``genflow.registry.get_registry``): one built meanwhile goes with the patch,
+    or a later test in this process would be told that its hf plugins need torch."""
     import genflow.registry
-    from genflow.config import ConfigError, JobConfig, validate_plugins
 
     real = genflow.registry.missing_distributions
-    monkeypatch.setattr(genflow.registry, "missing_distributions",
-                        lambda names, found=None: tuple(n for n in names if n == "torch") or real(names, found))
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(genflow.registry, "missing_distributions",
+                          lambda names, found=None: tuple(n for n in names if n == "torch") or real(names, found))
+            yield
+    finally:
+        genflow.registry.get_registry(refresh=True)  # once the patch is gone
+
+
+def test_a_registry_built_while_torch_was_reported_missing_goes_with_the_patch() -> None:
+    from genflow.registry import get_registry
+
+    with torch_reported_missing():
+        assert get_registry(refresh=True).get("generator", "hf-text").missing == ("torch",)  # what the patch says
+    assert get_registry().get("generator", "hf-text").available
+
+
+def test_a_job_names_the_extra_its_backend_needs() -> None:
+    from genflow.config import ConfigError, JobConfig, validate_plugins
+
     job = JobConfig.model_validate({"name": "j", "input": "x.parquet", "output": "out",
                                     "scorers": [{"plugin": "llm-judge", "model": "m"}]})
-    with pytest.raises(ConfigError, match=re.escape("scorers.0.plugin: scorer plugin 'llm-judge' needs torch: "
-                                                    "pip install 'genflow[hf]'")):
-        validate_plugins(job)
     served = job.model_copy(update={"scorers": [job.scorers[0].model_copy(
         update={"params": {"base_url": "http://127.0.0.1:1/v1"}})]})
-    validate_plugins(served)  # a served judge needs no torch
+    with torch_reported_missing():
+        with pytest.raises(ConfigError, match=re.escape("scorers.0.plugin: scorer plugin 'llm-judge' needs torch: "
+                                                        "pip install 'genflow[hf]'")):
+            validate_plugins(job)
+        validate_plugins(served)  # a served judge needs no torch
 
 
 # -- the local judge, called as a worker calls it -----------------------------------------
