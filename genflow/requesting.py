@@ -193,8 +193,8 @@ class RequestRunner:
             finally:
                 await self.limit.release(ordinal, outcome)
             if attempt >= self.spec.max_retries:
-                return Answer(index, Failure(f"{error} (after {attempt + 1} attempts)", ""),
-                              time.perf_counter() - started, attempt + 1)
+                return Answer(index, Failure(f"{error} (after {attempt + 1} attempts)", "", transient=True),
+                              time.perf_counter() - started, attempt + 1)  # the next run sends it again
             attempt += 1
             self.retries += 1
             self.backing_off += 1  # holds no slot while it waits: another request may start

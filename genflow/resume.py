@@ -7,6 +7,13 @@ holds the fingerprint the job computes now and whose parts are all still there,
 and redoes one whose inputs or config changed (or whose parts went missing),
 overwriting the same part names: nothing is lost and nothing is duplicated. A job
 killed between a part and its marker redoes that one (stage, shard).
+
+A (stage, shard) some of whose rows failed in a way that may pass if sent again (the
+request path's retries of 429s, 5xx or timeouts ran out: ``transient`` in ``errors/``)
+is written and marked like any other, with the count in its marker: a rerun redoes it,
+its request journal answering every row but those, so only those are sent again. The
+stages that read it (scores of its candidates, the shard's rankings) record it as
+``awaiting`` and are redone after it, sending only what is new.
 """
 
 from __future__ import annotations
@@ -47,6 +54,15 @@ class StageOutcome:
     """What its rows cost with the stage's ``price``."""
     checks: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per part, what the marker vouches for: size, modification time and content hash."""
+    transient: int = 0
+    """Of its ``errors``, those that may pass if sent again: the next run sends them again."""
+    awaiting: list[str] = field(default_factory=list)
+    """Stages it read whose shard has rows to retry: the next run redoes it after them."""
+
+    @property
+    def retried_later(self) -> bool:
+        """Whether the next run of the job redoes this (stage, shard) (see the module's docstring)."""
+        return bool(self.transient or self.awaiting)
 
     def to_json(self) -> dict[str, Any]:
         data = {"stage": self.stage, "shard": self.shard, "fingerprint": self.fingerprint, "rows": self.rows,
@@ -56,6 +72,10 @@ class StageOutcome:
             data.update(tokens=self.tokens, cost=self.cost)
         if self.checks:
             data["checks"] = self.checks
+        if self.transient:
+            data["transient"] = self.transient
+        if self.awaiting:
+            data["awaiting"] = self.awaiting
         return data
 
 
@@ -123,6 +143,14 @@ def finished(storage: Storage, stage: Stage, shard: Shard, fingerprint: str,
         info = storage.file_info
     if not isinstance(data, dict) or data.get("fingerprint") != fingerprint or "parts" not in data:
         return None
+    if data.get("transient"):
+        log.info("%s shard %s: %s rows failed transiently (429s, 5xx, timeouts); sending them again",
+                 stage.name, shard.name, data["transient"])
+        return None
+    if data.get("awaiting"):
+        log.info("%s shard %s: redone after %s, which had rows to send again", stage.name, shard.name,
+                 ", ".join(map(str, data["awaiting"])))
+        return None
     recorded = data.get("checks")
     checks: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
     for part in data["parts"]:
@@ -154,6 +182,20 @@ def matches(storage: Storage, part: str, info: pafs.FileInfo, check: Any) -> boo
         return bool(hashlib.sha256(storage.read_bytes(part)).hexdigest() == check.get("sha256"))
     except OSError:
         return False
+
+
+def awaiting_retries(storage: Storage, stages: list[Stage], shard: Shard) -> list[str]:
+    """Those of ``stages`` (that a stage reads from) whose marker of ``shard`` says the next run
+    redoes it: what the reading stage must be redone after (:attr:`StageOutcome.awaiting`)."""
+    out = []
+    for stage in stages:
+        try:  # one request a marker: a missing one is an error, not a listing first
+            data = storage.read_json(stage.marker(shard.index))
+        except (OSError, ValueError):
+            data = None
+        if isinstance(data, dict) and (data.get("transient") or data.get("awaiting")):
+            out.append(stage.name)
+    return out
 
 
 def mark_finished(storage: Storage, outcome: StageOutcome) -> None:

@@ -65,6 +65,7 @@ ERRORS = pa.schema([
     ("error", pa.string()),
     ("traceback", pa.string()),
     ("generation_id", pa.string()),
+    ("transient", pa.bool_()),  # may pass if sent again (retries of 429s, 5xx, timeouts ran out): rerun sends it
 ])
 
 

@@ -20,6 +20,9 @@ class Failure:
 
     error: str
     traceback: str
+    transient: bool = False
+    """It may pass if sent again: the request path's retries of a 429, a 5xx or a timeout ran
+    out. Its ``errors/`` row says so, and the next run of the job sends it again."""
 
 
 class PluginWorker:

@@ -378,7 +378,7 @@ class Pack:
 
 def error_row(prompt_id: str, stage: str, plugin: str, failure: Failure, generation_id: str | None = None) -> dict:
     return {"prompt_id": prompt_id, "stage": stage, "plugin": plugin, "error": failure.error,
-            "traceback": failure.traceback, "generation_id": generation_id}
+            "traceback": failure.traceback, "generation_id": generation_id, "transient": failure.transient}
 
 
 def write_part(storage: Storage, rel: str, table: pa.Table, parts: list[str]) -> int:
@@ -412,19 +412,24 @@ class Usage:
 
 def finish_model_stage(storage: Storage, stage: Stage, shard: Shard, fingerprint: str, folder: str,
                        table: pa.Table, errors: list[dict[str, Any]], work_items: int,
-                       started: float, usage: Usage | None = None, journal: Journal | None = None) -> StageOutcome:
+                       started: float, usage: Usage | None = None, journal: Journal | None = None,
+                       awaiting: list[str] | None = None) -> StageOutcome:
     """Write a generate or score stage's part and errors, then its marker: the stage is done
-    (and its request journal, now in the parts, goes)."""
+    (and its request journal, now in the parts, goes). Unless a rerun has work left in it:
+    rows that failed transiently, or ``awaiting`` stages it read from that have some
+    (:func:`genflow.resume.awaiting_retries`); then the marker says so, and the journal
+    stays for the rerun to send only what has no answer."""
     parts: list[str] = []
     write_part(storage, stage.part(shard.index), table, parts)
     n_err = write_part(storage, stage.errors_part(shard.index), pa.Table.from_pylist(errors, schema=ERRORS), parts)
     outcome = StageOutcome(stage.name, shard.index, fingerprint, {folder: table.num_rows}, n_err, work_items,
-                           time.perf_counter() - started, parts=parts)
+                           time.perf_counter() - started, parts=parts,
+                           transient=sum(1 for e in errors if e.get("transient")), awaiting=list(awaiting or []))
     if usage is not None and (usage.prompt or usage.completion or usage.cost):
         outcome.tokens = {"prompt": usage.prompt, "completion": usage.completion}
         outcome.cost = round(usage.cost, 8)
     mark_finished(storage, outcome)
-    if journal is not None:
+    if journal is not None and not outcome.retried_later:
         journal.discard()
     return outcome
 

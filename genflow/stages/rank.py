@@ -12,7 +12,7 @@ from genflow.config import JobConfig
 from genflow.layout import Shard
 from genflow.ranking import rank_candidates, rankings_table
 from genflow.registry import Registry
-from genflow.resume import StageOutcome, mark_finished
+from genflow.resume import StageOutcome, awaiting_retries, mark_finished
 from genflow.stages.common import JobContext, read_generations, read_scores, write_part
 
 
@@ -44,7 +44,10 @@ def rank_shard(job: JobContext, shard: Shard, fingerprint: str, exporters: dict[
         table = factory(factory.Params.model_validate(params)).export(ranked)
         rows[name] = write_part(storage, stage.part(shard.index, folder=name),
                                 table if table is not None else pa.table({}), parts)
+    read_from = [*(layout.generate_stage(label) for label in layout.generator_labels(job.config)),
+                 *(layout.score_stage(name) for name in weights)]
     outcome = StageOutcome(stage.name, shard.index, fingerprint, rows, 0, ranked.num_rows,
-                           time.perf_counter() - started, parts=parts)
+                           time.perf_counter() - started, parts=parts,
+                           awaiting=awaiting_retries(storage, read_from, shard))  # redone after their retries
     mark_finished(storage, outcome)
     return outcome

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 from genflow import layout
 from genflow.api import Score, ScoreItem
 from genflow.layout import Shard, candidate_image
-from genflow.resume import StageOutcome
+from genflow.resume import StageOutcome, awaiting_retries
 from genflow.schemas import SCORES
 from genflow.stages.common import (
     Answered,
@@ -52,6 +52,8 @@ def score_work(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: st
         items.append(ScoreItem(g["generation_id"], g["prompt_id"], g["prompt"], g["modality"], g["text"], image,
                                plugin_inputs(prompts[g["prompt_id"]], factory, job.base_dir)))
     journal = open_journal(job, stage, shard, fingerprint)
+    generators = [layout.generate_stage(label) for label in layout.generator_labels(job.config)]
+    awaiting = awaiting_retries(job.storage, generators, shard)  # candidates a rerun may still add
 
     def finish(answered: Answered) -> StageOutcome:
         rows: list[dict[str, Any]] = []
@@ -67,6 +69,6 @@ def score_work(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: st
         rows.sort(key=lambda r: r["generation_id"])
         return finish_model_stage(job.storage, stage.stage, shard, fingerprint, layout.SCORES,
                                   pa.Table.from_pylist(rows, schema=SCORES), errors, len(items), started, usage,
-                                  journal)
+                                  journal, awaiting)
 
     return ShardWork(shard, fingerprint, items, finish, journal)
