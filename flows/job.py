@@ -67,6 +67,8 @@ from genflow.ray_cluster import RayUnreachable
 from genflow.registry import PluginError, Registry, get_registry
 from genflow.report import write_report_safely
 from genflow.resume import DoneIndex, StageOutcome, drop_unused_parts, finished
+from genflow.secrets import install as install_secrets
+from genflow.secrets import job_secrets
 from genflow.shutdown import lost_api_reported
 from genflow.stages import (
     JobContext,
@@ -399,6 +401,7 @@ def genflow_job(config: dict[str, Any], resume: bool = True,
     Prefect records the parameters, so ``config`` may have its secrets hidden (``***``);
     ``config_source`` then says where the real config is (``genflow.job.real_config``)."""
     job = build_config(real_config(config, config_source), source=f"job {config.get('name', '?')!r}")
+    install_secrets(job_secrets(job))  # what servers send back is scrubbed of them: rows, logs, Prefect
     job = job.model_copy(update={"output": resolve_output(job.output)})
     storage = Storage.open(job.output, **job.storage.model_dump())
     storage.makedirs()

@@ -37,7 +37,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def fail(message: str, code: int = 2) -> None:
     from rich.markup import escape  # the message is text: "genflow[hf]" is no style tag
 
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
+    from genflow.secrets import scrub  # a server's error text, quoting a key the job holds
+
+    console.print(f"[bold red]error:[/] {escape(scrub(message))}", highlight=False, markup=True)
     raise typer.Exit(code)
 
 

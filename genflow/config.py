@@ -325,11 +325,13 @@ def validate_plugins(config: JobConfig, source: str = "config") -> None:
             problems.append(f"  {plugin_key}: {info.unavailable_reason()}")
             continue
         try:
-            info.factory.Params.model_validate(params)
+            validated = info.factory.Params.model_validate(params)
         except ValidationError as exc:
             for line in _format_errors(exc).splitlines():
                 problems.append(f"  {params_key}.{line.strip()}")
             continue
+        if (problem := _two_credentials(info.factory, validated, params)) is not None:
+            problems.append(f"  {params_key}: {problem}")
         if kind != "exporter":  # a plugin with two backends: what the one these params pick needs
             import dataclasses
 
@@ -342,6 +344,26 @@ def validate_plugins(config: JobConfig, source: str = "config") -> None:
                                 f"{dataclasses.replace(info, factory=chosen, missing=missing).unavailable_reason()}")
     if problems:
         raise ConfigError(f"{source} is not a valid genflow job:\n" + "\n".join(problems))
+
+
+def _two_credentials(factory: Any, validated: Any, params: dict[str, Any]) -> str | None:
+    """Why params that give a key twice cannot run: a URL's ``user:password@`` beside a key the
+    plugin reads from the environment (``api_key_env``); the request could carry only one."""
+    names = factory.secret_env(validated)
+    urls = sorted({key for key, value in _strings(params) if _URL_USER_INFO.search(value)})
+    if not names or not urls:
+        return None
+    return (f"{urls[0]} holds credentials (user:password@) and the key in ${names[0]} is sent too, but a request "
+            "carries one: keep the URL without its user-info, or the key variable out")
+
+
+def _strings(data: Any, where: str = "") -> list[tuple[str, str]]:
+    """Every string in ``data`` with its dotted key (``base_url.1``)."""
+    if isinstance(data, dict):
+        return [s for k, v in data.items() for s in _strings(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(data, list | tuple):
+        return [s for i, v in enumerate(data) for s in _strings(v, f"{where}.{i}" if where else str(i))]
+    return [(where, data)] if isinstance(data, str) else []
 
 
 SECRET_KEY_ENDINGS = ("secret", "password", "passwd", "token", "api_key", "access_key", "secret_key",

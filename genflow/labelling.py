@@ -438,6 +438,9 @@ def labeller(tool: str, params: dict[str, Any]) -> Any:
         checked = info.factory.Params.model_validate(params)
     except ValidationError as exc:
         raise LabellingError(f"labeller {tool!r}: bad params:\n{_format_errors(exc)}") from None
+    from genflow.secrets import Scrubber, install, plugin_secrets
+
+    install(Scrubber(plugin_secrets(info.factory, params, f"labeller {tool}")))  # an error body echoing its key
     return info.factory(checked)
 
 

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from genflow import layout
 from genflow.config import JobConfig, redacted, stable_hash
 from genflow.resume import StageOutcome
+from genflow.secrets import installed
 from genflow.storage import Storage
 
 ENGINE_DISTRIBUTIONS = ("genflow", "prefect", "ray", "pyarrow")
@@ -59,7 +60,8 @@ def config_hash(config: JobConfig) -> str:
 def build_manifest(config: JobConfig, storage: Storage, outcomes: list[StageOutcome], plugins: dict[str, Any],
                    metrics: dict[str, Any], timings: dict[str, float], status: str,
                    rows: dict[str, int] | None = None, requires: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """The manifest; ``rows`` per folder are counted from the parts' footers unless given.
+    """The manifest, its config redacted and its texts scrubbed of the job's secrets; ``rows`` per
+    folder are counted from the parts' footers unless given.
     ``requires``: the distributions the job's plugins depend on, whose versions it records."""
     stages: dict[str, dict[str, Any]] = {}
     for o in outcomes:
@@ -74,7 +76,7 @@ def build_manifest(config: JobConfig, storage: Storage, outcomes: list[StageOutc
             for kind in tokens:
                 tokens[kind] += int(o.tokens.get(kind, 0))
             s["cost"] = round(s.get("cost", 0.0) + o.cost, 8)
-    return {
+    return installed().scrub_data({  # a plugin's description or metrics may quote what a server said
         "name": config.name,
         "status": status,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -90,4 +92,4 @@ def build_manifest(config: JobConfig, storage: Storage, outcomes: list[StageOutc
         "cost": round(sum(s.get("cost", 0.0) for s in stages.values()), 8),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "metrics": metrics,
-    }
+    })

@@ -14,14 +14,17 @@ this module maps the server's answers onto that contract:
   a refused, reset or dropped connection, and a malformed answer (not JSON, no
   choices) -> :class:`TransientError`;
 - 401/403 -> :class:`RowError` saying the key in ``$api_key_env`` was refused; any
-  other 4xx (400, 404, 422...) -> :class:`RowError` with the server's message.
+  other 4xx (400, 404, 422...) -> :class:`RowError` with the server's message;
+- a redirect (3xx) -> :class:`RowError` naming where it points: requests go to
+  ``base_url`` only, never on to another address with the key.
 
 The client is a bare ``aiohttp`` session, not the ``openai`` package: on this
 project's 2-core machines the per-request cost of the client decides throughput at
 high concurrency (573 vs 68 req/s, ``MEASURED.md``). The API key is read from the
 environment variable ``api_key_env`` names, in the worker, at each call (so a
 rotated key is picked up); it is sent as ``Authorization: Bearer`` and removed from
-any text this module builds (an error message that echoes it).
+any text this module builds (an error message that echoes it), as is the password of
+a ``base_url`` (``http://user:password@host/v1``, sent as basic auth).
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from pydantic import Field, field_validator
 
 from genflow import hookimpl
 from genflow.api import Generation, GenerationRequest, Generator, PluginParams, RowError, TransientError
+from genflow.config import redact_url
 from genflow.hookspecs import Register
+from genflow.secrets import Scrubber, Secret, url_secrets
 
 if TYPE_CHECKING:
     import aiohttp
@@ -50,6 +55,7 @@ RATE_LIMITED = 429
 TRANSIENT_STATUSES = frozenset({408, 409, 425, 500, 502, 503, 504})
 """Answers that may pass when sent again (409: OpenAI's "conflict, retry"; 425: too early)."""
 KEY_REFUSED = frozenset({401, 403})
+REDIRECTS = range(300, 400)
 MESSAGE_CHARS = 500
 """How much of a server's error message goes into an ``errors/`` row."""
 CONNECTIONS = 1024
@@ -148,6 +154,8 @@ class OpenAIClient:
         self.servers = [_Server(url) for url in urls]
         self.api_key_env = api_key_env
         self.path = path
+        self._url_secrets = [secret for url in urls for secret in url_secrets(url, "base_url")]
+        self._scrubbers: dict[str | None, Scrubber] = {}
         self._next = 0
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
@@ -192,13 +200,13 @@ class OpenAIClient:
         server.in_flight += 1
         try:
             async with self._client().post(server.base_url + self.path, data=json.dumps(body).encode(),
-                                           headers=headers) as response:
+                                           headers=headers, allow_redirects=False) as response:
                 status, answer_headers = response.status, response.headers
                 payload = await response.read()
         except aiohttp.InvalidURL as exc:
-            raise RowError(scrub(f"invalid URL for {server.name}: {exc}", key)) from None
+            raise RowError(self.scrub(f"invalid URL for {server.name}: {exc}", key)) from None
         except aiohttp.ClientError as exc:  # refused, reset, dropped mid-answer, unreadable HTTP
-            raise TransientError(scrub(f"{type(exc).__name__} from {server.name}: {exc}", key)) from None
+            raise TransientError(self.scrub(f"{type(exc).__name__} from {server.name}: {exc}", key)) from None
         finally:
             server.in_flight -= 1
         if not 200 <= status < 300:
@@ -206,11 +214,19 @@ class OpenAIClient:
         try:
             answer = json.loads(payload)
         except ValueError:
-            raise TransientError(scrub(f"malformed answer from {server.name} (not JSON): "
-                                       f"{short(payload.decode(errors='replace'))}", key)) from None
+            raise TransientError(self.scrub(f"malformed answer from {server.name} (not JSON): "
+                                            f"{short(payload.decode(errors='replace'))}", key)) from None
         if not isinstance(answer, dict):
             raise TransientError(f"malformed answer from {server.name}: not a JSON object")
         return answer
+
+    def scrub(self, text: str, key: str | None) -> str:
+        """``text`` with the key and the password of any ``base_url`` blanked, should a server echo them."""
+        scrubber = self._scrubbers.get(key)
+        if scrubber is None:
+            scrubber = Scrubber([*self._url_secrets, *([Secret(key, f"${self.api_key_env}")] if key else [])])
+            self._scrubbers = {key: scrubber}  # one key at a time (a rotated key replaces the last)
+        return scrub(scrubber.scrub(text), key)
 
     def _key(self) -> str | None:
         if not self.api_key_env:
@@ -222,7 +238,12 @@ class OpenAIClient:
 
     def _refusal(self, server: _Server, status: int, headers: CIMultiDictProxy[str], payload: bytes,
                  key: str | None) -> Exception:
-        message = scrub(error_message(payload), key)
+        message = self.scrub(error_message(payload), key)
+        if status in REDIRECTS:
+            where = self.scrub(redact_location(headers.get("Location") or "(no Location)"), key)
+            return RowError(f"{status} from {server.name}: the server redirects to {where}; requests are sent to "
+                            "base_url only, never on to another address with the key: set base_url to where it "
+                            "points")
         if status == RATE_LIMITED:
             return TransientError(f"429 from {server.name}: {message}", retry_after=retry_after(headers),
                                   rate_limited=True)
@@ -441,6 +462,11 @@ def error_message(payload: bytes) -> str:
 
 def short(text: str) -> str:
     return text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS] + "..."
+
+
+def redact_location(location: str) -> str:
+    """A redirect's ``Location`` as a message shows it: its user-info hidden, cut to one line."""
+    return short(redact_url(" ".join(location.split())))
 
 
 def scrub(text: str, key: str | None) -> str:

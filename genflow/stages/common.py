@@ -21,6 +21,7 @@ from genflow.layout import Shard, Stage, resolve_input_path
 from genflow.registry import PluginInfo, Registry
 from genflow.resume import StageOutcome, mark_finished
 from genflow.schemas import ERRORS, GENERATIONS, SCORES
+from genflow.secrets import scrub_result
 from genflow.storage import Storage
 from genflow.worker import Failure
 
@@ -226,7 +227,7 @@ class Journals:
     def add(self, generation_id: str, result: Any, seconds: float) -> None:
         journal = self.of.get(generation_id)
         if journal is not None:
-            journal.add(generation_id, result, seconds)
+            journal.add(generation_id, scrub_result(result), seconds)  # no secret a server sent back
             self._touched[id(journal)] = journal
 
     def flush(self) -> None:

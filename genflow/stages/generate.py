@@ -10,11 +10,12 @@ import pyarrow as pa
 
 from genflow import layout
 from genflow.api import Generation, GenerationRequest, Plugin
-from genflow.config import GeneratorSpec, JobConfig, stable_hash
+from genflow.config import GeneratorSpec, JobConfig, redacted, stable_hash
 from genflow.layout import INPUT_LABEL, Shard
 from genflow.prompts import carried_columns
 from genflow.resume import StageOutcome
 from genflow.schemas import GENERATIONS
+from genflow.secrets import scrub_result
 from genflow.stages.common import (
     Answered,
     JobContext,
@@ -87,7 +88,7 @@ def generate_work(job: JobContext, stage: ModelStage, shard: Shard, fingerprint:
     factory = stage.factory
     prompts = read_prompts(job.storage, shard)
     requests = build_requests(prompts, spec, job.config, job.base_dir, factory)
-    params_json = layout.params_key(spec.params)
+    params_json = layout.params_key(redacted(spec.params))  # the row shows no URL password, no secret value
     model_name = spec.model or factory.default_model or ""
     journal = open_journal(job, stage, shard, fingerprint)
 
@@ -95,6 +96,7 @@ def generate_work(job: JobContext, stage: ModelStage, shard: Shard, fingerprint:
         rows, errors, usage = [], [], Usage()
         for req, res, seconds in answered:
             usage.add(res, spec.price)
+            res = scrub_result(res)  # a secret the server sent back: the candidate becomes an errors/ row
             if isinstance(res, Failure):
                 errors.append(error_row(req.prompt_id, "generate", spec.plugin, res, req.generation_id))
             else:

@@ -15,6 +15,7 @@ from genflow.api import Score, ScoreItem
 from genflow.layout import Shard, candidate_image
 from genflow.resume import StageOutcome, awaiting_retries
 from genflow.schemas import SCORES
+from genflow.secrets import scrub_result
 from genflow.stages.common import (
     Answered,
     JobContext,
@@ -60,6 +61,7 @@ def score_work(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: st
         errors, usage = list(unreadable), Usage()
         for item, res, _ in answered:
             usage.add(res, spec.price)
+            res = scrub_result(res)  # a secret the judge's server sent back, blanked in details and errors
             if isinstance(res, Failure):
                 errors.append(error_row(item.prompt_id, "score", spec.plugin, res, item.generation_id))
             elif isinstance(res, Score):

@@ -1,0 +1,322 @@
+"""Secrets: no key, URL password or secret-named value a job holds reaches an output, a log, the
+terminal or Prefect, whatever a server sends back (issue 23). Fast tests of each rule first, then
+one job against a server that echoes every secret it is sent in every way it can."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from aiohttp import web
+from conftest import ROOT
+from servers import BackgroundServer
+
+from genflow import layout
+from genflow.api import Generation, Score
+from genflow.config import ConfigError, GeneratorSpec, JobConfig, ScorerSpec, build_config
+from genflow.layout import Shard
+from genflow.registry import get_registry
+from genflow.secrets import (
+    MASK,
+    Scrubber,
+    Secret,
+    data_secrets,
+    install,
+    job_secrets,
+    scrub_record,
+    scrub_result,
+    url_secrets,
+)
+from genflow.storage import Storage
+from genflow.worker import Failure
+
+SENTINEL = "sk-genflow-sentinel-5b2e8d71c4"
+PASSWORD = "pw-sentinel-93af0c1e"
+EXTRA = "xb-sentinel-4f6a1d0e77"
+BASIC = base64.b64encode(f"genflow:{PASSWORD}".encode()).decode()
+NEEDLES = (SENTINEL, PASSWORD, EXTRA, BASIC, SENTINEL[:8] + "X")  # the last: a short prefix stays readable
+
+
+def _leaks(text: str) -> list[str]:
+    return [n for n in (SENTINEL, PASSWORD, EXTRA, BASIC) if n in text]
+
+
+def _contents(root: Path) -> str:
+    """Every file under ``root`` as text: Parquet parts decompressed to their rows, other files as bytes."""
+    import pyarrow.parquet as pq
+
+    texts = []
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            texts.append(json.dumps(pq.read_table(path).to_pylist(), default=str) if path.suffix == ".parquet"
+                         else path.read_bytes().decode(errors="replace"))
+    return "\n".join(texts)
+
+
+# -- the scrubber -------------------------------------------------------------------------------
+
+def test_a_secret_is_blanked_whole_from_its_first_eight_characters_and_as_a_server_spells_it() -> None:
+    scrubber = Scrubber([Secret(SENTINEL, "$KEY"), Secret("p@ss/word-1", "base_url's password"),
+                         Secret("admin", "too short")])
+    text = (f"key {SENTINEL}; cut {SENTINEL[:12]}...; bare {SENTINEL[:8]}; seven {SENTINEL[:7]}; "
+            f"encoded p%40ss%2Fword-1; plain p@ss/word-1; admin")
+    clean = scrubber.scrub(text)
+    assert SENTINEL[:8] not in clean and "p%40ss" not in clean and "p@ss" not in clean
+    assert clean == (f"key {MASK}; cut {MASK}...; bare {MASK}; seven {SENTINEL[:7]}; encoded {MASK}; "
+                     f"plain {MASK}; admin")
+    assert scrubber.find(text) == Secret(SENTINEL, "$KEY")
+    assert scrubber.scrub("nothing here") == "nothing here" and scrubber.find("nothing here") is None
+    assert scrubber.scrub_data({"a": [SENTINEL], "b": 1}) == {"a": [MASK], "b": 1}
+
+
+def test_a_job_holds_its_env_keys_url_passwords_and_secret_named_params_extra_body_included(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GENFLOW_TEST_API_KEY", SENTINEL)
+    config = JobConfig.model_validate({
+        "name": "s", "input": "in.parquet", "output": "out",
+        "generators": [{"label": "a", "plugin": "openai", "model": "m",
+                        "params": {"base_url": "http://127.0.0.1:1/v1", "api_key_env": "GENFLOW_TEST_API_KEY",
+                                   "extra_body": {"api_key": EXTRA}}},
+                       {"label": "b", "plugin": "openai", "model": "m",
+                        "params": {"base_url": f"http://genflow:{PASSWORD}@127.0.0.1:1/v1"}}]})
+    scrubber = job_secrets(config)
+    echoed = f"{SENTINEL} {EXTRA} {PASSWORD} Basic {BASIC} genflow:{PASSWORD}"
+    assert not _leaks(scrubber.scrub(echoed))
+    places = {s.where for s in scrubber.secrets.values()}
+    assert {"$GENFLOW_TEST_API_KEY", "generators.0.params.extra_body.api_key",
+            "generators.1.params.base_url's password"} <= places
+    assert data_secrets({"token": 12345678}) == [Secret("12345678", "token")]
+    assert [s.value for s in url_secrets("see http://u:p%40ssword@h/v1", "x")][:2] == ["p%40ssword", "p@ssword"]
+
+
+# -- rows ---------------------------------------------------------------------------------------
+
+def test_a_candidate_that_echoes_a_secret_becomes_a_failure_and_other_texts_are_blanked() -> None:
+    scrubber = Scrubber([Secret(SENTINEL, "$GENFLOW_TEST_API_KEY")])
+    fine = Generation(text="a fine answer")
+    assert scrub_result(fine, scrubber) is fine
+    echoed = scrub_result(Generation(text=f"your key is {SENTINEL}"), scrubber)
+    assert isinstance(echoed, Failure) and "$GENFLOW_TEST_API_KEY" in echoed.error and SENTINEL not in echoed.error
+    raw = scrub_result(Generation(text='{"a": 1}', raw=f"```{SENTINEL}```"), scrubber)
+    assert isinstance(raw, Failure)
+    failure = scrub_result(Failure(f"401: Incorrect API key provided: {SENTINEL[:10]}***", f"tb {SENTINEL}"),
+                           scrubber)
+    assert SENTINEL[:8] not in failure.error + failure.traceback and "401" in failure.error
+    score = scrub_result(Score(7.0, {"reasoning": f"the key {SENTINEL} is fine", "aspects": {"x": 1}}), scrubber)
+    assert score.value == 7.0 and score.details == {"reasoning": f"the key {MASK} is fine", "aspects": {"x": 1}}
+
+
+def _model_stage(kind: str, spec: GeneratorSpec | ScorerSpec) -> Any:
+    from genflow.stages.common import ModelStage
+
+    stage = layout.generate_stage(spec.label) if kind == "generator" else layout.score_stage(spec.name)
+    return ModelStage(stage, spec, get_registry().get(kind, spec.plugin))
+
+
+def test_generations_scores_errors_and_the_journal_hold_no_secret(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows a generate and a score stage write, and the request journal, from answers echoing every secret."""
+    from genflow.stages.common import JobContext, Journals
+    from genflow.stages.generate import generate_work
+    from genflow.stages.score import score_work
+
+    monkeypatch.setenv("GENFLOW_TEST_API_KEY", SENTINEL)
+    config = JobConfig.model_validate({
+        "name": "s", "input": str(tmp_path / "in.parquet"), "output": str(tmp_path / "out"),
+        "generators": [{"label": "a", "plugin": "openai", "model": "m", "samples": 4,
+                        "params": {"base_url": f"http://genflow:{PASSWORD}@127.0.0.1:1/v1",
+                                   "extra_body": {"api_key": EXTRA}}},
+                       {"label": "b", "plugin": "openai", "model": "m",
+                        "params": {"base_url": "http://127.0.0.1:1/v1", "api_key_env": "GENFLOW_TEST_API_KEY"}}],
+        "scorers": [{"plugin": "llm-judge", "params": {"base_url": "http://127.0.0.1:1/v1",
+                                                       "api_key_env": "GENFLOW_TEST_API_KEY"}}]})
+    install(job_secrets(config))
+    storage = Storage.open(str(tmp_path / "out"))
+    storage.makedirs()
+    storage.write_table(layout.PROMPTS_STAGE.part(0), pa.table({
+        "prompt_id": ["p0"], "prompt": ["say hello"], "task": pa.array([None], pa.string()),
+        "system": pa.array([None], pa.string())}))
+    job = JobContext(config, storage, str(tmp_path))
+    shard = Shard(0, "fp", 1)
+    stage = _model_stage("generator", config.generators[0])
+    work = generate_work(job, stage, shard, "fp")
+    answers = [Generation(text="hello there", num_tokens=2), Generation(text=f"hello {EXTRA} and {PASSWORD}"),
+               Failure(f"400 from server: echo Basic {BASIC}", ""), Generation(text=f"hi {SENTINEL[:9]}")]
+    journals = Journals()
+    journals.of.update((r.generation_id, work.journal) for r in work.items)
+    for request, answer in zip(work.items, answers, strict=True):
+        journals.add(request.generation_id, answer, 0.1)
+    journals.flush()
+    journal = _contents(tmp_path / "out" / "_journal")
+    assert "echo Basic ***" in journal and not _leaks(journal) and SENTINEL[:8] not in journal
+
+    outcome = work.finish([(r, a, 0.1) for r, a in zip(work.items, answers, strict=True)])
+    assert outcome.rows == {layout.GENERATIONS: 1} and outcome.errors == 3
+    gens = storage.read_table(stage.stage.part(0)).to_pylist()
+    assert [g["text"] for g in gens] == ["hello there"]
+    assert json.loads(gens[0]["params"]) == {"base_url": "http://***@127.0.0.1:1/v1", "extra_body": {"api_key": "***"}}
+    errors = storage.read_table(stage.stage.errors_part(0)).to_pylist()
+    assert sum("held a secret of this job" in e["error"] for e in errors) == 2
+
+    scorer = _model_stage("scorer", config.scorers[0])
+    scoring = score_work(job, scorer, shard, "fp")
+    scoring.finish([(scoring.items[0], Score(2.0, {"raw": f"Rating: 2, your key {SENTINEL}"}), 0.1)])
+    details = storage.read_table(scorer.stage.part(0)).to_pylist()[0]["details"]
+    assert json.loads(details) == {"raw": f"Rating: 2, your key {MASK}"}
+    written = _contents(tmp_path / "out")
+    assert "Rating: 2" in written and not _leaks(written) and SENTINEL[:8] not in written
+
+
+# -- logs, the terminal -------------------------------------------------------------------------
+
+def test_log_records_are_scrubbed_before_any_handler_sees_them() -> None:
+    install(Scrubber([Secret(SENTINEL, "$GENFLOW_TEST_API_KEY")]))
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+    logger = logging.getLogger("prefect.task_runs.secrets-test")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("the server said %s", f"key {SENTINEL}")
+        try:
+            raise RuntimeError(f"401: {SENTINEL}")
+        except RuntimeError:
+            logger.exception("request failed")
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert "the server said key ***" in text and "RuntimeError: 401: ***" in text and SENTINEL[:8] not in text
+
+
+def test_a_record_made_before_any_secret_is_known_is_left_alone() -> None:
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "plain %s", ("text",), None)
+    scrub_record(record, Scrubber())
+    assert record.getMessage() == "plain text" and record.args == ("text",)
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+def test_a_url_with_credentials_beside_api_key_env_is_refused_at_validation() -> None:
+    data = {"name": "s", "input": "in.parquet", "output": "out",
+            "generators": [{"label": "a", "plugin": "openai", "model": "m",
+                            "params": {"base_url": ["http://127.0.0.1:1/v1", f"http://genflow:{PASSWORD}@h:1/v1"],
+                                       "api_key_env": "GENFLOW_TEST_API_KEY"}}]}
+    with pytest.raises(ConfigError) as refused:
+        build_config(data, source="job.yaml")
+    message = str(refused.value)
+    assert "generators.0.params: base_url.1 holds credentials" in message and "$GENFLOW_TEST_API_KEY" in message
+    assert PASSWORD not in message
+    data["generators"][0]["params"]["base_url"] = f"http://genflow:{PASSWORD}@h:1/v1"
+    del data["generators"][0]["params"]["api_key_env"]
+    assert build_config(data).generators[0].params["base_url"].endswith("@h:1/v1")  # alone, the URL's fine
+
+
+# -- the OpenAI client --------------------------------------------------------------------------
+
+def _post(url: str, key_env: str | None = None) -> Exception | dict[str, Any]:
+    from genflow.plugins.openai_api import OpenAIClient
+
+    client = OpenAIClient(url, key_env, "/chat/completions")
+
+    async def go() -> Exception | dict[str, Any]:
+        try:
+            return await client.post({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        except Exception as exc:
+            return exc
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+def test_error_messages_name_the_server_without_its_url_password(make_standin_server, make_fault_proxy) -> None:
+    proxy = make_fault_proxy(make_standin_server().url, faults={1: 400, 2: "echo_auth"})
+    url = proxy.url.replace("http://", f"http://genflow:{PASSWORD}@")
+    bad_request, echoed = _post(url), _post(url)
+    host = proxy.url.removeprefix("http://").removesuffix("/v1")
+    assert f"400 from http://{host}/v1" in str(bad_request) and not _leaks(str(bad_request))
+    assert f"401 from http://{host}/v1" in str(echoed) and "Basic ***" in str(echoed)
+    assert not _leaks(str(echoed)) and "genflow:" not in str(echoed)
+
+
+def test_a_redirect_to_another_host_is_not_followed(make_standin_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key goes to base_url only: a server that redirects elsewhere gets a row error, the other host nothing."""
+    monkeypatch.setenv("GENFLOW_TEST_API_KEY", SENTINEL)
+    elsewhere = make_standin_server()
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(f"{elsewhere.url}/chat/completions")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", redirect)
+    mover = BackgroundServer(app).start()
+    try:
+        answer = _post(f"{mover.origin}/v1", "GENFLOW_TEST_API_KEY")
+    finally:
+        mover.stop()
+    assert elsewhere.received == 0
+    assert "307" in str(answer) and "redirects to http://127.0.0.1:" in str(answer) and SENTINEL not in str(answer)
+
+
+# -- Prefect's and the report's views -----------------------------------------------------------
+
+def test_a_sweep_runs_row_hides_secret_values_by_their_last_key() -> None:
+    from genflow.artifacts import sweep_row
+
+    row = sweep_row("run-1", {"generators.0.params.api_key": SENTINEL,
+                              "generators.0.params.extra_body": {"password": EXTRA},
+                              "generators.0.params.base_url": f"http://genflow:{PASSWORD}@h:1/v1",
+                              "generators.0.params.temperature": 0.5}, {"status": "done"}, None)
+    assert not _leaks(json.dumps(row)) and "temperature=0.5" in row["values"]
+    assert 'generators.0.params.api_key="***"' in row["values"]
+
+
+def test_the_manifest_redacts_the_config_and_scrubs_what_plugins_report(tmp_path: Path) -> None:
+    from genflow.manifest import build_manifest
+
+    install(Scrubber([Secret(SENTINEL, "$GENFLOW_TEST_API_KEY")]))
+    config = JobConfig.model_validate({
+        "name": "s", "input": "in.parquet", "output": str(tmp_path),
+        "generators": [{"label": "a", "plugin": "openai", "model": "m",
+                        "params": {"base_url": f"http://genflow:{PASSWORD}@h:1/v1",
+                                   "extra_body": {"api_key": EXTRA}}}]})
+    manifest = build_manifest(config, Storage.open(str(tmp_path)), [], {"a": {"describe": f"served with {SENTINEL}"}},
+                              {}, {}, "done", rows={})
+    text = json.dumps(manifest)
+    assert not _leaks(text)
+    assert manifest["config"]["generators"][0]["params"] == {"base_url": "http://***@h:1/v1",
+                                                             "extra_body": {"api_key": "***"}}
+
+
+# -- Label Studio -------------------------------------------------------------------------------
+
+def test_label_studio_error_bodies_reach_the_terminal_without_its_token(tmp_path: Path) -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({"detail": f"bad token: {request.headers.get('Authorization')}"}, status=401)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", refuse)
+    tool = BackgroundServer(app).start()
+    storage = tmp_path / "out"
+    storage.mkdir()
+    (storage / "manifest.json").write_text(json.dumps({"name": "s"}))
+    try:
+        env = {**os.environ, "LABEL_STUDIO_TEST_TOKEN": SENTINEL}
+        done = subprocess.run([sys.executable, "-m", "genflow.cli", "label", "pull", str(storage), "--url",
+                               tool.origin, "--api-key-env", "LABEL_STUDIO_TEST_TOKEN", "--project", "p"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        tool.stop()
+    assert done.returncode == 1 and "HTTP 401" in done.stderr, done.stderr
+    assert "bad token: Token ***" in " ".join(done.stderr.split()) and SENTINEL[:8] not in done.stdout + done.stderr
