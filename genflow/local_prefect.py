@@ -19,6 +19,12 @@ launched for nothing is stopped.
 
 A user's own API (``PREFECT_API_URL`` from the environment or a Prefect profile)
 is left alone, and so is a profile that turns the ephemeral server off.
+
+The server runs in a session of its own (Ctrl-C in the terminal must not take it from
+the job mid-exit), so nothing ends it with the command that started it but the command
+itself: at exit, on Ctrl-C, in its exit hook. A command killed with SIGKILL runs none of
+them. The server therefore watches its parent (:data:`WATCH_PARENT`): once its parent
+process is gone it ends itself and every process of its session within seconds.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +47,38 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+
+PARENT_POLL_S = 0.2
+"""How often the server checks that the command that started it still runs."""
+PARENT_GONE_GRACE_S = 10.0
+"""How long the server may take to end by SIGTERM, once its parent is gone, before SIGKILL."""
+
+WATCH_PARENT = """\
+import os, signal, sys, threading, time
+
+parent, poll, grace = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+
+
+def end_with_the_parent():
+    # The parent ended (SIGKILL, a lost terminal) without stopping this server: getppid()
+    # then names whoever adopted it. End the server and what it started (its session's group).
+    while os.getppid() == parent:
+        time.sleep(poll)
+    os.killpg(0, signal.SIGTERM)
+    time.sleep(grace)
+    os.killpg(0, signal.SIGKILL)
+
+
+threading.Thread(target=end_with_the_parent, name="genflow-parent-watch", daemon=True).start()
+sys.argv = ["uvicorn", *sys.argv[4:]]
+from uvicorn.main import main
+
+main()
+"""
+"""The server's program: uvicorn, as ``python -m uvicorn`` runs it, plus a thread that ends the
+server's session once the process that started it is gone. Polling ``getppid`` works wherever
+Python does and, unlike Linux's ``PR_SET_PDEATHSIG``, does not fire when only the thread that
+started the server ends."""
 
 
 def _free_port() -> int:
@@ -74,13 +113,21 @@ class LocalPrefectAPI:
         return False
 
     def stop(self) -> None:
+        """End the server and any process it started (its session's process group)."""
         if self.process.poll() is None:
-            self.process.terminate()
+            self._signal_group(signal.SIGTERM)
             try:
                 self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                self._signal_group(signal.SIGKILL)
                 self.process.wait()
+            self._signal_group(signal.SIGKILL)  # what it started and left behind, if anything
+
+    def _signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.process.pid, signum)  # its pid is its group's: a session of its own
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def start_local_api() -> LocalPrefectAPI | None:
@@ -116,12 +163,15 @@ def start_local_api() -> LocalPrefectAPI | None:
     # would (same environment, same working directory): its database is the one Prefect's
     # own ephemeral server would use.
     env = {**os.environ, **settings_env, **SERVER_ENV}
-    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.submodule_search_locations[0]).parent),
+    watch = [str(os.getpid()), f"{PARENT_POLL_S:g}", f"{PARENT_GONE_GRACE_S:g}"]
+    command = [sys.executable, "-c", WATCH_PARENT, *watch,
+               "--app-dir", str(Path(spec.submodule_search_locations[0]).parent),
                "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
                "--log-level", "error", "--lifespan", "on"]
     # A session of its own: Ctrl-C in the terminal goes to the terminal's process group, and
     # must not take the API away from the job, which still reports its end to it (genflow
-    # stops the server itself, at exit or on a second Ctrl-C).
+    # stops the server itself, at exit or on a second Ctrl-C; after a SIGKILL, the server
+    # sees its parent gone and ends itself).
     process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
     api = LocalPrefectAPI(process, port)
     _RUNNING.append(api)
