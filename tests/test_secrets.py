@@ -12,10 +12,12 @@ import logging
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pytest
 from aiohttp import web
 from conftest import ROOT
@@ -320,3 +322,96 @@ def test_label_studio_error_bodies_reach_the_terminal_without_its_token(tmp_path
         tool.stop()
     assert done.returncode == 1 and "HTTP 401" in done.stderr, done.stderr
     assert "bad token: Token ***" in " ".join(done.stderr.split()) and SENTINEL[:8] not in done.stdout + done.stderr
+
+
+# -- one job against servers that echo every secret back ----------------------------------------
+
+def _echo_server() -> tuple[BackgroundServer, Counter[str]]:
+    """An OpenAI-protocol server that sends back what authenticated the request (the bearer key, or
+    the basic auth and the user:password it decodes to) and a secret-named body value: in answers
+    (by the request's seed: echoed, a 400, a 500 or a plain answer), in every answer that was to
+    meet a JSON schema, and in every judgement (``/judge/v1``)."""
+    from benchmarks.standin_server import completion
+
+    seen: Counter[str] = Counter()
+
+    async def complete(request: web.Request) -> web.Response:
+        body = await request.json()
+        auth = request.headers.get("Authorization", "")
+        seen[auth] += 1
+        echo = auth + (f" = {base64.b64decode(auth[6:]).decode()}" if auth.startswith("Basic ") else "")
+        echo += f" and {body['api_key']}" if body.get("api_key") else ""
+        if request.path.startswith("/judge/"):
+            return web.json_response(completion(request.path, body, f"It was sent {echo}.\nRating: 7"))
+        if body.get("response_format"):
+            return web.json_response(completion(request.path, body, f"not JSON: {echo}"))
+        kind = body["seed"] % 4
+        if kind in (1, 2):
+            status = 400 if kind == 1 else 500
+            return web.json_response({"error": {"message": f"refused {echo}"}}, status=status)
+        return web.json_response(completion(request.path, body, f"echo: {echo}" if kind == 0 else "a fine answer"))
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", complete)
+    app.router.add_post("/judge/v1/chat/completions", complete)
+    return BackgroundServer(app).start(), seen
+
+
+@pytest.mark.slow
+def test_a_job_whose_servers_echo_every_secret_writes_logs_and_records_none(tmp_path: Path) -> None:
+    server, seen = _echo_server()
+    origin = server.origin
+    requests = {"max_retries": 0, "timeout_s": 10.0, "backoff_s": 0.01}
+    keyed = {"base_url": f"{origin}/v1", "api_key_env": "GENFLOW_TEST_API_KEY", "max_tokens": 64}
+    config = {
+        "name": "secrets", "input": str(ROOT / "configs/data/quickstart_prompts.parquet"),
+        "output": str(tmp_path / "out"), "shard_rows": 8, "max_error_fraction": 1.0,
+        "generators": [
+            {"label": "keyed", "plugin": "openai", "model": "m", "samples": 2, "requests": requests,
+             "params": {**keyed, "extra_body": {"api_key": EXTRA}}},
+            {"label": "basic", "plugin": "openai", "model": "m", "samples": 2, "requests": requests,
+             "params": {"base_url": origin.replace("http://", f"http://genflow:{PASSWORD}@") + "/v1",
+                        "max_tokens": 64}},
+            {"label": "schema", "plugin": "openai", "model": "m", "requests": requests,
+             "params": {**keyed, "schema_retries": 1, "response_format": {
+                 "type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}}}],
+        "scorers": [{"plugin": "llm-judge", "model": "judge", "requests": requests,
+                     "params": {"base_url": f"{origin}/judge/v1", "api_key_env": "GENFLOW_TEST_API_KEY",
+                                "max_parse_retries": 0}}],
+        "ray": {"workers": 1},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps(config))
+    home = tmp_path / "prefect-home"
+    env = {**os.environ, "GENFLOW_TEST_API_KEY": SENTINEL, "PREFECT_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    env.pop("PREFECT_API_URL", None)
+    started = os.path.getmtime(path)
+    try:
+        done = subprocess.run([sys.executable, "-m", "genflow.cli", "-v", "run", str(path)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=900)
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert seen[f"Bearer {SENTINEL}"] and seen[f"Basic {BASIC}"], "the key and the URL's user:password were sent"
+
+    out = Path(config["output"])
+    rows = {f: ds.dataset(str(out / f)).to_table().to_pylist() for f in ("generations", "errors", "scores")}
+    assert rows["generations"] and {g["text"] for g in rows["generations"]} == {"a fine answer"}
+    errors = " | ".join(e["error"] for e in rows["errors"])
+    for kind in ("held a secret of this job ($GENFLOW_TEST_API_KEY)", "held a secret of this job (generators.1",
+                 "400 from", "500 from", "does not meet response_format"):
+        assert kind in errors, kind
+    assert "refused Bearer ***" in errors and "Basic *** = ***" in errors
+    assert rows["scores"] and all(s["score"] == 7.0 for s in rows["scores"])
+    assert any("It was sent Bearer ***" in s["details"] for s in rows["scores"])
+
+    terminal = done.stdout + done.stderr
+    written = _contents(out)
+    prefect = "\n".join(p.read_bytes().decode(errors="replace") for p in home.rglob("*") if p.is_file())
+    assert list(home.rglob("*.db")), "the Prefect database was searched"
+    ray_logs = "\n".join(p.read_bytes().decode(errors="replace") for p in Path("/tmp/ray").rglob("*")
+                         if p.is_file() and not p.is_symlink() and p.stat().st_mtime >= started) \
+        if Path("/tmp/ray").exists() else ""
+    for where, text in (("terminal", terminal), ("output", written), ("Prefect", prefect), ("Ray's logs", ray_logs)):
+        assert not _leaks(text), (where, _leaks(text))
+        assert SENTINEL[:8] not in text and "genflow:" + PASSWORD[:8] not in text, where
