@@ -31,8 +31,9 @@ def failure_payload(name: str, error: BaseException, manifest: dict[str, Any] | 
                     output: str | None = None) -> dict[str, Any]:
     """What a notification needs: the job, the counts the run got to, and why it failed."""
     from genflow.job import BudgetSpent, JobFailed
+    from genflow.secrets import scrub
 
-    lines = str(error).strip().splitlines()
+    lines = scrub(str(error)).strip().splitlines()  # a server's text a plugin's error quotes: no secret in it
     reason = ("max_cost" if isinstance(error, BudgetSpent) else
               "max_error_fraction" if isinstance(error, JobFailed) else "error")
     payload: dict[str, Any] = {

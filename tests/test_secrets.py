@@ -301,6 +301,14 @@ def test_the_manifest_redacts_the_config_and_scrubs_what_plugins_report(tmp_path
                                                              "extra_body": {"api_key": "***"}}
 
 
+def test_the_failure_event_prefect_records_quotes_no_secret() -> None:
+    from genflow.events import failure_payload
+
+    install(Scrubber([Secret(SENTINEL, "$GENFLOW_TEST_API_KEY")]))
+    payload = failure_payload("s", RuntimeError(f"the plugin failed to load: the server said {SENTINEL}"))
+    assert payload["message"] == "the plugin failed to load: the server said ***"
+
+
 # -- Label Studio -------------------------------------------------------------------------------
 
 def test_label_studio_error_bodies_reach_the_terminal_without_its_token(tmp_path: Path) -> None:
