@@ -14,7 +14,12 @@ any model starts, and:
   process now (its start time differs);
 - refuses a **stale** lease of another machine (no renewal for ``STALE_AFTER_S``) unless
   run with ``force``: that machine may only be cut off from the storage, and hold the
-  lease again when it comes back. ``genflow run --force`` takes it over.
+  lease again when it comes back. ``genflow run --force`` takes it over. So is a lease of
+  this machine whose pid runs a process whose start time cannot be read (another user's,
+  under a ``/proc`` mounted with ``hidepid``): whether it is still the job, only the
+  heartbeat tells, and no message tells the user to kill a process that may be another's;
+- refuses a **corrupt** lease (a pid that is no process's, a renewal in the future, a
+  time that is no number) unless run with ``force``, as one it cannot read.
 
 Taking a lease is atomic where the storage allows it. On a local (or NFS) folder the
 lease is written under a name of its own and hard-linked into place, which fails if one
@@ -41,6 +46,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import math
 import os
 import posixpath
 import socket
@@ -111,10 +117,29 @@ class Holder:
 
     def running(self) -> bool:
         """On this machine: whether the holder's process still runs (its pid, with its start time)."""
+        return self.process_here() == RUNNING
+
+    def process_here(self) -> str:
+        """On this machine: ``ENDED`` (the pid is gone, or another process's: its start time
+        differs), ``RUNNING`` (the same pid and start time), or ``UNKNOWN`` (the pid runs, but a
+        start time, its own or the lease's, cannot be read)."""
         start = _process_start(self.pid)
         if start is None:
-            return False
-        return not start or not self.process_start or abs(start - self.process_start) < 0.5
+            return ENDED
+        if not start or not self.process_start:
+            return UNKNOWN
+        return RUNNING if abs(start - self.process_start) < 0.5 else ENDED
+
+    def corrupt(self, now: float) -> str | None:
+        """What makes this lease one no job wrote, or None. A renewal up to ``STALE_AFTER_S``
+        ahead is a clock of another host a little ahead; further is no renewal at all."""
+        if not all(math.isfinite(t) for t in (self.started_at, self.renewed_at, self.process_start)):
+            return "a time in it is not a number"
+        if self.pid <= 0:
+            return f"its pid {self.pid} is no process's"
+        if self.renewed_at - now > STALE_AFTER_S:
+            return f"its last renewal, {_when(self.renewed_at)}, is {_age(self.renewed_at - now)} in the future"
+        return None
 
     def describe(self, now: float) -> str:
         return (f"host {self.host}, pid {self.pid}, started {_when(self.started_at)}, "
@@ -140,22 +165,36 @@ def _pid_namespace() -> str:
         return ""
 
 
+ENDED, RUNNING, UNKNOWN = "ended", "running", "unknown"
+"""What :meth:`Holder.process_here` finds of the holder's process."""
+
+
 def _process_start(pid: int) -> float | None:
-    """When process ``pid`` started (seconds since the epoch; 0.0 if it runs but cannot be
-    looked at), or None if it is not running."""
+    """When process ``pid`` started (seconds since the epoch; 0.0 if it runs but its start time
+    cannot be read), or None if it is not running."""
     import psutil
 
+    if pid <= 0:
+        return None
     try:
         process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:  # ended; only its exit status is left
-            return None
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:  # ended; only its exit status is left
+                return None
+        except psutil.AccessDenied:  # (another user's, on macOS): its start time still tells whose pid it is
+            pass
         return float(process.create_time())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None if not psutil.pid_exists(pid) else 0.0
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.AccessDenied:
+        return 0.0 if psutil.pid_exists(pid) else None
 
 
 def _when(seconds: float) -> str:
-    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (ValueError, OverflowError, OSError):  # a corrupt lease's: no date at all
+        return f"{seconds!r} s after 1970"
 
 
 def _age(seconds: float) -> str:
@@ -432,6 +471,7 @@ class OutputLease:
         self.token: Any = None
         self.taken_from: Holder | None = None
         self.lost_to: Holder | None = None
+        self._judged = ""  # how the lease taken over was judged: ENDED, what made it corrupt, or ""
         self._stop = threading.Event()
         self._lock = threading.Lock()  # a renewal and the release never overlap
         self._thread: threading.Thread | None = None
@@ -479,33 +519,52 @@ class OutputLease:
         return True
 
     def _judge(self, other: Holder | None) -> None:
-        """Raise unless ``other``'s lease may be taken over (its job has ended, or it is stale and forced)."""
+        """Raise unless ``other``'s lease may be taken over (its job has ended, or it is stale,
+        corrupt or unreadable and forced)."""
         now = time.time()
         where = f"the output {self.where}"
+        self._judged = ""
         if other is None:
             if self.force:
                 return
             raise OutputInUse(f"{where} has a lease ({layout.LEASE}) that cannot be read: if no other job "
                               f"writes to it, run again with --force to take it over")
+        problem = other.corrupt(now)
+        if problem is not None:
+            self._judged = problem
+            if self.force:
+                return
+            raise OutputInUse(f"{where} has a corrupt lease ({layout.LEASE}: {problem}): if no other job "
+                              f"writes to it, run again with --force to take it over")
+        unsure = ""
         if other.on_this_machine():
-            if not other.running():
+            found = other.process_here()
+            if found == ENDED:
+                self._judged = ENDED
                 return  # its process has ended: the lease is over, --force or not
-            raise OutputInUse(f"{where} is in use by another job ({other.describe(now)}), which is still "
-                              f"running on this machine: wait for it to end, or stop it (kill {other.pid})")
+            if found == RUNNING:
+                raise OutputInUse(f"{where} is in use by another job ({other.describe(now)}), which is still "
+                                  f"running on this machine: wait for it to end, or stop it (kill {other.pid})")
+            # A process runs under its pid whose start time cannot be read: maybe the job, maybe
+            # another's. Its heartbeat tells, as for a job of another machine.
+            unsure = (f"; pid {other.pid} runs on this machine, but whether it is still that job cannot be "
+                      f"told (its start time cannot be read)")
         if now - other.renewed_at <= STALE_AFTER_S:
             forced = "; --force takes over only a stale lease" if self.force else ""
             raise OutputInUse(f"{where} is in use by another job ({other.describe(now)}): wait for it to end, "
-                              f"or stop it{forced}")
+                              f"or stop it{unsure}{forced}")
         if not self.force:
             raise OutputInUse(f"{where} has a stale lease of another job ({other.describe(now)}, over the "
-                              f"{STALE_AFTER_S:g} s limit): if that job is gone, run again with --force to "
-                              f"take it over")
+                              f"{STALE_AFTER_S:g} s limit{unsure}): if that job is gone, run again with --force "
+                              f"to take it over")
 
     def _say_taken_over(self, other: Holder | None) -> None:
         now = time.time()
         if other is None:
             log.warning("took over the unreadable lease of %s (--force)", self.where)
-        elif other.on_this_machine():
+        elif self._judged not in ("", ENDED):
+            log.warning("took over the corrupt lease of %s (--force): %s", self.where, self._judged)
+        elif self._judged == ENDED:
             log.warning("took over the lease of %s from a job that has ended (pid %d on this machine, last "
                         "renewed %s ago)", self.where, other.pid, _age(now - other.renewed_at))
         else:

@@ -562,8 +562,8 @@ def test_a_stale_lease_needs_force_and_validate_takes_no_lease(
 
     pq.write_table(pa.table({"prompt": ["one", "two", "three"]}), tmp_path / "prompts.parquet")
     path, out = _config_file(tmp_path), tmp_path / "out"
-    an_hour_ago = time.time() - 3600
-    planted = _plant_lease(out, host="gpu-box-7", pid=4242, started_at=an_hour_ago, renewed_at=an_hour_ago)
+    two_days_ago = time.time() - 2 * 86400  # "2 days" for half a day: no claim on this test's speed
+    planted = _plant_lease(out, host="gpu-box-7", pid=4242, started_at=two_days_ago, renewed_at=two_days_ago)
 
     code, text = _cli("validate", str(path))
     assert code == 0 and text.startswith("ok:"), text
@@ -571,7 +571,7 @@ def test_a_stale_lease_needs_force_and_validate_takes_no_lease(
     assert code == 2 and "Traceback" not in text, text
     assert text.startswith(f"error: the output {out} has a stale lease of another job (host gpu-box-7, pid 4242, "
                            f"started "), text
-    assert text.endswith("last renewed 60 min ago, over the 30 s limit): if that job is gone, run again with "
+    assert text.endswith("last renewed 2 days ago, over the 30 s limit): if that job is gone, run again with "
                          "--force to take it over"), text
     assert (out / "_state/lease.json").read_bytes() == planted
 
