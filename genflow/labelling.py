@@ -9,7 +9,12 @@ the plugin's annotations and writes
 - ``human_rankings/part-<tool>.parquet``: prompt_id, generation_id, rank, annotator, created_at;
 - ``demonstrations/part-<tool>.parquet``: prompt, completion, annotator;
 
-then :func:`refresh` derives, from every tool's parts, the human rows of the training data
+A pull rewrites the parts of the kinds it pulled, from every project of that kind the
+output knows (``_labelling/<tool>.json``: those pushed from here, and any named with
+``--project``); the other kind's part is left as it was. An annotation the tool hands
+over twice (a project known twice) is written once.
+
+Then :func:`refresh` derives, from every tool's parts, the human rows of the training data
 (``preferences/part-human.parquet``, ``sft/part-human.parquet``, ``source: human``) and how
 each scorer agrees with the people (``manifest["human_agreement"]``). A job run calls
 :func:`refresh` too, so the human rows and figures follow new scores and the config's
@@ -42,7 +47,7 @@ import pyarrow as pa
 
 from genflow import layout, schemas
 from genflow.agreement import COMBINED, PairAgreement, kendall_tau_b, strict_pairs
-from genflow.api import Annotation, LabelCandidate, LabelTask
+from genflow.api import LABEL_KINDS, Annotation, LabelCandidate, LabelTask
 from genflow.config import stable_hash
 from genflow.storage import Storage
 
@@ -164,9 +169,13 @@ def annotations_tables(annotations: list[Annotation], prompts: dict[str, str], t
     """``human_rankings/`` and ``demonstrations/`` rows of a tool's annotations, in a fixed order.
     ``known``: each prompt's generation ids; a ranked id the job does not have is left out."""
     rankings, demonstrations = [], []
-    for a in sorted(annotations, key=lambda a: (a.prompt_id, a.annotation_id)):
+    for a in sorted(unique_annotations(annotations), key=lambda a: (a.prompt_id, a.annotation_id)):
         if a.kind == "rankings":
             ids = [g for g in a.ranking if g in known.get(a.prompt_id, ())]
+            if len(set(ids)) < len(ids):
+                log.warning("%s annotation %s of prompt %s lists a candidate more than once; keeping the "
+                            "best place of each", tool, a.annotation_id, a.prompt_id)
+                ids = list(dict.fromkeys(ids))
             if len(ids) < 2:
                 continue
             rankings += [{"prompt_id": a.prompt_id, "generation_id": g, "rank": i + 1, "annotator": a.annotator,
@@ -181,9 +190,23 @@ def annotations_tables(annotations: list[Annotation], prompts: dict[str, str], t
             pa.Table.from_pylist(demonstrations, schema=schemas.DEMONSTRATIONS))
 
 
-def write_pulled(storage: Storage, tool: str, annotations: list[Annotation]) -> dict[str, int]:
-    """Write a tool's annotations as its parts of ``human_rankings/`` and ``demonstrations/``
-    (replacing what an earlier pull wrote); returns the rows of each."""
+def unique_annotations(annotations: list[Annotation]) -> list[Annotation]:
+    """Each annotation once: the same task's annotation with the same id is one, however often
+    the tool handed it over."""
+    seen: dict[tuple[str, str, str], Annotation] = {}
+    for a in annotations:
+        seen.setdefault((a.kind, a.key, a.annotation_id), a)
+    if len(seen) < len(annotations):
+        log.info("%d annotations were handed over more than once; each is written once",
+                 len(annotations) - len(seen))
+    return list(seen.values())
+
+
+def write_pulled(storage: Storage, tool: str, annotations: list[Annotation],
+                 kinds: Iterable[str] = LABEL_KINDS) -> dict[str, int]:
+    """Write a tool's annotations of ``kinds`` as its parts of ``human_rankings/`` (rankings) and
+    ``demonstrations/``, replacing what an earlier pull wrote of those kinds (the part of a kind
+    not pulled is left as it is); returns the rows written of each."""
     prompts = storage.read_folder(layout.PROMPTS, columns=["prompt_id", "prompt"])
     text = dict(zip(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist(), strict=True))
     generations = storage.read_folder(layout.GENERATIONS, columns=["prompt_id", "generation_id"])
@@ -191,9 +214,13 @@ def write_pulled(storage: Storage, tool: str, annotations: list[Annotation]) -> 
     for p, g in zip(generations["prompt_id"].to_pylist(), generations["generation_id"].to_pylist(), strict=True):
         known[p].add(g)
     rankings, demonstrations = annotations_tables(annotations, text, tool, known)
-    storage.write_table(layout.labelled_part(layout.HUMAN_RANKINGS, tool), rankings)
-    storage.write_table(layout.labelled_part(layout.DEMONSTRATIONS, tool), demonstrations)
-    return {layout.HUMAN_RANKINGS: rankings.num_rows, layout.DEMONSTRATIONS: demonstrations.num_rows}
+    written = {}
+    for kind, folder, table in (("rankings", layout.HUMAN_RANKINGS, rankings),
+                                ("demonstrations", layout.DEMONSTRATIONS, demonstrations)):
+        if kind in kinds:
+            storage.write_table(layout.labelled_part(folder, tool), table)  # no rows: the part goes
+            written[folder] = table.num_rows
+    return written
 
 
 @dataclass(frozen=True)
@@ -300,11 +327,15 @@ def refresh(storage: Storage, manifest: dict[str, Any]) -> dict[str, Any]:
     """Rewrite the human rows and figures from what was pulled; returns the manifest updated with
     ``labelling``, ``human_agreement`` and the rows of the folders involved (it writes nothing
     else of the manifest). An output nobody labelled is left as it is."""
-    from genflow.manifest import count_rows
-
     found = judgements(storage)
     demonstrations = storage.read_folder(layout.DEMONSTRATIONS, schema=schemas.DEMONSTRATIONS)
     if not found and not demonstrations.num_rows:
+        if "labelling" in manifest:  # everything pulled before is gone from the tool: so are its rows
+            for folder in ("preferences", "sft"):
+                storage.delete(layout.human_part(folder))
+            for key in ("labelling", "human_agreement"):
+                manifest.pop(key, None)
+            _count_human_rows(storage, manifest)
         return manifest
     mode = ((manifest.get("config") or {}).get("labelling") or {}).get("human_rows", "beside")
     columns = ["prompt_id", "generation_id", "prompt", "text", "image_path"]
@@ -327,11 +358,17 @@ def refresh(storage: Storage, manifest: dict[str, Any]) -> dict[str, Any]:
                  layout.DEMONSTRATIONS: demonstrations.num_rows, "preferences": preferences.num_rows,
                  "sft": sft.num_rows},
     }
+    _count_human_rows(storage, manifest)
+    return manifest
+
+
+def _count_human_rows(storage: Storage, manifest: dict[str, Any]) -> None:
+    from genflow.manifest import count_rows
+
     rows = manifest.setdefault("rows", {})
     for folder in (*layout.HUMAN_FOLDERS, "preferences", "sft"):
         if folder in rows or storage.list(folder, ".parquet"):
             rows[folder] = count_rows(storage, folder)
-    return manifest
 
 
 # -- agreement with people ---------------------------------------------------------
@@ -471,21 +508,30 @@ def push(storage: Storage, tool: str, params: dict[str, Any], kind: str, project
 
 def pull(storage: Storage, tool: str, params: dict[str, Any], project: str | None = None,
          kind: str | None = None) -> dict[str, Any]:
-    """Read every finished annotation of the output's projects on the tool (those pushed from
-    here, or ``project``), write them and refresh the human rows; returns the manifest."""
+    """Read every finished annotation of the output's projects on the tool, write them and refresh
+    the human rows; returns the manifest. The projects: those known here (pushed from here, or
+    named before), of ``kind`` only when given; ``project`` (of ``kind``, rankings by default)
+    joins them and is remembered. The parts of the kinds pulled are rewritten, the others kept."""
     manifest = read_manifest(storage)
-    if project is not None:
-        projects = [{"project": project, "kind": kind or "rankings"}]
-    else:
-        projects = [p for p in _record(storage, tool) if kind is None or p["kind"] == kind]
-        if not projects:
-            raise LabellingError(f"{storage.uri} was not pushed to {tool} from here; name the project with "
-                                 "--project (and --kind)")
+    if kind is not None and kind not in LABEL_KINDS:
+        raise LabellingError(f"unknown kind of task {kind!r}: {' or '.join(LABEL_KINDS)}")
+    records = _record(storage, tool)
+    named = {"project": project, "kind": kind or "rankings"} if project is not None else None
+    kinds = {named["kind"]} if named is not None else set(LABEL_KINDS) if kind is None else {kind}
+    projects: dict[tuple[str, str], dict[str, Any]] = {}
+    for entry in [*records, *([named] if named else [])]:
+        if isinstance(entry, dict) and entry.get("kind") in kinds and entry.get("project"):
+            projects.setdefault((str(entry["project"]), str(entry["kind"])), entry)
+    if not projects:
+        raise LabellingError(f"{storage.uri} was not pushed to {tool} from here" +
+                             (f" as {kind}" if kind else "") + "; name the project with --project (and --kind)")
     plugin = labeller(tool, params)
-    annotations = [a for p in projects for a in plugin.pull(p["project"], p["kind"])]
-    counts = write_pulled(storage, tool, annotations)
-    log.info("%s: %d ranked candidates, %d demonstrations", tool, counts[layout.HUMAN_RANKINGS],
-             counts[layout.DEMONSTRATIONS])
+    annotations = [a for title, k in projects for a in plugin.pull(title, k)]
+    counts = write_pulled(storage, tool, annotations, kinds)
+    log.info("%s: %s", tool, ", ".join(f"{n} rows of {folder}" for folder, n in counts.items()))
+    if named is not None and not any(isinstance(r, dict) and (r.get("project"), r.get("kind")) ==
+                                     (named["project"], named["kind"]) for r in records):
+        storage.write_json(layout.labelling_record(tool), {"projects": [*records, named]})  # later pulls keep it
     manifest = refresh(storage, manifest)
     storage.write_json(layout.MANIFEST, manifest)
     return manifest

@@ -1,0 +1,466 @@
+"""People in the loop, fast: push and pull against a stand-in Label Studio (aiohttp on 127.0.0.1)
+with a job output written by hand: no Ray, no Prefect, no Label Studio install.
+
+The stand-in speaks the part of Label Studio's REST API genflow uses (projects paginated
+as Label Studio paginates them, import, export, users, the token exchange) and can
+misbehave on request: an export cut short, an answer without the expected fields, users
+in pages, a redirect to another host, an error body echoing the key. It counts what it
+was asked. ``tests/test_label_studio.py`` runs the real Label Studio.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from aiohttp import web
+from servers import BackgroundServer
+from typer.testing import CliRunner, Result
+
+from genflow import labelling
+from genflow.api import Annotation
+from genflow.cli import app
+from genflow.labelling import LabellingError, disagreeing_prompts, label_tasks, task_key
+from genflow.storage import Storage
+
+TOKEN = "genflow-test-token-0123456789abcdef"
+ACCESS = "access-token-fedcba9876543210"
+PAT = "header.payload-of-a-refresh-token.signature"
+
+# -- a finished job's output, written by hand ------------------------------------------
+
+# prompt -> candidate -> (score of "long", score of "short"): p1 both agree; p2 reversed; p3 one pair
+# reversed; p4 "short" ties everything (a tie orders nothing: no disagreement); p5 one candidate.
+SCORES = {
+    "p1": {"a": (3.0, 30.0), "b": (2.0, 20.0), "c": (1.0, 10.0)},
+    "p2": {"a": (3.0, 1.0), "b": (2.0, 2.0), "c": (1.0, 3.0)},
+    "p3": {"a": (3.0, 3.0), "b": (2.0, 1.0), "c": (1.0, 2.0)},
+    "p4": {"a": (3.0, 5.0), "b": (2.0, 5.0), "c": (1.0, 5.0)},
+    "p5": {"a": (1.0, 1.0)},
+}
+
+
+def gid(prompt_id: str, candidate: str) -> str:
+    return f"{prompt_id}-{candidate}"
+
+
+def write_output(out: Path, scorers: tuple[str, ...] = ("long", "short")) -> Path:
+    """prompts/, generations/, scores/ and rankings/ of a job of two scorers, and its manifest."""
+    for folder in ("prompts", "generations", "scores", "rankings"):
+        (out / folder).mkdir(parents=True)
+    pq.write_table(pa.table({"prompt_id": list(SCORES), "prompt": [f"prompt {p}" for p in SCORES]}),
+                   out / "prompts" / "part-00000.parquet")
+    gens = [{"prompt_id": p, "generation_id": gid(p, c), "prompt": f"prompt {p}", "modality": "text",
+             "text": f" answer {c} to {p}", "image_path": None} for p, cs in SCORES.items() for c in cs]
+    pq.write_table(pa.Table.from_pylist(gens), out / "generations" / "part-00000-echo.parquet")
+    for i, scorer in enumerate(scorers):
+        rows = [{"generation_id": gid(p, c), "prompt_id": p, "scorer": scorer, "score": v[i % 2]}
+                for p, cs in SCORES.items() for c, v in cs.items()]
+        pq.write_table(pa.Table.from_pylist(rows), out / "scores" / f"part-00000-{scorer}.parquet")
+    ranked = [{"prompt_id": p, "generation_id": gid(p, c), "rank": r + 1}
+              for p, cs in SCORES.items() for r, c in enumerate(cs)]
+    pq.write_table(pa.Table.from_pylist(ranked), out / "rankings" / "part-00000.parquet")
+    config = {"name": "handmade", "scorers": [{"plugin": "length", "label": s, "weight": 1.0} for s in scorers]}
+    (out / "manifest.json").write_text(json.dumps({"name": "handmade", "config": config, "rows": {}}))
+    return out
+
+
+@pytest.fixture
+def output(tmp_path: Path) -> Path:
+    return write_output(tmp_path / "out")
+
+
+# -- --disagreeing ---------------------------------------------------------------------
+
+def test_disagreeing_finds_the_prompts_where_two_scorers_order_a_pair_oppositely(output: Path) -> None:
+    storage = Storage.open(str(output))
+    weights = labelling.scorer_weights(storage.read_json("manifest.json"))
+    assert weights == {"long": 1.0, "short": 1.0}
+    assert disagreeing_prompts(storage, weights) == {"p2", "p3"}
+    tasks = label_tasks(storage, "rankings", disagreeing=True)
+    assert sorted(t.prompt_id for t in tasks) == ["p2", "p3"]
+    assert label_tasks(storage, "demonstrations", disagreeing=True)[0].prompt_id == "p2"
+    assert sorted(t.prompt_id for t in label_tasks(storage, "rankings")) == ["p1", "p2", "p3", "p4"]  # p5: one
+
+
+def test_disagreeing_compares_every_two_of_three_scorers(tmp_path: Path) -> None:
+    """A third scorer that agrees with the first: p2 and p3 still count (it disagrees with the second)."""
+    out = write_output(tmp_path / "out", ("long", "short", "longer"))
+    storage = Storage.open(str(out))
+    assert disagreeing_prompts(storage, labelling.scorer_weights(storage.read_json("manifest.json"))) == {"p2", "p3"}
+    assert disagreeing_prompts(storage, {"long": 1.0, "longer": 1.0}) == set()  # two alike agree everywhere
+
+
+def test_disagreeing_needs_two_scorers(tmp_path: Path) -> None:
+    out = write_output(tmp_path / "out", ("long",))
+    with pytest.raises(LabellingError, match="two scorers or more; this one has 1 \\(long\\)"):
+        label_tasks(Storage.open(str(out)), "rankings", disagreeing=True)
+
+
+# -- the stand-in Label Studio -------------------------------------------------------------
+
+@dataclass
+class Standin:
+    """Label Studio's state and how it misbehaves; ``asked`` counts requests by (method, path)."""
+
+    url: str = ""
+    page_size: int = 30
+    users_paginated: bool = False
+    users: list[dict[str, Any]] = field(default_factory=lambda: [
+        {"id": i, "email": f"person{i}@genflow.test"} for i in range(1, 46)])
+    projects: list[dict[str, Any]] = field(default_factory=list)
+    tasks: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    export_fault: str | None = None
+    refresh_answer: dict[str, Any] | None = None
+    redirect_projects_to: str | None = None
+    echo_auth_on_error: bool = False
+    asked: dict[tuple[str, str], int] = field(default_factory=dict)
+    auth_seen: list[str] = field(default_factory=list)
+    ids: Any = field(default_factory=lambda: itertools.count(1))
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth])
+        app.router.add_get("/api/projects", self.list_projects)
+        app.router.add_get("/api/projects/", self.list_projects)
+        app.router.add_post("/api/projects", self.create_project)
+        app.router.add_patch("/api/projects/{id}", self.patch_project)
+        app.router.add_get("/api/projects/{id}/export", self.export)
+        app.router.add_post("/api/projects/{id}/import", self.import_tasks)
+        app.router.add_get("/api/users", self.list_users)
+        app.router.add_post("/api/token/refresh/", self.refresh)
+        return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.asked[(request.method, request.path)] = self.asked.get((request.method, request.path), 0) + 1
+        given = request.headers.get("Authorization", "")
+        self.auth_seen.append(given)
+        if request.path != "/api/token/refresh/" and given not in (f"Token {TOKEN}", f"Bearer {ACCESS}"):
+            text = f"Invalid token: {given!r}" if self.echo_auth_on_error else "Invalid token"
+            return web.json_response({"detail": text}, status=401)
+        return await handler(request)
+
+    def _page(self, request: web.Request, rows: list[dict[str, Any]]) -> web.Response:
+        page = int(request.query.get("page", 1))
+        size = min(int(request.query.get("page_size", self.page_size)), self.page_size)
+        chunk = rows[(page - 1) * size:page * size]
+        more = page * size < len(rows)
+        return web.json_response({"count": len(rows), "next": f"{request.url.with_query(page=page + 1)}" if more
+                                  else None, "previous": None, "results": chunk})
+
+    async def list_projects(self, request: web.Request) -> web.StreamResponse:
+        if self.redirect_projects_to and "redirected" not in request.query:
+            raise web.HTTPFound(f"{self.redirect_projects_to}{request.path}?{request.query_string}&redirected=1")
+        return self._page(request, self.projects)
+
+    async def create_project(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        project = {"id": next(self.ids), "title": body["title"], "label_config": body["label_config"]}
+        self.projects.append(project)
+        self.tasks[project["id"]] = []
+        return web.json_response(project, status=201)
+
+    async def patch_project(self, request: web.Request) -> web.Response:
+        project = next(p for p in self.projects if p["id"] == int(request.match_info["id"]))
+        project.update(await request.json())
+        return web.json_response(project)
+
+    async def import_tasks(self, request: web.Request) -> web.Response:
+        tasks = self.tasks[int(request.match_info["id"])]
+        for task in await request.json():
+            tasks.append({"id": next(self.ids), "data": task["data"], "annotations": []})
+        return web.json_response({"task_count": len(tasks)}, status=201)
+
+    async def export(self, request: web.Request) -> web.StreamResponse:
+        body = json.dumps(self.tasks[int(request.match_info["id"])]).encode()
+        if self.export_fault == "cut":  # the connection closes before the length it announced
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            response.content_length = len(body)
+            await response.prepare(request)
+            await response.write(body[:len(body) // 2])
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        if self.export_fault == "cut-unannounced":  # no length: the JSON just stops
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            await response.write(body[:len(body) // 2])
+            await response.write_eof()
+            return response
+        if self.export_fault == "chunked":  # all of it, with no length announced
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            await response.write(body)
+            await response.write_eof()
+            return response
+        return web.Response(body=body, content_type="application/json")
+
+    async def list_users(self, request: web.Request) -> web.Response:
+        if self.users_paginated:
+            return self._page(request, self.users)
+        return web.json_response(self.users)
+
+    async def refresh(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if self.refresh_answer is not None:
+            return web.json_response(self.refresh_answer)
+        if body.get("refresh") != PAT:
+            return web.json_response({"detail": "Token is invalid"}, status=401)
+        return web.json_response({"access": ACCESS})
+
+    # -- what people do ---------------------------------------------------------------------
+
+    def project(self, title: str) -> dict[str, Any]:
+        found = [p for p in self.projects if p["title"] == title]
+        assert len(found) == 1, f"{len(found)} projects called {title!r}"
+        return found[0]
+
+    def rank(self, title: str, prompt_id: str, order: list[str], user: int, annotation_id: int) -> None:
+        task = next(t for t in self.tasks[self.project(title)["id"]] if t["data"]["prompt_id"] == prompt_id)
+        task["annotations"].append({"id": annotation_id, "completed_by": user, "created_at": "2026-01-01T00:00:00Z",
+                                    "was_cancelled": False, "result": [
+                                        {"from_name": "rank", "to_name": "candidates", "type": "ranker",
+                                         "value": {"ranker": {"rank": order}}}]})
+
+    def answer(self, title: str, prompt_id: str, text: str, user: int, annotation_id: int) -> None:
+        task = next(t for t in self.tasks[self.project(title)["id"]] if t["data"]["prompt_id"] == prompt_id)
+        task["annotations"].append({"id": annotation_id, "completed_by": {"id": user}, "created_at": "2026-01-02",
+                                    "result": [{"from_name": "answer", "to_name": "prompt", "type": "textarea",
+                                                "value": {"text": [text]}}]})
+
+
+@pytest.fixture
+def standin() -> Any:
+    state = Standin()
+    server = BackgroundServer(state.app()).start()
+    state.url = server.origin
+    yield state
+    server.stop()
+
+
+@pytest.fixture
+def genflow(monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", TOKEN)
+
+    def run(*args: str, code: int = 0) -> Result:
+        result = CliRunner().invoke(app, list(args))
+        assert result.exit_code == code, (result.output, result.exception)
+        if code:
+            assert isinstance(result.exception, SystemExit), result.exception  # a message, not a traceback
+            assert "Traceback" not in result.output and result.output.startswith("error: ")
+        return result
+
+    return run
+
+
+def _one_line(result: Result) -> str:
+    return " ".join(result.output.split())
+
+
+def _human(out: Path, folder: str) -> list[dict[str, Any]]:
+    path = out / folder
+    return pq.read_table(path).to_pylist() if path.exists() and any(path.iterdir()) else []
+
+
+# -- push and pull ---------------------------------------------------------------------------
+
+def test_a_project_past_the_first_page_of_the_list_is_found_not_created_again(standin: Standin, output: Path,
+                                                                           genflow: Any) -> None:
+    standin.projects += [{"id": next(standin.ids), "title": f"someone else's {i}", "label_config": "<View/>"}
+                         for i in range(70)]  # three pages of 30 before ours
+    said = genflow("label", "push", str(output), "--url", standin.url)
+    assert "genflow handmade rankings: 4 tasks added, 0 there already" in _one_line(said)
+    assert len(standin.projects) == 71
+    standin.projects += [{"id": next(standin.ids), "title": f"later {i}", "label_config": "<View/>"} for i in range(5)]
+    said = genflow("label", "push", str(output), "--url", standin.url)
+    assert "0 tasks added, 4 there already" in _one_line(said)
+    assert [p["title"] for p in standin.projects].count("genflow handmade rankings") == 1
+    assert standin.asked[("POST", "/api/projects")] == 1
+    assert standin.asked[("GET", "/api/projects")] >= 3 + 3  # each push read past the first page
+
+
+def _labelled(standin: Standin, output: Path, genflow: Any) -> dict[str, Any]:
+    """Push both kinds; people rank p1 and p2 and answer two prompts."""
+    genflow("label", "push", str(output), "--url", standin.url)
+    genflow("label", "push", str(output), "--url", standin.url, "--kind", "demonstrations")
+    rankings, demos = "genflow handmade rankings", "genflow handmade demonstrations"
+    standin.rank(rankings, "p1", [gid("p1", "a"), gid("p1", "b"), gid("p1", "c")], user=40, annotation_id=900)
+    standin.rank(rankings, "p2", [gid("p2", "c"), gid("p2", "a")], user=2, annotation_id=901)
+    standin.answer(demos, "p1", " a person's answer to p1", user=3, annotation_id=902)
+    standin.answer(demos, "p3", " a person's answer to p3", user=40, annotation_id=903)
+    return {"rankings": rankings, "demonstrations": demos}
+
+
+def test_pulling_the_same_annotation_twice_writes_it_once(standin: Standin, output: Path, genflow: Any) -> None:
+    _labelled(standin, output, genflow)
+    # The same project pushed from two spellings of the address is known twice: its annotations
+    # come back twice in one pull.
+    genflow("label", "push", str(output), "--url", standin.url + "/")
+    record = json.loads((output / "_labelling" / "label-studio.json").read_text())["projects"]
+    assert [p["project"] for p in record].count("genflow handmade rankings") == 2
+    said = genflow("label", "pull", str(output), "--url", standin.url)
+    assert "human_rankings: 5 human rows" in said.output and "demonstrations: 2 human rows" in said.output
+    rankings = _human(output, "human_rankings")
+    assert sorted((r["ranking_id"], r["rank"], r["generation_id"]) for r in rankings) == [
+        ("900", 1, "p1-a"), ("900", 2, "p1-b"), ("900", 3, "p1-c"), ("901", 1, "p2-c"), ("901", 2, "p2-a")]
+    assert {r["annotator"] for r in rankings} == {"person40@genflow.test", "person2@genflow.test"}
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["labelling"]["rankings"] == 2 and manifest["rows"]["human_rankings"] == 5
+    prefs = pq.read_table(output / "preferences" / "part-human.parquet").to_pylist()
+    assert sorted((p["chosen_id"], p["rejected_id"], p["score_chosen"]) for p in prefs) == [
+        ("p1-a", "p1-b", 1.0), ("p1-a", "p1-c", 1.0), ("p1-b", "p1-c", 1.0), ("p2-c", "p2-a", 1.0)]
+    before = {f: _human(output, f) for f in ("human_rankings", "demonstrations")}
+    genflow("label", "pull", str(output), "--url", standin.url)  # and a second pull changes nothing
+    assert {f: _human(output, f) for f in before} == before
+
+
+def test_a_ranking_that_lists_a_candidate_twice_keeps_its_best_place_with_a_warning(
+        output: Path, caplog: pytest.LogCaptureFixture) -> None:
+    storage = Storage.open(str(output))
+    twice = Annotation(task_key("rankings", "p1"), "rankings", "p1", "ada", "2026", "7",
+                       ranking=(gid("p1", "b"), gid("p1", "a"), gid("p1", "b"), gid("p1", "c")))
+    with caplog.at_level(logging.WARNING, logger="genflow.labelling"):
+        assert labelling.write_pulled(storage, "label-studio", [twice]) == {"human_rankings": 3, "demonstrations": 0}
+    rows = sorted((r["rank"], r["generation_id"]) for r in _human(output, "human_rankings"))
+    assert rows == [(1, "p1-b"), (2, "p1-a"), (3, "p1-c")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "annotation 7 of prompt p1 lists a candidate more than once" in warnings[0]
+    only = Annotation(task_key("rankings", "p2"), "rankings", "p2", "bo", "2026", "8",
+                      ranking=(gid("p2", "a"), gid("p2", "a")))
+    assert labelling.write_pulled(storage, "label-studio", [only])["human_rankings"] == 0  # one candidate: no order
+
+
+def test_pulling_one_kind_keeps_the_other_kinds_rows(standin: Standin, output: Path, genflow: Any) -> None:
+    _labelled(standin, output, genflow)
+    genflow("label", "pull", str(output), "--url", standin.url)
+    rankings, demos = _human(output, "human_rankings"), _human(output, "demonstrations")
+    assert len(rankings) == 5 and len(demos) == 2
+    sft = pq.read_table(output / "sft" / "part-human.parquet").to_pylist()
+    assert sorted(r["prompt_id"] for r in sft) == ["p1", "p3"]
+
+    said = genflow("label", "pull", str(output), "--url", standin.url, "--kind", "rankings")
+    assert "demonstrations: 2 human rows" in said.output
+    assert _human(output, "demonstrations") == demos and _human(output, "human_rankings") == rankings
+    assert pq.read_table(output / "sft" / "part-human.parquet").to_pylist() == sft
+    said = genflow("label", "pull", str(output), "--url", standin.url, "--kind", "demonstrations")
+    assert "human_rankings: 5 human rows" in said.output
+    assert _human(output, "human_rankings") == rankings and _human(output, "demonstrations") == demos
+
+    # A project named with --project is remembered: a later pull of its kind keeps its rows too.
+    genflow("label", "push", str(output), "--url", standin.url, "--project", "second opinions")
+    standin.rank("second opinions", "p3", [gid("p3", "c"), gid("p3", "b")], user=5, annotation_id=950)
+    genflow("label", "pull", str(output), "--url", standin.url, "--project", "second opinions", "--kind", "rankings")
+    assert len(_human(output, "human_rankings")) == 7 and _human(output, "demonstrations") == demos
+    genflow("label", "pull", str(output), "--url", standin.url, "--kind", "rankings")
+    assert len(_human(output, "human_rankings")) == 7
+    genflow("label", "pull", str(output), "--url", standin.url, "--kind", "answers", code=2)
+
+
+def test_an_annotation_removed_from_the_tool_leaves_the_output_at_the_next_pull(standin: Standin, output: Path,
+                                                                             genflow: Any) -> None:
+    titles = _labelled(standin, output, genflow)
+    genflow("label", "pull", str(output), "--url", standin.url)
+    for title in titles.values():
+        for task in standin.tasks[standin.project(title)["id"]]:
+            task["annotations"] = []
+    genflow("label", "pull", str(output), "--url", standin.url)
+    assert not _human(output, "human_rankings") and not _human(output, "demonstrations")
+    assert not (output / "preferences" / "part-human.parquet").exists()
+    assert not (output / "sft" / "part-human.parquet").exists()
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert "labelling" not in manifest and "human_agreement" not in manifest
+    assert manifest["rows"]["human_rankings"] == 0
+
+
+def test_users_listed_in_pages_name_every_annotator(standin: Standin, output: Path, genflow: Any) -> None:
+    _labelled(standin, output, genflow)
+    standin.users_paginated = True  # 45 users, 30 a page: person40 is on the second
+    genflow("label", "pull", str(output), "--url", standin.url)
+    assert {r["annotator"] for r in _human(output, "human_rankings")} == {"person40@genflow.test",
+                                                                            "person2@genflow.test"}
+    assert {r["annotator"] for r in _human(output, "demonstrations")} == {"person3@genflow.test",
+                                                                            "person40@genflow.test"}
+
+
+@pytest.mark.parametrize("fault", ["cut", "cut-unannounced"])
+def test_an_export_cut_short_is_one_clear_line(standin: Standin, output: Path, genflow: Any, fault: str) -> None:
+    _labelled(standin, output, genflow)
+    standin.export_fault = fault
+    said = genflow("label", "pull", str(output), "--url", standin.url, code=1)
+    assert "/export" in said.output and "cut short" in said.output
+    assert not _human(output, "human_rankings")  # nothing half-written
+
+
+@pytest.mark.parametrize("answer", [{"refresh": "no access here"}, {"access": None}, {}])
+def test_a_token_exchange_without_an_access_token_is_one_clear_line(standin: Standin, output: Path, genflow: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   answer: dict[str, Any]) -> None:
+    monkeypatch.setenv("LABEL_STUDIO_PAT", PAT)
+    genflow("label", "push", str(output), "--url", standin.url, "--api-key-env", "LABEL_STUDIO_PAT")  # it works
+    standin.refresh_answer = answer
+    said = genflow("label", "pull", str(output), "--url", standin.url, "--api-key-env", "LABEL_STUDIO_PAT", code=1)
+    assert "not an access token" in said.output and "LABEL_STUDIO_PAT" in said.output
+    assert PAT not in said.output and PAT[:8] not in said.output
+
+
+def test_the_key_never_follows_a_redirect_to_another_host(standin: Standin, output: Path, genflow: Any) -> None:
+    elsewhere = Standin()
+    server = BackgroundServer(elsewhere.app()).start()
+    try:
+        standin.redirect_projects_to = f"http://localhost:{server.port}"
+        said = genflow("label", "push", str(output), "--url", standin.url, code=1)
+    finally:
+        server.stop()
+    assert f"redirected it to http://localhost:{server.port}" in _one_line(said)
+    assert elsewhere.asked == {}  # not even without the key
+    assert TOKEN not in said.output
+
+
+def test_a_redirect_to_the_same_address_is_followed_with_the_key(standin: Standin, output: Path,
+                                                                 genflow: Any) -> None:
+    standin.redirect_projects_to = standin.url
+    said = genflow("label", "push", str(output), "--url", standin.url)
+    assert "4 tasks added" in said.output and standin.project("genflow handmade rankings")
+    assert standin.asked[("GET", "/api/projects")] == 2  # each list of projects: once redirected, once answered
+
+
+def test_an_error_body_that_echoes_the_key_is_scrubbed(standin: Standin, output: Path, genflow: Any,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    standin.echo_auth_on_error = True
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", TOKEN + "-not-this-servers")
+    said = genflow("label", "push", str(output), "--url", standin.url, code=1)
+    assert "HTTP 401" in said.output and "Invalid token" in said.output and "***" in said.output
+    assert TOKEN not in said.output and TOKEN[:8] not in said.output
+    from genflow.plugins.label_studio import LabelStudio, LabelStudioError, LabelStudioParams
+
+    plugin = LabelStudio(LabelStudioParams(url=standin.url))  # the plugin's own message, before any scrubber
+    with pytest.raises(LabelStudioError, match="HTTP 401") as raised:
+        plugin.pull("anything", "rankings")
+    assert TOKEN[:8] not in str(raised.value) and "Invalid token: 'Token ***'" in str(raised.value)
+
+
+def test_an_export_past_max_export_bytes_is_one_clear_line(standin: Standin, output: Path, genflow: Any) -> None:
+    _labelled(standin, output, genflow)
+    size = len(json.dumps(standin.tasks[standin.project("genflow handmade rankings")["id"]]))
+    limit = str(size - 1)
+    said = genflow("label", "pull", str(output), "--url", standin.url, "--param", f"max_export_bytes={limit}",
+                   code=1)
+    assert "max_export_bytes" in said.output and "/export" in said.output
+    standin.export_fault = "chunked"  # no length announced: counted as it is read
+    said = genflow("label", "pull", str(output), "--url", standin.url, "--param", f"max_export_bytes={limit}",
+                   code=1)
+    assert "max_export_bytes" in said.output
+    assert not _human(output, "human_rankings")
+    genflow("label", "pull", str(output), "--url", standin.url, "--param", f"max_export_bytes={size * 4}")
+    assert len(_human(output, "human_rankings")) == 5
+    assert not math.isnan(json.loads((output / "manifest.json").read_text())["labelling"]["rankings"])
