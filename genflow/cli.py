@@ -399,7 +399,8 @@ KeyEnvOpt = Annotated[str | None, typer.Option("--api-key-env", help="the variab
                                                "(Label Studio: LABEL_STUDIO_API_KEY)")]
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", help="another of the plugin's params: key=value")]
 ProjectOpt = Annotated[str | None, typer.Option("--project", help="the project's title (push default: 'genflow "
-                                                "<job name> <kind>'; pull default: every project pushed from here)")]
+                                                "<job name> <kind>'; pull: every project pushed or pulled from "
+                                                "here, and this one, remembered)")]
 
 
 def _labeller_params(url: str | None, api_key_env: str | None, param: list[str] | None) -> dict:
