@@ -29,6 +29,8 @@ from typing import Any
 
 from genflow.api import Generator, RowError, TransientError
 from genflow.config import RequestsSpec
+from genflow.secrets import Scrubber, plugin_secrets
+from genflow.secrets import install as install_secrets
 from genflow.worker import Failure
 
 
@@ -267,6 +269,7 @@ class RequestWorker:
                  seed: int = 0) -> None:
         self._parent = os.getppid()
         self._watching: asyncio.Task[None] | None = None
+        install_secrets(Scrubber(plugin_secrets(factory, params)))  # this process's log lines quote servers
         self.plugin = factory(model, factory.Params.model_validate(params), "cpu")
         call = self.plugin.generate if issubclass(factory, Generator) else self.plugin.score
         self.runner = RequestRunner(call, RequestsSpec.model_validate(requests), seed)

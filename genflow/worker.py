@@ -12,6 +12,8 @@ from typing import Any
 import ray
 
 from genflow.api import Generator, RowError
+from genflow.secrets import Scrubber, plugin_secrets
+from genflow.secrets import install as install_secrets
 
 
 @dataclass
@@ -37,6 +39,7 @@ class PluginWorker:
 
     def _build(self, factory: Any, model: str | None, params: dict[str, Any]) -> None:
         self.kind = "generator" if issubclass(factory, Generator) else "scorer"
+        install_secrets(Scrubber(plugin_secrets(factory, params)))  # a plugin's log lines may quote its server
         self.plugin = factory(model, factory.Params.model_validate(params), self.device)
 
     def load(self, factory: Any, model: str | None, params: dict[str, Any]) -> dict[str, Any]:

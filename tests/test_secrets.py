@@ -201,6 +201,33 @@ def test_log_records_are_scrubbed_before_any_handler_sees_them() -> None:
     assert "the server said key ***" in text and "RuntimeError: 401: ***" in text and SENTINEL[:8] not in text
 
 
+@pytest.mark.parametrize("where", ["request worker", "model worker"])
+def test_a_ray_workers_log_lines_are_scrubbed_of_its_plugins_secrets(where: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker process logs through its own loggers (a server's Retry-After, a plugin's lines):
+    the worker installs its plugin's secrets when it loads it."""
+    from genflow.requesting import RequestWorker
+    from genflow.worker import PluginWorker
+
+    key = f"sk-worker-{where.split()[0]}-0d9c2b7a"
+    monkeypatch.setenv("GENFLOW_TEST_WORKER_KEY", key)
+    factory = get_registry().get("generator", "openai").factory
+    params = {"base_url": "http://127.0.0.1:1/v1", "api_key_env": "GENFLOW_TEST_WORKER_KEY"}
+    if where == "request worker":
+        RequestWorker(factory, "m", params, {})
+    else:
+        PluginWorker(factory, "m", params)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("genflow.requesting")
+    logger.addHandler(handler)
+    try:
+        logger.warning("the server asked to wait %r s", f"5 ({key})")
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue() == "the server asked to wait '5 (***)' s\n"
+
+
 def test_a_record_made_before_any_secret_is_known_is_left_alone() -> None:
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "plain %s", ("text",), None)
     scrub_record(record, Scrubber())
