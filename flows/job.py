@@ -245,7 +245,8 @@ def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Work
                               rows=rows_of(outcomes, sum(s.rows for s in shards), exporters),
                               requires=sorted({d for s in stages for d in s.factory.requires}))
     manifest["errors"] = {"rows": errors, "work_items": work, "fraction": round(fraction, 6),
-                          "max_error_fraction": config.max_error_fraction}
+                          "max_error_fraction": config.max_error_fraction,
+                          "transient": sum(o.transient for o in outcomes)}  # the next run sends these again
     manifest["output"] = storage.uri
     manifest["input_dir"] = base_dir  # what relative paths in the rows are relative to
     manifest["exporters"] = {name: {"source": (info := registry.get("exporter", name)).source,

@@ -273,7 +273,7 @@ def test_a_rerun_sends_again_only_what_failed_transiently_and_moves_it_out_of_er
     def rows(folder: str) -> list[dict[str, Any]]:
         return ds.dataset(str(out / folder)).to_table().to_pylist() if (out / folder).exists() else []
 
-    job_runner(config)  # each dog request: 2 attempts, both 429s (it takes 4)
+    manifest = job_runner(config)  # each dog request: 2 attempts, both 429s (it takes 4)
     prompts = {r["prompt_id"]: r["prompt"] for r in rows("prompts")}
     dogs = sorted(p for p, text in prompts.items() if "dog" in text)
     france = sorted(p for p, text in prompts.items() if "France" in text)
@@ -285,14 +285,16 @@ def test_a_rerun_sends_again_only_what_failed_transiently_and_moves_it_out_of_er
     assert not {g["prompt_id"] for g in first_gens.values()} & set(dogs)
     first = sent()
     transient_ids = {e["generation_id"] for e in errors if e["transient"]}
+    assert manifest["errors"]["transient"] == len(transient_ids) == 2 * len(dogs)
 
-    job_runner(config)  # without --no-resume: only the dog requests go out again, and pass
+    manifest = job_runner(config)  # without --no-resume: only the dog requests go out again, and pass
     second = sent()
     assert {g: n - first[g] for g, n in second.items() if n != first[g]} == {g: 2 for g in transient_ids}
     gens = {g["generation_id"]: g for g in rows("generations")}
     assert {g: gens[g] for g in first_gens} == first_gens  # the finished rows are kept as they were
     assert set(gens) - set(first_gens) == transient_ids
     assert sorted(e["prompt_id"] for e in rows("errors")) == sorted(france * 2)  # moved out of errors/
+    assert manifest["errors"]["transient"] == 0 and manifest["errors"]["rows"] == 2 * len(france)
     assert {s["generation_id"] for s in rows("scores")} == set(gens)  # scored, and ranked
     assert {r["generation_id"] for r in rows("rankings")} == set(gens)
 
