@@ -335,8 +335,13 @@ def scrub_result(result: Any, scrubber: Scrubber | None = None) -> Any:
         for name in ("text", "raw", "finish_reason"):
             secret = scrubber.find(getattr(result, name))
             if secret is not None:
-                return Failure(f"the server's answer held a secret of this job ({secret.where}): the answer was "
-                               "removed, and the candidate is not written to generations/", "")
+                failure = Failure(f"the server's answer held a secret of this job ({secret.where}): the answer "
+                                  "was removed, and the candidate is not written to generations/", "")
+                paid = (("prompt_tokens", result.prompt_tokens), ("completion_tokens", result.num_tokens))
+                for field, tokens in paid:
+                    if hasattr(failure, field):  # the answer was paid for: its cost stays counted on a rerun
+                        setattr(failure, field, tokens)
+                return failure
         return result
     if isinstance(result, Score):
         details = scrubber.scrub_data(result.details)

@@ -107,8 +107,10 @@ def test_a_candidate_that_echoes_a_secret_becomes_a_failure_and_other_texts_are_
     scrubber = Scrubber([Secret(SENTINEL, "$GENFLOW_TEST_API_KEY")])
     fine = Generation(text="a fine answer")
     assert scrub_result(fine, scrubber) is fine
-    echoed = scrub_result(Generation(text=f"your key is {SENTINEL}"), scrubber)
+    echoed = scrub_result(Generation(text=f"your key is {SENTINEL}", num_tokens=4, prompt_tokens=9), scrubber)
     assert isinstance(echoed, Failure) and "$GENFLOW_TEST_API_KEY" in echoed.error and SENTINEL not in echoed.error
+    if hasattr(echoed, "prompt_tokens"):  # a failure that carries what it cost
+        assert (echoed.prompt_tokens, echoed.completion_tokens) == (9, 4)
     raw = scrub_result(Generation(text='{"a": 1}', raw=f"```{SENTINEL}```"), scrubber)
     assert isinstance(raw, Failure)
     failure = scrub_result(Failure(f"401: Incorrect API key provided: {SENTINEL[:10]}***", f"tb {SENTINEL}"),
