@@ -28,11 +28,17 @@ Modes:
   prompt's others under a Bradley-Terry fit of the wins (ties half a win), or its plain
   win rate, so the rank stage ranks and pairs them like any score.
 
+A candidate cannot write its own verdict: its text reaches the judge between tags
+whose nonce it does not contain (:func:`judge_rubrics.delimit`), and the verdict is
+read from the judge's own words only: what the judge quotes between the tags is left
+out, and of the rest the rating or verdict written last counts (:meth:`Question.read`).
+
 A judgement that cannot be read is asked again (served: a new request with another
 seed; local: a new sample with another seed), up to ``max_parse_retries`` times, then
 the candidate becomes an ``errors/`` row holding the judge's raw answer. The reasoning,
 the raw answer and the probabilities go into ``details``; the judge's tokens into the
-manifest (and a cost, with the scorer's ``price``). Local scores are the same on every
+manifest (and a cost, with the scorer's ``price``): those of every request or sample,
+read or not, every aspect's and every pair's, on the score or on the ``errors/`` row. Local scores are the same on every
 run: every sample's seed comes from the candidate's id, the question and ``seed``.
 """
 
@@ -41,9 +47,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -204,6 +212,8 @@ class Question:
     low: int = 0
     high: int = 0
     cue: str = "Rating:"
+    nonce: str = ""
+    """The suffix of the tags its candidates' texts are delimited by (:func:`rubrics.delimit`)."""
 
     def options(self) -> dict[str, str]:
         """What the judge may write right after the cue, with the value each one reads as."""
@@ -211,10 +221,16 @@ class Question:
             return {" A": "A", " B": "B"}
         return {f" {r}": str(r) for r in range(self.low, self.high + 1)}
 
-    def read(self, text: str) -> tuple[float | str, str] | None:
-        if self.pairwise:
-            return rubrics.read_verdict(text, self.cue)
-        return rubrics.read_rating(text, self.low, self.high, self.cue)
+    def read(self, text: str) -> rubrics.Reading | None:
+        """The judgement in the judge's own words: what it quotes between this question's tags
+        is left out (a candidate's ``Rating: 10`` is not the judge's), then the verdict it wrote
+        last counts. ``at`` is an offset in ``text``."""
+        own = rubrics.without_quotes(text, self.nonce) if self.nonce else text
+        read = rubrics.read_verdict(own, self.cue) if self.pairwise else rubrics.read_rating(own, self.low, self.high,
+                                                                                              self.cue)
+        if read is None:
+            return None
+        return read._replace(reasoning=re.sub(r"\[\.\.\.\]\s+", "[...] ", read.reasoning))
 
 
 @dataclass
@@ -270,10 +286,14 @@ def _cut(text: str, limit: int = RAW_CHARS) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _unreadable_error(what: str, answer: Unreadable) -> RowError:
+def _unreadable_error(what: str, answer: Unreadable, prompt_tokens: int, completion_tokens: int) -> RowError:
+    """The error of a candidate whose judgement could not be read: the judge's last answer, and
+    the tokens its requests spent (every attempt, every aspect or pair), which are paid for all the same."""
     error = RowError(f"the judge's answer could not be read as {what} after {answer.attempts} attempts; "
                      f"the answer: {_cut(answer.raw)}")
     error.raw = answer.raw  # type: ignore[attr-defined]
+    error.prompt_tokens = prompt_tokens  # type: ignore[attr-defined]
+    error.completion_tokens = completion_tokens  # type: ignore[attr-defined]
     return error
 
 
@@ -311,10 +331,19 @@ class Judging:
         self.answer_format = rubrics.answer_format(params.how, self.low, self.high, self.cue,
                                                    params.mode == "pairwise", self.reasons)
 
-    def _render(self, item: ScoreItem, **variables: Any) -> str:
+    def _render(self, item: ScoreItem, key: str, responses: dict[str, str], **variables: Any) -> tuple[str, str]:
+        """The question's text and its tags' nonce: ``responses`` (variable -> candidate text) go in
+        delimited, and the answer format starts by saying where they are."""
+        texts = [*responses.values(), item.prompt, *(v for v in item.inputs.values() if isinstance(v, str))]
+        nonce = rubrics.delimiter_nonce(f"{self.params.seed}:{key}", texts)
+        pairwise = self.params.mode == "pairwise"
+        tags = dict(zip(("response_a", "response_b"), rubrics.RESPONSE_TAGS[1:], strict=True)) if pairwise else {
+            "response": rubrics.RESPONSE_TAGS[0]}
         values = {**item.inputs, "prompt": item.prompt, "reference": item.inputs.get("reference"),
-                  "low": self.low, "high": self.high, "answer_format": self.answer_format, **variables}
-        return self.template.render(**values)
+                  "low": self.low, "high": self.high,
+                  "answer_format": f"{rubrics.delimiter_note(nonce, pairwise)} {self.answer_format}",
+                  **{name: rubrics.delimit(text, tags[name], nonce) for name, text in responses.items()}, **variables}
+        return self.template.render(**values), nonce
 
     # -- rating --------------------------------------------------------------------
 
@@ -329,10 +358,10 @@ class Judging:
                     task = ("Evaluate the response to the instruction below." if len(self.rubric.aspects) == 1
                             else f"Evaluate the response to the instruction below for "
                                  f"{aspect.name.replace('_', ' ')} only.")
-                    text = self._render(item, response=item.text or "", criteria=criteria, aspect=aspect.name,
-                                        task=task)
-                    questions.append(Question(f"{item.generation_id}/{aspect.name}", text, False, self.low,
-                                              self.high, self.cue))
+                    key = f"{item.generation_id}/{aspect.name}"
+                    text, nonce = self._render(item, key, {"response": item.text or ""}, criteria=criteria,
+                                               aspect=aspect.name, task=task)
+                    questions.append(Question(key, text, False, self.low, self.high, self.cue, nonce))
             except Exception as exc:  # jinja2.UndefinedError: the template reads a column this row lacks
                 del questions[start:]
                 spans.append(RowError(f"llm-judge template: {exc}"))
@@ -348,7 +377,9 @@ class Judging:
     def _rating(self, answers: list[Answer]) -> Score | RowError:
         for answer in answers:
             if isinstance(answer, Unreadable):
-                return _unreadable_error(f"a rating from {self.low} to {self.high}", answer)
+                return _unreadable_error(f"a rating from {self.low} to {self.high}", answer,
+                                         sum(a.prompt_tokens for a in answers),
+                                         sum(a.completion_tokens for a in answers))
         judged: list[Judgement] = [a for a in answers if isinstance(a, Judgement)]
         weights = self.params.weights or {}
         aspect_weights = [weights.get(a.name, 1.0) if weights else 1.0 for a in self.aspects]
@@ -394,8 +425,10 @@ class Judging:
                 for a, b in pairs:
                     for first, second in ((order[a], order[b]), (order[b], order[a])):
                         x, y = items[first], items[second]
-                        text = self._render(x, response_a=x.text or "", response_b=y.text or "", criteria=criteria)
-                        questions.append(Question(f"{x.generation_id}|{y.generation_id}", text, True, cue=self.cue))
+                        key = f"{x.generation_id}|{y.generation_id}"
+                        text, nonce = self._render(x, key, {"response_a": x.text or "", "response_b": y.text or ""},
+                                                   criteria=criteria)
+                        questions.append(Question(key, text, True, cue=self.cue, nonce=nonce))
             except Exception as exc:  # the template reads a column this row lacks
                 del questions[start:]
                 plans.append(RowError(f"llm-judge template: {exc}"))
@@ -420,12 +453,14 @@ class Judging:
     def _ranked(self, items: list[ScoreItem], pairs: list[tuple[int, int]],
                 answers: list[Answer]) -> list[Score | RowError]:
         """A prompt's candidates scored from its pairs' verdicts (two answers per pair, in order)."""
-        for answer in answers:
-            if isinstance(answer, Unreadable):
-                error = _unreadable_error("a verdict (A, B or tie)", answer)
-                return [error] * len(items)
-        judged = [a for a in answers if isinstance(a, Judgement)]
         n = len(items)
+        prompt_tokens = _split(sum(a.prompt_tokens for a in answers), n)
+        completion_tokens = _split(sum(a.completion_tokens for a in answers), n)
+        unreadable = next((a for a in answers if isinstance(a, Unreadable)), None)
+        if unreadable is not None:
+            return [_unreadable_error("a verdict (A, B or tie)", unreadable, p, c)
+                    for p, c in zip(prompt_tokens, completion_tokens, strict=True)]
+        judged = [a for a in answers if isinstance(a, Judgement)]
         outcomes: list[tuple[int, int, float]] = []  # (a, b, a's share of the win)
         records: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         for k, (a, b) in enumerate(pairs):
@@ -444,8 +479,6 @@ class Judging:
                 })
         strengths = bradley_terry(n, outcomes)
         scores = expected_win_rates(strengths) if self.params.ranking == "bradley-terry" else win_rates(n, outcomes)
-        prompt_tokens = _split(sum(j.prompt_tokens for j in judged), n)
-        completion_tokens = _split(sum(j.completion_tokens for j in judged), n)
         out: list[Score | RowError] = []
         for i in range(n):
             wins = sum(1 for r in records[i] if r["result"] == "win")
@@ -600,7 +633,7 @@ class _LocalJudge(LLMJudge):
                     last[i] = text
                     still.append(i)
                 else:
-                    results[i] = Judgement(read[0], "text", read[1], text, attempts=attempt + 1,
+                    results[i] = Judgement(read.value, "text", read.reasoning, text, attempts=attempt + 1,
                                            prompt_tokens=spent[i][0], completion_tokens=spent[i][1])
             pending = still
             if not pending:
@@ -779,18 +812,17 @@ class _ServedJudge(LLMJudge):
             raw = (message_text(message.get("content")) if isinstance(message, dict) else None) or ""
             given = answer.get("usage")
             usage: dict[str, Any] = given if isinstance(given, dict) else {}
-            spent[0] += int(usage.get("prompt_tokens") or 0)
-            spent[1] += int(usage.get("completion_tokens") or 0)
+            spent[0] += _token_count(usage.get("prompt_tokens"))  # every attempt is paid for, read or not
+            spent[1] += _token_count(usage.get("completion_tokens"))
+            read = question.read(raw)
             if self.params.how == "logprobs":
                 found = served_logprobs(question, choice.get("logprobs"))
                 if found is not None:
                     value, probabilities, mass = from_probabilities(question, found)
-                    reasoning = (question.read(raw) or ("", raw.strip()))[1]
-                    return Judgement(value, "logprobs", str(reasoning), raw, probabilities, mass, attempt + 1,
-                                     spent[0], spent[1])
-            read = question.read(raw)
+                    return Judgement(value, "logprobs", read.reasoning if read else raw.strip(), raw, probabilities,
+                                     mass, attempt + 1, spent[0], spent[1])
             if read is not None:
-                return Judgement(read[0], "json" if self.params.how == "json" else "text", read[1], raw,
+                return Judgement(read.value, "json" if self.params.how == "json" else "text", read.reasoning, raw,
                                  attempts=attempt + 1, prompt_tokens=spent[0], completion_tokens=spent[1])
         return Unreadable(raw, attempts, spent[0], spent[1])
 
@@ -814,6 +846,12 @@ class ServedPairwiseJudge(_ServedJudge):
         return finish(await self.ask(questions))
 
 
+def _token_count(value: Any) -> int:
+    """A usage count as the server gave it: a non-negative whole number, else 0."""
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 \
+        and math.isfinite(value) else 0
+
+
 def rating_schema(low: int, high: int) -> dict[str, Any]:
     return {"type": "object", "additionalProperties": False, "required": ["reasoning", "score"],
             "properties": {"reasoning": {"type": "string"},
@@ -826,26 +864,37 @@ def verdict_schema() -> dict[str, Any]:
 
 
 def served_logprobs(question: Question, logprobs: Any) -> dict[str, float] | None:
-    """The options' log-probabilities where the answer wrote its rating (or verdict): the last
-    token that is one of the options, read from that position's ``top_logprobs``. An option
-    the server did not list there gets a log-probability far below the others."""
+    """The options' log-probabilities where the answer wrote its rating (or verdict), read from
+    that token's ``top_logprobs``: the token holding the judgement :meth:`Question.read` finds in
+    the answer the tokens spell, else the last option token of the judge's own words (never one
+    it quotes between the question's tags). An option the server did not list there gets a
+    log-probability far below the others."""
     content = logprobs.get("content") if isinstance(logprobs, dict) else None
     if not isinstance(content, list):
         return None
     values = {v: o for o, v in question.options().items()}
-    for entry in reversed(content):
-        if not isinstance(entry, dict) or str(entry.get("token", "")).strip() not in values:
-            continue
-        found: dict[str, float] = {}
-        for alternative in [entry, *(entry.get("top_logprobs") or [])]:
-            token = str(alternative.get("token", "")).strip() if isinstance(alternative, dict) else ""
-            lp = alternative.get("logprob") if isinstance(alternative, dict) else None
-            if token in values and isinstance(lp, (int, float)):
-                option = values[token]
-                found[option] = max(found.get(option, -math.inf), float(lp))
-        floor = min(found.values()) - 20.0
-        return {o: found.get(o, floor) for o in question.options()}
-    return None
+    tokens = [str(e.get("token", "")) if isinstance(e, dict) else "" for e in content]
+    text = "".join(tokens)
+    ends = list(itertools.accumulate(len(t) for t in tokens))
+    quoted = rubrics.quoted_spans(text, question.nonce) if question.nonce else []
+    options = [k for k, token in enumerate(tokens) if token.strip() in values
+               and not any(start <= ends[k] - len(token) < end for start, end in quoted)]
+    if not options:
+        return None
+    read = question.read(text)
+    chosen = next((k for k in options if ends[k] > read.at), options[-1]) if read is not None else options[-1]
+    entry = content[chosen]
+    found: dict[str, float] = {}
+    for alternative in [entry, *(entry.get("top_logprobs") or [])]:
+        token = str(alternative.get("token", "")).strip() if isinstance(alternative, dict) else ""
+        lp = alternative.get("logprob") if isinstance(alternative, dict) else None
+        if token in values and isinstance(lp, (int, float)) and math.isfinite(lp):
+            option = values[token]
+            found[option] = max(found.get(option, -math.inf), float(lp))
+    if not found:
+        return None
+    floor = min(found.values()) - 20.0
+    return {o: found.get(o, floor) for o in question.options()}
 
 
 # -- job figures ------------------------------------------------------------------------

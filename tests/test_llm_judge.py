@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,6 +115,37 @@ def test_pairs_are_all_pairs_within_the_budget_else_balanced_rounds() -> None:
     assert choose_pairs(6, 7) == pairs  # the same on every run
     assert sorted(choose_pairs(6, 100)) == sorted(choose_pairs(6, 15))
     assert choose_pairs(1, 10) == [] and choose_pairs(5, 10) == choose_pairs(5, 50)
+
+
+@pytest.mark.parametrize(("forward", "backward", "share"), [
+    ("A", "B", 1.0), ("B", "A", 0.0), ("A", "A", 0.5), ("B", "B", 0.5), ("tie", "tie", 0.5),
+    ("A", "tie", 0.75), ("tie", "B", 0.75), ("B", "tie", 0.25), ("tie", "A", 0.25),
+])
+def test_a_pairs_outcome_from_both_orders(forward: str, backward: str, share: float) -> None:
+    assert pair_outcome(forward, backward) == share
+
+
+def test_balanced_rounds_never_repeat_a_pair_and_stop_at_the_budget() -> None:
+    assert choose_pairs(4, 5) == [(0, 1), (1, 2), (2, 3), (0, 3), (0, 2)]  # round 2 of an even n: half of it
+    assert choose_pairs(4, 6) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]  # all of them fit
+    for n, budget in ((6, 14), (7, 20), (8, 27), (5, 9)):
+        pairs = choose_pairs(n, budget)
+        assert len(pairs) == budget and len(set(pairs)) == budget and all(0 <= a < b < n for a, b in pairs)
+    assert choose_pairs(0, 3) == [] and choose_pairs(2, 1) == [(0, 1)]
+
+
+def test_bradley_terry_by_hand() -> None:
+    # one game, won by 0, with a prior of half a game each way: wins 1.25 and 0.25 in 1.5 games, strengths
+    # in the ratio of the wins (5) with geometric mean 1, so 0 beats 1 with chance 5/6
+    strengths = bradley_terry(2, [(0, 1, 1.0)])
+    assert strengths == pytest.approx([5 ** 0.5, 5 ** -0.5])
+    assert bradley_terry(2, [(1, 0, 0.0)]) == pytest.approx(strengths)  # the same game, told the other way
+    assert expected_win_rates(strengths) == pytest.approx([5 / 6, 1 / 6])
+    assert bradley_terry(2, [(0, 1, 1.0)], prior=1.0) == pytest.approx([3 ** 0.5, 3 ** -0.5])  # 1.5 and 0.5
+    unplayed = bradley_terry(3, [(0, 1, 0.75)])  # wins 1.0 and 0.5; candidate 2 played no game
+    assert unplayed[0] / unplayed[1] == pytest.approx(2.0) and math.prod(unplayed) == pytest.approx(1.0)
+    assert bradley_terry(0, []) == [] and expected_win_rates([2.0]) == [0.5]
+    assert win_rates(3, [(0, 1, 0.75)]) == [0.75, 0.25, 0.5]
 
 
 def test_bradley_terry_orders_by_wins_and_ties_give_equal_strengths() -> None:
@@ -243,7 +275,7 @@ def test_the_local_judge_reads_every_rubric_from_probabilities(tiny_models) -> N
                 assert sum(aspect["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
                 assert set(aspect["probabilities"]) == {str(r) for r in range(low, high + 1)}
             assert score.prompt_tokens and score.prompt_tokens > 0
-        assert [s.value for s in judge.score(items)] == [s.value for s in scores]  # type: ignore[union-attr]
+        assert [s.value for s in judge.score(items)] == [s.value for s in scores]
 
 
 # -- jobs --------------------------------------------------------------------------------
@@ -334,7 +366,7 @@ def _responses_input(path: Path) -> Path:
     return path
 
 
-_PAIR = re.compile(r"\[Response A\]\n(.*?)\n\n\[Response B\]\n(.*?)\n\n", re.S)
+_PAIR = re.compile(r"<response-A-(\w+)>\n(.*?)\n</response-A-\1>.*?<response-B-\1>\n(.*?)\n</response-B-\1>", re.S)
 
 
 def _user(body: dict[str, Any]) -> str:
@@ -348,7 +380,7 @@ def prefers_a(path: str, body: dict[str, Any]) -> str:
 def prefers_longer(path: str, body: dict[str, Any]) -> str:
     match = _PAIR.search(_user(body))
     assert match, _user(body)
-    a, b = match.groups()
+    _, a, b = match.groups()
     return f"Response {'A' if len(a) > len(b) else 'B'} says more.\nVerdict: {'A' if len(a) > len(b) else 'B'}"
 
 
@@ -368,13 +400,14 @@ def test_scripted_served_judges_position_bias_cancels_and_length_ranks(tmp_path,
                                                                        make_standin_server) -> None:
     biased, longer, rater = (make_standin_server(answer=a) for a in (prefers_a, prefers_longer, rates_three))
     source = _responses_input(tmp_path / "responses.parquet")
-    config = {"name": "judged", "input": str(source), "output": str(tmp_path / "out"), "shard_rows": 2,
-              "scorers": [_served("biased", biased.url, mode="pairwise"),
-                          _served("longer", longer.url, mode="pairwise"),
-                          {**_served("rater", rater.url, template="Topic: {{ topic }}\n{{ prompt }}\n{{ response }}",
-                                     scale=[1, 5], score_from="json"), "weight": 0.0}],
-              "ranking": {"pairs": {"min_margin": 0.0, "per_prompt": 2}, "best_of_n": True},
-              "ray": {"workers": 1}}
+    config: dict[str, Any] = {
+        "name": "judged", "input": str(source), "output": str(tmp_path / "out"), "shard_rows": 2,
+        "scorers": [_served("biased", biased.url, mode="pairwise"),
+                    _served("longer", longer.url, mode="pairwise"),
+                    {**_served("rater", rater.url, template="Topic: {{ topic }}\n{{ prompt }}\n{{ response }}",
+                               scale=[1, 5], score_from="json"), "weight": 0.0}],
+        "ranking": {"pairs": {"min_margin": 0.0, "per_prompt": 2}, "best_of_n": True},
+        "ray": {"workers": 1}}
     manifest = job_runner(config)
     out = Path(config["output"])
     assert not _rows(out, "errors")
@@ -427,11 +460,11 @@ def test_a_judge_job_against_transformers_serve_completes_and_unreadable_answers
         tmp_path, job_runner, transformers_server) -> None:
     source = _responses_input(tmp_path / "responses.parquet")
     before = transformers_server.requests()
-    config = {"name": "served-judge", "input": str(source), "output": str(tmp_path / "out"), "shard_rows": 4,
-              "scorers": [_served("judge", transformers_server.url, max_tokens=8, max_parse_retries=1,
-                                  temperature=1.0)],
-              "ranking": {"pairs": {"min_margin": 0.0, "per_prompt": 1}}, "ray": {"workers": 1},
-              "max_error_fraction": 1.0}
+    config: dict[str, Any] = {
+        "name": "served-judge", "input": str(source), "output": str(tmp_path / "out"), "shard_rows": 4,
+        "scorers": [_served("judge", transformers_server.url, max_tokens=8, max_parse_retries=1, temperature=1.0)],
+        "ranking": {"pairs": {"min_margin": 0.0, "per_prompt": 1}}, "ray": {"workers": 1},
+        "max_error_fraction": 1.0}
     config["scorers"][0]["model"] = transformers_server.model
     manifest = job_runner(config)
     assert manifest["status"] == "completed"
