@@ -68,6 +68,24 @@ def test_each_pair_of_scorers_and_each_against_the_combined_score() -> None:
     assert rows[("judge", COMBINED)]["kendall_tau"] == 0.0
 
 
+def test_the_combined_score_weighs_each_scorer_as_the_rankings_do() -> None:
+    # the judge orders 1 > 2 > 3 by wide margins, the reward 3 > 2 > 1 by narrow ones
+    rows = [("p", "1", "judge", 9.0), ("p", "2", "judge", 5.0), ("p", "3", "judge", 1.0),
+            ("p", "1", "reward", 0.0), ("p", "2", "reward", 1.0), ("p", "3", "reward", 2.0)]
+    for weights, follows in (({"judge": 1.0, "reward": 1.0}, "judge"),  # combined 9, 6, 3
+                             ({"judge": 0.1, "reward": 1.0}, "reward"),  # combined 0.9, 1.5, 2.1
+                             ({"judge": 1.0, "reward": 5.0}, "reward"),  # combined 9, 10, 11
+                             ({"judge": 0.0, "reward": 1.0}, "reward")):
+        agreement = Agreement(weights)
+        agreement.add_rows(rows)
+        result = {(r["a"], r["b"]): r for r in agreement.result()["pairs"]}
+        other = "reward" if follows == "judge" else "judge"
+        assert result[(follows, COMBINED)]["kendall_tau"] == 1.0, weights
+        assert result[(other, COMBINED)]["kendall_tau"] == -1.0, weights
+        assert (result[(other, COMBINED)]["agreement"], result[(other, COMBINED)]["pairs"]) == (0.0, 3)
+        assert result[("judge", "reward")]["kendall_tau"] == -1.0  # the scorers' own agreement ignores weights
+
+
 def test_a_candidate_missing_a_score_is_left_out_of_that_pair_only() -> None:
     agreement = Agreement({"a": 1.0, "b": 1.0, "c": 1.0})
     agreement.add_rows([("p", "1", "a", 1.0), ("p", "2", "a", 2.0), ("p", "3", "a", 3.0),
