@@ -61,8 +61,9 @@ def write_output(out: Path, scorers: tuple[str, ...] = ("long", "short")) -> Pat
     gens = [{"prompt_id": p, "generation_id": gid(p, c), "prompt": f"prompt {p}", "modality": "text",
              "text": f" answer {c} to {p}", "image_path": None} for p, cs in SCORES.items() for c in cs]
     pq.write_table(pa.Table.from_pylist(gens), out / "generations" / "part-00000-echo.parquet")
-    for i, scorer in enumerate(scorers):
-        rows = [{"generation_id": gid(p, c), "prompt_id": p, "scorer": scorer, "score": v[i % 2]}
+    for scorer in scorers:  # "long..." scorers score as "long", the others as "short"
+        rows = [{"generation_id": gid(p, c), "prompt_id": p, "scorer": scorer, "score": v[0 if scorer.startswith(
+                 "long") else 1]}
                 for p, cs in SCORES.items() for c, v in cs.items()]
         pq.write_table(pa.Table.from_pylist(rows), out / "scores" / f"part-00000-{scorer}.parquet")
     ranked = [{"prompt_id": p, "generation_id": gid(p, c), "rank": r + 1}
@@ -464,3 +465,151 @@ def test_an_export_past_max_export_bytes_is_one_clear_line(standin: Standin, out
     genflow("label", "pull", str(output), "--url", standin.url, "--param", f"max_export_bytes={size * 4}")
     assert len(_human(output, "human_rankings")) == 5
     assert not math.isnan(json.loads((output / "manifest.json").read_text())["labelling"]["rankings"])
+
+
+# -- what people's labels become, by hand -------------------------------------------------------
+
+def _judgements(*orders: tuple[str, str, list[int]]) -> list[labelling.Judgement]:
+    """(prompt, annotator, sample indexes best first) -> Judgements of candidates ``<prompt>-s<k>``."""
+    return [labelling.Judgement(p, who, f"label-studio:{i}", tuple(f"{p}-s{k}" for k in order))
+            for i, (p, who, order) in enumerate(orders)]
+
+
+# "length" scores sample k as k + 1, "short" as -(k + 1) with half the weight: combined = length's order.
+LENGTHS = {p: {f"{p}-s{k}": {"length": k + 1.0, "short": -(k + 1.0)} for k in range(3)} for p in ("p1", "p2")}
+WEIGHTS = {"length": 1.0, "short": 0.5}
+
+
+def test_agreement_with_people_worked_out_by_hand() -> None:
+    found = _judgements(("p1", "ada", [2, 1, 0]), ("p1", "bo", [1, 2, 0]), ("p2", "ada", [0, 1, 2]))
+    agreement = labelling.human_agreement(found, LENGTHS, WEIGHTS)
+    assert (agreement["rankings"], agreement["prompts"], agreement["annotators"]) == (3, 2, 2)
+    # Pairwise accuracy of length: p1 by ada 3/3, p1 by bo 2/3, p2 by ada 0/3 -> 5/9. Kendall tau
+    # against wins minus losses: p1 s0 -4, s1 +2, s2 +2 (a tie) -> 2/sqrt(6); p2 reversed -> -1.
+    tau_p1 = 2 / math.sqrt(6)
+    expected = {"length": (5 / 9, (tau_p1 - 1) / 2), "short": (4 / 9, (1 - tau_p1) / 2),
+                "combined": (5 / 9, (tau_p1 - 1) / 2)}
+    rows = {r["scorer"]: r for r in agreement["scorers"]}
+    assert list(rows) == ["length", "short", "combined"]
+    for name, (accuracy, tau) in expected.items():
+        assert (rows[name]["pairs"], rows[name]["prompts"]) == (9, 2)
+        assert rows[name]["pairwise_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+        assert rows[name]["kendall_tau"] == pytest.approx(tau, abs=1e-6)
+    # ada and bo on p1: 2 pairs alike, 1 not -> tau 1/3, agreement 2/3.
+    inter = agreement["inter_annotator"]
+    assert (inter["prompts"], inter["annotator_pairs"], inter["pairs"]) == (1, 1, 3)
+    assert inter["kendall_tau"] == pytest.approx(1 / 3, abs=1e-6) and inter["agreement"] == pytest.approx(2 / 3)
+
+
+def test_agreement_leaves_out_what_a_scorer_did_not_score() -> None:
+    scores = {"p1": {"p1-s0": {"length": 1.0}, "p1-s1": {"length": 2.0, "short": -2.0},
+                     "p1-s2": {"length": 3.0, "short": -3.0}}}
+    agreement = labelling.human_agreement(_judgements(("p1", "ada", [2, 1, 0])), scores, WEIGHTS)
+    rows = {r["scorer"]: r for r in agreement["scorers"]}
+    assert (rows["length"]["pairs"], rows["length"]["pairwise_accuracy"], rows["length"]["kendall_tau"]) == (
+        3, 1.0, 1.0)
+    assert (rows["short"]["pairs"], rows["short"]["pairwise_accuracy"], rows["short"]["kendall_tau"]) == (
+        1, 0.0, -1.0)
+    assert rows["combined"]["pairs"] == 1  # only where every scorer scored
+    assert agreement["inter_annotator"] is None  # one person
+    unscored = labelling.human_agreement(_judgements(("p1", "ada", [2, 1])), {}, WEIGHTS)
+    assert {r["scorer"]: (r["pairs"], r["pairwise_accuracy"], r["kendall_tau"], r["prompts"])
+            for r in unscored["scorers"]} == {n: (0, None, None, 0) for n in ("length", "short", "combined")}
+    assert labelling.human_agreement(_judgements(("p1", "ada", [2, 1])), {}, {})["scorers"] == []
+
+
+def test_net_wins_counts_each_candidate_over_every_order() -> None:
+    assert labelling.net_wins([("a", "b", "c"), ("b", "a")]) == {"a": 2 - 1, "b": 1 + 1 - 1, "c": -2}
+    assert labelling.net_wins([]) == {}
+
+
+def test_human_pairs_take_the_majority_and_leave_ties_out() -> None:
+    found = _judgements(("p1", "ada", [2, 1, 0]), ("p1", "bo", [1, 2, 0]), ("p1", "cy", [2, 1, 0]),
+                        ("p2", "ada", [0, 1]), ("p2", "bo", [1, 0]))
+    generations = {f"{p}-s{k}": {"prompt": f"prompt {p}", "text": f"text {p} {k}", "image_path": None}
+                   for p in ("p1", "p2") for k in range(3)}
+    generations["p1-s0"] = {"prompt": "prompt p1", "text": None, "image_path": "images/p1/s0.png"}
+    pairs = labelling.human_preferences(found, generations).to_pylist()
+    assert [(r["prompt_id"], r["chosen_id"], r["rejected_id"], round(r["score_chosen"], 6),
+             round(r["score_rejected"], 6)) for r in pairs] == [
+        ("p1", "p1-s1", "p1-s0", 1.0, 0.0), ("p1", "p1-s2", "p1-s0", 1.0, 0.0),
+        ("p1", "p1-s2", "p1-s1", round(2 / 3, 6), round(1 / 3, 6))]  # p2: one vote each way, left out
+    first = pairs[0]
+    assert (first["prompt"], first["chosen"], first["rejected"], first["source"]) == (
+        "prompt p1", "text p1 1", "images/p1/s0.png", "human")
+
+
+def test_choosing_prompts_is_seeded_and_pushing_again_chooses_the_same() -> None:
+    ids = [f"p{i}" for i in range(20)]
+    drawn = labelling.choose_prompts(ids, 5, seed=3)
+    assert len(drawn) == 5 and drawn == sorted(drawn) and set(drawn) <= set(ids)
+    assert labelling.choose_prompts(reversed(ids), 5, seed=3) == drawn
+    assert labelling.choose_prompts(ids, 5, seed=4) != drawn
+    assert labelling.choose_prompts(ids, None, seed=3) == sorted(ids)
+    assert labelling.choose_prompts(ids, 20, seed=3) == sorted(ids)
+    assert labelling.choose_prompts(ids, 3, seed=3, only={"p1", "p2", "zz"}) == ["p1", "p2"]
+    assert task_key("rankings", "p1", ["b", "a"]) == task_key("rankings", "p1", ["a", "b"]) != task_key(
+        "rankings", "p1", ["a"])
+    assert task_key("rankings", "p1").startswith("genflow-rankings-")
+
+
+def test_ranking_tasks_show_every_candidate_in_an_order_fixed_per_task(output: Path) -> None:
+    storage = Storage.open(str(output))
+    tasks = {t.prompt_id: t for t in label_tasks(storage, "rankings")}
+    again = {t.prompt_id: t for t in label_tasks(storage, "rankings")}
+    assert tasks == again
+    orders = {p: [c.generation_id for c in t.candidates] for p, t in tasks.items()}
+    assert all(sorted(o) == [gid(p, c) for c in "abc"] for p, o in orders.items())
+    assert len({tuple(c[-1] for c in o) for o in orders.values()}) > 1  # not one order for all
+    t = tasks["p2"]
+    assert (t.kind, t.prompt, t.key) == ("rankings", "prompt p2", task_key("rankings", "p2", orders["p2"]))
+    assert {c.generation_id: (c.modality, c.text) for c in t.candidates} == {
+        gid("p2", c): ("text", f" answer {c} to p2") for c in "abc"}
+    demos = label_tasks(storage, "demonstrations", sample=2, seed=1)
+    assert [(d.kind, d.candidates, d.prompt) for d in demos] == [("demonstrations", (), f"prompt {d.prompt_id}")
+                                                                 for d in demos] and len(demos) == 2
+    with pytest.raises(LabellingError, match="unknown kind of task 'answers'"):
+        label_tasks(storage, "answers")
+
+
+def test_push_remembers_each_project_once_and_refuses_an_empty_push(standin: Standin, output: Path,
+                                                                      genflow: Any, tmp_path: Path) -> None:
+    for _ in range(2):
+        genflow("label", "push", str(output), "--url", standin.url, "--sample", "1")
+    record = json.loads((output / "_labelling" / "label-studio.json").read_text())
+    assert record == {"projects": [{"project": "genflow handmade rankings", "kind": "rankings", "url": standin.url}]}
+    agreeing = write_output(tmp_path / "agreeing", ("long", "longer"))
+    said = genflow("label", "push", str(agreeing), "--url", standin.url, "--disagreeing", code=2)
+    assert "no prompt to push where the scorers disagree" in said.output
+    said = genflow("label", "pull", str(agreeing), "--url", standin.url, code=2)
+    assert "was not pushed to label-studio from here" in said.output
+    said = genflow("label", "push", str(tmp_path), "--url", standin.url, code=2)
+    assert "no manifest.json" in said.output
+
+
+def test_human_rows_instead_of_the_models_leave_the_labelled_prompts_model_rows(output: Path) -> None:
+    storage = Storage.open(str(output))
+    model = [{"prompt_id": p, "chosen_id": gid(p, "a"), "source": "model"} for p in ("p1", "p2")]
+    storage.write_table("preferences/part-00000.parquet", pa.Table.from_pylist(model))
+    storage.write_table("preferences/part-00001.parquet", pa.Table.from_pylist(model[:1]))
+    for shard in (0, 1):
+        storage.write_json(f"_state/rank/0000{shard}.json", {
+            "fingerprint": "f", "rows": {"preferences": 2 - shard},
+            "parts": [f"preferences/part-0000{shard}.parquet", f"rankings/part-0000{shard}.parquet"]})
+    labelling.write_pulled(storage, "label-studio", [
+        Annotation(task_key("rankings", "p1"), "rankings", "p1", "ada", "2026", "1", ranking=(gid("p1", "c"),
+                                                                                          gid("p1", "a")))])
+    manifest = storage.read_json("manifest.json")
+    manifest["config"]["labelling"] = {"human_rows": "instead"}
+    manifest = labelling.refresh(storage, manifest)
+    assert storage.read_table("preferences/part-00000.parquet").to_pylist() == model[1:]
+    assert not storage.exists("preferences/part-00001.parquet")  # nothing left: the part goes
+    assert storage.read_json("_state/rank/00000.json")["rows"]["preferences"] == 1
+    assert storage.read_json("_state/rank/00001.json")["parts"] == ["rankings/part-00001.parquet"]
+    human = storage.read_table("preferences/part-human.parquet").to_pylist()
+    assert [(r["prompt_id"], r["chosen_id"], r["rejected_id"]) for r in human] == [("p1", "p1-c", "p1-a")]
+    assert manifest["labelling"]["human_rows"] == "instead" and manifest["rows"]["preferences"] == 2
+    sections = labelling.report_sections(manifest)
+    assert [s.title for s in sections] == ["Agreement with human rankings"]
+    assert [row[0] for row in sections[0].rows] == ["long", "short", "combined"]
+    assert labelling.report_sections({"human_agreement": {"scorers": []}}) == []
