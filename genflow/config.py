@@ -366,12 +366,13 @@ def _strings(data: Any, where: str = "") -> list[tuple[str, str]]:
     return [(where, data)] if isinstance(data, str) else []
 
 
-SECRET_KEY_ENDINGS = ("secret", "password", "passwd", "token", "api_key", "access_key", "secret_key",
-                      "credential", "credentials")
+SECRET_KEY_ENDINGS = ("secret", "password", "passwd", "token", "api_key", "apikey", "api-key", "access_key",
+                      "secret_key", "private_key", "credential", "credentials", "authorization", "auth", "cookie")
 
 
 def is_secret_key(key: str) -> bool:
-    """``aws_secret_access_key``, ``session_token``, ``api_key``... but not ``max_new_tokens``."""
+    """``aws_secret_access_key``, ``session_token``, ``api_key``, ``X-Api-Key``, ``Authorization``...
+    but not ``max_new_tokens``."""
     k = key.lower()
     return any(k == e or k.endswith("_" + e) or k.endswith("-" + e) for e in SECRET_KEY_ENDINGS)
 

@@ -25,7 +25,7 @@ from servers import BackgroundServer
 
 from genflow import layout
 from genflow.api import Generation, Score
-from genflow.config import ConfigError, GeneratorSpec, JobConfig, ScorerSpec, build_config
+from genflow.config import ConfigError, GeneratorSpec, JobConfig, ScorerSpec, build_config, redacted
 from genflow.layout import Shard
 from genflow.registry import get_registry
 from genflow.secrets import (
@@ -98,6 +98,11 @@ def test_a_job_holds_its_env_keys_url_passwords_and_secret_named_params_extra_bo
     assert {"$GENFLOW_TEST_API_KEY", "generators.0.params.extra_body.api_key",
             "generators.1.params.base_url's password"} <= places
     assert data_secrets({"token": 12345678}) == [Secret("12345678", "token")]
+    headers = {"headers": {"Authorization": f"Bearer {SENTINEL}", "X-Api-Key": EXTRA, "Accept": "text/plain"},
+               "max_new_tokens": 8, "author": "me"}
+    assert redacted(headers) == {"headers": {"Authorization": "***", "X-Api-Key": "***", "Accept": "text/plain"},
+                                 "max_new_tokens": 8, "author": "me"}
+    assert {s.value for s in data_secrets(headers)} == {f"Bearer {SENTINEL}", EXTRA}
     assert [s.value for s in url_secrets("see http://u:p%40ssword@h/v1", "x")][:2] == ["p%40ssword", "p@ssword"]
 
 
