@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -84,6 +85,33 @@ def test_the_combined_score_weighs_each_scorer_as_the_rankings_do() -> None:
         assert result[(other, COMBINED)]["kendall_tau"] == -1.0, weights
         assert (result[(other, COMBINED)]["agreement"], result[(other, COMBINED)]["pairs"]) == (0.0, 3)
         assert result[("judge", "reward")]["kendall_tau"] == -1.0  # the scorers' own agreement ignores weights
+
+
+def test_scores_missing_not_finite_or_of_another_scorer_are_left_out() -> None:
+    agreement = Agreement({"a": 1.0, "b": 2.0})
+    assert agreement.result()["pairs"][0] == {"a": "a", "b": "b", "kendall_tau": None, "prompts": 0,
+                                              "agreement": None, "pairs": 0}  # nothing yet
+    agreement.add_rows([("p", "1", "a", 1.0), ("p", "2", "a", 2.0), ("p", "3", "a", float("nan")),
+                        ("p", "4", "a", None), ("p", "5", "a", 5.0),
+                        ("p", "1", "b", 1.0), ("p", "2", "b", 2.0), ("p", "3", "b", 3.0),
+                        ("p", "4", "b", 4.0), ("p", "5", "b", math.inf),
+                        ("p", "3", "c", 9.0), ("q", "1", "c", 1.0), ("q", "2", "c", 2.0)])
+    rows = {(r["a"], r["b"]): r for r in agreement.result()["pairs"]}
+    assert agreement.result()["scorers"] == ["a", "b"]
+    # only candidates 1 and 2 have both scores finite; q has no score of a or b
+    assert rows[("a", "b")] == {"a": "a", "b": "b", "kendall_tau": 1.0, "prompts": 1, "agreement": 1.0, "pairs": 1}
+    assert (rows[("a", COMBINED)]["pairs"], rows[("b", COMBINED)]["pairs"]) == (1, 1)
+
+
+def test_agreement_figures_are_rounded_means_over_prompts_and_pairs() -> None:
+    agreement = Agreement({"a": 1.0, "b": 1.0})
+    agreement.add_prompt({"1": {"a": 1.0, "b": 1.0}, "2": {"a": 2.0, "b": 3.0}, "3": {"a": 3.0, "b": 2.0}})
+    agreement.add_prompt({"1": {"a": 1.0, "b": 1.0}, "2": {"a": 2.0, "b": 2.0}})
+    agreement.add_prompt({"1": {"a": 1.0}})  # one candidate scored by both: no pair, no tau
+    row = next(r for r in agreement.result()["pairs"] if r["b"] == "b")
+    # taus 1/3 and 1 over two prompts; pairs 2 of 3, then 1 of 1
+    assert row == {"a": "a", "b": "b", "kendall_tau": round((1 / 3 + 1) / 2, 6), "prompts": 2,
+                   "agreement": 0.75, "pairs": 4}
 
 
 def test_a_candidate_missing_a_score_is_left_out_of_that_pair_only() -> None:
