@@ -12,6 +12,7 @@ import base64
 import collections
 import json
 import logging
+import posixpath
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,14 @@ from genflow.config import RequestsSpec
 from genflow.journal import SEGMENT, Journal
 from genflow.layout import Shard
 from genflow.requesting import Answer, RequestRunner
-from genflow.resume import StageOutcome, awaiting_retries, finished, mark_finished
+from genflow.resume import (
+    StageOutcome,
+    awaiting_retries,
+    drop_stale_shards,
+    drop_unused_parts,
+    finished,
+    mark_finished,
+)
 from genflow.schemas import ERRORS
 from genflow.stages.common import Journals, _request_answers, error_row, finish_model_stage
 from genflow.storage import Storage
@@ -244,6 +252,79 @@ def test_a_stage_that_read_rows_a_rerun_retries_is_redone_after_them(storage: St
     assert awaiting_retries(storage, [scores], SHARD) == [scores.name]  # and the rankings wait for it
     mark_finished(storage, StageOutcome(scores.name, 0, FP, parts=[]))
     assert finished(storage, scores, SHARD, FP) is not None
+
+
+
+def test_a_journal_writes_a_segment_every_flush_rows_answers_and_goes_when_discarded(storage: Storage) -> None:
+    journal = Journal(storage, STAGE, SHARD, FP, flush_rows=3)
+    for i in range(7):
+        journal.add(f"g{i}", Generation(text=str(i)), 0.1)
+    assert journal.segments == 2  # 3 + 3; one waits for a flush
+    journal.flush()
+    journal.flush()  # nothing pending: no empty segment
+    segments = storage.list(STAGE.journal_folder(0, FP), ".parquet")
+    assert journal.segments == 3 and len(segments) == 3
+    assert [storage.read_table(s).num_rows for s in segments] == [3, 3, 1]  # in the order written
+    assert set(_journal(storage).load()) == {f"g{i}" for i in range(7)}
+    journal.add("g7", Generation(text="7"), 0.1)
+    journal.discard()
+    assert not storage.list(STAGE.journal_folder(0, FP), ".parquet") and _journal(storage).load() == {}
+    journal.flush()  # what was pending went with it
+    assert not storage.list(STAGE.journal_folder(0, FP), ".parquet")
+
+
+def test_opening_a_journal_drops_the_shards_journals_of_other_configs_only(storage: Storage) -> None:
+    old = Journal(storage, STAGE, SHARD, "old-fp")
+    other_shard = Journal(storage, STAGE, Shard(1, "rows", 3), "old-fp")
+    other_stage = Journal(storage, layout.generate_stage("other"), SHARD, "old-fp")
+    for journal in (old, other_shard, other_stage):
+        journal.add("g1", Generation(text="1"), 0.1)
+        journal.flush()
+    assert set(Journal(storage, STAGE, SHARD, "new-fp").load()) == set()
+    assert storage.list_dirs(posixpath.dirname(old.folder)) == [other_shard.folder]
+    assert set(Journal(storage, STAGE, Shard(1, "rows", 3), "old-fp").load()) == {"g1"}
+    assert set(Journal(storage, layout.generate_stage("other"), SHARD, "old-fp").load()) == {"g1"}
+
+
+def _files(storage: Storage) -> set[str]:
+    root = Path(storage.path(""))
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def _touch(storage: Storage, *rels: str) -> None:
+    for rel in rels:
+        path = Path(storage.path(rel))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+
+
+def test_a_smaller_input_drops_the_parts_and_markers_of_shards_past_it(storage: Storage) -> None:
+    kept = {"generations/part-00001-api.parquet", "errors/part-generate-api-00001.parquet",
+            "_state/generate/api/00001.json", "_state/rank/00000.json", "generations/notes.txt",
+            "_state/lease.json"}
+    dropped = {"generations/part-00002-api.parquet", "errors/part-score-rm-00002.parquet",
+               "generations/.tmp-part-00000-api.parquet", "_state/generate/api/00002.json",
+               "_state/rank/00003.json", "_state/rank/.tmp-00000.json"}
+    _touch(storage, *kept, *dropped)
+    drop_stale_shards(storage, 2, ["generations", "errors"])
+    assert _files(storage) == kept
+
+
+def test_parts_of_what_the_config_no_longer_has_are_dropped(storage: Storage) -> None:
+    kept = {"generations/part-00000-api.parquet", "scores/part-00000-rm.parquet", "rankings/part-00000.parquet",
+            "preferences/part-00000.parquet", "errors/part-generate-api-00000.parquet",
+            "errors/part-score-rm-00000.parquet", "errors/part-other-gone-00000.parquet",
+            "preferences/part-human.parquet"}
+    dropped = {"generations/part-00000-gone.parquet", "scores/part-00000-judge.parquet",
+               "errors/part-generate-gone-00000.parquet", "errors/part-score-judge-00000.parquet",
+               "sft/part-00000.parquet"}
+    _touch(storage, *kept, *dropped)
+    drop_unused_parts(storage, {"api"}, {"rm"}, {"preferences"}, {"preferences", "sft"})
+    assert _files(storage) == kept
+    drop_unused_parts(storage, {"api"}, set(), set(), {"preferences", "sft"})  # no scorers: no rankings
+    assert _files(storage) == kept - {"scores/part-00000-rm.parquet", "rankings/part-00000.parquet",
+                                      "preferences/part-00000.parquet", "errors/part-score-rm-00000.parquet",
+                                      "preferences/part-human.parquet"}  # the job's labelling.refresh rewrites it
 
 
 @pytest.mark.slow
