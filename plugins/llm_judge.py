@@ -603,8 +603,10 @@ class _LocalJudge(LLMJudge):
                 written = self._write(prompts, [judge_seed(p.seed, q.key, 0) for q in questions],
                                       p.reasoning_tokens)
                 for i, (text, n) in enumerate(written):
-                    cut = text.find(questions[i].cue)
-                    rationales[i] = (text[:cut] if cut >= 0 else text).strip()
+                    # the judge's own words, up to its cue: not a candidate's text it quotes
+                    own = re.sub(r"\[\.\.\.\]\s+", "[...] ", rubrics.without_quotes(text, questions[i].nonce))
+                    cut = own.find(questions[i].cue)
+                    rationales[i] = (own[:cut] if cut >= 0 else own).strip()
                     written_tokens[i] = n
             contexts = [prompt + (rationale + "\n" if rationale else "") + q.cue
                         for prompt, rationale, q in zip(prompts, rationales, questions, strict=True)]
