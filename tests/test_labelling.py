@@ -613,3 +613,33 @@ def test_human_rows_instead_of_the_models_leave_the_labelled_prompts_model_rows(
     assert [s.title for s in sections] == ["Agreement with human rankings"]
     assert [row[0] for row in sections[0].rows] == ["long", "short", "combined"]
     assert labelling.report_sections({"human_agreement": {"scorers": []}}) == []
+
+
+def test_label_studio_task_data_and_annotations_read_back() -> None:
+    from genflow.api import LabelCandidate, LabelTask
+    from genflow.plugins.label_studio import read_annotation, task_data
+
+    candidates = tuple(LabelCandidate(f"g{i}", "text", f"text {i}") for i in range(27))
+    data = task_data(LabelTask("key-1", "rankings", "p1", "the prompt",
+                               (LabelCandidate("img", "image", None, b"\x89PNG"), *candidates)))
+    assert {k: data[k] for k in ("genflow_key", "genflow_kind", "prompt_id", "prompt")} == {
+        "genflow_key": "key-1", "genflow_kind": "rankings", "prompt_id": "p1", "prompt": "the prompt"}
+    items = data["candidates"]
+    assert items[0] == {"id": "img", "title": "A", "html": '<img src="data:image/png;base64,iVBORw=="/>'}
+    assert items[1] == {"id": "g0", "title": "B", "body": "text 0"}
+    assert [i["title"] for i in items[25:]] == ["Z", "#27", "#28"]
+    assert "candidates" not in task_data(LabelTask("key-2", "demonstrations", "p1", "the prompt"))
+
+    users = {7: "ada@genflow.test"}
+    ranked = {"id": 11, "completed_by": {"id": 7}, "created_at": "2026-01-01", "result": [
+        {"from_name": "other", "type": "ranker", "value": {"ranker": {"rank": ["x"]}}},
+        {"from_name": "rank", "type": "ranker", "value": {"ranker": {"rank": ["g1", 2]}}}]}
+    assert read_annotation(ranked, data, "rankings", users) == Annotation(
+        "key-1", "rankings", "p1", "ada@genflow.test", "2026-01-01", "11", ranking=("g1", "2"))
+    written = {"id": 12, "completed_by": 8, "result": [
+        {"from_name": "answer", "type": "textarea", "value": {"text": ["line one", "line two"]}}]}
+    assert read_annotation(written, data, "demonstrations", users) == Annotation(
+        "key-1", "demonstrations", "p1", "8", "", "12", completion="line one\nline two")
+    assert read_annotation({"id": 13, "result": [{"from_name": "answer", "type": "textarea", "value": {}}]},
+                           data, "demonstrations", users) is None
+    assert read_annotation(ranked, data, "demonstrations", users) is None  # no answer in a ranking
