@@ -128,7 +128,7 @@ def test_a_candidate_that_echoes_a_secret_becomes_a_failure_and_other_texts_are_
 def _model_stage(kind: str, spec: GeneratorSpec | ScorerSpec) -> Any:
     from genflow.stages.common import ModelStage
 
-    stage = layout.generate_stage(spec.label) if kind == "generator" else layout.score_stage(spec.name)
+    stage = layout.generate_stage(spec.label) if isinstance(spec, GeneratorSpec) else layout.score_stage(spec.name)
     return ModelStage(stage, spec, get_registry().get(kind, spec.plugin))
 
 
@@ -162,6 +162,7 @@ def test_generations_scores_errors_and_the_journal_hold_no_secret(tmp_path: Path
     answers = [Generation(text="hello there", num_tokens=2), Generation(text=f"hello {EXTRA} and {PASSWORD}"),
                Failure(f"400 from server: echo Basic {BASIC}", ""), Generation(text=f"hi {SENTINEL[:9]}")]
     journals = Journals()
+    assert work.journal is not None  # a request stage's
     journals.of.update((r.generation_id, work.journal) for r in work.items)
     for request, answer in zip(work.items, answers, strict=True):
         journals.add(request.generation_id, answer, 0.1)
@@ -244,7 +245,7 @@ def test_a_record_made_before_any_secret_is_known_is_left_alone() -> None:
 # -- validation ---------------------------------------------------------------------------------
 
 def test_a_url_with_credentials_beside_api_key_env_is_refused_at_validation() -> None:
-    data = {"name": "s", "input": "in.parquet", "output": "out",
+    data: dict[str, Any] = {"name": "s", "input": "in.parquet", "output": "out",
             "generators": [{"label": "a", "plugin": "openai", "model": "m",
                             "params": {"base_url": ["http://127.0.0.1:1/v1", f"http://genflow:{PASSWORD}@h:1/v1"],
                                        "api_key_env": "GENFLOW_TEST_API_KEY"}}]}
@@ -405,7 +406,7 @@ def test_a_job_whose_servers_echo_every_secret_writes_logs_and_records_none(tmp_
     origin = server.origin
     requests = {"max_retries": 0, "timeout_s": 10.0, "backoff_s": 0.01}
     keyed = {"base_url": f"{origin}/v1", "api_key_env": "GENFLOW_TEST_API_KEY", "max_tokens": 64}
-    config = {
+    config: dict[str, Any] = {
         "name": "secrets", "input": str(ROOT / "configs/data/quickstart_prompts.parquet"),
         "output": str(tmp_path / "out"), "shard_rows": 8, "max_error_fraction": 1.0,
         "generators": [
