@@ -236,6 +236,17 @@ def test_a_ray_workers_log_lines_are_scrubbed_of_its_plugins_secrets(where: str,
     assert stream.getvalue() == "the server asked to wait '5 (***)' s\n"
 
 
+def test_the_terminals_error_line_is_scrubbed(capsys: pytest.CaptureFixture[str]) -> None:
+    import typer
+
+    from genflow.cli import fail
+
+    install(Scrubber([Secret(SENTINEL, "$GENFLOW_TEST_API_KEY")]))
+    with pytest.raises(typer.Exit):
+        fail(f"the plugin failed to load: the server said {SENTINEL}")
+    assert "the server said ***" in capsys.readouterr().err
+
+
 def test_a_record_made_before_any_secret_is_known_is_left_alone() -> None:
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "plain %s", ("text",), None)
     scrub_record(record, Scrubber())
