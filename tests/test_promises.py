@@ -409,9 +409,9 @@ def test_failed_rows_become_an_errors_part_that_the_marker_vouches_for(tmp_path:
     assert table.schema == ERRORS
     assert table.to_pylist() == [
         {"prompt_id": "p1", "stage": "score", "plugin": "rm", "error": "ValueError: bad", "traceback": "Traceback ...",
-         "generation_id": "g1"},
+         "generation_id": "g1", "transient": False},
         {"prompt_id": "p2", "stage": "score", "plugin": "rm", "error": "OSError: gone", "traceback": "Traceback 2",
-         "generation_id": None}]
+         "generation_id": None, "transient": False}]
     assert done(storage, False) is not None
     (tmp_path / "errors/part-score-rm-00003.parquet").unlink()
     assert done(storage, False) is None  # the errors are part of what the shard produced
