@@ -14,8 +14,10 @@ record, the terminal or Prefect:
 - everywhere else (error texts, a judge's ``details``, log records) the secret is
   blanked to ``***``.
 
-A secret counts from its first :data:`MIN_PREFIX` characters on (a server that cuts a
-key to ``sk-proj-abcd1234...`` still shows enough to identify it); a value shorter than
+A secret counts from its first :data:`MIN_PREFIX` characters past a vendor's prefix on
+(``sk-proj-`` or ``sk-ant-api03-`` are shared by every key of a kind and identify none;
+``sk-proj-abcd1234`` does, so a server that cuts a key there still shows too much); a
+value shorter than
 :data:`MIN_SECRET` is not searched for in free text, where it would blank ordinary
 words. A text is first searched for each secret's first characters with ``in`` (a text
 that holds none, nearly every one, costs that alone): 100k candidates of 650 characters
@@ -43,7 +45,25 @@ from urllib.parse import quote, unquote
 
 MASK = "***"
 MIN_PREFIX = 8
-"""A secret's first characters that identify it: any longer prefix of it is blanked."""
+"""A secret's characters past its vendor prefix that identify it: any longer prefix of it is blanked."""
+VENDOR_PREFIX = re.compile(r"(?:[A-Za-z0-9]{1,10}[-_])+")
+"""``sk-``, ``sk-proj-``, ``ghp_``, ``xoxb-``: the dash- or underscore-ended words a key starts with."""
+VENDOR_PREFIX_CHARS = 16
+"""At most this much of a key's start counts as its vendor's prefix."""
+
+
+def identifying_head(value: str) -> str:
+    """The shortest prefix of a secret that identifies it: a vendor's prefix (``sk-proj-``, at most
+    :data:`VENDOR_PREFIX_CHARS`) and :data:`MIN_PREFIX` characters more. An answer that only
+    mentions ``sk-proj-`` is not a leak and stays training data; nor is one that names the user
+    of a URL's ``user:password``."""
+    user = re.match(r"[^\s:@/]{1,64}:(?=.)", value)  # ``user:password``: the user names no secret
+    start = user.end() if user else 0
+    vendor = start
+    for match in re.finditer(r"[-_]", value[start:start + VENDOR_PREFIX_CHARS]):
+        if VENDOR_PREFIX.fullmatch(value[start:start + match.end()]):
+            vendor = start + match.end()
+    return value[:vendor + MIN_PREFIX]
 MIN_SECRET = 6
 """Values shorter than this are not searched for in texts (``admin`` would blank words)."""
 
@@ -58,7 +78,7 @@ class Secret:
 
 
 class Scrubber:
-    """Finds and blanks a set of secrets, and any prefix of one of at least :data:`MIN_PREFIX` characters."""
+    """Finds and blanks a set of secrets, and any prefix of one that identifies it (:func:`identifying_head`)."""
 
     def __init__(self, secrets: Iterable[Secret] = ()) -> None:
         self.secrets: dict[str, Secret] = {}
@@ -68,7 +88,7 @@ class Scrubber:
                     self.secrets[value] = Secret(value, secret.where)
         self._by_head: dict[str, list[str]] = {}
         for value in self.secrets:
-            self._by_head.setdefault(value[:MIN_PREFIX], []).append(value)
+            self._by_head.setdefault(identifying_head(value), []).append(value)
         heads = sorted(self._by_head, key=len, reverse=True)
         self._heads = tuple(heads)
         self._pattern = re.compile("|".join(map(re.escape, heads))) if heads else None

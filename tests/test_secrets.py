@@ -42,11 +42,13 @@ from genflow.secrets import (
 from genflow.storage import Storage
 from genflow.worker import Failure
 
-SENTINEL = "sk-genflow-sentinel-5b2e8d71c4"
+SENTINEL = "sk-proj-5b2e8d71c4aa90f3e6"
+HEAD = 16
+"""What identifies the key: its vendor prefix ``sk-proj-`` and 8 characters more."""
 PASSWORD = "pw-sentinel-93af0c1e"
 EXTRA = "xb-sentinel-4f6a1d0e77"
 BASIC = base64.b64encode(f"genflow:{PASSWORD}".encode()).decode()
-NEEDLES = (SENTINEL, PASSWORD, EXTRA, BASIC, SENTINEL[:8] + "X")  # the last: a short prefix stays readable
+NEEDLES = (SENTINEL, PASSWORD, EXTRA, BASIC, SENTINEL[:HEAD] + "X")  # the last: a short prefix stays readable
 
 
 def _leaks(text: str) -> list[str]:
@@ -67,17 +69,22 @@ def _contents(root: Path) -> str:
 
 # -- the scrubber -------------------------------------------------------------------------------
 
-def test_a_secret_is_blanked_whole_from_its_first_eight_characters_and_as_a_server_spells_it() -> None:
+def test_a_secret_is_blanked_whole_from_what_identifies_it_and_as_a_server_spells_it() -> None:
     scrubber = Scrubber([Secret(SENTINEL, "$KEY"), Secret("p@ss/word-1", "base_url's password"),
                          Secret("admin", "too short")])
-    text = (f"key {SENTINEL}; cut {SENTINEL[:12]}...; bare {SENTINEL[:8]}; seven {SENTINEL[:7]}; "
+    text = (f"key {SENTINEL}; cut {SENTINEL[:HEAD + 4]}...; bare {SENTINEL[:HEAD]}; one short {SENTINEL[:HEAD - 1]}; "
             f"encoded p%40ss%2Fword-1; plain p@ss/word-1; admin")
     clean = scrubber.scrub(text)
-    assert SENTINEL[:8] not in clean and "p%40ss" not in clean and "p@ss" not in clean
-    assert clean == (f"key {MASK}; cut {MASK}...; bare {MASK}; seven {SENTINEL[:7]}; encoded {MASK}; "
+    assert SENTINEL[:HEAD] not in clean and "p%40ss" not in clean and "p@ss" not in clean
+    assert clean == (f"key {MASK}; cut {MASK}...; bare {MASK}; one short {SENTINEL[:HEAD - 1]}; encoded {MASK}; "
                      f"plain {MASK}; admin")
     assert scrubber.find(text) == Secret(SENTINEL, "$KEY")
     assert scrubber.scrub("nothing here") == "nothing here" and scrubber.find("nothing here") is None
+    mention = Generation(text="OpenAI project keys look like sk-proj-... and sk-proj-XXXX")
+    assert scrub_result(mention, scrubber) == mention, "a key's vendor prefix alone identifies no key"
+    userinfo = Scrubber([Secret(f"genflow:{PASSWORD}", "base_url's user:password")])
+    assert userinfo.scrub("genflow: the tool; genflow:pw-sentinel-9") == "genflow: the tool; genflow:pw-sentinel-9"
+    assert userinfo.scrub(f"genflow:{PASSWORD}!") == MASK + "!"
     assert scrubber.scrub_data({"a": [SENTINEL], "b": 1}) == {"a": [MASK], "b": 1}
 
 
@@ -118,9 +125,9 @@ def test_a_candidate_that_echoes_a_secret_becomes_a_failure_and_other_texts_are_
         assert (echoed.prompt_tokens, echoed.completion_tokens) == (9, 4)
     raw = scrub_result(Generation(text='{"a": 1}', raw=f"```{SENTINEL}```"), scrubber)
     assert isinstance(raw, Failure)
-    failure = scrub_result(Failure(f"401: Incorrect API key provided: {SENTINEL[:10]}***", f"tb {SENTINEL}"),
+    failure = scrub_result(Failure(f"401: Incorrect API key provided: {SENTINEL[:HEAD + 2]}***", f"tb {SENTINEL}"),
                            scrubber)
-    assert SENTINEL[:8] not in failure.error + failure.traceback and "401" in failure.error
+    assert SENTINEL[:HEAD] not in failure.error + failure.traceback and "401" in failure.error
     score = scrub_result(Score(7.0, {"reasoning": f"the key {SENTINEL} is fine", "aspects": {"x": 1}}), scrubber)
     assert score.value == 7.0 and score.details == {"reasoning": f"the key {MASK} is fine", "aspects": {"x": 1}}
 
@@ -160,7 +167,7 @@ def test_generations_scores_errors_and_the_journal_hold_no_secret(tmp_path: Path
     stage = _model_stage("generator", config.generators[0])
     work = generate_work(job, stage, shard, "fp")
     answers = [Generation(text="hello there", num_tokens=2), Generation(text=f"hello {EXTRA} and {PASSWORD}"),
-               Failure(f"400 from server: echo Basic {BASIC}", ""), Generation(text=f"hi {SENTINEL[:9]}")]
+               Failure(f"400 from server: echo Basic {BASIC}", ""), Generation(text=f"hi {SENTINEL[:HEAD + 1]}")]
     journals = Journals()
     assert work.journal is not None  # a request stage's
     journals.of.update((r.generation_id, work.journal) for r in work.items)
@@ -168,7 +175,7 @@ def test_generations_scores_errors_and_the_journal_hold_no_secret(tmp_path: Path
         journals.add(request.generation_id, answer, 0.1)
     journals.flush()
     journal = _contents(tmp_path / "out" / "_journal")
-    assert "echo Basic ***" in journal and not _leaks(journal) and SENTINEL[:8] not in journal
+    assert "echo Basic ***" in journal and not _leaks(journal) and SENTINEL[:HEAD] not in journal
 
     outcome = work.finish([(r, a, 0.1) for r, a in zip(work.items, answers, strict=True)])
     assert outcome.rows == {layout.GENERATIONS: 1} and outcome.errors == 3
@@ -184,7 +191,7 @@ def test_generations_scores_errors_and_the_journal_hold_no_secret(tmp_path: Path
     details = storage.read_table(scorer.stage.part(0)).to_pylist()[0]["details"]
     assert json.loads(details) == {"raw": f"Rating: 2, your key {MASK}"}
     written = _contents(tmp_path / "out")
-    assert "Rating: 2" in written and not _leaks(written) and SENTINEL[:8] not in written
+    assert "Rating: 2" in written and not _leaks(written) and SENTINEL[:HEAD] not in written
 
 
 # -- logs, the terminal -------------------------------------------------------------------------
@@ -206,7 +213,7 @@ def test_log_records_are_scrubbed_before_any_handler_sees_them() -> None:
     finally:
         logger.removeHandler(handler)
     text = stream.getvalue()
-    assert "the server said key ***" in text and "RuntimeError: 401: ***" in text and SENTINEL[:8] not in text
+    assert "the server said key ***" in text and "RuntimeError: 401: ***" in text and SENTINEL[:HEAD] not in text
 
 
 @pytest.mark.parametrize("where", ["request worker", "model worker"])
@@ -375,7 +382,7 @@ def test_label_studio_error_bodies_reach_the_terminal_without_its_token(tmp_path
     finally:
         tool.stop()
     assert done.returncode == 1 and "HTTP 401" in done.stderr, done.stderr
-    assert "bad token: Token ***" in " ".join(done.stderr.split()) and SENTINEL[:8] not in done.stdout + done.stderr
+    assert "bad token: Token ***" in " ".join(done.stderr.split()) and SENTINEL[:HEAD] not in done.stdout + done.stderr
 
 
 # -- one job against servers that echo every secret back ----------------------------------------
@@ -468,4 +475,4 @@ def test_a_job_whose_servers_echo_every_secret_writes_logs_and_records_none(tmp_
         if Path("/tmp/ray").exists() else ""
     for where, text in (("terminal", terminal), ("output", written), ("Prefect", prefect), ("Ray's logs", ray_logs)):
         assert not _leaks(text), (where, _leaks(text))
-        assert SENTINEL[:8] not in text and "genflow:" + PASSWORD[:8] not in text, where
+        assert SENTINEL[:HEAD] not in text and "genflow:" + PASSWORD[:8] not in text, where
