@@ -69,7 +69,7 @@ from genflow.report import write_report_safely
 from genflow.resume import DoneIndex, StageOutcome, drop_unused_parts, finished
 from genflow.secrets import install as install_secrets
 from genflow.secrets import job_secrets
-from genflow.shutdown import lost_api_reported
+from genflow.shutdown import lost_api_reported, prefect_api_busy, shown_api_url
 from genflow.stages import (
     JobContext,
     ModelStage,
@@ -343,24 +343,49 @@ def pack_shards(todo: list[tuple[Shard, str]], per_row: int, items: int) -> list
     return groups
 
 
+API_BUSY_PAUSES_S = (2.0, 4.0, 8.0)
+"""Pauses before each new try of a task that the Prefect API failed with a 5xx (busy: its SQLite
+locked under load answers 503 to a task's concurrency slots). Prefect's client has retried the
+request itself by then (``PREFECT_CLIENT_MAX_RETRIES``)."""
+
+
 def call_task(run: Task[Any, Any], *args: Any) -> Any:
     """Run a task of the flow; once the Prefect API is gone, run its function without Prefect.
 
     A shared Prefect server that restarts, or a local API that dies, then costs Prefect's
-    record of the rest of the run (one line says so), not the job: the work is genflow's."""
-    if _lost_api.is_set():
-        return run.fn(*args)
-    try:
-        return run(*args)
-    except (JobFailed, ConfigError, InputError, PluginError, RayUnreachable):
-        raise
-    except Exception:
-        if not prefect_api_lost():
+    record of the rest of the run (one line says so), not the job: the work is genflow's.
+    A busy API (a 5xx) gets the task tried again after each of ``API_BUSY_PAUSES_S``; one
+    still busy then is left as a lost one is. Trying again is safe: a task's function skips
+    the shards it has finished, and has run no further than Prefect let it."""
+    for pause in (*API_BUSY_PAUSES_S, None):
+        if _lost_api.is_set():
+            break
+        try:
+            return run(*args)
+        except (JobFailed, ConfigError, InputError, PluginError, RayUnreachable):
             raise
-        _lost_api.set()
-        logging.getLogger(__name__).warning(lost_api_reported(
-            "the job goes on without Prefect; Prefect's record of this run stops here"))
-        return run.fn(*args)
+        except Exception as exc:
+            busy = prefect_api_busy(exc)
+            if busy is None and not prefect_api_lost():
+                raise
+            if busy is not None and pause is not None:
+                logging.getLogger(__name__).info("the Prefect API (%s) is busy (HTTP %d): task %s tried again "
+                                                 "in %g s", shown_api_url(), busy, run.name, pause)
+                time.sleep(pause)
+                continue
+            _go_on_without_prefect(busy)
+    return run.fn(*args)
+
+
+def _go_on_without_prefect(busy: int | None) -> None:
+    """Run the rest of the job's tasks without Prefect, saying why in one line."""
+    _lost_api.set()
+    message = "the job goes on without Prefect; Prefect's record of this run stops here"
+    if busy is None:
+        logging.getLogger(__name__).warning(lost_api_reported(message))
+    else:
+        logging.getLogger(__name__).warning("the Prefect API (%s) stayed busy (HTTP %d on %d tries of a task): %s",
+                                            shown_api_url(), busy, len(API_BUSY_PAUSES_S) + 1, message)
 
 
 _lost_api = threading.Event()
@@ -401,6 +426,7 @@ def genflow_job(config: dict[str, Any], resume: bool = True,
 
     Prefect records the parameters, so ``config`` may have its secrets hidden (``***``);
     ``config_source`` then says where the real config is (``genflow.job.real_config``)."""
+    _lost_api.clear()  # this run reached the API: one lost by an earlier run of this process is not its
     job = build_config(real_config(config, config_source), source=f"job {config.get('name', '?')!r}")
     install_secrets(job_secrets(job))  # what servers send back is scrubbed of them: rows, logs, Prefect
     job = job.model_copy(update={"output": resolve_output(job.output)})

@@ -12,7 +12,7 @@ from typing import Any
 from genflow.config import ConfigError, JobConfig
 from genflow.prompts import InputError
 from genflow.registry import PluginError
-from genflow.shutdown import lost_api_reported, shown_api_url
+from genflow.shutdown import lost_api_reported, prefect_api_busy, shown_api_url
 from genflow.storage import StorageError, disk_full
 
 USER_ERRORS = (ConfigError, InputError, PluginError, StorageError, ConnectionError, FileNotFoundError)
@@ -100,14 +100,19 @@ def _run_flow(job: JobConfig, storage: Any, resume: bool, api_ready: Callable[[]
         except (JobFailed, *USER_ERRORS):
             raise
         except Exception as exc:
-            if not prefect_api_lost():
+            busy = prefect_api_busy(exc)
+            if busy is None and not prefect_api_lost():
                 raise
             manifest = _written_since(storage, started)
             if manifest is None:
-                raise PrefectAPILost(f"lost the Prefect API ({shown_api_url()}) mid-job ({type(exc).__name__}): the "
-                                     f"shards finished so far are kept; run the job again to resume") from None
-            logging.getLogger(__name__).warning(lost_api_reported(
-                "the job ended with its outputs and manifest.json complete; Prefect's record of the run is not"))
+                what = f"the Prefect API ({shown_api_url()}) stayed busy (HTTP {busy})" if busy else \
+                    f"lost the Prefect API ({shown_api_url()})"
+                raise PrefectAPILost(f"{what} mid-job ({type(exc).__name__}): the shards finished so far are "
+                                     f"kept; run the job again to resume") from None
+            done = "the job ended with its outputs and manifest.json complete; Prefect's record of the run is not"
+            logging.getLogger(__name__).warning(
+                f"the Prefect API ({shown_api_url()}) stayed busy (HTTP {busy}): {done}" if busy
+                else lost_api_reported(done))
             return manifest
     finally:
         stop_early_workers()

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import logging
 import os
 import signal
@@ -47,6 +48,8 @@ class _LostAPI(logging.Filter):
         if _LostAPI.said and any(noise in text for noise in _AFTER_LOSS):
             return False  # what Prefect says about runs whose states it could no longer record
         error = record.exc_info[1] if record.exc_info else None
+        if any(prefect_api_busy(e) is not None for e in (error, *_futures_errors(record))):
+            return False  # a busy API, not a lost one: the task is tried again, and its lines say so
         unreachable = type(error).__name__ in ("ConnectError", "ConnectTimeout") or "Connection refused" in str(error)
         if "Unable to connect" not in text and "failed to process item" not in text and not unreachable:
             return True
@@ -61,6 +64,41 @@ class _LostAPI(logging.Filter):
 
 
 _AFTER_LOSS = ("Finished in state Pending", "Finished in state Running")
+
+
+def _futures_errors(record: logging.LogRecord) -> list[BaseException]:
+    """The errors of the futures a Prefect service's "failed to process item" names (its item
+    holds the future its caller waits on: the task that asked for concurrency slots)."""
+    items = record.args if isinstance(record.args, tuple) else ()
+    found: list[BaseException] = []
+    for item in items:
+        for part in item if isinstance(item, tuple) else (item,):
+            if isinstance(part, concurrent.futures.Future) and part.done() and not part.cancelled():
+                error = part.exception()
+                if error is not None:
+                    found.append(error)
+    return found
+
+
+def prefect_api_busy(error: BaseException | None) -> int | None:
+    """The 5xx status the Prefect API answered, where that is what ``error`` comes from (a busy
+    server: Prefect's own SQLite locked under load answers 503), else None. A plugin's own HTTP
+    error (a model server's 503) is not the API's: its request went elsewhere."""
+    if error is None or "httpx" not in sys.modules:
+        return None
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    url = str(PREFECT_API_URL.value() or "").rstrip("/")
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code >= 500 \
+                and url.startswith("http") and str(cause.request.url).startswith(url):
+            return cause.response.status_code
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def lost_api_reported(text: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -463,6 +464,114 @@ def test_a_job_killed_with_sigkill_leaves_no_prefect_api_behind(
             except psutil.NoSuchProcess:
                 pass
         process.communicate(timeout=60)
+
+
+def _task_slots(body: dict[str, Any]) -> bool:
+    """Whether a request to the Prefect API asks for a task run's concurrency slots (its tags')."""
+    return "lease_duration" in body and (body.get("holder") or {}).get("type") == "task_run"
+
+
+@pytest.fixture
+def prefect_fault_proxy() -> Iterator[Any]:
+    """``make(upstream, **faults)``: a fault proxy (tests/servers.py) that also carries Prefect's
+    websockets (its events) through untouched; all stopped after the test."""
+    import asyncio
+
+    import servers
+    from aiohttp import ClientSession, WSMsgType, web
+    from yarl import URL
+
+    class PrefectFaultProxy(servers.FaultProxy):
+        async def _handle(self, request: web.Request) -> web.StreamResponse:
+            if request.headers.get("Upgrade", "").lower() != "websocket":
+                return await super()._handle(request)
+            downstream = web.WebSocketResponse(protocols=("prefect",))  # the subprotocol Prefect's client asks
+            await downstream.prepare(request)
+            async with ClientSession() as session, \
+                    session.ws_connect(self.upstream.join(URL(request.path_qs)), protocols=("prefect",)) as upstream:
+                async def pump(source: Any, sink: Any) -> None:
+                    async for message in source:
+                        if message.type == WSMsgType.TEXT:
+                            await sink.send_str(message.data)
+                        elif message.type == WSMsgType.BINARY:
+                            await sink.send_bytes(message.data)
+
+                pumps = [asyncio.ensure_future(pump(downstream, upstream)),
+                         asyncio.ensure_future(pump(upstream, downstream))]
+                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+                for task in pumps:
+                    task.cancel()
+            await downstream.close()
+            return downstream
+
+    started: list[Any] = []
+
+    def make(upstream: str, **kwargs: Any) -> Any:
+        started.append(PrefectFaultProxy(upstream, **kwargs).start())
+        return started[-1]
+
+    yield make
+    for proxy in started:
+        proxy.stop()
+
+
+def _run_on_busy_api(tmp_path: Path, env: dict[str, str], make_fault_proxy: Any, prefect_server: str,
+                     busy: int | None) -> tuple[int, str, Any]:
+    """``genflow run`` against a Prefect API whose first ``busy`` requests for task-run concurrency
+    slots (every one, with None) are answered 503, as Prefect's SQLite locked under load answers."""
+    import subprocess
+    import sys
+
+    asked = [0]
+
+    def rule(body: dict[str, Any]) -> int | None:
+        if not _task_slots(body):
+            return None
+        asked[0] += 1
+        return 503 if busy is None or asked[0] <= busy else None
+
+    proxy = make_fault_proxy(prefect_server, rule=rule)
+    pq.write_table(pa.table({"prompt": [f"prompt {i}" for i in range(8)]}), tmp_path / "prompts.parquet")
+    path = _config_file(tmp_path, shard_rows=2, ray={"workers": 1})
+    # As genflow sets it for its own local API: Prefect's client tries a request twice, not six times.
+    full_env = {**os.environ, **env, "PREFECT_API_URL": proxy.url.removesuffix("/v1") + "/api",
+                "PREFECT_CLIENT_MAX_RETRIES": "1", "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    result = subprocess.run([sys.executable, "-m", "genflow.cli", "run", str(path)], env=full_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    return result.returncode, result.stdout, proxy
+
+
+@pytest.mark.slow
+def test_a_prefect_api_busy_for_a_while_fails_no_task(tmp_path: Path, test_plugins: dict[str, str],
+                                                      prefect_fault_proxy: Any, prefect_server: str) -> None:
+    """Three 503s in a row: Prefect's client tries each request twice, so a task's first try
+    fails; genflow tries the task again and the API answers. Nothing runs without Prefect."""
+    code, out, proxy = _run_on_busy_api(tmp_path, test_plugins, prefect_fault_proxy, prefect_server, busy=3)
+    assert code == 0, out[-3000:]
+    assert proxy.injected["503"] == 3 and proxy.forwarded > 0
+    assert "without Prefect" not in out and "lost the Prefect API" not in out and "Traceback" not in out, out[-3000:]
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["rows"]["generations"] == 16
+
+
+@pytest.mark.slow
+def test_a_prefect_api_that_stays_busy_is_left_as_a_lost_one(tmp_path: Path, test_plugins: dict[str, str],
+                                                              prefect_fault_proxy: Any, prefect_server: str) -> None:
+    """Every task's slots answered 503: after its tries, the job goes on without Prefect and completes."""
+    code, out, proxy = _run_on_busy_api(tmp_path, test_plugins, prefect_fault_proxy, prefect_server, busy=None)
+    assert code == 0, out[-3000:]
+    from genflow.flows.job import API_BUSY_PAUSES_S
+
+    tries = len(API_BUSY_PAUSES_S) + 1
+    assert proxy.injected["503"] == 2 * tries  # one task's tries, Prefect's client asking twice each
+    busy = [line for line in out.splitlines() if "stayed busy" in line]
+    assert len(busy) == 1 and busy[0].endswith(
+        f"stayed busy (HTTP 503 on {tries} tries of a task): the job goes on without Prefect; Prefect's record "
+        f"of this run stops here"), out[-3000:]
+    assert "Traceback" not in out and "lost the Prefect API" not in out, out[-3000:]
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["rows"]["generations"] == 16
+    assert manifest["rows"]["rankings"] == 16
 
 
 def test_a_model_path_that_does_not_exist_is_named_before_anything_starts(tmp_path: Path,
