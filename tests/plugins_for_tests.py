@@ -57,6 +57,9 @@ class Misbehaviour(PluginParams):
     fail_on: list[str] = Field(default_factory=list)
     crash_on: list[str] = Field(default_factory=list)
     crash_once_on: list[str] = Field(default_factory=list)
+    hold_on: list[str] = Field(default_factory=list)
+    """A call with one of these in a prompt waits until ``<state_dir>/release`` exists: a job held
+    mid-way, however fast or slow the machine runs it."""
     state_dir: str | None = None
 
 
@@ -105,6 +108,9 @@ class _Misbehaving:
         _log(self.params.state_dir, f"call {kind} {len(texts)}")
         if self.params.delay_s:
             time.sleep(self.params.delay_s)
+        if self.params.state_dir and any(s in t for s in self.params.hold_on for t in texts):
+            while not (Path(self.params.state_dir) / "release").exists():
+                time.sleep(0.05)
         _misbehave(self.params, texts)
         bad = [t for t in texts if any(s in t for s in self.params.fail_on)]
         if bad:

