@@ -330,6 +330,21 @@ def test_parts_of_what_the_config_no_longer_has_are_dropped(storage: Storage) ->
                                       "preferences/part-human.parquet"}  # the job's labelling.refresh rewrites it
 
 
+
+def test_only_a_job_that_sends_requests_looks_for_rows_to_retry(test_plugins: dict[str, str]) -> None:
+    from genflow.config import build_config
+    from genflow.registry import get_registry
+    from genflow.stages.common import retry_sources
+
+    registry = get_registry()
+    local = {"name": "j", "input": "in.parquet", "output": "out",
+             "generators": [{"label": "local", "plugin": "echo"}], "scorers": [{"plugin": "length"}]}
+    assert retry_sources(build_config(local), registry) == ([], [])  # no marker read for it, per shard
+    served = {**local, "generators": [{"label": "local", "plugin": "echo"}, {"label": "api", "plugin": "echo-async"}]}
+    assert retry_sources(build_config(served), registry) == ([layout.generate_stage("api")],
+                                                             [layout.score_stage("length")])
+
+
 @pytest.mark.slow
 def test_a_rerun_sends_again_only_what_failed_transiently_and_moves_it_out_of_errors(
         tmp_path: Path, job_runner: Any, test_plugins: dict[str, str]) -> None:

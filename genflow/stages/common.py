@@ -109,6 +109,18 @@ def unhashed_params_of(config: JobConfig, registry: Registry) -> dict[str, tuple
     return out
 
 
+def retry_sources(config: JobConfig, registry: Registry) -> tuple[list[Stage], list[Stage]]:
+    """The generate and score stages whose shards a rerun may redo to send rows again
+    (:func:`genflow.resume.awaiting_retries`): those that send requests, and every scorer once
+    a generator does (it is redone after it). A job of local models has none: its stages read
+    no marker for it."""
+    generators = [layout.generate_stage(g.label) for g in config.generators
+                  if sends_requests(registry.get("generator", g.plugin).factory.implementation(g.params))]
+    scorers = [layout.score_stage(s.name) for s in config.scorers
+               if generators or sends_requests(registry.get("scorer", s.plugin).factory.implementation(s.params))]
+    return generators, scorers
+
+
 def call_size(stage_batch_size: int | None, config: JobConfig, factory: type) -> int:
     """Items per Ray call: the stage's ``batch_size``, else ``ray.batch_size``, else the plugin's own."""
     plugin_default: int = getattr(factory, "batch_size", 16)

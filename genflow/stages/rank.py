@@ -13,7 +13,7 @@ from genflow.layout import Shard
 from genflow.ranking import rank_candidates, rankings_table
 from genflow.registry import Registry
 from genflow.resume import StageOutcome, awaiting_retries, mark_finished
-from genflow.stages.common import JobContext, read_generations, read_scores, write_part
+from genflow.stages.common import JobContext, read_generations, read_scores, retry_sources, write_part
 
 
 def job_exporters(config: JobConfig, registry: Registry) -> dict[str, dict[str, Any]]:
@@ -44,10 +44,9 @@ def rank_shard(job: JobContext, shard: Shard, fingerprint: str, exporters: dict[
         table = factory(factory.Params.model_validate(params)).export(ranked)
         rows[name] = write_part(storage, stage.part(shard.index, folder=name),
                                 table if table is not None else pa.table({}), parts)
-    read_from = [*(layout.generate_stage(label) for label in layout.generator_labels(job.config)),
-                 *(layout.score_stage(name) for name in weights)]
+    generators, scorers = retry_sources(job.config, registry)
     outcome = StageOutcome(stage.name, shard.index, fingerprint, rows, 0, ranked.num_rows,
                            time.perf_counter() - started, parts=parts,
-                           awaiting=awaiting_retries(storage, read_from, shard))  # redone after their retries
+                           awaiting=awaiting_retries(storage, generators + scorers, shard))  # redone after them
     mark_finished(storage, outcome)
     return outcome

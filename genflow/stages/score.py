@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 from genflow import layout
 from genflow.api import Score, ScoreItem
 from genflow.layout import Shard, candidate_image
+from genflow.registry import get_registry
 from genflow.resume import StageOutcome, awaiting_retries
 from genflow.schemas import SCORES
 from genflow.secrets import scrub_result
@@ -28,6 +29,7 @@ from genflow.stages.common import (
     plugin_inputs,
     read_generations,
     read_prompts,
+    retry_sources,
 )
 from genflow.worker import Failure
 
@@ -53,7 +55,7 @@ def score_work(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: st
         items.append(ScoreItem(g["generation_id"], g["prompt_id"], g["prompt"], g["modality"], g["text"], image,
                                plugin_inputs(prompts[g["prompt_id"]], factory, job.base_dir)))
     journal = open_journal(job, stage, shard, fingerprint)
-    generators = [layout.generate_stage(label) for label in layout.generator_labels(job.config)]
+    generators, _ = retry_sources(job.config, get_registry())
     awaiting = awaiting_retries(job.storage, generators, shard)  # candidates a rerun may still add
 
     def finish(answered: Answered) -> StageOutcome:
