@@ -70,9 +70,10 @@ class LabelStudioParams(PluginParams):
     api_key_env: str = Field("LABEL_STUDIO_API_KEY", description="The environment variable holding the "
                              "key: a personal access token or a legacy API token (Account & Settings).")
     timeout_s: float = Field(60.0, gt=0, description="Seconds one request may take.")
-    max_export_bytes: int = Field(512 * 2**20, gt=0, description="The most bytes one answer may hold (a "
-                                  "project's export is the largest): past it the pull stops with an error.")
-    max_pages: int = Field(1000, gt=0, description="The most pages of a list (projects, users) read.")
+    max_export_bytes: int = Field(512 * 2**20, gt=0, description="The most bytes a project's export (its "
+                                  "tasks, images inlined, and annotations) may hold: past it, one clear error.")
+    max_pages: int = Field(1000, gt=0, description="The most pages of a list (projects, users) read: a "
+                           "server that lists more is answered with an error, not followed forever.")
 
 
 class LabelStudio(Labeller):

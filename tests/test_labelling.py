@@ -320,6 +320,8 @@ def test_a_project_past_the_first_page_of_the_list_is_found_not_created_again(st
     assert [p["title"] for p in standin.projects].count("genflow handmade rankings") == 1
     assert standin.asked[("POST", "/api/projects")] == 1
     assert standin.asked[("GET", "/api/projects")] >= 3 + 3  # each push read past the first page
+    said = genflow("label", "push", str(output), "--url", standin.url, "--param", "max_pages=2", code=1)
+    assert "more than max_pages (2) pages of projects" in _one_line(said)
 
 
 def _labelled(standin: Standin, output: Path, genflow: Any) -> dict[str, Any]:
