@@ -284,6 +284,7 @@ def _run_model_stage(job: JobContext, stage: ModelStage, plans: list[ShardPlan],
     with pool, StageProgress(f"{stage.stage.kind} {stage.label}", total, cost=cost) as bar, \
             tags(*stage_tags(stage.stage.name, [stage.spec.plugin])):  # on each task run of the stage
         todo = _undone(stage.stage, [(p.shard, dict(p.stages())[stage.stage]) for p in plans], done, outcomes)
+        job.budget.add(sum(o.cost for o in outcomes.values()), sample=False)  # max_cost covers the output
         for plan in plans:
             if plan.shard.index in outcomes:  # finished before
                 bar.skip(plan.shard.rows * per_row if generating else outcomes[plan.shard.index].work_items)

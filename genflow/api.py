@@ -72,7 +72,10 @@ Everything passed to a model plugin is plain data, so batches travel cheaply to 
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -110,6 +113,22 @@ class RowError(Exception):
     ``errors/`` and goes on. Any other exception raised for a batch makes genflow
     retry the batch's rows one by one to find the rows that fail.
     """
+
+
+_REQUEST_SLOTS: ContextVar[Any] = ContextVar("genflow_request_slots", default=None)
+"""The engine's limits for the call in progress (set by ``genflow.requesting`` around each call)."""
+
+
+def request_slot() -> AbstractAsyncContextManager[Any]:
+    """Enter around each HTTP request a request plugin sends (``async with request_slot(): ...``).
+
+    The stage's ``concurrency``, ``rpm`` and ``tpm`` then count that request, not the call:
+    a call that sends several requests at once (a judge's aspects or pairs) waits for a
+    slot per request, and a 429 inside one halves the concurrency as the call's own would.
+    A call's first request uses the slot the call was started in. Outside the engine's
+    request path (a test calling the plugin) it limits nothing."""
+    slots = _REQUEST_SLOTS.get()
+    return slots.slot() if slots is not None else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)

@@ -550,18 +550,20 @@ class RequestPool:
             raise PluginError(f"{self.name}: the plugin failed to load: {cause}") from None
         self.start_seconds = time.perf_counter() - started
 
-    def submit(self, items: list[Any]) -> RequestTicket:
+    def submit(self, items: list[Any], budget: Any = None, price: Any = None) -> RequestTicket:
         """Send ``items`` to the request worker now; the ticket streams their answers, lists of
         :class:`genflow.requesting.Answer` (``index`` into ``items``), every item exactly once.
 
         The worker runs every stream it is given under the stage's one set of limits, so
-        the next shards' requests start while the current shards' answers are written."""
-        return RequestTicket(self, items)
+        the next shards' requests start while the current shards' answers are written.
+        ``budget`` (a :class:`genflow.budget.Budget` the caller keeps counting) and ``price``
+        go with each stream, as the budget stands then: the worker slows and stops by it."""
+        return RequestTicket(self, items, budget, price)
 
-    def _stream(self, items: list[Any]) -> tuple[Any, Any]:
+    def _stream(self, items: list[Any], budget: Any = None, price: Any = None) -> tuple[Any, Any]:
         """A streaming ``run`` of ``items`` on the current worker: (the worker, the stream)."""
         actor = self.actor
-        return actor, actor.run.options(num_returns="streaming").remote(items)
+        return actor, actor.run.options(num_returns="streaming").remote(items, budget, price)
 
     def _died(self, actor: Any, exc: RayActorError, unanswered: int) -> None:
         """A stream's worker died: replace it (once, whichever of its streams saw it first)."""
@@ -605,15 +607,15 @@ class RequestTicket:
     """The answers to one :meth:`RequestPool.submit`: its requests are on their way from the
     start; ``results`` streams the answers and sends what a dying worker left unanswered again."""
 
-    def __init__(self, pool: RequestPool, items: list[Any]) -> None:
-        self.pool = pool
+    def __init__(self, pool: RequestPool, items: list[Any], budget: Any = None, price: Any = None) -> None:
+        self.pool, self.budget, self.price = pool, budget, price
         self.left = dict(enumerate(items))
         self._first: tuple[list[int], Any, Any] | None = None
         if self.left:
             pool.start()
             pool.stopping = False
             order = list(self.left)
-            self._first = (order, *pool._stream([self.left[i] for i in order]))
+            self._first = (order, *pool._stream([self.left[i] for i in order], budget, price))
 
     def results(self) -> Iterator[list[Any]]:
         pool, left = self.pool, self.left
@@ -622,7 +624,7 @@ class RequestTicket:
                 (order, actor, stream), self._first = self._first, None
             else:
                 order = list(left)
-                actor, stream = pool._stream([left[i] for i in order])
+                actor, stream = pool._stream([left[i] for i in order], self.budget, self.price)
             try:
                 for ref in stream:
                     batch = ray.get(ref)

@@ -9,16 +9,26 @@ sends them the way a careful client does:
   and grows back by one per window of successes (additive increase, multiplicative
   decrease), so a server with a concurrency cap is used at its cap, not hammered;
 - ``rpm`` and ``tpm`` as token buckets (:class:`RateLimit`);
+- a plugin whose call sends several HTTP requests enters :func:`genflow.api.request_slot`
+  around each, and the limits count those requests, not its calls;
 - each attempt under ``timeout_s``; a :class:`~genflow.api.TransientError` (or a
-  timeout) is sent again after an exponential backoff with full jitter, the
-  server's ``Retry-After`` first, up to ``max_retries``;
+  timeout) is sent again after an exponential backoff with full jitter, at least the
+  server's ``Retry-After`` but never more than ``max_backoff_s`` (a longer, negative or
+  unreadable one is capped and said once), up to ``max_retries``;
+- under ``max_cost``, fewer requests in flight as the budget nears its end
+  (:meth:`genflow.budget.Budget.room`), none once it is spent;
 - results come back one by one, as they are answered.
+
+Time comes from a :class:`Clock`, so tests run the path on a fake one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import logging
+import math
 import os
 import random
 import time
@@ -27,11 +37,28 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from genflow.api import Generator, RowError, TransientError
-from genflow.config import RequestsSpec
+from genflow.api import _REQUEST_SLOTS, Generator, RowError, TransientError
+from genflow.budget import Budget, request_cost
+from genflow.config import PriceSpec, RequestsSpec
 from genflow.secrets import Scrubber, plugin_secrets
 from genflow.secrets import install as install_secrets
 from genflow.worker import Failure
+
+log = logging.getLogger(__name__)
+
+
+class Clock:
+    """Time as the request path reads it; a test passes one whose ``sleep`` moves ``now`` by hand."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def timeout(self, seconds: float) -> contextlib.AbstractAsyncContextManager[Any]:
+        """Cancels what it holds after ``seconds``, raising ``TimeoutError``."""
+        return asyncio.timeout(seconds)
 
 
 class AdaptiveLimit:
@@ -101,15 +128,16 @@ class RateLimit:
     """A token bucket of ``per_minute`` units, refilled continuously; it may go into debt when
     the cost is known only after the fact (tokens), and then holds new requests until repaid."""
 
-    def __init__(self, per_minute: float) -> None:
+    def __init__(self, per_minute: float, clock: Clock | None = None) -> None:
+        self.clock = clock or Clock()
         self.rate = per_minute / 60.0
         self.capacity = max(1.0, per_minute / 60.0)  # a second's worth: no burst of a minute at once
         self.level = self.capacity
-        self.stamp = time.monotonic()
+        self.stamp = self.clock.now()
         self._lock = asyncio.Lock()
 
     def _refill(self) -> None:
-        now = time.monotonic()
+        now = self.clock.now()
         self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
         self.stamp = now
 
@@ -120,7 +148,7 @@ class RateLimit:
                 if self.level >= min(units, self.capacity):
                     self.level -= units
                     return
-                await asyncio.sleep((min(units, self.capacity) - self.level) / self.rate)
+                await self.clock.sleep((min(units, self.capacity) - self.level) / self.rate)
 
     def charge(self, units: float) -> None:
         """Units spent that were not taken up front (a request's tokens, known from its answer)."""
@@ -136,80 +164,155 @@ class Answer:
     result: Any
     seconds: float
     attempts: int
+    posts: int = 1
+    """HTTP requests its answered attempt made (those the plugin held :func:`~genflow.api.request_slot`
+    for; one for a plugin that holds none): what an answer without usage is priced by."""
 
 
-def backoff(attempt: int, spec: RequestsSpec, retry_after: float | None, rng: random.Random) -> float:
-    """Seconds before attempt ``attempt + 1``: full jitter over an exponential cap, at least
-    what the server asked for."""
+def backoff(attempt: int, spec: RequestsSpec, retry_after: float | None, rng: random.Random) -> tuple[float, str]:
+    """Seconds before attempt ``attempt + 1``, and what was done with the server's ``Retry-After``.
+
+    Full jitter over an exponential cap (``backoff_s`` doubled per attempt, at most
+    ``max_backoff_s``), at least what the server asked for, but never more than
+    ``max_backoff_s``: a server asking for minutes (or a negative, infinite or unreadable
+    wait) would park the row at no progress. The second value is ``""`` when the
+    ``Retry-After`` (if any) was honoured as given, ``capped`` or ``ignored``."""
     cap = min(spec.max_backoff_s, spec.backoff_s * (2 ** attempt))
     delay = rng.uniform(0, cap)
-    if retry_after is not None:
-        delay = max(delay, min(retry_after, spec.max_backoff_s * 4))
-    return delay
+    if retry_after is None:
+        return delay, ""
+    if not isinstance(retry_after, (int, float)) or not math.isfinite(retry_after) or retry_after < 0:
+        return delay, "ignored"
+    if retry_after > spec.max_backoff_s:
+        return max(delay, spec.max_backoff_s), "capped"
+    return max(delay, float(retry_after)), ""
+
+
+class _CallSlots:
+    """One call's share of the limits, for the HTTP requests it sends (:func:`genflow.api.request_slot`).
+
+    The call holds one slot (and took one ``rpm`` unit) when it starts; its first request
+    takes that slot over, and every other request waits for one of its own."""
+
+    def __init__(self, runner: RequestRunner, ordinal: int) -> None:
+        self.runner, self.ordinal = runner, ordinal
+        self.holds = True
+        """The call still holds the slot it started in (no request has taken it over)."""
+        self.requests = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        runner = self.runner
+        self.requests += 1
+        if self.holds:
+            self.holds = False
+            ordinal = self.ordinal
+        else:
+            await runner._admit()
+            ordinal = await runner.limit.acquire()
+        outcome = "other"
+        try:
+            yield
+            outcome = "ok"
+        except TransientError as exc:
+            outcome = "rate_limited" if exc.rate_limited else "other"
+            raise
+        finally:
+            await runner.limit.release(ordinal, outcome)
 
 
 class RequestRunner:
     """Sends one stage's requests through a plugin's async call, within the stage's limits."""
 
-    def __init__(self, call: Callable[[Any], Awaitable[Any]], spec: RequestsSpec, seed: int = 0) -> None:
+    def __init__(self, call: Callable[[Any], Awaitable[Any]], spec: RequestsSpec, seed: int = 0,
+                 clock: Clock | None = None) -> None:
         self.call, self.spec = call, spec
+        self.clock = clock or Clock()
         self.limit = AdaptiveLimit(spec.concurrency)
-        self.rpm = RateLimit(spec.rpm) if spec.rpm else None
-        self.tpm = RateLimit(spec.tpm) if spec.tpm else None
+        self.rpm = RateLimit(spec.rpm, self.clock) if spec.rpm else None
+        self.tpm = RateLimit(spec.tpm, self.clock) if spec.tpm else None
         self.rng = random.Random(seed)
         self.retries = 0
         self.backing_off = 0
+        self.retry_after_capped = 0
+        """Waits the server asked for that were longer than ``max_backoff_s``, or unreadable."""
         self.stopped = False
-        """Set by :meth:`stop_sending`: requests in flight finish, no new one starts."""
+        """Set by :meth:`stop_sending`, or by a spent budget: requests in flight finish, no new one starts."""
 
     def stop_sending(self) -> None:
         self.stopped = True
 
+    async def _admit(self) -> None:
+        """Wait for the rate limits: an ``rpm`` unit, and the ``tpm`` bucket out of debt."""
+        if self.rpm is not None:
+            await self.rpm.take()
+        if self.tpm is not None:
+            await self.tpm.take(0)  # waits while the bucket is in debt
+
     async def one(self, index: int, item: Any) -> Answer:
         attempt = 0
         while True:
-            if self.rpm is not None:
-                await self.rpm.take()
-            if self.tpm is not None:
-                await self.tpm.take(0)  # waits while the bucket is in debt
+            await self._admit()
             ordinal = await self.limit.acquire()
-            started = time.perf_counter()
+            started = self.clock.now()
             outcome, retry_after = "other", None
+            slots = _CallSlots(self, ordinal)
+            token = _REQUEST_SLOTS.set(slots)
             try:
-                async with asyncio.timeout(self.spec.timeout_s):
+                async with self.clock.timeout(self.spec.timeout_s):
                     result = await self.call(item)
                 outcome = "ok"
                 if self.tpm is not None:
                     self.tpm.charge(_tokens(result))
-                return Answer(index, _as_result(result), time.perf_counter() - started, attempt + 1)
+                return Answer(index, _as_result(result), self.clock.now() - started, attempt + 1,
+                              max(1, slots.requests))
             except TransientError as exc:
                 outcome = "rate_limited" if exc.rate_limited else "other"
                 retry_after, error = exc.retry_after, f"{type(exc).__name__}: {exc}"
             except TimeoutError:
                 error = f"TimeoutError: no answer within {self.spec.timeout_s:g}s"
             except RowError as exc:
-                return Answer(index, Failure(str(exc), ""), time.perf_counter() - started, attempt + 1)
+                return Answer(index, _failure(exc), self.clock.now() - started, attempt + 1, max(1, slots.requests))
             except Exception as exc:
                 return Answer(index, Failure(f"{type(exc).__name__}: {exc}", traceback.format_exc()),
-                              time.perf_counter() - started, attempt + 1)
+                              self.clock.now() - started, attempt + 1)
             finally:
-                await self.limit.release(ordinal, outcome)
+                _REQUEST_SLOTS.reset(token)
+                if slots.holds:
+                    await self.limit.release(ordinal, outcome)
             if attempt >= self.spec.max_retries:
                 return Answer(index, Failure(f"{error} (after {attempt + 1} attempts)", "", transient=True),
-                              time.perf_counter() - started, attempt + 1)  # the next run sends it again
+                              self.clock.now() - started, attempt + 1)  # the next run sends it again
             attempt += 1
             self.retries += 1
+            delay, said = backoff(attempt - 1, self.spec, retry_after, self.rng)
+            if said:
+                self._say_retry_after(retry_after, said)
             self.backing_off += 1  # holds no slot while it waits: another request may start
             try:
-                await asyncio.sleep(backoff(attempt - 1, self.spec, retry_after, self.rng))
+                await self.clock.sleep(delay)
             finally:
                 self.backing_off -= 1
 
-    async def run(self, items: list[Any], most: int = 256) -> AsyncIterator[list[Answer]]:
+    def _say_retry_after(self, asked: Any, what: str) -> None:
+        self.retry_after_capped += 1
+        if self.retry_after_capped == 1:
+            log.warning("the server asked to wait %r s before sending again (Retry-After); %s: waiting at most "
+                        "max_backoff_s (%g s), as every later such answer", asked,
+                        "longer than max_backoff_s" if what == "capped" else "not a wait in seconds",
+                        self.spec.max_backoff_s)
+
+    async def run(self, items: list[Any], most: int = 256, budget: Budget | None = None,
+                  price: PriceSpec | None = None) -> AsyncIterator[list[Answer]]:
         """Every item's answer as it arrives, in lists of what arrived together (at most
         ``most``): the caller waits for no more than the next answer. All items are answered
-        exactly once, unless :meth:`stop_sending` ends the run early: then those started
-        are answered and no other."""
+        exactly once, unless :meth:`stop_sending` or a spent ``budget`` ends the run early:
+        then those started are answered and no other.
+
+        ``budget`` (the job's, as the driver counted it when it sent these items) gets each
+        answer's cost with ``price`` as it arrives, and holds back requests as it nears its
+        end (:meth:`~genflow.budget.Budget.room`); the driver adds the same costs in the same
+        order, so both find it spent at the same answer."""
         arrived: asyncio.Queue[Answer] = asyncio.Queue()
         waiting = iter(enumerate(items))
         tasks: set[asyncio.Task[Answer]] = set()
@@ -220,7 +323,8 @@ class RequestRunner:
             """Start requests while the limit has room (plus those waiting out a backoff): a
             few more tasks than slots, not one per item, so a free slot wakes no crowd."""
             nonlocal started
-            while not self.stopped and len(tasks) < self.limit.size + self.backing_off:
+            while (not self.stopped and len(tasks) < self.limit.size + self.backing_off
+                   and (budget is None or budget.room(len(tasks)))):
                 try:
                     index, item = next(waiting)
                 except StopIteration:
@@ -233,13 +337,25 @@ class RequestRunner:
         def deliver(task: asyncio.Task[Answer]) -> None:
             tasks.discard(task)
             if not task.cancelled():
-                arrived.put_nowait(task.result())
+                answer = task.result()
+                if budget is not None:
+                    cost, _ = request_cost(items[answer.index], answer.result, price, answer.posts)
+                    budget.add(cost, sample=not isinstance(answer.result, Failure))
+                arrived.put_nowait(answer)
                 start_more()
 
         start_more()
         answered = 0
+
+        def more_to_come() -> bool:
+            """An answer is on its way (with none in flight, whatever may start now is started:
+            none may, once every item is sent, the sending is stopped or the budget spent)."""
+            if answered == started:
+                start_more()
+            return answered < started
+
         try:
-            while answered < len(items) and not (self.stopped and answered == started):
+            while more_to_come():
                 batch = [await arrived.get()]
                 while not arrived.empty() and len(batch) < most:
                     batch.append(arrived.get_nowait())
@@ -250,8 +366,18 @@ class RequestRunner:
                 task.cancel()
 
 
+def _failure(error: RowError) -> Failure:
+    """A permanent failure, with the tokens the plugin says it paid for on the way (if it says)."""
+    return Failure(str(error), "", prompt_tokens=_count(getattr(error, "prompt_tokens", None)),
+                   completion_tokens=_count(getattr(error, "completion_tokens", None)))
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def _as_result(result: Any) -> Any:
-    return Failure(str(result), "") if isinstance(result, RowError) else result
+    return _failure(result) if isinstance(result, RowError) else result
 
 
 def _tokens(result: Any) -> int:
@@ -277,11 +403,12 @@ class RequestWorker:
     def describe(self) -> dict[str, Any]:
         return self.plugin.describe()
 
-    async def run(self, items: list[Any]) -> Any:
-        """Answers streamed back in lists of those that arrived together."""
+    async def run(self, items: list[Any], budget: Budget | None = None, price: PriceSpec | None = None) -> Any:
+        """Answers streamed back in lists of those that arrived together (``budget``: see
+        :meth:`RequestRunner.run`)."""
         if self._watching is None:
             self._watching = asyncio.ensure_future(self._watch_parent())
-        async for batch in self.runner.run(items):
+        async for batch in self.runner.run(items, budget=budget, price=price):
             yield batch
 
     async def _watch_parent(self) -> None:
@@ -299,8 +426,11 @@ class RequestWorker:
 
     def stats(self) -> dict[str, Any]:
         limit = self.runner.limit
-        return {"concurrency": limit.ceiling, "concurrency_now": limit.size, "concurrency_lowest": limit.smallest,
-                "rate_limited": limit.rejections, "retries": self.runner.retries}
+        stats = {"concurrency": limit.ceiling, "concurrency_now": limit.size, "concurrency_lowest": limit.smallest,
+                 "rate_limited": limit.rejections, "retries": self.runner.retries}
+        if self.runner.retry_after_capped:
+            stats["retry_after_capped"] = self.runner.retry_after_capped
+        return stats
 
     async def close(self) -> None:
         closing = getattr(self.plugin, "aclose", None)

@@ -25,6 +25,10 @@ class Failure:
     transient: bool = False
     """It may pass if sent again: the request path's retries of a 429, a 5xx or a timeout ran
     out. Its ``errors/`` row says so, and the next run of the job sends it again."""
+    prompt_tokens: int | None = None
+    """Tokens paid for on the way to the failure (an answer that missed a schema, a verdict that
+    could not be read): they count towards ``max_cost`` and the stage's cost."""
+    completion_tokens: int | None = None
 
 
 class PluginWorker:

@@ -41,7 +41,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field, field_validator
 
 from genflow import hookimpl
-from genflow.api import Generation, GenerationRequest, Generator, PluginParams, RowError, TransientError
+from genflow.api import (
+    Generation,
+    GenerationRequest,
+    Generator,
+    PluginParams,
+    RowError,
+    TransientError,
+    request_slot,
+)
 from genflow.config import redact_url
 from genflow.hookspecs import Register
 from genflow.secrets import Scrubber, Secret, url_secrets
@@ -61,6 +69,9 @@ MESSAGE_CHARS = 500
 CONNECTIONS = 1024
 """Open connections per worker: more than the requests a stage keeps in flight."""
 CONNECT_TIMEOUT_S = 10.0
+MAX_ANSWER_BYTES = 32 * 1024 * 1024
+"""The default ``max_answer_bytes``: far above any completion (a long answer with top
+logprobs is a few MB), far below what would swamp a worker's memory."""
 """Seconds to open a connection; the request's own timeout is the engine's ``requests.timeout_s``."""
 _FENCE = re.compile(r"^\s*```(?:json)?\s*\n(.*?)\n?```\s*$", re.S)
 
@@ -106,6 +117,8 @@ class OpenAIParams(PluginParams):
                                        "server-specific parameters (vLLM's top_k, guided decoding...).")
     seed_requests: bool = Field(True, description="Send each request's seed, so a server that honours seeds "
                                 "answers reproducibly.")
+    max_answer_bytes: int = Field(MAX_ANSWER_BYTES, ge=1024, description="Largest answer body read from a "
+                                  "server, in bytes; a larger one is not read on and the row goes to errors/.")
 
     @field_validator("base_url")
     @classmethod
@@ -149,11 +162,13 @@ class OpenAIClient:
     The key is read from ``$api_key_env`` at each request. Shared by the ``openai``
     generator and the ``llm-judge`` scorer's served backend."""
 
-    def __init__(self, base_url: str | list[str], api_key_env: str | None, path: str) -> None:
+    def __init__(self, base_url: str | list[str], api_key_env: str | None, path: str,
+                 max_answer_bytes: int = MAX_ANSWER_BYTES) -> None:
         urls = [base_url] if isinstance(base_url, str) else base_url
         self.servers = [_Server(url) for url in urls]
         self.api_key_env = api_key_env
         self.path = path
+        self.max_answer_bytes = max_answer_bytes
         self._url_secrets = [secret for url in urls for secret in url_secrets(url, "base_url")]
         self._scrubbers: dict[str | None, Scrubber] = {}
         self._next = 0
@@ -189,20 +204,27 @@ class OpenAIClient:
         return min((self.servers[(start + i) % count] for i in range(count)), key=lambda s: s.in_flight)
 
     async def post(self, body: dict[str, Any]) -> dict[str, Any]:
-        """The server's answer as JSON; a failed request raises TransientError or RowError."""
-        import aiohttp
+        """The server's answer as JSON; a failed request raises TransientError or RowError.
 
+        Each post holds a slot of the engine's limits (:func:`genflow.api.request_slot`):
+        a judge's parallel questions and a schema's retries count as the requests they are."""
         key = self._key()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if key:
             headers["Authorization"] = f"Bearer {key}"
+        async with request_slot():  # the stage's concurrency, rpm and tpm count each HTTP request
+            return await self._post(body, key, headers)
+
+    async def _post(self, body: dict[str, Any], key: str | None, headers: dict[str, str]) -> dict[str, Any]:
+        import aiohttp
+
         server = self._pick()
         server.in_flight += 1
         try:
             async with self._client().post(server.base_url + self.path, data=json.dumps(body).encode(),
                                            headers=headers, allow_redirects=False) as response:
                 status, answer_headers = response.status, response.headers
-                payload = await response.read()
+                payload = await read_answer(response, self.max_answer_bytes, server.name)
         except aiohttp.InvalidURL as exc:
             raise RowError(self.scrub(f"invalid URL for {server.name}: {exc}", key)) from None
         except aiohttp.ClientError as exc:  # refused, reset, dropped mid-answer, unreadable HTTP
@@ -278,7 +300,8 @@ class OpenAIGenerator(Generator):
         if params.api_key_env and not os.environ.get(params.api_key_env, "").strip():
             raise ValueError(f"api_key_env: the environment variable {params.api_key_env} is not set where the "
                              "plugin runs")
-        self.client = OpenAIClient(params.base_url, params.api_key_env, PATHS[params.endpoint])
+        self.client = OpenAIClient(params.base_url, params.api_key_env, PATHS[params.endpoint],
+                                   params.max_answer_bytes)
         self.servers = self.client.servers
         self._validator: Any = None
         if params.response_format is not None:
@@ -299,10 +322,15 @@ class OpenAIGenerator(Generator):
         body = self._body(request)
         if isinstance(body, RowError):
             return body
+        paid = [0, 0]  # every answer's tokens, those that missed the schema too: each was paid for
         for attempt in range(self.params.schema_retries + 1 if self._validator is not None else 1):
             if attempt and self.params.seed_requests:
                 body["seed"] = retry_seed(request.seed, attempt)
             generation = self._generation(await self.client.post(body))
+            paid[0] += generation.prompt_tokens or 0
+            paid[1] += generation.num_tokens or 0
+            if attempt:
+                generation.prompt_tokens, generation.num_tokens = paid[0] or None, paid[1] or None
             if self._validator is None:
                 return generation
             problem = self._schema_problem(generation)
@@ -311,6 +339,7 @@ class OpenAIGenerator(Generator):
         error = RowError(f"the answer does not meet response_format after {attempt + 1} requests ({problem}); "
                          f"the answer: {generation.raw}")
         error.raw = generation.raw  # type: ignore[attr-defined]
+        error.prompt_tokens, error.completion_tokens = paid  # type: ignore[attr-defined]
         return error
 
     async def aclose(self) -> None:
@@ -442,6 +471,22 @@ def retry_after(headers: CIMultiDictProxy[str] | dict[str, str]) -> float | None
     except (TypeError, ValueError, IndexError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+async def read_answer(response: Any, limit: int, where: str) -> bytes:
+    """An answer's body, read in chunks: one past ``limit`` bytes (or announced so by its
+    ``Content-Length``) is a :class:`RowError` as soon as that is known, not read on."""
+    announced = response.content_length
+    if announced is not None and announced > limit:
+        raise RowError(f"the answer from {where} is {announced} bytes, more than max_answer_bytes ({limit}): "
+                       "not read")
+    chunks, size = [], 0
+    async for chunk in response.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            raise RowError(f"the answer from {where} is more than max_answer_bytes ({limit} bytes): not read on")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def error_message(payload: bytes) -> str:

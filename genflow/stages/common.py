@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from genflow import layout
 from genflow.api import GenerationRequest, Plugin, RowError, ScoreItem, sends_requests
+from genflow.budget import Budget, priced, reported_tokens, request_cost
 from genflow.config import GeneratorSpec, JobConfig, PriceSpec, ScorerSpec
 from genflow.execution import RequestPool, WorkerPool, chunked, request_pool
 from genflow.job import BudgetSpent
@@ -30,17 +31,6 @@ log = logging.getLogger(__name__)
 Advance = Callable[[int], None]
 Item = TypeVar("Item", GenerationRequest, ScoreItem)
 Pool = WorkerPool | RequestPool
-
-
-class Budget:
-    """What a job's requests may cost (``max_cost``) and what they have cost in this run."""
-
-    def __init__(self, max_cost: float | None) -> None:
-        self.max_cost, self.spent = max_cost, 0.0
-
-    @property
-    def exhausted(self) -> bool:
-        return self.max_cost is not None and self.spent >= self.max_cost
 
 
 @dataclass(frozen=True)
@@ -179,13 +169,26 @@ def _request_answers(pool: RequestPool, items: list[Item], advance: Advance, jou
     """A request stage's answers: those the journals hold first (sent by an earlier run), then
     the rest as the server answers, each one journaled; stops once the budget is spent.
     A request is one item, or (``per_prompt``) the list of a prompt's items. The requests
-    not journaled are sent before this returns."""
+    not journaled are sent before this returns, unless the budget is spent already: the
+    journal's answers were paid for by an earlier run of the output, and count."""
     answered: dict[str, tuple[Any, float]] = {}
     for journal in journals.unique():
         answered.update(journal.load())
     units: list[list[Item]] = prompt_groups(items) if per_prompt else [[item] for item in items]
     todo = [unit for unit in units if not all(i.generation_id in answered for i in unit)]
-    ticket = pool.submit([unit if per_prompt else unit[0] for unit in todo]) if todo else None
+    if budget is not None:
+        if budget.max_cost is not None and todo and not priced(price) and budget.say("unpriced"):
+            log.warning("max_cost does not bound a stage that has no price: its requests are counted as free "
+                        "(give the stage `price:`)")
+        for unit in units:
+            if all(i.generation_id in answered for i in unit):
+                for item in unit:
+                    result = answered[item.generation_id][0]
+                    budget.add(request_cost(item, result, price)[0], sample=not isinstance(result, Failure))
+    spent = budget is not None and budget.exhausted
+    ticket = None
+    if todo and not spent:
+        ticket = pool.submit([unit if per_prompt else unit[0] for unit in todo], budget, price)
     return _journaled_answers(pool, ticket, units, todo, answered, advance, journals, price, budget, per_prompt)
 
 
@@ -193,6 +196,8 @@ def _journaled_answers(pool: RequestPool, ticket: Any, units: list[list[Item]], 
                        answered: dict[str, tuple[Any, float]], advance: Advance, journals: Journals,
                        price: PriceSpec | None, budget: Budget | None,
                        per_prompt: bool) -> Iterator[tuple[Item, Any, float]]:
+    """The journals' answers, then the ticket's as they arrive: each journaled, and counted on
+    ``budget`` as the request worker counts it (the same costs in the same order)."""
     replayed = 0
     for unit in units:
         if all(i.generation_id in answered for i in unit):
@@ -203,27 +208,34 @@ def _journaled_answers(pool: RequestPool, ticket: Any, units: list[list[Item]], 
     if replayed:
         advance(replayed)
     stopping = False
+    unanswered = len(todo)
     for batch in ticket.results() if ticket is not None else ():
         moved = 0
         for answer in batch:
             unit = todo[answer.index]
+            if budget is not None:
+                cost, estimated = request_cost(unit if per_prompt else unit[0], answer.result, price, answer.posts)
+                budget.add(cost, sample=not isinstance(answer.result, Failure))
+                if estimated and budget.say("estimated"):
+                    log.warning("the server reported no token usage: its requests are priced from their "
+                                "characters (about 4 a token) for max_cost and the stage's cost")
+                budget.estimated += estimated
             results = _fan_out(answer.result, len(unit)) if per_prompt else [answer.result]
             for item, result in zip(unit, results, strict=True):
                 journals.add(item.generation_id, result, answer.seconds)
-                if budget is not None:
-                    budget.spent += result_cost(result, price)
                 yield item, result, answer.seconds
             moved += len(unit)
+            unanswered -= 1
         journals.flush()  # the answers are durable before the next ones are waited for
         advance(moved)
         if budget is not None and budget.exhausted and not stopping:
             stopping = True  # what is in flight is paid for: take its answers, send nothing more
             pool.stop_sending()
     journals.flush()
-    if stopping and budget is not None:
-        raise BudgetSpent(f"the job's requests have cost {budget.spent:.4f}, its max_cost is "
-                          f"{budget.max_cost:g}: stopped with every answer kept; raise max_cost and "
-                          f"run it again to go on")
+    if budget is not None and budget.exhausted and unanswered:
+        raise BudgetSpent(f"the job's requests have cost {budget.spent:.4f} (every run of this output together), "
+                          f"its max_cost is {budget.max_cost:g}: stopped with every answer kept, {unanswered} "
+                          f"requests not sent; raise max_cost and run it again to go on")
 
 
 class Journals:
@@ -249,11 +261,12 @@ class Journals:
 
 
 def _fan_out(result: Any, n: int) -> list[Any]:
-    """A per-prompt request's answer as one result per item: its list, or its failure n times."""
+    """A per-prompt request's answer as one result per item: its list, or its failure n times
+    (the tokens it paid for on the first only, so that they are counted once)."""
     if isinstance(result, list) and len(result) == n:
         return [Failure(str(r), "") if isinstance(r, RowError) else r for r in result]
     if isinstance(result, Failure):
-        return [result] * n
+        return [result] + [dataclasses.replace(result, prompt_tokens=None, completion_tokens=None)] * (n - 1)
     return [Failure(f"the scorer answered {len(result) if isinstance(result, list) else type(result).__name__} "
                     f"results for a prompt of {n} candidates", "")] * n
 
@@ -272,13 +285,6 @@ def _keys_view(item: GenerationRequest | ScoreItem) -> GenerationRequest | Score
     if isinstance(item, ScoreItem) and item.image is not None:
         return dataclasses.replace(item, image=None)
     return item
-
-
-def result_cost(result: Any, price: PriceSpec | None) -> float:
-    if price is None or isinstance(result, Failure):
-        return 0.0
-    return price.cost(getattr(result, "prompt_tokens", None),
-                      getattr(result, "num_tokens", None) or getattr(result, "completion_tokens", None))
 
 
 def prompt_groups(items: list[Item]) -> list[list[Item]]:
@@ -414,13 +420,13 @@ class Usage:
     completion: int = 0
     cost: float = 0.0
 
-    def add(self, result: Any, price: PriceSpec | None) -> None:
-        if isinstance(result, Failure):
-            return
-        self.prompt += int(getattr(result, "prompt_tokens", None) or 0)
-        self.completion += int(getattr(result, "num_tokens", None) or getattr(result, "completion_tokens", None)
-                               or 0)
-        self.cost += result_cost(result, price)
+    def add(self, result: Any, price: PriceSpec | None, item: Any = None) -> None:
+        """A row's result: its tokens (a failure's too: they were paid for) and its cost, priced
+        from characters where the server reported no usage (as ``max_cost`` counts it)."""
+        prompt, completion = reported_tokens(result)
+        self.prompt += prompt
+        self.completion += completion
+        self.cost += request_cost(item, result, price)[0]
 
 
 def finish_model_stage(storage: Storage, stage: Stage, shard: Shard, fingerprint: str, folder: str,

@@ -95,7 +95,7 @@ def generate_work(job: JobContext, stage: ModelStage, shard: Shard, fingerprint:
     def finish(answered: Answered) -> StageOutcome:
         rows, errors, usage = [], [], Usage()
         for req, res, seconds in answered:
-            usage.add(res, spec.price)
+            usage.add(res, spec.price, req)
             res = scrub_result(res)  # a secret the server sent back: the candidate becomes an errors/ row
             if isinstance(res, Failure):
                 errors.append(error_row(req.prompt_id, "generate", spec.plugin, res, req.generation_id))

@@ -62,7 +62,7 @@ def score_work(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: st
         rows: list[dict[str, Any]] = []
         errors, usage = list(unreadable), Usage()
         for item, res, _ in answered:
-            usage.add(res, spec.price)
+            usage.add(res, spec.price, item)
             res = scrub_result(res)  # a secret the judge's server sent back, blanked in details and errors
             if isinstance(res, Failure):
                 errors.append(error_row(item.prompt_id, "score", spec.plugin, res, item.generation_id))
