@@ -770,3 +770,28 @@ def test_a_prefect_api_url_with_credentials_is_shown_without_them(monkeypatch: p
         line = shutdown.lost_api_reported("the job goes on")
         assert line == "lost the Prefect API (http://***@127.0.0.1:9/api): the job goes on"
         assert "s3cret" not in shutdown.shown_api_url()
+
+
+def test_only_the_prefect_apis_own_5xx_counts_as_a_busy_api() -> None:
+    """A plugin's model server answering 503 inside a task is the plugin's error, not a busy API:
+    only a 5xx whose request went to the Prefect API gets the task tried again."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from genflow.shutdown import prefect_api_busy
+
+    def answered(status: int, url: str) -> httpx.HTTPStatusError:
+        request = httpx.Request("POST", url)
+        response = httpx.Response(status, request=request)
+        return httpx.HTTPStatusError(f"{status}", request=request, response=response)
+
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        slots = answered(503, "http://127.0.0.1:4200/api/v2/concurrency_limits/increment-with-lease")
+        assert prefect_api_busy(slots) == 503
+        try:  # as Prefect raises it: its own error, the HTTP answer as its cause
+            raise RuntimeError("Unable to acquire concurrency slots") from slots
+        except RuntimeError as wrapped:
+            assert prefect_api_busy(wrapped) == 503
+        assert prefect_api_busy(answered(503, "http://127.0.0.1:8000/v1/chat/completions")) is None  # a plugin's
+        assert prefect_api_busy(answered(404, "http://127.0.0.1:4200/api/flows/x")) is None  # not busy: wrong
+        assert prefect_api_busy(ValueError("no HTTP at all")) is None
