@@ -1,0 +1,57 @@
+"""Shared by both runners: limits, error text, tracebacks. Python 3.8+.
+
+Its text comes first in each runner's program (see the package's docstring).
+"""
+
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+
+def _genflow_limits(limits: "Sequence[int]", only: "str | None" = None, but: "str | None" = None) -> None:
+    """Set the limits (CPU s, address space, processes, file size, open files, core size;
+    one below 0 is left as it is), ``only`` one of them or all ``but`` one."""
+    import resource
+    names = ("RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_CORE")
+    for name, value in zip(names, limits):
+        if value < 0 or name == but or only not in (None, name):
+            continue
+        which = getattr(resource, name)
+        hard = value + 1 if name == "RLIMIT_CPU" else value
+        _, cur_hard = resource.getrlimit(which)
+        if cur_hard != resource.RLIM_INFINITY:
+            hard = min(hard, cur_hard)
+        resource.setrlimit(which, (min(value, hard), hard))
+
+
+def _genflow_text(exc: BaseException, limit: int = 500) -> str:
+    """``exc`` as one line: its class's name and what it says."""
+    text = type(exc).__name__
+    try:
+        if str(exc):
+            text += ": " + str(exc)
+    except BaseException:
+        pass
+    return text[:limit].replace("\n", " ")
+
+
+def _genflow_print(exc: BaseException) -> None:
+    """Print ``exc``'s traceback to stderr, less the runner's own frame."""
+    # Printed with the C printer: importing the traceback module would cost more than a
+    # typical run.
+    try:
+        exc.__traceback__ = exc.__traceback__.tb_next if exc.__traceback__ else None
+        sys.__excepthook__(type(exc), exc, exc.__traceback__)
+        sys.stderr.flush()
+    except BaseException:
+        pass
+
+
+def _genflow_flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
