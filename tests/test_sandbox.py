@@ -648,3 +648,25 @@ def test_unusable_interpreter_is_a_clear_error():
 def test_unknown_isolation_level():
     with pytest.raises(ValueError, match="isolation must be"):
         Sandbox(LIMITS, isolation="docker")
+
+
+def test_the_check_runners_codec_gives_the_scanner_what_python_3_15_reads(monkeypatch):
+    """CPython 3.15's C JSON scanner reads ``array_hook`` from its context too, with no
+    default (Modules/_json.c, scanner_new): a context without it stops every check."""
+    import _json
+
+    from genflow.plugins.sandbox_runners import check  # a module: importing it starts nothing
+
+    real = _json.make_scanner
+    read = ("strict", "object_hook", "object_pairs_hook", "array_hook", "parse_float", "parse_int",
+            "parse_constant")
+
+    def make_scanner(context):
+        hooks = {name: getattr(context, name) for name in read}  # an AttributeError as in 3.15
+        assert hooks["array_hook"] is None  # None: arrays stay lists, as before 3.15
+        return real(context)
+
+    monkeypatch.setattr(_json, "make_scanner", make_scanner)
+    dump, load = check._genflow_codec()
+    value = ([1, (2.5, "x")], {"k": {3}, 4: frozenset({b"\x00"})}, bytearray(b"a"), 3 + 1j, None)
+    assert load(dump(value)[:-1].decode("ascii")) == value

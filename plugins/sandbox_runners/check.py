@@ -103,16 +103,18 @@ def _genflow_codec() -> "tuple[Callable[[object], bytes], Callable[[str], Any]]"
         raise ValueError("not plain data")
 
     if c_scanner:
-        class Context:  # what the C scanner reads
+        class Context:  # what the C scanner reads, 3.8 to 3.15
             strict: bool
             object_hook: "Callable[[dict[str, Any]], object] | None"
             object_pairs_hook: "Callable[[list[tuple[str, Any]]], object] | None"
+            array_hook: "Callable[[list[Any]], object] | None"
             parse_float: "Callable[[str], object]"
             parse_int: "Callable[[str], object]"
             parse_constant: "Callable[[str], object]"
             memo: "dict[str, str]"
         context = Context()
         context.strict, context.object_hook, context.object_pairs_hook = True, tagged, None
+        context.array_hook = None  # Python 3.15's scanner reads it: None keeps arrays as lists
         context.parse_float, context.parse_int, context.parse_constant = float, int, float
         context.memo = {}
         scan = make_scanner(context)  # type: ignore[arg-type]  # typeshed asks for a scanner as the context
