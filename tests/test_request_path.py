@@ -96,22 +96,38 @@ def test_the_endpoint_changes_no_id_and_the_key_is_never_written(tmp_path, job_r
     assert sorted(g["generation_id"] for g in _rows(out, "generations")) == first
 
 
-def test_max_cost_stops_the_job_and_a_rerun_goes_on_from_the_journal(tmp_path, job_runner, test_plugins):
+def _request_cost(prompt: str) -> float:
+    """What the job's price makes of one echo-async request (its usage: the prompt's characters
+    as prompt tokens, its words as completion tokens)."""
+    return (len(prompt) * 1000.0 + len(prompt.split()) * 2000.0) / 1e6
+
+
+def test_max_cost_stops_within_one_request_and_a_rerun_spends_it_no_more(tmp_path, job_runner, test_plugins):
     from genflow.job import BudgetSpent
 
     config = _job(tmp_path, delay_s=0.05)
-    config["max_cost"] = 0.05  # about a third of the job's 32 requests
+    prompts = ds.dataset(PROMPTS).to_table().column("prompt").to_pylist()
+    shard = [2 * sum(_request_cost(p) for p in prompts[i:i + 8]) for i in (0, 8)]
+    # The first shard's requests, and about half of the second's: the budget runs out mid-shard.
+    config["max_cost"] = shard[0] + shard[1] / 2
     with pytest.raises(BudgetSpent, match="max_cost"):
         job_runner(config)
     state = tmp_path / "state"
     first = _requests(state)
-    assert 0 < sum(first.values()) < 32
+    assert 16 < sum(first.values()) < 32
+
+    # Run again with the same max_cost: the output's finished shard and journal have spent it.
+    with pytest.raises(BudgetSpent, match="max_cost"):
+        job_runner(config)
+    assert _requests(state) == first, "a rerun under the same max_cost sent requests"
+
     config["max_cost"] = None
     job_runner(config)
     second = _requests(state)
-    assert len(second) == 32
-    resent = [gid for gid, n in second.items() if n > 1]
-    assert len(resent) <= 8  # at most what was in flight when the budget ran out (concurrency 8)
+    assert len(second) == 32 and all(n == 1 for n in second.values()), "every answer kept: none sent twice"
+    cost = {g["generation_id"]: _request_cost(g["prompt"]) for g in _rows(Path(config["output"]), "generations")}
+    spent = sum(cost[gid] for gid in first)  # counted at the server: what the first run's requests cost
+    assert shard[0] + shard[1] / 2 <= spent <= shard[0] + shard[1] / 2 + max(cost.values())
 
 
 def test_a_job_killed_mid_shard_resends_only_what_was_in_flight(tmp_path, test_plugins):
