@@ -193,6 +193,9 @@ class EchoAsyncParams(PluginParams):
     """Where a real client would send requests: in ``unhashed_params``, so it changes no id."""
     key_env: str | None = None
     """An API key's variable, read in the worker: answers carry the key's hash, never the key."""
+    hold_after: int | None = None
+    """Requests after this many (counted in ``state_dir``'s log) get no answer until a file
+    ``release`` is in ``state_dir``: a test kills the job mid-shard on an event, not a time."""
 
 
 class EchoAsync(Generator):
@@ -212,6 +215,10 @@ class EchoAsync(Generator):
 
         state = self.params.state_dir
         _log(state, f"request {request.generation_id}")
+        if state and self.params.hold_after is not None:
+            ordinal = sum(1 for line in calls(state) if line.startswith("request "))
+            while ordinal > self.params.hold_after and not (Path(state) / "release").exists():
+                await asyncio.sleep(0.01)
         if self.params.delay_s:
             await asyncio.sleep(self.params.delay_s)
         if state and any(s in request.prompt for s in self.params.hang_on):

@@ -154,18 +154,31 @@ def _journaled(out: Path) -> set[str]:
 
 
 def test_a_kill_mid_shard_resends_only_what_was_in_flight_and_the_rows_match(tmp_path, make_standin_server):
-    first_server, second_server = make_standin_server(latency=0.25), make_standin_server(latency=0.25)
+    import itertools
+    import threading
+
+    from servers import echo_answer
+
+    release, ordinals = threading.Event(), itertools.count(1)
+
+    def held(path: str, body: dict[str, Any]) -> str:
+        """The first 8 answers; then the server stops answering until released (the job cannot end)."""
+        if next(ordinals) > 8:
+            release.wait(timeout=600)
+        return echo_answer(path, body)
+
+    first_server, second_server = make_standin_server(latency=0.25, answer=held), make_standin_server(latency=0.25)
     config = _job(tmp_path, first_server.url)
     config["shard_rows"] = 16
     config["scorers"] = []
-    config["generators"][0]["requests"]["concurrency"] = 4
+    config["generators"][0]["requests"].update(concurrency=4, timeout_s=600.0)
     path = tmp_path / "job.yaml"
     path.write_text(json.dumps(config))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "genflow.cli", "run", str(path)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     out = Path(config["output"])
-    deadline = time.monotonic() + 180  # a failsafe: the kill waits for an event, not for a time
+    deadline = time.monotonic() + 300  # a failsafe: the kill waits for an event, not for a time
     while not _segments(out) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)
     assert proc.poll() is None, "the job must still be running when it is killed"
@@ -173,6 +186,7 @@ def test_a_kill_mid_shard_resends_only_what_was_in_flight_and_the_rows_match(tmp
     proc.wait()
     journaled = _journaled(out)  # what the killed run kept: nothing writes it any more
     assert journaled, "answers are journaled as they arrive"
+    release.set()  # the first server answers again (to no one)
 
     # The rerun goes to a second server of the same model (base_url changes no id): what the
     # killed run's worker still sent on its way out stays with the first, and cannot be
