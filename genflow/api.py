@@ -61,7 +61,12 @@ a plugin whose ``generate`` / ``score`` is ``async def`` takes **one** request (
 - Every answer goes to the stage's request journal within seconds, so a job killed
   mid-shard sends again only the requests that had no answer.
 - ``prompt_tokens`` and ``num_tokens`` (or a score's token counts) price the request
-  with the stage's ``price``; the job stops cleanly at ``max_cost``.
+  with the stage's ``price``; the job stops cleanly at ``max_cost``. Report every paid
+  request's tokens (a schema's retries, a judge's questions) in the result, or as
+  ``prompt_tokens`` / ``completion_tokens`` attributes of a :class:`RowError`; an answer
+  that reports none is priced from its characters (``genflow.budget``).
+- A call that sends several HTTP requests enters :func:`request_slot` around each, so
+  that ``concurrency``, ``rpm`` and ``tpm`` count requests rather than calls.
 - Params named in ``unhashed_params`` (where requests go, which variable holds the
   key) change no id and no fingerprint; ``secret_env`` names the environment
   variables a worker needs (sent to a cluster's workers, never written anywhere).

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from genflow.api import RowError
 from genflow.config import PriceSpec
 from genflow.worker import Failure
 
@@ -120,7 +121,7 @@ def request_cost(sent: Any, result: Any, price: PriceSpec | None, posts: int = 1
             estimated = estimated or guess
         return total, estimated
     prompt, completion = reported_tokens(result)
-    if prompt or completion or isinstance(result, Failure):
+    if prompt or completion or isinstance(result, (Failure, RowError)):
         return price.cost(prompt, completion), False
     items = sent if isinstance(sent, Sequence) and not isinstance(sent, str) else [sent]
     prompt = sum(_tokens_of(_prompt_chars(item)) for item in items)

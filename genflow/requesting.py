@@ -272,7 +272,7 @@ class RequestRunner:
             except TimeoutError:
                 error = f"TimeoutError: no answer within {self.spec.timeout_s:g}s"
             except RowError as exc:
-                return Answer(index, _failure(exc), self.clock.now() - started, attempt + 1, max(1, slots.requests))
+                return Answer(index, failure_of(exc), self.clock.now() - started, attempt + 1, max(1, slots.requests))
             except Exception as exc:
                 return Answer(index, Failure(f"{type(exc).__name__}: {exc}", traceback.format_exc()),
                               self.clock.now() - started, attempt + 1)
@@ -366,7 +366,7 @@ class RequestRunner:
                 task.cancel()
 
 
-def _failure(error: RowError) -> Failure:
+def failure_of(error: RowError) -> Failure:
     """A permanent failure, with the tokens the plugin says it paid for on the way (if it says)."""
     return Failure(str(error), "", prompt_tokens=_count(getattr(error, "prompt_tokens", None)),
                    completion_tokens=_count(getattr(error, "completion_tokens", None)))
@@ -377,7 +377,7 @@ def _count(value: Any) -> int | None:
 
 
 def _as_result(result: Any) -> Any:
-    return _failure(result) if isinstance(result, RowError) else result
+    return failure_of(result) if isinstance(result, RowError) else result
 
 
 def _tokens(result: Any) -> int:

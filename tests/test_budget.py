@@ -549,3 +549,20 @@ def test_row_error_tokens_reach_the_budget_through_the_worker() -> None:
 
     run(go())
     assert budget.spent == pytest.approx(5 * cost_of(120, 40))
+
+
+def test_a_prompts_answers_with_row_errors_count_their_tokens_not_an_estimate() -> None:
+    from genflow.stages.common import _fan_out
+
+    unread = RowError("the judge's verdicts for this candidate could not be read")
+    unread.prompt_tokens, unread.completion_tokens = 50, 5  # type: ignore[attr-defined]
+    refused = RowError("400: refused before any token")
+    items = [ScoreItem(f"g{i}", "p", "q" * 400, "text", "c" * 400) for i in range(3)]
+    answers = [Score(1.0, prompt_tokens=10, completion_tokens=1), unread, refused]
+    assert request_cost(items, answers, PRICE) == (pytest.approx(cost_of(60, 6)), False)
+    fanned = _fan_out(answers, 3)
+    assert isinstance(fanned[1], Failure) and (fanned[1].prompt_tokens, fanned[1].completion_tokens) == (50, 5)
+    usage = Usage()
+    for item, result in zip(items, fanned, strict=True):
+        usage.add(result, PRICE, item)
+    assert (usage.prompt, usage.completion) == (60, 6) and usage.cost == pytest.approx(cost_of(60, 6))

@@ -20,6 +20,7 @@ from genflow.job import BudgetSpent
 from genflow.journal import Journal
 from genflow.layout import Shard, Stage, resolve_input_path
 from genflow.registry import PluginInfo, Registry
+from genflow.requesting import failure_of
 from genflow.resume import StageOutcome, mark_finished
 from genflow.schemas import ERRORS, GENERATIONS, SCORES
 from genflow.secrets import scrub_result
@@ -264,7 +265,7 @@ def _fan_out(result: Any, n: int) -> list[Any]:
     """A per-prompt request's answer as one result per item: its list, or its failure n times
     (the tokens it paid for on the first only, so that they are counted once)."""
     if isinstance(result, list) and len(result) == n:
-        return [Failure(str(r), "") if isinstance(r, RowError) else r for r in result]
+        return [failure_of(r) if isinstance(r, RowError) else r for r in result]
     if isinstance(result, Failure):
         return [result] + [dataclasses.replace(result, prompt_tokens=None, completion_tokens=None)] * (n - 1)
     return [Failure(f"the scorer answered {len(result) if isinstance(result, list) else type(result).__name__} "
