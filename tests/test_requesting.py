@@ -180,7 +180,7 @@ def test_backoff_waits_at_least_retry_after_and_at_most_max_backoff() -> None:
     assert {backoff(5, s, 3600.0, rng) for _ in range(10)} == {(8.0, "capped")}
     for absurd in (-5.0, float("nan"), float("inf"), float("-inf")):
         delay, said = backoff(1, s, absurd, rng)
-        assert said == ("capped" if absurd == float("inf") else "ignored") or said == "ignored"
+        assert said == "ignored"
         assert 0 <= delay <= 1.0  # the runner's own backoff (attempt 1: up to 1 s)
 
 
