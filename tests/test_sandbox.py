@@ -30,6 +30,7 @@ TIMEOUT = 1.5
 LIMITS = Limits(timeout_s=TIMEOUT, memory_mb=512, max_processes=8)
 AS_NOBODY = os.geteuid() == 0
 REPO = Path(__file__).resolve().parents[1]
+LAUNCHERS = ("bwrap", "unshare", "setpriv")
 
 
 @pytest.fixture(scope="module")
@@ -67,16 +68,29 @@ def humaneval_program(problem: dict, completion: str) -> str:
 
 
 def runner_processes() -> list[int]:
-    """Sandboxed processes still alive (the runner's code is on their command line)."""
+    """Sandboxed processes still alive (the runner's code is on their command line) that this
+    process started or nobody holds; not those of another process's sandboxes on the machine."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                if b"_genflow_runner" in (entry / "cmdline").read_bytes():
+                if b"_genflow_runner" in (entry / "cmdline").read_bytes() and ours(int(entry.name)):
                     pids.append(int(entry.name))
             except OSError:
                 continue
     return pids
+
+
+def ours(pid: int) -> bool:
+    """Whether ``pid``'s ancestors up to this process, or up to init (orphaned: a leftover of
+    whichever sandbox), are sandbox processes only: runners and the tools that start them."""
+    while pid > 1 and pid != os.getpid():
+        command = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+        if b"_genflow_runner" not in command and Path(command.split(b"\0")[0].decode()).name not in LAUNCHERS:
+            return False  # started by another process: another test run's, a benchmark's
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+        pid = int(stat.rpartition(")")[2].split()[1])  # the parent, after the command's name
+    return True
 
 
 def assert_no_leftovers() -> None:
