@@ -18,8 +18,11 @@ the program pays for every import on every run:
 - a runner names the prelude's functions it uses in an ``if TYPE_CHECKING:`` block (a
   ``TYPE_CHECKING = False`` of its own: ``typing`` costs more than a typical run);
   in the sandbox they are already defined, as the prelude's text comes first;
-- annotations that Python evaluates (a parameter's, a class attribute's) are strings;
-  a local variable's is never evaluated and may be written plain;
+- an annotation that Python evaluates (a parameter's, a return value's, a class
+  attribute's) is a builtin's name or a string, as ``list[int]`` needs 3.9 and the
+  names imported for the type checker are not there (ruff's TC004 says so); a local
+  variable's is never evaluated and may be written plain. Ruff checks these files as
+  Python 3.8 code;
 - a runner starts only as ``__main__``: importing one starts nothing.
 """
 
