@@ -34,8 +34,8 @@ from genflow.worker import Failure
 
 CHARS_PER_TOKEN = 4
 """Characters per token where a server reports no usage: about what English text takes with
-the usual BPE tokenizers (fewer characters per token, so higher costs, for code and other
-languages would be an underestimate; the estimate is said once per stage)."""
+the usual BPE tokenizers. Code and many other languages take fewer characters per token, so
+for them the estimate is low; the job's log says once that costs are estimated."""
 
 
 SLOW_START = 2
