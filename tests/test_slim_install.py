@@ -125,10 +125,13 @@ def test_options_of_an_unavailable_plugin_are_still_shown() -> None:
 
 
 def test_every_core_package_is_in_the_distribution() -> None:
-    """``pip install .`` ships only the packages pyproject lists: a new sub-package must be listed."""
+    """``pip install .`` ships only the packages pyproject lists: a new sub-package (of genflow/, plugins/
+    or flows/) must be listed."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "genflow").rglob("__init__.py")}
+    mapped = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    found = {".".join((package, *init.parent.relative_to(ROOT / folder).parts))
+             for package, folder in mapped.items() for init in (ROOT / folder).rglob("__init__.py")}
     assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
 
 
