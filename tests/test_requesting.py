@@ -220,7 +220,7 @@ def test_a_retry_after_longer_than_max_backoff_is_capped_and_said_once(caplog: p
     assert len(said) == 1 and "3600" in said[0].getMessage() and "max_backoff_s (4 s)" in said[0].getMessage()
 
 
-def test_with_the_defaults_a_failing_row_waits_seconds_not_minutes_whatever_the_server_asks() -> None:
+def test_with_the_defaults_no_wait_passes_max_backoff_whatever_the_server_asks() -> None:
     async def go() -> tuple[VirtualClock, list[Answer]]:
         clock = VirtualClock()
         server = FakeServer(clock, lambda item, attempt: TransientError("429", retry_after=86400.0,
