@@ -31,10 +31,11 @@ lint: setup
 bench: setup
 	$(BIN)/python -m benchmarks
 
-## Mutation testing (mutmut, installed on demand) of the promise-bearing core against the fast tests;
-## prints the surviving mutants and the score. The modules are listed in scripts/mutants.sh. Not part of CI.
+## Mutation testing (mutmut, installed on demand) of the promise-bearing modules against the fast tests;
+## prints the surviving mutants and the score. GROUP= picks groups (core secrets requests journal judge
+## labelling; default all), MUTATE= files; both are listed in scripts/mutants.sh. Not part of CI.
 mutants: setup
-	BIN=$(abspath $(BIN)) bash scripts/mutants.sh
+	BIN=$(abspath $(BIN)) GROUP="$(GROUP)" bash scripts/mutants.sh
 
 clean:
 	rm -rf outputs/quickstart outputs/images outputs/code

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# `make mutants`: a small mutation run (mutmut) over the code that carries genflow's
-# promises: ranking and pairs, pass@k, config validation, resume markers, atomic writes
-# and error rows. A developer's tool, not part of CI. It prints every surviving mutant
-# (with its diff) and the score: killed / mutants that the fast tests reach.
+# `make mutants`: a mutation run (mutmut) over the code that carries genflow's promises, in
+# groups: core (ranking and pairs, pass@k, config validation, resume markers, atomic writes,
+# error rows), secrets (the secrets a job holds, their scrubbing and redaction, the manifest),
+# requests (the OpenAI-protocol request path, budget and cost), journal (answers a rerun does
+# not pay for again), judge (the LLM judge's verdicts and tokens, pairwise ranking) and
+# labelling (scorer and human agreement, Label Studio). A developer's tool, not part of CI.
+# It prints every surviving mutant (with its diff) and the score: killed / mutants in scope.
 #
 # mutmut imports the mutated copy through the sys.path entry it puts first; the editable
 # install maps genflow.plugins to plugins/ and genflow.flows to flows/, which would reach
@@ -10,8 +13,11 @@
 # package (genflow/, genflow/plugins/, genflow/flows/) where every mutated module is the
 # one the tests import; mutmut's own forced-fail check proves it before any mutant runs.
 #
-#   make mutants                                   the modules below
-#   make mutants MUTATE="genflow/passk.py"         one module
+#   make mutants                                   every group below (long: an hour or more on 2 cores)
+#   make mutants GROUP=secrets                     one group (core, secrets, requests, journal, judge, labelling)
+#   make mutants GROUP="judge labelling"           several
+#   make mutants MUTATE="genflow/passk.py"         one module (with the fast tests of the chosen groups)
+#   make mutants MUTATE=... TESTS="tests/x.py"     and the tests to select from
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -19,10 +25,13 @@ BIN=${BIN:-$ROOT/.venv/bin}
 MUTMUT_VERSION=3.8.1
 STAGE=${STAGE:-$ROOT/.mutants}
 
-# What is mutated: files as they are in this repository, each optionally followed by
-# ":" and a comma-separated list of its functions (a class name takes all its methods).
-# The one place to update when a module moves (plugins/x.py is genflow.plugins.x).
-MUTATE=${MUTATE:-"
+# What is mutated, by group: files as they are in this repository, each optionally followed
+# by ":" and a comma-separated list of its functions (a class name takes all its methods,
+# Class.method one). The one place to update when a module or a function moves
+# (plugins/x.py is genflow.plugins.x); a name that is no longer in its file stops the run.
+declare -A GROUP_MUTATE GROUP_TESTS
+# ranking and pairs, pass@k, config validation, resume markers, atomic writes, error rows
+GROUP_MUTATE[core]="
   genflow/ranking.py
   plugins/training_data.py
   plugins/passk.py
@@ -30,9 +39,65 @@ MUTATE=${MUTATE:-"
   genflow/resume.py:finished,mark_finished,DoneIndex,StageOutcome
   genflow/stages/common.py:error_row,write_part,finish_model_stage
   genflow/storage.py:Storage.write_bytes,Storage.write_table,Storage.remove_temporaries,Storage.list
-"}
+"
+GROUP_TESTS[core]="tests/test_promises.py tests/test_ranking.py tests/test_passk.py tests/test_config.py"
+# redaction: the secrets a job holds and their scrubbing, the config's redaction, a sweep's
+# row of values, the manifest
+GROUP_MUTATE[secrets]="
+  genflow/secrets.py
+  genflow/config.py:is_secret_key,redact_url,redacted,hides_secrets,redacted_urls,_two_credentials,_strings
+  genflow/artifacts.py:sweep_row
+  genflow/manifest.py
+"
+GROUP_TESTS[secrets]="tests/test_secrets.py tests/test_redaction.py tests/test_manifest.py tests/test_config.py tests/test_artifacts.py
+  tests/test_promises.py"
+# the OpenAI-protocol request path: limits, retries, budget and cost
+GROUP_MUTATE[requests]="
+  genflow/requesting.py
+  genflow/budget.py
+  genflow/stages/common.py:Usage,Pack,_request_answers,_fan_out
+"
+GROUP_TESTS[requests]="tests/test_requesting.py tests/test_budget.py tests/test_request_costs.py
+  tests/test_promises.py"
+# the journal of answers a rerun does not pay for again, and what a rerun skips
+GROUP_MUTATE[journal]="
+  genflow/journal.py
+  genflow/resume.py
+  genflow/stages/common.py:_journaled_answers,Journals,open_journal
+"
+GROUP_TESTS[journal]="tests/test_journal.py tests/test_resume.py tests/test_promises.py tests/test_journal_reading.py"
+# the LLM judge's verdicts and tokens, and the pairwise ranking it feeds
+GROUP_MUTATE[judge]="
+  plugins/llm_judge.py:Question,from_probabilities,judge_seed,_cut,_unreadable_error,_split,Judging,_token_count,served_logprobs,summarize_judgements
+  plugins/pairwise_ranking.py
+"
+GROUP_TESTS[judge]="tests/test_llm_judge.py tests/test_judge_verdicts.py tests/test_ranking.py tests/test_judge_reading.py"
+# how scorers agree, human labels and their round trip through Label Studio
+GROUP_MUTATE[labelling]="
+  genflow/agreement.py
+  genflow/labelling.py
+  plugins/label_studio.py
+"
+GROUP_TESTS[labelling]="tests/test_agreement.py tests/test_labelling.py tests/test_label_studio.py
+  tests/test_label_round_trip.py"
+ALL_GROUPS="core secrets requests journal judge labelling"
+
+GROUP=${*:-${GROUP:-$ALL_GROUPS}}   # `bash scripts/mutants.sh secrets judge` names groups too
+[ "$GROUP" = all ] && GROUP=$ALL_GROUPS
+group_mutate="" group_tests=""
+for g in $GROUP; do
+    if [ -z "${GROUP_MUTATE[$g]+set}" ]; then
+        echo "GROUP: no group '$g' (the groups: $ALL_GROUPS)" >&2
+        exit 2
+    fi
+    group_mutate+="${GROUP_MUTATE[$g]}"
+    group_tests+=" ${GROUP_TESTS[$g]}"
+done
+echo "mutants of: $GROUP${MUTATE:+ (only MUTATE: $MUTATE)}"
+MUTATE=${MUTATE:-$group_mutate}
 # The fast tests (no Ray, no Prefect): for each mutant mutmut runs those that reach its function.
-TESTS=${TESTS:-"tests/test_promises.py tests/test_ranking.py tests/test_passk.py tests/test_config.py"}
+# A file not (yet) in tests/ is left out.
+TESTS=${TESTS:-$group_tests}
 TESTS_K=${TESTS_K:-"not cli"}   # pytest -k: leaves out the tests that start a genflow subprocess
 
 if ! "$BIN/python" -c "import mutmut, sys; sys.exit(mutmut.__version__ != '$MUTMUT_VERSION')" 2>/dev/null; then
@@ -44,11 +109,12 @@ mkdir -p "$STAGE"
 cp -R genflow "$STAGE/genflow"
 cp -R plugins "$STAGE/genflow/plugins"
 cp -R flows "$STAGE/genflow/flows"
-cp -R tests configs pyproject.toml "$STAGE/"
+cp -R tests configs benchmarks pyproject.toml "$STAGE/"
 find "$STAGE" -name __pycache__ -type d -prune -exec rm -rf {} +
 rm -rf "$STAGE/genflow/templates/__pycache__"
 
 "$BIN/python" - "$STAGE" "$MUTATE" "$TESTS" "$TESTS_K" <<'EOF'
+import re
 import sys
 from pathlib import Path
 
@@ -60,7 +126,14 @@ for entry in mutate.split():
         path = "genflow/" + path
     if not (Path(stage) / path).is_file():
         sys.exit(f"MUTATE: {entry}: no such file")
-    files.append(path)
+    source = (Path(stage) / path).read_text()
+    for name in functions.split(",") if functions else []:
+        cls, _, method = name.rpartition(".")
+        if not re.search(rf"^(class {cls}\b[\s\S]*?^    (async )?def {method}\(|^class {name}\b)" if cls else
+                         rf"^((async )?def|class) {name}\b", source, re.M):
+            sys.exit(f"MUTATE: {entry}: {path} has no {name} (moved or renamed? update scripts/mutants.sh)")
+    if path not in files:
+        files.append(path)
     module = path[:-3].replace("/", ".")
     for name in functions.split(",") if functions else ["*"]:
         cls, _, method = name.rpartition(".")
@@ -78,10 +151,15 @@ def lines(values):
 
 Path(stage, "setup.cfg").write_text(
     "[mutmut]\nsource_paths = genflow\n"
+    f"also_copy ={lines(['benchmarks/', 'configs/'])}\n"  # what tests read beside tests/ (stand-in servers, data)
+    # each mutant's tests run in a process forked from a clean one, not from the one that ran the
+    # whole suite for stats: code that runs once a process (a log record factory installed, types
+    # imported on first use) runs again under each mutant instead of being found done already
+    "process_isolation = forkserver\n"
     f"only_mutate ={lines(files)}\n"
-    f"pytest_add_cli_args_test_selection ={lines(t for t in tests.split() if Path(stage, t).exists())}\n"
+    f"pytest_add_cli_args_test_selection ={lines(dict.fromkeys(t for t in tests.split() if Path(stage, t).exists()))}\n"
     f"pytest_add_cli_args ={lines(['-m', 'not slow', '-k', tests_k, '-p', 'no:cacheprovider', '-q'])}\n")
-Path(stage, "mutant-globs.txt").write_text("\n".join(globs) + "\n")
+Path(stage, "mutant-globs.txt").write_text("\n".join(dict.fromkeys(globs)) + "\n")
 EOF
 
 cd "$STAGE"
