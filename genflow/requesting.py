@@ -42,7 +42,7 @@ from genflow.budget import Budget, request_cost
 from genflow.config import PriceSpec, RequestsSpec
 from genflow.secrets import Scrubber, plugin_secrets
 from genflow.secrets import install as install_secrets
-from genflow.worker import Failure
+from genflow.worker import Failure, failure_of
 
 log = logging.getLogger(__name__)
 
@@ -364,16 +364,6 @@ class RequestRunner:
         finally:
             for task in list(tasks):
                 task.cancel()
-
-
-def failure_of(error: RowError) -> Failure:
-    """A permanent failure, with the tokens the plugin says it paid for on the way (if it says)."""
-    return Failure(str(error), "", prompt_tokens=_count(getattr(error, "prompt_tokens", None)),
-                   completion_tokens=_count(getattr(error, "completion_tokens", None)))
-
-
-def _count(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _as_result(result: Any) -> Any:

@@ -80,7 +80,18 @@ class PluginWorker:
             # A prompt's candidates are scored together or not at all.
             half = sum(len(g) for g in groups[:len(groups) // 2]) if groups is not None else len(items) // 2
             return self._call(items[:half]) + self._call(items[half:])
-        return [Failure(str(r), "") if isinstance(r, RowError) else r for r in results]
+        return [failure_of(r) if isinstance(r, RowError) else r for r in results]
+
+
+def failure_of(error: RowError) -> Failure:
+    """A permanent failure, with the tokens the plugin says it paid for on the way (if it says):
+    a local judge's unreadable verdicts cost as much as a served one's."""
+    return Failure(str(error), "", prompt_tokens=_count(getattr(error, "prompt_tokens", None)),
+                   completion_tokens=_count(getattr(error, "completion_tokens", None)))
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _prompt_groups(items: list[Any]) -> list[list[Any]]:

@@ -566,3 +566,30 @@ def test_a_prompts_answers_with_row_errors_count_their_tokens_not_an_estimate() 
     for item, result in zip(items, fanned, strict=True):
         usage.add(result, PRICE, item)
     assert (usage.prompt, usage.completion) == (60, 6) and usage.cost == pytest.approx(cost_of(60, 6))
+
+
+def test_a_local_plugins_row_errors_keep_the_tokens_they_paid_for() -> None:
+    """A local judge that could not read its own verdict still ran the model: the model worker
+    turns its RowError into a failure that carries those tokens, as the request path does."""
+    from genflow.api import PluginParams, Scorer
+    from genflow.worker import PluginWorker
+
+    class Unreadable(RowError):
+        prompt_tokens = 120
+        completion_tokens = 7
+
+    class Judge(Scorer):
+        Params = PluginParams
+
+        def score(self, items: list[ScoreItem]) -> list[Score | RowError]:
+            return [Unreadable("no verdict in the answer"), Score(1.0, prompt_tokens=50, completion_tokens=3)]
+
+    worker = PluginWorker(Judge, None, {})
+    failure, score = worker.call([ScoreItem("g1", "p", "q", "a", "c"), ScoreItem("g2", "p", "q", "b", "c")])
+    assert isinstance(failure, Failure) and failure.error == "no verdict in the answer"
+    assert (failure.prompt_tokens, failure.completion_tokens) == (120, 7)
+    usage = Usage()
+    for result in (failure, score):
+        usage.add(result, PRICE)
+    assert (usage.prompt, usage.completion) == (170, 10)
+    assert usage.cost == pytest.approx(cost_of(170, 10))

@@ -20,12 +20,11 @@ from genflow.job import BudgetSpent
 from genflow.journal import Journal
 from genflow.layout import Shard, Stage, resolve_input_path
 from genflow.registry import PluginInfo, Registry
-from genflow.requesting import failure_of
 from genflow.resume import StageOutcome, mark_finished
 from genflow.schemas import ERRORS, GENERATIONS, SCORES
 from genflow.secrets import scrub_result
 from genflow.storage import Storage
-from genflow.worker import Failure
+from genflow.worker import Failure, failure_of
 
 log = logging.getLogger(__name__)
 
