@@ -26,6 +26,13 @@ STORAGE_KINDS = ["local", "s3", "s3-read-back"]
 BUCKET = "genflow-lease"
 
 
+@pytest.fixture(autouse=True)
+def no_renewal_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No heartbeat renews a lease while a test reads it (a renewal every 5 s would change what a
+    slow test reads); the heartbeat's own tests set ``HEARTBEAT_S`` again."""
+    monkeypatch.setattr(leases, "HEARTBEAT_S", 3600.0)
+
+
 @pytest.fixture(scope="module")
 def moto_endpoint() -> Iterator[str]:
     """moto's S3 server on 127.0.0.1 with one empty bucket (as in test_storage_s3.py)."""
@@ -99,8 +106,7 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.
         s3.delete_object(Bucket=BUCKET, Key=key)
 
 
-def test_a_lease_names_its_job_and_refuses_a_second_one(storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(leases, "HEARTBEAT_S", 3600.0)  # no renewal while the message is checked
+def test_a_lease_names_its_job_and_refuses_a_second_one(storage: Storage) -> None:
     with output_lease(storage, "first") as lease:
         held = read_lease(storage)
         assert held is not None and held.owner == lease.holder.owner and held.job == "first"
@@ -148,13 +154,16 @@ def test_the_heartbeat_renews_the_lease(storage: Storage, monkeypatch: pytest.Mo
         renewals.release()
 
     with output_lease(storage) as lease:
-        first = read_lease(storage)
+        assert lease is not None
+        with lease._lock:  # no renewal writes while the test reads (on S3 a read is several requests)
+            first = read_lease(storage)
         assert first is not None
         # Counted from here: a renewal begun before ``first`` was read may end after, not one begun after.
         monkeypatch.setattr(OutputLease, "renew", counted)
-        for _ in range(2):  # the second begins after ``first`` was read, and ends before ``later`` is
+        for _ in range(2):
             assert renewals.acquire(timeout=600), "the heartbeat never renewed the lease (600 s)"
-        later = read_lease(storage)
+        with lease._lock:
+            later = read_lease(storage)
         assert later is not None and later.owner == first.owner and later.started_at == first.started_at
         assert later.renewed_at > first.renewed_at and lease.lost_to is None
     assert read_lease(storage) is None
