@@ -115,6 +115,11 @@ def _import_in_background(module: str) -> None:
     import importlib
     import threading
 
+    # Both Ray (its pydantic compatibility, in the main thread) and Prefect import pydantic.v1,
+    # whose package imports itself: a job once died of KeyError: 'pydantic.v1' with the two
+    # imports racing. Imported here first (17 ms), it is whole before either thread needs it.
+    importlib.import_module("pydantic.v1")
+
     def load() -> None:
         try:
             importlib.import_module(module)
