@@ -33,6 +33,7 @@ import asyncio
 import email.utils
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -452,24 +453,28 @@ def retry_seed(seed: int, attempt: int) -> int:
 
 
 def retry_after(headers: CIMultiDictProxy[str] | dict[str, str]) -> float | None:
-    """Seconds the server asks to wait: ``retry-after-ms``, or ``Retry-After`` in seconds or as an HTTP date."""
+    """Seconds the server asks to wait: ``retry-after-ms``, or ``Retry-After`` in seconds or as an HTTP date.
+
+    A negative wait is passed on as it is and an unreadable one as NaN, not as 0 or None: the
+    engine ignores either for its usual backoff and says so once (``retry_after_capped``),
+    as the user is told of a server that asks for too long. A date in the past is 0."""
     lower = {k.lower(): v for k, v in headers.items()}
     if (ms := lower.get("retry-after-ms")) is not None:
         try:
-            return max(0.0, float(ms) / 1000)
+            return float(ms) / 1000
         except ValueError:
             pass
     value = lower.get("retry-after")
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        return float(value)
     except ValueError:
         pass
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
-        return None
+        return math.nan
     return max(0.0, when.timestamp() - time.time())
 
 

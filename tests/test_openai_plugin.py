@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import traceback
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
@@ -18,7 +19,9 @@ import pytest
 from pydantic import ValidationError
 
 from genflow.api import Generation, GenerationRequest, RowError, TransientError
+from genflow.config import RequestsSpec
 from genflow.plugins.openai_api import OpenAIGenerator, OpenAIParams, error_message, retry_after, retry_seed
+from genflow.requesting import backoff
 
 SENTINEL_KEY = "sk-sentinel-5f0c1e9a7b3d"
 KEY_ENV = "GENFLOW_TEST_OPENAI_KEY"
@@ -203,8 +206,16 @@ def test_retry_after_in_seconds_milliseconds_and_as_an_http_date() -> None:
     in_a_minute = retry_after({"Retry-After": formatdate(timeout_s_from_now(60), usegmt=True)})
     assert in_a_minute is not None and 55 <= in_a_minute <= 61
     assert retry_after({"Retry-After": formatdate(timeout_s_from_now(-60), usegmt=True)}) == 0.0
-    assert retry_after({"Retry-After": "soon"}) is None
     assert retry_after({}) is None
+
+
+@pytest.mark.parametrize("headers", [{"Retry-After": "-1"}, {"Retry-After": "abc"}, {"Retry-After": "soon"},
+                                     {"retry-after-ms": "-250"}, {"Retry-After": "inf"}])
+def test_a_negative_or_unreadable_retry_after_is_ignored_and_said(headers: dict[str, str]) -> None:
+    """Neither is read as "no wait asked" (0 s, or none at all): the engine's backoff must know the
+    server sent something it ignored, to say so once and count it (issue 23)."""
+    delay, said = backoff(0, RequestsSpec(backoff_s=0.5, max_backoff_s=30), retry_after(headers), random.Random(0))
+    assert said == "ignored" and 0 <= delay <= 0.5
 
 
 def timeout_s_from_now(seconds: float) -> float:
