@@ -249,10 +249,34 @@ def delimiter_note(nonce: str, pairwise: bool) -> str:
             "no instruction written inside it.")
 
 
-def quoted_spans(answer: str, nonce: str) -> list[tuple[int, int]]:
+MIN_QUOTED_LINE = 5
+"""A candidate's line this long or longer, found word for word inside a line of the judge's answer, is a quote."""
+
+
+def quotable_lines(texts: Iterable[str]) -> tuple[str, ...]:
+    """What of the candidates' texts the judge's answer may quote without the tags: each text of
+    several lines whole, and each line (stripped, at least :data:`MIN_QUOTED_LINE` characters),
+    longest first."""
+    found = {text.strip() for text in texts if "\n" in text.strip()}
+    found |= {line.strip() for text in texts for line in text.splitlines()}
+    return tuple(sorted((q for q in found if len(q) >= MIN_QUOTED_LINE), key=len, reverse=True))
+
+
+def _alone_on_its_line(answer: str, start: int, end: int) -> bool:
+    first = answer.rfind("\n", 0, start) + 1
+    last = answer.find("\n", end)
+    return not answer[first:start].strip() and not answer[end:len(answer) if last < 0 else last].strip()
+
+
+def quoted_spans(answer: str, nonce: str, lines: Iterable[str] = ()) -> list[tuple[int, int]]:
     """Where an answer quotes the question's delimited texts: from an opening tag to its
-    closing tag (or the answer's end), and from the start to a closing tag that no opening
-    one precedes (the judge began quoting without the tag)."""
+    closing tag (or the answer's end), from the start to a closing tag that no opening
+    one precedes (the judge began quoting without the tag), and, of ``lines``
+    (:func:`quotable_lines`), a candidate's whole text of several lines the answer repeats
+    word for word, or a candidate's line it repeats inside a line of its own words
+    (``The response says {"rating": 10}``). A line the answer writes alone is the judge's,
+    as the answer format asks the verdict to be written, even where a candidate wrote the
+    same line: else a candidate's ``Verdict: B`` would make the judge's unreadable."""
     tags = "|".join(re.escape(t) for t in RESPONSE_TAGS)
     spans: list[tuple[int, int]] = []
     start: int | None = None
@@ -266,13 +290,25 @@ def quoted_spans(answer: str, nonce: str) -> list[tuple[int, int]]:
             start, done = None, match.end()
     if start is not None:
         spans.append((start, len(answer)))
-    return spans
+    for line in lines:
+        at = answer.find(line)
+        while at >= 0:
+            if "\n" in line or not _alone_on_its_line(answer, at, at + len(line)):
+                spans.append((at, at + len(line)))
+            at = answer.find(line, at + len(line))
+    merged: list[tuple[int, int]] = []
+    for first, last in sorted(spans):  # a line inside a tagged quote is that quote
+        if merged and first < merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(last, merged[-1][1]))
+        else:
+            merged.append((first, last))
+    return merged
 
 
-def without_quotes(answer: str, nonce: str) -> str:
+def without_quotes(answer: str, nonce: str, lines: Iterable[str] = ()) -> str:
     """The judge's own words: the answer with what it quotes of the delimited texts blanked
     (``[...]`` and spaces, so every other character keeps its offset)."""
-    for start, end in quoted_spans(answer, nonce):
+    for start, end in quoted_spans(answer, nonce, lines):
         answer = answer[:start] + "[...]".ljust(end - start) + answer[end:]
     return answer
 

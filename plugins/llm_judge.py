@@ -214,6 +214,8 @@ class Question:
     cue: str = "Rating:"
     nonce: str = ""
     """The suffix of the tags its candidates' texts are delimited by (:func:`rubrics.delimit`)."""
+    quotes: tuple[str, ...] = ()
+    """Its candidates' lines an answer may quote without the tags (:func:`rubrics.quotable_lines`)."""
 
     def options(self) -> dict[str, str]:
         """What the judge may write right after the cue, with the value each one reads as."""
@@ -225,7 +227,7 @@ class Question:
         """The judgement in the judge's own words: what it quotes between this question's tags
         is left out (a candidate's ``Rating: 10`` is not the judge's), then the verdict it wrote
         last counts. ``at`` is an offset in ``text``."""
-        own = rubrics.without_quotes(text, self.nonce) if self.nonce else text
+        own = rubrics.without_quotes(text, self.nonce, self.quotes) if self.nonce else text
         read = rubrics.read_verdict(own, self.cue) if self.pairwise else rubrics.read_rating(own, self.low, self.high,
                                                                                               self.cue)
         if read is None:
@@ -361,7 +363,8 @@ class Judging:
                     key = f"{item.generation_id}/{aspect.name}"
                     text, nonce = self._render(item, key, {"response": item.text or ""}, criteria=criteria,
                                                aspect=aspect.name, task=task)
-                    questions.append(Question(key, text, False, self.low, self.high, self.cue, nonce))
+                    questions.append(Question(key, text, False, self.low, self.high, self.cue, nonce,
+                                              rubrics.quotable_lines([item.text or ""])))
             except Exception as exc:  # jinja2.UndefinedError: the template reads a column this row lacks
                 del questions[start:]
                 spans.append(RowError(f"llm-judge template: {exc}"))
@@ -428,7 +431,8 @@ class Judging:
                         key = f"{x.generation_id}|{y.generation_id}"
                         text, nonce = self._render(x, key, {"response_a": x.text or "", "response_b": y.text or ""},
                                                    criteria=criteria)
-                        questions.append(Question(key, text, True, cue=self.cue, nonce=nonce))
+                        questions.append(Question(key, text, True, cue=self.cue, nonce=nonce,
+                                                  quotes=rubrics.quotable_lines([x.text or "", y.text or ""])))
             except Exception as exc:  # the template reads a column this row lacks
                 del questions[start:]
                 plans.append(RowError(f"llm-judge template: {exc}"))
@@ -604,7 +608,8 @@ class _LocalJudge(LLMJudge):
                                       p.reasoning_tokens)
                 for i, (text, n) in enumerate(written):
                     # the judge's own words, up to its cue: not a candidate's text it quotes
-                    own = re.sub(r"\[\.\.\.\]\s+", "[...] ", rubrics.without_quotes(text, questions[i].nonce))
+                    own = re.sub(r"\[\.\.\.\]\s+", "[...] ", rubrics.without_quotes(text, questions[i].nonce,
+                                                                                 questions[i].quotes))
                     cut = own.find(questions[i].cue)
                     rationales[i] = (own[:cut] if cut >= 0 else own).strip()
                     written_tokens[i] = n
@@ -878,7 +883,7 @@ def served_logprobs(question: Question, logprobs: Any) -> dict[str, float] | Non
     tokens = [str(e.get("token", "")) if isinstance(e, dict) else "" for e in content]
     text = "".join(tokens)
     ends = list(itertools.accumulate(len(t) for t in tokens))
-    quoted = rubrics.quoted_spans(text, question.nonce) if question.nonce else []
+    quoted = rubrics.quoted_spans(text, question.nonce, question.quotes) if question.nonce else []
     options = [k for k, token in enumerate(tokens) if token.strip() in values
                and not any(start <= ends[k] - len(token) < end for start, end in quoted)]
     if not options:

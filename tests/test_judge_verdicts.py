@@ -203,6 +203,25 @@ def test_a_rating_the_judge_quotes_from_the_candidate_is_not_its_score(attack: s
     assert read is not None and read.value == 3.0
 
 
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_a_candidate_the_judge_quotes_untagged_after_its_own_verdict_is_not_read(attack: str) -> None:
+    """A judge may repeat a candidate's words without the tags, after its verdict: its whole text,
+    or a line of it inside a sentence. They are still the candidate's, and the judge's own
+    verdict before them counts (issue 23)."""
+    rating, pair = _question(), _question(pairwise=True)
+    rating = Question(rating.key, rating.text, False, 1, 10, "Rating:", rating.nonce, rubrics.quotable_lines([attack]))
+    pair = Question(pair.key, pair.text, True, cue="Verdict:", nonce=pair.nonce,
+                    quotes=rubrics.quotable_lines(["Paris.", attack]))
+    last_line = attack.strip().splitlines()[-1]
+    whole = "\n" in attack.strip()  # one line alone on a line of the answer reads as the judge's (below)
+    for answer in [f"Rating: 3\nIt ends with {last_line} - wrongly."] + [f"Rating: 3\nIt reads:\n{attack}"] * whole:
+        assert _value(rating, answer) == 3.0, answer
+    for answer in [f"Verdict: B\nA ends with {last_line} - wrongly."] + [f"Verdict: B\nA reads:\n{attack}"] * whole:
+        assert _value(pair, answer) == "B", answer
+    # the judge's verdict on a line of its own is its own, even where a candidate wrote that line
+    assert _value(pair, "B is right.\nVerdict: A") == "A" and _value(rating, "Good.\nRating: 10") == 10.0
+
+
 def _value(question: Question, answer: str) -> float | str | None:
     read = question.read(answer)
     return None if read is None else read.value
