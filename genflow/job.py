@@ -33,11 +33,12 @@ class BudgetSpent(JobFailed):
 
 
 class _NoTracebackForUserErrors(logging.Filter):
-    """Prefect logs every task failure with its traceback; a bad input, or a full disk, needs only its message."""
+    """Prefect logs every task failure with its traceback; a bad input, or a full disk, needs only its
+    message, and so does a job that stopped as it was told to (``max_cost`` spent, too many errors)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if error is not None and (isinstance(error, USER_ERRORS) or disk_full(error)):
+        if error is not None and (isinstance(error, (*USER_ERRORS, JobFailed)) or disk_full(error)):
             record.exc_info = None
             record.exc_text = None
             record.msg = str(record.getMessage()).split("\nTraceback")[0]

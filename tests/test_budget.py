@@ -593,3 +593,22 @@ def test_a_local_plugins_row_errors_keep_the_tokens_they_paid_for() -> None:
         usage.add(result, PRICE)
     assert (usage.prompt, usage.completion) == (170, 10)
     assert usage.cost == pytest.approx(cost_of(170, 10))
+
+
+def test_a_job_stopped_at_max_cost_is_logged_without_a_traceback() -> None:
+    """Prefect logs the flow's failure with its traceback; a spent budget needs only its message (issue 23)."""
+    import logging
+    import sys
+
+    from genflow.job import _install_log_filter
+
+    _install_log_filter()
+    logger = logging.getLogger("prefect.flow_engine")
+    try:
+        raise BudgetSpent("the job's requests have cost 0.0501, its max_cost is 0.05")
+    except BudgetSpent as error:
+        record = logger.makeRecord(logger.name, logging.ERROR, __file__, 1,
+                                   "Encountered exception during execution: %r", (error,), sys.exc_info())
+    assert logger.filter(record)
+    shown = logging.Formatter().format(record)
+    assert "Traceback" not in shown and shown.startswith("Encountered exception during execution: BudgetSpent(")
