@@ -378,11 +378,20 @@ def is_secret_key(key: str) -> bool:
 
 
 _URL_USER_INFO = re.compile(r"(?<=://)[^/?#@\s]+@")
+URL_QUERY_VALUE = re.compile(r"(?<=[?&;])([^=&#\s/?;]+)=([^&#\s\"'<>),;]+)")
+"""A URL's query parameter: its name and value (``?api_key=...``)."""
 
 
 def redact_url(text: str) -> str:
-    """``http://user:pass@host/x`` -> ``http://***@host/x``: credentials inside a URL, anywhere in a text."""
-    return _URL_USER_INFO.sub("***@", text)
+    """``http://user:pass@host/x`` -> ``http://***@host/x``, and ``?api_key=...`` -> ``?api_key=***``:
+    credentials inside a URL (its user-info, a query value under a secret's name), anywhere in a text."""
+    from urllib.parse import unquote
+
+    text = _URL_USER_INFO.sub("***@", text)
+    if "=" not in text:
+        return text
+    return URL_QUERY_VALUE.sub(lambda m: f"{m.group(1)}=***" if is_secret_key(unquote(m.group(1))) else m.group(0),
+                               text)
 
 
 def redacted(data: Any) -> Any:
@@ -400,12 +409,13 @@ def redacted(data: Any) -> Any:
 
 
 def hides_secrets(data: Any) -> bool:
-    """Whether ``redacted`` data hides something: a secret-named ``***`` or a URL's ``***@``."""
+    """Whether ``redacted`` data hides something: a secret-named ``***``, a URL's ``***@`` or ``?api_key=***``."""
     if isinstance(data, dict):
         return any((is_secret_key(str(k)) and v == "***") or hides_secrets(v) for k, v in data.items())
     if isinstance(data, list | tuple):
         return any(hides_secrets(v) for v in data)
-    return isinstance(data, str) and "://***@" in data
+    return isinstance(data, str) and ("://***@" in data or any(
+        m.group(2) == "***" and is_secret_key(m.group(1)) for m in URL_QUERY_VALUE.finditer(data)))
 
 
 def redacted_urls(data: Any) -> Any:

@@ -175,8 +175,12 @@ _USER_INFO = re.compile(r"://([^/?#@\s]+)@")
 
 def url_secrets(text: str, where: str) -> list[Secret]:
     """The user-info of every URL in ``text``: its password, the whole ``user:password``, and that
-    as a client sends it (``Authorization: Basic <base64>``), which a server may echo."""
-    out = []
+    as a client sends it (``Authorization: Basic <base64>``), which a server may echo; and the
+    value of every query parameter with a secret's name (``?api_key=...``)."""
+    from genflow.config import URL_QUERY_VALUE, is_secret_key
+
+    out = [Secret(unquote(m.group(2)), f"{where}'s {unquote(m.group(1))}") for m in URL_QUERY_VALUE.finditer(text)
+           if "=" in text and is_secret_key(unquote(m.group(1)))]
     for info in _USER_INFO.findall(text):
         user, _, password = info.partition(":")
         if password:

@@ -25,7 +25,16 @@ from servers import BackgroundServer
 
 from genflow import layout
 from genflow.api import Generation, Score
-from genflow.config import ConfigError, GeneratorSpec, JobConfig, ScorerSpec, build_config, redacted
+from genflow.config import (
+    ConfigError,
+    GeneratorSpec,
+    JobConfig,
+    ScorerSpec,
+    build_config,
+    hides_secrets,
+    redact_url,
+    redacted,
+)
 from genflow.layout import Shard
 from genflow.registry import get_registry
 from genflow.secrets import (
@@ -261,6 +270,19 @@ def test_a_record_made_before_any_secret_is_known_is_left_alone() -> None:
 
 
 # -- validation ---------------------------------------------------------------------------------
+
+def test_a_urls_query_value_under_a_secrets_name_is_a_secret_and_hidden() -> None:
+    """``?api_key=...`` in a base_url is a credential in a URL like ``user:password@`` (issue 23):
+    hidden in the config shown (``generations/params``, the manifest, error lines) and scrubbed
+    from what a server echoes."""
+    url = f"http://127.0.0.1:9/v1?api_key={EXTRA}&mode=fast"
+    shown = redacted({"base_url": url})
+    assert shown == {"base_url": "http://127.0.0.1:9/v1?api_key=***&mode=fast"} and hides_secrets(shown)
+    assert redact_url(f"404 from {url}: not found") == "404 from http://127.0.0.1:9/v1?api_key=***&mode=fast: not found"
+    scrubber = Scrubber(data_secrets({"params": {"base_url": url}}))
+    assert scrubber.scrub(f"you sent {EXTRA}") == f"you sent {MASK}"
+    assert redact_url("http://h/v1?max_tokens=5&page=2") == "http://h/v1?max_tokens=5&page=2"
+
 
 def test_a_url_with_credentials_beside_api_key_env_is_refused_at_validation() -> None:
     data: dict[str, Any] = {"name": "s", "input": "in.parquet", "output": "out",
