@@ -32,8 +32,8 @@ bench: setup
 	$(BIN)/python -m benchmarks
 
 ## Mutation testing (mutmut, installed on demand) of the promise-bearing modules against the fast tests;
-## prints the surviving mutants and the score. GROUP= picks groups (core secrets requests journal judge
-## labelling; default all), MUTATE= files; both are listed in scripts/mutants.sh. Not part of CI.
+## prints the surviving mutants and the score. GROUP= picks groups (core secrets requests costs journal
+## judge labelling; default all), MUTATE= files; both are listed in scripts/mutants.sh. Not part of CI.
 mutants: setup
 	BIN=$(abspath $(BIN)) GROUP="$(GROUP)" bash scripts/mutants.sh
 

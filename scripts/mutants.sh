@@ -14,7 +14,7 @@
 # one the tests import; mutmut's own forced-fail check proves it before any mutant runs.
 #
 #   make mutants                                   every group below (long: an hour or more on 2 cores)
-#   make mutants GROUP=secrets                     one group (core, secrets, requests, journal, judge, labelling)
+#   make mutants GROUP=secrets                     one group (core secrets requests costs journal judge labelling)
 #   make mutants GROUP="judge labelling"           several
 #   make mutants MUTATE="genflow/passk.py"         one module (with the fast tests of the chosen groups)
 #   make mutants MUTATE=... TESTS="tests/x.py"     and the tests to select from
@@ -51,13 +51,18 @@ GROUP_MUTATE[secrets]="
 "
 GROUP_TESTS[secrets]="tests/test_secrets.py tests/test_redaction.py tests/test_manifest.py tests/test_config.py tests/test_artifacts.py
   tests/test_promises.py"
-# the OpenAI-protocol request path: limits, retries, budget and cost
+# the OpenAI-protocol request path: concurrency, rate limits, retries, the calls' answers
 GROUP_MUTATE[requests]="
   genflow/requesting.py
-  genflow/budget.py
-  genflow/stages/common.py:Usage,Pack,_request_answers,_fan_out
+  genflow/stages/common.py:Pack,_request_answers,_fan_out
 "
-GROUP_TESTS[requests]="tests/test_requesting.py tests/test_budget.py tests/test_request_costs.py
+GROUP_TESTS[requests]="tests/test_requesting.py tests/test_request_path.py tests/test_calls.py tests/test_promises.py"
+# what requests cost and the budget (max_cost) that stops them
+GROUP_MUTATE[costs]="
+  genflow/budget.py
+  genflow/stages/common.py:Usage
+"
+GROUP_TESTS[costs]="tests/test_budget.py tests/test_request_costs.py tests/test_requesting.py tests/test_request_path.py
   tests/test_promises.py"
 # the journal of answers a rerun does not pay for again, and what a rerun skips
 GROUP_MUTATE[journal]="
@@ -69,6 +74,7 @@ GROUP_TESTS[journal]="tests/test_journal.py tests/test_resume.py tests/test_prom
 # the LLM judge's verdicts and tokens, and the pairwise ranking it feeds
 GROUP_MUTATE[judge]="
   plugins/llm_judge.py:Question,from_probabilities,judge_seed,_cut,_unreadable_error,_split,Judging,_token_count,served_logprobs,summarize_judgements
+  plugins/judge_rubrics.py:delimiter_nonce,delimit,quoted_spans,without_quotes,_json_objects,_key_at,_in_scale,_outside,read_rating,read_verdict,expected_rating
   plugins/pairwise_ranking.py
 "
 GROUP_TESTS[judge]="tests/test_llm_judge.py tests/test_judge_verdicts.py tests/test_ranking.py tests/test_judge_reading.py"
@@ -80,7 +86,7 @@ GROUP_MUTATE[labelling]="
 "
 GROUP_TESTS[labelling]="tests/test_agreement.py tests/test_labelling.py tests/test_label_studio.py
   tests/test_label_round_trip.py"
-ALL_GROUPS="core secrets requests journal judge labelling"
+ALL_GROUPS="core secrets requests costs journal judge labelling"
 
 GROUP=${*:-${GROUP:-$ALL_GROUPS}}   # `bash scripts/mutants.sh secrets judge` names groups too
 [ "$GROUP" = all ] && GROUP=$ALL_GROUPS
@@ -156,6 +162,9 @@ Path(stage, "setup.cfg").write_text(
     # whole suite for stats: code that runs once a process (a log record factory installed, types
     # imported on first use) runs again under each mutant instead of being found done already
     "process_isolation = forkserver\n"
+    # a mutant that hangs (a retry loop, a limit never released) is killed after 5x the time its
+    # tests took for the stats, plus 5 s, not mutmut's 15x: a request test's 5 s made that 90 s
+    "timeout_multiplier = 5\ntimeout_constant = 1\n"
     f"only_mutate ={lines(files)}\n"
     f"pytest_add_cli_args_test_selection ={lines(dict.fromkeys(t for t in tests.split() if Path(stage, t).exists()))}\n"
     f"pytest_add_cli_args ={lines(['-m', 'not slow', '-k', tests_k, '-p', 'no:cacheprovider', '-q'])}\n")
