@@ -481,6 +481,28 @@ def labeller(tool: str, params: dict[str, Any]) -> Any:
     return info.factory(checked)
 
 
+def _without_secrets(annotations: list[Annotation], tool: str) -> list[Annotation]:
+    """The annotations to write: one whose text holds a secret of this process (the tool's key,
+    echoed by its server or pasted by a person) is training data no more and is left out, with a
+    warning; an annotator or date holding one is blanked."""
+    from dataclasses import replace
+
+    from genflow.secrets import installed
+
+    scrubber = installed()
+    if not scrubber:
+        return annotations
+    kept = []
+    for a in annotations:
+        secret = scrubber.find(a.completion) or next(filter(None, map(scrubber.find, a.ranking)), None)
+        if secret is not None:
+            log.warning("%s annotation %s of prompt %s holds a secret (%s): it is not written", tool,
+                        a.annotation_id, a.prompt_id, secret.where)
+            continue
+        kept.append(replace(a, annotator=scrubber.scrub(a.annotator), created_at=scrubber.scrub(a.created_at)))
+    return kept
+
+
 def default_project(manifest: dict[str, Any], kind: str) -> str:
     return f"genflow {manifest.get('name', 'job')} {kind}"
 
@@ -526,7 +548,7 @@ def pull(storage: Storage, tool: str, params: dict[str, Any], project: str | Non
         raise LabellingError(f"{storage.uri} was not pushed to {tool} from here" +
                              (f" as {kind}" if kind else "") + "; name the project with --project (and --kind)")
     plugin = labeller(tool, params)
-    annotations = [a for title, k in projects for a in plugin.pull(title, k)]
+    annotations = _without_secrets([a for title, k in projects for a in plugin.pull(title, k)], tool)
     counts = write_pulled(storage, tool, annotations, kinds)
     log.info("%s: %s", tool, ", ".join(f"{n} rows of {folder}" for folder, n in counts.items()))
     if named is not None and not any(isinstance(r, dict) and (r.get("project"), r.get("kind")) ==

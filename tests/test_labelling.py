@@ -401,6 +401,18 @@ def test_pulling_one_kind_keeps_the_other_kinds_rows(standin: Standin, output: P
     genflow("label", "pull", str(output), "--url", standin.url, "--kind", "answers", code=2)
 
 
+def test_an_answer_holding_the_tools_key_is_not_written(standin: Standin, output: Path, genflow: Any) -> None:
+    """A server (or a person) that puts the Label Studio key in an answer must not make it
+    training data (issue 23): that annotation is left out, the others are written."""
+    _labelled(standin, output, genflow)
+    standin.answer("genflow handmade demonstrations", "p2", f"my key is {TOKEN}", user=3, annotation_id=904)
+    genflow("label", "pull", str(output), "--url", standin.url)
+    demos = _human(output, "demonstrations")
+    assert sorted(d["prompt_id"] for d in demos) == ["p1", "p3"]
+    written = b"".join(p.read_bytes() for p in output.rglob("*") if p.is_file())
+    assert TOKEN[:16].encode() not in written and b"my key is" not in written
+
+
 def test_an_annotation_removed_from_the_tool_leaves_the_output_at_the_next_pull(standin: Standin, output: Path,
                                                                              genflow: Any) -> None:
     titles = _labelled(standin, output, genflow)
