@@ -423,6 +423,11 @@ class RequestWorker:
         return stats
 
     async def close(self) -> None:
+        if self._watching is not None:  # else its loop, ended by ray.kill, logs "Task was destroyed but it is pending!"
+            self._watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watching
+            self._watching = None
         closing = getattr(self.plugin, "aclose", None)
         if closing is not None:
             await closing()

@@ -589,3 +589,24 @@ def test_an_answer_past_max_answer_bytes_is_an_errors_row_not_a_candidate(announ
         assert f"is {200 * 1024 * 1024} bytes" in failure.error
     assert server.sent < 200 * 1024 * 1024  # the rest was never read
     assert MAX_ANSWER_BYTES < 200 * 1024 * 1024  # the default stops a 200 MB answer too
+
+
+def test_a_closed_request_worker_leaves_no_task_pending() -> None:
+    """The worker's watch on its parent ends with it: Ray kills the actor right after ``close``,
+    and a task still pending then is logged on the job's terminal ("Task was destroyed but it is
+    pending!"), as it was after half the jobs run by hand for issue 23."""
+    from genflow.registry import get_registry
+    from genflow.requesting import RequestWorker
+
+    factory = get_registry().get("generator", "openai").factory
+    worker = RequestWorker(factory, "m", {"base_url": "http://127.0.0.1:1/v1"}, {})
+
+    async def go() -> None:
+        async for _ in worker.run([]):
+            pass
+        watching = worker._watching
+        assert watching is not None and not watching.done()
+        await worker.close()
+        assert watching.done()
+
+    asyncio.run(go())
