@@ -373,7 +373,7 @@ def test_a_spent_budget_stops_the_stage_keeps_every_answer_and_a_rerun_sends_not
     pool = InProcessRequestPool(server)
     budget = Budget(max_cost=30.5 * each)
     out: list[Any] = []
-    with pytest.raises(BudgetSpent, match=r"max_cost is .*69 requests not sent"):
+    with pytest.raises(BudgetSpent, match=r"max_cost is .*69 requests of the shards under way not sent"):
         for answered in send(pool, items, 16, lambda n: None, _journals(items, journal), PRICE, budget):
             out.append(answered)
     assert server.received == len(out) == len(journal.answers) == 31

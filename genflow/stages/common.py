@@ -235,7 +235,8 @@ def _journaled_answers(pool: RequestPool, ticket: Any, units: list[list[Item]], 
     if budget is not None and budget.exhausted and unanswered:
         raise BudgetSpent(f"the job's requests have cost {budget.spent:.4f} (every run of this output together), "
                           f"its max_cost is {budget.max_cost:g}: stopped with every answer kept, {unanswered} "
-                          f"requests not sent; raise max_cost and run it again to go on")
+                          f"requests of the shards under way not sent (nor any of the shards after them); "
+                          f"raise max_cost and run it again to go on")
 
 
 class Journals:
