@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import logging
 import os
 import urllib.error
 import urllib.parse
@@ -36,6 +37,8 @@ from genflow import hookimpl
 from genflow.api import Annotation, Labeller, LabelTask, PluginParams, PushResult
 from genflow.hookspecs import Register
 from genflow.secrets import Scrubber, Secret
+
+log = logging.getLogger(__name__)
 
 RANKER = "rank"
 ANSWER = "answer"
@@ -259,8 +262,11 @@ class LabelStudio(Labeller):
                         continue
                     annotation = read_annotation(a, data, kind, users)
                 except (AttributeError, TypeError, KeyError, ValueError) as exc:
-                    raise LabelStudioError(f"Label Studio task {task.get('id')} of {project!r}: an annotation "
-                                           f"genflow cannot read ({type(exc).__name__}: {exc})") from None
+                    # one person's odd answer (a null value, a number for a text) costs that answer only
+                    log.warning("Label Studio task %s of %r: annotation %s left out, genflow cannot read it "
+                                "(%s: %s)", task.get("id"), project, a.get("id") if isinstance(a, dict) else "?",
+                                type(exc).__name__, exc)
+                    continue
                 if annotation is not None:
                     out.append(annotation)
         return out
@@ -298,6 +304,8 @@ def read_annotation(a: dict[str, Any], data: dict[str, Any], kind: str, users: d
             return Annotation(**common, ranking=tuple(str(g) for g in order))
         if kind == "demonstrations" and r.get("type") == "textarea" and r.get("from_name") == ANSWER:
             texts = value.get("text") or []
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise TypeError(f"its text is {_shape(texts)}, not a list of strings")
             return Annotation(**common, completion="\n".join(texts)) if texts else None
     return None
 

@@ -413,6 +413,22 @@ def test_an_answer_holding_the_tools_key_is_not_written(standin: Standin, output
     assert TOKEN[:16].encode() not in written and b"my key is" not in written
 
 
+@pytest.mark.parametrize("value", [None, {"text": [42]}, {"text": "one string"}, "a string"])
+def test_an_annotation_genflow_cannot_read_is_left_out_and_the_others_are_written(
+        standin: Standin, output: Path, genflow: Any, value: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """One person's odd answer (a null value, a number for a text) costs that answer, not the pull."""
+    _labelled(standin, output, genflow)
+    standin.answer("genflow handmade demonstrations", "p2", "placeholder", user=3, annotation_id=905)
+    task = next(t for t in standin.tasks[standin.project("genflow handmade demonstrations")["id"]]
+                if t["data"]["prompt_id"] == "p2")
+    task["annotations"][-1]["result"][0]["value"] = value
+    with caplog.at_level("WARNING"):
+        genflow("label", "pull", str(output), "--url", standin.url)
+    assert sorted(d["prompt_id"] for d in _human(output, "demonstrations")) == ["p1", "p3"]
+    assert len(_human(output, "human_rankings")) > 0
+    assert "annotation 905 left out" in caplog.text
+
+
 def test_an_annotation_removed_from_the_tool_leaves_the_output_at_the_next_pull(standin: Standin, output: Path,
                                                                              genflow: Any) -> None:
     titles = _labelled(standin, output, genflow)
