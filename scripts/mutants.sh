@@ -29,7 +29,7 @@ STAGE=${STAGE:-$ROOT/.mutants}
 # by ":" and a comma-separated list of its functions (a class name takes all its methods,
 # Class.method one). The one place to update when a module or a function moves
 # (plugins/x.py is genflow.plugins.x); a name that is no longer in its file stops the run.
-declare -A GROUP_MUTATE GROUP_TESTS
+declare -A GROUP_MUTATE GROUP_TESTS GROUP_K
 # ranking and pairs, pass@k, config validation, resume markers, atomic writes, error rows
 GROUP_MUTATE[core]="
   genflow/ranking.py
@@ -70,14 +70,18 @@ GROUP_MUTATE[journal]="
   genflow/resume.py
   genflow/stages/common.py:_journaled_answers,Journals,open_journal
 "
-GROUP_TESTS[journal]="tests/test_journal.py tests/test_resume.py tests/test_promises.py tests/test_journal_reading.py"
+GROUP_TESTS[journal]="tests/test_journal.py tests/test_journal_reading.py tests/test_resume.py tests/test_resume_markers.py
+  tests/test_budget.py tests/test_promises.py"
 # the LLM judge's verdicts and tokens, and the pairwise ranking it feeds
 GROUP_MUTATE[judge]="
   plugins/llm_judge.py:Question,from_probabilities,judge_seed,_cut,_unreadable_error,_split,Judging,_token_count,served_logprobs,summarize_judgements
   plugins/judge_rubrics.py:delimiter_nonce,delimit,quoted_spans,without_quotes,_json_objects,_key_at,_in_scale,_outside,read_rating,read_verdict,expected_rating
   plugins/pairwise_ranking.py
 "
-GROUP_TESTS[judge]="tests/test_llm_judge.py tests/test_judge_verdicts.py tests/test_ranking.py tests/test_judge_reading.py"
+GROUP_TESTS[judge]="tests/test_llm_judge.py tests/test_judge_verdicts.py tests/test_ranking.py tests/test_judge_figures.py"
+# the local judge's tests load a model in each mutant's process (10 s a time); the served
+# judge's and the readers' tests reach the same questions, verdicts and tokens
+GROUP_K[judge]="not local_judge"
 # how scorers agree, human labels and their round trip through Label Studio
 GROUP_MUTATE[labelling]="
   genflow/agreement.py
@@ -90,7 +94,7 @@ ALL_GROUPS="core secrets requests costs journal judge labelling"
 
 GROUP=${*:-${GROUP:-$ALL_GROUPS}}   # `bash scripts/mutants.sh secrets judge` names groups too
 [ "$GROUP" = all ] && GROUP=$ALL_GROUPS
-group_mutate="" group_tests=""
+group_mutate="" group_tests="" group_k=""
 for g in $GROUP; do
     if [ -z "${GROUP_MUTATE[$g]+set}" ]; then
         echo "GROUP: no group '$g' (the groups: $ALL_GROUPS)" >&2
@@ -98,13 +102,14 @@ for g in $GROUP; do
     fi
     group_mutate+="${GROUP_MUTATE[$g]}"
     group_tests+=" ${GROUP_TESTS[$g]}"
+    group_k+="${GROUP_K[$g]:+ and ${GROUP_K[$g]}}"
 done
 echo "mutants of: $GROUP${MUTATE:+ (only MUTATE: $MUTATE)}"
 MUTATE=${MUTATE:-$group_mutate}
 # The fast tests (no Ray, no Prefect): for each mutant mutmut runs those that reach its function.
 # A file not (yet) in tests/ is left out.
 TESTS=${TESTS:-$group_tests}
-TESTS_K=${TESTS_K:-"not cli"}   # pytest -k: leaves out the tests that start a genflow subprocess
+TESTS_K=${TESTS_K:-"not cli$group_k"}   # pytest -k: leaves out the tests that start a genflow subprocess
 
 if ! "$BIN/python" -c "import mutmut, sys; sys.exit(mutmut.__version__ != '$MUTMUT_VERSION')" 2>/dev/null; then
     "$BIN/pip" install -q "mutmut==$MUTMUT_VERSION"
