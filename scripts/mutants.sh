@@ -78,7 +78,8 @@ GROUP_MUTATE[judge]="
   plugins/judge_rubrics.py:delimiter_nonce,delimit,quoted_spans,without_quotes,_json_objects,_key_at,_in_scale,_outside,read_rating,read_verdict,expected_rating
   plugins/pairwise_ranking.py
 "
-GROUP_TESTS[judge]="tests/test_llm_judge.py tests/test_judge_verdicts.py tests/test_ranking.py tests/test_judge_figures.py"
+GROUP_TESTS[judge]="tests/test_llm_judge.py tests/test_judge_verdicts.py tests/test_judge_reading.py
+  tests/test_judge_figures.py tests/test_ranking.py"
 # the local judge's tests load a model in each mutant's process (10 s a time); the served
 # judge's and the readers' tests reach the same questions, verdicts and tokens
 GROUP_K[judge]="not local_judge"
