@@ -90,7 +90,7 @@ GROUP_MUTATE[labelling]="
   plugins/label_studio.py
 "
 GROUP_TESTS[labelling]="tests/test_agreement.py tests/test_labelling.py tests/test_label_studio.py
-  tests/test_label_round_trip.py"
+  tests/test_label_report.py"
 ALL_GROUPS="core secrets requests costs journal judge labelling"
 
 GROUP=${*:-${GROUP:-$ALL_GROUPS}}   # `bash scripts/mutants.sh secrets judge` names groups too
