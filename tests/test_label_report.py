@@ -79,3 +79,15 @@ def test_disagreeing_needs_two_scorers_and_names_what_the_job_has(tmp_path: obje
     with pytest.raises(LabellingError) as none:
         disagreeing_prompts(storage, {})
     assert str(none.value) == "--disagreeing needs a job with two scorers or more; this one has 0 (none)"
+
+
+def test_an_answer_label_studio_should_not_have_given_is_described_by_its_shape_never_its_values() -> None:
+    from genflow.plugins.label_studio import _shape
+
+    keys = {f"k{i}": "secret value" for i in range(10, 0, -1)}
+    assert _shape(keys) == "an object with k1, k10, k2, k3, k4, k5, k6, k7"
+    assert _shape({}) == "an object with no keys"
+    assert _shape({1: "x"}) == "an object with 1"
+    assert _shape(["a"]) == "a list of something else"
+    assert _shape(None) == "nothing"
+    assert (_shape("text"), _shape(3)) == ("a str", "a int")
