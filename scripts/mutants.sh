@@ -18,12 +18,12 @@
 #   make mutants GROUP="judge labelling"           several
 #   make mutants MUTATE="genflow/passk.py"         one module (with the fast tests of the chosen groups)
 #   make mutants MUTATE=... TESTS="tests/x.py"     and the tests to select from
+#   make mutants GROUP=judge DIFFS=0               survivors by name, without their diffs (faster)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 BIN=${BIN:-$ROOT/.venv/bin}
 MUTMUT_VERSION=3.8.1
-STAGE=${STAGE:-$ROOT/.mutants}
 
 # What is mutated, by group: files as they are in this repository, each optionally followed
 # by ":" and a comma-separated list of its functions (a class name takes all its methods,
@@ -56,7 +56,8 @@ GROUP_MUTATE[requests]="
   genflow/requesting.py
   genflow/stages/common.py:Pack,_request_answers,_fan_out
 "
-GROUP_TESTS[requests]="tests/test_requesting.py tests/test_request_path.py tests/test_calls.py tests/test_promises.py"
+GROUP_TESTS[requests]="tests/test_requesting.py tests/test_request_path.py tests/test_calls.py tests/test_budget.py
+  tests/test_journal_replay.py tests/test_promises.py"
 # what requests cost and the budget (max_cost) that stops them
 GROUP_MUTATE[costs]="
   genflow/budget.py
@@ -70,8 +71,8 @@ GROUP_MUTATE[journal]="
   genflow/resume.py
   genflow/stages/common.py:_journaled_answers,Journals,open_journal
 "
-GROUP_TESTS[journal]="tests/test_journal.py tests/test_journal_reading.py tests/test_resume.py tests/test_resume_markers.py
-  tests/test_budget.py tests/test_promises.py"
+GROUP_TESTS[journal]="tests/test_journal.py tests/test_journal_reading.py tests/test_journal_replay.py tests/test_resume.py
+  tests/test_resume_markers.py tests/test_budget.py tests/test_promises.py"
 # the LLM judge's verdicts and tokens, and the pairwise ranking it feeds
 GROUP_MUTATE[judge]="
   plugins/llm_judge.py:Question,from_probabilities,judge_seed,_cut,_unreadable_error,_split,Judging,_token_count,served_logprobs,summarize_judgements
@@ -106,6 +107,7 @@ for g in $GROUP; do
     group_k+="${GROUP_K[$g]:+ and ${GROUP_K[$g]}}"
 done
 echo "mutants of: $GROUP${MUTATE:+ (only MUTATE: $MUTATE)}"
+STAGE=${STAGE:-$ROOT/.mutants-${GROUP// /-}}   # a folder per group: runs of two groups keep their results apart
 MUTATE=${MUTATE:-$group_mutate}
 # The fast tests (no Ray, no Prefect): for each mutant mutmut runs those that reach its function.
 # A file not (yet) in tests/ is left out.
@@ -185,7 +187,7 @@ echo "mutmut run: generating the mutants, then running the fast tests against ea
 elapsed=$(( $(date +%s) - started ))
 "$BIN/mutmut" results --all true > results.txt
 
-"$BIN/python" - "$elapsed" "$BIN/mutmut" <<'EOF'
+"$BIN/python" - "$elapsed" "$BIN/mutmut" "${DIFFS:-1}" <<'EOF'
 import fnmatch
 import subprocess
 import sys
@@ -203,7 +205,10 @@ for name, state in status.items():
     module = name.split(".x", 1)[0]
     by_module[module][state] += 1
 survivors = sorted(n for n, s in status.items() if s == "survived")
-for name in survivors:
+for name in survivors:  # DIFFS=0: names only (each diff is a mutmut process: a second or two)
+    if sys.argv[3] == "0":
+        print(f"# {name}: survived")
+        continue
     print(subprocess.run([sys.argv[2], "show", name], capture_output=True, text=True).stdout.rstrip())
     print()
 unreached = Counter(n.split("__mutmut_")[0] for n, s in status.items() if s == "no tests")
