@@ -66,7 +66,7 @@ def test_a_packs_answers_count_progress_cost_and_journal_entries_as_they_come(
                                               "a1": (Generation(text="old1"), 0.75)}
     two = [Generation(text="y" * 8), Generation(text="z" * 8)]  # no usage: priced from characters
     failed = Failure("refused", "", prompt_tokens=5, completion_tokens=1)
-    ticket = _Ticket([[Answer(0, two, 1.5, 1, posts=4)], [Answer(1, failed, 0.5, 2)]])
+    ticket = _Ticket([[Answer(0, two, 1.5, 1, posts=4), Answer(1, failed, 0.5, 2)]])  # both shards' at once
     progress: list[int] = []
     budget = Budget(max_cost=10.0)
     pool = _Pool()
@@ -76,7 +76,7 @@ def test_a_packs_answers_count_progress_cost_and_journal_entries_as_they_come(
     assert [(item.generation_id, result, seconds) for item, result, seconds in got] == [
         ("a0", Generation(text="old0"), 0.25), ("a1", Generation(text="old1"), 0.75),
         ("b0", two[0], 1.5), ("b1", two[1], 1.5), ("c0", failed, 0.5)]
-    assert progress == [2, 2, 1]
+    assert progress == [2, 3]
     each = PRICE.cost(10 * 2, 2 * 2)  # a prompt's four posts shared by its two candidates
     assert budget.spent == pytest.approx(2 * each + PRICE.cost(5, 1))
     assert (budget.answers, budget.estimated, budget.largest) == (1, 1, pytest.approx(2 * each))
