@@ -322,13 +322,18 @@ def test_a_template_naming_a_missing_column_is_refused_before_ray(tmp_path: Path
 
 # -- 5, 6. Ctrl-C and a lost Prefect API end a job within seconds --------------------------------
 
-def _start_cli(tmp_path: Path, env: dict[str, str], delay_s: float, **values: Any) -> tuple[Any, Path]:
-    """``genflow run`` in a process group of its own, as a terminal's foreground job."""
+def _start_cli(tmp_path: Path, env: dict[str, str], delay_s: float, hold_on: str | None = None,
+               **values: Any) -> tuple[Any, Path]:
+    """``genflow run`` in a process group of its own, as a terminal's foreground job. ``hold_on``:
+    the call with that prompt waits for ``tmp_path/state/release`` (the job held mid-way)."""
     import subprocess
     import sys
 
     pq.write_table(pa.table({"prompt": [f"prompt {i}" for i in range(16)]}), tmp_path / "prompts.parquet")
     echo = {"label": "echo", "plugin": "echo", "params": {"delay_s": delay_s}}
+    if hold_on is not None:
+        (tmp_path / "state").mkdir(exist_ok=True)
+        echo["params"].update(hold_on=[hold_on], state_dir=str(tmp_path / "state"))
     path = _config_file(tmp_path, **{"shard_rows": 2, "ray": {"workers": 1}, **values, "generators": [echo]})
     full_env = {k: v for k, v in {**os.environ, **env}.items() if k != "PREFECT_API_URL"}
     full_env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
@@ -400,13 +405,16 @@ def test_a_prefect_api_lost_mid_job_is_one_line_and_the_job_still_completes(
 
     # 8 shards, 2 a pack: the API dies after the first pack, with three generate packs, the
     # scores and the ranking still to run. They run without Prefect; the job completes.
-    process, _ = _start_cli(tmp_path, test_plugins, delay_s=0.3, ray={"workers": 1, "batch_size": 2})
+    # The last shard's call waits for a release file: the API dies mid-job however fast the machine.
+    process, _ = _start_cli(tmp_path, test_plugins, delay_s=0.3, hold_on="prompt 14",
+                            ray={"workers": 1, "batch_size": 2})
     _wait_for(process, tmp_path / "out/_state/generate/echo/00000.json")
     children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
     api = [int(c) for c in children if b"uvicorn" in Path(f"/proc/{c}/cmdline").read_bytes()]
     assert len(api) == 1
     assert not (tmp_path / "out/_state/generate/echo/00007.json").exists()  # mid-job
     os.kill(api[0], signal.SIGKILL)  # the local Prefect API dies
+    (tmp_path / "state" / "release").touch()
     code, out = _ended(process)
     assert code == 0, out[-3000:]
     assert "lost the Prefect API" in out and "Traceback" not in out
