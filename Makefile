@@ -35,7 +35,7 @@ bench: setup
 ## prints the surviving mutants and the score. GROUP= picks groups (core secrets requests costs journal
 ## judge labelling; default all), MUTATE= files; both are listed in scripts/mutants.sh. Not part of CI.
 mutants: setup
-	BIN=$(abspath $(BIN)) GROUP="$(GROUP)" bash scripts/mutants.sh
+	BIN=$(abspath $(BIN)) GROUP="$(GROUP)" DIFFS="$(DIFFS)" bash scripts/mutants.sh
 
 clean:
 	rm -rf outputs/quickstart outputs/images outputs/code

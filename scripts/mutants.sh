@@ -13,7 +13,9 @@
 # package (genflow/, genflow/plugins/, genflow/flows/) where every mutated module is the
 # one the tests import; mutmut's own forced-fail check proves it before any mutant runs.
 #
-#   make mutants                                   every group below (long: an hour or more on 2 cores)
+#   make mutants                                   every group below (two hours or more on 2 shared cores:
+#                                                  secrets 6 min, costs 5, journal 4, judge 8 in Dec 2026;
+#                                                  requests and labelling 30-40 each)
 #   make mutants GROUP=secrets                     one group (core secrets requests costs journal judge labelling)
 #   make mutants GROUP="judge labelling"           several
 #   make mutants MUTATE="genflow/passk.py"         one module (with the fast tests of the chosen groups)
