@@ -73,7 +73,7 @@ GROUP_MUTATE[journal]="
   genflow/resume.py
   genflow/stages/common.py:_journaled_answers,Journals,open_journal
 "
-GROUP_TESTS[journal]="tests/test_journal.py tests/test_journal_reading.py tests/test_journal_replay.py tests/test_resume.py
+GROUP_TESTS[journal]="tests/test_journal.py tests/test_journal_replay.py tests/test_resume.py
   tests/test_resume_markers.py tests/test_budget.py tests/test_promises.py"
 # the LLM judge's verdicts and tokens, and the pairwise ranking it feeds
 GROUP_MUTATE[judge]="

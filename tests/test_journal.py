@@ -23,7 +23,7 @@ import pytest
 from genflow import layout
 from genflow.api import Generation, GenerationRequest, RowError, Score, TransientError
 from genflow.config import RequestsSpec
-from genflow.journal import SEGMENT, Journal
+from genflow.journal import SEGMENT, Journal, _one_line
 from genflow.layout import Shard
 from genflow.requesting import Answer, RequestRunner
 from genflow.resume import (
@@ -64,8 +64,8 @@ def _segment(storage: Storage, name: str, table: pa.Table | bytes) -> str:
     return rel
 
 
-def _rows(*rows: tuple[str, str, str]) -> pa.Table:
-    return pa.Table.from_pylist([{"key": k, "kind": kind, "payload": p, "seconds": 0.5} for k, kind, p in rows],
+def _rows(*rows: tuple[str, str, str | None], seconds: float | None = 0.5) -> pa.Table:
+    return pa.Table.from_pylist([{"key": k, "kind": kind, "payload": p, "seconds": seconds} for k, kind, p in rows],
                                 SEGMENT)
 
 
@@ -399,3 +399,66 @@ def test_a_rerun_sends_again_only_what_failed_transiently_and_moves_it_out_of_er
 
     job_runner(config)  # nothing left to send
     assert sent() == second
+
+
+# -- what a rerun reads of a journal, said exactly ---------------------------------------------
+
+REASONS: dict[str, tuple[pa.Table, str]] = {
+    "columns": (pa.table({"id": ["g2"], "answer": ["hello"]}), "no column 'key'"),
+    "type": (pa.table({"key": ["g2"], "kind": ["generation"], "payload": ["{}"], "seconds": ["fast"]}),
+             "column 'seconds' is string, not double"),
+    "json": (_rows(("g2", "generation", "{not json")),
+             "a payload that is not JSON (Expecting property name enclosed in double quotes: line 1 column 2 "
+             "(char 1))"),
+    "object": (_rows(("g2", "generation", "[1]")), "a generation payload that is not a JSON object"),
+    "kind": (_rows(("g2", "score", "{}")), "an answer of kind 'score' in a journal of generation/failure answers"),
+    "unknown": (_rows(("g2", "generation", json.dumps({"text": "x", "logprobs": [], "alt": 1}))),
+                "a generation payload with keys genflow does not write: alt, logprobs"),
+    "wrong": (_rows(("g2", "generation", json.dumps({"text": 5}))),
+              "a generation payload whose 'text' is int, not str | None"),
+    "missing": (_rows(("g2", "failure", json.dumps({"traceback": ""}))), "a failure payload without 'error'"),
+    "image": (_rows(("g2", "generation", json.dumps({"image": "%%%"}))), "an image that is not base64"),
+    "no key": (_rows(("", "generation", "{}")), "a row without a key or a payload"),
+    "no payload": (_rows(("g2", "generation", None)), "a row without a key or a payload"),
+}
+
+
+
+@pytest.mark.parametrize("reason", list(REASONS))
+def test_a_segment_genflow_cannot_use_is_named_with_its_reason_and_the_next_one_is_read(
+        storage: Storage, reason: str, caplog: pytest.LogCaptureFixture) -> None:
+    table, why = REASONS[reason]
+    bad = _segment(storage, "seg-00000000000000000001-a.parquet", table)
+    _segment(storage, "seg-00000000000000000002-b.parquet", _rows(("g1", "generation", json.dumps({"text": "kept"}))))
+    _segment(storage, "notes.txt", b"not a segment")
+    with caplog.at_level(logging.WARNING, logger="genflow.journal"):
+        answered = _journal(storage).load()
+    assert answered == {"g1": (Generation(text="kept"), 0.5)}
+    assert [r.getMessage() for r in caplog.records] == [
+        f"request journal {bad}: skipping a segment genflow cannot use ({why}); its requests are sent again"]
+
+
+def test_an_unreadable_segment_is_named_and_the_next_one_is_read(storage: Storage,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    bad = _segment(storage, "seg-00000000000000000001-a.parquet", b"PAR1\x00\x01garbage")
+    _segment(storage, "seg-00000000000000000002-b.parquet", _rows(("g1", "generation", "{}"), seconds=None))
+    with caplog.at_level(logging.WARNING, logger="genflow.journal"):
+        answered = _journal(storage).load()
+    assert answered == {"g1": (Generation(), 0.0)}, "no seconds recorded: none counted"
+    [message] = [r.getMessage() for r in caplog.records]
+    assert message.startswith(f"request journal {bad}: skipping an unreadable segment (")
+    assert message.endswith("); its requests are sent again") and "\n" not in message
+    reason = message.split("skipping an unreadable segment (", 1)[1].rsplit("); its requests", 1)[0]
+    assert reason not in ("", "None", "OSError"), "the reader's own words on what is wrong"
+
+
+def test_seconds_written_as_whole_numbers_are_read() -> None:
+    storage_table = pa.table({"key": ["g1"], "kind": ["generation"], "payload": ["{}"], "seconds": [2]})
+    journal = Journal.__new__(Journal)
+    journal.kinds = ("generation", "failure")
+    assert journal._answers(storage_table) == [("g1", Generation(), 2.0)]
+
+
+def test_an_error_is_said_in_one_line_or_by_its_type() -> None:
+    assert _one_line(ValueError("bad\n  segment   here")) == "bad segment here"
+    assert _one_line(OSError()) == "OSError"
