@@ -10,12 +10,10 @@ was asked. ``tests/test_label_studio.py`` runs the real Label Studio.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import logging
 import math
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
+from servers import BackgroundServer
 from typer.testing import CliRunner, Result
 
 from genflow import labelling
@@ -35,37 +34,6 @@ from genflow.storage import Storage
 TOKEN = "genflow-test-token-0123456789abcdef"
 ACCESS = "access-token-fedcba9876543210"
 PAT = "header.payload-of-a-refresh-token.signature"
-
-class BackgroundServer:
-    """An aiohttp app on 127.0.0.1 (a free port) served from a thread with its own event loop. (Kept
-    here, not taken from ``servers.py``, so a mutation run's staging folder needs no ``benchmarks/``.)"""
-
-    def __init__(self, app: web.Application) -> None:
-        self.app, self.port = app, 0
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="label-studio-standin", daemon=True)
-        self._runner = web.AppRunner(app, access_log=None)
-
-    @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> BackgroundServer:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=30)
-        return self
-
-    async def _start(self) -> None:
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(timeout=30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
-
 
 # -- a finished job's output, written by hand ------------------------------------------
 
