@@ -1,7 +1,7 @@
 """A job's fixed costs: bookkeeping per (stage, shard), and the start-up and exit around the flow.
 
 **Per (stage, shard).** A model-free job (the ``echo`` generator and ``length``
-scorer of ``tests/plugins_for_tests.py``, installed as an entry point the way a
+scorer of ``tests/support/plugins_for_tests.py``, installed as an entry point the way a
 third-party plugin is, ranking and export on) runs twice on the same prompts: at
 ``--big-shards`` rows a shard and at ``--small-shards``. Both do the same rows, so
 the difference of the flows' own clocks (the manifest's ``timings_s.total``),

@@ -76,7 +76,7 @@ def compare(model_name: str, model_path: str, prompts: list[str], new_tokens: in
     import torch
 
     from genflow.api import Generation, GenerationRequest, RowError
-    from genflow.plugins.text import HFTextGenerator, HFTextParams
+    from genflow.plugins.text.generator import HFTextGenerator, HFTextParams
     from genflow.stages import call_batches
 
     generator = HFTextGenerator(model_path, HFTextParams(max_new_tokens=new_tokens, temperature=TEMPERATURE,

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from genflow.api import Generation, GenerationRequest, RowError
-from genflow.plugins.image import DiffusersImageGenerator, DiffusersImageParams, write_tiny_sd
+from genflow.plugins.image.generator import DiffusersImageGenerator, DiffusersImageParams, write_tiny_sd
 
 PROMPTS = [
     "An astronaut riding a horse on the moon, digital art",

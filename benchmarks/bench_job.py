@@ -10,7 +10,7 @@ Both sides produce exactly ``--new-tokens`` tokens per prompt: the model's
 ``generation_config.json`` says ``min_new_tokens`` (EOS banned until then) and
 ``suppress_tokens`` (the pad token, which genflow would strip), and both load the
 model from that folder. Both sides' processes get the glibc malloc settings that
-genflow gives its plugin workers (``genflow.ray_cluster.WORKER_MALLOC_ENV``), so
+genflow gives its plugin workers (``genflow.engine.ray_cluster.WORKER_MALLOC_ENV``), so
 the ratio is orchestration overhead, not allocator tuning.
 
 Cores: the job runs 2 Ray workers of 1 torch thread each on a 2-core machine. The

@@ -121,7 +121,7 @@ async def bare_aiohttp(base_url: str, concurrency: int, prompts: list[str]) -> l
 async def plugin_direct(base_url: str, concurrency: int, prompts: list[str]) -> list[str]:
     """The ``openai`` plugin's ``generate`` under the same C coroutines: its cost per request, no engine."""
     from genflow.api import Generation
-    from genflow.plugins.openai_api import OpenAIGenerator, OpenAIParams
+    from genflow.plugins.served.openai_api import OpenAIGenerator, OpenAIParams
 
     plugin = OpenAIGenerator(MODEL, OpenAIParams(base_url=base_url, max_tokens=MAX_TOKENS))
     requests = generation_requests(prompts)
@@ -150,12 +150,12 @@ def generation_requests(prompts: list[str]) -> list[Any]:
 
 
 async def engine_path(base_url: str, concurrency: int, prompts: list[str]) -> list[str]:
-    """genflow's request path (``genflow.requesting.RequestRunner``: the adaptive limit, timeouts,
+    """genflow's request path (``genflow.engine.requesting.RequestRunner``: the adaptive limit, timeouts,
     retries, answers as they arrive) driving the plugin, as a generate stage's request worker does."""
     from genflow.api import Generation
     from genflow.config import RequestsSpec
-    from genflow.plugins.openai_api import OpenAIGenerator, OpenAIParams
-    from genflow.requesting import RequestRunner
+    from genflow.engine.requesting import RequestRunner
+    from genflow.plugins.served.openai_api import OpenAIGenerator, OpenAIParams
 
     plugin = OpenAIGenerator(MODEL, OpenAIParams(base_url=base_url, max_tokens=MAX_TOKENS))
     runner = RequestRunner(plugin.generate, RequestsSpec(concurrency=concurrency))

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from benchmarks.common import Comparison, at_least, base_parser, emit, machine
 from genflow.api import ScoreItem
-from genflow.plugins.code_exec import CodeExecParams, CodeExecScorer
+from genflow.plugins.code.execution import CodeExecParams, CodeExecScorer
 
 # Completions per problem, cycled: right, wrong, right again with a different body.
 WRONG = "    return None\n"

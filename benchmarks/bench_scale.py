@@ -2,7 +2,7 @@
 
 The job is model-free so that only genflow's own costs show: the ``echo``
 generator (the prompt reversed) and the ``length`` scorer from
-``tests/plugins_for_tests.py``, installed as an entry point the way a third-party
+``tests/support/plugins_for_tests.py``, installed as an entry point the way a third-party
 plugin is, one sample per prompt, ranking and export on, the default
 ``shard_rows`` and ``ray.batch_size`` 64 (a trivial plugin answers a batch in
 microseconds; the default 16 would only measure Ray's per-call overhead).

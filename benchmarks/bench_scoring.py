@@ -128,8 +128,8 @@ def main() -> None:
     args = parser.parse_args()
     run_as_genflow_worker("benchmarks.bench_scoring")
     quiet_environment()
-    from genflow.plugins.embedding import EmbeddingSimParams, EmbeddingSimScorer
-    from genflow.plugins.reward import HFRewardParams, HFRewardScorer
+    from genflow.plugins.text.embedding import EmbeddingSimParams, EmbeddingSimScorer
+    from genflow.plugins.text.reward import HFRewardParams, HFRewardScorer
 
     items = score_items(args.prompts or (40 if args.quick else 125), args.samples)
     repeats = args.repeats or (2 if args.quick else 3)

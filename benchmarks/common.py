@@ -43,7 +43,7 @@ def quiet_environment() -> None:
 
 def worker_environment() -> dict[str, str]:
     """The process environment genflow gives its plugin workers (glibc malloc settings)."""
-    from genflow.ray_cluster import worker_env_vars
+    from genflow.engine.ray_cluster import worker_env_vars
 
     return worker_env_vars()
 
@@ -98,7 +98,7 @@ def synthetic_prompts(count: int, min_words: int = 2, max_words: int = 16, seed:
 
     With the tiny tokenizer that is 2 to ~120 tokens, ~28 on average (the quickstart's prompts: ~21).
     """
-    from genflow.plugins.tiny_tokenizer import corpus_lines
+    from genflow.plugins.shared.tiny_tokenizer import corpus_lines
 
     words = " ".join(corpus_lines()).split()
     rng = random.Random(seed)
@@ -131,7 +131,7 @@ MODELS = {
 
 def causal_lm(workdir: Path, name: str) -> str:
     """A GPT-2 written tiny-style (random weights, seed 0), reused when already there."""
-    from genflow.plugins.text import write_tiny_causal_lm
+    from genflow.plugins.text.generator import write_tiny_causal_lm
 
     path = workdir / "models" / name
     if not (path / "config.json").exists():
@@ -165,7 +165,7 @@ def tiny_text_model(workdir: Path, new_tokens: int = 32) -> str:
 
 
 def reward_model(workdir: Path) -> str:
-    from genflow.plugins.reward import write_tiny_reward_model
+    from genflow.plugins.text.reward import write_tiny_reward_model
 
     path = workdir / "models" / "tiny-reward"
     if not (path / "config.json").exists():

@@ -9,7 +9,7 @@ Usage counts are word counts. Nothing is computed, so a client's request rate
 against it is bound by the latency and by the client's own cost per request:
 what ``benchmarks/bench_openai.py`` measures. The tests use it (and
 :class:`BackgroundServer`, which runs any aiohttp app in a thread) through
-``tests/servers.py``.
+``tests/support/servers.py``.
 
     python -m benchmarks.standin_server --port 8000 --latency 0.5     # serve until killed
 """

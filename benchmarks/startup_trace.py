@@ -31,14 +31,14 @@ from types import ModuleType
 from typing import Any
 
 WRAP: dict[str, tuple[str, ...]] = {
-    "genflow.local_prefect": ("start_local_api", "adopt", "LocalPrefectAPI.wait_ready", "LocalPrefectAPI.stop"),
-    "genflow.ray_cluster": ("init_ray", "shutdown_ray"),
-    "genflow.execution": ("launch_early", "launch_early_requests", "stop_early_workers"),
+    "genflow.runtime.local_prefect": ("start_local_api", "adopt", "LocalPrefectAPI.wait_ready", "LocalPrefectAPI.stop"),
+    "genflow.engine.ray_cluster": ("init_ray", "shutdown_ray"),
+    "genflow.engine.actors": ("launch_early", "launch_early_requests", "stop_early_workers"),
     "genflow.job": ("run_job", "check_job", "_launch_workers"),
     "genflow.config": ("load_config",),
     "genflow.flows.job": ("run_stages", "build_manifest", "write_report_safely", "write_card_safely",
                           "publish_job_artifacts"),
-    "genflow.shutdown": ("drain_prefect",),
+    "genflow.runtime.shutdown": ("drain_prefect",),
 }
 FLOW = ("genflow.flows.job", "genflow_job")  # a Prefect Flow: its body is ``.fn``
 
@@ -118,7 +118,7 @@ def _watch_prefect_api(mark: Marks) -> None:
 
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        running = getattr(sys.modules.get("genflow.local_prefect"), "_RUNNING", None) or []
+        running = getattr(sys.modules.get("genflow.runtime.local_prefect"), "_RUNNING", None) or []
         url = running[0].url if running else None
         if url:
             try:

@@ -29,7 +29,7 @@ from typing import Any
 from uuid import UUID
 
 from genflow.config import JobConfig, build_config
-from genflow.storage import is_remote
+from genflow.data.storage import is_remote
 
 TAGS = ["genflow"]
 

@@ -48,28 +48,29 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
-from genflow import labelling as human_labels
-from genflow import layout
-from genflow.agreement import scorer_agreement
 from genflow.api import Scorer
-from genflow.artifacts import publish_job_artifacts, stage_tags
 from genflow.config import ConfigError, JobConfig, build_config, redacted_urls, resolve_output
-from genflow.dataset_card import write_card_safely
-from genflow.events import on_job_failure
-from genflow.execution import RequestPool, Workers, job_workers
+from genflow.data import layout
+from genflow.data.layout import Shard, ShardPlan, Stage
+from genflow.data.lease import output_lease
+from genflow.data.prompts import InputError, open_input
+from genflow.data.resume import DoneIndex, StageOutcome, drop_unused_parts, finished
+from genflow.data.storage import Storage, disk_full
+from genflow.engine.actors import RequestPool, Workers, job_workers
+from genflow.engine.ray_cluster import RayUnreachable
 from genflow.job import JobFailed, prefect_api_lost, real_config
-from genflow.layout import Shard, ShardPlan, Stage
-from genflow.lease import output_lease
-from genflow.manifest import build_manifest, rows_of
-from genflow.progress import StageProgress
-from genflow.prompts import InputError, open_input
-from genflow.ray_cluster import RayUnreachable
+from genflow.labelling import labels as human_labels
+from genflow.outputs.agreement import scorer_agreement
+from genflow.outputs.artifacts import publish_job_artifacts, stage_tags
+from genflow.outputs.dataset_card import write_card_safely
+from genflow.outputs.events import on_job_failure
+from genflow.outputs.manifest import build_manifest, rows_of
+from genflow.outputs.report import write_report_safely
 from genflow.registry import PluginError, Registry, get_registry
-from genflow.report import write_report_safely
-from genflow.resume import DoneIndex, StageOutcome, drop_unused_parts, finished
+from genflow.runtime.progress import StageProgress
+from genflow.runtime.shutdown import lost_api_reported, prefect_api_busy, shown_api_url
 from genflow.secrets import install as install_secrets
 from genflow.secrets import job_secrets
-from genflow.shutdown import lost_api_reported, prefect_api_busy, shown_api_url
 from genflow.stages import (
     JobContext,
     ModelStage,
@@ -82,7 +83,6 @@ from genflow.stages import (
     score_work,
 )
 from genflow.stages.common import Budget, Pool
-from genflow.storage import Storage, disk_full
 
 
 def worth_retrying(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:

@@ -13,11 +13,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from genflow.artifacts import publish_sweep_artifact, sweep_row
 from genflow.config import build_config
+from genflow.data.storage import Storage
 from genflow.flows.job import genflow_job
-from genflow.report import job_summary, write_sweep_report
-from genflow.storage import Storage
+from genflow.outputs.artifacts import publish_sweep_artifact, sweep_row
+from genflow.outputs.report import job_summary, write_sweep_report
 from genflow.sweep import SweepFailed, SweepPlan, SweepRun, plan_sweep, runs_table, share_finished_work
 
 SWEEP_TABLE = "sweep.parquet"

@@ -64,7 +64,7 @@ a plugin whose ``generate`` / ``score`` is ``async def`` takes **one** request (
   with the stage's ``price``; the job stops cleanly at ``max_cost``. Report every paid
   request's tokens (a schema's retries, a judge's questions) in the result, or as
   ``prompt_tokens`` / ``completion_tokens`` attributes of a :class:`RowError`; an answer
-  that reports none is priced from its characters (``genflow.budget``).
+  that reports none is priced from its characters (``genflow.engine.budget``).
 - A call that sends several HTTP requests enters :func:`request_slot` around each, so
   that ``concurrency``, ``rpm`` and ``tpm`` count requests rather than calls.
 - Params named in ``unhashed_params`` (where requests go, which variable holds the
@@ -121,7 +121,7 @@ class RowError(Exception):
 
 
 _REQUEST_SLOTS: ContextVar[Any] = ContextVar("genflow_request_slots", default=None)
-"""The engine's limits for the call in progress (set by ``genflow.requesting`` around each call)."""
+"""The engine's limits for the call in progress (set by ``genflow.engine.requesting`` around each call)."""
 
 
 def request_slot() -> AbstractAsyncContextManager[Any]:
@@ -349,7 +349,7 @@ class Exporter(Plugin):
     def export(self, ranked: pa.Table) -> pa.Table | None:
         """Rows of this format from one shard's ranked candidates.
 
-        ``ranked`` has the columns of ``genflow.schemas.RANKED``; return ``None``
+        ``ranked`` has the columns of ``genflow.data.schemas.RANKED``; return ``None``
         or an empty table when the shard yields nothing.
         """
 

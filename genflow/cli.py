@@ -61,8 +61,8 @@ def run(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no-r
         force: Annotated[bool, typer.Option("--force", help="take over the output's lease from a job that "
                          "stopped renewing it (stale); a live job's lease is never taken")] = False) -> None:
     """Run one job."""
-    from genflow.local_prefect import local_prefect_api
-    from genflow.shutdown import command_ending
+    from genflow.runtime.local_prefect import local_prefect_api
+    from genflow.runtime.shutdown import command_ending
 
     # Ctrl-C: exit 130 with the line below; Ray stopped now, not at exit (Ray's own hook pauses first).
     hint = shlex.join(["genflow", "run", str(config), *[a for s in set_ or [] for a in ("--set", s)]])
@@ -84,7 +84,7 @@ def run(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no-r
         except PrefectAPILost as exc:
             fail(str(exc), code=1)
         except OSError as exc:
-            from genflow.storage import disk_full
+            from genflow.data.storage import disk_full
 
             if not disk_full(exc):
                 raise
@@ -102,8 +102,8 @@ def _shutdown_ray() -> None:
     first let a background import finish, which an exit must not cut short."""
     for thread in _IMPORTING:
         thread.join(timeout=30)
-    if "genflow.ray_cluster" in sys.modules:
-        from genflow.ray_cluster import shutdown_ray
+    if "genflow.engine.ray_cluster" in sys.modules:
+        from genflow.engine.ray_cluster import shutdown_ray
 
         shutdown_ray()
 
@@ -150,8 +150,8 @@ def _print_summary(manifest: dict) -> None:
 def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Check a config and read its whole input, loading no model."""
     from genflow.config import load_config
+    from genflow.data.prompts import shard_tables
     from genflow.job import check_job
-    from genflow.prompts import shard_tables
 
     try:
         job = load_config(config, set_ or [])
@@ -249,7 +249,7 @@ def sweep(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no
           force: Annotated[bool, typer.Option("--force", help="take over the output's lease from a sweep that "
                            "stopped renewing it (stale); a live one's lease is never taken")] = False) -> None:
     """Run every point of the config's `sweep` grid; compare them in sweep.parquet and sweep.html."""
-    from genflow.local_prefect import local_prefect_api
+    from genflow.runtime.local_prefect import local_prefect_api
 
     with local_prefect_api() as prefect_ready:
         from genflow.sweep import SweepFailed, plan_sweep, run_sweep
@@ -325,11 +325,11 @@ def runs(limit: Annotated[int, typer.Option("--limit", "-n", help="how many runs
          scheduled: Annotated[bool, typer.Option("--scheduled", help="include runs scheduled for later")] = False
          ) -> None:
     """List recent runs of genflow jobs and sweeps from the Prefect API, newest first."""
-    from genflow.local_prefect import local_prefect_api
+    from genflow.runtime.local_prefect import local_prefect_api
 
     with local_prefect_api() as prefect_ready:  # no PREFECT_API_URL: the local database `genflow run` uses
-        from genflow.artifacts import run_summaries
         from genflow.flows.deploy import list_runs
+        from genflow.outputs.artifacts import run_summaries
 
         try:
             prefect_ready()
@@ -366,8 +366,8 @@ def report(output: Annotated[str, typer.Argument(help="a job's output folder or 
 
     The storage options are those of the job's ``storage:`` section; a sweep's runs are read with the same."""
     from genflow.config import StorageSpec
-    from genflow.dataset_card import rebuild_cards
-    from genflow.report import ReportError, rebuild
+    from genflow.outputs.dataset_card import rebuild_cards
+    from genflow.outputs.report import ReportError, rebuild
 
     try:
         spec = StorageSpec(endpoint_url=endpoint_url, region=region, anonymous=anonymous)
@@ -417,7 +417,7 @@ def _labeller_params(url: str | None, api_key_env: str | None, param: list[str] 
 
 
 def _label_storage(output: str) -> Any:
-    from genflow.storage import Storage
+    from genflow.data.storage import Storage
 
     return Storage.open(output)
 
@@ -434,7 +434,7 @@ def label_push(output: OutputArg, tool: ToolOpt = "label-studio", url: UrlOpt = 
                                                          "order some candidates oppositely")] = False,
                param: ParamOpt = None) -> None:
     """Create or update a labelling project from a finished job; pushing again adds no task twice."""
-    from genflow.labelling import LabellingError, push
+    from genflow.labelling.labels import LabellingError, push
 
     try:
         result = push(_label_storage(output), tool, _labeller_params(url, api_key_env, param), kind, project,
@@ -454,7 +454,7 @@ def label_pull(output: OutputArg, tool: ToolOpt = "label-studio", url: UrlOpt = 
                                                         "the projects of this kind")] = None,
                param: ParamOpt = None) -> None:
     """Read finished annotations into human_rankings/, demonstrations/ and human rows of preferences/ and sft/."""
-    from genflow.labelling import LabellingError, pull
+    from genflow.labelling.labels import LabellingError, pull
 
     try:
         manifest = pull(_label_storage(output), tool, _labeller_params(url, api_key_env, param), project, kind)
@@ -482,7 +482,7 @@ def label_pull(output: OutputArg, tool: ToolOpt = "label-studio", url: UrlOpt = 
 
 
 def main() -> None:
-    from genflow.shutdown import exit_after_hooks
+    from genflow.runtime.shutdown import exit_after_hooks
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -59,7 +59,7 @@ LABEL_CHARACTERS = "letters, digits, '.', '_' and '-' (no '..')"
 def _label_name(value: str) -> str:
     """A label names files and folders of the output (``scores/part-00000-<label>.parquet``):
     an allow-list of characters, so none can climb out of the job's folder."""
-    from genflow.names import is_safe_name
+    from genflow.data.names import is_safe_name
 
     if not is_safe_name(value):
         raise ValueError(f"label {value!r} must be a name of {LABEL_CHARACTERS}")
@@ -187,7 +187,7 @@ class JobConfig(_Strict):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise ValueError(f"{what} labels must be unique; repeated: {', '.join(dupes)}")
-        from genflow.names import is_safe_name
+        from genflow.data.names import is_safe_name
 
         for i, s in enumerate(self.scorers):
             if s.label is None and not is_safe_name(s.plugin):

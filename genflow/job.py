@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from genflow.config import ConfigError, JobConfig
-from genflow.prompts import InputError
+from genflow.data.prompts import InputError
+from genflow.data.storage import StorageError, disk_full
 from genflow.registry import PluginError
-from genflow.shutdown import lost_api_reported, prefect_api_busy, shown_api_url
-from genflow.storage import StorageError, disk_full
+from genflow.runtime.shutdown import lost_api_reported, prefect_api_busy, shown_api_url
 
 USER_ERRORS = (ConfigError, InputError, PluginError, StorageError, ConnectionError, FileNotFoundError)
 
@@ -65,13 +65,13 @@ def run_job(config: JobConfig | dict[str, Any], resume: bool = True,
 
     ``api_ready`` is called right before the flow starts: the CLI waits there for the
     local Prefect API it launched at start-up, while the job's first workers load.
-    The job holds its output's lease throughout (``genflow.lease``): another job on the
+    The job holds its output's lease throughout (``genflow.data.lease``): another job on the
     output refuses at start (``OutputInUse``); ``force`` takes over a stale lease."""
     quiet_prefect_defaults()
     _install_log_filter()
     from genflow.config import build_config, resolve_output
-    from genflow.lease import output_lease
-    from genflow.storage import Storage
+    from genflow.data.lease import output_lease
+    from genflow.data.storage import Storage
 
     job = config if isinstance(config, JobConfig) else build_config(config)
     # Fail on a bad config, an unreadable input or unreachable storage before Prefect and Ray start.
@@ -85,7 +85,7 @@ def run_job(config: JobConfig | dict[str, Any], resume: bool = True,
 
 def _run_flow(job: JobConfig, storage: Any, resume: bool, api_ready: Callable[[], None] | None) -> dict[str, Any]:
     """The flow, under the output's lease: the job's workers, Prefect, and a lost API made one line."""
-    from genflow.execution import stop_early_workers
+    from genflow.engine.actors import stop_early_workers
 
     try:
         if not resume or not storage.exists("manifest.json"):  # a new job: its first stage has work
@@ -160,8 +160,8 @@ def check_job(job: JobConfig, read_rows: bool = True) -> Any:
     valid text. Streams the input once (as the plan does again): a bad row found by the plan
     would come after Ray and the first model had started. Returns the opened input."""
     from genflow.config import resolve_output
-    from genflow.layout import overlapping
-    from genflow.prompts import open_input, shard_tables
+    from genflow.data.layout import overlapping
+    from genflow.data.prompts import open_input, shard_tables
 
     output = resolve_output(job.output)
     if overlapping(job.input, output):
@@ -277,7 +277,7 @@ def _launch_workers(job: JobConfig) -> None:
 
     Only for a job that has not finished before: a rerun may have nothing to do, and
     must then start no Ray at all (its workers start when a stage finds work)."""
-    from genflow.execution import launch_early
+    from genflow.engine.actors import launch_early
     from genflow.registry import get_registry
 
     first = (job.generators or job.scorers or [None])[0]
@@ -289,7 +289,7 @@ def _launch_workers(job: JobConfig) -> None:
     factory = get_registry().get(kind, first.plugin).factory.implementation(first.params)
     if sends_requests(factory):  # a request plugin runs on a worker of its own
         from genflow.config import GeneratorSpec
-        from genflow.execution import RequestPool, launch_early_requests
+        from genflow.engine.actors import RequestPool, launch_early_requests
 
         label = first.label if isinstance(first, GeneratorSpec) else first.name
         launch_early_requests(RequestPool(factory, first.model, first.params, job.ray, label,

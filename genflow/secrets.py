@@ -229,7 +229,7 @@ def env_secrets(names: Iterable[str], environ: Mapping[str, str] | None = None) 
 
 
 STORAGE_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-"""What :mod:`genflow.storage` reads to reach a bucket."""
+"""What :mod:`genflow.data.storage` reads to reach a bucket."""
 
 
 def plugin_secrets(factory: Any, params: Mapping[str, Any], where: str = "params",
@@ -331,12 +331,12 @@ _RESULT_TYPES: tuple[Any, Any, Any] | None = None
 
 
 def _result_types() -> tuple[Any, Any, Any]:
-    """Generation, Score and Failure, imported once on first use (genflow.worker imports Ray, which
+    """Generation, Score and Failure, imported once on first use (genflow.engine.worker imports Ray, which
     a process that only scrubs its terminal lines does not need)."""
     global _RESULT_TYPES
     if _RESULT_TYPES is None:
         from genflow.api import Generation, Score
-        from genflow.worker import Failure
+        from genflow.engine.worker import Failure
 
         _RESULT_TYPES = (Generation, Score, Failure)
     return _RESULT_TYPES

@@ -28,7 +28,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from genflow import layout
 from genflow.config import (
     ConfigError,
     JobConfig,
@@ -38,9 +37,10 @@ from genflow.config import (
     set_dotted,
     stable_hash,
 )
-from genflow.layout import Shard, Stage
-from genflow.resume import finished, mark_finished
-from genflow.storage import Storage
+from genflow.data import layout
+from genflow.data.layout import Shard, Stage
+from genflow.data.resume import finished, mark_finished
+from genflow.data.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -191,11 +191,11 @@ def run_sweep(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), 
               source: str = "config", force: bool = False) -> tuple[SweepPlan, list[dict[str, Any]]]:
     """Run a config's sweep through the sweep flow; returns its plan and the rows of ``sweep.parquet``.
 
-    The sweep holds the lease of its output folder (``genflow.lease``) while it runs, as a
+    The sweep holds the lease of its output folder (``genflow.data.lease``) while it runs, as a
     job holds its own: a second sweep on it refuses at start; ``force`` takes over a stale one."""
+    from genflow.data.lease import output_lease
     from genflow.flows.sweep import genflow_sweep
     from genflow.job import hand_over, quiet_prefect_defaults
-    from genflow.lease import output_lease
 
     quiet_prefect_defaults()
     plan = plan_sweep(raw, overrides, source)  # bad keys and values fail here, before Prefect starts

@@ -18,7 +18,7 @@
 #                                                  requests and labelling 30-40 each)
 #   make mutants GROUP=secrets                     one group (core secrets requests costs journal judge labelling)
 #   make mutants GROUP="judge labelling"           several
-#   make mutants MUTATE="genflow/passk.py"         one module (with the fast tests of the chosen groups)
+#   make mutants MUTATE="plugins/code/passk.py"         one module (with the fast tests of the chosen groups)
 #   make mutants MUTATE=... TESTS="tests/x.py"     and the tests to select from
 #   make mutants GROUP=judge DIFFS=0               survivors by name, without their diffs (faster)
 set -euo pipefail
@@ -34,66 +34,66 @@ MUTMUT_VERSION=3.8.1
 declare -A GROUP_MUTATE GROUP_TESTS GROUP_K
 # ranking and pairs, pass@k, config validation, resume markers, atomic writes, error rows
 GROUP_MUTATE[core]="
-  genflow/ranking.py
-  plugins/training_data.py
-  plugins/passk.py
+  genflow/stages/ranking.py
+  plugins/training_data/exporters.py
+  plugins/code/passk.py
   genflow/config.py
-  genflow/resume.py:finished,mark_finished,DoneIndex,StageOutcome
+  genflow/data/resume.py:finished,mark_finished,DoneIndex,StageOutcome
   genflow/stages/common.py:error_row,write_part,finish_model_stage
-  genflow/storage.py:Storage.write_bytes,Storage.write_table,Storage.remove_temporaries,Storage.list
+  genflow/data/storage.py:Storage.write_bytes,Storage.write_table,Storage.remove_temporaries,Storage.list
 "
-GROUP_TESTS[core]="tests/test_promises.py tests/test_ranking.py tests/test_passk.py tests/test_config.py"
+GROUP_TESTS[core]="tests/unit/test_promises.py tests/unit/test_ranking.py tests/plugins/test_passk.py tests/unit/test_config.py"
 # redaction: the secrets a job holds and their scrubbing, the config's redaction, a sweep's
 # row of values, the manifest
 GROUP_MUTATE[secrets]="
   genflow/secrets.py
   genflow/config.py:is_secret_key,redact_url,redacted,hides_secrets,redacted_urls,_two_credentials,_strings
-  genflow/artifacts.py:sweep_row
-  genflow/manifest.py
+  genflow/outputs/artifacts.py:sweep_row
+  genflow/outputs/manifest.py
 "
-GROUP_TESTS[secrets]="tests/test_secrets.py tests/test_redaction.py tests/test_manifest.py tests/test_config.py tests/test_artifacts.py
-  tests/test_promises.py"
+GROUP_TESTS[secrets]="tests/unit/test_secrets.py tests/unit/test_redaction.py tests/unit/test_manifest.py tests/unit/test_config.py tests/jobs/test_artifacts.py
+  tests/unit/test_promises.py"
 # the OpenAI-protocol request path: concurrency, rate limits, retries, the calls' answers
 GROUP_MUTATE[requests]="
-  genflow/requesting.py
+  genflow/engine/requesting.py
   genflow/stages/common.py:Pack,_request_answers,_fan_out
 "
-GROUP_TESTS[requests]="tests/test_requesting.py tests/test_request_path.py tests/test_calls.py tests/test_budget.py
-  tests/test_journal_replay.py tests/test_promises.py"
+GROUP_TESTS[requests]="tests/unit/test_requesting.py tests/jobs/test_request_path.py tests/unit/test_calls.py tests/unit/test_budget.py
+  tests/unit/test_journal_replay.py tests/unit/test_promises.py"
 # what requests cost and the budget (max_cost) that stops them
 GROUP_MUTATE[costs]="
-  genflow/budget.py
+  genflow/engine/budget.py
   genflow/stages/common.py:Usage
 "
-GROUP_TESTS[costs]="tests/test_budget.py tests/test_request_costs.py tests/test_requesting.py tests/test_request_path.py
-  tests/test_promises.py"
+GROUP_TESTS[costs]="tests/unit/test_budget.py tests/unit/test_request_costs.py tests/unit/test_requesting.py tests/jobs/test_request_path.py
+  tests/unit/test_promises.py"
 # the journal of answers a rerun does not pay for again, and what a rerun skips
 GROUP_MUTATE[journal]="
-  genflow/journal.py
-  genflow/resume.py
+  genflow/data/journal.py
+  genflow/data/resume.py
   genflow/stages/common.py:_journaled_answers,Journals,open_journal
 "
-GROUP_TESTS[journal]="tests/test_journal.py tests/test_journal_replay.py tests/test_resume.py
-  tests/test_resume_markers.py tests/test_budget.py tests/test_promises.py"
+GROUP_TESTS[journal]="tests/unit/test_journal.py tests/unit/test_journal_replay.py tests/jobs/test_resume.py
+  tests/unit/test_resume_markers.py tests/unit/test_budget.py tests/unit/test_promises.py"
 # the LLM judge's verdicts and tokens, and the pairwise ranking it feeds
 GROUP_MUTATE[judge]="
-  plugins/llm_judge.py:Question,from_probabilities,judge_seed,_cut,_unreadable_error,_split,Judging,_token_count,served_logprobs,summarize_judgements
-  plugins/judge_rubrics.py:delimiter_nonce,delimit,quoted_spans,without_quotes,_json_objects,_key_at,_in_scale,_outside,read_rating,read_verdict,expected_rating
-  plugins/pairwise_ranking.py
+  plugins/judge/llm_judge.py:Question,from_probabilities,judge_seed,_cut,_unreadable_error,_split,Judging,_token_count,served_logprobs,summarize_judgements
+  plugins/judge/rubrics.py:delimiter_nonce,delimit,quoted_spans,without_quotes,_json_objects,_key_at,_in_scale,_outside,read_rating,read_verdict,expected_rating
+  plugins/judge/pairwise.py
 "
-GROUP_TESTS[judge]="tests/test_llm_judge.py tests/test_judge_verdicts.py tests/test_judge_reading.py
-  tests/test_judge_figures.py tests/test_ranking.py"
+GROUP_TESTS[judge]="tests/plugins/test_llm_judge.py tests/plugins/test_judge_verdicts.py tests/plugins/test_judge_reading.py
+  tests/plugins/test_judge_figures.py tests/unit/test_ranking.py"
 # the local judge's tests load a model in each mutant's process (10 s a time); the served
 # judge's and the readers' tests reach the same questions, verdicts and tokens
 GROUP_K[judge]="not local_judge"
 # how scorers agree, human labels and their round trip through Label Studio
 GROUP_MUTATE[labelling]="
-  genflow/agreement.py
-  genflow/labelling.py
-  plugins/label_studio.py
+  genflow/outputs/agreement.py
+  genflow/labelling/labels.py
+  plugins/labelling/label_studio.py
 "
-GROUP_TESTS[labelling]="tests/test_agreement.py tests/test_labelling.py tests/test_label_studio.py
-  tests/test_label_report.py"
+GROUP_TESTS[labelling]="tests/unit/test_agreement.py tests/unit/test_labelling.py tests/plugins/test_label_studio.py
+  tests/unit/test_label_report.py"
 ALL_GROUPS="core secrets requests costs journal judge labelling"
 
 GROUP=${*:-${GROUP:-$ALL_GROUPS}}   # `bash scripts/mutants.sh secrets judge` names groups too

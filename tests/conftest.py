@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.jobs import free_port
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -19,7 +20,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +49,7 @@ def ray_local() -> Iterator[None]:
     import ray
 
     from genflow.config import RaySpec
-    from genflow.ray_cluster import init_ray
+    from genflow.engine.ray_cluster import init_ray
 
     init_ray(RaySpec())
     yield
@@ -64,43 +64,10 @@ def job_runner(prefect_harness: None, ray_local: None) -> Any:
     return run_job
 
 
-def text_job(tmp_path: Path, models: dict[str, str], **overrides: Any) -> dict[str, Any]:
-    """A small text job config over the quickstart prompts, writing into ``tmp_path``."""
-    config: dict[str, Any] = {
-        "name": "test-text",
-        "input": str(ROOT / "configs/data/quickstart_prompts.parquet"),
-        "output": str(tmp_path / "out"),
-        "shard_rows": 8,
-        "generators": [{"label": "tiny", "plugin": "hf-text", "model": models["tiny-gpt2"], "samples": 3,
-                        "params": {"max_new_tokens": 8, "temperature": 0.9}}],
-        "scorers": [{"plugin": "hf-reward", "model": models["tiny-reward"]}],
-        "ranking": {"pairs": {"min_margin": 0.0, "per_prompt": 2}, "best_of_n": True},
-        "ray": {"workers": 2, "batch_size": 8},
-    }
-    config.update(overrides)
-    return config
-
-
-def run_genflow(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-                timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """The ``genflow`` command in a subprocess, as a user runs it."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "genflow.cli", *args], cwd=cwd or ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def test_plugins_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A site folder where the model-free plugins of ``plugins_for_tests`` are installed."""
-    import plugins_for_tests
+    from support import plugins_for_tests
 
     return plugins_for_tests.install(tmp_path_factory.mktemp("test-plugins"))
 
@@ -111,8 +78,8 @@ def test_plugins(test_plugins_site: Path, monkeypatch: pytest.MonkeyPatch) -> It
 
     Yields the environment a ``genflow`` subprocess needs to find them (``run_genflow(env=...)``).
     """
-    import plugins_for_tests
     import ray.cloudpickle
+    from support import plugins_for_tests
 
     from genflow.registry import get_registry
 
@@ -173,7 +140,7 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-# -- OpenAI-protocol servers (tests/servers.py) ---------------------------------------------
+# -- OpenAI-protocol servers (tests/support/servers.py) ---------------------------------------------
 
 @pytest.fixture(scope="session")
 def transformers_server(tiny_models: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
@@ -181,7 +148,7 @@ def transformers_server(tiny_models: dict[str, str], tmp_path_factory: pytest.Te
 
     ``.url`` (base URL, ``.../v1``), ``.model`` (the name to send: the model's path),
     ``.requests()`` (``POST /v1/...`` lines of its access log: requests it answered)."""
-    import servers
+    from support import servers
 
     directory = tmp_path_factory.mktemp("transformers-serve")
     model = servers.write_chat_model(tiny_models["tiny-gpt2"], directory / "tiny-gpt2-chat")
@@ -193,7 +160,7 @@ def transformers_server(tiny_models: dict[str, str], tmp_path_factory: pytest.Te
 @pytest.fixture
 def make_standin_server() -> Iterator[Any]:
     """``make(latency=0.0, answer=echo_answer) -> StandinServer``, started; all stopped after the test."""
-    import servers
+    from support import servers
 
     started: list[Any] = []
 
@@ -214,8 +181,8 @@ def standin_server(make_standin_server: Any) -> Any:
 
 @pytest.fixture
 def make_fault_proxy() -> Iterator[Any]:
-    """``make(upstream_url, **faults) -> FaultProxy`` (see tests/servers.py), started; all stopped after the test."""
-    import servers
+    """``make(upstream_url, **faults) -> FaultProxy`` (tests/support/servers.py), started; stopped after the test."""
+    from support import servers
 
     started: list[Any] = []
 

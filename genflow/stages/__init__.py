@@ -3,7 +3,7 @@
 Each stage kind has its module; what they do alike (reading a shard's inputs,
 calling the plugin on the workers, writing parts and the marker) is in
 :mod:`genflow.stages.common`. Part names, markers and fingerprints come from
-:mod:`genflow.layout`; what resume trusts is :mod:`genflow.resume`. A model stage
+:mod:`genflow.data.layout`; what resume trusts is :mod:`genflow.data.resume`. A model stage
 works on packs of consecutive shards (:class:`Pack`); the driver holds two at a
 time, one collected and the next one sent. Nothing here reads a whole output folder.
 """

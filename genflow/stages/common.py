@@ -11,20 +11,20 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 
-from genflow import layout
 from genflow.api import GenerationRequest, Plugin, RowError, ScoreItem, sends_requests
-from genflow.budget import Budget, priced, reported_tokens, request_cost
 from genflow.config import GeneratorSpec, JobConfig, PriceSpec, ScorerSpec
-from genflow.execution import RequestPool, WorkerPool, chunked, request_pool
+from genflow.data import layout
+from genflow.data.journal import Journal
+from genflow.data.layout import Shard, Stage, resolve_input_path
+from genflow.data.resume import StageOutcome, mark_finished
+from genflow.data.schemas import ERRORS, GENERATIONS, SCORES
+from genflow.data.storage import Storage
+from genflow.engine.actors import RequestPool, WorkerPool, chunked, request_pool
+from genflow.engine.budget import Budget, priced, reported_tokens, request_cost
+from genflow.engine.worker import Failure, failure_of
 from genflow.job import BudgetSpent
-from genflow.journal import Journal
-from genflow.layout import Shard, Stage, resolve_input_path
 from genflow.registry import PluginInfo, Registry
-from genflow.resume import StageOutcome, mark_finished
-from genflow.schemas import ERRORS, GENERATIONS, SCORES
 from genflow.secrets import scrub_result
-from genflow.storage import Storage
-from genflow.worker import Failure, failure_of
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def unhashed_params_of(config: JobConfig, registry: Registry) -> dict[str, tuple
 
 def retry_sources(config: JobConfig, registry: Registry) -> tuple[list[Stage], list[Stage]]:
     """The generate and score stages whose shards a rerun may redo to send rows again
-    (:func:`genflow.resume.awaiting_retries`): those that send requests, and every scorer once
+    (:func:`genflow.data.resume.awaiting_retries`): those that send requests, and every scorer once
     a generator does (it is redone after it). A job of local models has none: its stages read
     no marker for it."""
     generators = [layout.generate_stage(g.label) for g in config.generators
@@ -437,7 +437,7 @@ def finish_model_stage(storage: Storage, stage: Stage, shard: Shard, fingerprint
     """Write a generate or score stage's part and errors, then its marker: the stage is done
     (and its request journal, now in the parts, goes). Unless a rerun has work left in it:
     rows that failed transiently, or ``awaiting`` stages it read from that have some
-    (:func:`genflow.resume.awaiting_retries`); then the marker says so, and the journal
+    (:func:`genflow.data.resume.awaiting_retries`); then the marker says so, and the journal
     stays for the rerun to send only what has no answer."""
     parts: list[str] = []
     write_part(storage, stage.part(shard.index), table, parts)

@@ -8,13 +8,15 @@ from typing import Any
 import jinja2
 import pyarrow as pa
 
-from genflow import layout
 from genflow.api import Generation, GenerationRequest, Plugin
 from genflow.config import GeneratorSpec, JobConfig, redacted, stable_hash
-from genflow.layout import INPUT_LABEL, Shard
-from genflow.prompts import carried_columns
-from genflow.resume import StageOutcome
-from genflow.schemas import GENERATIONS
+from genflow.data import layout
+from genflow.data.layout import INPUT_LABEL, Shard
+from genflow.data.prompts import carried_columns
+from genflow.data.resume import StageOutcome
+from genflow.data.schemas import GENERATIONS
+from genflow.data.storage import Storage
+from genflow.engine.worker import Failure
 from genflow.secrets import scrub_result
 from genflow.stages.common import (
     Answered,
@@ -28,8 +30,6 @@ from genflow.stages.common import (
     plugin_inputs,
     read_prompts,
 )
-from genflow.storage import Storage
-from genflow.worker import Failure
 
 
 def derive_seed(base: int, prompt_id: str, sample: int) -> int:

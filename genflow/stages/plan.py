@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from genflow import layout
 from genflow.config import JobConfig
-from genflow.layout import Shard
-from genflow.prompts import InputDataset, InputError, shard_tables, table_fingerprint
-from genflow.resume import DoneIndex, StageOutcome, drop_stale_shards, finished, mark_finished
+from genflow.data import layout
+from genflow.data.layout import Shard
+from genflow.data.prompts import InputDataset, InputError, shard_tables, table_fingerprint
+from genflow.data.resume import DoneIndex, StageOutcome, drop_stale_shards, finished, mark_finished
+from genflow.data.storage import Storage
 from genflow.stages.common import write_part
-from genflow.storage import Storage
 
 
 def plan_shards(config: JobConfig, source: InputDataset, storage: Storage, resume: bool,

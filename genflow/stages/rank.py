@@ -7,13 +7,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from genflow import layout
 from genflow.config import JobConfig
-from genflow.layout import Shard
-from genflow.ranking import rank_candidates, rankings_table
+from genflow.data import layout
+from genflow.data.layout import Shard
+from genflow.data.resume import StageOutcome, awaiting_retries, mark_finished
 from genflow.registry import Registry
-from genflow.resume import StageOutcome, awaiting_retries, mark_finished
 from genflow.stages.common import JobContext, read_generations, read_scores, retry_sources, write_part
+from genflow.stages.ranking import rank_candidates, rankings_table
 
 
 def job_exporters(config: JobConfig, registry: Registry) -> dict[str, dict[str, Any]]:

@@ -10,12 +10,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from genflow import layout
 from genflow.api import Score, ScoreItem
-from genflow.layout import Shard, candidate_image
+from genflow.data import layout
+from genflow.data.layout import Shard, candidate_image
+from genflow.data.resume import StageOutcome, awaiting_retries
+from genflow.data.schemas import SCORES
+from genflow.engine.worker import Failure
 from genflow.registry import get_registry
-from genflow.resume import StageOutcome, awaiting_retries
-from genflow.schemas import SCORES
 from genflow.secrets import scrub_result
 from genflow.stages.common import (
     Answered,
@@ -31,7 +32,6 @@ from genflow.stages.common import (
     read_prompts,
     retry_sources,
 )
-from genflow.worker import Failure
 
 
 def score_work(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: str) -> ShardWork:

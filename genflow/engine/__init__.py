@@ -1,0 +1,1 @@
+"""Where plugins run: Ray actors, the worker body, the request path, budgets."""

@@ -1,0 +1,1 @@
+"""What a job leaves for people: the manifest, the report, the dataset card, Prefect artifacts, agreement."""

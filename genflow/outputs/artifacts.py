@@ -1,0 +1,302 @@
+"""Prefect artifacts of a job run: what it made, readable in the Prefect UI without opening its output.
+
+Every job run gets three artifacts under keys that depend only on the job's name, so
+the UI's Artifacts page shows a job's history run after run:
+
+- ``genflow-job-<name>-counts``: a table of rows per output folder and, per stage,
+  work items, errors, tokens and cost;
+- ``genflow-job-<name>-summary``: markdown: status, errors, scores per scorer, every
+  number of each scorer's metrics (as its ``summarize`` names them), tokens and cost,
+  and how the scorers agree;
+- ``genflow-job-<name>-report``: a link to ``report.html`` (a ``file://`` path or its
+  ``s3://`` URI).
+
+A sweep gets ``genflow-sweep-<name>-runs``: one row per run. Task runs carry
+:func:`stage_tags`, so the UI filters a job's runs by stage or plugin. Everything here is read
+from the manifest (whose config is redacted) and from the scores' two columns; no
+plugin is named and no generated text is shown, only numbers, names and paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, cast
+from uuid import UUID
+
+from genflow.data import layout
+from genflow.data.storage import Storage, is_remote
+
+log = logging.getLogger(__name__)
+
+_NOT_KEY = re.compile(r"[^a-z0-9]+")
+MAX_SLUG = 48
+COUNTS, SUMMARY, REPORT, RUNS = "counts", "summary", "report", "runs"
+
+
+def slug(name: str) -> str:
+    """A job's name as Prefect allows it in artifact keys (lowercase letters, digits, dashes).
+
+    The same name always gives the same slug; a name that had to change (``My_Job``,
+    ``sweep/run-1``) also gets a short hash of itself, so two names that read alike
+    (``my_job`` and ``my-job``) keep separate histories."""
+    text = _NOT_KEY.sub("-", name.lower()).strip("-")[:MAX_SLUG].strip("-")
+    if text == name:
+        return text
+    digest = hashlib.sha256(name.encode()).hexdigest()[:6]
+    return f"{text}-{digest}" if text else digest
+
+
+def artifact_key(name: str, what: str, kind: str = "job") -> str:
+    """``genflow-<kind>-<slug of name>-<what>``: the same key for every run of one job."""
+    return f"genflow-{kind}-{slug(name)}-{what}"
+
+
+def stage_tags(stage: str, plugins: Iterable[str] = ()) -> list[str]:
+    """The tags of a stage's task runs: ``stage:<stage>`` and ``plugin:<name>`` for each plugin it runs
+    (a generator or scorer; the exporters, for ``rank``). Set once per stage with ``prefect.tags``."""
+    return [f"stage:{stage}", *(f"plugin:{p}" for p in plugins)]
+
+
+def report_link(uri: str) -> str:
+    """``report.html`` as a link: an ``s3://`` URI as it is, a local path as a ``file://`` URL."""
+    return uri if is_remote(uri) else Path(uri).resolve().as_uri()
+
+
+# -- the job's artifacts -------------------------------------------------------------------------
+
+def counts_table(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows per output folder, then each stage's work items, errors, tokens and cost."""
+    from genflow.outputs.report.read import folder_counts, stage_rows
+
+    table: list[dict[str, Any]] = [{"kind": "folder", "name": folder, "rows": rows, "errors": None,
+                                    "tokens": None, "cost": None} for folder, rows in folder_counts(manifest)]
+    for s in stage_rows(manifest):
+        tokens = None
+        if s["prompt_tokens"] is not None or s["completion_tokens"] is not None:
+            tokens = int(s["prompt_tokens"] or 0) + int(s["completion_tokens"] or 0)
+        table.append({"kind": "stage", "name": s["stage"], "rows": s["work_items"], "errors": s["errors"],
+                      "tokens": tokens, "cost": s["cost"]})
+    return table
+
+
+def score_stats(storage: Storage) -> dict[str, dict[str, float | int | None]]:
+    """Each scorer's count, mean, min and max score, from ``scores/`` (two columns read)."""
+    from genflow.outputs.report.read import read_table
+
+    scores = read_table(storage, layout.SCORES, ["scorer", "score"])
+    if scores is None or scores.num_rows == 0:
+        return {}
+    grouped = scores.group_by("scorer").aggregate([("score", "count"), ("score", "mean"), ("score", "min"),
+                                                   ("score", "max")])
+    out: dict[str, dict[str, float | int | None]] = {}
+    for row in grouped.to_pylist():
+        out[row["scorer"]] = {"scores": row["score_count"], "mean": row["score_mean"], "min": row["score_min"],
+                              "max": row["score_max"]}
+    return out
+
+
+def metric_numbers(metrics: dict[str, Any]) -> dict[str, float | int]:
+    """A scorer's metrics as flat numbers: top-level numbers, and one level of nested ones
+    (``outcomes.passed``). Text and lists are left out: they may hold generated text."""
+    out: dict[str, float | int] = {}
+    for key, value in metrics.items():
+        if _is_number(value):
+            out[str(key)] = value
+        elif isinstance(value, dict):
+            for sub, v in value.items():
+                if _is_number(v):
+                    out[f"{key}.{sub}"] = v
+    return out
+
+
+def summary_markdown(manifest: dict[str, Any], scores: dict[str, dict[str, Any]] | None = None) -> str:
+    """The run's summary page: status, counts, scores, metrics, tokens and cost, agreement."""
+    rows = manifest.get("rows") or {}
+    errors = manifest.get("errors") or {}
+    lines = [f"# genflow job {_md(manifest.get('name'))}: {_md(manifest.get('status'))}", "",
+             "| | |", "|---|---|",
+             f"| output | {_md(manifest.get('output'))} |",
+             f"| config hash | {_md(manifest.get('config_hash'))} |",
+             f"| prompts | {_num(rows.get(layout.PROMPTS))} |",
+             f"| candidates | {_num(rows.get(layout.GENERATIONS))} |",
+             f"| errors | {_num(errors.get('rows'))} of {_num(errors.get('work_items'))} work items "
+             f"({_pct(errors.get('fraction'))}; allowed {_pct(errors.get('max_error_fraction'))}) |",
+             f"| cost | {_num(manifest.get('cost'))} |",
+             f"| seconds | {_num((manifest.get('timings_s') or {}).get('total'))} |", ""]
+    weights = {label: p.get("weight") for label, p in (manifest.get("plugins") or {}).items()
+               if p.get("kind") == "scorer"}
+    if scores:
+        lines += ["## Scores per scorer", "", "| scorer | weight | scores | mean | min | max |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name in sorted(scores):
+            s = scores[name]
+            lines.append(f"| {_md(name)} | {_num(weights.get(name))} | {_num(s['scores'])} | {_num(s['mean'])} "
+                         f"| {_num(s['min'])} | {_num(s['max'])} |")
+        lines.append("")
+    metrics = {name: metric_numbers(m) for name, m in (manifest.get("metrics") or {}).items() if isinstance(m, dict)}
+    metrics = {name: m for name, m in metrics.items() if m}
+    if metrics:
+        lines += ["## Metrics", "", "| scorer | metric | value |", "|---|---|---:|"]
+        for name in sorted(metrics):
+            for key, value in metrics[name].items():
+                lines.append(f"| {_md(name)} | {_md(key)} | {_num(value)} |")
+        lines.append("")
+    stages = {name: s for name, s in (manifest.get("stages") or {}).items() if s.get("tokens") or s.get("cost")}
+    if stages:
+        lines += ["## Tokens and cost", "", "| stage | prompt tokens | completion tokens | cost |",
+                  "|---|---:|---:|---:|"]
+        for name in sorted(stages):
+            tokens = stages[name].get("tokens") or {}
+            lines.append(f"| {_md(name)} | {_num(tokens.get('prompt'))} | {_num(tokens.get('completion'))} "
+                         f"| {_num(stages[name].get('cost'))} |")
+        lines.append("")
+    agreement = (manifest.get("agreement") or {}).get("pairs") or []
+    if agreement:
+        lines += ["## Scorer agreement", "", "| scorer | scorer | Kendall's tau-b | pairwise agreement | prompts |",
+                  "|---|---|---:|---:|---:|"]
+        for p in agreement:
+            lines.append(f"| {_md(p.get('a'))} | {_md(p.get('b'))} | {_num(p.get('kendall_tau'))} "
+                         f"| {_num(p.get('agreement'))} | {_num(p.get('prompts'))} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def publish_job_artifacts(storage: Storage, manifest: dict[str, Any], report_uri: str | None) -> list[UUID]:
+    """Create the run's table, summary and report-link artifacts; a failure is logged, never raised."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+    name = str(manifest.get("name") or "job")
+    made: list[UUID] = []
+    try:
+        made.append(cast(UUID, create_table_artifact(
+            counts_table(manifest), key=artifact_key(name, COUNTS),
+            description=f"genflow job {name}: rows per folder, errors per stage")))
+        made.append(cast(UUID, create_markdown_artifact(
+            summary_markdown(manifest, score_stats(storage)), key=artifact_key(name, SUMMARY),
+            description=f"genflow job {name}: scores, metrics, cost")))
+        if report_uri is not None:
+            made.append(cast(UUID, create_link_artifact(
+                report_link(report_uri), link_text=report_uri, key=artifact_key(name, REPORT),
+                description=f"genflow job {name}: report.html")))
+    except Exception as exc:  # the outputs are written; artifacts are a view of them
+        log.warning("Prefect artifacts not all created (%s: %s)", type(exc).__name__, exc)
+    return made
+
+
+# -- sweeps --------------------------------------------------------------------------------------
+
+SWEEP_FIGURES = ("prompts", "generations", "errors", "error_fraction", "score_mean", "seconds")
+
+
+def sweep_row(run: str, values: dict[str, Any], figures: dict[str, Any],
+              manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """One sweep run as a row of the sweep's table artifact."""
+    from genflow.config import is_secret_key, redacted
+
+    shown = {k: "***" if is_secret_key(k.rsplit(".", 1)[-1]) else redacted(v) for k, v in values.items()}
+    row: dict[str, Any] = {"run": run, "status": figures.get("status"),
+                           "values": ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in shown.items())}
+    row.update({k: _finite(figures.get(k)) for k in SWEEP_FIGURES})
+    row["cost"] = (manifest or {}).get("cost")
+    row["folder"] = figures.get("folder")
+    return row
+
+
+def publish_sweep_artifact(name: str, rows: list[dict[str, Any]]) -> UUID | None:
+    from prefect.artifacts import create_table_artifact
+
+    try:
+        return cast(UUID, create_table_artifact(rows, key=artifact_key(name, RUNS, kind="sweep"),
+                                                description=f"genflow sweep {name}: one row per run"))
+    except Exception as exc:
+        log.warning("Prefect sweep artifact not created (%s: %s)", type(exc).__name__, exc)
+        return None
+
+
+# -- read back: `genflow runs` -------------------------------------------------------------------
+
+def run_summaries(flow_run_ids: Iterable[UUID]) -> dict[UUID, dict[str, Any]]:
+    """Per flow run, from its counts (job) or runs (sweep) table artifact: prompts,
+    candidates, errors and cost. Runs without one are left out."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
+
+    ids = list(flow_run_ids)
+    if not ids:
+        return {}
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=ids), type=ArtifactFilterType(any_=["table"])))
+    out: dict[UUID, dict[str, Any]] = {}
+    for a in artifacts:
+        if a.flow_run_id is None or not a.key or not a.key.startswith("genflow-"):
+            continue
+        table = json.loads(a.data) if isinstance(a.data, str) else a.data
+        if not isinstance(table, list):
+            continue
+        if a.key.endswith(f"-{COUNTS}"):
+            out[a.flow_run_id] = summary_of_counts(table)
+        elif a.key.endswith(f"-{RUNS}"):
+            out[a.flow_run_id] = _sum_rows([{k: r.get(k) for k in ("prompts", "generations", "errors", "cost")}
+                                            for r in table])
+    return out
+
+
+def summary_of_counts(table: list[dict[str, Any]]) -> dict[str, Any]:
+    """A job's counts table summed up: prompts, candidates, errors and cost."""
+    folders = {r["name"]: r["rows"] for r in table if r.get("kind") == "folder"}
+    stages = [r for r in table if r.get("kind") == "stage"]
+    costs = [r["cost"] for r in stages if r.get("cost") is not None]
+    return {"prompts": folders.get(layout.PROMPTS), "generations": folders.get(layout.GENERATIONS),
+            "errors": folders.get(layout.ERRORS, sum(int(r.get("errors") or 0) for r in stages)),
+            "cost": sum(costs) if costs else None}
+
+
+def _sum_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("prompts", "generations", "errors", "cost"):
+        values = [r[key] for r in rows if _is_number(r.get(key))]
+        out[key] = sum(values) if values else None
+    return out
+
+
+# -- formatting ----------------------------------------------------------------------------------
+
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
+
+
+def _md(value: Any) -> str:
+    """A name or path as plain markdown text: one line, specials escaped, no HTML."""
+    if value is None:
+        return "-"
+    text = " ".join(str(value).split())
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MD_SPECIAL.sub(r"\\\1", text)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _num(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, bool) or not _is_number(value):
+        return _md(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4g}" if abs(value) < 1e6 else f"{value:,.0f}"
+
+
+def _pct(value: Any) -> str:
+    return "-" if not _is_number(value) else f"{value:.1%}"

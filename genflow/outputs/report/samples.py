@@ -1,0 +1,144 @@
+"""The sampled prompts of a report, each with its ranked candidates, their scores and verdicts.
+
+A stable sample (the same prompts on every rebuild, spread over the whole input) is
+read with a filter on its prompt ids, so a large job reads a few rows. A scorer's
+one-word verdict on a candidate is the ``"outcome"`` of its :class:`genflow.api.Score`'s
+``details`` (see :func:`outcome`). Image candidates and input images become
+thumbnails; their paths are resolved by :mod:`genflow.data.layout`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+from typing import Any
+
+import pyarrow.compute as pc
+
+from genflow.data import layout
+from genflow.outputs.report.read import read_table
+from genflow.data.storage import Storage, read_bytes
+
+SAMPLE_PROMPTS = 8
+"""Prompts shown with their candidates (chosen by a stable hash of their id)."""
+SHOWN_PER_END = 2
+"""Top and bottom candidates shown per prompt."""
+THUMBNAIL_PX = 192
+OUTCOME_CHARS = 120
+INPUT_IMAGE_COLUMNS = ("image", "mask")
+"""Columns of a prompt row shown as pictures beside an image prompt (image-to-image, inpainting)."""
+
+
+def sample_ids(ids: list[str], k: int = SAMPLE_PROMPTS) -> list[str]:
+    """A stable sample spread over the whole input (same prompts on every rebuild)."""
+    return sorted(ids, key=lambda i: hashlib.sha256(i.encode()).hexdigest())[:k]
+
+
+def outcome(details: str | None) -> str | None:
+    """A scorer's short verdict on a candidate, shown beside it: ``details["outcome"]``.
+
+    The convention for any scorer: a :class:`genflow.api.Score` whose ``details`` hold
+    ``"outcome"`` (a short string, such as ``passed`` or ``timed out``) gets it printed
+    under the candidate, as ``<scorer>: <outcome>``, cut to ``OUTCOME_CHARS``."""
+    try:
+        value = json.loads(details or "{}").get("outcome")
+    except (ValueError, AttributeError):
+        return None
+    return str(value)[:OUTCOME_CHARS] if value else None
+
+
+def samples(storage: Storage, scorer_names: list[str], ids: list[str]) -> list[dict[str, Any]]:
+    """The sampled prompts with their ranked candidates (top and bottom ends)."""
+    where = pc.field("prompt_id").isin(ids)
+    gens = read_table(storage, layout.GENERATIONS, ["prompt_id", "generation_id", "generator", "sample",
+                                                    "modality", "prompt", "text", "image_path"], where)
+    if gens is None:
+        return []
+    prompts = read_table(storage, layout.PROMPTS, ["prompt_id", "prompt", *INPUT_IMAGE_COLUMNS], where)
+    prompt_rows = {r["prompt_id"]: r for r in prompts.to_pylist()} if prompts is not None else {}
+    original = {pid: r["prompt"] for pid, r in prompt_rows.items()}
+    ranks = read_table(storage, layout.RANKINGS, ["generation_id", "rank", "score"], where)
+    rank_of = {} if ranks is None else {g: (r, s) for g, r, s in zip(
+        ranks["generation_id"].to_pylist(), ranks["rank"].to_pylist(), ranks["score"].to_pylist(), strict=True)}
+    scores = read_table(storage, layout.SCORES, ["generation_id", "scorer", "score", "details"], where)
+    per_scorer: dict[str, dict[str, float]] = {}
+    verdicts: dict[str, list[tuple[str, str]]] = {}
+    if scores is not None:
+        for row in scores.to_pylist():
+            per_scorer.setdefault(row["generation_id"], {})[row["scorer"]] = row["score"]
+            verdict = outcome(row.get("details"))
+            if verdict:
+                verdicts.setdefault(row["generation_id"], []).append((row["scorer"], verdict))
+    by_prompt: dict[str, list[dict[str, Any]]] = {}
+    for row in gens.to_pylist():
+        rank, combined = rank_of.get(row["generation_id"], (None, None))
+        by_prompt.setdefault(row["prompt_id"], []).append(
+            {**row, "rank": rank, "score": combined,
+             "scores": [per_scorer.get(row["generation_id"], {}).get(n) for n in scorer_names],
+             "outcomes": verdicts.get(row["generation_id"], [])})
+    out = []
+    for pid in ids:
+        cands = by_prompt.get(pid)
+        if not cands:
+            continue
+        cands.sort(key=lambda c: (c["rank"] is None, c["rank"] or 0, c["generator"], c["sample"]))
+        hidden = max(0, len(cands) - 2 * SHOWN_PER_END)
+        ends = cands if not hidden else cands[:SHOWN_PER_END] + cands[-SHOWN_PER_END:]
+        rendered = cands[0]["prompt"]
+        row = prompt_rows.get(pid, {})
+        out.append({"prompt_id": pid, "prompt": original.get(pid, rendered),
+                    "inputs": {k: v for k in INPUT_IMAGE_COLUMNS if (v := row.get(k)) is not None},
+                    "rendered": rendered if rendered != original.get(pid, rendered) else None,
+                    "candidates": cands, "top": ends[:SHOWN_PER_END] if hidden else ends,
+                    "bottom": ends[SHOWN_PER_END:] if hidden else [], "hidden": hidden})
+    return out
+
+
+def add_thumbnails(storage: Storage, sampled: list[dict[str, Any]], base_dir: str) -> None:
+    """Put a thumbnail on every candidate and input image of the sampled prompts (an image job's)."""
+    for p in sampled:
+        for c in p["candidates"]:
+            c["image"] = candidate_thumbnail(storage, c["image_path"], base_dir)
+        p["inputs"] = {k: input_thumbnail(v, base_dir) for k, v in p["inputs"].items()}
+
+
+def thumbnail(data: bytes, size: int = THUMBNAIL_PX) -> str:
+    """A small JPEG of an image as a data URI (a report with many images stays a few MB)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as source:
+        img = source.convert("RGB")
+    img.thumbnail((size, size))
+    if max(img.size) < size:  # tiny test images: scale up so the grid is readable
+        factor = size / max(img.size)
+        img = img.resize((max(1, round(img.width * factor)), max(1, round(img.height * factor))),
+                         Image.Resampling.NEAREST)
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def candidate_thumbnail(storage: Storage, path: str | None, base_dir: str) -> dict[str, Any]:
+    """A candidate's image, and a link to the full PNG where the page lies beside it (a local folder)."""
+    if not path:
+        return {"src": None, "href": None, "error": "no image"}
+    try:
+        src = thumbnail(layout.candidate_image(storage, path, base_dir))
+    except Exception as exc:  # a missing image is shown, not fatal
+        return {"src": None, "href": None, "error": f"cannot read {path}: {exc}"}
+    href = path if storage.local and layout.is_job_file(path) else None
+    return {"src": src, "href": href, "error": None}
+
+
+def input_thumbnail(value: Any, base_dir: str) -> dict[str, Any]:
+    """A prompt row's ``image`` / ``mask`` (bytes, a datasets image struct, or a path) as a thumbnail."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    try:
+        if isinstance(value, str):
+            value = read_bytes(layout.resolve_input_path(value, base_dir))
+        return {"src": thumbnail(value), "href": None, "error": None}
+    except Exception as exc:  # an input image that moved since the job ran: say so, keep the page
+        return {"src": None, "href": None, "error": f"input not readable: {exc}"}

@@ -1,0 +1,96 @@
+"""The scorers' own tables in ``report.html``: the report knows no scorer's metrics.
+
+For each scorer of the job (``manifest["plugins"]``, kind ``scorer``) with metrics
+in ``manifest["metrics"]``, its class's :meth:`genflow.api.Scorer.report_sections`
+turns them into :class:`genflow.api.ReportSection` tables. A plugin that is not
+installed here, cannot run here, or fails to make its tables gets the generic
+default (every number in one row), so a report always rebuilds.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from genflow.api import ReportSection, Scorer
+
+log = logging.getLogger(__name__)
+
+
+def scorer_class(plugin: str) -> type[Scorer]:
+    """The installed scorer class called ``plugin``, or the :class:`Scorer` base (its defaults)."""
+    from genflow.registry import PluginError, get_registry
+
+    try:
+        info = get_registry().get("scorer", plugin)
+    except PluginError:
+        return Scorer
+    return info.factory if info.available else Scorer
+
+
+def scorer_sections(manifest: dict[str, Any]) -> list[ReportSection]:
+    """Every scorer's report tables, in the manifest's order of scorers."""
+    metrics = manifest.get("metrics") or {}
+    sections: list[ReportSection] = []
+    for name, entry in (manifest.get("plugins") or {}).items():
+        if not isinstance(entry, dict) or entry.get("kind") != "scorer" or not isinstance(metrics.get(name), dict):
+            continue
+        factory = scorer_class(str(entry.get("plugin") or name))
+        try:
+            sections += factory.report_sections(name, metrics[name])
+        except Exception as exc:  # a plugin's bug costs its tables, not the page
+            log.warning("scorer %s: report_sections failed (%s: %s); showing its metrics as they are",
+                        name, type(exc).__name__, exc)
+            sections += Scorer.report_sections(name, metrics[name])
+    return sections
+
+
+def merged(sections: list[ReportSection]) -> list[ReportSection]:
+    """Sections of the same title and columns (two scorers of one plugin) as one table, a row each."""
+    out: list[ReportSection] = []
+    for s in sections:
+        same = next((i for i, o in enumerate(out) if (o.title, o.columns) == (s.title, s.columns)), None)
+        if same is None:
+            out.append(s)
+        else:
+            o = out[same]
+            out[same] = ReportSection(o.title, o.columns, [*o.rows, *s.rows],
+                                      o.note if o.note == s.note else " ".join(filter(None, (o.note, s.note))))
+    return out
+
+
+def anchor(title: str, taken: set[str]) -> str:
+    """An HTML id from a section's title, unique on the page (``top@k`` -> ``top-at-k``)."""
+    base = re.sub(r"[^a-z0-9]+", "-", title.lower().replace("@", " at ")).strip("-") or "section"
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}-{n}"
+    taken.add(name)
+    return name
+
+
+_FIGURE = re.compile(r"^[-+]?[\d,]*\.?\d+\s*%?$")
+
+
+def _is_figure(cell: Any) -> bool:
+    """A number, or text that reads as one (``60.0%``): right-aligned like the page's other figures."""
+    if isinstance(cell, bool):
+        return False
+    return isinstance(cell, (int, float)) or (isinstance(cell, str) and bool(_FIGURE.match(cell.strip())))
+
+
+def page_sections(manifest: dict[str, Any], taken: set[str]) -> list[dict[str, Any]]:
+    """The scorers' tables as the template shows them: id, title, columns, rows, note, and
+    which columns hold figures (every cell a number)."""
+    out = []
+    from genflow.labelling.labels import report_sections as human_sections
+
+    for s in merged(scorer_sections(manifest) + human_sections(manifest)):
+        rows = [list(r) for r in s.rows]
+        figures = [bool(rows) and all(i < len(r) and (r[i] is None or _is_figure(r[i])) for r in rows)
+                   for i in range(len(s.columns))]
+        out.append({"id": anchor(s.title, taken), "title": s.title, "columns": list(s.columns),
+                    "rows": rows, "note": s.note, "figures": figures})
+    return out

@@ -1,0 +1,1 @@
+"""What a running ``genflow`` command needs: a local Prefect API, Ctrl-C handling, progress on the terminal."""

@@ -1,0 +1,1 @@
+"""The code family: code generation, the sandbox that runs it, pass@k."""

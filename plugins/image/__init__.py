@@ -1,0 +1,1 @@
+"""The image family: diffusers generation and CLIP scoring."""

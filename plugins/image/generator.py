@@ -1,0 +1,357 @@
+"""``diffusers-image``: text-to-image, image-to-image and inpainting with diffusers.
+
+Each worker loads one text-to-image pipeline; the image-to-image and inpainting
+pipelines are built from its components (``from_pipe``), so the weights sit in
+memory once whatever mix of modes a dataset has. A row's mode follows its
+columns: no ``image`` → text-to-image; ``image`` → image-to-image; ``image`` and
+``mask`` → inpainting (white = repaint, black = keep). The ``mode`` param forces one.
+
+Every image has its own ``torch.Generator`` seeded from the request, so a prompt's
+candidates differ, reruns give byte-identical PNGs, and an image comes out the
+same (to float rounding) whichever batch it was generated in.
+
+Besides the generator this module writes a tiny Stable Diffusion pipeline for
+offline use (``genflow models init-tiny DIR`` → ``DIR/tiny-sd``).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from genflow import hookimpl
+from genflow.api import Generation, GenerationRequest, Generator, PluginParams, RowError
+from genflow.data.storage import read_bytes
+from genflow.hookspecs import Register
+from genflow.plugins.shared.hf import can_write_tiny_model, prepare_torch
+
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin
+    from PIL import Image
+
+TINY_SD = "tiny-sd"
+
+Mode = Literal["text2img", "img2img", "inpaint"]
+
+
+class DiffusersImageParams(PluginParams):
+    num_inference_steps: int = Field(30, ge=1, description="Denoising steps per image.")
+    guidance_scale: float = Field(7.5, ge=0.0, description="Classifier-free guidance; values above 1 enable it "
+                                  "(and double the UNet batch).")
+    height: int | None = Field(None, ge=8, multiple_of=8, description="Output height in pixels; null = the "
+                               "model's native size for text-to-image, the input image's height (rounded "
+                               "down to a multiple of 8) otherwise.")
+    width: int | None = Field(None, ge=8, multiple_of=8, description="Output width in pixels; null as for height.")
+    negative_prompt: str | None = Field(None, description="What the images should not show.")
+    strength: float | None = Field(None, gt=0.0, le=1.0, description="How far to move from the input image "
+                                   "(1 ignores it); null = diffusers' own, 0.8 for image-to-image and 1.0 for "
+                                   "inpainting.")
+    scheduler: str | None = Field(None, description="A diffusers scheduler class, e.g. DDIMScheduler, built "
+                                  "from the model's scheduler config; null = the model's own.")
+    mode: Literal["auto", "text2img", "img2img", "inpaint"] = Field(
+        "auto", description="auto picks per row from its `image` and `mask` columns; a forced mode ignores "
+        "the columns it does not use and fails rows that lack one it needs.")
+    keep_unmasked: bool = Field(True, description="Inpainting: paste the input pixels back outside the mask, "
+                                "so only the masked area changes (the VAE round trip otherwise alters the "
+                                "whole image slightly).")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="Weights' dtype; null = "
+                                                                     "float16 on CUDA, float32 elsewhere.")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, name: str | None) -> str | None:
+        if name is not None:
+            scheduler_class(name)
+        return name
+
+    @model_validator(mode="after")
+    def _at_least_one_step(self) -> DiffusersImageParams:
+        if self.strength is not None and int(self.num_inference_steps * self.strength) < 1:
+            raise ValueError(f"num_inference_steps × strength must be at least 1 (image-to-image runs "
+                             f"that many steps), got {self.num_inference_steps} × {self.strength}")
+        return self
+
+
+class DiffusersImageGenerator(Generator):
+    """Stable Diffusion-style pipelines: text-to-image, image-to-image, inpainting."""
+
+    Params: ClassVar[type[PluginParams]] = DiffusersImageParams
+    modality: ClassVar[str] = "image"
+    description: ClassVar[str] = "diffusers text-to-image, image-to-image and inpainting; one seed per image"
+    input_columns: ClassVar[tuple[str, ...]] = ("image", "mask")
+    path_columns: ClassVar[tuple[str, ...]] = ("image", "mask")
+    requires: ClassVar[tuple[str, ...]] = ("torch", "diffusers", "transformers", "pillow")
+    extra: ClassVar[str | None] = "image"
+    default_model: ClassVar[str | None] = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    batch_size: ClassVar[int] = 8
+    params: DiffusersImageParams
+
+    def __init__(self, model: str | None, params: DiffusersImageParams, device: str = "cpu") -> None:
+        super().__init__(model, params, device)
+        import torch
+        from diffusers import AutoPipelineForText2Image
+        from diffusers.utils import logging as diffusers_logging
+
+        self.torch_device = prepare_torch(device)
+        dtype_name = params.dtype or ("float16" if self.torch_device.type == "cuda" else "float32")
+        self.dtype = getattr(torch, dtype_name)
+        diffusers_logging.disable_progress_bar()  # this process is the plugin's worker: no loading bars
+        # Generated data is filtered by the job's scorers; a safety checker would
+        # silently black out images and costs a second model.
+        pipe = AutoPipelineForText2Image.from_pretrained(
+            self.model_name, dtype=self.dtype, safety_checker=None, requires_safety_checker=False)
+        if params.scheduler:
+            pipe.scheduler = scheduler_class(params.scheduler).from_config(pipe.scheduler.config)
+        pipe.to(self.torch_device)
+        pipe.set_progress_bar_config(disable=True)
+        # diffusers pipelines are duck-typed (their __call__ differs per class): Any.
+        self._pipelines: dict[Mode, Any] = {"text2img": pipe}
+
+    def describe(self) -> dict[str, Any]:
+        import diffusers
+
+        pipe = self._pipelines["text2img"]
+        return {"model": self.model_name, "pipeline": type(pipe).__name__,
+                "scheduler": type(pipe.scheduler).__name__, "dtype": str(self.dtype).removeprefix("torch."),
+                "diffusers": diffusers.__version__}
+
+    def pipeline(self, mode: Mode) -> Any:
+        """The pipeline for ``mode``, sharing the text-to-image pipeline's components."""
+        if mode not in self._pipelines:
+            from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+            auto = AutoPipelineForImage2Image if mode == "img2img" else AutoPipelineForInpainting
+            pipe = auto.from_pipe(self._pipelines["text2img"])
+            pipe.set_progress_bar_config(disable=True)
+            self._pipelines[mode] = pipe
+        return self._pipelines[mode]
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Generation | RowError]:
+        results: dict[int, Generation | RowError] = {}
+        groups: dict[tuple[Mode, int | None, int | None], list[_Task]] = {}
+        for index, request in enumerate(requests):
+            try:
+                task = self._task(index, request)
+            except RowError as err:
+                results[index] = err
+                continue
+            groups.setdefault(task.group, []).append(task)
+        for tasks in groups.values():
+            for task, image in zip(tasks, self._run(tasks), strict=True):
+                results[task.index] = Generation(image=_png(image))
+        return [results[i] for i in range(len(requests))]
+
+    def mode_of(self, request: GenerationRequest) -> Mode:
+        if self.params.mode != "auto":
+            return self.params.mode
+        if _present(request.inputs.get("mask")):
+            return "inpaint"
+        return "img2img" if _present(request.inputs.get("image")) else "text2img"
+
+    def batch_keys(self, requests: list[GenerationRequest]) -> list[Any]:
+        """Requests of one mode share calls: each mode is a pipeline call of its own."""
+        return [(self.mode_of(r), len(r.prompt)) for r in requests]
+
+    def _task(self, index: int, request: GenerationRequest) -> _Task:
+        """Resolve a request's mode, input image and mask, and output size."""
+        params = self.params
+        has_image = _present(request.inputs.get("image"))
+        has_mask = _present(request.inputs.get("mask"))
+        mode = self.mode_of(request)
+        task = _Task(index, request.prompt, request.seed, mode)
+        if mode == "text2img":
+            task.height, task.width = params.height, params.width
+            return task
+        if not has_image:
+            what = "inpainting needs an `image` and a `mask`" if has_mask else f"{mode} needs an `image`"
+            raise RowError(f"{what}, but the row has no image")
+        image = load_image(request.inputs["image"], "image", "RGB")
+        height = params.height or image.height // 8 * 8
+        width = params.width or image.width // 8 * 8
+        if height < 8 or width < 8:
+            raise RowError(f"input image is {image.width}x{image.height}; it must be at least 8x8 pixels")
+        task.height, task.width = height, width
+        task.image = _resized(image, width, height)
+        if mode == "inpaint":
+            if not has_mask:
+                raise RowError("inpainting needs a `mask` (white = repaint, black = keep), "
+                               "but the row has none")
+            mask = load_image(request.inputs["mask"], "mask", "L")
+            if mask.size != image.size:
+                raise RowError(f"mask is {mask.width}x{mask.height} but its image is "
+                               f"{image.width}x{image.height}; give a mask of the image's size "
+                               "(white = repaint, black = keep)")
+            task.mask = _resized(mask, width, height)
+        return task
+
+    def _run(self, tasks: list[_Task]) -> list[Image.Image]:
+        """One pipeline call for requests of one mode and size, one generator per image."""
+        import torch
+        from PIL import Image
+
+        params = self.params
+        mode, height, width = tasks[0].group
+        kwargs: dict[str, Any] = {
+            "prompt": [t.prompt for t in tasks],
+            "num_inference_steps": params.num_inference_steps,
+            "guidance_scale": params.guidance_scale,
+            # CPU generators give the same noise on every device.
+            "generator": [torch.Generator("cpu").manual_seed(t.seed) for t in tasks],
+            "output_type": "pil",
+        }
+        if params.negative_prompt is not None:
+            kwargs["negative_prompt"] = [params.negative_prompt] * len(tasks)
+        if mode != "img2img":  # image-to-image takes its size from the image
+            kwargs.update(height=height, width=width)
+        if mode != "text2img":
+            kwargs["image"] = [t.image for t in tasks]
+            if params.strength is not None:
+                kwargs["strength"] = params.strength
+        if mode == "inpaint":
+            kwargs["mask_image"] = [t.mask for t in tasks]
+        images: list[Image.Image] = self.pipeline(mode)(**kwargs).images
+        if mode == "inpaint" and params.keep_unmasked:
+            images = [Image.composite(out, t.image, t.mask)  # type: ignore[arg-type]
+                      for out, t in zip(images, tasks, strict=True)]
+        return images
+
+
+def scheduler_class(name: str) -> type[SchedulerMixin]:
+    """The diffusers scheduler class called ``name``, or a ValueError listing the choices."""
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    found = getattr(diffusers, name, None)
+    if isinstance(found, type) and issubclass(found, SchedulerMixin):
+        return found
+    known = sorted(n for n in dir(diffusers.schedulers) if n.endswith("Scheduler"))
+    raise ValueError(f"unknown diffusers scheduler {name!r}; choose one of: {', '.join(known)}")
+
+
+@dataclass
+class _Task:
+    """A request resolved to what its pipeline call needs."""
+
+    index: int
+    prompt: str
+    seed: int
+    mode: Mode
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+    height: int | None = None
+    width: int | None = None
+
+    @property
+    def group(self) -> tuple[Mode, int | None, int | None]:
+        """Requests with equal groups run in one pipeline call."""
+        return self.mode, self.height, self.width
+
+
+def _present(value: Any) -> bool:
+    """Whether an ``image``/``mask`` cell holds something (datasets use None or "" for "no image")."""
+    if isinstance(value, dict):
+        return _present(value.get("bytes")) or _present(value.get("path"))
+    return value is not None and value != "" and value != b""
+
+
+def load_image(value: Any, column: str, convert: str) -> Image.Image:
+    """Decode an input cell: PNG/JPEG/... bytes, a path or URI (``s3://`` too), or a
+    Hugging Face ``datasets`` image struct ``{"bytes": ..., "path": ...}``.
+
+    Problems raise :class:`RowError` naming the column, so only that row fails.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, str):
+        source = value
+        try:
+            data = read_bytes(value)
+        except FileNotFoundError:
+            raise RowError(f"{column} file not found: {value}") from None
+        except OSError as exc:
+            raise RowError(f"cannot read {column} file {value}: {exc}") from None
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        source = f"({len(data)} bytes)"
+    else:
+        raise RowError(f"{column} must be image bytes or a path/URI, got {type(value).__name__}")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            # Honour the camera's orientation tag, as image viewers do.
+            return ImageOps.exif_transpose(img).convert(convert)
+    except UnidentifiedImageError:
+        raise RowError(f"{column} {source} is not an image PIL can read") from None
+    except OSError as exc:  # truncated or corrupt file of a known format
+        raise RowError(f"{column} {source} is a damaged image: {exc}") from None
+
+
+def _resized(image: Image.Image, width: int, height: int) -> Image.Image:
+    from PIL import Image
+
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), Image.Resampling.LANCZOS)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_tiny_sd(path: Path, seed: int = 0) -> Path:
+    """Save a tiny random Stable Diffusion pipeline (64×64 images) to ``path``.
+
+    The same parts as Stable Diffusion 1.x — UNet, VAE, CLIP text encoder and
+    tokenizer, its PNDM scheduler config — at a size that makes an image in a
+    fraction of a second on a CPU. The images are noise-like; the code paths are real.
+    """
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from genflow.plugins.image.clip import tiny_clip_text_config, tiny_clip_tokenizer
+
+    tokenizer = tiny_clip_tokenizer()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), norm_num_groups=8, attention_head_dim=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        )
+        vae = AutoencoderKL(  # two blocks: latents are half the image size
+            sample_size=64, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_clip_text_config(tokenizer)))
+    scheduler = PNDMScheduler(  # Stable Diffusion 1.x's scheduler config
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)  # type: ignore[attr-defined]
+    return path
+
+
+@hookimpl
+def register_generators(register: Register) -> None:
+    register("diffusers-image", DiffusersImageGenerator)
+
+
+@hookimpl
+def init_tiny_models(directory: Path) -> dict[str, str]:
+    if not can_write_tiny_model(TINY_SD, DiffusersImageGenerator):
+        return {}
+    return {TINY_SD: str(write_tiny_sd(Path(directory) / TINY_SD))}

@@ -1,0 +1,1 @@
+"""The judge family: an LLM judge (local or served), its rubrics and pairwise ranking."""

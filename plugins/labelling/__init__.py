@@ -1,0 +1,1 @@
+"""Human labelling: Label Studio."""

@@ -1,0 +1,1 @@
+"""Served APIs: generation through the OpenAI protocol."""

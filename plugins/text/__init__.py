@@ -1,0 +1,1 @@
+"""The text family: transformers generation, reward-model and embedding scorers."""

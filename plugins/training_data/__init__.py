@@ -1,0 +1,1 @@
+"""Training-data exporters: preference pairs and best-of-n SFT sets."""

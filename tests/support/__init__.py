@@ -1,0 +1,1 @@
+"""What the tests share: paths, the genflow command, servers, forged outputs, test plugins."""
