@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from genflow.secrets import URL_QUERY_VALUE, is_secret_key, redact_url
+
 
 class ConfigError(ValueError):
     """A job config that cannot run; the message names the key and the fix."""
@@ -366,32 +368,7 @@ def _strings(data: Any, where: str = "") -> list[tuple[str, str]]:
     return [(where, data)] if isinstance(data, str) else []
 
 
-SECRET_KEY_ENDINGS = ("secret", "password", "passwd", "token", "api_key", "apikey", "api-key", "access_key",
-                      "secret_key", "private_key", "credential", "credentials", "authorization", "auth", "cookie")
-
-
-def is_secret_key(key: str) -> bool:
-    """``aws_secret_access_key``, ``session_token``, ``api_key``, ``X-Api-Key``, ``Authorization``...
-    but not ``max_new_tokens``."""
-    k = key.lower()
-    return any(k == e or k.endswith("_" + e) or k.endswith("-" + e) for e in SECRET_KEY_ENDINGS)
-
-
 _URL_USER_INFO = re.compile(r"(?<=://)[^/?#@\s]+@")
-URL_QUERY_VALUE = re.compile(r"(?<=[?&;])([^=&#\s/?;]+)=([^&#\s\"'<>),;]+)")
-"""A URL's query parameter: its name and value (``?api_key=...``)."""
-
-
-def redact_url(text: str) -> str:
-    """``http://user:pass@host/x`` -> ``http://***@host/x``, and ``?api_key=...`` -> ``?api_key=***``:
-    credentials inside a URL (its user-info, a query value under a secret's name), anywhere in a text."""
-    from urllib.parse import unquote
-
-    text = _URL_USER_INFO.sub("***@", text)
-    if "=" not in text:
-        return text
-    return URL_QUERY_VALUE.sub(lambda m: f"{m.group(1)}=***" if is_secret_key(unquote(m.group(1))) else m.group(0),
-                               text)
 
 
 def redacted(data: Any) -> Any:

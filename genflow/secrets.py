@@ -168,6 +168,34 @@ def _spellings(value: str) -> list[str]:
     return out
 
 
+# -- secret names and URLs -----------------------------------------------------------------------
+
+SECRET_KEY_ENDINGS = ("secret", "password", "passwd", "token", "api_key", "apikey", "api-key", "access_key",
+                      "secret_key", "private_key", "credential", "credentials", "authorization", "auth", "cookie")
+
+
+def is_secret_key(key: str) -> bool:
+    """``aws_secret_access_key``, ``session_token``, ``api_key``, ``X-Api-Key``, ``Authorization``...
+    but not ``max_new_tokens``."""
+    k = key.lower()
+    return any(k == e or k.endswith("_" + e) or k.endswith("-" + e) for e in SECRET_KEY_ENDINGS)
+
+
+_URL_USER_INFO = re.compile(r"(?<=://)[^/?#@\s]+@")
+URL_QUERY_VALUE = re.compile(r"(?<=[?&;])([^=&#\s/?;]+)=([^&#\s\"'<>),;]+)")
+"""A URL's query parameter: its name and value (``?api_key=...``)."""
+
+
+def redact_url(text: str) -> str:
+    """``http://user:pass@host/x`` -> ``http://***@host/x``, and ``?api_key=...`` -> ``?api_key=***``:
+    credentials inside a URL (its user-info, a query value under a secret's name), anywhere in a text."""
+    text = _URL_USER_INFO.sub("***@", text)
+    if "=" not in text:
+        return text
+    return URL_QUERY_VALUE.sub(lambda m: f"{m.group(1)}=***" if is_secret_key(unquote(m.group(1))) else m.group(0),
+                               text)
+
+
 # -- what a job holds ------------------------------------------------------------------------------
 
 _USER_INFO = re.compile(r"://([^/?#@\s]+)@")
@@ -177,8 +205,6 @@ def url_secrets(text: str, where: str) -> list[Secret]:
     """The user-info of every URL in ``text``: its password, the whole ``user:password``, and that
     as a client sends it (``Authorization: Basic <base64>``), which a server may echo; and the
     value of every query parameter with a secret's name (``?api_key=...``)."""
-    from genflow.config import URL_QUERY_VALUE, is_secret_key
-
     out = [Secret(unquote(m.group(2)), f"{where}'s {unquote(m.group(1))}") for m in URL_QUERY_VALUE.finditer(text)
            if "=" in text and is_secret_key(unquote(m.group(1)))]
     for info in _USER_INFO.findall(text):
@@ -194,8 +220,6 @@ def url_secrets(text: str, where: str) -> list[Secret]:
 
 def data_secrets(data: Any, where: str = "") -> list[Secret]:
     """Values under secret-named keys (every string below them) and URL user-info, anywhere in ``data``."""
-    from genflow.config import is_secret_key
-
     out: list[Secret] = []
     if isinstance(data, Mapping):
         for key, value in data.items():

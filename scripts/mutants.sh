@@ -47,7 +47,7 @@ GROUP_TESTS[core]="tests/unit/test_promises.py tests/unit/test_ranking.py tests/
 # row of values, the manifest
 GROUP_MUTATE[secrets]="
   genflow/secrets.py
-  genflow/config.py:is_secret_key,redact_url,redacted,hides_secrets,redacted_urls,_two_credentials,_strings
+  genflow/config.py:redacted,hides_secrets,redacted_urls,_two_credentials,_strings
   genflow/outputs/artifacts.py:sweep_row
   genflow/outputs/manifest.py
 "
