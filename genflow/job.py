@@ -12,24 +12,11 @@ from typing import Any
 from genflow.config import ConfigError, JobConfig
 from genflow.data.prompts import InputError
 from genflow.data.storage import StorageError, disk_full
+from genflow.engine.errors import JobFailed
 from genflow.registry import PluginError
 from genflow.runtime.shutdown import lost_api_reported, prefect_api_busy, shown_api_url
 
 USER_ERRORS = (ConfigError, InputError, PluginError, StorageError, ConnectionError, FileNotFoundError)
-
-
-class JobFailed(RuntimeError):
-    """The job ran but produced more errors than ``max_error_fraction`` allows.
-
-    Its outputs are written all the same; ``manifest`` says what they are."""
-
-    def __init__(self, message: str, manifest: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.manifest = manifest
-
-
-class BudgetSpent(JobFailed):
-    """The job's requests have cost ``max_cost``: it stopped, keeping every answer it had."""
 
 
 class _NoTracebackForUserErrors(logging.Filter):

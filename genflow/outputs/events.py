@@ -30,7 +30,7 @@ def job_resource_id(name: str) -> str:
 def failure_payload(name: str, error: BaseException, manifest: dict[str, Any] | None = None,
                     output: str | None = None) -> dict[str, Any]:
     """What a notification needs: the job, the counts the run got to, and why it failed."""
-    from genflow.job import BudgetSpent, JobFailed
+    from genflow.engine.errors import BudgetSpent, JobFailed
     from genflow.secrets import scrub
 
     lines = scrub(str(error)).strip().splitlines()  # a server's text a plugin's error quotes: no secret in it

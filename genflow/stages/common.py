@@ -21,8 +21,8 @@ from genflow.data.schemas import ERRORS, GENERATIONS, SCORES
 from genflow.data.storage import Storage
 from genflow.engine.actors import RequestPool, WorkerPool, chunked, request_pool
 from genflow.engine.budget import Budget, priced, reported_tokens, request_cost
+from genflow.engine.errors import BudgetSpent
 from genflow.engine.worker import Failure, failure_of
-from genflow.job import BudgetSpent
 from genflow.registry import PluginInfo, Registry
 from genflow.secrets import scrub_result
 

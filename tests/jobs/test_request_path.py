@@ -103,7 +103,7 @@ def _request_cost(prompt: str) -> float:
 
 
 def test_max_cost_stops_within_one_request_and_a_rerun_spends_it_no_more(tmp_path, job_runner, test_plugins):
-    from genflow.job import BudgetSpent
+    from genflow.engine.errors import BudgetSpent
 
     config = _job(tmp_path, delay_s=0.05)
     prompts = ds.dataset(PROMPTS).to_table().column("prompt").to_pylist()

@@ -42,7 +42,7 @@ def _job(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
 def test_rows_that_raise_or_kill_the_worker_become_errors_and_the_rest_is_kept(
         tmp_path: Path, job_runner: Any, test_plugins: dict[str, str]) -> None:
     from genflow.data.storage import Storage
-    from genflow.flows.job import JobFailed
+    from genflow.engine.errors import JobFailed
     from genflow.outputs.manifest import count_rows, output_folders
 
     config = _job(tmp_path)

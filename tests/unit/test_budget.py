@@ -23,9 +23,9 @@ from genflow.api import Generation, GenerationRequest, RowError, Score, ScoreIte
 from genflow.config import PriceSpec, RequestsSpec
 from genflow.engine.actors import RequestPool
 from genflow.engine.budget import CHARS_PER_TOKEN, Budget, request_cost
+from genflow.engine.errors import BudgetSpent
 from genflow.engine.requesting import Answer, RequestRunner
 from genflow.engine.worker import Failure
-from genflow.job import BudgetSpent
 from genflow.stages.common import Journals, Pack, ShardWork, Usage, send
 
 PRICE = PriceSpec(input_per_mtok=1000.0, output_per_mtok=2000.0)

@@ -1,0 +1,23 @@
+"""How a job stops short of its end: the errors a stage or the flow raises for the job as a whole.
+
+They sit low, beside the engine, so that the stages that raise them, the outputs that report
+them (``genflow.outputs.events``) and the flows and the CLI that catch them all import them
+from below."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class JobFailed(RuntimeError):
+    """The job ran but produced more errors than ``max_error_fraction`` allows.
+
+    Its outputs are written all the same; ``manifest`` says what they are."""
+
+    def __init__(self, message: str, manifest: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.manifest = manifest
+
+
+class BudgetSpent(JobFailed):
+    """The job's requests have cost ``max_cost``: it stopped, keeping every answer it had."""
