@@ -610,3 +610,144 @@ def test_a_closed_request_worker_leaves_no_task_pending() -> None:
         assert watching.done()
 
     asyncio.run(go())
+
+
+# -- what each answer says: its seconds, attempts and error -----------------------------
+
+def test_each_kind_of_answer_says_its_last_attempts_seconds_and_its_attempts() -> None:
+    """After a 503 and its Retry-After, the second attempt is answered (a result, a result the
+    plugin returns as a RowError, a raised RowError, a bug, a second 503): each answer counts
+    two attempts and the seconds of the second alone, not of the wait before it."""
+    class Refusal(RowError):
+        pass
+
+    def script(item: str, attempt: int) -> Any:
+        if attempt == 0 or item == "flaky":
+            return TransientError("503 from the server", retry_after=5.0)
+        return {"ok": Generation(text="fine"), "raised": RowError("400: bad parameter"),
+                "bug": ValueError("a bug in the plugin")}.get(item, Refusal("refused: unsafe prompt"))
+
+    async def go() -> list[Answer]:
+        clock = VirtualClock()
+        server = FakeServer(clock, script, latency=2.0)
+
+        async def call(item: str) -> Any:
+            if item == "returned" and server.times(item):  # returned, not raised
+                server.attempts.append((clock.now(), item))
+                await clock.sleep(2.0)
+                return Refusal("refused: unsafe prompt")
+            return await server.call(item)
+
+        runner = RequestRunner(call, spec(max_retries=1, backoff_s=0.01, max_backoff_s=30.0), seed=1, clock=clock)
+        return await answers(runner, ["ok", "returned", "raised", "bug", "flaky"])
+
+    got = {a.index: a for a in run(go())}
+    assert all(a.attempts == 2 for a in got.values()), {i: a.attempts for i, a in got.items()}
+    assert all(a.seconds == pytest.approx(2.0) for a in got.values()), {i: a.seconds for i, a in got.items()}
+    assert got[0].result == Generation(text="fine")
+    assert got[1].result == Failure("refused: unsafe prompt", "")  # a RowError returned is an errors row too
+    assert got[2].result == Failure("400: bad parameter", "")
+    assert got[3].result.error == "ValueError: a bug in the plugin" and not got[3].result.transient
+    assert got[4].result == Failure("TransientError: 503 from the server (after 2 attempts)", "", transient=True)
+
+
+# -- Retry-After: what is honoured, and what is said ---------------------------------------
+
+def test_a_retry_after_of_zero_below_one_or_at_max_backoff_is_honoured_as_given() -> None:
+    rng = random.Random(0)
+    s = spec(backoff_s=0.1, max_backoff_s=8.0)
+    assert all(backoff(0, s, 0.0, rng)[1] == "" for _ in range(20))  # "now" is a wait in seconds
+    for _ in range(50):
+        delay, said = backoff(0, s, 0.5, rng)  # half a second: at least that, and not ignored
+        assert said == "" and delay >= 0.5
+    assert {backoff(0, s, 8.0, rng) for _ in range(10)} == {(8.0, "")}  # exactly the most: nothing to cap
+
+
+def _said_retry_after(retry_after: Any, caplog: pytest.LogCaptureFixture) -> list[str]:
+    async def go() -> None:
+        clock = VirtualClock()
+        server = FakeServer(clock, lambda item, attempt: TransientError("503", retry_after=retry_after)
+                            if attempt == 0 else Generation(text=item), latency=0.5)
+        await answers(runner_for(server, clock, backoff_s=0.01, max_backoff_s=4.0), ["a"])
+
+    with caplog.at_level(logging.WARNING, logger="genflow.engine.requesting"):
+        run(go())
+    return [r.getMessage() for r in caplog.records if r.name == "genflow.engine.requesting"]
+
+
+def test_the_first_retry_after_past_max_backoff_is_said_in_full(caplog: pytest.LogCaptureFixture) -> None:
+    assert _said_retry_after(3600.0, caplog) == [
+        "the server asked to wait 3600.0 s before sending again (Retry-After); longer than max_backoff_s: "
+        "waiting at most max_backoff_s (4 s), as every later such answer"]
+
+
+def test_an_unreadable_retry_after_is_said_to_be_no_wait_in_seconds(caplog: pytest.LogCaptureFixture) -> None:
+    assert _said_retry_after(-5.0, caplog) == [
+        "the server asked to wait -5.0 s before sending again (Retry-After); not a wait in seconds: "
+        "waiting at most max_backoff_s (4 s), as every later such answer"]
+
+
+# -- tpm counts the tokens answered ---------------------------------------------------------
+
+def _tpm_times(result: Any) -> list[float]:
+    async def go() -> FakeServer:
+        clock = VirtualClock()
+        server = FakeServer(clock, lambda item, attempt: result, latency=0.0)
+        await answers(runner_for(server, clock, concurrency=1, tpm=60), list(range(4)))
+        return server
+
+    return sorted(at for at, _ in run(go()).attempts)
+
+
+def test_tpm_counts_a_scores_completion_tokens_and_nothing_it_does_not_report() -> None:
+    # 30 tokens an answer at one token a second: the next request waits out the debt, 29 s after
+    # the first (the bucket's one token), 30 s after each later one.
+    for result in (Score(1.0, completion_tokens=30), Score(1.0, prompt_tokens=30),
+                   Generation(text="x", num_tokens=30)):
+        gaps = [later - earlier for earlier, later in itertools.pairwise(_tpm_times(result))]
+        assert gaps == pytest.approx([29.0, 30.0, 30.0]), result
+
+
+def test_tpm_does_not_hold_requests_whose_answers_report_no_tokens() -> None:
+    """tpm is a budget of tokens, not of requests: answers that report none never wait."""
+    assert _tpm_times(Generation(text="x")) == [0.0, 0.0, 0.0, 0.0]
+
+
+# -- a call's first HTTP request answered with a 429 -------------------------------------------
+
+def test_a_429_on_a_calls_first_request_cuts_the_limit_and_the_call_is_sent_again() -> None:
+    async def go() -> tuple[RequestRunner, list[Answer]]:
+        clock = VirtualClock()
+        plugin = ManyPosts(clock, posts=1, rate_limited_on=1)  # the request in the call's own slot
+        runner = RequestRunner(plugin.call, spec(concurrency=8), clock=clock)
+        got = await answers(runner, [0])
+        assert runner.limit.in_flight == 0
+        return runner, got
+
+    runner, got = run(go())
+    assert (runner.limit.rejections, runner.limit.size, runner.retries) == (1, 4, 1)
+    assert isinstance(got[0].result, Score) and got[0].attempts == 2
+
+
+# -- the real clock -------------------------------------------------------------------------
+
+def test_the_real_clock_sleeps_and_times_out() -> None:
+    """What a job runs on: its waits last at least what was asked, and an attempt that gets no
+    answer is given up after ``timeout_s``."""
+    from genflow.engine.requesting import Clock
+
+    async def go() -> list[Answer]:
+        clock = Clock()
+        before = clock.now()
+        await clock.sleep(0.02)
+        assert clock.now() - before >= 0.02
+
+        async def never(item: Any) -> Any:
+            await asyncio.Event().wait()
+
+        runner = RequestRunner(never, spec(timeout_s=0.05, max_retries=1, backoff_s=0.01))
+        return await answers(runner, ["a"])
+
+    got = run(go())
+    assert got[0].result == Failure("TimeoutError: no answer within 0.05s (after 2 attempts)", "", transient=True)
+    assert got[0].seconds >= 0.05
