@@ -49,7 +49,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 from genflow.api import Scorer
-from genflow.config import ConfigError, JobConfig, build_config, redacted_urls, resolve_output
+from genflow.config import ConfigError, JobConfig, build_config, job_secrets, redacted_urls, resolve_output
 from genflow.data import layout
 from genflow.data.layout import Shard, ShardPlan, Stage
 from genflow.data.lease import output_lease
@@ -70,7 +70,6 @@ from genflow.registry import PluginError, Registry, get_registry
 from genflow.runtime.progress import StageProgress
 from genflow.runtime.shutdown import lost_api_reported, prefect_api_busy, shown_api_url
 from genflow.secrets import install as install_secrets
-from genflow.secrets import job_secrets
 from genflow.stages import (
     JobContext,
     ModelStage,

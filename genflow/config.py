@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -13,7 +14,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from genflow.secrets import URL_QUERY_VALUE, is_secret_key, redact_url
+from genflow.secrets import (
+    STORAGE_SECRET_ENV,
+    URL_QUERY_VALUE,
+    Scrubber,
+    data_secrets,
+    env_secrets,
+    is_secret_key,
+    plugin_secrets,
+    redact_url,
+)
 
 
 class ConfigError(ValueError):
@@ -56,13 +66,19 @@ UNHASHED_SPEC_KEYS = {"requests", "price"}
 
 
 LABEL_CHARACTERS = "letters, digits, '.', '_' and '-' (no '..')"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
+
+
+def is_safe_name(value: str) -> bool:
+    """Letters, digits, ``.``, ``_`` and ``-`` only, with no ``..``: a name that stays one path
+    component on every filesystem and bucket, and can never climb out of its folder. A config's
+    labels must be such names; :func:`genflow.data.names.path_component` hashes any other value."""
+    return bool(_SAFE_NAME.fullmatch(value)) and ".." not in value and value != "."
 
 
 def _label_name(value: str) -> str:
     """A label names files and folders of the output (``scores/part-00000-<label>.parquet``):
     an allow-list of characters, so none can climb out of the job's folder."""
-    from genflow.data.names import is_safe_name
-
     if not is_safe_name(value):
         raise ValueError(f"label {value!r} must be a name of {LABEL_CHARACTERS}")
     return value
@@ -189,8 +205,6 @@ class JobConfig(_Strict):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise ValueError(f"{what} labels must be unique; repeated: {', '.join(dupes)}")
-        from genflow.data.names import is_safe_name
-
         for i, s in enumerate(self.scorers):
             if s.label is None and not is_safe_name(s.plugin):
                 raise ValueError(f"scorers.{i}: plugin {s.plugin!r} cannot name the scorer's files; give it a "
@@ -402,3 +416,23 @@ def redacted_urls(data: Any) -> Any:
     if isinstance(data, list | tuple):
         return [redacted_urls(v) for v in data]
     return redact_url(data) if isinstance(data, str) else data
+
+
+def job_secrets(config: JobConfig, environ: Mapping[str, str] | None = None) -> Scrubber:
+    """Every secret a job holds: its config's (each plugin's params, URLs anywhere), its plugins'
+    ``secret_env`` values and the storage's keys."""
+    from genflow.registry import PluginError, get_registry
+
+    secrets = data_secrets(config.model_dump(mode="json"))
+    registry = get_registry()
+    specs = [("generator", f"generators.{i}.params", g.plugin, g.params) for i, g in enumerate(config.generators)]
+    specs += [("scorer", f"scorers.{i}.params", s.plugin, s.params) for i, s in enumerate(config.scorers)]
+    specs += [("exporter", f"exporters.{name}", name, params) for name, params in config.exporters.items()]
+    for kind, where, name, params in specs:
+        try:
+            factory = registry.get(kind, name).factory
+            factory = factory.implementation(params) if kind != "exporter" else factory
+        except PluginError:
+            continue
+        secrets += plugin_secrets(factory, params, where, environ)
+    return Scrubber(secrets + env_secrets(STORAGE_SECRET_ENV, environ))

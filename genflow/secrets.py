@@ -25,13 +25,14 @@ take 0.27 s against 7 secrets' spellings, about what building their Arrow table 
 
 The scrubber of a job is installed process-wide (:func:`install`): a log record factory
 scrubs every record the process makes, whichever logger or handler (Prefect's API
-handler included) it goes to, and the stages scrub their rows with :func:`scrub_result`.
+handler included) it goes to, and the stages scrub their rows with
+:func:`genflow.data.results.scrub_result`. A job's secrets are gathered from its config by
+:func:`genflow.config.job_secrets`.
 """
 
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 import json
 import logging
@@ -267,26 +268,6 @@ def plugin_secrets(factory: Any, params: Mapping[str, Any], where: str = "params
     return out + env_secrets(names, environ)
 
 
-def job_secrets(config: Any, environ: Mapping[str, str] | None = None) -> Scrubber:
-    """Every secret a job holds: its config's (each plugin's params, URLs anywhere), its plugins'
-    ``secret_env`` values and the storage's keys."""
-    from genflow.registry import PluginError, get_registry
-
-    secrets = data_secrets(config.model_dump(mode="json"))
-    registry = get_registry()
-    specs = [("generator", f"generators.{i}.params", g.plugin, g.params) for i, g in enumerate(config.generators)]
-    specs += [("scorer", f"scorers.{i}.params", s.plugin, s.params) for i, s in enumerate(config.scorers)]
-    specs += [("exporter", f"exporters.{name}", name, params) for name, params in config.exporters.items()]
-    for kind, where, name, params in specs:
-        try:
-            factory = registry.get(kind, name).factory
-            factory = factory.implementation(params) if kind != "exporter" else factory
-        except PluginError:
-            continue
-        secrets += plugin_secrets(factory, params, where, environ)
-    return Scrubber(secrets + env_secrets(STORAGE_SECRET_ENV, environ))
-
-
 # -- the process's scrubber ------------------------------------------------------------------------
 
 _installed = Scrubber()
@@ -347,51 +328,3 @@ def scrub_record(record: logging.LogRecord, scrubber: Scrubber) -> None:
             record.exc_text = clean  # formatters use exc_text when it is set
     if record.stack_info:
         record.stack_info = scrubber.scrub(record.stack_info)
-
-
-# -- rows ------------------------------------------------------------------------------------------
-
-_RESULT_TYPES: tuple[Any, Any, Any] | None = None
-
-
-def _result_types() -> tuple[Any, Any, Any]:
-    """Generation, Score and Failure, imported once on first use (genflow.engine.worker imports Ray, which
-    a process that only scrubs its terminal lines does not need)."""
-    global _RESULT_TYPES
-    if _RESULT_TYPES is None:
-        from genflow.api import Generation, Score
-        from genflow.engine.worker import Failure
-
-        _RESULT_TYPES = (Generation, Score, Failure)
-    return _RESULT_TYPES
-
-
-def scrub_result(result: Any, scrubber: Scrubber | None = None) -> Any:
-    """A plugin's result as it may be written: a candidate whose text holds a secret becomes a
-    failure (its row goes to ``errors/``, not to training data); a failure's texts and a score's
-    details are blanked. The same object when it holds no secret."""
-    scrubber = _installed if scrubber is None else scrubber
-    if not scrubber:
-        return result
-    Generation, Score, Failure = _result_types()
-    if isinstance(result, Failure):
-        error, trace = scrubber.scrub(result.error), scrubber.scrub(result.traceback)
-        if error is result.error and trace is result.traceback:
-            return result
-        return dataclasses.replace(result, error=error, traceback=trace)  # keeps ``transient``
-    if isinstance(result, Generation):
-        for name in ("text", "raw", "finish_reason"):
-            secret = scrubber.find(getattr(result, name))
-            if secret is not None:
-                failure = Failure(f"the server's answer held a secret of this job ({secret.where}): the answer "
-                                  "was removed, and the candidate is not written to generations/", "")
-                paid = (("prompt_tokens", result.prompt_tokens), ("completion_tokens", result.num_tokens))
-                for field, tokens in paid:
-                    if hasattr(failure, field):  # the answer was paid for: its cost stays counted on a rerun
-                        setattr(failure, field, tokens)
-                return failure
-        return result
-    if isinstance(result, Score):
-        details = scrubber.scrub_data(result.details)
-        return result if details is result.details else dataclasses.replace(result, details=details)
-    return result

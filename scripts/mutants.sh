@@ -47,7 +47,8 @@ GROUP_TESTS[core]="tests/unit/test_promises.py tests/unit/test_ranking.py tests/
 # row of values, the manifest
 GROUP_MUTATE[secrets]="
   genflow/secrets.py
-  genflow/config.py:redacted,hides_secrets,redacted_urls,_two_credentials,_strings
+  genflow/config.py:redacted,hides_secrets,redacted_urls,_two_credentials,_strings,job_secrets
+  genflow/data/results.py:scrub_result
   genflow/outputs/artifacts.py:sweep_row
   genflow/outputs/manifest.py
 "
@@ -90,6 +91,7 @@ GROUP_K[judge]="not local_judge"
 GROUP_MUTATE[labelling]="
   genflow/outputs/agreement.py
   genflow/labelling/labels.py
+  genflow/outputs/report/sections.py:human_sections
   plugins/labelling/label_studio.py
 "
 GROUP_TESTS[labelling]="tests/unit/test_agreement.py tests/unit/test_labelling.py tests/plugins/test_label_studio.py

@@ -16,7 +16,7 @@ What a rerun trusts: a segment it cannot read, or one that is not genflow's (oth
 columns, a payload that does not decode to an answer of the stage's kind), is skipped
 with one warning naming it, and its requests are sent again: a journal only ever saves
 requests, it never stops a job. A failure that may pass if sent again (the request
-path's :attr:`~genflow.engine.worker.Failure.transient`: retries of 429s, 5xx or timeouts used
+path's :attr:`~genflow.data.results.Failure.transient`: retries of 429s, 5xx or timeouts used
 up) is not an answer either: a rerun sends it again, and the shard keeps its journal
 until none is left (:func:`genflow.stages.common.finish_model_stage`).
 """
@@ -39,8 +39,8 @@ import pyarrow as pa
 
 from genflow.api import Generation, Score
 from genflow.data.layout import Shard, Stage
+from genflow.data.results import Failure
 from genflow.data.storage import Storage
-from genflow.engine.worker import Failure
 
 log = logging.getLogger(__name__)
 

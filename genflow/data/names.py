@@ -2,23 +2,18 @@
 
 Values from a dataset (row ids) and from a config (labels, tool names) end up in file
 and object names. A safe name stays as it is, so outputs of ordinary ids look as they
-always did; anything else is hashed, so it can never climb out of its folder.
+always did; anything else is hashed, so it can never climb out of its folder. What a safe
+name is, :func:`genflow.config.is_safe_name` says: a config's labels must be such names.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 
-_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
+from genflow.config import is_safe_name
+
 HASHED_PREFIX = "~"
 """Starts the path component of a value that is no safe name: a character no safe name holds."""
-
-
-def is_safe_name(value: str) -> bool:
-    """Letters, digits, ``.``, ``_`` and ``-`` only, with no ``..``: a name that stays one path
-    component on every filesystem and bucket, and can never climb out of its folder."""
-    return bool(_SAFE_NAME.fullmatch(value)) and ".." not in value and value != "."
 
 
 def path_component(value: str) -> str:

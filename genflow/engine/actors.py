@@ -37,8 +37,9 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from genflow.config import RaySpec, stable_hash
+from genflow.data.results import Failure
 from genflow.engine import ray_cluster
-from genflow.engine.worker import Failure, PluginWorker
+from genflow.engine.worker import PluginWorker
 from genflow.registry import PluginError
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from typing import Any
 
 from genflow.api import RowError
 from genflow.config import PriceSpec
-from genflow.engine.worker import Failure
+from genflow.data.results import Failure
 
 CHARS_PER_TOKEN = 4
 """Characters per token where a server reports no usage: about what English text takes with

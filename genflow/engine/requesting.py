@@ -39,8 +39,8 @@ from typing import Any
 
 from genflow.api import _REQUEST_SLOTS, Generator, RowError, TransientError
 from genflow.config import PriceSpec, RequestsSpec
+from genflow.data.results import Failure, failure_of
 from genflow.engine.budget import Budget, request_cost
-from genflow.engine.worker import Failure, failure_of
 from genflow.secrets import Scrubber, plugin_secrets
 from genflow.secrets import install as install_secrets
 

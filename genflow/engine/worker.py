@@ -1,4 +1,6 @@
-"""The body of a Ray worker: one plugin at a time, called with batches, failures isolated inside."""
+"""The body of a Ray worker: one plugin at a time, called with batches, failures isolated inside.
+
+A row it cannot do becomes a :class:`~genflow.data.results.Failure`."""
 
 from __future__ import annotations
 
@@ -6,29 +8,14 @@ import gc
 import os
 import sys
 import traceback
-from dataclasses import dataclass
 from typing import Any
 
 import ray
 
 from genflow.api import Generator, RowError
+from genflow.data.results import Failure, failure_of
 from genflow.secrets import Scrubber, plugin_secrets
 from genflow.secrets import install as install_secrets
-
-
-@dataclass
-class Failure:
-    """A row that could not be processed: the error and where it came from."""
-
-    error: str
-    traceback: str
-    transient: bool = False
-    """It may pass if sent again: the request path's retries of a 429, a 5xx or a timeout ran
-    out. Its ``errors/`` row says so, and the next run of the job sends it again."""
-    prompt_tokens: int | None = None
-    """Tokens paid for on the way to the failure (an answer that missed a schema, a verdict that
-    could not be read): they count towards ``max_cost`` and the stage's cost."""
-    completion_tokens: int | None = None
 
 
 class PluginWorker:
@@ -81,17 +68,6 @@ class PluginWorker:
             half = sum(len(g) for g in groups[:len(groups) // 2]) if groups is not None else len(items) // 2
             return self._call(items[:half]) + self._call(items[half:])
         return [failure_of(r) if isinstance(r, RowError) else r for r in results]
-
-
-def failure_of(error: RowError) -> Failure:
-    """A permanent failure, with the tokens the plugin says it paid for on the way (if it says):
-    a local judge's unreadable verdicts cost as much as a served one's."""
-    return Failure(str(error), "", prompt_tokens=_count(getattr(error, "prompt_tokens", None)),
-                   completion_tokens=_count(getattr(error, "completion_tokens", None)))
-
-
-def _count(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _prompt_groups(items: list[Any]) -> list[list[Any]]:

@@ -434,31 +434,6 @@ def human_agreement(found: list[Judgement], scores: dict[str, dict[str, dict[str
     }
 
 
-def report_sections(manifest: dict[str, Any]) -> list[Any]:
-    """The report's tables of ``human_agreement``: each scorer against the people, and the people
-    against each other."""
-    from genflow.api import ReportSection
-
-    found = manifest.get("human_agreement")
-    if not isinstance(found, dict) or not found.get("scorers"):
-        return []
-    sections = [ReportSection(
-        "Agreement with human rankings", ["scorer", "pairwise accuracy", "pairs", "Kendall τ", "prompts"],
-        [[r["scorer"], r["pairwise_accuracy"], r["pairs"], r["kendall_tau"], r["prompts"]] for r in found["scorers"]],
-        f"{found['rankings']} rankings of {found['prompts']} prompts by {found['annotators']} people. Pairwise "
-        "accuracy: of the pairs people ordered that the scorer scores apart, the share it orders their way. "
-        "Kendall τ: tau-b against the people's consensus (wins minus losses), averaged over prompts. "
-        f"{COMBINED} is the weighted score the rankings use. Trust the scorer that agrees most.")]
-    inter = found.get("inter_annotator")
-    if isinstance(inter, dict):
-        sections.append(ReportSection(
-            "Inter-annotator agreement", ["prompts", "annotator pairs", "Kendall τ", "pairwise agreement", "pairs"],
-            [[inter["prompts"], inter["annotator_pairs"], inter["kendall_tau"], inter["agreement"], inter["pairs"]]],
-            "Prompts ranked by two people or more: how alike each two of them ordered the candidates. A scorer "
-            "cannot be expected to agree with people better than they agree with each other."))
-    return sections
-
-
 # -- the commands: push and pull through a labelling plugin ------------------------------
 
 def labeller(tool: str, params: dict[str, Any]) -> Any:

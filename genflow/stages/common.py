@@ -16,15 +16,14 @@ from genflow.config import GeneratorSpec, JobConfig, PriceSpec, ScorerSpec
 from genflow.data import layout
 from genflow.data.journal import Journal
 from genflow.data.layout import Shard, Stage, resolve_input_path
+from genflow.data.results import Failure, failure_of, scrub_result
 from genflow.data.resume import StageOutcome, mark_finished
 from genflow.data.schemas import ERRORS, GENERATIONS, SCORES
 from genflow.data.storage import Storage
 from genflow.engine.actors import RequestPool, WorkerPool, chunked, request_pool
 from genflow.engine.budget import Budget, priced, reported_tokens, request_cost
 from genflow.engine.errors import BudgetSpent
-from genflow.engine.worker import Failure, failure_of
 from genflow.registry import PluginInfo, Registry
-from genflow.secrets import scrub_result
 
 log = logging.getLogger(__name__)
 

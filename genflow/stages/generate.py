@@ -13,11 +13,10 @@ from genflow.config import GeneratorSpec, JobConfig, redacted, stable_hash
 from genflow.data import layout
 from genflow.data.layout import INPUT_LABEL, Shard
 from genflow.data.prompts import carried_columns
+from genflow.data.results import Failure, scrub_result
 from genflow.data.resume import StageOutcome
 from genflow.data.schemas import GENERATIONS
 from genflow.data.storage import Storage
-from genflow.engine.worker import Failure
-from genflow.secrets import scrub_result
 from genflow.stages.common import (
     Answered,
     JobContext,

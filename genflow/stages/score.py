@@ -13,11 +13,10 @@ import pyarrow.compute as pc
 from genflow.api import Score, ScoreItem
 from genflow.data import layout
 from genflow.data.layout import Shard, candidate_image
+from genflow.data.results import Failure, scrub_result
 from genflow.data.resume import StageOutcome, awaiting_retries
 from genflow.data.schemas import SCORES
-from genflow.engine.worker import Failure
 from genflow.registry import get_registry
-from genflow.secrets import scrub_result
 from genflow.stages.common import (
     Answered,
     JobContext,

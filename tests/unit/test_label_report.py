@@ -13,7 +13,8 @@ import pytest
 
 from genflow.api import ReportSection
 from genflow.data.storage import Storage
-from genflow.labelling.labels import LabellingError, disagreeing_prompts, report_sections
+from genflow.labelling.labels import LabellingError, disagreeing_prompts
+from genflow.outputs.report.sections import human_sections
 from genflow.plugins.labelling.label_studio import _origin, _Refused, _SameOriginRedirects
 
 
@@ -23,7 +24,7 @@ def test_the_report_shows_each_scorer_against_the_people_and_the_people_against_
         "scorers": [{"scorer": "rm", "pairwise_accuracy": 0.75, "pairs": 8, "kendall_tau": 0.5, "prompts": 5},
                     {"scorer": "combined", "pairwise_accuracy": 0.8, "pairs": 10, "kendall_tau": 0.6, "prompts": 4}],
         "inter_annotator": {"prompts": 2, "annotator_pairs": 3, "kendall_tau": 0.4, "agreement": 0.7, "pairs": 9}}}
-    scorers, people = report_sections(manifest)
+    scorers, people = human_sections(manifest)
     assert scorers == ReportSection(
         "Agreement with human rankings", ["scorer", "pairwise accuracy", "pairs", "Kendall τ", "prompts"],
         [["rm", 0.75, 8, 0.5, 5], ["combined", 0.8, 10, 0.6, 4]],
@@ -37,12 +38,12 @@ def test_the_report_shows_each_scorer_against_the_people_and_the_people_against_
         "Prompts ranked by two people or more: how alike each two of them ordered the candidates. A scorer cannot "
         "be expected to agree with people better than they agree with each other.")
     del manifest["human_agreement"]["inter_annotator"]
-    assert len(report_sections(manifest)) == 1
+    assert len(human_sections(manifest)) == 1
 
 
 @pytest.mark.parametrize("found", [None, [], {"scorers": []}, {"rankings": 1}])
 def test_no_human_agreement_no_tables(found: object) -> None:
-    assert report_sections({"human_agreement": found}) == []
+    assert human_sections({"human_agreement": found}) == []
 
 
 def _redirect(old: str, new: str) -> urllib.request.Request | None:

@@ -30,6 +30,7 @@ from genflow.cli import app
 from genflow.data.storage import Storage
 from genflow.labelling import labels as labelling
 from genflow.labelling.labels import LabellingError, disagreeing_prompts, label_tasks, task_key
+from genflow.outputs.report.sections import human_sections
 
 TOKEN = "genflow-test-token-0123456789abcdef"
 ACCESS = "access-token-fedcba9876543210"
@@ -639,10 +640,10 @@ def test_human_rows_instead_of_the_models_leave_the_labelled_prompts_model_rows(
     human = storage.read_table("preferences/part-human.parquet").to_pylist()
     assert [(r["prompt_id"], r["chosen_id"], r["rejected_id"]) for r in human] == [("p1", "p1-c", "p1-a")]
     assert manifest["labelling"]["human_rows"] == "instead" and manifest["rows"]["preferences"] == 2
-    sections = labelling.report_sections(manifest)
+    sections = human_sections(manifest)
     assert [s.title for s in sections] == ["Agreement with human rankings"]
     assert [row[0] for row in sections[0].rows] == ["long", "short", "combined"]
-    assert labelling.report_sections({"human_agreement": {"scorers": []}}) == []
+    assert human_sections({"human_agreement": {"scorers": []}}) == []
 
 
 def test_label_studio_task_data_and_annotations_read_back() -> None:

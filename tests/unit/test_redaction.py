@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 import pytest
 
 from genflow.api import Generation, PluginParams, Score
-from genflow.config import ConfigError, JobConfig, build_config, redacted
-from genflow.engine.worker import Failure
+from genflow.config import ConfigError, JobConfig, build_config, job_secrets, redacted
+from genflow.data.results import Failure, scrub_result
 from genflow.outputs.artifacts import sweep_row
 from genflow.registry import PluginError
 from genflow.secrets import (
@@ -27,10 +27,8 @@ from genflow.secrets import (
     Secret,
     data_secrets,
     install,
-    job_secrets,
     plugin_secrets,
     scrub_record,
-    scrub_result,
     url_secrets,
 )
 

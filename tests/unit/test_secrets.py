@@ -31,13 +31,14 @@ from genflow.config import (
     ScorerSpec,
     build_config,
     hides_secrets,
+    job_secrets,
     redact_url,
     redacted,
 )
 from genflow.data import layout
 from genflow.data.layout import Shard
+from genflow.data.results import Failure, scrub_result
 from genflow.data.storage import Storage
-from genflow.engine.worker import Failure
 from genflow.registry import get_registry
 from genflow.secrets import (
     MASK,
@@ -45,9 +46,7 @@ from genflow.secrets import (
     Secret,
     data_secrets,
     install,
-    job_secrets,
     scrub_record,
-    scrub_result,
     url_secrets,
 )
 

@@ -4,7 +4,8 @@ For each scorer of the job (``manifest["plugins"]``, kind ``scorer``) with metri
 in ``manifest["metrics"]``, its class's :meth:`genflow.api.Scorer.report_sections`
 turns them into :class:`genflow.api.ReportSection` tables. A plugin that is not
 installed here, cannot run here, or fails to make its tables gets the generic
-default (every number in one row), so a report always rebuilds.
+default (every number in one row), so a report always rebuilds. The tables of how the
+scorers agree with people come from ``manifest["human_agreement"]`` (:func:`human_sections`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 from typing import Any
 
 from genflow.api import ReportSection, Scorer
+from genflow.outputs.agreement import COMBINED
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,29 @@ def scorer_sections(manifest: dict[str, Any]) -> list[ReportSection]:
             log.warning("scorer %s: report_sections failed (%s: %s); showing its metrics as they are",
                         name, type(exc).__name__, exc)
             sections += Scorer.report_sections(name, metrics[name])
+    return sections
+
+
+def human_sections(manifest: dict[str, Any]) -> list[ReportSection]:
+    """The report's tables of ``human_agreement``: each scorer against the people, and the people
+    against each other, as :mod:`genflow.labelling.labels` wrote them."""
+    found = manifest.get("human_agreement")
+    if not isinstance(found, dict) or not found.get("scorers"):
+        return []
+    sections = [ReportSection(
+        "Agreement with human rankings", ["scorer", "pairwise accuracy", "pairs", "Kendall τ", "prompts"],
+        [[r["scorer"], r["pairwise_accuracy"], r["pairs"], r["kendall_tau"], r["prompts"]] for r in found["scorers"]],
+        f"{found['rankings']} rankings of {found['prompts']} prompts by {found['annotators']} people. Pairwise "
+        "accuracy: of the pairs people ordered that the scorer scores apart, the share it orders their way. "
+        "Kendall τ: tau-b against the people's consensus (wins minus losses), averaged over prompts. "
+        f"{COMBINED} is the weighted score the rankings use. Trust the scorer that agrees most.")]
+    inter = found.get("inter_annotator")
+    if isinstance(inter, dict):
+        sections.append(ReportSection(
+            "Inter-annotator agreement", ["prompts", "annotator pairs", "Kendall τ", "pairwise agreement", "pairs"],
+            [[inter["prompts"], inter["annotator_pairs"], inter["kendall_tau"], inter["agreement"], inter["pairs"]]],
+            "Prompts ranked by two people or more: how alike each two of them ordered the candidates. A scorer "
+            "cannot be expected to agree with people better than they agree with each other."))
     return sections
 
 
@@ -85,8 +110,6 @@ def page_sections(manifest: dict[str, Any], taken: set[str]) -> list[dict[str, A
     """The scorers' tables as the template shows them: id, title, columns, rows, note, and
     which columns hold figures (every cell a number)."""
     out = []
-    from genflow.labelling.labels import report_sections as human_sections
-
     for s in merged(scorer_sections(manifest) + human_sections(manifest)):
         rows = [list(r) for r in s.rows]
         figures = [bool(rows) and all(i < len(r) and (r[i] is None or _is_figure(r[i])) for r in rows)
