@@ -59,8 +59,9 @@ GROUP_MUTATE[requests]="
   genflow/engine/requesting.py
   genflow/stages/common.py:Pack,_request_answers,_fan_out
 "
-GROUP_TESTS[requests]="tests/unit/test_requesting.py tests/jobs/test_request_path.py tests/unit/test_calls.py tests/unit/test_budget.py
-  tests/unit/test_journal_replay.py tests/unit/test_promises.py"
+GROUP_TESTS[requests]="tests/unit/test_requesting.py tests/unit/test_request_worker.py tests/unit/test_request_answers.py
+  tests/jobs/test_request_path.py tests/unit/test_calls.py tests/unit/test_budget.py tests/unit/test_journal_replay.py
+  tests/unit/test_promises.py"
 # what requests cost and the budget (max_cost) that stops them
 GROUP_MUTATE[costs]="
   genflow/engine/budget.py
