@@ -312,6 +312,23 @@ def sends_requests(factory: type) -> bool:
     return inspect.iscoroutinefunction(method)
 
 
+def missing_distributions(names: tuple[str, ...], found: dict[str, bool] | None = None) -> tuple[str, ...]:
+    """Those of ``names`` that are not installed, read from installed metadata (importing nothing).
+
+    ``found`` caches the answers across plugins that share requirements."""
+    import importlib.metadata as md
+
+    found = {} if found is None else found
+    for name in names:
+        if name not in found:
+            try:
+                md.distribution(name)
+                found[name] = True
+            except md.PackageNotFoundError:
+                found[name] = False
+    return tuple(name for name in names if not found[name])
+
+
 @dataclass(frozen=True)
 class ReportSection:
     """A table in ``report.html``, from a plugin: a title, column names and rows of cells."""

@@ -14,7 +14,7 @@ import pluggy
 from pydantic import BaseModel
 
 from genflow import hookspecs
-from genflow.api import Exporter, Generator, Labeller, Scorer
+from genflow.api import Exporter, Generator, Labeller, Scorer, missing_distributions
 
 log = logging.getLogger(__name__)
 
@@ -57,21 +57,6 @@ class PluginInfo:
     def unavailable_reason(self) -> str:
         """Why the plugin cannot run here, and the command that fixes it."""
         return f"{self.kind} plugin {self.name!r} needs {', '.join(self.missing)}: {self.install_hint}"
-
-
-def missing_distributions(names: tuple[str, ...], found: dict[str, bool] | None = None) -> tuple[str, ...]:
-    """Those of ``names`` that are not installed, read from installed metadata (importing nothing).
-
-    ``found`` caches the answers across plugins that share requirements."""
-    found = {} if found is None else found
-    for name in names:
-        if name not in found:
-            try:
-                md.distribution(name)
-                found[name] = True
-            except md.PackageNotFoundError:
-                found[name] = False
-    return tuple(name for name in names if not found[name])
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """``hf-code``: code generation with a transformers causal LM.
 
-Everything ``hf-text`` does (length-sorted left-padded batches, seeded samples,
-chat templates), plus what code needs: a prompt template per task, stops that end
-a function cleanly, and code pulled out of Markdown answers.
+Everything ``hf-text`` does (the causal-LM core of :mod:`genflow.plugins.shared.causal_lm`:
+length-sorted left-padded batches, seeded samples, chat templates), plus what code
+needs: a prompt template per task, stops that end a function cleanly, and code pulled
+out of Markdown answers.
 
 Tasks (the row's ``task`` when it names one, else the ``mode`` param):
 
@@ -37,8 +38,8 @@ from genflow import hookimpl
 from genflow.api import Generation, GenerationRequest, PluginParams, RowError
 from genflow.hookspecs import Register
 from genflow.plugins.code.execution import extract_code
+from genflow.plugins.shared.causal_lm import CausalLMGenerator, CausalLMParams, write_tiny_causal_lm
 from genflow.plugins.shared.hf import can_write_tiny_model
-from genflow.plugins.text.generator import HFTextGenerator, HFTextParams, write_tiny_causal_lm
 
 Mode = Literal["generate", "explain", "fix", "refactor", "tests"]
 MODES: tuple[str, ...] = ("generate", "explain", "fix", "refactor", "tests")
@@ -74,7 +75,7 @@ TEMPLATES: dict[str, str] = {
 _TOP_LEVEL_LINE = re.compile(r"\n(?=[^\s#])")
 
 
-class HFCodeParams(HFTextParams):
+class HFCodeParams(CausalLMParams):
     max_new_tokens: int = Field(256, ge=1, description="Tokens to generate at most per candidate.")
     mode: Mode = Field("generate", description="Task for rows whose `task` is not one of the modes.")
     templates: dict[str, str] = Field(default_factory=dict, description="Replace the Jinja2 template of a "
@@ -96,7 +97,7 @@ class HFCodeParams(HFTextParams):
         return value
 
 
-class HFCodeGenerator(HFTextGenerator):
+class HFCodeGenerator(CausalLMGenerator):
     """Code generation with a causal LM: generate, explain, fix, refactor, write tests."""
 
     Params: ClassVar[type[PluginParams]] = HFCodeParams

@@ -12,9 +12,10 @@ whether ``base_url`` is set), both with :class:`JudgeParams`:
   judgement and the rating is parsed from it.
 - **openai**: any OpenAI-protocol server or hosted API (a request plugin on the
   engine's request path: concurrency, retries, journal, cost), with the ``openai``
-  generator's HTTP client. The score comes from the answer's text (a robust parse),
-  a JSON schema answer (``score_from: json``, sent as ``response_format``), or the
-  answer's logprobs (``score_from: logprobs``, where the server returns them).
+  generator's HTTP client (:mod:`genflow.plugins.shared.openai_client`). The score
+  comes from the answer's text (a robust parse), a JSON schema answer
+  (``score_from: json``, sent as ``response_format``), or the answer's logprobs
+  (``score_from: logprobs``, where the server returns them).
 
 Modes:
 
@@ -63,13 +64,13 @@ from genflow.api import PluginParams, ReportSection, RowError, Score, ScoreItem,
 from genflow.hookspecs import Register
 from genflow.plugins.judge import rubrics
 from genflow.plugins.judge.pairwise import bradley_terry, choose_pairs, expected_win_rates, pair_outcome, win_rates
-from genflow.plugins.served.openai_api import check_base_url, check_key_env
 from genflow.plugins.shared.hf import HF_REQUIRES, describe_model, load_tokenizer, prepare_torch
+from genflow.plugins.shared.openai_client import check_base_url, check_key_env
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from genflow.plugins.served.openai_api import OpenAIClient
+    from genflow.plugins.shared.openai_client import OpenAIClient
 
 RAW_CHARS = 4000
 """How much of a judge's answer goes into ``details`` and an ``errors/`` row."""
@@ -711,7 +712,7 @@ class _LocalJudge(LLMJudge):
         from transformers import LogitsProcessorList
 
         from genflow.plugins.shared.batching import length_sorted_batches
-        from genflow.plugins.text.generator import SeededSampler
+        from genflow.plugins.shared.causal_lm import SeededSampler
 
         temperature = 1.0 if self.params.temperature is None else self.params.temperature
         encoded = [self._encode(p, max_new_tokens) for p in prompts]
@@ -760,7 +761,7 @@ class _ServedJudge(LLMJudge):
 
     def __init__(self, model: str | None, params: JudgeParams, device: str = "cpu") -> None:
         super().__init__(model, params, device)
-        from genflow.plugins.served.openai_api import PATHS, OpenAIClient
+        from genflow.plugins.shared.openai_client import PATHS, OpenAIClient
 
         if not self.model_name:
             raise ValueError("llm-judge (openai) needs `model:`, the model name the server serves")
@@ -806,7 +807,7 @@ class _ServedJudge(LLMJudge):
         return answer
 
     async def ask_one(self, question: Question) -> Answer:
-        from genflow.plugins.served.openai_api import message_text
+        from genflow.plugins.shared.openai_client import message_text
 
         spent = [0, 0]
         raw = ""

@@ -11,7 +11,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any, Literal
 
-from genflow.registry import missing_distributions
+from genflow.api import missing_distributions
 
 if TYPE_CHECKING:
     import torch

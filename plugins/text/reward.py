@@ -14,8 +14,8 @@ from genflow import hookimpl
 from genflow.api import PluginParams, RowError, Score, ScoreItem, Scorer
 from genflow.hookspecs import Register
 from genflow.plugins.shared.batching import map_sorted
+from genflow.plugins.shared.causal_lm import write_tiny_gpt2
 from genflow.plugins.shared.hf import HF_REQUIRES, can_write_tiny_model, describe_model, load_tokenizer, prepare_torch
-from genflow.plugins.text.generator import write_tiny_gpt2
 
 TINY_REWARD = "tiny-reward"
 

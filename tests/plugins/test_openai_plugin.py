@@ -21,7 +21,8 @@ from pydantic import ValidationError
 from genflow.api import Generation, GenerationRequest, RowError, TransientError
 from genflow.config import RequestsSpec
 from genflow.engine.requesting import backoff
-from genflow.plugins.served.openai_api import OpenAIGenerator, OpenAIParams, error_message, retry_after, retry_seed
+from genflow.plugins.served.openai_api import OpenAIGenerator, OpenAIParams, retry_seed
+from genflow.plugins.shared.openai_client import error_message, retry_after
 
 SENTINEL_KEY = "sk-sentinel-5f0c1e9a7b3d"
 KEY_ENV = "GENFLOW_TEST_OPENAI_KEY"

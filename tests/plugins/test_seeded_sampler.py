@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genflow.plugins.text.generator import SeededSampler, seeded_draws
+from genflow.plugins.shared.causal_lm import SeededSampler, seeded_draws
 
 
 def _probs(rows: int, vocab: int, step: int) -> torch.Tensor:

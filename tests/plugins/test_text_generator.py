@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from genflow.api import Generation, GenerationRequest
-from genflow.plugins.text.generator import HFTextGenerator, HFTextParams, cut_at_stop
+from genflow.plugins.shared.causal_lm import cut_at_stop
+from genflow.plugins.text.generator import HFTextGenerator, HFTextParams
 
 PROMPTS = ["Hello", "Write a short poem about the sea and the sky at night", "Why?",
            "Explain why the sky is blue.", "Once upon a time there was a small village near a river and"]

@@ -301,7 +301,7 @@ def test_a_url_with_credentials_beside_api_key_env_is_refused_at_validation() ->
 # -- the OpenAI client --------------------------------------------------------------------------
 
 def _post(url: str, key_env: str | None = None) -> Exception | dict[str, Any]:
-    from genflow.plugins.served.openai_api import OpenAIClient
+    from genflow.plugins.shared.openai_client import OpenAIClient
 
     client = OpenAIClient(url, key_env, "/chat/completions")
 
