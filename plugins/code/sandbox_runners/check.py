@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     # In the sandbox the prelude's text, which comes before this one's, defines them.
-    from .prelude import _genflow_flush, _genflow_limits, _genflow_print, _genflow_text  # noqa: TC004
+    from .prelude import _genflow_flush, _genflow_limits, _genflow_pass, _genflow_print, _genflow_text  # noqa: TC004
 
 def _genflow_codec() -> "tuple[Callable[[object], bytes], Callable[[str], Any]]":
     """``dump`` (plain data to one line of tagged JSON) and ``load`` (back)."""
@@ -435,9 +435,7 @@ def _genflow_runner_check(tests_fd: int, setup_fd: int, candidate_fd: int, res_f
                 _genflow_print(exc)
         finally:
             exit_now(1)
-    _genflow_flush()
-    write(res_fd, b"P" + nonce + b"\n")
-    exit_now(0)
+    _genflow_pass(res_fd, nonce)
 
 
 if __name__ == "__main__":
