@@ -1,1 +1,2 @@
-"""The image family: diffusers generation and CLIP scoring."""
+"""The image family: ``diffusers-image`` generation and ``clip-score`` scoring (whose tiny CLIP
+the tiny diffusion model's text encoder reuses)."""

@@ -1,1 +1,2 @@
-"""Human labelling: Label Studio."""
+"""The labelling family: ``label-studio``, which sends candidates to Label Studio and reads people's
+rankings and demonstrations back."""

@@ -1,1 +1,2 @@
-"""Served APIs: generation through the OpenAI protocol."""
+"""The served family: ``openai``, generation from an OpenAI-protocol server or hosted API (its HTTP
+client is ``shared/openai_client.py``, which the judge's served backend uses too)."""

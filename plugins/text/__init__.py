@@ -1,1 +1,2 @@
-"""The text family: transformers generation, reward-model and embedding scorers."""
+"""The text family: ``hf-text`` generation (on the shared causal-LM core), the ``hf-reward`` and
+``embedding-sim`` scorers."""

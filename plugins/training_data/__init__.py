@@ -1,1 +1,2 @@
-"""Training-data exporters: preference pairs and best-of-n SFT sets."""
+"""The training-data family: the ``preferences`` (TRL preference pairs) and ``sft`` (best-of-n)
+exporters."""
