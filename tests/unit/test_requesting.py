@@ -751,3 +751,155 @@ def test_the_real_clock_sleeps_and_times_out() -> None:
     got = run(go())
     assert got[0].result == Failure("TimeoutError: no answer within 0.05s (after 2 attempts)", "", transient=True)
     assert got[0].seconds >= 0.05
+
+
+# -- the adaptive limit: a cut's window, odd sizes, and waiters cancelled ---------------------
+
+def test_a_429_of_the_last_request_sent_before_a_cut_does_not_cut_again() -> None:
+    async def go() -> AdaptiveLimit:
+        limit = AdaptiveLimit(8)
+        ordinals = [await limit.acquire() for _ in range(3)]
+        await limit.release(ordinals[0], "rate_limited")  # the cut: 8 -> 4
+        await limit.release(ordinals[2], "rate_limited")  # sent before the cut (the last one): same overload
+        return limit
+
+    limit = run(go())
+    assert (limit.size, limit.rejections) == (4, 2)
+
+
+def test_an_odd_limit_halves_to_a_whole_number_of_slots() -> None:
+    async def go() -> tuple[int, bool]:
+        limit = AdaptiveLimit(5)
+        await limit.release(await limit.acquire(), "rate_limited")  # 5 -> 2
+        for _ in range(2):
+            await limit.acquire()
+        third = asyncio.ensure_future(limit.acquire())
+        for _ in range(10):
+            await asyncio.sleep(0)
+        waiting = not third.done()
+        third.cancel()
+        return limit.size, waiting
+
+    size, third_waits = run(go())
+    assert size == 2 and isinstance(size, int)
+    assert third_waits  # two in flight is all a size of 2 allows
+
+
+async def _settle() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def test_a_request_cancelled_while_it_waits_for_a_slot_leaves_the_limit_as_it_was() -> None:
+    """A timeout (or a stopped stream) cancels a request that waits for a slot: it takes none,
+    and the one in flight still holds the only slot."""
+    async def go() -> None:
+        limit = AdaptiveLimit(1)
+        first = await limit.acquire()
+        waiting = asyncio.ensure_future(limit.acquire())
+        await _settle()
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert limit.in_flight == 1
+        later = asyncio.ensure_future(limit.acquire())
+        await _settle()
+        assert not later.done()  # the first still holds the only slot
+        await limit.release(first, "ok")
+        await _settle()
+        assert later.done() and limit.in_flight == 1
+
+    run(go())
+
+
+def test_a_request_cancelled_as_it_is_handed_a_slot_gives_the_slot_back() -> None:
+    async def go() -> None:
+        limit = AdaptiveLimit(1)
+        first = await limit.acquire()
+        woken = asyncio.ensure_future(limit.acquire())
+        await _settle()
+        await limit.release(first, "ok")  # the slot is handed to `woken`...
+        woken.cancel()  # ...which is cancelled before it runs
+        with pytest.raises(asyncio.CancelledError):
+            await woken
+        assert limit.in_flight == 0
+        second = asyncio.ensure_future(limit.acquire())
+        third = asyncio.ensure_future(limit.acquire())
+        await _settle()
+        assert second.done() and not third.done()  # the slot is free again, and still only one
+        third.cancel()
+
+    run(go())
+
+
+def test_a_timeout_while_a_calls_request_waits_for_a_slot_is_retried() -> None:
+    """A call whose second HTTP request waits for a slot past ``timeout_s`` is a timeout (sent
+    again), not a failure of the row; no slot is lost on the way."""
+    async def go() -> list[Answer]:
+        clock = VirtualClock()
+        plugin = ManyPosts(clock, posts=2)  # the second post waits for a slot the first holds
+        runner = RequestRunner(plugin.call, spec(concurrency=1, timeout_s=1.5, max_retries=1, backoff_s=0.01),
+                               clock=clock)
+        got = await answers(runner, [0])
+        assert runner.limit.in_flight == 0
+        return got
+
+    got = run(go())
+    assert got[0].result == Failure("TimeoutError: no answer within 1.5s (after 2 attempts)", "", transient=True)
+
+
+# -- backoffs: their growth, and the slots of those waiting one out -------------------------------
+
+def test_the_retries_wait_the_exponential_full_jitter_backoff_of_their_attempt() -> None:
+    async def go() -> list[float]:
+        clock = VirtualClock()
+        server = FakeServer(clock, lambda item, attempt: TransientError("503"), latency=0.0)
+        await answers(runner_for(server, clock, max_retries=4, backoff_s=1.0, max_backoff_s=60.0), ["a"])
+        return clock.slept
+
+    rng, s = random.Random(1), spec(max_retries=4, backoff_s=1.0, max_backoff_s=60.0)  # runner_for's seed
+    assert run(go()) == [backoff(attempt, s, None, rng)[0] for attempt in range(4)]  # caps 1, 2, 4, 8 s
+
+
+def test_while_requests_wait_out_a_backoff_others_take_their_slots() -> None:
+    """Three of the first four requests are answered a 503 (one Retry-After 2 s, two 100 s), the
+    rest are answered in a second: while they wait, the others keep the four slots busy."""
+    waits = {0: 2.0, 1: 100.0, 2: 100.0}
+
+    async def go() -> FakeServer:
+        clock = VirtualClock()
+        server = FakeServer(clock, lambda item, attempt: TransientError("503", retry_after=waits[item])
+                            if attempt == 0 and item in waits else Generation(text=str(item)))
+        await answers(runner_for(server, clock, concurrency=4, backoff_s=0.01, max_backoff_s=600.0),
+                      list(range(24)))
+        return server
+
+    server = run(go())
+    sent_at = Counter(at for at, _ in server.attempts)  # every second, four requests (the retries too)
+    assert sent_at == {0.0: 4, 1.0: 4, 2.0: 4, 3.0: 4, 4.0: 4, 5.0: 4, 6.0: 1, 101.0: 2}
+    assert server.times(0) == [0.0, 3.0] and server.most_in_flight == 4
+
+
+def test_stop_sending_after_backoffs_sends_only_what_was_in_flight_or_waiting_out_a_backoff() -> None:
+    """The budget is spent (``stop_sending``) once the backoffs above have begun: what is answered
+    after it is at most what was in flight then (four) and the retries of those waiting out a
+    backoff (two), not requests queued for a slot beyond them."""
+    waits = {0: 2.0, 1: 100.0, 2: 100.0}
+
+    async def go() -> tuple[FakeServer, int, list[Answer]]:
+        clock = VirtualClock()
+        server = FakeServer(clock, lambda item, attempt: TransientError("503", retry_after=waits[item])
+                            if attempt == 0 and item in waits else Generation(text=str(item)))
+        runner = runner_for(server, clock, concurrency=4, backoff_s=0.01, max_backoff_s=600.0)
+        got: list[Answer] = []
+        at_stop = 0
+        async for batch in runner.run(list(range(40))):
+            got.extend(batch)
+            if len(got) >= 14 and not at_stop:
+                at_stop = len(got)
+                runner.stop_sending()
+        return server, at_stop, got
+
+    server, at_stop, got = run(go())
+    assert len(got) <= at_stop + 4 + 2  # the four slots' requests, and the two waiting out a backoff
+    assert sorted(a.index for a in got) == sorted({item for _, item in server.attempts})  # each sent, answered
