@@ -148,3 +148,19 @@ def test_read_from_the_jobs_score_parts_shard_by_shard(tmp_path: Path, monkeypat
     assert (pair["kendall_tau"], pair["prompts"], pair["agreement"], pair["pairs"]) == (0.0, 2, 0.5, 6)
     assert sorted(read) == sorted(layout.score_stage(n).part(s) for n in ("judge", "reward") for s in (0, 1))
     assert scorer_agreement(storage, [0, 1], {"judge": 1.0}) is None  # one scorer: nothing to compare
+
+
+def test_a_scorer_without_a_part_of_a_shard_leaves_the_other_scorers_compared(tmp_path: Path) -> None:
+    """A scorer that wrote no part of shard 0 (it failed there) drops out of that shard only."""
+    storage = Storage.open(str(tmp_path))
+    for name, shards in (("judge", (1,)), ("reward", (0, 1)), ("length", (0, 1))):
+        for shard in shards:
+            rows = [{"generation_id": f"{shard}-{g}", "prompt_id": f"p{shard}", "scorer": name,
+                     "score": float(g if name != "length" else -g), "details": "{}"} for g in range(3)]
+            storage.write_table(layout.score_stage(name).part(shard), pa.Table.from_pylist(rows, schema=SCORES))
+    result = scorer_agreement(storage, [0, 1], {"judge": 1.0, "reward": 1.0, "length": 1.0})
+    assert result is not None
+    rows = {(r["a"], r["b"]): (r["kendall_tau"], r["prompts"], r["agreement"], r["pairs"]) for r in result["pairs"]}
+    assert rows[("judge", "reward")] == (1.0, 1, 1.0, 3)  # shard 1 only
+    assert rows[("reward", "length")] == (-1.0, 2, 0.0, 6)  # both shards
+    assert rows[("judge", "length")] == (-1.0, 1, 0.0, 3)

@@ -70,6 +70,7 @@ def test_an_origin_is_its_scheme_host_and_port_with_the_schemes_default() -> Non
     assert _origin(split("https://ls.local/x")) == ("https", "ls.local", 443)
     assert _origin(split("https://ls.local:8443/x")) == ("https", "ls.local", 8443)
     assert _origin(split("ftp://ls.local/x")) == ("ftp", "ls.local", None)
+    assert _origin(split("file:///x")) == ("file", "", None)
 
 
 def test_disagreeing_needs_two_scorers_and_names_what_the_job_has(tmp_path: object) -> None:
@@ -92,3 +93,16 @@ def test_an_answer_label_studio_should_not_have_given_is_described_by_its_shape_
     assert _shape(["a"]) == "a list of something else"
     assert _shape(None) == "nothing"
     assert (_shape("text"), _shape(3)) == ("a str", "a int")
+
+
+def test_disagreeing_compares_only_the_candidates_both_scorers_scored(tmp_path: object) -> None:
+    """A candidate one scorer did not score (it failed there) is in no pair of theirs."""
+    import pyarrow as pa
+
+    storage = Storage.open(str(tmp_path))
+    scores = {("p1", "a"): {"x": 2.0, "y": 2.0}, ("p1", "b"): {"x": 1.0, "y": 1.0}, ("p1", "c"): {"x": 0.0},
+              ("p2", "a"): {"x": 2.0, "y": 1.0}, ("p2", "b"): {"x": 1.0, "y": 2.0}, ("p2", "c"): {"y": 9.0}}
+    rows = [{"prompt_id": p, "generation_id": f"{p}-{g}", "scorer": s, "score": v}
+            for (p, g), by in scores.items() for s, v in by.items()]
+    storage.write_table("scores/part-00000.parquet", pa.Table.from_pylist(rows))
+    assert disagreeing_prompts(storage, {"x": 1.0, "y": 1.0}) == {"p2"}
