@@ -903,3 +903,15 @@ def test_stop_sending_after_backoffs_sends_only_what_was_in_flight_or_waiting_ou
     server, at_stop, got = run(go())
     assert len(got) <= at_stop + 4 + 2  # the four slots' requests, and the two waiting out a backoff
     assert sorted(a.index for a in got) == sorted({item for _, item in server.attempts})  # each sent, answered
+
+
+def test_answers_that_arrive_together_come_in_lists_of_at_most_most() -> None:
+    async def at_once(item: int) -> Generation:  # sixteen requests started together are answered together
+        return Generation(text=str(item))
+
+    async def go() -> list[int]:
+        runner = RequestRunner(at_once, spec(concurrency=16), clock=VirtualClock())
+        return [len(batch) async for batch in runner.run(list(range(48)), most=7)]
+
+    sizes = run(go())
+    assert sum(sizes) == 48 and max(sizes) == 7 and len(sizes) < 48  # together, but never more than 7
