@@ -410,3 +410,38 @@ def test_pull_of_a_project_the_tool_lacks_or_with_odd_annotations_is_one_clear_l
 def test_task_data_of_a_candidate_without_text_shows_an_empty_body() -> None:
     data = task_data(LabelTask("k", "rankings", "p", "q", (LabelCandidate("g", "text", None),)))
     assert data["candidates"] == [{"id": "g", "title": "A", "body": ""}]
+
+
+# -- one annotation ------------------------------------------------------------------------------
+
+DATA = {"genflow_key": "k1", "genflow_kind": "rankings", "prompt_id": "p1"}
+
+
+def test_a_ranking_with_no_order_in_it_reads_as_an_empty_ranking_not_an_unreadable_one() -> None:
+    """Nothing ranked (the labeller submitted the list untouched) is an answer without an order:
+    the rows leave it out as they leave out a ranking of one candidate; it is not an error."""
+    empty = Annotation("k1", "rankings", "p1", "ada@x", "", "1", ranking=())
+    for value in ({}, {"ranker": {}}, {"ranker": {"rank": None}}):
+        result = {"from_name": "rank", "type": "ranker", "value": value}
+        assert label_studio.read_annotation({"id": 1, "completed_by": 1, "result": [result]}, DATA, "rankings",
+                                            {1: "ada@x"}) == empty
+    no_value = {"id": 1, "completed_by": 1, "result": [{"from_name": "rank", "type": "ranker"}]}
+    assert label_studio.read_annotation(no_value, DATA, "rankings", {1: "ada@x"}) == empty
+
+
+def test_a_demonstration_is_read_from_the_answer_box_only() -> None:
+    results = [{"from_name": "rank", "type": "ranker", "value": {"ranker": {"rank": ["g1"]}}},
+               {"from_name": "notes", "type": "textarea", "value": {"text": ["a note, not the answer"]}},
+               {"from_name": "answer", "type": "textarea", "value": {"text": ["the answer"]}}]
+    assert label_studio.read_annotation({"id": 2, "completed_by": {"id": 9}, "result": results}, DATA,
+                                        "demonstrations", {}) == Annotation(
+        "k1", "demonstrations", "p1", "9", "", "2", completion="the answer")
+
+
+@pytest.mark.parametrize(("text", "shape"), [([42], "a list of something else"), ("one string", "a str"),
+                                             ({"t": "x"}, "an object with t")])
+def test_an_answer_that_is_not_a_list_of_strings_says_what_it_is(text: Any, shape: str) -> None:
+    result = {"from_name": "answer", "type": "textarea", "value": {"text": text}}
+    with pytest.raises(TypeError) as raised:
+        label_studio.read_annotation({"id": 3, "result": [result]}, DATA, "demonstrations", {})
+    assert str(raised.value) == f"its text is {shape}, not a list of strings"
