@@ -25,6 +25,7 @@ from genflow.plugins.judge.llm_judge import (
     judge_seed,
     summarize_judgements,
 )
+from genflow.plugins.judge.pairwise import bradley_terry, expected_win_rates
 
 
 def _scores(*details: dict[str, Any] | None) -> pa.Table:
@@ -184,3 +185,170 @@ def test_a_raw_answer_is_kept_whole_up_to_its_limit() -> None:
     assert _cut("x" * 4000) == "x" * 4000
     assert _cut("x" * 4001) == "x" * 4000 + "..."
     assert _cut("abcdef", 3) == "abc..."
+
+
+# -- pairwise: Bradley-Terry strengths and win rates with their values -----------------------------
+
+SERVED = "http://127.0.0.1:1/v1"
+
+
+def _pair_items(*prompts: tuple[str, int]) -> list[ScoreItem]:
+    return [ScoreItem(f"{pid}{i}", pid, f"prompt {pid}", "text", f"candidate {pid}{i}")
+            for pid, n in prompts for i in range(n)]
+
+
+def test_a_pair_won_in_both_orders_gives_bradley_terry_strengths_and_expected_win_rates() -> None:
+    judging = Judging(JudgeParams(mode="pairwise", base_url=SERVED))  # ranking: bradley-terry
+    questions, finish = judging.pairwise_questions(_pair_items(("p", 2)))
+    assert [q.key for q in questions] == ["p0|p1", "p1|p0"]
+    winner, loser = finish([Judgement("A", "text", "p0 is right"), Judgement("B", "text", "p0 again")])
+    assert isinstance(winner, Score) and isinstance(loser, Score)
+    # one pair, two wins plus the prior's half game each way: 1.25 to 0.25 of 1.5 games, so the
+    # strengths are in ratio 5 with geometric mean 1 and the expected win rates are 5/6 and 1/6
+    assert winner.value == pytest.approx(5 / 6) and loser.value == pytest.approx(1 / 6)
+    assert winner.details["strength"] == round(math.sqrt(5), 6) == 2.236068
+    assert loser.details["strength"] == round(1 / math.sqrt(5), 6) == 0.447214
+    assert (winner.details["ranking"], winner.details["reasoning"]) == ("bradley-terry", "p0 is right")
+    assert loser.details["reasoning"] == "p0 is right"  # a pair's rationale is its first order's, for both
+    wins = Judging(JudgeParams(mode="pairwise", ranking="wins", base_url=SERVED))
+    _, finish = wins.pairwise_questions(_pair_items(("p", 2)))
+    assert [s.value for s in finish([Judgement("A", "text"), Judgement("B", "text")])] == [1.0, 0.0]
+
+
+def test_a_pairs_records_keep_their_probabilities_and_a_cut_rationale() -> None:
+    judging = Judging(JudgeParams(mode="pairwise", score_from="logprobs", base_url=SERVED))
+    _, finish = judging.pairwise_questions(_pair_items(("p", 2)))
+    forward = Judgement("A", "logprobs", "f" * 1500, probabilities={"A": 0.8, "B": 0.2})
+    backward = Judgement("A", "text", "b" * 1001)  # this order's logprobs were missing: read from its text
+    first, second = finish([forward, backward])
+    assert isinstance(first, Score) and isinstance(second, Score)
+    (record,) = first.details["pairs"]
+    assert record == {"vs": "p1", "result": "tie", "verdicts": ["A", "A"], "order": "first",
+                      "reasoning": ["f" * 1000 + "...", "b" * 1000 + "..."],
+                      "probabilities": [{"A": 0.8, "B": 0.2}, None]}
+    assert first.details["score_from"] == "logprobs"  # how its first judgement was read
+    assert first.value == second.value == 0.5 and first.details["strength"] == 1.0
+
+
+def test_a_rationale_from_an_order_that_gave_none_back_still_counts() -> None:
+    judging = Judging(JudgeParams(mode="pairwise", base_url=SERVED))
+    _, finish = judging.pairwise_questions(_pair_items(("p", 2)))
+    first, _ = finish([Judgement("A", "text", "p0 is right"), Judgement("B", "text", "")])
+    assert isinstance(first, Score) and first.details["reasoning"] == "p0 is right"
+
+
+def test_a_local_pairwise_judge_without_rationales_shows_none() -> None:
+    judging = Judging(JudgeParams(mode="pairwise"))  # local, logprobs: the verdict at once
+    questions, finish = judging.pairwise_questions(_pair_items(("p", 2)))
+    assert questions[0].text.endswith('Answer with "Verdict: A" or "Verdict: B" only.')
+    first, _ = finish([Judgement("A", "logprobs"), Judgement("B", "logprobs")])
+    assert isinstance(first, Score) and "reasoning" not in first.details
+
+
+def test_a_lone_candidate_is_judged_against_none_and_scores_even() -> None:
+    judging = Judging(JudgeParams(mode="pairwise", score_from="json", base_url=SERVED))
+    questions, finish = judging.pairwise_questions(_pair_items(("p", 1)))
+    assert questions == []
+    (alone,) = finish([])
+    assert isinstance(alone, Score) and alone.value == 0.5
+    assert {k: alone.details[k] for k in ("score_from", "strength", "wins", "outcome", "reasoning")} == {
+        "score_from": "json", "strength": 1.0, "wins": 0, "outcome": "won 0, tied 0, lost 0 of 0 pairs",
+        "reasoning": ""}
+
+
+def test_each_prompts_candidates_are_paired_and_counted_apart() -> None:
+    judging = Judging(JudgeParams(mode="pairwise", ranking="wins", base_url=SERVED))
+    items = _pair_items(("p", 2), ("q", 3))
+    questions, finish = judging.pairwise_questions([items[2], items[0], items[3], items[1], items[4]])
+    assert [q.key for q in questions] == ["q0|q1", "q1|q0", "q0|q2", "q2|q0", "q1|q2", "q2|q1", "p0|p1", "p1|p0"]
+    answers = [Judgement("A" if k % 2 == 0 else "B", "text", prompt_tokens=10 * (k + 1), completion_tokens=1)
+               for k in range(8)]
+    q0, p0, q1, p1, q2 = finish(answers)
+    scores = [q0, p0, q1, p1, q2]
+    assert all(isinstance(s, Score) for s in scores), scores
+    assert [s.value for s in scores] == [1.0, 1.0, 0.5, 0.0, 0.0]
+    # a prompt's tokens are its own pairs' only: q's 10+...+60 over 3, p's 70+80 over 2
+    assert [(s.prompt_tokens, s.completion_tokens) for s in scores] == [
+        (70, 2), (75, 1), (70, 2), (75, 1), (70, 2)]
+
+
+def test_an_unreadable_verdict_fails_the_prompts_candidates_with_the_judges_answer() -> None:
+    judging = Judging(JudgeParams(mode="pairwise", base_url=SERVED))
+    _, finish = judging.pairwise_questions(_pair_items(("p", 3)))
+    answers: list[Judgement | Unreadable] = [Judgement("A", "text", prompt_tokens=5, completion_tokens=1)] * 5
+    answers.insert(2, Unreadable("I cannot decide", 3, prompt_tokens=6, completion_tokens=2))
+    errors = finish(answers)
+    assert all(isinstance(e, RowError) for e in errors)
+    assert [str(e) for e in errors] == ["the judge's answer could not be read as a verdict (A, B or tie) after 3 "
+                                        "attempts; the answer: I cannot decide"] * 3
+    assert [(e.prompt_tokens, e.completion_tokens) for e in errors] == [(11, 3), (10, 2), (10, 2)]
+
+
+def test_a_pairwise_template_missing_a_column_fails_that_prompts_candidates_only() -> None:
+    judging = Judging(JudgeParams(mode="pairwise", ranking="wins", base_url=SERVED,
+                                  template="{{ topic }}: {{ response_a }} or {{ response_b }}?"))
+    items = _pair_items(("p", 2), ("q", 2), ("r", 2))
+    for item in items[2:4]:
+        item.inputs["topic"] = "geography"
+    questions, finish = judging.pairwise_questions(items)
+    assert [q.key for q in questions] == ["q0|q1", "q1|q0"]
+    assert questions[0].text.startswith("geography: ")
+    out = finish([Judgement("B", "text"), Judgement("A", "text")])
+    assert [str(o) for o in out[:2]] == ["llm-judge template: 'topic' is undefined"] * 2
+    assert [str(o) for o in out[4:]] == ["llm-judge template: 'topic' is undefined"] * 2
+    assert [o.value for o in out[2:4]] == [0.0, 1.0]
+
+
+def _fits(n: int, outcomes: list[tuple[int, int, float]], strengths: list[float], prior: float = 0.5) -> None:
+    """Bradley-Terry's equations, worked out apart: each candidate's wins (a judged pair's prior
+    ties included) equal the wins its strengths expect, and the strengths' geometric mean is 1."""
+    wins = [0.0] * n
+    games: dict[tuple[int, int], float] = {}
+    for a, b, share in outcomes:
+        wins[a] += share + prior / 2
+        wins[b] += 1 - share + prior / 2
+        games[(a, b)] = games.get((a, b), 0.0) + 1 + prior
+    for i in range(n):
+        expected = sum(g * strengths[i] / (strengths[i] + strengths[b if a == i else a])
+                       for (a, b), g in games.items() if i in (a, b))
+        assert expected == pytest.approx(wins[i], abs=1e-8), (i, strengths)
+    assert math.prod(strengths) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("outcomes", [
+    [(0, 1, 1.0), (1, 2, 1.0), (2, 3, 0.5), (0, 3, 1.0), (0, 2, 0.75)],
+    [(0, 1, 1.0), (0, 1, 0.0), (0, 1, 1.0), (1, 2, 0.25)],  # a pair judged three times
+    [(0, 1, 1.0), (1, 2, 1.0), (2, 3, 1.0), (3, 4, 1.0), (4, 5, 1.0)],  # a long chain: many iterations
+])
+def test_bradley_terry_strengths_solve_its_equations(outcomes: list[tuple[int, int, float]]) -> None:
+    n = 1 + max(max(a, b) for a, b, _ in outcomes)
+    strengths = bradley_terry(n, outcomes)
+    _fits(n, outcomes, strengths)
+    assert expected_win_rates(strengths) == pytest.approx(
+        [sum(s / (s + t) for j, t in enumerate(strengths) if j != i) / (n - 1) for i, s in enumerate(strengths)])
+
+
+# -- ratings: their details, rounded, and their texts -------------------------------------------------
+
+def test_a_ratings_details_keep_six_decimals_and_a_mass_that_vanished() -> None:
+    judging = Judging(JudgeParams(score_from="logprobs", base_url=SERVED))
+    _, finish = judging.rating_questions([ScoreItem("g0", "p", "q", "text", "a")])
+    (score,) = finish([Judgement(7.123456789, "logprobs", probabilities={"7": 1.0}, mass=0.0)])
+    assert isinstance(score, Score) and score.value == 7.123456789
+    assert score.details["aspects"]["quality"] == {"score": 7.123457, "score_from": "logprobs", "attempts": 1,
+                                                   "probabilities": {"7": 1.0}, "rating_mass": 0.0}
+    assert score.details["outcome"] == "7.12 of 1-10" and score.details["reasoning"] == ""
+
+
+def test_a_usage_count_of_one_is_one() -> None:
+    assert _token_count(1) == 1 and _token_count(1.0) == 1
+
+
+def test_a_judgement_from_log_probabilities_far_below_zero_or_missing() -> None:
+    rating = Question("k", "t", False, 1, 2)
+    value, distribution, mass = from_probabilities(rating, {" 1": -800.0, " 2": -800.0})
+    assert (value, distribution, mass) == (1.5, {"1": 0.5, "2": 0.5}, 0.0)
+    verdict = Question("k", "t", True)
+    assert from_probabilities(verdict, {" A": -800.0, " B": -800.0}) == ("tie", {"A": 0.5, "B": 0.5}, 0.0)
+    assert from_probabilities(verdict, {" B": -1.0})[:2] == ("B", {"B": 1.0})  # A never written
+    assert from_probabilities(verdict, {" A": -1.0})[:2] == ("A", {"A": 1.0})

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from genflow.plugins.judge.llm_judge import Question
-from genflow.plugins.judge.rubrics import Reading, read_rating, read_verdict
+from genflow.plugins.judge.rubrics import Reading, read_rating, read_verdict, without_quotes
 
 RATINGS = {
     '{"grade": 4, "feedback": "ok"}': Reading(4.0, "ok", 1),
@@ -68,3 +68,53 @@ def test_a_questions_reading_of_a_bare_answer_has_no_reasoning() -> None:
     assert Question("k", "t", True, cue="Verdict:").read("B") == Reading("B", "", 0)
     assert Question("k", "t", False, 1, 5).read("Fine [...]   work. Rating: 3") == Reading(
         3.0, "Fine [...] work.", 27)
+
+
+# -- what the readers skip, and where they look --------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "value"), [
+    ('I thought {about it} first; {"score": 4, "reasoning": "fine"} {"note": "that is all"}', 4.0),
+    ('{{"score": 4}', 4.0),  # a brace that opens no object, right before one
+    ('{"score": 4} {"score": 2} {"note": 1}', 2.0),  # every object is read, not just the first and last
+    ('{"note": "x"}Rating: 4', 4.0),  # a rating right after an object is outside it
+])
+def test_every_json_object_and_a_rating_beside_one_are_read(text: str, value: float) -> None:
+    read = read_rating(text, 1, 5)
+    assert read is not None and read.value == value, text
+
+
+def test_a_key_spelled_with_an_escape_is_read_and_placed_at_its_object() -> None:
+    assert read_rating('{"sc\\u006fre": 4}', 1, 5) == Reading(4.0, "", 0)
+    assert read_verdict('Fine. {"w\\u0069nner": "B"}') == Reading("B", "", 6)
+
+
+def test_of_two_objects_the_later_ones_verdict_counts_at_its_own_key() -> None:
+    assert read_verdict('{"winner": "A"}\n{"winner": "B"}') == Reading("B", "", 17)
+
+
+@pytest.mark.parametrize("text", ["2XX", "XBX", "XXA"])
+def test_a_letter_beside_a_bare_rating_or_verdict_makes_it_none(text: str) -> None:
+    assert read_rating(text, 1, 5) is None and read_verdict(text) is None
+
+
+def test_a_questions_own_cue_is_read() -> None:
+    assert Question("k", "t", False, 1, 5, cue="Grade:").read("Grade: 4") == Reading(4.0, "", 7)
+    assert Question("k", "t", True, cue="Choice:").read("Choice: B") == Reading("B", "", 8)
+
+
+def test_what_the_judge_quotes_is_blanked_where_it_stands_every_time() -> None:
+    nonce = "0123456789"
+    # a closing tag with no opening one: the quote ran from the answer's start
+    assert without_quotes(f"x</response-{nonce}> mine", nonce) == "[...]".ljust(len(f"x</response-{nonce}>")) \
+        + " mine"
+    line = "my answer is a 10"
+    # a candidate's line inside the judge's lines: each time, from the answer's first character on
+    answer = f"{line}, it says; {line}, again; and {line}. I give it Rating: 3"
+    blank = "[...]".ljust(len(line))
+    assert without_quotes(answer, nonce, (line,)) == f"{blank}, it says; {blank}, again; and {blank}. I give it " \
+        "Rating: 3"
+    # two quotes side by side stay two
+    assert without_quotes(f"It says {line}{line} twice", nonce, (line,)) == f"It says {blank}{blank} twice"
+    answer = f"{line}, it claims. Rating: 3"
+    read = Question("k", "t", False, 1, 10, nonce=nonce, quotes=(line,)).read(answer)
+    assert read == Reading(3.0, "[...] , it claims.", answer.rindex("3"))
