@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
 
-from genflow.api import Annotation
+from genflow.api import Annotation, LabelTask
+from genflow.config import stable_hash
+from genflow.data import schemas
 from genflow.data.storage import Storage
 from genflow.labelling import labels
 
@@ -89,3 +92,163 @@ def test_with_no_secret_held_every_annotation_is_written_as_it_came(monkeypatch:
     monkeypatch.setattr(secrets, "_installed", secrets.Scrubber())
     given = [Annotation("k1", "demonstrations", "p1", "ada", "", "1", completion=SECRET)]
     assert labels._without_secrets(given, "label-studio") is given
+
+
+# -- push: the tasks ------------------------------------------------------------------------
+
+PNG = b"\x89PNG\r\n\x1a\n-a-candidate"
+INPUT_PNG = b"\x89PNG\r\n\x1a\n-from-the-input"
+
+
+def _job(out: Path, input_dir: Path) -> Storage:
+    """A finished job: q1 (two text candidates and an image a generator wrote), q2 (a text and an
+    image the input carried, relative to its folder), q3 (one candidate), q4 (no candidates)."""
+    storage = Storage.open(str(out))
+    storage.write_table("prompts/part-00000.parquet", pa.table({
+        "prompt_id": ["q1", "q2", "q3", "q4"], "prompt": ["first?", "second?", "third?", "fourth?"]}))
+    gens = [("q1", "q1-a", "text", "answer a", None), ("q1", "q1-b", "text", None, None),
+            ("q1", "q1-img", "image", None, "images/q1/q1-img.png"),
+            ("q2", "q2-a", "text", "answer 2a", None), ("q2", "q2-img", "image", None, "pics/cat.png"),
+            ("q2", "q2-none", "image", None, None), ("q3", "q3-a", "text", "alone", None)]
+    storage.write_table("generations/part-00000-gen.parquet", pa.Table.from_pylist([
+        {"prompt_id": p, "generation_id": g, "prompt": {"q1": "first?", "q2": "second?", "q3": "third?"}[p],
+         "modality": m, "text": t, "image_path": i} for p, g, m, t, i in gens]))
+    storage.write_bytes("images/q1/q1-img.png", PNG)
+    (input_dir / "pics").mkdir(parents=True)
+    (input_dir / "pics" / "cat.png").write_bytes(INPUT_PNG)
+    storage.write_table("rankings/part-00000.parquet", pa.Table.from_pylist([
+        {"prompt_id": p, "generation_id": g, "rank": 1} for p, g, *_ in gens]))
+    storage.write_json("manifest.json", {"name": "hand", "input_dir": str(input_dir), "config": {
+        "scorers": [{"plugin": "length"}, {"plugin": "judge", "label": "strict", "weight": 0.5}]}})
+    return storage
+
+
+def test_ranking_tasks_carry_each_candidates_text_or_image_and_the_prompt(tmp_path: Path) -> None:
+    storage = _job(tmp_path / "out", tmp_path / "input")
+    tasks = {t.prompt_id: t for t in labels.label_tasks(storage, "rankings")}
+    assert sorted(tasks) == ["q1", "q2"]  # q3 has one candidate to order, q4 none
+    q1, q2 = tasks["q1"], tasks["q2"]
+    assert (q1.kind, q1.prompt, q1.key) == ("rankings", "first?", labels.task_key("rankings", "q1",
+                                                                                   ["q1-a", "q1-b", "q1-img"]))
+    assert {c.generation_id: (c.modality, c.text, c.image) for c in q1.candidates} == {
+        "q1-a": ("text", "answer a", None), "q1-b": ("text", None, None), "q1-img": ("image", None, PNG)}
+    assert q2.prompt == "second?"
+    assert {c.generation_id: (c.modality, c.text, c.image) for c in q2.candidates} == {
+        "q2-a": ("text", "answer 2a", None), "q2-img": ("image", None, INPUT_PNG), "q2-none": ("image", None, None)}
+    one = labels.label_tasks(storage, "rankings", sample=1, seed=0)
+    assert len(one) == 1 and one == [tasks[one[0].prompt_id]]  # a sample: the same task as pushing them all
+
+
+def test_demonstration_tasks_are_each_prompt_to_answer(tmp_path: Path) -> None:
+    storage = _job(tmp_path / "out", tmp_path / "input")
+    tasks = labels.label_tasks(storage, "demonstrations")
+    assert tasks == [LabelTask(labels.task_key("demonstrations", p), "demonstrations", p, text) for p, text in
+                     (("q1", "first?"), ("q2", "second?"), ("q3", "third?"), ("q4", "fourth?"))]
+    drawn = labels.label_tasks(storage, "demonstrations", sample=2, seed=5)
+    assert drawn == labels.label_tasks(storage, "demonstrations", sample=2, seed=5) and len(drawn) == 2
+    assert [t.prompt_id for t in drawn] == labels.choose_prompts(["q1", "q2", "q3", "q4"], 2, 5)
+
+
+def test_a_job_without_rankings_or_manifest_is_one_clear_line(tmp_path: Path) -> None:
+    storage = _job(tmp_path / "out", tmp_path / "input")
+    storage.delete("rankings/part-00000.parquet")
+    with pytest.raises(labels.LabellingError) as raised:
+        labels.label_tasks(storage, "rankings")
+    assert str(raised.value) == f"{storage.uri}: no rankings/; a job needs scorers to rank its candidates"
+    with pytest.raises(labels.LabellingError) as raised:
+        labels.read_manifest(Storage.open(str(tmp_path / "input")))
+    assert str(raised.value) == (f"{Storage.open(str(tmp_path / 'input')).uri}: no manifest.json; give the output "
+                                 "folder of a finished job")
+
+
+def test_the_scorers_and_weights_come_from_the_manifests_config() -> None:
+    assert labels.scorer_weights({"config": {"scorers": [{"plugin": "length"}, {
+        "plugin": "judge", "label": "strict", "weight": 0.5}, {"plugin": "rm", "label": "", "weight": 2}]}}) == {
+        "length": 1.0, "strict": 0.5, "rm": 2.0}
+    assert labels.scorer_weights({}) == {} and labels.scorer_weights({"config": None}) == {}
+    assert labels.scorer_weights({"config": {"scorers": None}}) == {}
+    assert labels.default_project({"name": "nightly"}, "rankings") == "genflow nightly rankings"
+    assert labels.default_project({}, "demonstrations") == "genflow job demonstrations"
+
+
+def test_scores_by_prompt_keeps_the_finite_scores_of_the_jobs_scorers(tmp_path: Path) -> None:
+    storage = Storage.open(str(tmp_path))
+    assert labels._scores_by_prompt(storage, {"x": 1.0}) == {}
+    rows = [("p1", "a", "x", 1.0), ("p1", "a", "y", 2.0), ("p1", "b", "x", float("nan")), ("p1", "c", "x", None),
+            ("p1", "d", "x", float("inf")), ("p2", "a", "x", -1.5), ("p1", "a", "other", 9.0)]
+    storage.write_table("scores/part-00000-x.parquet", pa.Table.from_pylist(
+        [{"prompt_id": p, "generation_id": g, "scorer": s, "score": v} for p, g, s, v in rows]))
+    assert labels._scores_by_prompt(storage, {"x": 1.0, "y": 1.0}) == {"p1": {"a": {"x": 1.0, "y": 2.0}},
+                                                                       "p2": {"a": {"x": -1.5}}}
+
+
+# -- pull: the rows people's annotations become ------------------------------------------------
+
+def _ann(kind: str, prompt_id: str, annotation_id: str, who: str = "ada", **answer: Any) -> Annotation:
+    return Annotation(f"key-{prompt_id}", kind, prompt_id, who, f"2026-01-0{annotation_id[-1]}", annotation_id,
+                      **answer)
+
+
+def test_annotations_become_rows_in_a_fixed_order_with_unknown_candidates_left_out(
+        caplog: pytest.LogCaptureFixture) -> None:
+    known = {"p1": {"a", "b", "c"}, "p2": {"x", "y"}}
+    prompts = {"p1": "first?", "p2": "second?"}
+    given = [_ann("rankings", "p2", "7", "bo", ranking=("y", "ghost", "x")),
+             _ann("rankings", "p1", "5", ranking=("c", "a", "b")),
+             _ann("rankings", "p1", "5", ranking=("c", "a", "b")),  # handed over twice
+             _ann("rankings", "p1", "6", ranking=("a", "ghost")),  # one known candidate: no order
+             _ann("rankings", "p9", "8", ranking=("a", "b")),  # a prompt the job does not have
+             _ann("demonstrations", "p2", "3", "cy", completion="an answer"),
+             _ann("demonstrations", "p1", "4", completion="  \n"),  # blank
+             _ann("demonstrations", "p1", "2", completion=None),
+             _ann("demonstrations", "p9", "1", completion="of a prompt the job lacks")]
+    with caplog.at_level(logging.INFO, logger="genflow.labelling.labels"):
+        rankings, demonstrations = labels.annotations_tables(given, prompts, "ls", known)
+    assert rankings.schema == schemas.HUMAN_RANKINGS and demonstrations.schema == schemas.DEMONSTRATIONS
+    assert rankings.to_pylist() == [
+        {"prompt_id": p, "generation_id": g, "rank": r, "annotator": who, "created_at": at, "ranking_id": i,
+         "tool": "ls"} for p, g, r, who, at, i in [
+            ("p1", "c", 1, "ada", "2026-01-05", "5"), ("p1", "a", 2, "ada", "2026-01-05", "5"),
+            ("p1", "b", 3, "ada", "2026-01-05", "5"),
+            ("p2", "y", 1, "bo", "2026-01-07", "7"), ("p2", "x", 2, "bo", "2026-01-07", "7")]]
+    assert demonstrations.to_pylist() == [{
+        "prompt": "second?", "completion": "an answer", "annotator": "cy", "prompt_id": "p2",
+        "created_at": "2026-01-03", "demonstration_id": f"human-{stable_hash(['ls', '3'])}", "tool": "ls"}]
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 annotations were handed over more than once; each is written once"]
+
+
+def test_the_same_annotation_id_of_two_tasks_or_kinds_is_two_annotations() -> None:
+    one = _ann("rankings", "p1", "5", ranking=("a", "b"))
+    other_task = Annotation("key-other", "rankings", "p1", "ada", "", "5", ranking=("b", "a"))
+    other_kind = Annotation("key-p1", "demonstrations", "p1", "ada", "", "5", completion="x")
+    again = _ann("rankings", "p1", "5", ranking=("b", "a"))
+    assert labels.unique_annotations([one, other_task, other_kind, again]) == [one, other_task, other_kind]
+
+
+def test_a_pull_writes_its_kinds_parts_and_counts_their_rows(tmp_path: Path) -> None:
+    storage = _job(tmp_path / "out", tmp_path / "input")
+    given = [_ann("rankings", "q1", "1", ranking=("q1-b", "q1-a")), _ann("demonstrations", "q2", "2",
+                                                                        completion="an answer")]
+    assert labels.write_pulled(storage, "ls", given) == {"human_rankings": 2, "demonstrations": 1}
+    assert storage.list("human_rankings") == ["human_rankings/part-ls.parquet"]
+    assert storage.read_table("demonstrations/part-ls.parquet")["prompt"].to_pylist() == ["second?"]
+    assert labels.write_pulled(storage, "ls", [], kinds=("rankings",)) == {"human_rankings": 0}
+    assert storage.list("human_rankings") == [] and storage.list("demonstrations") == [
+        "demonstrations/part-ls.parquet"]
+    assert labels.write_pulled(storage, "ls", given, kinds=("demonstrations",)) == {"demonstrations": 1}
+    assert storage.list("human_rankings") == []
+
+
+def test_judgements_are_each_annotations_order_best_first_across_tools(tmp_path: Path) -> None:
+    storage = Storage.open(str(tmp_path))
+    rows = [("p1", "b", 2, "ada", "9", "ls"), ("p1", "a", 1, "ada", "9", "ls"), ("p1", "c", 3, "ada", "9", "ls"),
+            ("p1", "c", 1, "bo", "9", "other"), ("p1", "a", 2, "bo", "9", "other"),
+            ("p0", "x", 2, "cy", "1", "ls"), ("p0", "y", 1, "cy", "1", "ls")]
+    storage.write_table("human_rankings/part-ls.parquet", pa.Table.from_pylist(
+        [{"prompt_id": p, "generation_id": g, "rank": r, "annotator": who, "created_at": "", "ranking_id": i,
+          "tool": t} for p, g, r, who, i, t in rows], schema=schemas.HUMAN_RANKINGS))
+    assert labels.judgements(storage) == [
+        labels.Judgement("p0", "cy", "ls:1", ("y", "x")), labels.Judgement("p1", "ada", "ls:9", ("a", "b", "c")),
+        labels.Judgement("p1", "bo", "other:9", ("c", "a"))]
+    assert labels.judgements(Storage.open(str(tmp_path / "nothing"))) == []
