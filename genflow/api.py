@@ -40,7 +40,9 @@ How a model plugin is called (generators and scorers):
 - **What is written**: a :class:`Generation`'s text or image (PNG, under
   ``images/``), ``num_tokens`` and ``finish_reason`` go to ``generations/`` with
   the request's ids, seed and the stage's params; a :class:`Score`'s value and its
-  ``details`` (as JSON) go to ``scores/``. Nothing else a plugin holds is written.
+  ``details`` (as JSON) go to ``scores/``, and so do the values of the columns the
+  scorer declares in :attr:`Scorer.extra_columns` (typed, one per key of
+  ``Score.columns``). Nothing else a plugin holds is written.
 - **Job-level figures**: after its stage, a scorer's :meth:`Scorer.summarize` gets
   all of its rows and returns the job's metrics for it (``manifest.json``), and
   :meth:`Scorer.report_sections` turns those into tables for ``report.html``.
@@ -71,7 +73,8 @@ a plugin whose ``generate`` / ``score`` is ``async def`` takes **one** request (
   key) change no id and no fingerprint; ``secret_env`` names the environment
   variables a worker needs (sent to a cluster's workers, never written anywhere).
 
-Exporters run on the driver, once per shard, after ranking (see :class:`Exporter`).
+Exporters run on the driver, once per shard, after ranking, and again on what people
+labelled after ``genflow label pull`` (see :class:`Exporter`).
 Everything passed to a model plugin is plain data, so batches travel cheaply to workers.
 """
 
@@ -90,6 +93,8 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 MODALITIES = ("text", "code", "image")
+"""The modalities of genflow's own plugin families; the stages go by what the installed plugins
+declare (``Generator.modality``, ``Scorer.modalities``)."""
 
 
 class PluginParams(BaseModel):
@@ -148,7 +153,7 @@ class GenerationRequest:
     task: str | None = None
     system: str | None = None
     inputs: dict[str, Any] = field(default_factory=dict)
-    """Other known input columns of the row: tests, entry_point, image, mask, reference..."""
+    """The row's values of the input columns the plugin declares in ``input_columns``."""
 
 
 @dataclass
@@ -189,6 +194,10 @@ class Score:
     prompt_tokens: int | None = None
     """Tokens a model-backed scorer (a judge) spent reading, and writing (``completion_tokens``): for costs."""
     completion_tokens: int | None = None
+    columns: dict[str, Any] = field(default_factory=dict)
+    """Values of the scorer's :attr:`Scorer.extra_columns`, by column name: each goes to its own
+    typed column of ``scores/`` (a column left out is null). A key the scorer did not declare
+    is an error of the row."""
 
 
 class Plugin(ABC):
@@ -243,6 +252,12 @@ class _ModelPlugin(Plugin):
 
 class Generator(_ModelPlugin):
     modality: ClassVar[str] = "text"
+    """What its candidates are. The generate stage and ``genflow validate`` know the modalities
+    the installed plugins declare; a row's ``task`` of one of them goes to the generators of that
+    modality (rows marked ``image`` go to image generators only)."""
+    media_columns: ClassVar[tuple[str, ...]] = ()
+    """Those of its ``input_columns`` that hold a picture (bytes, a ``datasets`` image or a path):
+    ``report.html`` shows them as thumbnails beside the prompt (an image-to-image source, a mask)."""
 
     @abstractmethod
     def generate(self, requests: list[GenerationRequest]) -> list[Generation | RowError]:
@@ -263,6 +278,11 @@ class Generator(_ModelPlugin):
 
 class Scorer(_ModelPlugin):
     modalities: ClassVar[tuple[str, ...]] = ("text", "code")
+    extra_columns: ClassVar[dict[str, pa.DataType]] = {}
+    """Columns of its own the scorer writes to ``scores/`` beside ``details``, with their Arrow
+    types (``{"verdict": pa.string(), "tokens": pa.int64()}``). A :class:`Score` gives their
+    values in ``columns``; they follow the fixed columns of ``genflow.data.schemas.SCORES``, may
+    not share a name with one, and are null in the rows of the job's other scorers."""
     per_prompt: ClassVar[bool] = False
     """Scores a prompt's candidates together (a pairwise judge). A call then holds whole
     prompts only: a sync ``score(items)`` gets one or more prompts' candidates, and an
@@ -345,21 +365,44 @@ class Exporter(Plugin):
     Its registered name is the folder it writes (``<output>/<name>/part-*.parquet``).
     ``export`` runs on the driver, once per shard after ranking; an exception fails
     that shard's rank task (Prefect retries it), so an exporter validates what it can
-    in ``Params``. A job runs the exporters named under ``exporters:`` in its config,
-    plus those whose :meth:`job_params` say they run by default."""
+    in ``Params``. A job runs the exporters whose :meth:`job_params` say they run by
+    default, and those named under ``exporters:`` in its config, each with the params
+    given there (``exporters: {NAME: {KEY: VALUE}}``; ``NAME: false`` turns a default one off).
+
+    After ``genflow label pull`` (and after each run of a job people labelled),
+    :meth:`export_human` turns the people's rankings and demonstrations into rows of the
+    same format, written to ``<name>/part-human.parquet`` beside the shards' parts."""
 
     modality: ClassVar[str] = "any"
     schema: ClassVar[pa.Schema | None] = None
-    """The columns of the rows it writes, when they are fixed (rows from people that join its
-    folder, such as ``genflow label pull``'s, are written with it)."""
+    """The columns of the rows it writes, when they are fixed."""
+    human_kinds: ClassVar[tuple[str, ...]] = ()
+    """The kinds of labels (:data:`LABEL_KINDS`) its :meth:`export_human` makes rows of. With
+    ``labelling.human_rows: instead``, the prompts people labelled in these kinds (and those of
+    its human rows) leave the rows :meth:`export` made."""
+    ranking_keys: ClassVar[dict[str, str]] = {}
+    """Deprecated keys of a config's ``ranking`` section that :meth:`job_params` still reads
+    (where its params lived before they moved under ``exporters``), each with the text that says
+    where it went: a config that sets one validates with a warning naming the new key."""
 
     def __init__(self, params: PluginParams) -> None:
         self.params = params
 
     @classmethod
     def job_params(cls, ranking: Any) -> dict[str, Any] | None:
-        """Params when this exporter runs in every job with scorers, from the job's ``ranking``
-        section (a :class:`genflow.config.RankingSpec`); None: only when the config names it."""
+        """Params when this exporter runs in every job with scorers; None: only when the config
+        names it under ``exporters``. ``ranking`` is the job's ``ranking`` section, whose keys
+        are those of :attr:`ranking_keys` a config still sets (``ranking.get(key)``)."""
+        return None
+
+    def export_human(self, labels: HumanLabels) -> pa.Table | None:
+        """Rows of this format from what people labelled (every tool's pulls), or None when the
+        format has no rows made by people (the default).
+
+        Return a table, even an empty one, to own ``<name>/part-human.parquet``: it is
+        rewritten whole from ``labels`` at every pull and every run, and deleted when empty.
+        Mark the rows as people's (TRL-style formats add a ``source`` column) if they join
+        rows :meth:`export` made."""
         return None
 
     @abstractmethod
@@ -420,6 +463,31 @@ class Annotation:
 
 
 @dataclass(frozen=True)
+class HumanRanking:
+    """One person's order of some of a prompt's candidates (generation ids), best first."""
+
+    prompt_id: str
+    annotator: str
+    ranking_id: str
+    """``<tool>:<the tool's annotation id>``, unique in the output."""
+    order: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class HumanLabels:
+    """What people labelled in a job's output, as :meth:`Exporter.export_human` sees it.
+
+    ``rankings``: every annotation of ``human_rankings/`` (all tools), in a fixed order, of
+    candidates the job still has. ``candidates``: those candidates' ``generations/`` rows by
+    ``generation_id`` (``prompt_id``, ``prompt``, ``modality``, ``text``, ``image_path``).
+    ``demonstrations``: the rows of ``demonstrations/`` (``genflow.data.schemas.DEMONSTRATIONS``)."""
+
+    rankings: tuple[HumanRanking, ...]
+    candidates: dict[str, dict[str, Any]]
+    demonstrations: pa.Table
+
+
+@dataclass(frozen=True)
 class PushResult:
     """What a push did: tasks created, tasks the project already had, and where people label them."""
 
@@ -434,8 +502,8 @@ class Labeller(Plugin):
 
     ``genflow label push`` builds :class:`LabelTask` s from a job's output and calls
     :meth:`push`; ``genflow label pull`` calls :meth:`pull` and writes what comes back
-    (``human_rankings/``, ``demonstrations/``, and human rows in ``preferences/`` and
-    ``sft/``). A plugin talks to its tool; it writes nothing to the job's output.
+    (``human_rankings/``, ``demonstrations/``, and the exporters' human rows, see
+    :meth:`Exporter.export_human`). A plugin talks to its tool; it writes nothing to the job's output.
     Its ``Params`` are where the tool is and which environment variable holds the key
     (``secret_env``); ``genflow label --param key=value`` sets them."""
 

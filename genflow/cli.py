@@ -398,7 +398,8 @@ def init_tiny(directory: Annotated[Path, typer.Argument(help="where to write the
 
 
 OutputArg = Annotated[str, typer.Argument(help="a finished job's output folder or s3:// URI", show_default=False)]
-ToolOpt = Annotated[str, typer.Option("--tool", help="the labelling plugin (genflow plugins: kind labeller)")]
+ToolOpt = Annotated[str | None, typer.Option("--tool", help="the labelling plugin (genflow plugins: kind labeller); "
+                                             "default: the one installed")]
 UrlOpt = Annotated[str | None, typer.Option("--url", help="the tool's address (Label Studio: http://127.0.0.1:8080)")]
 KeyEnvOpt = Annotated[str | None, typer.Option("--api-key-env", help="the variable holding the tool's key "
                                                "(Label Studio: LABEL_STUDIO_API_KEY)")]
@@ -423,7 +424,7 @@ def _label_storage(output: str) -> Any:
 
 
 @label_app.command("push")
-def label_push(output: OutputArg, tool: ToolOpt = "label-studio", url: UrlOpt = None, api_key_env: KeyEnvOpt = None,
+def label_push(output: OutputArg, tool: ToolOpt = None, url: UrlOpt = None, api_key_env: KeyEnvOpt = None,
                project: ProjectOpt = None,
                kind: Annotated[str, typer.Option("--kind", help="rankings: order each prompt's candidates; "
                                                  "demonstrations: write each prompt's answer")] = "rankings",
@@ -448,12 +449,12 @@ def label_push(output: OutputArg, tool: ToolOpt = "label-studio", url: UrlOpt = 
 
 
 @label_app.command("pull")
-def label_pull(output: OutputArg, tool: ToolOpt = "label-studio", url: UrlOpt = None, api_key_env: KeyEnvOpt = None,
+def label_pull(output: OutputArg, tool: ToolOpt = None, url: UrlOpt = None, api_key_env: KeyEnvOpt = None,
                project: ProjectOpt = None,
                kind: Annotated[str | None, typer.Option("--kind", help="the kind of --project's tasks, or only "
                                                         "the projects of this kind")] = None,
                param: ParamOpt = None) -> None:
-    """Read finished annotations into human_rankings/, demonstrations/ and human rows of preferences/ and sft/."""
+    """Read finished annotations into human_rankings/ and demonstrations/, and the exporters' human rows."""
     from genflow.labelling.labels import LabellingError, pull
 
     try:

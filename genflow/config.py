@@ -126,23 +126,31 @@ class ScorerSpec(_Strict):
         return self.label or self.plugin
 
 
-class PairsSpec(_Strict):
-    min_margin: float = Field(0.0, ge=0.0)
-    per_prompt: int = Field(1, ge=1)
+class RankingSpec(BaseModel):
+    """Deprecated: where exporters' params lived before they moved under ``exporters``.
 
+    Candidates are ranked by the scorers' weighted scores; what is made of the ranking is the
+    exporters' business, with their params under ``exporters: {NAME: {...}}``. A key set here
+    is one an exporter still reads (its ``ranking_keys``, through its ``job_params``); a config
+    that sets one validates with a warning naming the key that replaces it, and a key no
+    exporter reads is an error."""
 
-class RankingSpec(_Strict):
-    pairs: PairsSpec | None = Field(default_factory=PairsSpec)
-    best_of_n: bool = True
-    sft_min_score: float | None = None
+    model_config = ConfigDict(extra="allow")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of a deprecated key, as the config gave it."""
+        return (self.model_extra or {}).get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in (self.model_extra or {})
 
 
 class LabellingSpec(_Strict):
     """What people's labels (``genflow label pull``) do to the training data."""
 
     human_rows: Literal["beside", "instead"] = "beside"
-    """``beside``: human rows (``source: human``) join the model-made ones in ``preferences/``
-    and ``sft/``; ``instead``: for a prompt people labelled, theirs are its only rows."""
+    """``beside``: the exporters' human rows join their model-made ones; ``instead``: for a
+    prompt people labelled, theirs are its only rows in an exporter's folder."""
 
 
 class RaySpec(_Strict):
@@ -150,7 +158,7 @@ class RaySpec(_Strict):
     workers: int = Field(2, ge=1)
     batch_size: int | None = Field(None, ge=1)
     """Items per Ray call for every stage that sets none itself; None = each plugin's own
-    ``batch_size`` (hf-text 32, hf-reward 32, embedding-sim 128, diffusers-image 8, others 16)."""
+    ``batch_size`` (a class attribute the plugin declares; ``genflow plugins --params NAME`` shows it)."""
     gpus_per_worker: float = Field(0.0, ge=0.0)
     max_restarts: int = Field(2, ge=0)
     """How many worker-process deaths a row may be part of before it becomes an ``errors/`` row.
@@ -175,6 +183,14 @@ class ScheduleSpec(_Strict):
     timezone: str = "UTC"
 
 
+def exporter_switches(value: Any) -> Any:
+    """``exporters``' values as the config means them: ``true`` and null run the exporter with its
+    default params (``{}``), ``false`` turns it off, a mapping gives its params."""
+    if isinstance(value, dict):
+        return {name: {} if params is None or params is True else params for name, params in value.items()}
+    return value
+
+
 class JobConfig(_Strict):
     name: str
     input: str
@@ -188,8 +204,10 @@ class JobConfig(_Strict):
     scorers: list[ScorerSpec] = Field(default_factory=list)
     ranking: RankingSpec = Field(default_factory=RankingSpec)
     labelling: LabellingSpec = Field(default_factory=LabellingSpec)
-    exporters: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    """Extra exporters by name, with their params."""
+    exporters: dict[str, dict[str, Any] | Literal[False]] = Field(default_factory=dict)
+    """Exporters by name, with their params: those that run by default (``genflow plugins`` lists
+    the exporters) take their params from here, others run when named. ``NAME: {}`` (or ``true``,
+    or null) runs one with its default params; ``NAME: false`` turns off one that runs by default."""
     ray: RaySpec = Field(default_factory=RaySpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     max_error_fraction: float = Field(0.1, ge=0.0, le=1.0)
@@ -197,6 +215,11 @@ class JobConfig(_Strict):
     """The job stops cleanly once its requests have cost this much (with each stage's ``price``)."""
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
     schedule: ScheduleSpec | None = None
+
+    @field_validator("exporters", mode="before")
+    @classmethod
+    def _exporter_switches(cls, v: Any) -> Any:
+        return exporter_switches(v)
 
     @model_validator(mode="after")
     def _unique_labels(self) -> JobConfig:
@@ -330,7 +353,7 @@ def validate_plugins(config: JobConfig, source: str = "config") -> None:
     specs += [("scorer", f"scorers.{i}.plugin", f"scorers.{i}.params", s.plugin, s.params)
               for i, s in enumerate(config.scorers)]
     specs += [("exporter", f"exporters.{name}", f"exporters.{name}", name, params)
-              for name, params in config.exporters.items()]
+              for name, params in config.exporters.items() if params is not False]
     for kind, plugin_key, params_key, name, params in specs:
         try:
             info = registry.get(kind, name)
@@ -358,8 +381,69 @@ def validate_plugins(config: JobConfig, source: str = "config") -> None:
             if missing:
                 problems.append(f"  {plugin_key}: "
                                 f"{dataclasses.replace(info, factory=chosen, missing=missing).unavailable_reason()}")
+    problems += _ranking_problems(config, registry, check_params=not problems)
     if problems:
         raise ConfigError(f"{source} is not a valid genflow job:\n" + "\n".join(problems))
+
+
+def job_exporters(config: JobConfig | dict[str, Any], registry: Any = None) -> dict[str, dict[str, Any]]:
+    """The exporters a job runs, with their params as their ``Params`` read them (defaults filled
+    in): each whose ``job_params`` says it runs by default, unless ``exporters`` turns it off,
+    then the others ``exporters`` names; params from ``exporters`` first, else ``job_params``'s
+    (from the deprecated ``ranking`` keys). ``config`` may be a job's config as its manifest
+    holds it (labelling reads it)."""
+    if registry is None:
+        from genflow.registry import get_registry
+
+        registry = get_registry()
+    if isinstance(config, dict):
+        ranking = RankingSpec.model_validate(config.get("ranking") or {})
+        chosen = exporter_switches(config.get("exporters") or {})
+    else:
+        ranking, chosen = config.ranking, config.exporters
+    found: dict[str, dict[str, Any]] = {}
+    for info in registry.all():
+        if info.kind == "exporter" and info.name not in chosen:
+            params = info.factory.job_params(ranking)
+            if params is not None:
+                found[info.name] = params
+    found.update({name: params for name, params in chosen.items() if params is not False})
+    out = {}
+    for name, params in found.items():
+        factory = registry.get("exporter", name).factory
+        out[name] = factory.Params.model_validate(params).model_dump()
+    return out
+
+
+def _ranking_problems(config: JobConfig, registry: Any, check_params: bool) -> list[str]:
+    """The deprecated ``ranking`` keys: each still read, with a warning naming where it went (and
+    ignored, with another, when its exporter's params are set under ``exporters``); a key no
+    exporter reads, or a value its exporter's ``Params`` refuse, is a problem."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    problems = []
+    readers = {key: (info, moved) for info in registry.all() if info.kind == "exporter"
+               for key, moved in info.factory.ranking_keys.items()}
+    for key, value in (config.ranking.model_extra or {}).items():
+        if key not in readers:
+            problems.append(f"  ranking.{key}: unknown key")
+            continue
+        info, moved = readers[key]
+        if info.name in config.exporters:
+            log.warning("ranking.%s is deprecated, and ignored: exporters.%s is set", key, info.name)
+        else:
+            log.warning("ranking.%s is deprecated: %s", key, moved)
+        params = info.factory.job_params(RankingSpec.model_validate({key: value})) if check_params else None
+        try:
+            info.factory.Params.model_validate(params or {})
+        except ValidationError as exc:
+            inside = isinstance(value, dict)  # a section of its own: the problem's path goes on inside it
+            for err in exc.errors():
+                path = ".".join(str(p) for p in err["loc"]) if inside else ""
+                msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+                problems.append(f"  ranking.{key}{'.' + path if path else ''}: {msg}")
+    return problems
 
 
 def _two_credentials(factory: Any, validated: Any, params: dict[str, Any]) -> str | None:
@@ -427,7 +511,8 @@ def job_secrets(config: JobConfig, environ: Mapping[str, str] | None = None) -> 
     registry = get_registry()
     specs = [("generator", f"generators.{i}.params", g.plugin, g.params) for i, g in enumerate(config.generators)]
     specs += [("scorer", f"scorers.{i}.params", s.plugin, s.params) for i, s in enumerate(config.scorers)]
-    specs += [("exporter", f"exporters.{name}", name, params) for name, params in config.exporters.items()]
+    specs += [("exporter", f"exporters.{name}", name, params) for name, params in config.exporters.items()
+              if params is not False]
     for kind, where, name, params in specs:
         try:
             factory = registry.get(kind, name).factory

@@ -25,7 +25,7 @@ Register = Callable[[str, Any], None]
 
 @hookspec
 def register_generators(register: Register) -> None:
-    """Register generator factories: ``register("hf-text", HFTextGenerator)``.
+    """Register generator factories: ``register("my-model", MyGenerator)``.
 
     A generator turns a batch of :class:`genflow.api.GenerationRequest` into one
     :class:`genflow.api.Generation` (text, code or image) per request. The name is
@@ -35,7 +35,7 @@ def register_generators(register: Register) -> None:
 
 @hookspec
 def register_scorers(register: Register) -> None:
-    """Register scorer factories: ``register("hf-reward", HFRewardScorer)``.
+    """Register scorer factories: ``register("my-judge", MyScorer)``.
 
     A scorer turns a batch of :class:`genflow.api.ScoreItem` (a prompt and one
     candidate) into one :class:`genflow.api.Score` per item: a float (higher is
@@ -45,16 +45,17 @@ def register_scorers(register: Register) -> None:
 
 @hookspec
 def register_exporters(register: Register) -> None:
-    """Register training-data exporters: ``register("preferences", PreferencePairs)``.
+    """Register training-data exporters: ``register("my-format", MyExporter)``.
 
-    An exporter turns one shard's ranked candidates into rows of a training-data
-    format, written under ``<output>/<name>/``.
+    An exporter turns one shard's ranked candidates, and what people labelled
+    (``export_human``), into rows of a training-data format, written under
+    ``<output>/<name>/``.
     """
 
 
 @hookspec
 def register_labellers(register: Register) -> None:
-    """Register labelling tools: ``register("label-studio", LabelStudio)``.
+    """Register labelling tools: ``register("my-tool", MyLabeller)``.
 
     A labeller (a :class:`genflow.api.Labeller`) sends a job's prompts and candidates to
     people and reads back their rankings and demonstrations. The name is the value of

@@ -94,6 +94,7 @@ GROUP_MUTATE[labelling]="
   genflow/labelling/labels.py
   genflow/outputs/report/sections.py:human_sections
   plugins/labelling/label_studio.py
+  plugins/training_data/exporters.py:PreferencePairs.export_human,BestOfN.export_human
 "
 GROUP_TESTS[labelling]="tests/unit/test_agreement.py tests/unit/test_labelling.py tests/plugins/test_label_studio.py
   tests/unit/test_label_report.py tests/unit/test_label_tasks.py tests/plugins/test_label_studio_api.py"

@@ -16,7 +16,7 @@ errors/part-<stage kind>-<label>-00000.parquet
 images/<prompt_id>/<generation_id>.png   (an id that is no safe name: its hash, see ``path_component``)
 human_rankings/part-<tool>.parquet       what people ranked, pulled from a labelling tool
 demonstrations/part-<tool>.parquet       what people wrote
-preferences/part-human.parquet           human rows beside the exporters' (``sft/`` too)
+<exporter>/part-human.parquet            an exporter's rows made from people's labels
 _labelling/<tool>.json                   the projects pushed to a labelling tool
 _state/<stage>/00000.json                the marker of a finished (stage, shard)
 _state/lease.json                        the job writing the folder now (genflow.data.lease)
@@ -56,8 +56,8 @@ LABELLING = "_labelling"
 HUMAN_FOLDERS = (HUMAN_RANKINGS, DEMONSTRATIONS)
 """The folders ``genflow label pull`` writes; no job stage writes or removes them."""
 HUMAN_PART = "part-human.parquet"
-"""The name of the human-made part in ``preferences/`` and ``sft/``: not a shard's, so no
-stage overwrites it."""
+"""The name of the human-made part in an exporter's folder: not a shard's, so no stage
+overwrites it."""
 EXPORT_FORMAT = 2
 """Version of the exporters' columns, in the rank fingerprint: 2 added ``source``."""
 CORE_FOLDERS = (PROMPTS, GENERATIONS, SCORES, RANKINGS)
@@ -197,7 +197,7 @@ def labelled_part(folder: str, tool: str) -> str:
 
 
 def human_part(folder: str) -> str:
-    """``preferences/part-human.parquet``: the rows made from people's labels."""
+    """``<exporter>/part-human.parquet``: an exporter's rows made from people's labels."""
     return f"{folder}/{HUMAN_PART}"
 
 

@@ -46,7 +46,7 @@ def _count(value: Any) -> int | None:
 def scrub_result(result: Any, scrubber: Scrubber | None = None) -> Any:
     """A plugin's result as it may be written: a candidate whose text holds a secret becomes a
     failure (its row goes to ``errors/``, not to training data); a failure's texts and a score's
-    details are blanked. The same object when it holds no secret. ``scrubber``: the process's
+    details and own columns are blanked. The same object when it holds no secret. ``scrubber``: the process's
     (:func:`genflow.secrets.installed`) unless given."""
     scrubber = installed() if scrubber is None else scrubber
     if not scrubber:
@@ -68,7 +68,9 @@ def scrub_result(result: Any, scrubber: Scrubber | None = None) -> Any:
                         setattr(failure, field, tokens)
                 return failure
         return result
-    if isinstance(result, Score):
-        details = scrubber.scrub_data(result.details)
-        return result if details is result.details else dataclasses.replace(result, details=details)
+    if isinstance(result, Score):  # its details and its own columns' values
+        details, columns = scrubber.scrub_data(result.details), scrubber.scrub_data(result.columns)
+        if details is result.details and columns is result.columns:
+            return result
+        return dataclasses.replace(result, details=details, columns=columns)
     return result

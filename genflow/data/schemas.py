@@ -36,6 +36,20 @@ SCORES = pa.schema([
     ("score", pa.float64()),
     ("details", pa.string()),
 ])
+"""``scores/``'s fixed columns; a job whose scorers declare ``extra_columns`` writes them after
+these (:func:`scores_schema`)."""
+
+
+def scores_schema(extra: dict[str, pa.DataType] | None = None) -> pa.Schema:
+    """``scores/``'s columns: the fixed ones, then the scorers' own (``Scorer.extra_columns``) in
+    the order given. A column of its own may not take a fixed column's name."""
+    if not extra:
+        return SCORES
+    taken = sorted(set(extra) & set(SCORES.names))
+    if taken:
+        raise ValueError(f"scores/ already has the column(s) {', '.join(taken)}: a scorer's extra_columns "
+                         "need names of their own")
+    return pa.schema([*SCORES, *(pa.field(name, kind) for name, kind in extra.items())])
 
 RANKINGS = pa.schema([
     ("prompt_id", pa.string()),

@@ -133,12 +133,13 @@ def _tokens_of(chars: int) -> int:
 
 
 def _prompt_chars(item: Any) -> int:
-    """Characters a request sends of an item: its prompt, system text, messages and candidate."""
+    """Characters a request sends of an item: its prompt, system text, candidate and the input
+    columns its plugin reads (chat messages, a reference answer), pictures aside."""
     chars = len(getattr(item, "prompt", "") or "") + len(getattr(item, "system", None) or "")
     chars += len(getattr(item, "text", None) or "")  # a score item's candidate
-    messages = (getattr(item, "inputs", None) or {}).get("messages")
-    if messages is not None:
-        chars += len(messages if isinstance(messages, str) else json.dumps(messages, default=str))
+    for value in (getattr(item, "inputs", None) or {}).values():
+        if value is not None and not isinstance(value, bytes):
+            chars += len(value if isinstance(value, str) else json.dumps(value, default=str))
     return chars
 
 

@@ -14,12 +14,13 @@ output knows (``_labelling/<tool>.json``: those pushed from here, and any named 
 ``--project``); the other kind's part is left as it was. An annotation the tool hands
 over twice (a project known twice) is written once.
 
-Then :func:`refresh` derives, from every tool's parts, the human rows of the training data
-(``preferences/part-human.parquet``, ``sft/part-human.parquet``, ``source: human``) and how
-each scorer agrees with the people (``manifest["human_agreement"]``). A job run calls
-:func:`refresh` too, so the human rows and figures follow new scores and the config's
-``labelling.human_rows``. Everything is rewritten whole from what is on storage, so a
-second pull, or a second run, changes nothing.
+Then :func:`refresh` hands, from every tool's parts, what people did to each of the job's
+exporters (:meth:`genflow.api.Exporter.export_human`), which turn it into the human rows of
+their formats (``<exporter>/part-human.parquet``), and works out how each scorer agrees with
+the people (``manifest["human_agreement"]``). A job run calls :func:`refresh` too, so the
+human rows and figures follow new scores and the config's ``labelling.human_rows``.
+Everything is rewritten whole from what is on storage, so a second pull, or a second run,
+changes nothing.
 
 Agreement with people reuses :mod:`genflow.outputs.agreement`'s Kendall tau-b and strict pairs:
 
@@ -39,23 +40,18 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
 import pyarrow as pa
 
-from genflow.api import LABEL_KINDS, Annotation, LabelCandidate, LabelTask
-from genflow.config import stable_hash
+from genflow.api import LABEL_KINDS, Annotation, Exporter, HumanLabels, HumanRanking, LabelCandidate, LabelTask
+from genflow.config import job_exporters, stable_hash
 from genflow.data import layout, schemas
 from genflow.data.storage import Storage
 from genflow.outputs.agreement import COMBINED, PairAgreement, kendall_tau_b, strict_pairs
 
 log = logging.getLogger(__name__)
-
-HUMAN = "human"
-MODEL = "model"
-
 
 class LabellingError(ValueError):
     """A push or pull that cannot be done as asked; the message says what to change."""
@@ -223,14 +219,8 @@ def write_pulled(storage: Storage, tool: str, annotations: list[Annotation],
     return written
 
 
-@dataclass(frozen=True)
-class Judgement:
-    """One person's order of some of a prompt's candidates, best first."""
-
-    prompt_id: str
-    annotator: str
-    ranking_id: str
-    order: tuple[str, ...]
+Judgement = HumanRanking
+"""One person's order of some of a prompt's candidates, best first."""
 
 
 def judgements(storage: Storage) -> list[Judgement]:
@@ -256,49 +246,24 @@ def net_wins(orders: Iterable[tuple[str, ...]]) -> dict[str, int]:
 
 # -- the human rows of the training data ---------------------------------------------
 
-def human_preferences(found: list[Judgement], generations: dict[str, dict[str, Any]]) -> pa.Table:
-    """A pair for every two candidates of a prompt that more people ordered one way than the
-    other; ``score_chosen`` is the share of their votes for ``chosen``."""
-    votes: dict[str, dict[tuple[str, str], int]] = defaultdict(lambda: defaultdict(int))
-    for j in found:
-        for i, better in enumerate(j.order):
-            for worse in j.order[i + 1:]:
-                votes[j.prompt_id][(better, worse)] += 1
-    rows = []
-    for prompt_id in sorted(votes):
-        tally = votes[prompt_id]
-        for a, b in sorted({tuple(sorted(pair)) for pair in tally}):
-            wins_a, wins_b = tally.get((a, b), 0), tally.get((b, a), 0)
-            if wins_a == wins_b:
-                continue
-            chosen, rejected, won = (a, b, wins_a) if wins_a > wins_b else (b, a, wins_b)
-            share = won / (wins_a + wins_b)
-            rows.append({"prompt": generations[chosen]["prompt"], "chosen": _candidate(generations[chosen]),
-                         "rejected": _candidate(generations[rejected]), "score_chosen": share,
-                         "score_rejected": 1.0 - share, "prompt_id": prompt_id, "chosen_id": chosen,
-                         "rejected_id": rejected, "source": HUMAN})
-    return pa.Table.from_pylist(rows, schema=_exporter_schema("preferences"))
-
-
-def _exporter_schema(name: str) -> pa.Schema:
-    """The columns of the exporter that writes folder ``name``: human rows join its model rows."""
+def job_exporters_of(manifest: dict[str, Any]) -> dict[str, Exporter]:
+    """The exporters of the job whose manifest this is, made with their params; one that is not
+    installed here is left out, with a warning (its human rows are left as they are)."""
     from genflow.registry import get_registry
 
-    schema = get_registry().get("exporter", name).factory.schema
-    if schema is None:
-        raise ValueError(f"exporter {name!r} declares no schema for rows people made")
-    return schema
-
-
-def human_sft(demonstrations: pa.Table) -> pa.Table:
-    rows = [{"prompt": d["prompt"], "completion": d["completion"], "score": None, "prompt_id": d["prompt_id"],
-             "generation_id": d["demonstration_id"], "source": HUMAN}
-            for d in sorted(demonstrations.to_pylist(), key=lambda d: (d["prompt_id"], d["demonstration_id"]))]
-    return pa.Table.from_pylist(rows, schema=_exporter_schema("sft"))
-
-
-def _candidate(row: dict[str, Any]) -> str:
-    return row["text"] if row["text"] is not None else (row["image_path"] or "")
+    registry = get_registry()
+    config = manifest.get("config") or {}
+    wanted = [name for name, value in (config.get("exporters") or {}).items() if value is not False]
+    missing = [name for name in wanted if not any(p.kind == "exporter" and p.name == name for p in registry.all())]
+    for name in missing:
+        log.warning("exporter %r of this job is not installed: its human rows are not made", name)
+    if missing:
+        config = {**config, "exporters": {k: v for k, v in config["exporters"].items() if k not in missing}}
+    out = {}
+    for name, params in job_exporters(config, registry).items():
+        factory = registry.get("exporter", name).factory
+        out[name] = factory(factory.Params.model_validate(params))
+    return out
 
 
 def _leave_out(storage: Storage, folder: str, prompt_ids: set[str]) -> None:
@@ -324,49 +289,58 @@ def _leave_out(storage: Storage, folder: str, prompt_ids: set[str]) -> None:
 
 
 def refresh(storage: Storage, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Rewrite the human rows and figures from what was pulled; returns the manifest updated with
-    ``labelling``, ``human_agreement`` and the rows of the folders involved (it writes nothing
-    else of the manifest). An output nobody labelled is left as it is."""
+    """Rewrite the exporters' human rows and the figures from what was pulled; returns the manifest
+    updated with ``labelling``, ``human_agreement`` and the rows of the folders involved (it writes
+    nothing else of the manifest). An output nobody labelled is left as it is."""
     found = judgements(storage)
     demonstrations = storage.read_folder(layout.DEMONSTRATIONS, schema=schemas.DEMONSTRATIONS)
+    exporters = job_exporters_of(manifest)
     if not found and not demonstrations.num_rows:
         if "labelling" in manifest:  # everything pulled before is gone from the tool: so are its rows
-            for folder in ("preferences", "sft"):
-                storage.delete(layout.human_part(folder))
+            for name in exporters:
+                storage.delete(layout.human_part(name))
             for key in ("labelling", "human_agreement"):
                 manifest.pop(key, None)
-            _count_human_rows(storage, manifest)
+            _count_human_rows(storage, manifest, exporters)
         return manifest
     mode = ((manifest.get("config") or {}).get("labelling") or {}).get("human_rows", "beside")
-    columns = ["prompt_id", "generation_id", "prompt", "text", "image_path"]
+    columns = ["prompt_id", "generation_id", "prompt", "modality", "text", "image_path"]
     ranked_ids = {g for j in found for g in j.order}
     generations = {r["generation_id"]: r for r in storage.read_folder(layout.GENERATIONS, columns=columns).to_pylist()
                    if r["generation_id"] in ranked_ids}
     found = [j for j in found if all(g in generations for g in j.order)]  # a rerun may have dropped some
-    preferences, sft = human_preferences(found, generations), human_sft(demonstrations)
-    if mode == "instead":
-        _leave_out(storage, "preferences", {j.prompt_id for j in found})
-        _leave_out(storage, "sft", set(demonstrations["prompt_id"].to_pylist()))
-    for folder, table in (("preferences", preferences), ("sft", sft)):
-        storage.write_table(layout.human_part(folder), table)
+    labels = HumanLabels(tuple(found), generations, demonstrations)
+    labelled = {"rankings": {j.prompt_id for j in found},
+                "demonstrations": set(demonstrations["prompt_id"].to_pylist())}
+    made: dict[str, int] = {}
+    for name, exporter in exporters.items():
+        table = exporter.export_human(labels)
+        if table is None:  # this format has no rows made by people
+            continue
+        if mode == "instead":
+            prompts = set().union(*(labelled.get(kind, set()) for kind in exporter.human_kinds))
+            if "prompt_id" in table.column_names:
+                prompts |= set(table["prompt_id"].to_pylist())
+            _leave_out(storage, name, prompts)
+        storage.write_table(layout.human_part(name), table)  # no rows: the part goes
+        made[name] = table.num_rows
     weights = scorer_weights(manifest)
     manifest["human_agreement"] = human_agreement(found, _scores_by_prompt(storage, weights), weights)
     people = {j.annotator for j in found} | set(demonstrations["annotator"].to_pylist())
     manifest["labelling"] = {
         "human_rows": mode, "rankings": len(found), "annotators": len(people),
         "rows": {layout.HUMAN_RANKINGS: sum(len(j.order) for j in found),
-                 layout.DEMONSTRATIONS: demonstrations.num_rows, "preferences": preferences.num_rows,
-                 "sft": sft.num_rows},
+                 layout.DEMONSTRATIONS: demonstrations.num_rows, **made},
     }
-    _count_human_rows(storage, manifest)
+    _count_human_rows(storage, manifest, exporters)
     return manifest
 
 
-def _count_human_rows(storage: Storage, manifest: dict[str, Any]) -> None:
+def _count_human_rows(storage: Storage, manifest: dict[str, Any], exporters: Iterable[str]) -> None:
     from genflow.outputs.manifest import count_rows
 
     rows = manifest.setdefault("rows", {})
-    for folder in (*layout.HUMAN_FOLDERS, "preferences", "sft"):
+    for folder in (*layout.HUMAN_FOLDERS, *exporters):
         if folder in rows or storage.list(folder, ".parquet"):
             rows[folder] = count_rows(storage, folder)
 
@@ -436,6 +410,20 @@ def human_agreement(found: list[Judgement], scores: dict[str, dict[str, dict[str
 
 # -- the commands: push and pull through a labelling plugin ------------------------------
 
+def installed_tool(tool: str | None) -> str:
+    """``tool``, or when none is named the one labelling plugin installed (an error names them
+    when there are several, or says there is none)."""
+    if tool:
+        return tool
+    from genflow.registry import get_registry
+
+    names = sorted(p.name for p in get_registry().all() if p.kind == "labeller")
+    if len(names) != 1:
+        raise LabellingError("name the labelling plugin with --tool: " + (
+            ", ".join(names) if names else "none is installed (genflow plugins lists them)"))
+    return names[0]
+
+
 def labeller(tool: str, params: dict[str, Any]) -> Any:
     """The labelling plugin called ``tool``, made with these params (validated by its ``Params``)."""
     from pydantic import ValidationError
@@ -487,9 +475,11 @@ def _record(storage: Storage, tool: str) -> list[dict[str, Any]]:
     return list(storage.read_json(rel).get("projects", [])) if storage.exists(rel) else []
 
 
-def push(storage: Storage, tool: str, params: dict[str, Any], kind: str, project: str | None = None,
+def push(storage: Storage, tool: str | None, params: dict[str, Any], kind: str, project: str | None = None,
          sample: int | None = None, seed: int = 0, disagreeing: bool = False) -> Any:
-    """Send the output's tasks to the tool's project; remembers the project in ``_labelling/``."""
+    """Send the output's tasks to the tool's project (``tool``: None for the one installed);
+    remembers the project in ``_labelling/``."""
+    tool = installed_tool(tool)
     manifest = read_manifest(storage)
     project = project or default_project(manifest, kind)
     tasks = label_tasks(storage, kind, sample, seed, disagreeing)
@@ -503,12 +493,14 @@ def push(storage: Storage, tool: str, params: dict[str, Any], kind: str, project
     return result
 
 
-def pull(storage: Storage, tool: str, params: dict[str, Any], project: str | None = None,
+def pull(storage: Storage, tool: str | None, params: dict[str, Any], project: str | None = None,
          kind: str | None = None) -> dict[str, Any]:
     """Read every finished annotation of the output's projects on the tool, write them and refresh
     the human rows; returns the manifest. The projects: those known here (pushed from here, or
     named before), of ``kind`` only when given; ``project`` (of ``kind``, rankings by default)
-    joins them and is remembered. The parts of the kinds pulled are rewritten, the others kept."""
+    joins them and is remembered. The parts of the kinds pulled are rewritten, the others kept.
+    ``tool``: None for the one installed."""
+    tool = installed_tool(tool)
     manifest = read_manifest(storage)
     if kind is not None and kind not in LABEL_KINDS:
         raise LabellingError(f"unknown kind of task {kind!r}: {' or '.join(LABEL_KINDS)}")

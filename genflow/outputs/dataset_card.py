@@ -5,7 +5,7 @@ wrote (the folders and their counts come from the manifest's ``rows``: the core
 folders, every exporter's, ``errors``), each with ``data_files`` globbed relative
 to the output, so
 
-    datasets.load_dataset(OUTPUT, "preferences")
+    datasets.load_dataset(OUTPUT, "<folder>")
 
 loads that folder by name. ``dataset_info`` gives each config's features, translated
 from its first part's Parquet schema into the card's feature syntax, and its row

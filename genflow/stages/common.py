@@ -133,8 +133,8 @@ def read_generations(storage: Storage, shard: Shard, labels: list[str]) -> pa.Ta
 
 
 def read_scores(storage: Storage, shard: Shard, scorers: list[str]) -> pa.Table:
-    tables = [storage.read_table(p) for p in (layout.score_stage(s).part(shard.index) for s in scorers)
-              if storage.exists(p)]
+    tables = [storage.read_table(p, SCORES.names) for p in (layout.score_stage(s).part(shard.index)  # fixed columns
+              for s in scorers) if storage.exists(p)]
     return pa.concat_tables(tables) if tables else SCORES.empty_table()
 
 

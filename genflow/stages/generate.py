@@ -17,6 +17,7 @@ from genflow.data.results import Failure, scrub_result
 from genflow.data.resume import StageOutcome
 from genflow.data.schemas import GENERATIONS
 from genflow.data.storage import Storage
+from genflow.registry import Registry, get_registry
 from genflow.stages.common import (
     Answered,
     JobContext,
@@ -30,9 +31,19 @@ from genflow.stages.common import (
     read_prompts,
 )
 
+TEXT = "text"
+"""A candidate's modality when nothing says otherwise."""
+
 
 def derive_seed(base: int, prompt_id: str, sample: int) -> int:
     return int(stable_hash([base, prompt_id, sample], 12), 16) % (2**31 - 1)
+
+
+def known_modalities(registry: Registry) -> set[str]:
+    """The modalities the installed generators and scorers declare: a row's ``task`` naming one
+    makes its own candidates (``response`` / ``responses``) of that modality; any other, text."""
+    return {m for p in registry.all() if p.kind in ("generator", "scorer")
+            for m in (getattr(p.factory, "modalities", None) or (p.factory.modality,))}
 
 
 def accepts(task: str | None, modality: str) -> bool:
@@ -42,7 +53,7 @@ def accepts(task: str | None, modality: str) -> bool:
 
 def build_requests(prompts: pa.Table, spec: GeneratorSpec, config: JobConfig, base_dir: str,
                    factory: type[Plugin]) -> list[GenerationRequest]:
-    modality: str = getattr(factory, "modality", "text")
+    modality: str = getattr(factory, "modality", TEXT)
     template = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True).from_string(
         spec.template) if spec.template else None
     params_key = layout.params_key(spec.params, factory.unhashed_params)
@@ -126,13 +137,14 @@ def input_candidates_shard(job: JobContext, shard: Shard, fingerprint: str) -> S
     """Candidates the input rows already carry (``response`` / ``responses``) as generations."""
     started = time.perf_counter()
     prompts = read_prompts(job.storage, shard)
+    modalities = known_modalities(get_registry())
     rows = []
     for row in prompts.to_pylist():
         answers_ = list(row.get("responses") or [])
         if row.get("response") is not None:
             answers_.insert(0, row["response"])
-        task = row.get("task") or "text"
-        modality = task if task in ("code", "image") else "text"
+        task = row.get("task") or TEXT
+        modality = task if task in modalities else TEXT
         for sample, answer in enumerate(answers_):
             if answer is None:
                 continue

@@ -7,7 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from genflow.config import JobConfig
+from genflow.config import job_exporters
 from genflow.data import layout
 from genflow.data.layout import Shard
 from genflow.data.resume import StageOutcome, awaiting_retries, mark_finished
@@ -15,18 +15,7 @@ from genflow.registry import Registry
 from genflow.stages.common import JobContext, read_generations, read_scores, retry_sources, write_part
 from genflow.stages.ranking import rank_candidates, rankings_table
 
-
-def job_exporters(config: JobConfig, registry: Registry) -> dict[str, dict[str, Any]]:
-    """The exporters a job runs, with their params: those that run by default in a job with
-    scorers (their ``job_params`` from the ``ranking`` section), plus those the config names."""
-    out: dict[str, dict[str, Any]] = {}
-    for info in registry.all():
-        if info.kind == "exporter":
-            params = info.factory.job_params(config.ranking)
-            if params is not None:
-                out[info.name] = params
-    out.update(config.exporters)
-    return out
+__all__ = ["job_exporters", "rank_shard"]  # job_exporters: which exporters a job runs (genflow.config)
 
 
 def rank_shard(job: JobContext, shard: Shard, fingerprint: str, exporters: dict[str, dict[str, Any]],

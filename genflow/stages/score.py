@@ -1,4 +1,8 @@
-"""The score stage of a shard: a score per candidate of the modalities the scorer takes."""
+"""The score stage of a shard: a score per candidate of the modalities the scorer takes.
+
+A part of ``scores/`` has the fixed columns of ``schemas.SCORES`` and, after them, every
+column the job's scorers declare in ``extra_columns`` (null where another scorer wrote the
+row), so the folder has one schema in a job."""
 
 from __future__ import annotations
 
@@ -11,12 +15,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from genflow.api import Score, ScoreItem
+from genflow.config import JobConfig
 from genflow.data import layout
 from genflow.data.layout import Shard, candidate_image
 from genflow.data.results import Failure, scrub_result
 from genflow.data.resume import StageOutcome, awaiting_retries
-from genflow.data.schemas import SCORES
-from genflow.registry import get_registry
+from genflow.data.schemas import scores_schema
+from genflow.registry import Registry, get_registry
 from genflow.stages.common import (
     Answered,
     JobContext,
@@ -31,6 +36,34 @@ from genflow.stages.common import (
     read_prompts,
     retry_sources,
 )
+
+
+def extra_score_columns(config: JobConfig, registry: Registry) -> dict[str, pa.DataType]:
+    """The columns the job's scorers add to ``scores/`` (their ``extra_columns``), in the config's
+    order; two scorers may declare one column only with one type."""
+    out: dict[str, pa.DataType] = {}
+    for spec in config.scorers:
+        for name, kind in registry.get("scorer", spec.plugin).factory.extra_columns.items():
+            if out.setdefault(name, kind) != kind:
+                raise ValueError(f"scorers: two scorers declare the scores/ column {name!r}, as {out[name]} and "
+                                 f"{kind}; a column has one type")
+    return out
+
+
+def own_columns(score: Score, declared: dict[str, pa.DataType], plugin: str) -> dict[str, Any] | Failure:
+    """A score's values of its scorer's ``extra_columns`` (null where it gives none), or why the row
+    cannot be written: a column it does not declare, or a value its column's type cannot hold."""
+    unknown = sorted(set(score.columns) - set(declared))
+    if unknown:
+        return Failure(f"scorer {plugin!r} gave the column(s) {', '.join(unknown)}, which its extra_columns do not "
+                       f"declare ({', '.join(declared) or 'none'})", "")
+    values = {name: score.columns.get(name) for name in declared}
+    for name, value in values.items():
+        try:
+            pa.array([value], declared[name])
+        except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
+            return Failure(f"scorer {plugin!r}: column {name!r} ({declared[name]}) cannot hold {value!r}: {exc}", "")
+    return values
 
 
 def score_work(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: str) -> ShardWork:
@@ -54,7 +87,10 @@ def score_work(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: st
         items.append(ScoreItem(g["generation_id"], g["prompt_id"], g["prompt"], g["modality"], g["text"], image,
                                plugin_inputs(prompts[g["prompt_id"]], factory, job.base_dir)))
     journal = open_journal(job, stage, shard, fingerprint)
-    generators, _ = retry_sources(job.config, get_registry())
+    registry = get_registry()
+    schema = scores_schema(extra_score_columns(job.config, registry))
+    declared = dict(factory.extra_columns)
+    generators, _ = retry_sources(job.config, registry)
     awaiting = awaiting_retries(job.storage, generators, shard)  # candidates a rerun may still add
 
     def finish(answered: Answered) -> StageOutcome:
@@ -66,12 +102,16 @@ def score_work(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: st
             if isinstance(res, Failure):
                 errors.append(error_row(item.prompt_id, "score", spec.plugin, res, item.generation_id))
             elif isinstance(res, Score):
+                own = own_columns(res, declared, spec.plugin)
+                if isinstance(own, Failure):
+                    errors.append(error_row(item.prompt_id, "score", spec.plugin, own, item.generation_id))
+                    continue
                 rows.append({"generation_id": item.generation_id, "prompt_id": item.prompt_id,
                              "scorer": stage.label, "score": float(res.value),
-                             "details": json.dumps(res.details, sort_keys=True, default=str)})
+                             "details": json.dumps(res.details, sort_keys=True, default=str), **own})
         rows.sort(key=lambda r: r["generation_id"])
         return finish_model_stage(job.storage, stage.stage, shard, fingerprint, layout.SCORES,
-                                  pa.Table.from_pylist(rows, schema=SCORES), errors, len(items), started, usage,
+                                  pa.Table.from_pylist(rows, schema=schema), errors, len(items), started, usage,
                                   journal, awaiting)
 
     return ShardWork(shard, fingerprint, items, finish, journal)

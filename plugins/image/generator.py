@@ -84,6 +84,8 @@ class DiffusersImageGenerator(Generator):
     description: ClassVar[str] = "diffusers text-to-image, image-to-image and inpainting; one seed per image"
     input_columns: ClassVar[tuple[str, ...]] = ("image", "mask")
     path_columns: ClassVar[tuple[str, ...]] = ("image", "mask")
+    media_columns: ClassVar[tuple[str, ...]] = ("image", "mask")
+    """Shown as thumbnails beside the prompt in report.html."""
     requires: ClassVar[tuple[str, ...]] = ("torch", "diffusers", "transformers", "pillow")
     extra: ClassVar[str | None] = "image"
     default_model: ClassVar[str | None] = "stable-diffusion-v1-5/stable-diffusion-v1-5"

@@ -6,6 +6,15 @@ rejected) and ``sft/`` its prompt-completion columns; both load with
 RewardTrainer or SFTTrainer. Completions keep their leading whitespace because
 TRL joins prompt and completion without a separator. For image candidates the
 columns hold the images' paths.
+
+People's labels (``genflow label pull``) join them, marked ``source: human``: a pair for
+every two candidates more people ordered one way than the other, and each demonstration
+as a prompt-completion row.
+
+Both run in every job with scorers; their params sit under ``exporters``
+(``exporters: {preferences: {min_margin: 0.5, per_prompt: 2}, sft: {min_score: 1.0}}``,
+``sft: false`` turns best-of-n off). The ``ranking`` keys they had before still work, with
+a warning.
 """
 
 from __future__ import annotations
@@ -17,8 +26,11 @@ import pyarrow as pa
 from pydantic import Field
 
 from genflow import hookimpl
-from genflow.api import Exporter, PluginParams
+from genflow.api import Exporter, HumanLabels, PluginParams
 from genflow.hookspecs import Register
+
+MODEL, HUMAN = "model", "human"
+"""``source``: rows the exporter made from the scores, and rows made from people's labels."""
 
 PREFERENCES = pa.schema([
     ("prompt", pa.string()),
@@ -60,10 +72,19 @@ class PreferencePairs(Exporter):
     description: ClassVar[str] = "TRL preference pairs: prompt, chosen, rejected (+ scores)"
     params: PreferenceParams
 
+    human_kinds: ClassVar[tuple[str, ...]] = ("rankings",)
+    ranking_keys: ClassVar[dict[str, str]] = {
+        "pairs": "write exporters: {preferences: {min_margin: ..., per_prompt: ...}} "
+                 "(and preferences: false for ranking.pairs: null)"}
+
     @classmethod
     def job_params(cls, ranking: Any) -> dict[str, Any] | None:
-        """Every job with scorers makes pairs, unless its ``ranking.pairs`` is null."""
-        return ranking.pairs.model_dump() if ranking.pairs is not None else None
+        """Every job with scorers makes pairs; the deprecated ``ranking.pairs`` gives their params
+        (null: no pairs)."""
+        if "pairs" not in ranking:
+            return {}
+        pairs = ranking.get("pairs")
+        return dict(pairs) if isinstance(pairs, dict) else pairs  # null: none; other values fail validation
 
     def export(self, ranked: pa.Table) -> pa.Table:
         rows = []
@@ -80,8 +101,33 @@ class PreferencePairs(Exporter):
                     "prompt": chosen["prompt"], "chosen": _candidate(chosen), "rejected": _candidate(rejected),
                     "score_chosen": chosen["score"], "score_rejected": rejected["score"],
                     "prompt_id": prompt_id, "chosen_id": chosen["generation_id"],
-                    "rejected_id": rejected["generation_id"], "source": "model",
+                    "rejected_id": rejected["generation_id"], "source": MODEL,
                 })
+        return pa.Table.from_pylist(rows, schema=PREFERENCES)
+
+    def export_human(self, labels: HumanLabels) -> pa.Table:
+        """A pair for every two candidates of a prompt that more people ordered one way than the
+        other; ``score_chosen`` is the share of their votes for ``chosen``. ``min_margin`` and
+        ``per_prompt`` are about scores: people's pairs are all kept."""
+        votes: dict[str, dict[tuple[str, str], int]] = defaultdict(lambda: defaultdict(int))
+        for ranking in labels.rankings:
+            for i, better in enumerate(ranking.order):
+                for worse in ranking.order[i + 1:]:
+                    votes[ranking.prompt_id][(better, worse)] += 1
+        rows = []
+        for prompt_id in sorted(votes):
+            tally = votes[prompt_id]
+            for a, b in sorted({tuple(sorted(pair)) for pair in tally}):
+                wins_a, wins_b = tally.get((a, b), 0), tally.get((b, a), 0)
+                if wins_a == wins_b:
+                    continue
+                chosen, rejected, won = (a, b, wins_a) if wins_a > wins_b else (b, a, wins_b)
+                share = won / (wins_a + wins_b)
+                candidates = labels.candidates
+                rows.append({"prompt": candidates[chosen]["prompt"], "chosen": _candidate(candidates[chosen]),
+                             "rejected": _candidate(candidates[rejected]), "score_chosen": share,
+                             "score_rejected": 1.0 - share, "prompt_id": prompt_id, "chosen_id": chosen,
+                             "rejected_id": rejected, "source": HUMAN})
         return pa.Table.from_pylist(rows, schema=PREFERENCES)
 
 
@@ -98,10 +144,18 @@ class BestOfN(Exporter):
     description: ClassVar[str] = "best-of-n SFT rows: prompt, completion, score"
     params: BestOfNParams
 
+    human_kinds: ClassVar[tuple[str, ...]] = ("demonstrations",)
+    ranking_keys: ClassVar[dict[str, str]] = {
+        "best_of_n": "write exporters: {sft: false} to turn best-of-n off (true is the default)",
+        "sft_min_score": "write exporters: {sft: {min_score: ...}}"}
+
     @classmethod
     def job_params(cls, ranking: Any) -> dict[str, Any] | None:
-        """Every job with scorers makes best-of-n rows, unless ``ranking.best_of_n`` is false."""
-        return {"min_score": ranking.sft_min_score} if ranking.best_of_n else None
+        """Every job with scorers makes best-of-n rows; the deprecated ``ranking.best_of_n: false``
+        turns them off and ``ranking.sft_min_score`` gives ``min_score``."""
+        if not ranking.get("best_of_n", True):
+            return None
+        return {"min_score": ranking.get("sft_min_score")} if "sft_min_score" in ranking else {}
 
     def export(self, ranked: pa.Table) -> pa.Table:
         rows = []
@@ -110,7 +164,15 @@ class BestOfN(Exporter):
             if self.params.min_score is not None and best["score"] < self.params.min_score:
                 continue
             rows.append({"prompt": best["prompt"], "completion": _candidate(best), "score": best["score"],
-                         "prompt_id": prompt_id, "generation_id": best["generation_id"], "source": "model"})
+                         "prompt_id": prompt_id, "generation_id": best["generation_id"], "source": MODEL})
+        return pa.Table.from_pylist(rows, schema=SFT)
+
+    def export_human(self, labels: HumanLabels) -> pa.Table:
+        """Each demonstration as a row (no score; ``generation_id`` is the demonstration's id)."""
+        rows = [{"prompt": d["prompt"], "completion": d["completion"], "score": None, "prompt_id": d["prompt_id"],
+                 "generation_id": d["demonstration_id"], "source": HUMAN}
+                for d in sorted(labels.demonstrations.to_pylist(),
+                                key=lambda d: (d["prompt_id"], d["demonstration_id"]))]
         return pa.Table.from_pylist(rows, schema=SFT)
 
 

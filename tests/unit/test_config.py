@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from support.jobs import ROOT, run_genflow
 
-from genflow.config import ConfigError, build_config, load_config, set_dotted
+from genflow.config import ConfigError, build_config, job_exporters, load_config, set_dotted
 from genflow.data.prompts import InputError, open_input, shard_tables
 
 PROMPTS = str(ROOT / "configs/data/quickstart_prompts.parquet")
@@ -29,7 +29,7 @@ def test_a_valid_config_has_defaults() -> None:
     config = build_config(base())
     assert config.shard_rows == 1024 and config.ray.workers == 2 and config.ray.address is None
     assert config.generators[0].samples == 1 and config.scorers[0].weight == 1.0
-    assert config.ranking.pairs is not None and config.ranking.best_of_n
+    assert job_exporters(config) == {"preferences": {"min_margin": 0.0, "per_prompt": 1}, "sft": {"min_score": None}}
 
 
 @pytest.mark.parametrize("data, message", [

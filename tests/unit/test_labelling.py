@@ -560,7 +560,12 @@ def test_human_pairs_take_the_majority_and_leave_ties_out() -> None:
     generations = {f"{p}-s{k}": {"prompt": f"prompt {p}", "text": f"text {p} {k}", "image_path": None}
                    for p in ("p1", "p2") for k in range(3)}
     generations["p1-s0"] = {"prompt": "prompt p1", "text": None, "image_path": "images/p1/s0.png"}
-    pairs = labelling.human_preferences(found, generations).to_pylist()
+    from genflow.api import HumanLabels
+    from genflow.data.schemas import DEMONSTRATIONS
+    from genflow.plugins.training_data.exporters import PreferencePairs, PreferenceParams
+
+    labels = HumanLabels(tuple(found), generations, DEMONSTRATIONS.empty_table())
+    pairs = PreferencePairs(PreferenceParams()).export_human(labels).to_pylist()
     assert [(r["prompt_id"], r["chosen_id"], r["rejected_id"], round(r["score_chosen"], 6),
              round(r["score_rejected"], 6)) for r in pairs] == [
         ("p1", "p1-s1", "p1-s0", 1.0, 0.0), ("p1", "p1-s2", "p1-s0", 1.0, 0.0),

@@ -15,6 +15,7 @@ import numpy as np
 import yaml
 
 from genflow.data import layout
+from genflow.data.storage import Storage
 from genflow.outputs.agreement import COMBINED
 from genflow.outputs.report.charts import COMBINED_COLOR, PALETTE, histogram
 from genflow.outputs.report.read import (
@@ -29,9 +30,8 @@ from genflow.outputs.report.read import (
     stage_rows,
 )
 from genflow.outputs.report.render import environment
-from genflow.outputs.report.samples import SAMPLE_PROMPTS, add_thumbnails, sample_ids, samples
+from genflow.outputs.report.samples import SAMPLE_PROMPTS, add_thumbnails, media_columns, sample_ids, samples
 from genflow.outputs.report.sections import page_sections
-from genflow.data.storage import Storage
 
 FIXED_SECTIONS = ("summary", "throughput", "errors", "scores", "agreement", "images", "samples", "config")
 """The ids of the page's own sections; a scorer's table never takes one of them."""
@@ -80,7 +80,7 @@ def report_context(storage: Storage, manifest: dict[str, Any]) -> dict[str, Any]
     weights = {s.get("label") or s.get("plugin"): s.get("weight", 1.0) for s in config.get("scorers", [])}
     prompts = read_table(storage, layout.PROMPTS, ["prompt_id"])
     ids = sample_ids(prompts["prompt_id"].to_pylist()) if prompts is not None else []
-    sampled = samples(storage, scorer_names, ids)
+    sampled = samples(storage, scorer_names, ids, media_columns(config))
     images = any(c["modality"] == "image" for p in sampled for c in p["candidates"])
     if images:
         add_thumbnails(storage, sampled, manifest.get("input_dir") or input_folder(config))

@@ -3,8 +3,9 @@
 A stable sample (the same prompts on every rebuild, spread over the whole input) is
 read with a filter on its prompt ids, so a large job reads a few rows. A scorer's
 one-word verdict on a candidate is the ``"outcome"`` of its :class:`genflow.api.Score`'s
-``details`` (see :func:`outcome`). Image candidates and input images become
-thumbnails; their paths are resolved by :mod:`genflow.data.layout`.
+``details`` (see :func:`outcome`). Image candidates and the pictures a row gives its
+generators (the columns they declare in ``media_columns``) become thumbnails; their paths
+are resolved by :mod:`genflow.data.layout`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any
 import pyarrow.compute as pc
 
 from genflow.data import layout
-from genflow.outputs.report.read import read_table
 from genflow.data.storage import Storage, read_bytes
+from genflow.outputs.report.read import read_table
 
 SAMPLE_PROMPTS = 8
 """Prompts shown with their candidates (chosen by a stable hash of their id)."""
@@ -27,8 +28,6 @@ SHOWN_PER_END = 2
 """Top and bottom candidates shown per prompt."""
 THUMBNAIL_PX = 192
 OUTCOME_CHARS = 120
-INPUT_IMAGE_COLUMNS = ("image", "mask")
-"""Columns of a prompt row shown as pictures beside an image prompt (image-to-image, inpainting)."""
 
 
 def sample_ids(ids: list[str], k: int = SAMPLE_PROMPTS) -> list[str]:
@@ -49,14 +48,32 @@ def outcome(details: str | None) -> str | None:
     return str(value)[:OUTCOME_CHARS] if value else None
 
 
-def samples(storage: Storage, scorer_names: list[str], ids: list[str]) -> list[dict[str, Any]]:
-    """The sampled prompts with their ranked candidates (top and bottom ends)."""
+def media_columns(config: dict[str, Any]) -> tuple[str, ...]:
+    """The input columns the job's generators show as pictures (their ``media_columns``), in the
+    config's order; a generator not installed here shows none."""
+    from genflow.registry import PluginError, get_registry
+
+    registry = get_registry()
+    found: dict[str, None] = {}
+    for spec in config.get("generators") or []:
+        try:
+            factory = registry.get("generator", str(spec.get("plugin"))).factory
+        except PluginError:
+            continue
+        found.update(dict.fromkeys(factory.media_columns))
+    return tuple(found)
+
+
+def samples(storage: Storage, scorer_names: list[str], ids: list[str],
+            media: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The sampled prompts with their ranked candidates (top and bottom ends); ``media``: the
+    prompt columns shown as pictures beside them (:func:`media_columns`)."""
     where = pc.field("prompt_id").isin(ids)
     gens = read_table(storage, layout.GENERATIONS, ["prompt_id", "generation_id", "generator", "sample",
                                                     "modality", "prompt", "text", "image_path"], where)
     if gens is None:
         return []
-    prompts = read_table(storage, layout.PROMPTS, ["prompt_id", "prompt", *INPUT_IMAGE_COLUMNS], where)
+    prompts = read_table(storage, layout.PROMPTS, ["prompt_id", "prompt", *media], where)
     prompt_rows = {r["prompt_id"]: r for r in prompts.to_pylist()} if prompts is not None else {}
     original = {pid: r["prompt"] for pid, r in prompt_rows.items()}
     ranks = read_table(storage, layout.RANKINGS, ["generation_id", "rank", "score"], where)
@@ -89,7 +106,7 @@ def samples(storage: Storage, scorer_names: list[str], ids: list[str]) -> list[d
         rendered = cands[0]["prompt"]
         row = prompt_rows.get(pid, {})
         out.append({"prompt_id": pid, "prompt": original.get(pid, rendered),
-                    "inputs": {k: v for k in INPUT_IMAGE_COLUMNS if (v := row.get(k)) is not None},
+                    "inputs": {k: v for k in media if (v := row.get(k)) is not None},
                     "rendered": rendered if rendered != original.get(pid, rendered) else None,
                     "candidates": cands, "top": ends[:SHOWN_PER_END] if hidden else ends,
                     "bottom": ends[SHOWN_PER_END:] if hidden else [], "hidden": hidden})
@@ -133,7 +150,7 @@ def candidate_thumbnail(storage: Storage, path: str | None, base_dir: str) -> di
 
 
 def input_thumbnail(value: Any, base_dir: str) -> dict[str, Any]:
-    """A prompt row's ``image`` / ``mask`` (bytes, a datasets image struct, or a path) as a thumbnail."""
+    """A prompt row's picture (bytes, a datasets image struct, or a path) as a thumbnail."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     try:

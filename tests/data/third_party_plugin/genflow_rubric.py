@@ -1,15 +1,25 @@
 """A third-party genflow plugin, as an outside author writes one: it only implements hooks.
 
 - ``rubric`` (scorer): reads the input's own ``rubric`` column (items separated by
-  ``;``) and scores a candidate by the share of items its text contains. Its
-  ``summarize`` and ``report_sections`` give the job's coverage table.
+  ``;``) and scores a candidate by the share of items its text contains. It writes a
+  column of its own to ``scores/``, ``rubric_hits`` (the items found, an int32), beside
+  the ``details`` JSON. Its ``summarize`` and ``report_sections`` give the job's coverage
+  table.
 - ``graded`` (exporter): the best candidate of each prompt with a pass/fail grade
   against ``threshold``; it runs in every job with scorers (``job_params``) and
-  writes ``<output>/graded/``.
+  writes ``<output>/graded/``. From people's rankings (``genflow label pull``) it makes
+  rows of its own: each ranked prompt's candidate people put first most often, graded
+  ``human`` (``graded/part-human.parquet``).
+- ``inbox`` (labeller): a labelling "tool" that is two JSON files, for the tests: a push
+  writes the tasks to ``<folder>/<project>.tasks.json``, a pull reads the annotations
+  people left in ``<folder>/<project>.annotations.json``.
 """
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -17,7 +27,20 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from genflow import hookimpl
-from genflow.api import Exporter, PluginParams, ReportSection, RowError, Score, ScoreItem, Scorer
+from genflow.api import (
+    Annotation,
+    Exporter,
+    HumanLabels,
+    Labeller,
+    LabelTask,
+    PluginParams,
+    PushResult,
+    ReportSection,
+    RowError,
+    Score,
+    ScoreItem,
+    Scorer,
+)
 
 SEPARATOR = ";"
 
@@ -32,6 +55,7 @@ class RubricScorer(Scorer):
     Params: ClassVar[type[PluginParams]] = RubricParams
     description: ClassVar[str] = "share of the row's rubric items found in the candidate"
     input_columns: ClassVar[tuple[str, ...]] = ("rubric",)
+    extra_columns: ClassVar[dict[str, pa.DataType]] = {"rubric_hits": pa.int32()}
     params: RubricParams
 
     def score(self, items: list[ScoreItem]) -> list[Score | RowError]:
@@ -48,7 +72,8 @@ class RubricScorer(Scorer):
             hits = [w for w in wanted if w in text]
             out.append(Score(len(hits) / len(wanted),
                              {"hits": hits, "inputs": sorted(item.inputs),
-                              "outcome": f"{len(hits)}/{len(wanted)} rubric items"}))
+                              "outcome": f"{len(hits)}/{len(wanted)} rubric items"},
+                             columns={"rubric_hits": len(hits)}))
         return out
 
     @classmethod
@@ -93,6 +118,53 @@ class GradedExporter(Exporter):
                 for r in best]
         return pa.Table.from_pylist(rows, schema=GRADED) if rows else None
 
+    human_kinds: ClassVar[tuple[str, ...]] = ("rankings",)
+
+    def export_human(self, labels: HumanLabels) -> pa.Table:
+        """Each ranked prompt's candidate people put first most often (ties: the smaller id);
+        ``score``: the share of the prompt's rankings that put it first."""
+        firsts: dict[str, Counter[str]] = {}
+        for ranking in labels.rankings:
+            firsts.setdefault(ranking.prompt_id, Counter())[ranking.order[0]] += 1
+        rows = []
+        for prompt_id, counts in sorted(firsts.items()):
+            top, n = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+            rows.append({"prompt_id": prompt_id, "generation_id": top, "answer": labels.candidates[top]["text"],
+                         "score": n / sum(counts.values()), "grade": "human"})
+        return pa.Table.from_pylist(rows, schema=GRADED)
+
+
+class InboxParams(PluginParams):
+    folder: str = Field(description="Where the tasks are written and the annotations read.")
+
+
+class Inbox(Labeller):
+    """Tasks out to a JSON file, annotations in from another."""
+
+    Params: ClassVar[type[PluginParams]] = InboxParams
+    description: ClassVar[str] = "labelling through two JSON files (tests)"
+    params: InboxParams
+
+    def _file(self, project: str, what: str) -> Path:
+        return Path(self.params.folder) / f"{project.replace(' ', '_')}.{what}.json"
+
+    def push(self, project: str, kind: str, tasks: list[LabelTask]) -> PushResult:
+        path = self._file(project, "tasks")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        known = json.loads(path.read_text()) if path.exists() else {}
+        new = {t.key: {"prompt_id": t.prompt_id, "kind": kind, "candidates": [c.generation_id for c in t.candidates]}
+               for t in tasks if t.key not in known}
+        path.write_text(json.dumps({**known, **new}, sort_keys=True))
+        return PushResult(project, len(new), len(tasks) - len(new), str(path))
+
+    def pull(self, project: str, kind: str) -> list[Annotation]:
+        path = self._file(project, "annotations")
+        if not path.exists():
+            raise RuntimeError(f"inbox: no project {project!r} ({path} is missing)")
+        return [Annotation(a["key"], kind, a["prompt_id"], a["annotator"], a["created_at"], a["id"],
+                           ranking=tuple(a.get("ranking", ())), completion=a.get("completion"))
+                for a in json.loads(path.read_text())]
+
 
 @hookimpl
 def register_scorers(register: Any) -> None:
@@ -102,3 +174,8 @@ def register_scorers(register: Any) -> None:
 @hookimpl
 def register_exporters(register: Any) -> None:
     register("graded", GradedExporter)
+
+
+@hookimpl
+def register_labellers(register: Any) -> None:
+    register("inbox", Inbox)
