@@ -136,7 +136,7 @@ def phases(marks: list[dict[str, Any]], wall: float, timings: dict[str, float]) 
         first.setdefault(m["what"], m["t"])
     t = first.get
     points = [0.0, t("> start_local_api"), t("> init_ray"), t("< init_ray"),
-              t("< launch_early") or t("< launch_early_requests") or t("< _launch_workers"), t("> flow body")]
+              t("< JobSession.launch_workers"), t("> flow body")]
     out: dict[str, float] = {}
     names = list(PHASES)
     for name, (a, b) in zip(names[:5], itertools.pairwise(points), strict=True):

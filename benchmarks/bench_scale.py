@@ -12,7 +12,7 @@ row-group granularity (as any Parquet reader does): a file written as a single
 row group of a million rows costs that row group's column chunks in memory while
 it is read, ~150 MiB more at 1M prompts, whatever genflow does.
 
-Each job runs in a fresh process (``genflow.job.run_job``, what ``genflow run``
+Each job runs in a fresh process (``genflow.flows.run.run_job``, what ``genflow run``
 calls) against a real Prefect server the benchmark starts, so its task runs can
 be counted from the Prefect API afterwards. Reported:
 
@@ -70,7 +70,7 @@ def write_prompts(path: Path, count: int) -> Path:
 
 def child(config_path: Path, result_path: Path) -> None:
     from genflow.config import load_config
-    from genflow.job import run_job
+    from genflow.flows.run import run_job
 
     started = time.perf_counter()
     manifest = run_job(load_config(config_path))

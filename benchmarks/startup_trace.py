@@ -33,8 +33,9 @@ from typing import Any
 WRAP: dict[str, tuple[str, ...]] = {
     "genflow.runtime.local_prefect": ("start_local_api", "adopt", "LocalPrefectAPI.wait_ready", "LocalPrefectAPI.stop"),
     "genflow.engine.ray_cluster": ("init_ray", "shutdown_ray"),
-    "genflow.engine.actors": ("launch_early", "launch_early_requests", "stop_early_workers"),
-    "genflow.job": ("run_job", "check_job", "_launch_workers"),
+    "genflow.runtime.session": ("JobSession.open", "JobSession.launch_workers", "JobSession.stop_early_workers"),
+    "genflow.data.checks": ("check_job",),
+    "genflow.flows.run": ("run_job",),
     "genflow.config": ("load_config",),
     "genflow.flows.job": ("run_stages", "build_manifest", "write_report_safely", "write_card_safely",
                           "publish_job_artifacts"),

@@ -21,7 +21,6 @@ would. ``{date}`` in the output stays as written and is filled in by each run.
 
 from __future__ import annotations
 
-import copy
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,38 +28,13 @@ from typing import Any
 from uuid import UUID
 
 from genflow.config import JobConfig, build_config
-from genflow.data.storage import is_remote
+from genflow.runtime.session import anchor_paths
 
 TAGS = ["genflow"]
 
 
 def deployment_name(config: JobConfig) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", config.name).strip("-") or "genflow-job"
-
-
-def _absolute(value: Any, base: Path, must_exist: bool) -> Any:
-    if not isinstance(value, str) or not value or is_remote(value) or value.startswith("file://"):
-        return value
-    path = Path(value).expanduser()
-    if path.is_absolute():
-        return value
-    candidate = base / path
-    if must_exist and not candidate.exists():
-        return value  # a hub model id such as "gpt2", not a folder here
-    return str(candidate)
-
-
-def anchor_paths(raw: dict[str, Any], base: Path | None = None) -> dict[str, Any]:
-    """The config with relative local paths made absolute against ``base`` (the current folder)."""
-    base = (base or Path.cwd()).resolve()
-    data = copy.deepcopy(raw)
-    data["input"] = _absolute(data.get("input"), base, must_exist=False)
-    data["output"] = _absolute(data.get("output"), base, must_exist=False)
-    for key in ("generators", "scorers"):
-        for spec in data.get(key) or []:
-            if isinstance(spec, dict) and "model" in spec:
-                spec["model"] = _absolute(spec["model"], base, must_exist=True)
-    return data
 
 
 ConfigFile = tuple[Path, list[str]]
@@ -70,7 +44,8 @@ ConfigFile = tuple[Path, list[str]]
 def job_parameters(raw: dict[str, Any], base: Path | None = None,
                    config_file: ConfigFile | None = None) -> dict[str, Any]:
     """The deployment's parameters: the config with its secrets hidden (Prefect stores them and
-    shows them in its UI); each run reads the secrets back from the config file."""
+    shows them in its UI); each run reads the secrets back from the config file
+    (``genflow.runtime.session.config_from_parameters``) and opens its session with them."""
     from genflow.config import redacted
 
     data = anchor_paths(raw, base)

@@ -49,16 +49,15 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 from genflow.api import Scorer
-from genflow.config import ConfigError, JobConfig, build_config, job_secrets, redacted_urls, resolve_output
+from genflow.config import ConfigError, JobConfig, job_secrets, redacted_urls
 from genflow.data import layout
 from genflow.data.layout import Shard, ShardPlan, Stage
-from genflow.data.lease import output_lease
 from genflow.data.prompts import InputError, open_input
 from genflow.data.resume import DoneIndex, StageOutcome, drop_unused_parts, finished
 from genflow.data.storage import Storage, disk_full
-from genflow.engine.actors import RequestPool, Workers, job_workers
+from genflow.engine.actors import RequestPool, Workers
+from genflow.engine.errors import JobFailed
 from genflow.engine.ray_cluster import RayUnreachable
-from genflow.job import JobFailed, prefect_api_lost, real_config
 from genflow.labelling import labels as human_labels
 from genflow.outputs.agreement import scorer_agreement
 from genflow.outputs.artifacts import publish_job_artifacts, stage_tags
@@ -68,7 +67,8 @@ from genflow.outputs.manifest import build_manifest, rows_of
 from genflow.outputs.report import write_report_safely
 from genflow.registry import PluginError, Registry, get_registry
 from genflow.runtime.progress import StageProgress
-from genflow.runtime.shutdown import lost_api_reported, prefect_api_busy, shown_api_url
+from genflow.runtime.session import JobSession, flow_session
+from genflow.runtime.shutdown import lost_api_reported, prefect_api_busy, prefect_api_lost, shown_api_url
 from genflow.secrets import install as install_secrets
 from genflow.stages import (
     JobContext,
@@ -134,12 +134,12 @@ CHEAP_ROWS = 1024
 shards share a task run, each still written and marked on its own."""
 
 
-def _run_cheap_stage(job: JobContext, stage: Stage, plans: list[tuple[Shard, str]], done: Any, run: Task[Any, Any],
-                     *extra: Any) -> list[StageOutcome]:
+def _run_cheap_stage(lost: threading.Event, job: JobContext, stage: Stage, plans: list[tuple[Shard, str]], done: Any,
+                     run: Task[Any, Any], *extra: Any) -> list[StageOutcome]:
     outcomes: dict[int, StageOutcome] = {}
     todo = _undone(stage, plans, done, outcomes)
     for group in pack_shards(todo, 1, CHEAP_ROWS):
-        for outcome in call_task(run, job, stage, pack_name(group), group[0][1], group, *extra):
+        for outcome in call_task(lost, run, job, stage, pack_name(group), group[0][1], group, *extra):
             outcomes[outcome.shard] = outcome
     return [outcomes[shard.index] for shard, _ in plans]
 
@@ -177,14 +177,16 @@ def model_stages(config: JobConfig, registry: Registry) -> list[ModelStage]:
                      for s in config.scorers]
 
 
-def run_stages(config: JobConfig, storage: Storage, resume: bool) -> dict[str, Any]:
-    """The job's recipe; returns the manifest. Its model stages take turns on one set of workers."""
-    with job_workers(config.ray) as workers:
-        return _run_stages(config, storage, resume, workers)
+def run_stages(session: JobSession) -> dict[str, Any]:
+    """The job's recipe; returns the manifest. Its model stages take turns on one set of workers
+    (those the session launched early, or new ones)."""
+    with session.take_workers() as workers:
+        return _run_stages(session, workers)
 
 
-def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Workers) -> dict[str, Any]:
+def _run_stages(session: JobSession, workers: Workers) -> dict[str, Any]:
     t0 = time.perf_counter()
+    config, storage, resume, lost = session.config, session.storage, session.resume, session.api_lost
     registry = get_registry()
     stages = model_stages(config, registry)
     exporters = job_exporters(config, registry) if config.scorers else {}
@@ -193,7 +195,7 @@ def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Work
 
     # Plan: the input cut into shards; what this config no longer has is removed.
     folders = [*layout.CORE_FOLDERS, *sorted(every_exporter | set(exporters)), layout.ERRORS]
-    shards, base_dir = call_task(plan_task, config, storage, resume, folders)
+    shards, base_dir = call_task(lost, plan_task, config, storage, resume, folders)
     drop_unused_parts(storage, set(layout.generator_labels(config)), {s.name for s in config.scorers},
                       set(exporters), every_exporter)
     job = JobContext(config, storage, base_dir, frozenset(c for s in stages for c in s.factory.input_columns),
@@ -213,11 +215,14 @@ def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Work
     if not config.generators:  # the rows' own candidates
         own = layout.generate_stage(layout.INPUT_LABEL)
         with tags(*stage_tags(own.name)):
-            outcomes += _run_cheap_stage(job, own, [(p.shard, p.generate[0][1]) for p in plans], done, input_task)
+            outcomes += _run_cheap_stage(lost, job, own, [(p.shard, p.generate[0][1]) for p in plans], done,
+                                         input_task)
     for stage in stages:
         t = time.perf_counter()
         pool = stage.pool(config, workers)
-        outcomes += _run_model_stage(job, stage, plans, outcomes, pool, done)
+        if isinstance(pool, RequestPool):
+            pool = session.request_pool(pool)  # the one launched early for the job's first stage, if it is
+        outcomes += _run_model_stage(lost, job, stage, plans, outcomes, pool, done)
         plugins[stage.label] = stage_manifest(stage, pool.description)
         if isinstance(pool, RequestPool) and pool.stats:
             plugins[stage.label]["requests"] = pool.stats
@@ -232,7 +237,7 @@ def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Work
         t = time.perf_counter()
         with tags(*stage_tags(layout.RANK_STAGE.name, exporters)):
             ranks = [(p.shard, p.rank[1]) for p in plans if p.rank is not None]
-            outcomes += _run_cheap_stage(job, layout.RANK_STAGE, ranks, done, rank_task, exporters)
+            outcomes += _run_cheap_stage(lost, job, layout.RANK_STAGE, ranks, done, rank_task, exporters)
         timings["rank"] = time.perf_counter() - t
 
     timings["total"] = time.perf_counter() - t0
@@ -263,8 +268,8 @@ def _run_stages(config: JobConfig, storage: Storage, resume: bool, workers: Work
     return manifest
 
 
-def _run_model_stage(job: JobContext, stage: ModelStage, plans: list[ShardPlan], before: list[StageOutcome],
-                     pool: Pool, done: Any) -> list[StageOutcome]:
+def _run_model_stage(lost: threading.Event, job: JobContext, stage: ModelStage, plans: list[ShardPlan],
+                     before: list[StageOutcome], pool: Pool, done: Any) -> list[StageOutcome]:
     """One generator's or scorer's tasks, a pack of shards each; shards finished before are skipped.
 
     The next pack is made (its inputs read, its calls sent) before the current one is
@@ -295,7 +300,7 @@ def _run_model_stage(job: JobContext, stage: ModelStage, plans: list[ShardPlan],
 
         def collect(pack: Pack) -> None:
             name = pack_name([(w.shard, w.fingerprint) for w in pack.works])
-            for outcome in call_task(run, job, stage, name, pack.works[0].fingerprint, pack):
+            for outcome in call_task(lost, run, job, stage, name, pack.works[0].fingerprint, pack):
                 outcomes[outcome.shard] = outcome
 
         # One pack is sent ahead of the one collected; none where a budget is counted from the answers.
@@ -349,16 +354,17 @@ locked under load answers 503 to a task's concurrency slots). Prefect's client h
 request itself by then (``PREFECT_CLIENT_MAX_RETRIES``)."""
 
 
-def call_task(run: Task[Any, Any], *args: Any) -> Any:
+def call_task(lost: threading.Event, run: Task[Any, Any], *args: Any) -> Any:
     """Run a task of the flow; once the Prefect API is gone, run its function without Prefect.
 
     A shared Prefect server that restarts, or a local API that dies, then costs Prefect's
     record of the rest of the run (one line says so), not the job: the work is genflow's.
     A busy API (a 5xx) gets the task tried again after each of ``API_BUSY_PAUSES_S``; one
     still busy then is left as a lost one is. Trying again is safe: a task's function skips
-    the shards it has finished, and has run no further than Prefect let it."""
+    the shards it has finished, and has run no further than Prefect let it. ``lost`` is the
+    session's flag (``JobSession.api_lost``): set, the job's remaining tasks run without Prefect."""
     for pause in (*API_BUSY_PAUSES_S, None):
-        if _lost_api.is_set():
+        if lost.is_set():
             break
         try:
             return run(*args)
@@ -373,22 +379,19 @@ def call_task(run: Task[Any, Any], *args: Any) -> Any:
                                                  "in %g s", shown_api_url(), busy, run.name, pause)
                 time.sleep(pause)
                 continue
-            _go_on_without_prefect(busy)
+            _go_on_without_prefect(lost, busy)
     return run.fn(*args)
 
 
-def _go_on_without_prefect(busy: int | None) -> None:
+def _go_on_without_prefect(lost: threading.Event, busy: int | None) -> None:
     """Run the rest of the job's tasks without Prefect, saying why in one line."""
-    _lost_api.set()
+    lost.set()
     message = "the job goes on without Prefect; Prefect's record of this run stops here"
     if busy is None:
         logging.getLogger(__name__).warning(lost_api_reported(message))
     else:
         logging.getLogger(__name__).warning("the Prefect API (%s) stayed busy (HTTP %d on %d tries of a task): %s",
                                             shown_api_url(), busy, len(API_BUSY_PAUSES_S) + 1, message)
-
-
-_lost_api = threading.Event()
 
 
 def stage_manifest(stage: ModelStage, description: dict[str, Any] | None) -> dict[str, Any]:
@@ -420,23 +423,21 @@ def _summarize(storage: Storage, stage: ModelStage) -> dict[str, Any]:
 
 
 @flow(name="genflow-job", log_prints=False, validate_parameters=False, on_failure=[on_job_failure])
-def genflow_job(config: dict[str, Any], resume: bool = True,
-                config_source: dict[str, Any] | None = None) -> dict[str, Any]:
+def genflow_job(config: dict[str, Any], resume: bool = True, config_source: dict[str, Any] | None = None,
+                session: str | None = None) -> dict[str, Any]:
     """Run one genflow job from its config mapping (as in the YAML file).
 
-    Prefect records the parameters, so ``config`` may have its secrets hidden (``***``);
-    ``config_source`` then says where the real config is (``genflow.job.real_config``)."""
-    _lost_api.clear()  # this run reached the API: one lost by an earlier run of this process is not its
-    job = build_config(real_config(config, config_source), source=f"job {config.get('name', '?')!r}")
-    install_secrets(job_secrets(job))  # what servers send back is scrubbed of them: rows, logs, Prefect
-    job = job.model_copy(update={"output": resolve_output(job.output)})
-    storage = Storage.open(job.output, **job.storage.model_dump())
-    storage.makedirs()
-    with output_lease(storage, job.name):  # `genflow run` holds it already; a deployment's run takes it here
-        manifest = run_stages(job, storage, resume)
+    Prefect records the parameters, so ``config`` may have its secrets hidden (``***``):
+    ``session`` is then the key of the job's session in this process (``genflow run``, a sweep),
+    which holds the real config, validated, with its storage and lease; a deployment's run has
+    none here, and builds its own from ``config`` and ``config_source`` (the config file to read
+    the secrets back from). See ``genflow.runtime.session``."""
+    with flow_session(config, resume, config_source, session) as job:
+        install_secrets(job_secrets(job.config))  # what servers send back is scrubbed of them: rows, logs, Prefect
+        manifest = run_stages(job)
     errors = manifest["errors"]
     if manifest["status"] == "failed":
         raise JobFailed(f"{errors['rows']} of {errors['work_items']} rows failed "
-                        f"({errors['fraction']:.1%} > max_error_fraction {job.max_error_fraction:.1%}); "
-                        f"see {storage.uri_of(layout.ERRORS)}", manifest)
+                        f"({errors['fraction']:.1%} > max_error_fraction {job.config.max_error_fraction:.1%}); "
+                        f"see {job.storage.uri_of(layout.ERRORS)}", manifest)
     return manifest

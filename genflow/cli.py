@@ -29,7 +29,7 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a conf
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from genflow.job import USER_ERRORS
+    from genflow.runtime.session import USER_ERRORS
 
     return USER_ERRORS
 
@@ -69,7 +69,9 @@ def run(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no-r
     with command_ending(hint, lambda line: console.print(line, highlight=False, markup=False), _shutdown_ray), \
             local_prefect_api() as prefect_ready:  # boots while the job's modules load and its config is checked
         from genflow.config import load_config
-        from genflow.job import JobFailed, PrefectAPILost, run_job
+        from genflow.engine.errors import JobFailed
+        from genflow.flows.run import run_job
+        from genflow.runtime.shutdown import PrefectAPILost
 
         try:
             job = load_config(config, set_ or [])
@@ -149,12 +151,13 @@ def _print_summary(manifest: dict) -> None:
 @app.command()
 def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Check a config and read its whole input, loading no model."""
-    from genflow.config import load_config
+    from genflow.config import load_config, resolve_output
+    from genflow.data.checks import check_job
     from genflow.data.prompts import shard_tables
-    from genflow.job import check_job
 
     try:
         job = load_config(config, set_ or [])
+        job = job.model_copy(update={"output": resolve_output(job.output)})  # the folder a run would write
         source = check_job(job, read_rows=False)  # read below, shard by shard
         rows = shards = 0
         for table in shard_tables(source, job.shard_rows):
@@ -229,7 +232,7 @@ def _raw_config(config: Path, overrides: list[str] | None) -> dict:
 
 
 def _needs_prefect_server(command: str) -> None:
-    from genflow.job import quiet_prefect_defaults
+    from genflow.runtime.local_prefect import quiet_prefect_defaults
 
     quiet_prefect_defaults()
     from prefect.settings import PREFECT_API_URL
@@ -252,13 +255,15 @@ def sweep(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no
     from genflow.runtime.local_prefect import local_prefect_api
 
     with local_prefect_api() as prefect_ready:
-        from genflow.sweep import SweepFailed, plan_sweep, run_sweep
+        from genflow.engine.errors import SweepFailed
+        from genflow.flows.run import run_sweep
+        from genflow.grid import plan_sweep
 
         try:
             raw = _raw_config(config, set_)
-            plan_sweep(raw, source=str(config))  # every run's config checked before Prefect is waited for
+            plan = plan_sweep(raw, source=str(config))  # every run's config checked before Prefect is waited for
             prefect_ready()
-            plan, rows = run_sweep(raw, resume=resume, source=str(config), force=force)
+            plan, rows = run_sweep(plan, resume=resume, force=force)
         except _user_errors() as exc:
             fail(str(exc))
         except SweepFailed as exc:
@@ -306,7 +311,7 @@ def serve(config: ConfigArg, name: NameOpt = None, limit: Annotated[int | None, 
           "--limit", help="at most this many runs at once")] = None, set_: SetOpt = None) -> None:
     """Serve the job's deployment: run it on its schedule, and whenever triggered, until stopped."""
     from genflow.flows import deploy as deployment
-    from genflow.job import quiet_prefect_defaults
+    from genflow.runtime.local_prefect import quiet_prefect_defaults
 
     _needs_prefect_server("serve")
     quiet_prefect_defaults()

@@ -59,7 +59,7 @@ def ray_local() -> Iterator[None]:
 @pytest.fixture
 def job_runner(prefect_harness: None, ray_local: None) -> Any:
     """``run(config_dict, resume=True) -> manifest`` through the real flow, Ray and Prefect."""
-    from genflow.job import run_job
+    from genflow.flows.run import run_job
 
     return run_job
 

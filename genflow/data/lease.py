@@ -624,26 +624,14 @@ class OutputLease:
                             STALE_AFTER_S)
 
 
-_held: set[str] = set()
-"""The outputs whose lease this process holds through :func:`output_lease`."""
-
-
 @contextlib.contextmanager
-def output_lease(storage: Storage, job: str = "", force: bool = False) -> Iterator[OutputLease | None]:
-    """Hold the output's lease for the ``with`` block; released on every way out (Ctrl-C included).
-
-    Where this process holds it already (``genflow run`` takes it before the flow, which takes
-    it too for runs Prefect starts, such as a deployment's), the block runs under that one (None)."""
-    if storage.uri in _held:
-        yield None
-        return
+def output_lease(storage: Storage, job: str = "", force: bool = False) -> Iterator[OutputLease]:
+    """Hold the output's lease for the ``with`` block; released on every way out (Ctrl-C included)."""
     lease = OutputLease(storage, job, force)
     lease.acquire()
-    _held.add(storage.uri)
     try:
         yield lease
     finally:
-        _held.discard(storage.uri)
         lease.release()
 
 

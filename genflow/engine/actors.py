@@ -126,7 +126,7 @@ class Workers:
     The stages of a job take turns on the same processes: a stage's plugin is loaded
     where the previous stage's was, whose model is freed first. A job so starts its
     worker processes, and imports torch in them, once rather than once per stage.
-    Started on first use, or launched early (:func:`launch_early`)."""
+    Started on first use, or launched early (``genflow.runtime.session.JobSession.launch_workers``)."""
 
     def __init__(self, spec: RaySpec, size: int | None = None) -> None:
         self.spec, self.size = spec, size or spec.workers
@@ -447,52 +447,11 @@ def _answer(call: _Call, results: list[Any]) -> None:
 
 
 
-_launched_early: dict[str, Workers] = {}
-
-
-def launch_early(spec: RaySpec, factory: type, model: str | None, params: dict[str, Any]) -> None:
-    """Start a job's workers now, loading its first stage's plugin, for the flow that will ask
-    for them through :func:`job_workers`.
-
-    Ray's start, the worker processes' and their model loads take seconds; launched
-    before the flow, they pass while Prefect starts the flow run. (A registry in this
-    module because a Prefect flow's parameters cannot carry actors.)"""
-    workers = Workers(spec)
-    workers.load(factory, model, params)
-    _launched_early[stable_hash(spec.model_dump(mode="json"))] = workers
-
-
-def job_workers(spec: RaySpec) -> Workers:
-    """The workers launched early for a job with these Ray settings, or new ones (started on first use)."""
-    return _launched_early.pop(stable_hash(spec.model_dump(mode="json")), None) or Workers(spec)
-
-
-_launched_early_requests: dict[str, RequestPool] = {}
-
-
-def launch_early_requests(pool: RequestPool) -> None:
-    """Start a job's first stage's request worker now, for the flow that asks for it through
-    :func:`request_pool` (as :func:`launch_early` does for model workers)."""
-    pool.launch()
-    _launched_early_requests[_request_key(pool)] = pool
-
-
-def request_pool(pool: RequestPool) -> RequestPool:
-    """The request worker launched early for a stage like ``pool``, or ``pool`` itself."""
-    return _launched_early_requests.pop(_request_key(pool), None) or pool
-
-
-def _request_key(pool: RequestPool) -> str:
+def request_key(pool: RequestPool) -> str:
+    """What makes two request workers the same: their stage, plugin, model, params and limits
+    (a job's session hands a stage the one it launched early only if it is the same)."""
     return stable_hash([pool.name, plugin_key(pool.factory, pool.model, pool.params), pool.requests,
                         pool.spec.model_dump(mode="json")])
-
-
-def stop_early_workers() -> None:
-    """Stop workers launched early that no flow took (the job failed before its first stage)."""
-    while _launched_early:
-        _launched_early.popitem()[1].stop()
-    while _launched_early_requests:
-        _launched_early_requests.popitem()[1].stop()
 
 
 def chunked(items: Sequence[Any], size: int) -> list[list[Any]]:

@@ -1,4 +1,4 @@
-"""How a job stops short of its end: the errors a stage or the flow raises for the job as a whole.
+"""How a job (or a sweep of jobs) stops short of its end: the errors raised for it as a whole.
 
 They sit low, beside the engine, so that the stages that raise them, the outputs that report
 them (``genflow.outputs.events``) and the flows and the CLI that catch them all import them
@@ -21,3 +21,7 @@ class JobFailed(RuntimeError):
 
 class BudgetSpent(JobFailed):
     """The job's requests have cost ``max_cost``: it stopped, keeping every answer it had."""
+
+
+class SweepFailed(RuntimeError):
+    """One or more runs of a sweep failed (the others finished and are in sweep.parquet)."""

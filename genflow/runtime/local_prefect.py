@@ -151,7 +151,7 @@ def start_local_api() -> LocalPrefectAPI | None:
     spec = find_spec("prefect")
     if spec is None or not spec.submodule_search_locations:
         return None
-    # As genflow.job.quiet_prefect_defaults: no telemetry heartbeat ("database is locked"),
+    # As quiet_prefect_defaults: no telemetry heartbeat ("database is locked"),
     # and patience for a slow start on a busy machine.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
@@ -254,3 +254,9 @@ def local_prefect_api() -> Iterator[Callable[[], None]]:
         # and the atexit hook registered at start (so run after Prefect's own) stops it.
         if api is not None and not adopted:
             api.stop()
+
+
+def quiet_prefect_defaults() -> None:
+    """Settings that keep Prefect's local ephemeral server quiet and quick."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")

@@ -103,6 +103,32 @@ def prefect_api_busy(error: BaseException | None) -> int | None:
     return None
 
 
+class PrefectAPILost(RuntimeError):
+    """The Prefect API stopped answering before the job finished."""
+
+
+def _api_url() -> str:
+    """The Prefect API's URL, credentials included (to reach it; messages show :func:`shown_api_url`)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value() or "ephemeral")
+
+
+def prefect_api_lost(timeout: float = 3.0) -> bool:
+    """Whether the Prefect API this process uses no longer answers its health check."""
+    import urllib.error
+    import urllib.request
+
+    url = _api_url()
+    if not url.startswith("http"):
+        return False
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as response:
+            return bool(response.status >= 500)
+    except (urllib.error.URLError, OSError):
+        return True
+
+
 def lost_api_reported(text: str) -> str:
     """``text`` as the line that says the Prefect API was lost, the first time; then as it is."""
     if _LostAPI.said:

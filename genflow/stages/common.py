@@ -20,7 +20,7 @@ from genflow.data.results import Failure, failure_of, scrub_result
 from genflow.data.resume import StageOutcome, mark_finished
 from genflow.data.schemas import ERRORS, GENERATIONS, SCORES
 from genflow.data.storage import Storage
-from genflow.engine.actors import RequestPool, WorkerPool, chunked, request_pool
+from genflow.engine.actors import RequestPool, WorkerPool, chunked
 from genflow.engine.budget import Budget, priced, reported_tokens, request_cost
 from genflow.engine.errors import BudgetSpent
 from genflow.registry import PluginInfo, Registry
@@ -75,11 +75,12 @@ class ModelStage:
         return sends_requests(self.factory)
 
     def pool(self, config: JobConfig, workers: Any) -> Pool:
-        """Where the stage runs: the job's workers (a local model), or a request worker."""
+        """Where the stage runs: the job's workers (a local model), or a request worker of its own
+        (not started yet: the job's session may hand over one it launched early instead)."""
         spec = self.spec
         if self.sends_requests:
-            return request_pool(RequestPool(self.factory, spec.model, spec.params, config.ray, self.label,
-                                            spec.requests.model_dump(), config.seed))
+            return RequestPool(self.factory, spec.model, spec.params, config.ray, self.label,
+                               spec.requests.model_dump(), config.seed)
         return WorkerPool(self.factory, spec.model, spec.params, config.ray, self.label, workers)
 
     def call_size(self, config: JobConfig) -> int:

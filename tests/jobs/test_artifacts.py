@@ -258,7 +258,7 @@ def test_a_sweep_run_has_one_artifact_row_per_run(tmp_path: Path, prefect_harnes
                                                   test_plugins: dict[str, str]) -> None:
     from prefect import get_client
 
-    from genflow.sweep import run_sweep
+    from genflow.flows.run import run_sweep
 
     pq.write_table(pa.table({"prompt": ["a b", "c d e", "f"]}), tmp_path / "prompts.parquet")
     raw = {"name": "tiny sweep", "input": str(tmp_path / "prompts.parquet"), "output": str(tmp_path / "sweep"),

@@ -214,7 +214,7 @@ def test_a_sweep_hands_prefect_no_secret_and_its_runs_get_the_real_config(
         tmp_path: Path, job_runner: Any, test_plugins: dict[str, str]) -> None:
     from prefect import get_client
 
-    from genflow.sweep import run_sweep
+    from genflow.flows.run import run_sweep
 
     pq.write_table(pa.table({"prompt": ["one", "two"]}), tmp_path / "prompts.parquet")
     token = "tok-sweep-sentinel-6061"
@@ -233,7 +233,7 @@ def test_a_sweep_hands_prefect_no_secret_and_its_runs_get_the_real_config(
 def test_a_deployment_stores_no_secret_and_its_runs_read_them_from_the_file(tmp_path: Path,
                                                                            test_plugins: dict[str, str]) -> None:
     from genflow.flows.deploy import job_parameters
-    from genflow.job import real_config
+    from genflow.runtime.session import config_from_parameters
 
     path = _config_file(tmp_path, generators=[{"label": "echo", "plugin": "echo", "params": {"api_token": "t0p"}}])
     raw = yaml.safe_load(path.read_text())
@@ -242,13 +242,13 @@ def test_a_deployment_stores_no_secret_and_its_runs_read_them_from_the_file(tmp_
     raw["seed"] = 3  # as `genflow deploy CONFIG --set seed=3` hands it over
     params = job_parameters(raw, tmp_path, config_file=(path, ["seed=3"]))
     assert "t0p" not in json.dumps(params) and params["config"]["generators"][0]["params"]["api_token"] == "***"
-    real = real_config(params["config"], params["config_source"])
+    real = config_from_parameters(params["config"], params["config_source"])
     assert real["generators"][0]["params"]["api_token"] == "t0p" and real["seed"] == 3
     with pytest.raises(ConfigError, match="hidden"):
-        real_config(params["config"], None)
+        config_from_parameters(params["config"], None)
     path.write_text(path.read_text().replace("reliability", "renamed"))
     with pytest.raises(ConfigError, match="changed since this deployment was made"):
-        real_config(params["config"], params["config_source"])
+        config_from_parameters(params["config"], params["config_source"])
 
 
 # -- weak: one message, exit code 2, before Ray or any model ------------------------------------
@@ -584,7 +584,7 @@ def test_a_prefect_api_that_stays_busy_is_left_as_a_lost_one(tmp_path: Path, tes
 
 def test_a_model_path_that_does_not_exist_is_named_before_anything_starts(tmp_path: Path,
                                                                           test_plugins: dict[str, str]) -> None:
-    from genflow.job import check_job
+    from genflow.data.checks import check_job
 
     pq.write_table(pa.table({"prompt": ["one"]}), tmp_path / "prompts.parquet")
     (tmp_path / "models").mkdir()
@@ -699,7 +699,7 @@ def test_a_stale_lease_needs_force_and_validate_takes_no_lease(
         raise ConfigError("stopped here")
 
     with monkeypatch.context() as patch:
-        patch.setattr("genflow.job.run_job", stop_at_the_job)
+        patch.setattr("genflow.flows.run.run_job", stop_at_the_job)
         assert _cli("run", str(path), "--force")[0] == 2 and seen["force"] is True  # --force reaches the job
     manifest = request.getfixturevalue("job_runner")(_job(tmp_path), force=True)
     assert manifest["status"] == "completed"

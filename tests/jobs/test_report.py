@@ -82,7 +82,7 @@ def text_of(fragment: str) -> str:
 @pytest.fixture(scope="module")
 def text_output(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, str],
                 prefect_harness: None, ray_local: None) -> Path:
-    from genflow.job import run_job
+    from genflow.flows.run import run_job
 
     tmp = tmp_path_factory.mktemp("text-report")
     config = text_job(tmp, tiny_models, ray={"workers": 1, "batch_size": 16})
@@ -93,7 +93,7 @@ def text_output(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str,
 @pytest.fixture(scope="module")
 def code_output(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None, ray_local: None) -> Path:
     """Candidates the rows carry, run against their tests: some pass, some fail, one row has no tests."""
-    from genflow.job import run_job
+    from genflow.flows.run import run_job
 
     tmp = tmp_path_factory.mktemp("code-report")
     rows = pq.read_table(ROOT / "configs/data/humaneval_responses.parquet").to_pylist()
@@ -114,7 +114,7 @@ def code_output(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None,
 def image_output(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, str],
                  prefect_harness: None, ray_local: None) -> Path:
     from genflow.config import load_raw
-    from genflow.job import run_job
+    from genflow.flows.run import run_job
 
     tmp = tmp_path_factory.mktemp("image-report")
     config = load_raw(ROOT / "configs/images.yaml")

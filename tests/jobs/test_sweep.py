@@ -14,7 +14,7 @@ import pytest
 from support.jobs import run_genflow, text_job
 
 from genflow.config import ConfigError
-from genflow.sweep import MAX_NAME_CHARS, plan_sweep, short_names
+from genflow.grid import MAX_NAME_CHARS, plan_sweep, short_names
 
 SAFE = re.compile(r"^[A-Za-z0-9._+=-]+$")
 
@@ -92,7 +92,7 @@ TEMPLATE = "Topic: {{ topic }}\nQ: {{ prompt }}\nA:"
 @pytest.mark.slow
 def test_sweep_runs_the_grid_shares_work_and_a_rerun_recomputes_nothing(
         tmp_path: Path, tiny_models: dict[str, str], prefect_harness: None, ray_local: None) -> None:
-    from genflow.sweep import run_sweep
+    from genflow.flows.run import run_sweep
 
     config = base_config(tmp_path, tiny_models, ray={"workers": 1, "batch_size": 16}, sweep={
         "generators.0.template": ["{{ prompt }}", TEMPLATE],

@@ -23,7 +23,7 @@ def table(out: Path, folder: str) -> pa.Table:
 @pytest.fixture(scope="module")
 def finished_job(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, str], prefect_harness: None,
                  ray_local: None) -> tuple[Path, dict]:
-    from genflow.job import run_job
+    from genflow.flows.run import run_job
 
     tmp = tmp_path_factory.mktemp("text-job")
     config = text_job(tmp, tiny_models, scorers=[
@@ -145,7 +145,7 @@ def test_manifest_records_config_versions_seeds_counts_and_timings(finished_job:
 
 def test_same_config_gives_the_same_data_and_a_rerun_does_no_work(
         finished_job: tuple[Path, dict], tiny_models: dict[str, str], tmp_path: Path) -> None:
-    from genflow.job import run_job
+    from genflow.flows.run import run_job
 
     out, _ = finished_job
     config = text_job(tmp_path, tiny_models, scorers=[

@@ -600,9 +600,9 @@ def test_a_job_stopped_at_max_cost_is_logged_without_a_traceback() -> None:
     import logging
     import sys
 
-    from genflow.job import _install_log_filter
+    from genflow.runtime.session import install_log_filter
 
-    _install_log_filter()
+    install_log_filter()
     logger = logging.getLogger("prefect.flow_engine")
     try:
         raise BudgetSpent("the job's requests have cost 0.0501, its max_cost is 0.05")

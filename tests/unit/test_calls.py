@@ -89,21 +89,24 @@ def test_a_plugin_whose_keys_fail_still_gets_every_row(tmp_path: Path, job_runne
 @pytest.mark.slow
 def test_a_new_job_launches_its_workers_before_the_flow_and_its_stages_share_them(
         tmp_path: Path, job_runner: Any, test_plugins: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    import genflow.engine.actors as execution
+    from genflow.runtime.session import JobSession
 
     launched: list[str] = []
-    real_launch = execution.launch_early
+    left: list[Any] = []
+    real_launch = JobSession.launch_workers
 
-    def recording(spec: Any, factory: type, model: str | None, params: dict[str, Any]) -> None:
-        launched.append(factory.__name__)
-        real_launch(spec, factory, model, params)
+    def recording(session: JobSession) -> type | None:
+        factory = real_launch(session)
+        launched.append(getattr(factory, "__name__", ""))
+        left.append(session)
+        return factory
 
-    monkeypatch.setattr(execution, "launch_early", recording)
+    monkeypatch.setattr(JobSession, "launch_workers", recording)
     config = _echo_job(tmp_path, [f"prompt {i}" for i in range(6)])
     config["scorers"] = [{"plugin": "length", "params": {"state_dir": str(tmp_path / "state")}}]
     first = job_runner(config)
     assert launched == ["Echo"] and first["rows"]["scores"] == 6
-    assert not execution._launched_early  # the flow took the workers launched for it
+    assert left[0].early_workers is None  # the flow took the workers launched for it
 
     def pids(kind: str) -> set[str]:
         return {line.split("pid=")[1].split()[0] for line in calls(tmp_path / "state") if line.startswith(kind)}

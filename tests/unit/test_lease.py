@@ -37,8 +37,8 @@ def no_renewal_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
 def moto_endpoint() -> Iterator[str]:
     """moto's S3 server on 127.0.0.1 with one empty bucket (as in test_storage_s3.py)."""
     import boto3
-    from support.jobs import free_port
     from moto.server import ThreadedMotoServer
+    from support.jobs import free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -126,15 +126,25 @@ def test_a_lease_names_its_job_and_refuses_a_second_one(storage: Storage) -> Non
         pass
 
 
-def test_the_flow_inside_genflow_run_works_under_the_runs_lease(storage: Storage) -> None:
-    """``genflow run`` takes the lease, then its flow asks again (as a deployment's run does): one lease."""
-    with output_lease(storage, "run") as lease:
-        with output_lease(storage, "flow") as inner:
-            assert inner is None and read_lease(storage).owner == lease.holder.owner  # type: ignore[union-attr]
-        assert read_lease(storage) is not None  # the flow's end leaves the run's lease
-    assert read_lease(storage) is None
-    with output_lease(storage, "deployment run") as alone:  # a flow run Prefect started takes its own
-        assert alone is not None and read_lease(storage).job == "deployment run"  # type: ignore[union-attr]
+def test_the_flow_inside_genflow_run_works_under_the_sessions_lease(storage: Storage,
+                                                                    test_plugins: dict[str, str]) -> None:
+    """``genflow run`` takes the lease in its job's session; the flow holds the same session: one lease,
+    taken once. A second session on the output (another run) is refused while the first holds it."""
+    from genflow.config import build_config
+    from genflow.runtime.session import JobSession
+
+    config = build_config({"name": "run", "input": "in.parquet", "output": storage.uri,
+                           "storage": storage.options, "generators": [{"label": "echo", "plugin": "echo"}]})
+    session = JobSession(config, storage)
+    with session.held():
+        lease = session.lease
+        assert lease is not None and read_lease(storage).owner == lease.holder.owner  # type: ignore[union-attr]
+        with session.held():  # the flow, inside the run
+            assert session.lease is lease and read_lease(storage).owner == lease.holder.owner  # type: ignore[union-attr]
+        assert read_lease(storage).owner == lease.holder.owner  # type: ignore[union-attr]  # the flow's end leaves it
+        with pytest.raises(OutputInUse, match="still running on this machine"), JobSession(config, storage).held():
+            pass
+    assert read_lease(storage) is None and session.lease is None
 
 
 def test_the_lease_is_released_when_the_job_raises(storage: Storage) -> None:
@@ -425,7 +435,7 @@ def test_a_job_on_s3_refuses_a_live_lease_and_leaves_none_when_done(
 
 
 def test_a_sweep_holds_the_lease_of_its_folder(tmp_path: Path, test_plugins: dict[str, str]) -> None:
-    from genflow.sweep import run_sweep
+    from genflow.flows.run import run_sweep
 
     root = Storage.open(str(tmp_path / "sweep"))
     _plant(root, host="gpu-box-7", pid=4242)  # another sweep on this folder, renewing
