@@ -368,6 +368,7 @@ def test_pull_reads_the_kinds_tasks_and_leaves_out_cancelled_and_unreadable_answ
     ls.routes[("GET", "/api/users")] = [{"id": 1, "email": "ada@x"}]
     data = {"genflow_key": "k1", "genflow_kind": "rankings", "prompt_id": "p1"}
     ls.routes[("GET", "/api/projects/5/export")] = [
+        {"id": 9, "data": {"prompt_id": "p0"}, "annotations": [_ranked(7, ["g1", "g2"])]},  # not genflow's
         {"id": 10, "data": data, "annotations": [
             _ranked(1, ["g2", "g1"]), _ranked(2, ["g1"], was_cancelled=True),
             {"id": 3, "result": [{"from_name": "rank", "type": "ranker", "value": None}]}, "not an annotation",

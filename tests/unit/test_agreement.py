@@ -12,7 +12,7 @@ import pytest
 from genflow.data import layout
 from genflow.data.schemas import SCORES
 from genflow.data.storage import Storage
-from genflow.outputs.agreement import COMBINED, Agreement, kendall_tau_b, scorer_agreement, strict_pairs
+from genflow.outputs.agreement import COMBINED, Agreement, PairAgreement, kendall_tau_b, scorer_agreement, strict_pairs
 
 
 def test_tau_b_matches_scipy_with_and_without_ties() -> None:
@@ -164,3 +164,11 @@ def test_a_scorer_without_a_part_of_a_shard_leaves_the_other_scorers_compared(tm
     assert rows[("judge", "reward")] == (1.0, 1, 1.0, 3)  # shard 1 only
     assert rows[("reward", "length")] == (-1.0, 2, 0.0, 6)  # both shards
     assert rows[("judge", "length")] == (-1.0, 1, 0.0, 3)
+
+
+def test_a_pairs_figures_are_rounded_to_six_places() -> None:
+    pair = PairAgreement(tau_sum=1.0, prompts=3, same=2, pairs=3)
+    assert pair.row("a", "b") == {"a": "a", "b": "b", "kendall_tau": 0.333333, "prompts": 3, "agreement": 0.666667,
+                                  "pairs": 3}
+    assert PairAgreement().row("a", "b") == {"a": "a", "b": "b", "kendall_tau": None, "prompts": 0,
+                                             "agreement": None, "pairs": 0}

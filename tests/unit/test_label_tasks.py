@@ -26,23 +26,28 @@ def test_instead_leaves_only_the_shards_model_rows_and_keeps_the_human_part(tmp_
     """The model rows of labelled prompts leave each shard's part; the human part (not a shard's)
     and a labelled part are never touched; a marker written without rows or parts gains them."""
     storage = Storage.open(str(tmp_path))
-    storage.write_table("preferences/part-00000.parquet", _model_rows("p1", "p2"))
-    storage.write_table("preferences/part-00001.parquet", _model_rows("p1"))
+    storage.write_table("preferences/part-00000-extra.parquet", _model_rows("p1"))  # listed first
+    storage.write_table("preferences/part-00000.parquet", _model_rows("p2"))  # nothing to leave out
+    storage.write_table("preferences/part-00001.parquet", _model_rows("p1", "p2"))
+    storage.write_table("preferences/part-00002.parquet", _model_rows("p1"))
     human = pa.Table.from_pylist([{"prompt_id": "p1", "chosen_id": "p1-c", "source": "human"}])
     storage.write_table("preferences/part-human.parquet", human)
-    storage.write_table("preferences/part-00002-extra.parquet", _model_rows("p1"))
-    storage.write_json("_state/rank/00000.json", {"fingerprint": "f", "parts": ["preferences/part-00000.parquet"]})
-    storage.write_json("_state/rank/00001.json", {"fingerprint": "f", "rows": {"sft": 4}})
+    untouched = {"fingerprint": "f", "rows": {"preferences": 1}, "parts": ["preferences/part-00000.parquet"]}
+    storage.write_json("_state/rank/00000.json", untouched)
+    storage.write_json("_state/rank/00001.json", {"fingerprint": "f", "parts": ["preferences/part-00001.parquet"]})
+    storage.write_json("_state/rank/00002.json", {"fingerprint": "f", "rows": {"sft": 4}})
 
     labels._leave_out(storage, "preferences", {"p1"})
 
     assert storage.read_table("preferences/part-00000.parquet").to_pylist() == _model_rows("p2").to_pylist()
-    assert not storage.exists("preferences/part-00001.parquet")
+    assert storage.read_table("preferences/part-00001.parquet").to_pylist() == _model_rows("p2").to_pylist()
+    assert not storage.exists("preferences/part-00002.parquet")
     assert storage.read_table("preferences/part-human.parquet").to_pylist() == human.to_pylist()
-    assert storage.read_table("preferences/part-00002-extra.parquet").to_pylist() == _model_rows("p1").to_pylist()
-    assert storage.read_json("_state/rank/00000.json") == {
-        "fingerprint": "f", "rows": {"preferences": 1}, "parts": ["preferences/part-00000.parquet"]}
+    assert storage.read_table("preferences/part-00000-extra.parquet").to_pylist() == _model_rows("p1").to_pylist()
+    assert storage.read_json("_state/rank/00000.json") == untouched
     assert storage.read_json("_state/rank/00001.json") == {
+        "fingerprint": "f", "rows": {"preferences": 1}, "parts": ["preferences/part-00001.parquet"]}
+    assert storage.read_json("_state/rank/00002.json") == {
         "fingerprint": "f", "rows": {"sft": 4, "preferences": 0}, "parts": []}
 
 
