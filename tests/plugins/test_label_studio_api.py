@@ -5,6 +5,7 @@ for each failure (fast: no Label Studio install)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -446,3 +447,34 @@ def test_an_answer_that_is_not_a_list_of_strings_says_what_it_is(text: Any, shap
     with pytest.raises(TypeError) as raised:
         label_studio.read_annotation({"id": 3, "result": [result]}, DATA, "demonstrations", {})
     assert str(raised.value) == f"its text is {shape}, not a list of strings"
+
+
+def test_a_server_that_never_answers_is_given_up_on_after_timeout_s(ls: Scripted) -> None:
+    async def never(request: web.Request) -> web.Response:
+        await asyncio.Event().wait()  # cancelled when the client gives up
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", never)
+    silent = BackgroundServer(app).start()
+    try:
+        said = _error(lambda: LabelStudio(LabelStudioParams(url=silent.origin, timeout_s=0.2)).pull("t", "rankings"))
+    finally:
+        silent.stop()
+    assert said == (f"cannot reach Label Studio at {silent.origin}: timed out; start it with `label-studio start` "
+                    "or pass its address with --url")
+
+
+def test_an_answer_of_unannounced_length_exactly_at_its_limit_is_read(ls: Scripted,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    body = json.dumps([{"id": 1, "title": "t"}]).encode()
+
+    async def chunks() -> Any:
+        yield body
+
+    ls.routes[("GET", "/api/projects")] = lambda request: web.Response(body=chunks(),
+                                                                       content_type="application/json")
+    monkeypatch.setattr(label_studio, "MAX_ANSWER_BYTES", len(body))
+    assert _plugin(ls)._find_project("t") == {"id": 1, "title": "t"}
+    monkeypatch.setattr(label_studio, "MAX_ANSWER_BYTES", len(body) - 1)
+    assert "the answer is larger than" in _error(lambda: _plugin(ls)._find_project("t"))
