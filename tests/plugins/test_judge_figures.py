@@ -231,10 +231,12 @@ def test_a_pairs_records_keep_their_probabilities_and_a_cut_rationale() -> None:
 
 
 def test_a_rationale_from_an_order_that_gave_none_back_still_counts() -> None:
-    judging = Judging(JudgeParams(mode="pairwise", base_url=SERVED))
+    judging = Judging(JudgeParams(mode="pairwise", score_from="logprobs", base_url=SERVED))
     _, finish = judging.pairwise_questions(_pair_items(("p", 2)))
+    # the server gave no logprobs: both verdicts were read from the answers' text
     first, _ = finish([Judgement("A", "text", "p0 is right"), Judgement("B", "text", "")])
     assert isinstance(first, Score) and first.details["reasoning"] == "p0 is right"
+    assert first.details["score_from"] == "text"
 
 
 def test_a_local_pairwise_judge_without_rationales_shows_none() -> None:

@@ -100,6 +100,7 @@ def test_a_letter_beside_a_bare_rating_or_verdict_makes_it_none(text: str) -> No
 def test_a_questions_own_cue_is_read() -> None:
     assert Question("k", "t", False, 1, 5, cue="Grade:").read("Grade: 4") == Reading(4.0, "", 7)
     assert Question("k", "t", True, cue="Choice:").read("Choice: B") == Reading("B", "", 8)
+    assert Question("k", "t", True, cue="Choice:").read("Verdict: A") == Reading("A", "", 9)  # still read
 
 
 def test_what_the_judge_quotes_is_blanked_where_it_stands_every_time() -> None:

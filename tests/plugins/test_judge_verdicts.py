@@ -653,3 +653,10 @@ def test_served_logprobs_read_a_number_right_after_a_quote() -> None:
                _entry(" 7", **{" 7": -0.4})]
     found = served_logprobs(question, {"content": content})
     assert found is not None and found[" 7"] == -0.4
+
+
+def test_served_logprobs_are_read_at_the_ratings_token_not_one_ending_right_before_it() -> None:
+    content = [_entry("Criteria"), _entry(" met:"), _entry(" 3\n", **{" 3\n": -0.7}), _entry("4", **{"4": -0.3}),
+               _entry("/10")]
+    found = served_logprobs(_question(), {"content": content})  # "Criteria met: 3\n4/10" rates 4
+    assert found is not None and found[" 4"] == -0.3 and found[" 3"] == -20.3
