@@ -257,3 +257,15 @@ def test_judgements_are_each_annotations_order_best_first_across_tools(tmp_path:
         labels.Judgement("p0", "cy", "ls:1", ("y", "x")), labels.Judgement("p1", "ada", "ls:9", ("a", "b", "c")),
         labels.Judgement("p1", "bo", "other:9", ("c", "a"))]
     assert labels.judgements(Storage.open(str(tmp_path / "nothing"))) == []
+
+
+# -- agreement with people ------------------------------------------------------------------------
+
+def test_two_annotators_are_compared_on_the_candidates_both_ranked_even_two() -> None:
+    """ada and bo share two candidates (a and b, ordered oppositely); cy shares one with ada and
+    none with bo: only ada and bo are a pair."""
+    found = [labels.Judgement("p1", "ada", "ls:1", ("a", "b", "c")), labels.Judgement("p1", "bo", "ls:2", ("b", "a")),
+             labels.Judgement("p1", "cy", "ls:3", ("c", "d")), labels.Judgement("p2", "ada", "ls:4", ("x", "y"))]
+    agreement = labels.human_agreement(found, {}, {})
+    assert agreement == {"rankings": 4, "prompts": 2, "annotators": 3, "scorers": [], "inter_annotator": {
+        "prompts": 1, "annotator_pairs": 1, "kendall_tau": -1.0, "agreement": 0.0, "pairs": 1}}
