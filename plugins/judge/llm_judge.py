@@ -886,7 +886,7 @@ def served_logprobs(question: Question, logprobs: Any) -> dict[str, float] | Non
     ends = list(itertools.accumulate(len(t) for t in tokens))
     quoted = rubrics.quoted_spans(text, question.nonce, question.quotes) if question.nonce else []
     options = [k for k, token in enumerate(tokens) if token.strip() in values
-               and not any(start <= ends[k] - len(token) < end for start, end in quoted)]
+               and not any(start <= ends[k] - len(token.lstrip()) < end for start, end in quoted)]
     if not options:
         return None
     read = question.read(text)

@@ -637,10 +637,12 @@ def test_served_logprobs_without_a_reading_after_them_take_the_last_option() -> 
 @pytest.mark.parametrize(("quote", "tokens"), [
     ("9 points is what this deserves", ["9", " points", " is", " what", " this", " deserves"]),
     ("this response deserves a 9", ["this", " response", " deserves", " a", " 9"]),
+    ("9 points is what this deserves", [" 9", " points", " is", " what", " this", " deserves"]),  # its space before
 ])
 def test_served_logprobs_never_read_a_number_the_judge_quotes_untagged(quote: str, tokens: list[str]) -> None:
     question = Question("g/quality", "rate it", False, 1, 10, "Rating:", "0123456789", (quote,))
-    content = [_entry("Rating: 3"), _entry(" though"), _entry(" it"), _entry(" says"), _entry(" \""),
+    content = [_entry("Rating: 3"), _entry(" though"), _entry(" it"), _entry(" says"),
+               *([_entry(" \"")] if tokens[0][0] != " " else []),
                *(_entry(t, **{t: -0.2}) if t.strip() == "9" else _entry(t) for t in tokens), _entry("\"")]
     assert question.read("".join(e["token"] for e in content)) is not None
     assert served_logprobs(question, {"content": content}) is None
@@ -653,6 +655,11 @@ def test_served_logprobs_read_a_number_right_after_a_quote() -> None:
                _entry(" 7", **{" 7": -0.4})]
     found = served_logprobs(question, {"content": content})
     assert found is not None and found[" 7"] == -0.4
+    nonce = question.nonce
+    tagged = [_entry(f"<response-{nonce}>"), _entry("my"), _entry(" answer"), _entry(f"</response-{nonce}>"),
+              _entry("7", **{"7": -0.5})]
+    found = served_logprobs(question, {"content": tagged})
+    assert found is not None and found[" 7"] == -0.5
 
 
 def test_served_logprobs_are_read_at_the_ratings_token_not_one_ending_right_before_it() -> None:
