@@ -262,10 +262,11 @@ def test_judgements_are_each_annotations_order_best_first_across_tools(tmp_path:
 # -- agreement with people ------------------------------------------------------------------------
 
 def test_two_annotators_are_compared_on_the_candidates_both_ranked_even_two() -> None:
-    """ada and bo share two candidates (a and b, ordered oppositely); cy shares one with ada and
-    none with bo: only ada and bo are a pair."""
+    """On p1 ada and bo share two candidates (a and b, ordered oppositely); cy shares one with ada
+    and none with bo: only ada and bo are a pair. On p2 ada and bo agree."""
     found = [labels.Judgement("p1", "ada", "ls:1", ("a", "b", "c")), labels.Judgement("p1", "bo", "ls:2", ("b", "a")),
-             labels.Judgement("p1", "cy", "ls:3", ("c", "d")), labels.Judgement("p2", "ada", "ls:4", ("x", "y"))]
+             labels.Judgement("p1", "cy", "ls:3", ("c", "d")), labels.Judgement("p2", "ada", "ls:4", ("x", "y")),
+             labels.Judgement("p2", "bo", "ls:5", ("x", "y"))]  # on p2, ada and bo agree
     agreement = labels.human_agreement(found, {}, {})
-    assert agreement == {"rankings": 4, "prompts": 2, "annotators": 3, "scorers": [], "inter_annotator": {
-        "prompts": 1, "annotator_pairs": 1, "kendall_tau": -1.0, "agreement": 0.0, "pairs": 1}}
+    assert agreement == {"rankings": 5, "prompts": 2, "annotators": 3, "scorers": [], "inter_annotator": {
+        "prompts": 2, "annotator_pairs": 2, "kendall_tau": 0.0, "agreement": 0.5, "pairs": 2}}
