@@ -105,6 +105,7 @@ class GradedExporter(Exporter):
 
     Params: ClassVar[type[PluginParams]] = GradedParams
     description: ClassVar[str] = "best candidate per prompt with a pass/fail grade"
+    human_kinds: ClassVar[tuple[str, ...]] = ("rankings",)
     params: GradedParams
 
     @classmethod
@@ -117,8 +118,6 @@ class GradedExporter(Exporter):
                  "score": r["score"], "grade": "pass" if r["score"] >= self.params.threshold else "fail"}
                 for r in best]
         return pa.Table.from_pylist(rows, schema=GRADED) if rows else None
-
-    human_kinds: ClassVar[tuple[str, ...]] = ("rankings",)
 
     def export_human(self, labels: HumanLabels) -> pa.Table:
         """Each ranked prompt's candidate people put first most often (ties: the smaller id);
