@@ -270,3 +270,13 @@ def test_two_annotators_are_compared_on_the_candidates_both_ranked_even_two() ->
     agreement = labels.human_agreement(found, {}, {})
     assert agreement == {"rankings": 5, "prompts": 2, "annotators": 3, "scorers": [], "inter_annotator": {
         "prompts": 2, "annotator_pairs": 2, "kendall_tau": 0.0, "agreement": 0.5, "pairs": 2}}
+
+
+def test_a_scorers_agreement_with_people_is_rounded_to_six_places() -> None:
+    """ada orders a > b > c; the scorer scores b > c > a: it orders one of her three pairs her way,
+    and its tau-b against her wins minus losses (a 2, b 0, c -2) is -1/3."""
+    found = [labels.Judgement("p1", "ada", "ls:1", ("a", "b", "c"))]
+    scores = {"p1": {"a": {"rm": 1.0}, "b": {"rm": 3.0}, "c": {"rm": 2.0}}}
+    rows = labels.human_agreement(found, scores, {"rm": 1.0})["scorers"]
+    assert rows == [{"scorer": name, "pairwise_accuracy": 0.333333, "pairs": 3, "kendall_tau": -0.333333,
+                     "prompts": 1} for name in ("rm", "combined")]
