@@ -478,3 +478,12 @@ def test_an_answer_of_unannounced_length_exactly_at_its_limit_is_read(ls: Script
     assert _plugin(ls)._find_project("t") == {"id": 1, "title": "t"}
     monkeypatch.setattr(label_studio, "MAX_ANSWER_BYTES", len(body) - 1)
     assert "the answer is larger than" in _error(lambda: _plugin(ls)._find_project("t"))
+
+
+def test_an_import_refused_names_the_request_and_the_servers_reason(ls: Scripted) -> None:
+    ls.routes[("GET", "/api/projects")] = [{"id": 3, "title": "t", "label_config": LABEL_CONFIGS["demonstrations"]}]
+    ls.routes[("GET", "/api/projects/3/export")] = []
+    ls.routes[("POST", "/api/projects/3/import")] = _status(400, "task data too large")
+    task = LabelTask("k1", "demonstrations", "p1", "the prompt")
+    assert _error(lambda: _plugin(ls).push("t", "demonstrations", [task])) == (
+        "Label Studio POST /api/projects/3/import: HTTP 400: task data too large")
