@@ -40,8 +40,8 @@ class Counts:
         self.opened: collections.Counter[str] = collections.Counter()
         self.leases: collections.Counter[str] = collections.Counter()
         self.sessions: list[Any] = []
-        validate, acquire, open_storage, job_open = (genflow.config.validate_plugins, OutputLease.acquire,
-                                                     Storage.open.__func__, session.JobSession.open.__func__)
+        validate, acquire = genflow.config.validate_plugins, OutputLease.acquire
+        open_storage, job_open = Storage.open, session.JobSession.open  # bound to their classes
 
         def validating(*args: Any, **kwargs: Any) -> None:
             self.validated += 1
@@ -53,10 +53,10 @@ class Counts:
 
         def opening(cls: type, uri: str, *args: Any, **kwargs: Any) -> Storage:
             self.opened[uri] += 1
-            return open_storage(cls, uri, *args, **kwargs)  # type: ignore[no-any-return]
+            return open_storage(uri, *args, **kwargs)
 
         def opening_session(cls: type, *args: Any, **kwargs: Any) -> Any:
-            found = job_open(cls, *args, **kwargs)
+            found = job_open(*args, **kwargs)
             self.sessions.append(found)
             return found
 
