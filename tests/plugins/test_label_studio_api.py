@@ -487,3 +487,17 @@ def test_an_import_refused_names_the_request_and_the_servers_reason(ls: Scripted
     task = LabelTask("k1", "demonstrations", "p1", "the prompt")
     assert _error(lambda: _plugin(ls).push("t", "demonstrations", [task])) == (
         "Label Studio POST /api/projects/3/import: HTTP 400: task data too large")
+
+
+def test_a_refused_exchange_names_the_request_and_the_variable(ls: Scripted, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MY_LS_KEY", PAT)
+    ls.routes[("POST", "/api/token/refresh/")] = _status(401, '{"detail": "Token is invalid or expired"}')
+    assert _error(lambda: _plugin(ls, api_key_env="MY_LS_KEY").pull("t", "rankings")) == (
+        "Label Studio POST /api/token/refresh/: HTTP 401 (is MY_LS_KEY a key of this server?): "
+        '{"detail": "Token is invalid or expired"}')
+
+
+def test_label_studio_under_a_path_keeps_its_path_in_every_address() -> None:
+    plugin = LabelStudio(LabelStudioParams(url="http://ls.local:8080/studioX//"))
+    assert (plugin.base, plugin.project_url(3)) == ("http://ls.local:8080/studioX",
+                                                    "http://ls.local:8080/studioX/projects/3/data")
