@@ -280,3 +280,13 @@ def test_a_scorers_agreement_with_people_is_rounded_to_six_places() -> None:
     rows = labels.human_agreement(found, scores, {"rm": 1.0})["scorers"]
     assert rows == [{"scorer": name, "pairwise_accuracy": 0.333333, "pairs": 3, "kendall_tau": -0.333333,
                      "prompts": 1} for name in ("rm", "combined")]
+
+
+def test_a_ranking_listing_a_candidate_twice_keeps_its_best_place_and_says_so(
+        caplog: pytest.LogCaptureFixture) -> None:
+    twice = _ann("rankings", "p1", "5", ranking=("b", "a", "b", "c"))
+    with caplog.at_level(logging.WARNING, logger="genflow.labelling.labels"):
+        rankings, _ = labels.annotations_tables([twice], {}, "ls", {"p1": {"a", "b", "c"}})
+    assert [(r["generation_id"], r["rank"]) for r in rankings.to_pylist()] == [("b", 1), ("a", 2), ("c", 3)]
+    assert [r.getMessage() for r in caplog.records] == [
+        "ls annotation 5 of prompt p1 lists a candidate more than once; keeping the best place of each"]
