@@ -360,7 +360,8 @@ class ReportSection:
 
 
 class Exporter(Plugin):
-    """A training-data format made from each shard's ranked candidates.
+    """A training-data format made from each shard's ranked candidates, and from what people
+    labelled.
 
     Its registered name is the folder it writes (``<output>/<name>/part-*.parquet``).
     ``export`` runs on the driver, once per shard after ranking; an exception fails

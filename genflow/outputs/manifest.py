@@ -10,11 +10,11 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from genflow.data import layout
 from genflow.config import JobConfig, redacted, stable_hash
+from genflow.data import layout
 from genflow.data.resume import StageOutcome
-from genflow.secrets import installed
 from genflow.data.storage import Storage
+from genflow.secrets import installed
 
 ENGINE_DISTRIBUTIONS = ("genflow", "prefect", "ray", "pyarrow")
 """Versions every manifest records; a job's plugins add what they require."""

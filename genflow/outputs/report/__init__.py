@@ -40,6 +40,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from genflow.data import layout
+from genflow.data.storage import Storage
 from genflow.outputs.report.charts import PALETTE, bar_chart, histogram
 from genflow.outputs.report.page import ReportError, build_report, report_context
 from genflow.outputs.report.read import job_summary, metric_figures
@@ -52,7 +53,6 @@ from genflow.outputs.report.sweep import (
     build_sweep_report,
     write_sweep_report,
 )
-from genflow.data.storage import Storage
 
 if TYPE_CHECKING:
     from genflow.config import StorageSpec

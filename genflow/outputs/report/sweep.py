@@ -14,10 +14,10 @@ from typing import Any
 
 import pyarrow as pa
 
+from genflow.data.storage import Storage
 from genflow.outputs.report.charts import bar_chart
 from genflow.outputs.report.read import HEADLINE
 from genflow.outputs.report.render import environment
-from genflow.data.storage import Storage
 
 SWEEP_FILE = "sweep.html"
 SWEEP_TABLE = "sweep.parquet"
@@ -95,7 +95,7 @@ def build_sweep_report(table: pa.Table, meta: dict[str, Any]) -> str:
 
 
 def sweep_metadata(table: pa.Table) -> dict[str, Any]:
-    """What ``genflow.sweep.runs_table`` recorded of the sweep in the table's schema (name, output, columns)."""
+    """What ``genflow.flows.sweep.runs_table`` recorded of the sweep in the table's schema (name, output, columns)."""
     return dict(json.loads((table.schema.metadata or {}).get(SWEEP_METADATA, b"{}")))
 
 
