@@ -34,7 +34,7 @@ MUTMUT_VERSION=3.8.1
 declare -A GROUP_MUTATE GROUP_TESTS GROUP_K
 # ranking and pairs, pass@k, config validation, resume markers, atomic writes, error rows
 GROUP_MUTATE[core]="
-  genflow/stages/ranking.py
+  genflow/stages/rank.py:combine_scores,rank_candidates,rankings_table
   plugins/training_data/exporters.py
   plugins/code/passk.py
   genflow/config.py

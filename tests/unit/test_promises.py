@@ -38,7 +38,7 @@ from genflow.plugins.training_data.exporters import (
     PreferenceParams,
 )
 from genflow.stages.common import error_row, finish_model_stage
-from genflow.stages.ranking import rank_candidates
+from genflow.stages.rank import rank_candidates
 
 PROMPTS = str(ROOT / "configs/data/quickstart_prompts.parquet")
 

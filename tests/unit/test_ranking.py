@@ -16,7 +16,7 @@ from genflow.plugins.training_data.exporters import (
     PreferencePairs,
     PreferenceParams,
 )
-from genflow.stages.ranking import rank_candidates
+from genflow.stages.rank import rank_candidates
 
 
 def gens(*rows: tuple[str, str, str]) -> pa.Table:
