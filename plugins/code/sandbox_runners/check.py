@@ -20,7 +20,14 @@ if TYPE_CHECKING:
     from typing import Any
 
     # In the sandbox the prelude's text, which comes before this one's, defines them.
-    from .prelude import _genflow_flush, _genflow_limits, _genflow_pass, _genflow_print, _genflow_text  # noqa: TC004
+    from .prelude import (  # noqa: TC004
+        _genflow_flush,
+        _genflow_limits,
+        _genflow_main_file,
+        _genflow_pass,
+        _genflow_print,
+        _genflow_text,
+    )
 
 def _genflow_codec() -> "tuple[Callable[[object], bytes], Callable[[str], Any]]":
     """``dump`` (plain data to one line of tagged JSON) and ``load`` (back)."""
@@ -165,13 +172,7 @@ def _genflow_candidate(src_fd: int, calls_fd: int, replies_fd: int,
                 pass
         return dump(("raise", ("Exception",), None, ""))
 
-    filename = "<candidate>"
-    try:  # a file beside it lets the traceback show source lines; it holds no secret
-        with open("main.py", "wb") as main:
-            main.write(source)
-        filename = "main.py"
-    except OSError:
-        pass
+    filename = _genflow_main_file(source)
     sys.argv = [filename]
     space: dict[str, Any] = {"__name__": "__main__", "__file__": filename, "__builtins__": __builtins__}
     try:

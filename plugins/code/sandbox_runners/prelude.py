@@ -59,6 +59,17 @@ def _genflow_flush() -> None:
             pass
 
 
+def _genflow_main_file(source: bytes) -> str:
+    """Write the candidate as ``main.py`` beside it, so its tracebacks show source lines (the
+    file holds no secret), and return the file name to compile it under."""
+    try:
+        with open("main.py", "wb") as main:
+            main.write(source)
+    except OSError:
+        return "<candidate>"
+    return "main.py"
+
+
 def _genflow_pass(res_fd: int, nonce: bytes, write: "Callable[[int, bytes], int]" = os.write,
                   exit_now: "Callable[[int], NoReturn]" = os._exit) -> "NoReturn":
     """A runner's end once its program (or the tests) ran through: flush the output, report

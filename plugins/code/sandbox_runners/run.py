@@ -11,7 +11,7 @@ import sys
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     # In the sandbox the prelude's text, which comes before this one's, defines them.
-    from .prelude import _genflow_limits, _genflow_pass, _genflow_print, _genflow_text  # noqa: TC004
+    from .prelude import _genflow_limits, _genflow_main_file, _genflow_pass, _genflow_print, _genflow_text  # noqa: TC004
 
 
 def _genflow_runner(src_fd: int, res_fd: int, limits: "list[int]") -> None:
@@ -23,13 +23,7 @@ def _genflow_runner(src_fd: int, res_fd: int, limits: "list[int]") -> None:
     nonce, _, source = data.partition(b"\n")
     del data
     write(res_fd, b"S\n")
-    filename = "<candidate>"
-    try:  # a file beside it lets the traceback show source lines; it holds no secret
-        with open("main.py", "wb") as f:
-            f.write(source)
-        filename = "main.py"
-    except OSError:
-        pass
+    filename = _genflow_main_file(source)
     sys.argv = [filename]
     try:
         exec(compile(source, filename, "exec"),
