@@ -223,12 +223,21 @@ def test_annotations_become_rows_in_a_fixed_order_with_unknown_candidates_left_o
         "1 annotations were handed over more than once; each is written once"]
 
 
-def test_the_same_annotation_id_of_two_tasks_or_kinds_is_two_annotations() -> None:
+def test_the_same_annotation_id_of_two_tasks_or_kinds_is_two_annotations(caplog: pytest.LogCaptureFixture) -> None:
     one = _ann("rankings", "p1", "5", ranking=("a", "b"))
     other_task = Annotation("key-other", "rankings", "p1", "ada", "", "5", ranking=("b", "a"))
     other_kind = Annotation("key-p1", "demonstrations", "p1", "ada", "", "5", completion="x")
+    with caplog.at_level(logging.INFO, logger="genflow.labelling.labels"):
+        assert labels.unique_annotations([one, other_task, other_kind]) == [one, other_task, other_kind]
+    assert caplog.records == []  # nothing handed over twice: nothing to say
     again = _ann("rankings", "p1", "5", ranking=("b", "a"))
     assert labels.unique_annotations([one, other_task, other_kind, again]) == [one, other_task, other_kind]
+
+
+def test_no_annotations_are_empty_tables_of_the_folders_columns() -> None:
+    rankings, demonstrations = labels.annotations_tables([], {}, "ls", {})
+    assert (rankings.schema, rankings.num_rows) == (schemas.HUMAN_RANKINGS, 0)
+    assert (demonstrations.schema, demonstrations.num_rows) == (schemas.DEMONSTRATIONS, 0)
 
 
 def test_a_pull_writes_its_kinds_parts_and_counts_their_rows(tmp_path: Path) -> None:
