@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -257,8 +259,8 @@ def test_a_server_that_is_not_there_is_one_line_naming_the_address(monkeypatch: 
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", KEY)
     url = f"http://127.0.0.1:{free_port()}"
     said = _error(lambda: LabelStudio(LabelStudioParams(url=url)).pull("t", "rankings"))
-    assert said.startswith(f"cannot reach Label Studio at {url}: ")
-    assert said.endswith("; start it with `label-studio start` or pass its address with --url")
+    assert said == (f"cannot reach Label Studio at {url}: [Errno 111] Connection refused; start it with "
+                    "`label-studio start` or pass its address with --url")
 
 
 def test_an_answer_that_is_not_json_is_one_line(ls: Scripted) -> None:
@@ -501,3 +503,42 @@ def test_label_studio_under_a_path_keeps_its_path_in_every_address() -> None:
     plugin = LabelStudio(LabelStudioParams(url="http://ls.local:8080/studioX//"))
     assert (plugin.base, plugin.project_url(3)) == ("http://ls.local:8080/studioX",
                                                     "http://ls.local:8080/studioX/projects/3/data")
+
+
+def test_a_redirect_elsewhere_is_refused_with_one_line_saying_what_to_do(ls: Scripted) -> None:
+    ls.routes[("GET", "/api/projects")] = lambda request: web.Response(
+        status=302, headers={"Location": "http://localhost:9/api/projects"})
+    assert _error(lambda: _plugin(ls).pull("t", "rankings")) == (
+        f"Label Studio GET /api/projects?page=1&page_size=100: Label Studio at {ls.url} redirected it to "
+        "http://localhost:9; the key is sent to no other address: give --url the address Label Studio answers at")
+
+
+def test_an_answer_that_is_not_http_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Something else on the port (its first line is no HTTP status line): one line, no traceback."""
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", KEY)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def answer() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        said = _error(lambda: LabelStudio(LabelStudioParams(url=url)).pull("t", "rankings"))
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+    assert said == ("Label Studio GET /api/projects?page=1&page_size=100: the answer was cut short (BadStatusLine); "
+                    "try again")
+
+
+def test_an_error_body_that_is_not_utf8_is_shown_with_replacement_characters(ls: Scripted) -> None:
+    ls.routes[("GET", "/api/projects")] = lambda request: web.Response(status=500, body=b"bad \xff\xfe byte")
+    assert _error(lambda: _plugin(ls).pull("t", "rankings")) == (
+        "Label Studio GET /api/projects?page=1&page_size=100: HTTP 500: bad \ufffd\ufffd byte")

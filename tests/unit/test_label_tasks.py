@@ -107,16 +107,18 @@ INPUT_PNG = b"\x89PNG\r\n\x1a\n-from-the-input"
 
 def _job(out: Path, input_dir: Path) -> Storage:
     """A finished job: q1 (two text candidates and an image a generator wrote), q2 (a text and an
-    image the input carried, relative to its folder), q3 (one candidate), q4 (no candidates)."""
+    image the input carried, relative to its folder), q3 (one candidate), q4 (two)."""
     storage = Storage.open(str(out))
     storage.write_table("prompts/part-00000.parquet", pa.table({
         "prompt_id": ["q1", "q2", "q3", "q4"], "prompt": ["first?", "second?", "third?", "fourth?"]}))
     gens = [("q1", "q1-a", "text", "answer a", None), ("q1", "q1-b", "text", None, None),
             ("q1", "q1-img", "image", None, "images/q1/q1-img.png"),
             ("q2", "q2-a", "text", "answer 2a", None), ("q2", "q2-img", "image", None, "pics/cat.png"),
-            ("q2", "q2-none", "image", None, None), ("q3", "q3-a", "text", "alone", None)]
+            ("q2", "q2-none", "image", None, None), ("q3", "q3-a", "text", "alone", None),
+            ("q4", "q4-a", "text", "four a", None), ("q4", "q4-b", "text", "four b", None)]
     storage.write_table("generations/part-00000-gen.parquet", pa.Table.from_pylist([
-        {"prompt_id": p, "generation_id": g, "prompt": {"q1": "first?", "q2": "second?", "q3": "third?"}[p],
+        {"prompt_id": p, "generation_id": g, "prompt": {"q1": "first?", "q2": "second?", "q3": "third?",
+                                                         "q4": "fourth?"}[p],
          "modality": m, "text": t, "image_path": i} for p, g, m, t, i in gens]))
     storage.write_bytes("images/q1/q1-img.png", PNG)
     (input_dir / "pics").mkdir(parents=True)
@@ -131,7 +133,8 @@ def _job(out: Path, input_dir: Path) -> Storage:
 def test_ranking_tasks_carry_each_candidates_text_or_image_and_the_prompt(tmp_path: Path) -> None:
     storage = _job(tmp_path / "out", tmp_path / "input")
     tasks = {t.prompt_id: t for t in labels.label_tasks(storage, "rankings")}
-    assert sorted(tasks) == ["q1", "q2"]  # q3 has one candidate to order, q4 none
+    assert sorted(tasks) == ["q1", "q2", "q4"]  # q3 has one candidate: nothing to order
+    assert (tasks["q4"].prompt, {c.generation_id for c in tasks["q4"].candidates}) == ("fourth?", {"q4-a", "q4-b"})
     q1, q2 = tasks["q1"], tasks["q2"]
     assert (q1.kind, q1.prompt, q1.key) == ("rankings", "first?", labels.task_key("rankings", "q1",
                                                                                    ["q1-a", "q1-b", "q1-img"]))
@@ -149,6 +152,10 @@ def test_demonstration_tasks_are_each_prompt_to_answer(tmp_path: Path) -> None:
     tasks = labels.label_tasks(storage, "demonstrations")
     assert tasks == [LabelTask(labels.task_key("demonstrations", p), "demonstrations", p, text) for p, text in
                      (("q1", "first?"), ("q2", "second?"), ("q3", "third?"), ("q4", "fourth?"))]
+    ids = ["q1", "q2", "q3", "q4"]
+    assert labels.choose_prompts(ids, 2, 0) != labels.choose_prompts(ids, 2, 1)
+    assert [t.prompt_id for t in labels.label_tasks(storage, "demonstrations", sample=2)] == labels.choose_prompts(
+        ids, 2, 0)  # the seed is 0 unless given
     drawn = labels.label_tasks(storage, "demonstrations", sample=2, seed=5)
     assert drawn == labels.label_tasks(storage, "demonstrations", sample=2, seed=5) and len(drawn) == 2
     assert [t.prompt_id for t in drawn] == labels.choose_prompts(["q1", "q2", "q3", "q4"], 2, 5)
@@ -246,6 +253,9 @@ def test_a_pull_writes_its_kinds_parts_and_counts_their_rows(tmp_path: Path) -> 
                                                                         completion="an answer")]
     assert labels.write_pulled(storage, "ls", given) == {"human_rankings": 2, "demonstrations": 1}
     assert storage.list("human_rankings") == ["human_rankings/part-ls.parquet"]
+    assert storage.read_table("human_rankings/part-ls.parquet")["tool"].to_pylist() == ["ls", "ls"]
+    assert storage.read_table("demonstrations/part-ls.parquet").to_pylist()[0]["demonstration_id"] == (
+        f"human-{stable_hash(['ls', '2'])}")
     assert storage.read_table("demonstrations/part-ls.parquet")["prompt"].to_pylist() == ["second?"]
     assert labels.write_pulled(storage, "ls", [], kinds=("rankings",)) == {"human_rankings": 0}
     assert storage.list("human_rankings") == [] and storage.list("demonstrations") == [
@@ -299,3 +309,39 @@ def test_a_ranking_listing_a_candidate_twice_keeps_its_best_place_and_says_so(
     assert [(r["generation_id"], r["rank"]) for r in rankings.to_pylist()] == [("b", 1), ("a", 2), ("c", 3)]
     assert [r.getMessage() for r in caplog.records] == [
         "ls annotation 5 of prompt p1 lists a candidate more than once; keeping the best place of each"]
+
+
+def test_an_image_the_input_carried_is_read_from_the_working_folder_when_no_input_dir_was_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = _job(tmp_path / "out", tmp_path / "input")
+    manifest = storage.read_json("manifest.json")
+    del manifest["input_dir"]
+    storage.write_json("manifest.json", manifest)
+    monkeypatch.chdir(tmp_path / "input")
+    q2 = next(t for t in labels.label_tasks(storage, "rankings") if t.prompt_id == "q2")
+    assert {c.generation_id: c.image for c in q2.candidates}["q2-img"] == INPUT_PNG
+
+
+# -- the commands --------------------------------------------------------------------------------
+
+def test_a_record_without_projects_is_no_projects(tmp_path: Path) -> None:
+    storage = Storage.open(str(tmp_path))
+    assert labels._record(storage, "ls") == []
+    storage.write_json("_labelling/ls.json", {})
+    assert labels._record(storage, "ls") == []
+    storage.write_json("_labelling/ls.json", {"projects": [{"project": "t", "kind": "rankings"}]})
+    assert labels._record(storage, "ls") == [{"project": "t", "kind": "rankings"}]
+
+
+def test_a_labellers_params_are_checked_and_its_secrets_held_under_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from genflow import secrets
+
+    monkeypatch.setattr(secrets, "_installed", secrets.Scrubber())
+    with pytest.raises(labels.LabellingError) as raised:
+        labels.labeller("label-studio", {"timeout_s": 0})
+    assert str(raised.value).startswith("labeller 'label-studio': bad params:\n") and "timeout_s" in str(raised.value)
+    password = "s3cret-password-0123456789"
+    plugin = labels.labeller("label-studio", {"url": f"http://ada:{password}@ls.local:8080"})
+    assert plugin.base == f"http://ada:{password}@ls.local:8080"
+    found = secrets.installed().find(f"echo {password}")
+    assert found is not None and found.where.startswith("labeller label-studio")
