@@ -542,3 +542,8 @@ def test_an_error_body_that_is_not_utf8_is_shown_with_replacement_characters(ls:
     ls.routes[("GET", "/api/projects")] = lambda request: web.Response(status=500, body=b"bad \xff\xfe byte")
     assert _error(lambda: _plugin(ls).pull("t", "rankings")) == (
         "Label Studio GET /api/projects?page=1&page_size=100: HTTP 500: bad \ufffd\ufffd byte")
+
+
+def test_an_annotation_without_results_holds_no_answer() -> None:
+    for kind in ("rankings", "demonstrations"):
+        assert label_studio.read_annotation({"id": 1, "completed_by": 1}, DATA, kind, {}) is None
