@@ -871,12 +871,18 @@ def verdict_schema() -> dict[str, Any]:
             "properties": {"reasoning": {"type": "string"}, "winner": {"type": "string", "enum": ["A", "B", "tie"]}}}
 
 
+_JSON_KEY = re.compile(r'"[^"]*"\s*:\s*"?')
+"""A JSON object's key as :meth:`Question.read` points at it: the value is written right after it."""
+
+
 def served_logprobs(question: Question, logprobs: Any) -> dict[str, float] | None:
     """The options' log-probabilities where the answer wrote its rating (or verdict), read from
     that token's ``top_logprobs``: the token holding the judgement :meth:`Question.read` finds in
-    the answer the tokens spell, else the last option token of the judge's own words (never one
-    it quotes between the question's tags). An option the server did not list there gets a
-    log-probability far below the others."""
+    the answer the tokens spell (a JSON object's value, after its key); None when that token is
+    no option (the server spelled `` 3.`` as one token: its alternatives are no ratings, and the
+    judgement is read from the text instead). With no judgement to find, the last option token
+    of the judge's own words (never one it quotes between the question's tags). An option the
+    server did not list there gets a log-probability far below the others."""
     content = logprobs.get("content") if isinstance(logprobs, dict) else None
     if not isinstance(content, list):
         return None
@@ -890,7 +896,14 @@ def served_logprobs(question: Question, logprobs: Any) -> dict[str, float] | Non
     if not options:
         return None
     read = question.read(text)
-    chosen = next((k for k in options if ends[k] > read.at), options[-1]) if read is not None else options[-1]
+    if read is None:
+        chosen = options[-1]
+    else:
+        key = _JSON_KEY.match(text, read.at)
+        at = key.end() if key else read.at
+        chosen = next(k for k, end in enumerate(ends) if end > at)  # the token whose text holds offset `at`
+        if chosen not in options:
+            return None
     entry = content[chosen]
     found: dict[str, float] = {}
     for alternative in [entry, *(entry.get("top_logprobs") or [])]:

@@ -627,25 +627,46 @@ def test_served_logprobs_skip_entries_without_a_token_and_alternatives_that_are_
     assert found[" 1"] == -21.5  # a rating the server did not list: 20 below the least likely it did
 
 
-def test_served_logprobs_without_a_reading_after_them_take_the_last_option() -> None:
+def test_served_logprobs_leave_a_rating_written_inside_a_longer_token_to_the_text() -> None:
     question = _question()
     content = [_entry("9", **{"9": -0.3}), _entry(" is"), _entry(" too"), _entry(" high."), _entry(" Rating: 3")]
-    found = served_logprobs(question, {"content": content})  # the rating's token is no option: the 9 is read
-    assert found is not None and found[" 9"] == -0.3
+    # the rating's token is no option: no logprobs (the 9 before it is no rating), the text reads 3
+    assert served_logprobs(question, {"content": content}) is None
+    read = question.read("".join(e["token"] for e in content))
+    assert read is not None and read.value == 3.0
 
 
+@pytest.mark.parametrize(("tokens", "four"), [
+    (['{"', "score", '":', " 4", "}"], -0.4),
+    (['{"', "reasoning", '":', ' "', "3", " of", " 5", " met", '",', ' "', "score", '":', ' "', "4", '"}'], -0.4),
+    (['{"score":', " 4", "}"], -0.4),
+    (['{"', "score", '":', " 4}"], None),  # the value's token is no option: the text reads 4
+])
+def test_served_logprobs_read_a_json_rating_at_its_value_not_a_number_before_it(tokens: list[str],
+                                                                               four: float | None) -> None:
+    content = [_entry(t, **{t: -0.4, " 5": -1.2}) if t.strip().strip("}").isdigit() else _entry(t) for t in tokens]
+    question = _question()
+    read = question.read("".join(tokens))
+    assert read is not None and read.value == 4.0
+    found = served_logprobs(question, {"content": content})
+    assert (None if found is None else (found[" 4"], found[" 5"])) == (None if four is None else (four, -1.2))
+
+
+@pytest.mark.parametrize("own", ["Rating: 3", "No rating"])
 @pytest.mark.parametrize(("quote", "tokens"), [
     ("9 points is what this deserves", ["9", " points", " is", " what", " this", " deserves"]),
     ("this response deserves a 9", ["this", " response", " deserves", " a", " 9"]),
     ("9 points is what this deserves", [" 9", " points", " is", " what", " this", " deserves"]),  # its space before
 ])
-def test_served_logprobs_never_read_a_number_the_judge_quotes_untagged(quote: str, tokens: list[str]) -> None:
+def test_served_logprobs_never_read_a_number_the_judge_quotes_untagged(quote: str, tokens: list[str],
+                                                                       own: str) -> None:
     question = Question("g/quality", "rate it", False, 1, 10, "Rating:", "0123456789", (quote,))
-    content = [_entry("Rating: 3"), _entry(" though"), _entry(" it"), _entry(" says"),
+    content = [_entry(own), _entry(" though"), _entry(" it"), _entry(" says"),
                *([_entry(" \"")] if tokens[0][0] != " " else []),
                *(_entry(t, **{t: -0.2}) if t.strip() == "9" else _entry(t) for t in tokens), _entry("\"")]
-    assert question.read("".join(e["token"] for e in content)) is not None
-    assert served_logprobs(question, {"content": content}) is None
+    read = question.read("".join(e["token"] for e in content))
+    assert (None if read is None else read.value) == (3.0 if own == "Rating: 3" else None)  # the 9 is no rating
+    assert served_logprobs(question, {"content": content}) is None  # nor are its logprobs, with no rating of its own
 
 
 def test_served_logprobs_read_a_number_right_after_a_quote() -> None:
@@ -667,3 +688,28 @@ def test_served_logprobs_are_read_at_the_ratings_token_not_one_ending_right_befo
                _entry("/10")]
     found = served_logprobs(_question(), {"content": content})  # "Criteria met: 3\n4/10" rates 4
     assert found is not None and found[" 4"] == -0.3 and found[" 3"] == -20.3
+
+
+def test_served_logprobs_never_read_an_option_after_a_rating_whose_token_is_no_option() -> None:
+    # "Rating: 3. Only 2 flaws": the server spelled " 3." as one token, so its alternatives are no ratings
+    content = [_entry("Rating:"), _entry(" 3.", **{" 3.": -0.2, " 4.": -1.9}), _entry(" Only"),
+               _entry(" 2", **{" 2": -0.1, " 3": -2.5}), _entry(" flaws")]
+    question = _question()
+    assert question.read("".join(e["token"] for e in content)) == rubrics.Reading(3.0, "", 8)
+    assert served_logprobs(question, {"content": content}) is None  # read from the text: 3, never the 2's logprobs
+
+    async def answer(body: dict[str, Any]) -> dict[str, Any]:
+        return {"choices": [{"message": {"content": "".join(e["token"] for e in content)},
+                             "logprobs": {"content": content}}], "usage": {"prompt_tokens": 9, "completion_tokens": 5}}
+
+    async def run() -> Any:
+        judge = ServedRatingJudge("judge-model", JudgeParams(score_from="logprobs", base_url=SERVED))
+        judge.client.post = answer  # type: ignore[method-assign]
+        try:
+            return await judge.ask_one(question)
+        finally:
+            await judge.aclose()
+
+    judgement = asyncio.run(run())
+    assert isinstance(judgement, Judgement)
+    assert (judgement.value, judgement.how, judgement.probabilities) == (3.0, "text", None)
