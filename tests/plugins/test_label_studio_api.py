@@ -425,7 +425,8 @@ def test_a_ranking_with_no_order_in_it_reads_as_an_empty_ranking_not_an_unreadab
     """Nothing ranked (the labeller submitted the list untouched) is an answer without an order:
     the rows leave it out as they leave out a ranking of one candidate; it is not an error."""
     empty = Annotation("k1", "rankings", "p1", "ada@x", "", "1", ranking=())
-    for value in ({}, {"ranker": {}}, {"ranker": {"rank": None}}):
+    values: list[dict[str, Any]] = [{}, {"ranker": {}}, {"ranker": {"rank": None}}]
+    for value in values:
         result = {"from_name": "rank", "type": "ranker", "value": value}
         assert label_studio.read_annotation({"id": 1, "completed_by": 1, "result": [result]}, DATA, "rankings",
                                             {1: "ada@x"}) == empty

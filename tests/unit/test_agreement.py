@@ -160,10 +160,11 @@ def test_a_scorer_without_a_part_of_a_shard_leaves_the_other_scorers_compared(tm
             storage.write_table(layout.score_stage(name).part(shard), pa.Table.from_pylist(rows, schema=SCORES))
     result = scorer_agreement(storage, [0, 1], {"judge": 1.0, "reward": 1.0, "length": 1.0})
     assert result is not None
-    rows = {(r["a"], r["b"]): (r["kendall_tau"], r["prompts"], r["agreement"], r["pairs"]) for r in result["pairs"]}
-    assert rows[("judge", "reward")] == (1.0, 1, 1.0, 3)  # shard 1 only
-    assert rows[("reward", "length")] == (-1.0, 2, 0.0, 6)  # both shards
-    assert rows[("judge", "length")] == (-1.0, 1, 0.0, 3)
+    figures = {(r["a"], r["b"]): (r["kendall_tau"], r["prompts"], r["agreement"], r["pairs"])
+               for r in result["pairs"]}
+    assert figures[("judge", "reward")] == (1.0, 1, 1.0, 3)  # shard 1 only
+    assert figures[("reward", "length")] == (-1.0, 2, 0.0, 6)  # both shards
+    assert figures[("judge", "length")] == (-1.0, 1, 0.0, 3)
 
 
 def test_a_pairs_figures_are_rounded_to_six_places() -> None:
