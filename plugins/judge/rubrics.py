@@ -423,8 +423,8 @@ def read_verdict(text: str, cue: str = PAIRWISE_CUE) -> Reading | None:
     if found:
         return max(found, key=lambda r: r.at)
     bare = text.strip().strip(".*\"'").lower().removeprefix("response ").strip()
-    if bare in ("a", "b", "tie", "draw"):
-        return Reading(_VERDICTS[bare], "", 0)
+    if bare in ("a", "b", "tie", "draw"):  # at the word itself, so a served judge's logprobs are read there
+        return Reading(_VERDICTS[bare], "", text.lower().rfind(bare))
     return None
 
 

@@ -45,9 +45,9 @@ VERDICTS = {
     "Verdict: [B]": Reading("B", "", 10),
     "[[C]]": Reading("tie", "", 2),
     "[[A]]": Reading("A", "", 2),
-    "'B'": Reading("B", "", 0),
-    "response a": Reading("A", "", 0),
-    "*tie*": Reading("tie", "", 0),
+    "'B'": Reading("B", "", 1),
+    "response a": Reading("A", "", 9),
+    "*tie*": Reading("tie", "", 1),
     "Draw.": Reading("tie", "", 0),
 }
 

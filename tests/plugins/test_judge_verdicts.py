@@ -713,3 +713,15 @@ def test_served_logprobs_never_read_an_option_after_a_rating_whose_token_is_no_o
     judgement = asyncio.run(run())
     assert isinstance(judgement, Judgement)
     assert (judgement.value, judgement.how, judgement.probabilities) == (3.0, "text", None)
+
+
+@pytest.mark.parametrize("tokens", [["Response", " A"], ["**", "A", "**"], ["A", "."]])
+def test_served_logprobs_of_a_bare_verdict_are_read_at_its_letter(tokens: list[str]) -> None:
+    """An answer that is only the verdict ("Response A", "**A**") keeps its probabilities."""
+    content = [_entry(t, **({t: -0.2, " B" if t.startswith(" ") else "B": -1.8} if t.strip() == "A" else {}))
+               for t in tokens]
+    question = _question(pairwise=True)
+    read = question.read("".join(tokens))
+    assert read is not None and read.value == "A"
+    found = served_logprobs(question, {"content": content})
+    assert found == {" A": -0.2, " B": -1.8}
