@@ -915,3 +915,24 @@ def test_answers_that_arrive_together_come_in_lists_of_at_most_most() -> None:
 
     sizes = run(go())
     assert sum(sizes) == 48 and max(sizes) == 7 and len(sizes) < 48  # together, but never more than 7
+
+
+def test_refusals_do_not_price_the_requests_that_follow_them_under_max_cost() -> None:
+    """The first requests are refused (a RowError: no tokens, no cost); the rest cost 1.0 each.
+    A refusal tells nothing of what an answer costs, so the budget still lets one request out at
+    a time until an answer is priced: max_cost 2.5 is passed by at most one request."""
+    from genflow.config import PriceSpec
+    from genflow.engine.budget import Budget
+
+    async def go() -> tuple[Budget, list[Answer]]:
+        clock = VirtualClock()
+        server = FakeServer(clock, lambda item, attempt: RowError("400: refused") if item < 4
+                            else Generation(text="x", prompt_tokens=1000, num_tokens=0))
+        budget = Budget(max_cost=2.5)
+        price = PriceSpec(input_per_mtok=1000.0, output_per_mtok=0.0)  # 1.0 an answer
+        got = await answers(runner_for(server, clock, concurrency=64), list(range(40)), budget=budget, price=price)
+        return budget, got
+
+    budget, got = run(go())
+    assert budget.exhausted and budget.spent <= 2.5 + 1.0
+    assert sum(isinstance(a.result, Generation) for a in got) == budget.spent  # each answer 1.0
