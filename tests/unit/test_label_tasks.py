@@ -345,3 +345,17 @@ def test_a_labellers_params_are_checked_and_its_secrets_held_under_its_name(monk
     assert plugin.base == f"http://ada:{password}@ls.local:8080"
     found = secrets.installed().find(f"echo {password}")
     assert found is not None and found.where.startswith("labeller label-studio")
+
+
+def test_refresh_counts_the_people_and_rankings_and_says_how_human_rows_join(tmp_path: Path) -> None:
+    """ada ranked q1 and answered q2, bo answered q4: two people, one ranking; the human rows
+    go beside the model's unless the config says otherwise."""
+    storage = _job(tmp_path / "out", tmp_path / "input")
+    labels.write_pulled(storage, "ls", [_ann("rankings", "q1", "1", ranking=("q1-b", "q1-a")),
+                                        _ann("demonstrations", "q2", "2", completion="an answer"),
+                                        _ann("demonstrations", "q4", "3", "bo", completion="another")])
+    manifest = labels.refresh(storage, storage.read_json("manifest.json"))
+    found = manifest["labelling"]
+    assert (found["human_rows"], found["rankings"], found["annotators"]) == ("beside", 1, 2)
+    assert (found["rows"]["human_rankings"], found["rows"]["demonstrations"]) == (2, 2)
+    assert manifest["human_agreement"]["rankings"] == 1 and manifest["human_agreement"]["annotators"] == 1
