@@ -97,7 +97,8 @@ GROUP_MUTATE[labelling]="
   plugins/training_data/exporters.py:PreferencePairs.export_human,BestOfN.export_human
 "
 GROUP_TESTS[labelling]="tests/unit/test_agreement.py tests/unit/test_labelling.py tests/plugins/test_label_studio.py
-  tests/unit/test_label_report.py tests/unit/test_label_tasks.py tests/plugins/test_label_studio_api.py"
+  tests/unit/test_label_report.py tests/unit/test_label_tasks.py tests/plugins/test_label_studio_api.py
+  tests/unit/test_label_pull.py"
 ALL_GROUPS="core secrets requests costs journal judge labelling"
 
 GROUP=${*:-${GROUP:-$ALL_GROUPS}}   # `bash scripts/mutants.sh secrets judge` names groups too
