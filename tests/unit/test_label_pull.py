@@ -398,7 +398,7 @@ def test_instead_leaves_out_the_prompts_of_the_exporters_kinds_and_of_its_rows(t
     prompt leaves the ranked prompt p3; one of no kind leaves only the prompts its rows name."""
 
     class Ranked(Seen):
-        human_kinds = ("rankings",)
+        human_kinds = ("rankings", "comparisons")  # a kind genflow does not pull (yet) has no prompts
         answer = "no_prompt_id"
 
     class Plain(Seen):
@@ -429,6 +429,7 @@ def test_a_manifest_without_rows_or_agreement_is_refreshed(tmp_path: Path, regis
     assert refreshed["rows"] == {"human_rankings": 2, "preferences": 1}
     # everything pulled is gone: so are the human rows and what the manifest said of them
     labels.write_pulled(storage, "tool", [])
+    storage.write_bytes("sft/notes.txt", b"not rows")  # a folder without parts has no rows to count
     del refreshed["human_agreement"], refreshed["rows"]
     emptied = labels.refresh(storage, refreshed)
     assert "labelling" not in emptied and "human_agreement" not in emptied
