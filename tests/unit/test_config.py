@@ -126,6 +126,7 @@ def test_humaneval_rows_are_code_prompts_with_task_ids(tmp_path: Path) -> None:
     assert shard["task"].to_pylist() == ["code"]
 
 
+@pytest.mark.cli
 def test_cli_validate_exit_codes(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(textwrap.dedent(f"""

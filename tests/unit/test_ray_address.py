@@ -75,6 +75,7 @@ def init_ray_in_a_subprocess(env: dict[str, str]) -> subprocess.CompletedProcess
                           capture_output=True, text=True, timeout=NO_HANG_S)
 
 
+@pytest.mark.cli
 @pytest.mark.timeout(NO_HANG_S + 60)
 def test_a_stale_current_cluster_file_starts_a_local_ray_and_says_so(
         ray_tmp: Path, tmp_path: Path, test_plugins: dict[str, str]) -> None:
@@ -90,6 +91,7 @@ def test_a_stale_current_cluster_file_starts_a_local_ray_and_says_so(
     assert (ray_tmp / "ray" / "ray_current_cluster").read_text() == stale  # another's file: left as it was
 
 
+@pytest.mark.cli
 @pytest.mark.timeout(NO_HANG_S + 60)
 def test_a_dead_ray_address_fails_at_once_with_one_message(
         ray_tmp: Path, tmp_path: Path, test_plugins: dict[str, str]) -> None:

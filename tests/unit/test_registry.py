@@ -133,6 +133,7 @@ def test_misspelt_hook_fails_loudly() -> None:
         registry_with(Typo())
 
 
+@pytest.mark.cli
 def test_plugins_command_lists_third_party_and_broken(third_party_site: Path) -> None:
     result = run_genflow("plugins", env={"PYTHONPATH": str(third_party_site), "COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
@@ -140,6 +141,7 @@ def test_plugins_command_lists_third_party_and_broken(third_party_site: Path) ->
     assert "broken-genflow" in result.stderr and "needs libfoo" in result.stderr
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_job_runs_with_a_third_party_plugin(third_party_site: Path, tmp_path: Path) -> None:
     config = tmp_path / "job.yaml"
@@ -247,6 +249,7 @@ def test_options_come_from_the_params_schema() -> None:
     assert options["workers"].type == "integer >= 1 | null"
 
 
+@pytest.mark.cli
 def test_plugins_params_prints_a_plugins_options() -> None:
     result = run_genflow("plugins", "--params", "hf-text", env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
@@ -258,6 +261,7 @@ def test_plugins_params_prints_a_plugins_options() -> None:
     assert set(rows) == set(HFTextParams.model_fields)
 
 
+@pytest.mark.cli
 def test_plugins_params_of_an_unknown_plugin_names_the_installed_ones() -> None:
     result = run_genflow("plugins", "--params", "hf-txet")
     assert result.returncode == 2

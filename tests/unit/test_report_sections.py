@@ -198,6 +198,7 @@ def test_rebuild_reads_every_run_of_a_sweep_with_the_storage_settings_given(
     assert all(settings == spec.model_dump() for _, settings in opened)
 
 
+@pytest.mark.cli
 def test_genflow_report_takes_the_jobs_storage_options(tmp_path: Path) -> None:
     job_folder(tmp_path, {"door": "not-installed-here"}, {"door": {"tickets": 3}})
     result = run_genflow("report", str(tmp_path), "--region", "eu-west-3", "--anonymous",
