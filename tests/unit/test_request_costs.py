@@ -74,3 +74,15 @@ def test_a_prompts_answer_that_does_not_fit_its_candidates_is_still_priced() -> 
     assert request_cost(three, failed, PRICE) == (pytest.approx(PRICE.cost(12, 0)), False)
     one = Score(0.5)  # one score for the prompt's three candidates, with no usage: all three were sent
     assert request_cost(three, one, PRICE) == (pytest.approx(PRICE.cost(3 * 20, 0)), True)
+
+
+def test_an_estimate_counts_the_input_columns_sent_but_no_picture_and_no_null() -> None:
+    """A request's input columns count by their text (a list by its JSON); an input picture's
+    bytes and a null column send no characters."""
+    messages = [{"role": "user", "content": "q" * 30}]
+    sent = GenerationRequest("g0", "p0", "p" * 40, 0, 0,
+                             inputs={"messages": messages, "reference": "r" * 20, "image": b"\x89PNG" * 100,
+                                     "mask": None})
+    cost, estimated = request_cost(sent, Generation(text="y" * 40), PRICE)
+    chars = 40 + len(json.dumps(messages)) + 20
+    assert estimated and cost == pytest.approx(PRICE.cost(tokens(chars), tokens(40)))
