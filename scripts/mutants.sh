@@ -98,7 +98,7 @@ GROUP_MUTATE[labelling]="
 "
 GROUP_TESTS[labelling]="tests/unit/test_agreement.py tests/unit/test_labelling.py tests/plugins/test_label_studio.py
   tests/unit/test_label_report.py tests/unit/test_label_tasks.py tests/plugins/test_label_studio_api.py
-  tests/unit/test_label_pull.py"
+  tests/unit/test_label_pull.py tests/plugins/test_human_exports.py"
 ALL_GROUPS="core secrets requests costs journal judge labelling"
 
 GROUP=${*:-${GROUP:-$ALL_GROUPS}}   # `bash scripts/mutants.sh secrets judge` names groups too
