@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     # In the sandbox the prelude's text, which comes before this one's, defines them.
     from .prelude import (  # noqa: TC004
+        _genflow_fail,
         _genflow_flush,
         _genflow_limits,
         _genflow_main_file,
@@ -285,11 +286,7 @@ def _genflow_runner_check(tests_fd: int, setup_fd: int, candidate_fd: int, res_f
     try:
         exec(compile(setup, "tests.py", "exec"), space)
     except BaseException as exc:
-        try:
-            write(res_fd, b"E" + _genflow_text(exc).encode("utf-8", "replace") + b"\n")
-            _genflow_print(exc)
-        finally:
-            exit_now(1)
+        _genflow_fail(res_fd, exc)
     _genflow_flush()
     dump, load = _genflow_codec()
     calls_r, calls_w = os.pipe()

@@ -70,6 +70,17 @@ def _genflow_main_file(source: bytes) -> str:
     return "main.py"
 
 
+def _genflow_fail(res_fd: int, exc: BaseException, write: "Callable[[int, bytes], int]" = os.write,
+                  exit_now: "Callable[[int], NoReturn]" = os._exit) -> "NoReturn":
+    """A runner's end when its program (or the tests' setup) raised: report ``E<error>``,
+    print the traceback and exit with 1. Bound like :func:`_genflow_pass`."""
+    try:
+        write(res_fd, b"E" + _genflow_text(exc).encode("utf-8", "replace") + b"\n")
+        _genflow_print(exc)
+    finally:
+        exit_now(1)
+
+
 def _genflow_pass(res_fd: int, nonce: bytes, write: "Callable[[int, bytes], int]" = os.write,
                   exit_now: "Callable[[int], NoReturn]" = os._exit) -> "NoReturn":
     """A runner's end once its program (or the tests) ran through: flush the output, report

@@ -11,11 +11,16 @@ import sys
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     # In the sandbox the prelude's text, which comes before this one's, defines them.
-    from .prelude import _genflow_limits, _genflow_main_file, _genflow_pass, _genflow_print, _genflow_text  # noqa: TC004
+    from .prelude import (  # noqa: TC004
+        _genflow_fail,
+        _genflow_limits,
+        _genflow_main_file,
+        _genflow_pass,
+    )
 
 
 def _genflow_runner(src_fd: int, res_fd: int, limits: "list[int]") -> None:
-    write, exit_now = os.write, os._exit
+    write = os.write
     _genflow_limits(limits)
     os.set_inheritable(res_fd, False)
     with open(src_fd, "rb") as f:
@@ -29,11 +34,7 @@ def _genflow_runner(src_fd: int, res_fd: int, limits: "list[int]") -> None:
         exec(compile(source, filename, "exec"),
              {"__name__": "__main__", "__file__": filename, "__builtins__": __builtins__})
     except BaseException as exc:
-        try:
-            write(res_fd, b"E" + _genflow_text(exc).encode("utf-8", "replace") + b"\n")
-            _genflow_print(exc)
-        finally:
-            exit_now(1)
+        _genflow_fail(res_fd, exc)
     _genflow_pass(res_fd, nonce)
 
 
