@@ -28,6 +28,7 @@ def check_job(job: JobConfig, read_rows: bool = True) -> Any:
         raise ConfigError(f"input {job.input} and output {output} overlap: the job would read its own outputs "
                           f"back as prompts (or write over its input); give the output a folder of its own")
     _check_model_paths(job)
+    _check_score_columns(job)
     source = open_input(job.input, **job.storage.model_dump())
     _check_templates(job, source.columns)
     if read_rows:
@@ -61,6 +62,18 @@ def _check_model_paths(job: JobConfig) -> None:
         if local and not path.exists():
             raise ConfigError(f"{section}.{i}.model: {spec.model} does not exist (a local model folder; "
                               f"`genflow models init-tiny models` writes the tiny ones)")
+
+
+def _check_score_columns(job: JobConfig) -> None:
+    """The scorers' own ``scores/`` columns fit together: none takes a fixed column's name, and
+    two scorers declaring one column give it one type (else every score stage would fail)."""
+    from genflow.data.schemas import extra_score_columns, scores_schema
+    from genflow.registry import get_registry
+
+    try:
+        scores_schema(extra_score_columns(job, get_registry()))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _check_templates(job: JobConfig, columns: list[str]) -> None:

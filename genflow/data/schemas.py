@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    from genflow.config import JobConfig
+    from genflow.registry import Registry
 
 PROMPTS = pa.schema([
     ("prompt_id", pa.string()),
@@ -50,6 +56,19 @@ def scores_schema(extra: dict[str, pa.DataType] | None = None) -> pa.Schema:
         raise ValueError(f"scores/ already has the column(s) {', '.join(taken)}: a scorer's extra_columns "
                          "need names of their own")
     return pa.schema([*SCORES, *(pa.field(name, kind) for name, kind in extra.items())])
+
+
+def extra_score_columns(config: JobConfig, registry: Registry) -> dict[str, pa.DataType]:
+    """The columns the job's scorers add to ``scores/`` (their ``extra_columns``), in the config's
+    order; two scorers may declare one column only with one type."""
+    out: dict[str, pa.DataType] = {}
+    for spec in config.scorers:
+        for name, kind in registry.get("scorer", spec.plugin).factory.extra_columns.items():
+            if out.setdefault(name, kind) != kind:
+                raise ValueError(f"scorers: two scorers declare the scores/ column {name!r}, as {out[name]} and "
+                                 f"{kind}; a column has one type")
+    return out
+
 
 RANKINGS = pa.schema([
     ("prompt_id", pa.string()),

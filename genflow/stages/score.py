@@ -15,13 +15,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from genflow.api import Score, ScoreItem
-from genflow.config import JobConfig
 from genflow.data import layout
 from genflow.data.layout import Shard, candidate_image
 from genflow.data.results import Failure, scrub_result
 from genflow.data.resume import StageOutcome, awaiting_retries
-from genflow.data.schemas import scores_schema
-from genflow.registry import Registry, get_registry
+from genflow.data.schemas import extra_score_columns, scores_schema
+from genflow.registry import get_registry
 from genflow.stages.common import (
     Answered,
     JobContext,
@@ -36,18 +35,6 @@ from genflow.stages.common import (
     read_prompts,
     retry_sources,
 )
-
-
-def extra_score_columns(config: JobConfig, registry: Registry) -> dict[str, pa.DataType]:
-    """The columns the job's scorers add to ``scores/`` (their ``extra_columns``), in the config's
-    order; two scorers may declare one column only with one type."""
-    out: dict[str, pa.DataType] = {}
-    for spec in config.scorers:
-        for name, kind in registry.get("scorer", spec.plugin).factory.extra_columns.items():
-            if out.setdefault(name, kind) != kind:
-                raise ValueError(f"scorers: two scorers declare the scores/ column {name!r}, as {out[name]} and "
-                                 f"{kind}; a column has one type")
-    return out
 
 
 def own_columns(score: Score, declared: dict[str, pa.DataType], plugin: str) -> dict[str, Any] | Failure:

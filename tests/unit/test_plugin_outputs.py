@@ -119,11 +119,11 @@ def test_a_scores_columns_are_its_declared_values_and_null_where_it_gives_none()
     assert isinstance(too_big, Failure) and "cannot hold 1099511627776" in too_big.error
 
 
-def test_two_scorers_may_share_a_column_only_with_one_type() -> None:
+def test_two_scorers_may_share_a_column_only_with_one_type(monkeypatch: pytest.MonkeyPatch) -> None:
     from genflow import hookimpl
     from genflow.api import Scorer
+    from genflow.data.schemas import extra_score_columns
     from genflow.registry import registry_with
-    from genflow.stages.score import extra_score_columns
 
     class A(Scorer):
         extra_columns: ClassVar[dict[str, pa.DataType]] = {"verdict": pa.string(), "tokens": pa.int32()}
@@ -149,6 +149,13 @@ def test_two_scorers_may_share_a_column_only_with_one_type() -> None:
         ("verdict", pa.string()), ("tokens", pa.int32()), ("why", pa.string())]
     with pytest.raises(ValueError, match="two scorers declare the scores/ column 'tokens', as int32 and int64"):
         extra_score_columns(build_config_unchecked(config(scorers=[{"plugin": "a"}, {"plugin": "c"}])), registry)
+    # the job is refused before anything starts (exit 2), not at its first score stage
+    from genflow.config import ConfigError
+    from genflow.data.checks import check_job
+
+    monkeypatch.setattr("genflow.registry.get_registry", lambda: registry)
+    with pytest.raises(ConfigError, match="two scorers declare the scores/ column 'tokens', as int32 and int64"):
+        check_job(build_config_unchecked(config(scorers=[{"plugin": "a"}, {"plugin": "c"}])))
 
 
 def build_config_unchecked(data: dict[str, Any]) -> Any:
