@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from support.jobs import free_port
+from support.s3 import moto_bucket, s3_client
 
 BUCKET = "genflow-test"
 KEY_ID = "GENFLOWTESTKEYID0001"
@@ -24,30 +24,14 @@ TEST_TOOLS = ("botocore", "boto3", "s3transfer", "moto", "werkzeug", "urllib3")
 @pytest.fixture(scope="module")
 def s3_server() -> Iterator[str]:
     """moto's S3 server on 127.0.0.1 (a real HTTP endpoint), with one empty bucket."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=KEY_ID,
-                 aws_secret_access_key=SECRET).create_bucket(Bucket=BUCKET)
-    yield endpoint
-    server.stop()
+    with moto_bucket(BUCKET, KEY_ID, SECRET) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
 def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Any:
     """A boto3 client; the AWS credentials are in the environment, where a user keeps them."""
-    import boto3
-
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    return boto3.client("s3", endpoint_url=s3_server)
+    return s3_client(s3_server, KEY_ID, SECRET, monkeypatch)
 
 
 @pytest.fixture

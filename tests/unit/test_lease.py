@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.s3 import moto_bucket, s3_client
 
 from genflow.data import lease as leases
 from genflow.data.lease import Holder, OutputInUse, OutputLease, output_lease, read_lease
@@ -35,32 +36,15 @@ def no_renewal_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def moto_endpoint() -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1 with one empty bucket (as in test_storage_s3.py)."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-    from support.jobs import free_port
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="k",
-                 aws_secret_access_key="s").create_bucket(Bucket=BUCKET)
-    yield endpoint
-    server.stop()
+    """moto's S3 server on 127.0.0.1 with one empty bucket."""
+    with moto_bucket(BUCKET) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
 def s3(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Any:
     """A boto3 client of the moto server; the credentials in the environment, where genflow finds them."""
-    import boto3
-
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "GENFLOWLEASETESTKEY1")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "lease-test-secret")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    return boto3.client("s3", endpoint_url=moto_endpoint)
+    return s3_client(moto_endpoint, "GENFLOWLEASETESTKEY1", "lease-test-secret", monkeypatch)
 
 
 def _objects(s3: Any, prefix: str) -> list[str]:
