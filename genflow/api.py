@@ -92,11 +92,6 @@ from pydantic import BaseModel, ConfigDict
 if TYPE_CHECKING:
     import pyarrow as pa
 
-MODALITIES = ("text", "code", "image")
-"""The modalities of genflow's own plugin families; the stages go by what the installed plugins
-declare (``Generator.modality``, ``Scorer.modalities``)."""
-
-
 class PluginParams(BaseModel):
     """Base for a plugin's ``params``: unknown keys are errors."""
 

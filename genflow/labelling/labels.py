@@ -219,17 +219,13 @@ def write_pulled(storage: Storage, tool: str, annotations: list[Annotation],
     return written
 
 
-Judgement = HumanRanking
-"""One person's order of some of a prompt's candidates, best first."""
-
-
-def judgements(storage: Storage) -> list[Judgement]:
+def judgements(storage: Storage) -> list[HumanRanking]:
     """Every annotation in ``human_rankings/`` (all tools), in a fixed order."""
     table = storage.read_folder(layout.HUMAN_RANKINGS, schema=schemas.HUMAN_RANKINGS)
     grouped: dict[tuple[str, str, str, str], list[tuple[int, str]]] = defaultdict(list)
     for r in table.to_pylist():
         grouped[(r["prompt_id"], r["tool"], r["ranking_id"], r["annotator"])].append((r["rank"], r["generation_id"]))
-    return [Judgement(p, annotator, f"{tool}:{rid}", tuple(g for _, g in sorted(rows)))
+    return [HumanRanking(p, annotator, f"{tool}:{rid}", tuple(g for _, g in sorted(rows)))
             for (p, tool, rid, annotator), rows in sorted(grouped.items())]
 
 
@@ -347,14 +343,14 @@ def _count_human_rows(storage: Storage, manifest: dict[str, Any], exporters: Ite
 
 # -- agreement with people ---------------------------------------------------------
 
-def human_agreement(found: list[Judgement], scores: dict[str, dict[str, dict[str, float]]],
+def human_agreement(found: list[HumanRanking], scores: dict[str, dict[str, dict[str, float]]],
                     weights: dict[str, float]) -> dict[str, Any]:
     """How each scorer, and the combined score, agrees with the people's rankings; and how the
     people agree with each other (see the module's docstring)."""
     names = [*weights, COMBINED] if weights else []
     accuracy = {n: [0, 0] for n in names}
     tau = {n: PairAgreement() for n in names}
-    by_prompt: dict[str, list[Judgement]] = defaultdict(list)
+    by_prompt: dict[str, list[HumanRanking]] = defaultdict(list)
     for j in found:
         by_prompt[j.prompt_id].append(j)
     inter = PairAgreement()

@@ -273,8 +273,8 @@ def test_judgements_are_each_annotations_order_best_first_across_tools(tmp_path:
         [{"prompt_id": p, "generation_id": g, "rank": r, "annotator": who, "created_at": "", "ranking_id": i,
           "tool": t} for p, g, r, who, i, t in rows], schema=schemas.HUMAN_RANKINGS))
     assert labels.judgements(storage) == [
-        labels.Judgement("p0", "cy", "ls:1", ("y", "x")), labels.Judgement("p1", "ada", "ls:9", ("a", "b", "c")),
-        labels.Judgement("p1", "bo", "other:9", ("c", "a"))]
+        labels.HumanRanking("p0", "cy", "ls:1", ("y", "x")), labels.HumanRanking("p1", "ada", "ls:9", ("a", "b", "c")),
+        labels.HumanRanking("p1", "bo", "other:9", ("c", "a"))]
     assert labels.judgements(Storage.open(str(tmp_path / "nothing"))) == []
 
 
@@ -283,9 +283,9 @@ def test_judgements_are_each_annotations_order_best_first_across_tools(tmp_path:
 def test_two_annotators_are_compared_on_the_candidates_both_ranked_even_two() -> None:
     """On p1 ada and bo share two candidates (a and b, ordered oppositely); cy shares one with ada
     and none with bo: only ada and bo are a pair. On p2 ada and bo agree."""
-    found = [labels.Judgement("p1", "ada", "ls:1", ("a", "b", "c")), labels.Judgement("p1", "bo", "ls:2", ("b", "a")),
-             labels.Judgement("p1", "cy", "ls:3", ("c", "d")), labels.Judgement("p2", "ada", "ls:4", ("x", "y")),
-             labels.Judgement("p2", "bo", "ls:5", ("x", "y"))]  # on p2, ada and bo agree
+    found = [labels.HumanRanking("p1", "ada", "ls:1", ("a", "b", "c")), labels.HumanRanking("p1", "bo", "ls:2", ("b", "a")),
+             labels.HumanRanking("p1", "cy", "ls:3", ("c", "d")), labels.HumanRanking("p2", "ada", "ls:4", ("x", "y")),
+             labels.HumanRanking("p2", "bo", "ls:5", ("x", "y"))]  # on p2, ada and bo agree
     agreement = labels.human_agreement(found, {}, {})
     assert agreement == {"rankings": 5, "prompts": 2, "annotators": 3, "scorers": [], "inter_annotator": {
         "prompts": 2, "annotator_pairs": 2, "kendall_tau": 0.0, "agreement": 0.5, "pairs": 2}}
@@ -294,7 +294,7 @@ def test_two_annotators_are_compared_on_the_candidates_both_ranked_even_two() ->
 def test_a_scorers_agreement_with_people_is_rounded_to_six_places() -> None:
     """ada orders a > b > c; the scorer scores b > c > a: it orders one of her three pairs her way,
     and its tau-b against her wins minus losses (a 2, b 0, c -2) is -1/3."""
-    found = [labels.Judgement("p1", "ada", "ls:1", ("a", "b", "c"))]
+    found = [labels.HumanRanking("p1", "ada", "ls:1", ("a", "b", "c"))]
     scores = {"p1": {"a": {"rm": 1.0}, "b": {"rm": 3.0}, "c": {"rm": 2.0}}}
     rows = labels.human_agreement(found, scores, {"rm": 1.0})["scorers"]
     assert rows == [{"scorer": name, "pairwise_accuracy": 0.333333, "pairs": 3, "kendall_tau": -0.333333,

@@ -500,9 +500,9 @@ def test_an_export_past_max_export_bytes_is_one_clear_line(standin: Standin, out
 
 # -- what people's labels become, by hand -------------------------------------------------------
 
-def _judgements(*orders: tuple[str, str, list[int]]) -> list[labelling.Judgement]:
+def _judgements(*orders: tuple[str, str, list[int]]) -> list[labelling.HumanRanking]:
     """(prompt, annotator, sample indexes best first) -> Judgements of candidates ``<prompt>-s<k>``."""
-    return [labelling.Judgement(p, who, f"label-studio:{i}", tuple(f"{p}-s{k}" for k in order))
+    return [labelling.HumanRanking(p, who, f"label-studio:{i}", tuple(f"{p}-s{k}" for k in order))
             for i, (p, who, order) in enumerate(orders)]
 
 
