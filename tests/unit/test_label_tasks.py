@@ -283,7 +283,8 @@ def test_judgements_are_each_annotations_order_best_first_across_tools(tmp_path:
 def test_two_annotators_are_compared_on_the_candidates_both_ranked_even_two() -> None:
     """On p1 ada and bo share two candidates (a and b, ordered oppositely); cy shares one with ada
     and none with bo: only ada and bo are a pair. On p2 ada and bo agree."""
-    found = [labels.HumanRanking("p1", "ada", "ls:1", ("a", "b", "c")), labels.HumanRanking("p1", "bo", "ls:2", ("b", "a")),
+    found = [labels.HumanRanking("p1", "ada", "ls:1", ("a", "b", "c")),
+             labels.HumanRanking("p1", "bo", "ls:2", ("b", "a")),
              labels.HumanRanking("p1", "cy", "ls:3", ("c", "d")), labels.HumanRanking("p2", "ada", "ls:4", ("x", "y")),
              labels.HumanRanking("p2", "bo", "ls:5", ("x", "y"))]  # on p2, ada and bo agree
     agreement = labels.human_agreement(found, {}, {})
