@@ -493,6 +493,75 @@ class PushResult:
     url: str
 
 
+class ToolError(Exception):
+    """A tool call that cannot be carried out as asked (bad arguments, a program that would
+    not start): its message goes back to the model as the call's result, marked an error,
+    and the episode goes on, as a real agent's does."""
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call the model made in a turn of an episode: OpenAI's ``tool_calls`` entry, its
+    ``arguments`` parsed from JSON."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    """What a tool knows of the episode it serves: the row's ids and the values of the input
+    columns the tool declares in ``input_columns`` (``visible_tests``...)."""
+
+    prompt_id: str
+    generation_id: str
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ToolResult:
+    """What a tool call answers: ``content`` is what the model reads as the ``tool`` message
+    (genflow cuts it to the episode's bound). ``final`` ends the episode with that answer (the
+    ``submit`` tool's code); ``details`` (JSON-able) are kept in the episode's record."""
+
+    content: str
+    is_error: bool = False
+    final: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Tool(Plugin):
+    """A function the model of an episode may call (a generator with ``max_turns`` above 1 and
+    a ``tools:`` list naming it).
+
+    ``Arguments`` is a pydantic model of the call's arguments: its JSON schema is what the
+    model is shown (OpenAI ``tools``), and a call's arguments are validated against it before
+    :meth:`run` sees them (a call that does not fit is answered as an error). :meth:`run` is
+    synchronous and may take CPU: genflow runs it off the request loop, on a worker thread,
+    under ``timeout_s``. An exception it raises (or a :class:`ToolError`) is answered to the
+    model as the call's error; the episode goes on."""
+
+    Arguments: ClassVar[type[BaseModel]] = BaseModel
+    timeout_s: ClassVar[float] = 30.0
+    ends_episode: ClassVar[bool] = False
+    """Whether a call of it ends the episode (``submit``): its result's ``final`` is the answer."""
+
+    def __init__(self, params: PluginParams) -> None:
+        self.params = params
+
+    @classmethod
+    def schema(cls, name: str) -> dict[str, Any]:
+        """The OpenAI ``tools`` entry the model is shown for this tool, registered as ``name``."""
+        return {"type": "function", "function": {
+            "name": name, "description": (cls.description or (cls.__doc__ or "")).strip().split("\n\n")[0],
+            "parameters": cls.Arguments.model_json_schema()}}
+
+    @abstractmethod
+    def run(self, arguments: BaseModel, context: ToolContext) -> ToolResult:
+        """Carry out one call: ``arguments`` validated as :attr:`Arguments`."""
+
+
 class Labeller(Plugin):
     """A labelling tool (Label Studio...): sends tasks to people and reads back what they did.
 

@@ -63,6 +63,17 @@ def register_labellers(register: Register) -> None:
     """
 
 
+@hookspec
+def register_tools(register: Register) -> None:
+    """Register tools episodes may call: ``register("search-docs", MyTool)``.
+
+    A tool (a :class:`genflow.api.Tool`) is a function the model of a multi-turn
+    generator (``max_turns`` above 1) calls by name; a generator's ``tools:`` list names
+    the ones its episodes are offered. Its result goes back to the model as a ``tool``
+    message.
+    """
+
+
 @hookspec(firstresult=True)
 def infer_task(columns: list[str]) -> str | None:
     """Name the ``task`` of the rows of a dataset that has these columns and no ``task`` column.

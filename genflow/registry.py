@@ -14,12 +14,12 @@ import pluggy
 from pydantic import BaseModel
 
 from genflow import hookspecs
-from genflow.api import Exporter, Generator, Labeller, Scorer, missing_distributions
+from genflow.api import Exporter, Generator, Labeller, Scorer, Tool, missing_distributions
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "genflow"
-KINDS = {"generator": Generator, "scorer": Scorer, "exporter": Exporter, "labeller": Labeller}
+KINDS = {"generator": Generator, "scorer": Scorer, "exporter": Exporter, "labeller": Labeller, "tool": Tool}
 
 
 class PluginError(RuntimeError):
@@ -126,7 +126,8 @@ class Registry:
         for kind, hook in (("generator", self.pm.hook.register_generators),
                            ("scorer", self.pm.hook.register_scorers),
                            ("exporter", self.pm.hook.register_exporters),
-                           ("labeller", self.pm.hook.register_labellers)):
+                           ("labeller", self.pm.hook.register_labellers),
+                           ("tool", self.pm.hook.register_tools)):
             for impl in reversed(hook.get_hookimpls()):
                 source, version = self._source_of(impl.plugin)
 
