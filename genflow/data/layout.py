@@ -33,12 +33,15 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from genflow.config import UNHASHED_SPEC_KEYS, stable_hash
+from genflow.api import sends_requests
+from genflow.config import UNHASHED_SPEC_KEYS, GeneratorSpec, stable_hash
+from genflow.data.model_identity import model_identity
 from genflow.data.names import is_safe_name, path_component
 from genflow.data.storage import Storage, is_remote, read_bytes
+from genflow.registry import PluginError, get_registry
 
 if TYPE_CHECKING:
-    from genflow.config import GeneratorSpec, JobConfig, ScorerSpec
+    from genflow.config import JobConfig, ScorerSpec
 
 PROMPTS = "prompts"
 GENERATIONS = "generations"
@@ -253,10 +256,24 @@ def candidate_image(storage: Storage, path: str, base_dir: str) -> bytes:
 def hashed_spec(spec: GeneratorSpec | ScorerSpec, unhashed_params: tuple[str, ...] = (),
                 exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
     """A generator's or scorer's entry as it counts for fingerprints: without what changes no
-    output (its request limits and price, the plugin's ``unhashed_params``)."""
+    output (its request limits and price, the plugin's ``unhashed_params``), its model by what
+    it is rather than how its path is spelt (:func:`genflow.data.model_identity.model_identity`)."""
     data = spec.model_dump(mode="json", exclude=set(UNHASHED_SPEC_KEYS | exclude))
     data["params"] = hashed_params(spec.params, unhashed_params)
+    data["model"] = model_identity(spec.model, served=serves_model_by_name(spec))
     return data
+
+
+def serves_model_by_name(spec: GeneratorSpec | ScorerSpec) -> bool:
+    """Whether the spec's plugin sends requests: its ``model`` is a name a server knows, not a
+    folder here (:func:`genflow.data.model_identity.model_identity`). A plugin not installed
+    here has no shards to plan: its model counts as a folder when there is one."""
+    kind = "generator" if isinstance(spec, GeneratorSpec) else "scorer"
+    try:
+        factory = get_registry().get(kind, spec.plugin).factory.implementation(spec.params)
+    except PluginError:
+        return False
+    return sends_requests(factory)
 
 
 def hashed_params(params: dict[str, Any], unhashed_params: tuple[str, ...] = ()) -> dict[str, Any]:

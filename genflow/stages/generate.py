@@ -8,10 +8,11 @@ from typing import Any
 import jinja2
 import pyarrow as pa
 
-from genflow.api import Generation, GenerationRequest, Plugin
+from genflow.api import Generation, GenerationRequest, Plugin, sends_requests
 from genflow.config import GeneratorSpec, JobConfig, redacted, stable_hash
 from genflow.data import layout
 from genflow.data.layout import INPUT_LABEL, Shard
+from genflow.data.model_identity import model_identity
 from genflow.data.prompts import carried_columns
 from genflow.data.results import Failure, scrub_result
 from genflow.data.resume import StageOutcome
@@ -58,6 +59,7 @@ def build_requests(prompts: pa.Table, spec: GeneratorSpec, config: JobConfig, ba
         spec.template) if spec.template else None
     params_key = layout.params_key(spec.params, factory.unhashed_params)
     base_seed = config.seed if spec.seed is None else spec.seed
+    model = model_identity(spec.model, served=sends_requests(factory))  # the same however its path is spelt
     requests = []
     for row in prompts.to_pylist():
         if not accepts(row.get("task"), modality):
@@ -69,7 +71,7 @@ def build_requests(prompts: pa.Table, spec: GeneratorSpec, config: JobConfig, ba
         inputs = plugin_inputs(row, factory, base_dir)
         for sample in range(spec.samples):
             seed = derive_seed(base_seed, row["prompt_id"], sample)
-            gid = stable_hash([row["prompt_id"], spec.label, sample, seed, params_key, spec.model, spec.template], 20)
+            gid = stable_hash([row["prompt_id"], spec.label, sample, seed, params_key, model, spec.template], 20)
             requests.append(GenerationRequest(
                 generation_id=gid, prompt_id=row["prompt_id"], prompt=prompt, sample=sample, seed=seed,
                 task=row.get("task"), system=row.get("system"), inputs=inputs))
