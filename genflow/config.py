@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from genflow.secrets import (
     STORAGE_SECRET_ENV,
@@ -84,6 +84,19 @@ def _label_name(value: str) -> str:
     return value
 
 
+class ToolSpec(_Strict):
+    """A tool a generator's episodes may call: a registered tool's name, and its params."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+SINGLE_TURN = {"tools": [], "max_turns": 1}
+"""Keys of a generator's entry that make it run episodes, at the values of one answer per
+request: left out of its fingerprint while they hold them, so an output made before episodes
+existed is still the output of the same config."""
+
+
 class GeneratorSpec(_Strict):
     label: str
     plugin: str
@@ -97,6 +110,12 @@ class GeneratorSpec(_Strict):
     requests: RequestsSpec = Field(default_factory=RequestsSpec)
     """For plugins that send requests (``async def generate``): concurrency, retries, rate limits."""
     price: PriceSpec | None = None
+    max_turns: int = Field(1, ge=1)
+    """Assistant turns an episode may take: above 1, each request is a conversation whose
+    model may call ``tools`` and read their results before it answers."""
+    tools: list[ToolSpec] = Field(default_factory=list)
+    """Tools the episodes may call: names of registered tools (``genflow plugins`` lists
+    them), or ``{name, params}``."""
 
     @field_validator("label")
     @classmethod
@@ -104,6 +123,27 @@ class GeneratorSpec(_Strict):
         if v == "input":
             raise ValueError("label 'input' is taken: it names the candidates the input rows carry")
         return _label_name(v)
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _tool_names(cls, v: Any) -> Any:
+        """A tool given by its name alone takes its default params."""
+        return [{"name": t} if isinstance(t, str) else t for t in v] if isinstance(v, list) else v
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_need_turns(cls, v: list[ToolSpec], info: ValidationInfo) -> list[ToolSpec]:
+        max_turns = info.data.get("max_turns")  # validated first (declared first); None: it was invalid
+        if v and max_turns is not None and max_turns < 2:
+            raise ValueError(f"{', '.join(t.name for t in v)} would never be called: a tool's result is read "
+                             f"in the turn after the call, and max_turns is {max_turns}; give the generator "
+                             f"max_turns above 1 (e.g. max_turns: 8)")
+        names = [t.name for t in v]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} named twice; the model calls a tool by its name, so each "
+                             f"may be offered once")
+        return v
 
 
 class ScorerSpec(_Strict):
