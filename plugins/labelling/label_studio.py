@@ -7,6 +7,14 @@ no file serving is needed. A demonstration task shows the prompt and a ``<TextAr
 for the answer. Each task's data holds ``genflow_key``; a push lists the project's
 tasks and imports only the keys it lacks.
 
+Label Studio shows a ``<List>`` item's ``id`` under its text, and a ``<Ranker>`` answers
+with those ids. So an item's id is its letter (``A``, ``B``...), which the labeller reads
+anyway, never the candidate's generation id: that is noise to a person. The letters'
+generation ids go in the task data under ``genflow_candidates``, which the labelling
+config does not name (so the labelling page never shows it), and a pull reads the
+labeller's order of letters back through it. A task pushed before this (its items'
+ids were generation ids, with no ``genflow_candidates``) is read as it was written.
+
 The key: a personal access token (Label Studio 1.23's default, a JWT refresh token,
 exchanged for an access token at ``/api/token/refresh/``), or a legacy API token
 (``Authorization: Token``). Either is read from the variable ``api_key_env`` names.
@@ -42,6 +50,9 @@ log = logging.getLogger(__name__)
 
 RANKER = "rank"
 ANSWER = "answer"
+CANDIDATE_IDS = "genflow_candidates"
+"""The task data's key of each item's generation id (item id -> generation id): no ``$`` of the
+labelling config names it, so the labelling page does not show it."""
 
 LABEL_CONFIGS = {
     "rankings": f"""<View>
@@ -279,13 +290,15 @@ def task_data(task: LabelTask) -> dict[str, Any]:
     if task.kind == "rankings":
         items = []
         for i, c in enumerate(task.candidates):
-            item: dict[str, Any] = {"id": c.generation_id, "title": _letter(i)}
+            # Label Studio shows an item's id under it: the letter the labeller reads anyway
+            item: dict[str, Any] = {"id": _letter(i), "title": _letter(i)}
             if c.image is not None:  # markup genflow writes itself: only base64 goes inside
                 item["html"] = f"<img src=\"data:image/png;base64,{base64.b64encode(c.image).decode()}\"/>"
             else:
                 item["body"] = c.text or ""
             items.append(item)
         data["candidates"] = items
+        data[CANDIDATE_IDS] = {_letter(i): c.generation_id for i, c in enumerate(task.candidates)}
     return data
 
 
@@ -301,7 +314,9 @@ def read_annotation(a: dict[str, Any], data: dict[str, Any], kind: str, users: d
         value = r.get("value", {})
         if kind == "rankings" and r.get("type") == "ranker" and r.get("from_name") == RANKER:
             order = value.get("ranker", {}).get(RANKER) or []
-            return Annotation(**common, ranking=tuple(str(g) for g in order))
+            ids = data.get(CANDIDATE_IDS)
+            ids = ids if isinstance(ids, dict) else {}  # a task pushed with generation ids as item ids
+            return Annotation(**common, ranking=tuple(str(ids.get(str(g), g)) for g in order))
         if kind == "demonstrations" and r.get("type") == "textarea" and r.get("from_name") == ANSWER:
             texts = value.get("text") or []
             if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
