@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from genflow.api import sends_requests
 from genflow.config import (
     ConfigError,
     JobConfig,
@@ -44,7 +45,7 @@ from genflow.data.checks import check_job
 from genflow.data.prompts import InputError
 from genflow.data.storage import Storage, StorageError, disk_full, is_remote
 from genflow.engine.errors import JobFailed
-from genflow.registry import PluginError
+from genflow.registry import PluginError, get_registry
 
 if TYPE_CHECKING:
     from genflow.data.lease import OutputLease
@@ -274,16 +275,31 @@ def _absolute(value: Any, base: Path, must_exist: bool) -> Any:
 
 def anchor_paths(raw: dict[str, Any], base: Path | None = None) -> dict[str, Any]:
     """The config with relative local paths made absolute against ``base`` (the current folder):
-    a deployment's run, wherever it runs, means what ``genflow run`` would where it was made."""
+    a deployment's run, wherever it runs, means what ``genflow run`` would where it was made.
+    A served plugin's model is the server's name for it, left as written even where a folder
+    here has that name (``vllm serve models/x`` serves the name ``models/x``). Ids and
+    fingerprints do not follow the spelling (``genflow.data.model_identity``)."""
     base = (base or Path.cwd()).resolve()
     data = copy.deepcopy(raw)
     data["input"] = _absolute(data.get("input"), base, must_exist=False)
     data["output"] = _absolute(data.get("output"), base, must_exist=False)
-    for key in ("generators", "scorers"):
+    for key, kind in (("generators", "generator"), ("scorers", "scorer")):
         for spec in data.get(key) or []:
-            if isinstance(spec, dict) and "model" in spec:
+            if isinstance(spec, dict) and "model" in spec and not _served(kind, spec):
                 spec["model"] = _absolute(spec["model"], base, must_exist=True)
     return data
+
+
+def _served(kind: str, spec: dict[str, Any]) -> bool:
+    """Whether a raw generator or scorer entry names a plugin that sends requests (one not
+    installed here counts as local: the config's check names it when the job starts)."""
+    params = spec.get("params")
+    try:
+        factory = get_registry().get(kind, str(spec.get("plugin"))).factory.implementation(
+            params if isinstance(params, dict) else {})
+    except (PluginError, ValueError):
+        return False
+    return sends_requests(factory)
 
 
 # -- the process a job runs in -------------------------------------------------------------------

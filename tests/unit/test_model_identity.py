@@ -127,3 +127,17 @@ def test_a_served_plugin_s_model_name_enters_ids_as_written(tmp_path: Path, monk
     assert layout.hashed_spec(served)["model"] == "models/tiny"
     local = ScorerSpec(plugin="hf-reward", model="models/tiny")
     assert layout.hashed_spec(local)["model"] == model_identity(str(tmp_path / "models" / "tiny"))
+
+
+def test_a_deployment_anchors_a_model_folder_but_keeps_a_served_model_s_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from genflow.runtime.session import anchor_paths
+
+    _model(tmp_path / "models" / "tiny")
+    monkeypatch.chdir(tmp_path)
+    raw = _job("models/tiny")
+    raw["generators"].append({"label": "api", "plugin": "openai", "model": "models/tiny",  # `vllm serve models/tiny`
+                              "params": {"base_url": "http://127.0.0.1:8000/v1"}})
+    anchored = anchor_paths(raw)
+    assert [g["model"] for g in anchored["generators"]] == [str(tmp_path / "models" / "tiny"), "models/tiny"]
+    assert anchored["scorers"][0]["model"] == str(tmp_path / "models" / "tiny")
