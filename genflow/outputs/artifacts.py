@@ -8,8 +8,15 @@ the UI's Artifacts page shows a job's history run after run:
 - ``genflow-job-<name>-summary``: markdown: status, errors, scores per scorer, every
   number of each scorer's metrics (as its ``summarize`` names them), tokens and cost,
   and how the scorers agree;
-- ``genflow-job-<name>-report``: a link to ``report.html`` (a ``file://`` path or its
-  ``s3://`` URI).
+- ``genflow-job-<name>-report``: where ``report.html`` is (:func:`report_pointer`). A browser
+  opens no ``file://`` link from the Prefect UI, so for an output on S3 it is a link artifact
+  to a presigned ``https`` URL of the page that opens it for :data:`REPORT_LINK_EXPIRES_S`
+  (7 days, SigV4's longest), signed with the key storage uses; for a local output, or one
+  on S3 that genflow holds no long-lived key of, a markdown artifact saying where the file
+  is and how to open or rebuild it.
+
+``genflow label pull`` publishes them again, with no flow run, where a Prefect server is set
+and answers (:func:`prefect_server`): the summary then shows the agreement with people.
 
 A sweep gets ``genflow-sweep-<name>-runs``: one row per run. Task runs carry
 :func:`stage_tags`, so the UI filters a job's runs by stage or plugin. Everything here is read
@@ -20,11 +27,18 @@ plugin is named and no generated text is shown, only numbers, names and paths.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import math
+import os
 import re
+import socket
+import urllib.parse
+import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
@@ -63,9 +77,134 @@ def stage_tags(stage: str, plugins: Iterable[str] = ()) -> list[str]:
     return [f"stage:{stage}", *(f"plugin:{p}" for p in plugins)]
 
 
-def report_link(uri: str) -> str:
-    """``report.html`` as a link: an ``s3://`` URI as it is, a local path as a ``file://`` URL."""
-    return uri if is_remote(uri) else Path(uri).resolve().as_uri()
+# -- where report.html is -------------------------------------------------------------------------
+
+REPORT_LINK_EXPIRES_S = 7 * 24 * 3600
+"""How long the report link of an output on S3 opens the page: 7 days, the longest a SigV4
+presigned URL may be valid."""
+
+
+@dataclass(frozen=True)
+class ReportPointer:
+    """``report.html`` as the Prefect UI shows it: a link a browser opens, or text saying where it is."""
+
+    uri: str
+    link: str | None = None
+    """An ``https`` URL that opens the page (presigned for a private bucket); None when there is none."""
+    expires: datetime | None = None
+    """When a presigned ``link`` stops opening the page (None: never, a public bucket's)."""
+    markdown: str = ""
+    """Where the file is and how to open it, when there is no ``link``."""
+
+
+def report_pointer(uri: str, options: dict[str, Any] | None = None, now: datetime | None = None) -> ReportPointer:
+    """Where ``report.html`` (``uri``: a local path or an ``s3://`` URI) is, as the Prefect UI can use it.
+
+    An ``s3://`` page gets a presigned ``https`` link (:func:`presigned_url`, ``options``: the
+    storage's endpoint, region and anonymous setting); a local one, or one genflow cannot sign a
+    link to, a few lines of markdown saying where it is and how to open it."""
+    if uri.startswith("s3://"):
+        signed = presigned_url(uri, options or {}, REPORT_LINK_EXPIRES_S, now)
+        if signed is not None:
+            link, expires = signed
+            return ReportPointer(uri, link, expires)
+        return ReportPointer(uri, markdown="\n".join([
+            "# report.html", "", "The job's report is on S3:", "", "```", _one_line(uri), "```", "",
+            "genflow holds no long-lived key to sign a link to it with (none in AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or a session token, which a link would carry). Open it with a "
+            f"presigned URL, `aws s3 presign {_one_line(uri)} --expires-in {REPORT_LINK_EXPIRES_S}`, "
+            f"or download it: `aws s3 cp {_one_line(uri)} report.html`.", ""]))
+    if is_remote(uri):
+        return ReportPointer(uri, markdown="\n".join(["# report.html", "", "The job's report is at:", "", "```",
+                                                       _one_line(uri), "```", ""]))
+    path = str(Path(uri).resolve())
+    return ReportPointer(uri, markdown="\n".join([
+        "# report.html", "", f"The job's report is a file on `{_one_line(socket.gethostname())}`; a browser opens "
+        "no `file://` link from the Prefect UI, so here is where it is:", "", "```", _one_line(path), "```", "",
+        "Open it in a browser on that machine. `genflow report` rebuilds it (and the dataset card):", "", "```",
+        f"genflow report {_one_line(str(Path(path).parent))}", "```", ""]))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.replace("`", "'").split())
+
+
+def presigned_url(uri: str, options: dict[str, Any], expires_s: int = REPORT_LINK_EXPIRES_S,
+                  now: datetime | None = None) -> tuple[str, datetime | None] | None:
+    """An ``https`` (or the endpoint's scheme) URL that GETs the ``s3://`` object ``uri`` until the
+    returned time (None: a public bucket's URL, which does not expire): AWS Signature Version 4
+    in the query string, as ``aws s3 presign`` makes it, asking S3 to answer it as ``text/html``
+    (pyarrow stores no content type: a browser would download the page rather than show it).
+
+    The URL holds the access key's id and a signature, never the secret key; it is made only
+    with the key storage reads (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``) and never
+    with a session token (``AWS_SESSION_TOKEN``, a secret the URL would carry): then None, as
+    with no key (a profile or an instance role: genflow cannot sign with those without boto3).
+    ``options``: the storage's ``endpoint_url``, ``region`` and ``anonymous`` (a public
+    bucket: the plain URL, unsigned, with no expiry)."""
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    endpoint = (options.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL"))
+    region = options.get("region") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") \
+        or "us-east-1"
+    if endpoint:
+        base = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        scheme, host, path = base.scheme, base.netloc, f"{base.path.rstrip('/')}/{bucket}/{key}"
+    elif re.fullmatch(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]", bucket):  # a name that can be a host name
+        scheme, host, path = "https", f"{bucket}.s3.{region}.amazonaws.com", f"/{key}"
+    else:
+        scheme, host, path = "https", f"s3.{region}.amazonaws.com", f"/{bucket}/{key}"
+    host = re.sub(r":(80)$", "", host) if scheme == "http" else re.sub(r":(443)$", "", host)
+    path = urllib.parse.quote(path, safe="/")
+    if options.get("anonymous"):
+        return f"{scheme}://{host}{path}", None
+    key_id, secret = os.environ.get("AWS_ACCESS_KEY_ID", ""), os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+    if not key_id or not secret or os.environ.get("AWS_SESSION_TOKEN"):
+        return None
+    now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    stamp, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
+    scope = f"{day}/{region}/s3/aws4_request"
+    query = {"X-Amz-Algorithm": "AWS4-HMAC-SHA256", "X-Amz-Credential": f"{key_id}/{scope}",
+             "X-Amz-Date": stamp, "X-Amz-Expires": str(expires_s), "X-Amz-SignedHeaders": "host",
+             "response-content-type": "text/html; charset=utf-8"}
+    canonical_query = "&".join(f"{urllib.parse.quote(k, safe='')}={urllib.parse.quote(v, safe='')}"
+                               for k, v in sorted(query.items()))
+    request = "\n".join(["GET", path, canonical_query, f"host:{host}", "", "host", "UNSIGNED-PAYLOAD"])
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(request.encode()).hexdigest()])
+    signing = f"AWS4{secret}".encode()
+    for part in (day, region, "s3", "aws4_request"):
+        signing = hmac.new(signing, part.encode(), hashlib.sha256).digest()
+    signature = hmac.new(signing, to_sign.encode(), hashlib.sha256).hexdigest()
+    return (f"{scheme}://{host}{path}?{canonical_query}&X-Amz-Signature={signature}",
+            now + timedelta(seconds=expires_s))
+
+
+def prefect_server(timeout: float = 3.0) -> str | None:
+    """The Prefect API outside a flow run: ``PREFECT_API_URL`` (the environment's or the profile's)
+    when it is set and answers its health check, as shown (a password in it hidden); None when
+    none is set, and None with one warning when it does not answer. (With none set, Prefect
+    would start a server of its own for the call: nobody would see what it was given.)"""
+    import urllib.request
+
+    from prefect.settings import PREFECT_API_URL
+
+    from genflow.secrets import redact_url
+
+    url = str(PREFECT_API_URL.value() or "")
+    if not url.startswith("http"):
+        return None
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as response:
+            ok = response.status < 500
+    except OSError as exc:
+        ok, why = False, f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+    else:
+        why = "it answered its health check with an error"
+    if not ok:
+        log.warning("the Prefect API at %s does not answer (%s): its artifacts of this output are left as they "
+                    "were", redact_url(url), why)
+        return None
+    return redact_url(url)
 
 
 # -- the job's artifacts -------------------------------------------------------------------------
@@ -156,6 +295,20 @@ def summary_markdown(manifest: dict[str, Any], scores: dict[str, dict[str, Any]]
             lines.append(f"| {_md(name)} | {_num(tokens.get('prompt'))} | {_num(tokens.get('completion'))} "
                          f"| {_num(stages[name].get('cost'))} |")
         lines.append("")
+    human = manifest.get("human_agreement") or {}
+    if human.get("scorers"):
+        lines += ["## Agreement with people", "",
+                  f"{_num(human.get('rankings'))} rankings of {_num(human.get('prompts'))} prompts by "
+                  f"{_num(human.get('annotators'))} people.", "",
+                  "| scorer | pairwise accuracy | pairs | Kendall's tau-b | prompts |", "|---|---:|---:|---:|---:|"]
+        for r in human["scorers"]:
+            lines.append(f"| {_md(r.get('scorer'))} | {_num(r.get('pairwise_accuracy'))} | {_num(r.get('pairs'))} "
+                         f"| {_num(r.get('kendall_tau'))} | {_num(r.get('prompts'))} |")
+        inter = human.get("inter_annotator")
+        if isinstance(inter, dict):
+            lines += ["", f"People with each other: Kendall's tau-b {_num(inter.get('kendall_tau'))}, pairwise "
+                      f"agreement {_num(inter.get('agreement'))} over {_num(inter.get('prompts'))} prompts."]
+        lines.append("")
     agreement = (manifest.get("agreement") or {}).get("pairs") or []
     if agreement:
         lines += ["## Scorer agreement", "", "| scorer | scorer | Kendall's tau-b | pairwise agreement | prompts |",
@@ -168,22 +321,33 @@ def summary_markdown(manifest: dict[str, Any], scores: dict[str, dict[str, Any]]
 
 
 def publish_job_artifacts(storage: Storage, manifest: dict[str, Any], report_uri: str | None) -> list[UUID]:
-    """Create the run's table, summary and report-link artifacts; a failure is logged, never raised."""
+    """Create the run's table, summary and report artifacts (:func:`report_pointer`); a failure is
+    logged, never raised. Outside a flow run (``genflow label pull``) they belong to no run."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
     name = str(manifest.get("name") or "job")
     made: list[UUID] = []
     try:
-        made.append(cast(UUID, create_table_artifact(
-            counts_table(manifest), key=artifact_key(name, COUNTS),
-            description=f"genflow job {name}: rows per folder, errors per stage")))
-        made.append(cast(UUID, create_markdown_artifact(
-            summary_markdown(manifest, score_stats(storage)), key=artifact_key(name, SUMMARY),
-            description=f"genflow job {name}: scores, metrics, cost")))
-        if report_uri is not None:
-            made.append(cast(UUID, create_link_artifact(
-                report_link(report_uri), link_text=report_uri, key=artifact_key(name, REPORT),
-                description=f"genflow job {name}: report.html")))
+        with warnings.catch_warnings():  # outside a run Prefect 3 warns that it may stop allowing it
+            warnings.filterwarnings("ignore", "Artifact creation outside of a flow", FutureWarning)
+            made.append(cast(UUID, create_table_artifact(
+                counts_table(manifest), key=artifact_key(name, COUNTS),
+                description=f"genflow job {name}: rows per folder, errors per stage")))
+            made.append(cast(UUID, create_markdown_artifact(
+                summary_markdown(manifest, score_stats(storage)), key=artifact_key(name, SUMMARY),
+                description=f"genflow job {name}: scores, metrics, cost")))
+            if report_uri is not None:
+                where = report_pointer(report_uri, storage.options)
+                if where.link is not None:
+                    until = "" if where.expires is None else \
+                        f"; the link opens it until {where.expires:%Y-%m-%d %H:%M} UTC"
+                    made.append(cast(UUID, create_link_artifact(
+                        where.link, link_text=report_uri, key=artifact_key(name, REPORT),
+                        description=f"genflow job {name}: report.html{until}")))
+                else:
+                    made.append(cast(UUID, create_markdown_artifact(
+                        where.markdown, key=artifact_key(name, REPORT),
+                        description=f"genflow job {name}: where report.html is")))
     except Exception as exc:  # the outputs are written; artifacts are a view of them
         log.warning("Prefect artifacts not all created (%s: %s)", type(exc).__name__, exc)
     return made

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -157,9 +158,10 @@ def test_a_job_run_carries_its_counts_summary_and_report_link(
     assert "| length | 0.5 | 25 |" in summary  # scores per scorer
     assert manifest["config_hash"] in summary
 
-    link = artifacts[artifact_key("Nightly Code", "report")]
+    where = artifacts[artifact_key("Nightly Code", "report")]  # a local page: where it is, not a dead link
     report = tmp_path / "out/report.html"
-    assert report.exists() and link.data == f"[{report}]({report.as_uri()})"  # Prefect keeps a link as markdown
+    assert report.exists() and where.type == "markdown" and f"```\n{report}\n```" in where.data
+    assert f"genflow report {tmp_path / 'out'}" in where.data and "file://" not in where.data.replace("`file://`", "")
 
     tasks = server_client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(
         any_=[run.id])))
@@ -274,3 +276,48 @@ def test_a_sweep_run_has_one_artifact_row_per_run(tmp_path: Path, prefect_harnes
     assert all(r["status"] == "completed" and r["prompts"] == 3 and r["generations"] == 6 for r in table)
     assert [r["values"] for r in table] == ["scorers.0.params.scale=1.0", "scorers.0.params.scale=2.0"]
     assert table[1]["score_mean"] == pytest.approx(2 * table[0]["score_mean"])
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_artifacts_published_outside_a_flow_run_take_the_jobs_keys(
+        tmp_path: Path, prefect_server: str, server_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``genflow label pull`` publishes: the summary with the agreement with people, and the
+    report's place, as the newest version of the job's keys, with no flow run; an output on S3
+    gets a link that opens its page."""
+    from support.s3 import moto_bucket, s3_client
+
+    from genflow.data.storage import Storage
+    from genflow.outputs.artifacts import prefect_server as answering_server
+    from genflow.outputs.artifacts import publish_job_artifacts
+
+    assert answering_server() == prefect_server
+    manifest = {**MANIFEST, "name": "labelled job", "human_agreement": {
+        "rankings": 3, "prompts": 2, "annotators": 2,
+        "scorers": [{"scorer": "judge", "pairwise_accuracy": 0.555556, "pairs": 9, "kendall_tau": -0.091752,
+                     "prompts": 2}],
+        "inter_annotator": {"prompts": 1, "annotator_pairs": 1, "kendall_tau": 0.333333, "agreement": 0.666667,
+                            "pairs": 3}}}
+    local = Storage.open(str(tmp_path / "out"))
+    local.write_bytes("report.html", b"<html></html>")
+    assert len(publish_job_artifacts(local, manifest, local.uri_of("report.html"))) == 3
+    latest = {a.key: a for a in server_client.read_artifacts(artifact_filter=_key_filter(
+        artifact_key("labelled job", "summary")))}
+    summary = latest[artifact_key("labelled job", "summary")]
+    assert summary.flow_run_id is None
+    assert "## Agreement with people" in summary.data and "| judge | 0.5556 | 9 | -0.09175 | 2 |" in summary.data
+    assert "People with each other: Kendall's tau-b 0.3333, pairwise agreement 0.6667 over 1 prompts." in (
+        summary.data)
+
+    with moto_bucket("genflow-pages", "GENFLOWPAGESKEYID001", "pages-s3cr3t-never-shown") as endpoint:
+        s3_client(endpoint, "GENFLOWPAGESKEYID001", "pages-s3cr3t-never-shown", monkeypatch)
+        remote = Storage.open("s3://genflow-pages/job", endpoint_url=endpoint)
+        remote.write_bytes("report.html", b"<html>the page</html>")
+        publish_job_artifacts(remote, manifest, remote.uri_of("report.html"))
+        found = server_client.read_artifacts(artifact_filter=_key_filter(artifact_key("labelled job", "report")))
+        [link] = [a for a in found if a.data.startswith("[s3://")]  # Prefect keeps a link as markdown
+        assert link.flow_run_id is None and "pages-s3cr3t" not in link.data
+        url = re.search(r"\((http[^)]+)\)", link.data)
+        assert url and url.group(1).startswith(f"{endpoint}/genflow-pages/job/report.html?X-Amz-Algorithm=")
+        with urllib.request.urlopen(url.group(1), timeout=30) as response:
+            assert response.read() == b"<html>the page</html>"
