@@ -289,20 +289,26 @@ def deploy(config: ConfigArg, name: NameOpt = None, work_pool: Annotated[str | N
     _needs_prefect_server("deploy")
     try:
         raw = _raw_config(config, set_)
+        changed = deployment.registered_changes(raw, name, config_file=(config, set_ or []))
         deployment.deploy(raw, name, work_pool, config_file=(config, set_ or []))
         info = deployment.describe_deployment(deployment.full_name(raw, name))
     except _user_errors() as exc:
         fail(str(exc))
     except ValueError as exc:  # Prefect: unknown work pool
         fail(str(exc))
+    if changed:
+        given = f"{config}'s" + (" with these --set options" if set_ else "")
+        out.print(f"deployment {info['name']} was registered with other parameters ({', '.join(changed)}); "
+                  f"replaced by {given}", markup=False, highlight=False)
     for s in info["schedules"]:
         out.print(f"schedule: {s['cron']} ({s['timezone']}){'' if s['active'] else ' (inactive)'}")
     if not info["schedules"]:
         out.print("no schedule in the config: runs start only when triggered")
     for when in info["next_runs"]:
         out.print(f"next run: {when:%Y-%m-%d %H:%M %Z}")
-    runner = f"a worker of pool {work_pool!r}" if work_pool else f"`genflow serve {config}`"
-    out.print(f"deployment {info['name']} registered; its runs are executed by {runner}.")
+    runner = f"a worker of pool {work_pool!r}" if work_pool else f"`{_serve_command(config, name, set_)}`"
+    out.print(f"deployment {info['name']} registered; its runs are executed by {runner}.", markup=False,
+              highlight=False)
     out.print(f"run it now: prefect deployment run '{info['name']}'")
 
 
@@ -318,9 +324,25 @@ def serve(config: ConfigArg, name: NameOpt = None, limit: Annotated[int | None, 
     try:
         raw = _raw_config(config, set_)
         deployment.to_deployment(raw, name, config_file=(config, set_ or []))  # a bad config fails here
+        changed = deployment.registered_changes(raw, name, config_file=(config, set_ or []))
     except _user_errors() as exc:
         fail(str(exc))
+    if changed:  # the deployment `genflow deploy --set ...` made, served without its --set: say what goes
+        given = f"{config}'s" + (" with these --set options" if set_ else "")
+        console.print(f"deployment {deployment.full_name(raw, name)} was registered with other parameters "
+                      f"({', '.join(changed)}); serving replaces them with {given}. To serve the registered "
+                      f"ones, stop and run the `genflow serve` command `genflow deploy` printed (its --set "
+                      f"options)", markup=False, highlight=False)
     deployment.serve(raw, name, limit, config_file=(config, set_ or []))
+
+
+def _serve_command(config: Path, name: str | None, overrides: list[str] | None) -> str:
+    """The ``genflow serve`` command that registers what ``genflow deploy`` did: the same config,
+    name and ``--set`` overrides, quoted for a shell."""
+    import shlex
+
+    return shlex.join(["genflow", "serve", str(config), *(["--name", name] if name else []),
+                       *[arg for text in overrides or [] for arg in ("--set", text)]])
 
 
 @app.command()
@@ -459,15 +481,17 @@ def label_pull(output: OutputArg, tool: ToolOpt = None, url: UrlOpt = None, api_
                kind: Annotated[str | None, typer.Option("--kind", help="the kind of --project's tasks, or only "
                                                         "the projects of this kind")] = None,
                param: ParamOpt = None) -> None:
-    """Read finished annotations into human_rankings/ and demonstrations/, and the exporters' human rows."""
+    """Read finished annotations into human_rankings/ and demonstrations/, and the exporters' human rows;
+    then rewrite report.html, the README.md dataset card and, where a Prefect server is set, the job's artifacts."""
     from genflow.labelling.labels import LabellingError, pull
 
     try:
-        manifest = pull(_label_storage(output), tool, _labeller_params(url, api_key_env, param), project, kind)
+        pulled = pull(_label_storage(output), tool, _labeller_params(url, api_key_env, param), project, kind)
     except LabellingError as exc:
         fail(str(exc))
     except RuntimeError as exc:
         fail(str(exc), code=1)
+    manifest = pulled.manifest
     labelled = manifest.get("labelling") or {}
     for folder, n in (labelled.get("rows") or {}).items():
         out.print(f"{folder}: {n:,} human rows", highlight=False)
@@ -485,6 +509,12 @@ def label_pull(output: OutputArg, tool: ToolOpt = None, url: UrlOpt = None, api_
         if inter:
             out.print(f"inter-annotator: Kendall tau {fmt(inter['kendall_tau'])}, pairwise agreement "
                       f"{fmt(inter['agreement'])} over {inter['prompts']} prompts", highlight=False)
+    for what, where in pulled.refreshed.items():  # the views that now show these figures
+        out.print(f"refreshed {what}: {where}", highlight=False)
+    for what in ("report.html", "README.md"):
+        if what not in pulled.refreshed:
+            out.print(f"{what} not refreshed (see the warning above): `genflow report {output}` rebuilds it",
+                      highlight=False)
 
 
 def main() -> None:

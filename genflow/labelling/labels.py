@@ -22,6 +22,12 @@ human rows and figures follow new scores and the config's ``labelling.human_rows
 Everything is rewritten whole from what is on storage, so a second pull, or a second run,
 changes nothing.
 
+A pull then rewrites what shows those figures (:func:`refresh_views`): ``report.html``, the
+``README.md`` dataset card and, where a Prefect server is set (``PREFECT_API_URL``) and
+answers, the job's Prefect artifacts (:mod:`genflow.outputs.artifacts`: under the job's keys, with
+no flow run). A view that cannot be rewritten costs a warning, never the pull: the rows
+are written.
+
 Agreement with people reuses :mod:`genflow.outputs.agreement`'s Kendall tau-b and strict pairs:
 
 - **pairwise accuracy**: of the pairs of candidates a person ordered (every annotation
@@ -40,6 +46,7 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any
 
@@ -489,13 +496,44 @@ def push(storage: Storage, tool: str | None, params: dict[str, Any], kind: str, 
     return result
 
 
+@dataclass(frozen=True)
+class Pulled:
+    """What a pull did: the manifest it wrote, and the views of the output it rewrote from it."""
+
+    manifest: dict[str, Any]
+    refreshed: dict[str, str] = field(default_factory=dict)
+    """What was rewritten -> where: ``report.html`` and ``README.md`` (their URIs), ``Prefect
+    artifacts`` (the server's address). A view missing here was not rewritten: a warning said why."""
+
+
+def refresh_views(storage: Storage, manifest: dict[str, Any]) -> dict[str, str]:
+    """Rewrite what shows the output's figures after a pull: ``report.html``, the ``README.md``
+    dataset card, and the job's Prefect artifacts where a server is set and answers. A failure
+    is a warning, never raised; returns what was rewritten (see :attr:`Pulled.refreshed`)."""
+    from genflow.outputs.artifacts import prefect_server, publish_job_artifacts
+    from genflow.outputs.dataset_card import CARD, write_card_safely
+    from genflow.outputs.report import REPORT_FILE, write_report_safely
+
+    done: dict[str, str] = {}
+    report = write_report_safely(storage, manifest)
+    if report is not None:
+        done[REPORT_FILE] = report
+    card = write_card_safely(storage, manifest)
+    if card is not None:
+        done[CARD] = card
+    server = prefect_server()  # None: none set, or one that does not answer (a warning said so)
+    if server is not None and publish_job_artifacts(storage, manifest, report):
+        done["Prefect artifacts"] = server
+    return done
+
+
 def pull(storage: Storage, tool: str | None, params: dict[str, Any], project: str | None = None,
-         kind: str | None = None) -> dict[str, Any]:
-    """Read every finished annotation of the output's projects on the tool, write them and refresh
-    the human rows; returns the manifest. The projects: those known here (pushed from here, or
-    named before), of ``kind`` only when given; ``project`` (of ``kind``, rankings by default)
-    joins them and is remembered. The parts of the kinds pulled are rewritten, the others kept.
-    ``tool``: None for the one installed."""
+         kind: str | None = None) -> Pulled:
+    """Read every finished annotation of the output's projects on the tool, write them, refresh
+    the human rows and the views of the output (:func:`refresh_views`). The projects: those known
+    here (pushed from here, or named before), of ``kind`` only when given; ``project`` (of ``kind``,
+    rankings by default) joins them and is remembered. The parts of the kinds pulled are rewritten,
+    the others kept. ``tool``: None for the one installed."""
     tool = installed_tool(tool)
     manifest = read_manifest(storage)
     if kind is not None and kind not in LABEL_KINDS:
@@ -519,4 +557,4 @@ def pull(storage: Storage, tool: str | None, params: dict[str, Any], project: st
         storage.write_json(layout.labelling_record(tool), {"projects": [*records, named]})  # later pulls keep it
     manifest = refresh(storage, manifest)
     storage.write_json(layout.MANIFEST, manifest)
-    return manifest
+    return Pulled(manifest, refresh_views(storage, manifest))

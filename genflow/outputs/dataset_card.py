@@ -13,8 +13,11 @@ count. ``generations`` is the default config. The body records what made the dat
 the config hash, the models and plugin versions, the seeds and the counts, all read
 from ``manifest.json`` (its config is redacted).
 
-The card is rewritten, atomically, at the end of every run, and by
-``genflow report OUTPUT``; a folder that no longer has rows is no longer listed.
+Where people labelled the output (``genflow label pull``), the body shows how each scorer
+agrees with them (``manifest["human_agreement"]``, the figures the report shows).
+
+The card is rewritten, atomically, at the end of every run, by ``genflow label pull`` and
+by ``genflow report OUTPUT``; a folder that no longer has rows is no longer listed.
 This module needs no ``datasets``: the engine install does not have it.
 """
 
@@ -207,9 +210,34 @@ def build_card(storage: Storage, manifest: dict[str, Any]) -> str:
     seeds = ", ".join(f"{_plain(k)}: {_plain(v)}" for k, v in meta["genflow"]["seeds"].items())
     lines += ["", f"Seeds: {seeds or '-'}.", "",
               "Versions: " + ", ".join(f"{_plain(k)} {_plain(v)}" for k, v in meta["genflow"]["versions"].items())
-              + ".", "", "`manifest.json` next to this card holds the whole (redacted) config, timings and metrics;",
+              + ".", "", *human_agreement_lines(manifest),
+              "`manifest.json` next to this card holds the whole (redacted) config, timings and metrics;",
               "`report.html` shows the scores and samples.", ""]
     return f"---\n{front}---\n\n" + "\n".join(lines)
+
+
+def human_agreement_lines(manifest: dict[str, Any]) -> list[str]:
+    """The card's section on how the scorers agree with the people who ranked the candidates
+    (figures as the report shows them); none where nobody did."""
+    from genflow.outputs.report.render import fmt
+
+    found = manifest.get("human_agreement")
+    if not isinstance(found, dict) or not found.get("scorers"):
+        return []
+    lines = ["## Agreement with people", "",
+             f"{fmt(found.get('rankings'))} rankings of {fmt(found.get('prompts'))} prompts by "
+             f"{fmt(found.get('annotators'))} people (`genflow label pull`). Pairwise accuracy: of the pairs people "
+             "ordered that the scorer scores apart, the share it orders their way; Kendall τ: tau-b against the "
+             "people's consensus, averaged over prompts.", "",
+             "| scorer | pairwise accuracy | pairs | Kendall τ | prompts |", "|---|---:|---:|---:|---:|"]
+    for r in found["scorers"]:
+        lines.append(f"| {_plain(r.get('scorer'))} | {fmt(r.get('pairwise_accuracy'))} | {fmt(r.get('pairs'))} "
+                     f"| {fmt(r.get('kendall_tau'))} | {fmt(r.get('prompts'))} |")
+    inter = found.get("inter_annotator")
+    if isinstance(inter, dict):
+        lines += ["", f"People with each other, over {fmt(inter.get('prompts'))} prompts two or more ranked: "
+                  f"Kendall τ {fmt(inter.get('kendall_tau'))}, pairwise agreement {fmt(inter.get('agreement'))}."]
+    return [*lines, ""]
 
 
 def write_card(storage: Storage, manifest: dict[str, Any] | None = None) -> str:

@@ -155,7 +155,7 @@ def _rows(storage: Storage, folder: str) -> list[tuple[str, str]]:
 def test_a_pull_reads_every_known_project_of_both_kinds(tmp_path: Path, registry: Registry) -> None:
     storage = _job(tmp_path / "out")
     _two_kinds(storage)
-    manifest = labels.pull(storage, None, {})
+    manifest = labels.pull(storage, None, {}).manifest
     assert sorted(Tool.pulled) == [("D", "demonstrations"), ("R", "rankings")]
     assert _rows(storage, layout.HUMAN_RANKINGS) == [("p1", "p1-a"), ("p1", "p1-b")]
     assert _rows(storage, layout.DEMONSTRATIONS) == [("p2", "an answer")]

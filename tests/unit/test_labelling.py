@@ -10,10 +10,12 @@ was asked. ``tests/plugins/test_label_studio.py`` runs the real Label Studio.
 
 from __future__ import annotations
 
+import html
 import itertools
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +24,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
+from support.jobs import free_port
 from support.servers import BackgroundServer
 from typer.testing import CliRunner, Result
 
 from genflow.api import Annotation
 from genflow.cli import app
+from genflow.data import schemas
 from genflow.data.storage import Storage
 from genflow.labelling import labels as labelling
 from genflow.labelling.labels import LabellingError, disagreeing_prompts, label_tasks, task_key
@@ -60,18 +64,22 @@ def write_output(out: Path, scorers: tuple[str, ...] = ("long", "short")) -> Pat
     pq.write_table(pa.table({"prompt_id": list(SCORES), "prompt": [f"prompt {p}" for p in SCORES]}),
                    out / "prompts" / "part-00000.parquet")
     gens = [{"prompt_id": p, "generation_id": gid(p, c), "prompt": f"prompt {p}", "modality": "text",
-             "text": f" answer {c} to {p}", "image_path": None} for p, cs in SCORES.items() for c in cs]
-    pq.write_table(pa.Table.from_pylist(gens), out / "generations" / "part-00000-echo.parquet")
+             "text": f" answer {c} to {p}", "image_path": None, "generator": "echo", "sample": i}
+            for p, cs in SCORES.items() for i, c in enumerate(cs)]
+    pq.write_table(pa.Table.from_pylist(gens, schema=schemas.GENERATIONS),
+                   out / "generations" / "part-00000-echo.parquet")
     for scorer in scorers:  # "long..." scorers score as "long", the others as "short"
         rows = [{"generation_id": gid(p, c), "prompt_id": p, "scorer": scorer, "score": v[0 if scorer.startswith(
                  "long") else 1]}
                 for p, cs in SCORES.items() for c, v in cs.items()]
         pq.write_table(pa.Table.from_pylist(rows), out / "scores" / f"part-00000-{scorer}.parquet")
-    ranked = [{"prompt_id": p, "generation_id": gid(p, c), "rank": r + 1}
-              for p, cs in SCORES.items() for r, c in enumerate(cs)]
+    ranked = [{"prompt_id": p, "generation_id": gid(p, c), "rank": r + 1, "score": sum(v)}
+              for p, cs in SCORES.items() for r, (c, v) in enumerate(cs.items())]
     pq.write_table(pa.Table.from_pylist(ranked), out / "rankings" / "part-00000.parquet")
     config = {"name": "handmade", "scorers": [{"plugin": "length", "label": s, "weight": 1.0} for s in scorers]}
-    (out / "manifest.json").write_text(json.dumps({"name": "handmade", "config": config, "rows": {}}))
+    (out / "manifest.json").write_text(json.dumps({
+        "name": "handmade", "status": "completed", "output": str(out), "created": "2026-01-01T00:00:00+00:00",
+        "config_hash": "handmade0123", "python": "3.11", "config": config, "rows": {}}))
     return out
 
 
@@ -228,7 +236,11 @@ class Standin:
         return found[0]
 
     def rank(self, title: str, prompt_id: str, order: list[str], user: int, annotation_id: int) -> None:
+        """A person orders the candidates (``order``: their generation ids, best first); the Ranker
+        answers with the ids of the List's items, as Label Studio does."""
         task = next(t for t in self.tasks[self.project(title)["id"]] if t["data"]["prompt_id"] == prompt_id)
+        item_of = {g: item for item, g in task["data"].get("genflow_candidates", {}).items()}
+        order = [item_of.get(g, g) for g in order]
         task["annotations"].append({"id": annotation_id, "completed_by": user, "created_at": "2026-01-01T00:00:00Z",
                                     "was_cancelled": False, "result": [
                                         {"from_name": "rank", "to_name": "candidates", "type": "ranker",
@@ -498,6 +510,99 @@ def test_an_export_past_max_export_bytes_is_one_clear_line(standin: Standin, out
     assert not math.isnan(json.loads((output / "manifest.json").read_text())["labelling"]["rankings"])
 
 
+# -- what labellers see, and the views a pull refreshes -------------------------------------------
+
+def test_labellers_read_no_generation_id_and_their_order_maps_back(standin: Standin, output: Path,
+                                                                   genflow: Any) -> None:
+    """What the labelling page renders (the task data the config names with ``$``) holds no
+    generation id; a Ranker's answer of the items' ids is read back as generation ids."""
+    genflow("label", "push", str(output), "--url", standin.url)
+    project = standin.project("genflow handmade rankings")
+    rendered = re.findall(r'value="\$(\w+)"', project["label_config"])
+    assert rendered == ["prompt", "candidates"]
+    tasks = {t["data"]["prompt_id"]: t for t in standin.tasks[project["id"]]}
+    all_ids = {gid(p, c) for p, cs in SCORES.items() for c in cs}
+    for prompt_id, task in tasks.items():
+        shown = json.dumps({key: task["data"][key] for key in rendered})
+        assert not [g for g in all_ids if g in shown], shown
+        items = task["data"]["candidates"]
+        assert [i["id"] for i in items] == [i["title"] for i in items] == list("ABC")
+        mapping = task["data"]["genflow_candidates"]
+        assert sorted(mapping.values()) == sorted(gid(prompt_id, c) for c in SCORES[prompt_id])
+        assert [i["body"] for i in items] == [f" answer {mapping[i['id']][-1]} to {prompt_id}" for i in items]
+    # A person drags the items into C, A, B; Label Studio answers with the items' ids.
+    item_ids = {v: k for k, v in tasks["p1"]["data"]["genflow_candidates"].items()}
+    tasks["p1"]["annotations"].append({"id": 77, "completed_by": 1, "created_at": "2026-01-03", "result": [
+        {"from_name": "rank", "to_name": "candidates", "type": "ranker",
+         "value": {"ranker": {"rank": [item_ids[gid("p1", c)] for c in "cab"]}}}]})
+    genflow("label", "pull", str(output), "--url", standin.url)
+    assert [(r["rank"], r["generation_id"]) for r in sorted(_human(output, "human_rankings"),
+                                                           key=lambda r: r["rank"])] == [
+        (1, "p1-c"), (2, "p1-a"), (3, "p1-b")]
+
+
+def _table_after(text: str, heading: str, row: str) -> list[list[str]]:
+    """The cells of the table under ``heading`` (an HTML ``<h2>`` or a markdown ``##``), each row
+    matched by ``row``: a regex with the cells as groups."""
+    start = text.index(heading)
+    end = text.find("<h2>" if "<h2>" in heading else "\n## ", start + len(heading))
+    return [[html.unescape(c).strip() for c in m] for m in re.findall(row, text[start:end if end > 0 else None])]
+
+
+def test_a_pull_refreshes_the_report_and_the_dataset_card_with_the_agreement(
+        standin: Standin, output: Path, genflow: Any, caplog: pytest.LogCaptureFixture) -> None:
+    from genflow.outputs.dataset_card import write_card
+    from genflow.outputs.report import write_report
+    from genflow.outputs.report.render import fmt
+
+    storage = Storage.open(str(output))
+    write_report(storage, storage.read_json("manifest.json"))  # as the job left them: nobody had labelled
+    write_card(storage, storage.read_json("manifest.json"))
+    assert "Agreement with human rankings" not in (output / "report.html").read_text()
+    assert "Agreement with people" not in (output / "README.md").read_text()
+    _labelled(standin, output, genflow)
+    # A Prefect server set but not answering: a warning, and the pull still refreshes the files.
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}), \
+            caplog.at_level(logging.WARNING):
+        said = genflow("label", "pull", str(output), "--url", standin.url)
+    assert f"refreshed report.html: {output / 'report.html'}" in said.output
+    assert f"refreshed README.md: {output / 'README.md'}" in said.output
+    assert "Prefect" not in said.output
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warning.startswith("the Prefect API at http://127.0.0.1:") and "does not answer" in warning
+
+    found = json.loads((output / "manifest.json").read_text())["human_agreement"]
+    figures = [[r["scorer"], *(fmt(r[k]) for k in ("pairwise_accuracy", "pairs", "kendall_tau", "prompts"))]
+               for r in found["scorers"]]
+    # By hand: p1 a>b>c, p2 c>a. "long" orders p1's three pairs their way and p2's pair the other: 3 of 4;
+    # "short" all 4; combined (long + short) orders p1 their way and ties p2's pair (4 and 4): 3 of 3.
+    assert [row[:3] for row in figures] == [["long", "0.750", "4"], ["short", "1.000", "4"],
+                                            ["combined", "1.000", "3"]]
+    report = (output / "report.html").read_text()
+    assert _table_after(report, "<h2>Agreement with human rankings</h2>",
+                        r"<tr>" + r"<td[^>]*>([^<]*)</td>" * 5 + r"</tr>") == figures
+    card = (output / "README.md").read_text()
+    header, *rows = _table_after(card, "## Agreement with people", r"\n\| " + r"([^|\n]*) \| " * 4 + r"([^|\n]*) \|")
+    assert header == ["scorer", "pairwise accuracy", "pairs", "Kendall τ", "prompts"] and rows == figures
+    assert f"{found['rankings']} rankings of {found['prompts']} prompts by {found['annotators']} people" in card
+    assert card.startswith("---\n") and "config_name: human_rankings" in card  # the card lists the new folder
+
+
+def test_a_pull_whose_report_cannot_be_built_says_so_and_keeps_the_rows(standin: Standin, output: Path,
+                                                                        genflow: Any) -> None:
+    manifest = json.loads((output / "manifest.json").read_text())
+    del manifest["status"]  # the page cannot be built from it; the card can
+    (output / "manifest.json").write_text(json.dumps(manifest))
+    _labelled(standin, output, genflow)
+    said = genflow("label", "pull", str(output), "--url", standin.url)
+    assert f"report.html not refreshed (see the warning above): `genflow report {output}` rebuilds it" in (
+        _one_line(said))
+    assert f"refreshed README.md: {output / 'README.md'}" in said.output
+    assert len(_human(output, "human_rankings")) == 5 and not (output / "report.html").exists()
+
+
 # -- what people's labels become, by hand -------------------------------------------------------
 
 def _judgements(*orders: tuple[str, str, list[int]]) -> list[labelling.HumanRanking]:
@@ -661,16 +766,21 @@ def test_label_studio_task_data_and_annotations_read_back() -> None:
     assert {k: data[k] for k in ("genflow_key", "genflow_kind", "prompt_id", "prompt")} == {
         "genflow_key": "key-1", "genflow_kind": "rankings", "prompt_id": "p1", "prompt": "the prompt"}
     items = data["candidates"]
-    assert items[0] == {"id": "img", "title": "A", "html": '<img src="data:image/png;base64,iVBORw=="/>'}
-    assert items[1] == {"id": "g0", "title": "B", "body": "text 0"}
-    assert [i["title"] for i in items[25:]] == ["Z", "#27", "#28"]
+    assert items[0] == {"id": "A", "title": "A", "html": '<img src="data:image/png;base64,iVBORw=="/>'}
+    assert items[1] == {"id": "B", "title": "B", "body": "text 0"}
+    assert [(i["id"], i["title"]) for i in items[25:]] == [("Z", "Z"), ("#27", "#27"), ("#28", "#28")]
+    assert data["genflow_candidates"] == {"A": "img", **{i["id"]: f"g{n}" for n, i in enumerate(items[1:])}}
     assert "candidates" not in task_data(LabelTask("key-2", "demonstrations", "p1", "the prompt"))
 
     users = {7: "ada@genflow.test"}
     ranked = {"id": 11, "completed_by": {"id": 7}, "created_at": "2026-01-01", "result": [
         {"from_name": "other", "type": "ranker", "value": {"ranker": {"rank": ["x"]}}},
-        {"from_name": "rank", "type": "ranker", "value": {"ranker": {"rank": ["g1", 2]}}}]}
-    assert read_annotation(ranked, data, "rankings", users) == Annotation(
+        {"from_name": "rank", "type": "ranker", "value": {"ranker": {"rank": ["C", "#28", "A", 2]}}}]}
+    assert read_annotation(ranked, data, "rankings", users) == Annotation(  # the items' ids, read back
+        "key-1", "rankings", "p1", "ada@genflow.test", "2026-01-01", "11", ranking=("g1", "g26", "img", "2"))
+    pushed_before = {k: v for k, v in data.items() if k != "genflow_candidates"}  # items' ids were generation ids
+    ranked["result"][1]["value"]["ranker"]["rank"] = ["g1", 2]
+    assert read_annotation(ranked, pushed_before, "rankings", users) == Annotation(
         "key-1", "rankings", "p1", "ada@genflow.test", "2026-01-01", "11", ranking=("g1", "2"))
     written = {"id": 12, "completed_by": 8, "result": [
         {"from_name": "answer", "type": "textarea", "value": {"text": ["line one", "line two"]}}]}
