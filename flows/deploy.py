@@ -21,6 +21,7 @@ would. ``{date}`` in the output stays as written and is filled in by each run.
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -109,6 +110,52 @@ def full_name(raw: dict[str, Any], name: str | None = None) -> str:
     from genflow.flows.job import genflow_job
 
     return f"{genflow_job.name}/{name or deployment_name(build_config(raw))}"
+
+
+SHOWN_KEYS = {"config_source": "config file", "config_source.file": "config file",
+              "config_source.overrides": "--set overrides", "config_source.base": "folder deployed from"}
+"""Parameters named in a change's line by what a user typed, not by their place in the parameters."""
+MAX_SHOWN_CHANGES = 8
+
+
+def registered_changes(raw: dict[str, Any], name: str | None = None,
+                       config_file: ConfigFile | None = None) -> list[str]:
+    """What registering this config replaces in the deployment already registered under its name:
+    the keys of its parameters that differ (``output``, ``schedule.cron``, ``generators.0.params``),
+    and ``schedule`` when the registered one was changed by other means; empty for a new deployment
+    or the same parameters. Key names only: no value is shown (parameters hold secrets hidden
+    anyway, ``***``)."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    job = build_config(raw, source=f"config {raw.get('name', '?')!r}")
+    new = json.loads(json.dumps(job_parameters(raw, config_file=config_file), default=str))
+    try:
+        with get_client(sync_client=True) as client:
+            registered = client.read_deployment_by_name(full_name(raw, name))
+    except ObjectNotFound:
+        return []
+    changed = list(dict.fromkeys(SHOWN_KEYS.get(key, key.removeprefix("config."))
+                                 for key in _differing_keys(registered.parameters, new)))
+    schedules = [(getattr(s.schedule, "cron", None), getattr(s.schedule, "timezone", None))
+                 for s in registered.schedules]
+    wanted = [(job.schedule.cron, job.schedule.timezone)] if job.schedule else []
+    if schedules != wanted and not any(c == "schedule" or c.startswith("schedule.") for c in changed):
+        changed.append("schedule")
+    if len(changed) > MAX_SHOWN_CHANGES:
+        changed[MAX_SHOWN_CHANGES:] = [f"{len(changed) - MAX_SHOWN_CHANGES} more"]
+    return changed
+
+
+def _differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two JSON values differ: down into mappings and lists of one length."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [found for key in sorted(set(old) | set(new), key=str)
+                for found in _differing_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [found for i, (a, b) in enumerate(zip(old, new, strict=True))
+                for found in _differing_keys(a, b, f"{prefix}{i}.")]
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 def describe_deployment(deployment_name_: str, upcoming: int = 3) -> dict[str, Any]:
