@@ -8,8 +8,8 @@ for the answer. Each task's data holds ``genflow_key``; a push lists the project
 tasks and imports only the keys it lacks.
 
 Label Studio shows a ``<List>`` item's ``id`` under its text, and a ``<Ranker>`` answers
-with those ids. So an item's id is its letter (``A``, ``B``...), which the labeller reads
-anyway, never the candidate's generation id: that is noise to a person. The letters'
+with those ids. So an item's id is its letter (``A``, ``B``...), the one name the labeller
+reads for it, never the candidate's generation id: that is noise to a person. The letters'
 generation ids go in the task data under ``genflow_candidates``, which the labelling
 config does not name (so the labelling page never shows it), and a pull reads the
 labeller's order of letters back through it. A task pushed before this (its items'
@@ -290,8 +290,8 @@ def task_data(task: LabelTask) -> dict[str, Any]:
     if task.kind == "rankings":
         items = []
         for i, c in enumerate(task.candidates):
-            # Label Studio shows an item's id under it: the letter the labeller reads anyway
-            item: dict[str, Any] = {"id": _letter(i), "title": _letter(i)}
+            # Label Studio shows an item's id under it (and a title above it, left out: the letter once)
+            item: dict[str, Any] = {"id": _letter(i)}
             if c.image is not None:  # markup genflow writes itself: only base64 goes inside
                 item["html"] = f"<img src=\"data:image/png;base64,{base64.b64encode(c.image).decode()}\"/>"
             else:

@@ -27,6 +27,8 @@ import pyarrow.parquet as pq
 import pytest
 from support.jobs import ROOT, free_port
 
+from genflow.outputs.report.render import fmt
+
 pytestmark = pytest.mark.slow
 
 VERSION = "1.23.2"
@@ -169,9 +171,12 @@ def _by_sample(out: Path) -> dict[str, dict[int, str]]:
 
 
 def _rank(server: LabelStudioServer, task: dict[str, Any], order: list[str], token: str) -> None:
+    """A person orders the candidates (``order``: generation ids, best first): Label Studio's Ranker
+    answers with the ids of the List's items."""
+    item_of = {g: item for item, g in task["data"]["genflow_candidates"].items()}
     server.api("POST", f"/api/tasks/{task['id']}/annotations", {"result": [
-        {"from_name": "rank", "to_name": "candidates", "type": "ranker", "value": {"ranker": {"rank": order}}}]},
-        token=token)
+        {"from_name": "rank", "to_name": "candidates", "type": "ranker",
+         "value": {"ranker": {"rank": [item_of[g] for g in order]}}}]}, token=token)
 
 
 def _answer(server: LabelStudioServer, task: dict[str, Any], text: str, token: str) -> None:
@@ -203,9 +208,9 @@ def test_push_label_pull_train(label_studio: LabelStudioServer, test_plugins: di
     tasks = {t["data"]["prompt_id"]: t for t in label_studio.tasks(rankings["id"])}
     assert sorted(tasks) == ["p1", "p2", "p3"]
     for prompt_id, task in tasks.items():  # the candidates as Ranker items: text, in a shuffled order
-        items = task["data"]["candidates"]
-        assert sorted(i["id"] for i in items) == sorted(ids[prompt_id].values())
-        assert [i["title"] for i in items] == ["A", "B", "C"] and all(i["body"].startswith(" ") for i in items)
+        items = task["data"]["candidates"]  # shown under their letters; their generation ids kept out of sight
+        assert sorted(task["data"]["genflow_candidates"].values()) == sorted(ids[prompt_id].values())
+        assert [i["id"] for i in items] == ["A", "B", "C"] and all(i["body"].startswith(" ") for i in items)
     answers = label_studio.project("genflow labelled demonstrations")
     to_answer = {t["data"]["prompt_id"]: t for t in label_studio.tasks(answers["id"])}
     assert len(to_answer) == 2 and "candidates" not in next(iter(to_answer.values()))["data"]
@@ -265,9 +270,17 @@ def test_push_label_pull_train(label_studio: LabelStudioServer, test_plugins: di
     assert inter["kendall_tau"] == pytest.approx(1 / 3, abs=1e-6) and inter["agreement"] == pytest.approx(2 / 3)
     assert manifest["rows"]["human_rankings"] == 9 and manifest["rows"]["preferences"] == len(model_prefs) + 5 + len(
         pq.read_table(out / "preferences" / "part-00001.parquet"))
-    _genflow("report", str(out))
-    report = (out / "report.html").read_text()
+    # The pull rewrote the report and the dataset card: they show these figures, no `genflow report` needed.
+    assert f"refreshed report.html: {out / 'report.html'}" in pulled
+    assert f"refreshed README.md: {out / 'README.md'}" in pulled
+    report, card = (out / "report.html").read_text(), (out / "README.md").read_text()
     assert "Agreement with human rankings" in report and "Inter-annotator agreement" in report
+    for r in manifest["human_agreement"]["scorers"]:
+        cells = [r["scorer"], *(fmt(r[k]) for k in ("pairwise_accuracy", "pairs", "kendall_tau", "prompts"))]
+        num = ' class="num"'
+        assert "".join(f"<td{num if i else ''}>{c}</td>" for i, c in enumerate(cells)) in report
+        assert "| " + " | ".join(cells) + " |" in card
+    assert f"Kendall τ {fmt(inter['kendall_tau'])}, pairwise agreement {fmt(inter['agreement'])}" in card
 
     # Pull again, with a personal access token this time (1.23's default kind of key): the same files;
     # the rows still load as one dataset, and DPOTrainer trains on them.

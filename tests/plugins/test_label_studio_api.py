@@ -413,7 +413,7 @@ def test_pull_of_a_project_the_tool_lacks_or_with_odd_annotations_is_one_clear_l
 
 def test_task_data_of_a_candidate_without_text_shows_an_empty_body() -> None:
     data = task_data(LabelTask("k", "rankings", "p", "q", (LabelCandidate("g", "text", None),)))
-    assert data["candidates"] == [{"id": "A", "title": "A", "body": ""}]
+    assert data["candidates"] == [{"id": "A", "body": ""}]
     assert data["genflow_candidates"] == {"A": "g"}
 
 
