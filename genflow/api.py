@@ -531,6 +531,12 @@ class ToolResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+class NoArguments(BaseModel):
+    """The arguments of a tool that takes none (a call may send ``{}`` or nothing)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class Tool(Plugin):
     """A function the model of an episode may call (a generator with ``max_turns`` above 1 and
     a ``tools:`` list naming it).
@@ -542,7 +548,7 @@ class Tool(Plugin):
     under ``timeout_s``. An exception it raises (or a :class:`ToolError`) is answered to the
     model as the call's error; the episode goes on."""
 
-    Arguments: ClassVar[type[BaseModel]] = BaseModel
+    Arguments: ClassVar[type[BaseModel]] = NoArguments
     timeout_s: ClassVar[float] = 30.0
     ends_episode: ClassVar[bool] = False
     """Whether a call of it ends the episode (``submit``): its result's ``final`` is the answer."""
