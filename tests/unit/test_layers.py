@@ -46,7 +46,7 @@ LAYERS: list[tuple[str, tuple[str, ...], str]] = [
     ("data", ("genflow.data",),
      "storage, input prompts, the output's layout and fingerprints, resume, lease, journal, a row's result"),
     ("engine", ("genflow.engine",),
-     "Ray actors and workers, the request path, the budget, JobFailed"),
+     "Ray actors and workers, the request path, the budget, episodes' tools (tools.py), JobFailed"),
     ("stages", ("genflow.stages",),
      "one stage's work on one shard: plan, generate, score, rank"),
     ("outputs", ("genflow.outputs",),
