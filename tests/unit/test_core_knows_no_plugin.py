@@ -38,12 +38,17 @@ were it written out. genflow finds its built-ins through its distribution's entr
 
 def built_ins() -> list[PluginInfo]:
     found = [p for p in get_registry().all() if p.source == "built-in"]
-    assert {p.kind for p in found} == {"generator", "scorer", "exporter", "labeller"}, found
+    assert {p.kind for p in found} == {"generator", "scorer", "exporter", "labeller", "tool"}, found
     return found
 
 
+CORE_NAMES = {"submit"}
+"""Built-ins' names that are the core's words too: ``submit`` (a tool) is Python's
+``Executor.submit`` and the ``finish_reason`` of an episode a tool ended (``genflow.data.turns``)."""
+
+
 def plugin_names() -> set[str]:
-    return {p.name for p in built_ins()}
+    return {p.name for p in built_ins()} - CORE_NAMES
 
 
 def core_words() -> set[str]:
@@ -54,7 +59,8 @@ def core_words() -> set[str]:
               for f in dataclasses.fields(value)}
     words |= {f.name for value in vars(registry_module).values() if dataclasses.is_dataclass(value)
               for f in dataclasses.fields(value)}
-    words |= {m for p in built_ins() for m in (getattr(p.factory, "modalities", None) or (p.factory.modality,))}
+    words |= {m for p in built_ins() if p.kind in ("generator", "scorer")
+              for m in (getattr(p.factory, "modalities", None) or (p.factory.modality,))}
     return words
 
 

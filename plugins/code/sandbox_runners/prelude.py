@@ -73,8 +73,10 @@ def _genflow_main_file(source: bytes) -> str:
 def _genflow_fail(res_fd: int, exc: BaseException, write: "Callable[[int, bytes], int]" = os.write,
                   exit_now: "Callable[[int], NoReturn]" = os._exit) -> "NoReturn":
     """A runner's end when its program (or the tests' setup) raised: report ``E<error>``,
-    print the traceback and exit with 1. Bound like :func:`_genflow_pass`."""
+    print the traceback and exit with 1, the output it printed before flushed first (an agent
+    reads it). Bound like :func:`_genflow_pass`."""
     try:
+        _genflow_flush()
         write(res_fd, b"E" + _genflow_text(exc).encode("utf-8", "replace") + b"\n")
         _genflow_print(exc)
     finally:
