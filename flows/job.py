@@ -58,6 +58,7 @@ from genflow.data.storage import Storage, disk_full
 from genflow.engine.actors import RequestPool, Workers
 from genflow.engine.errors import JobFailed
 from genflow.engine.ray_cluster import RayUnreachable
+from genflow.engine.tools import tool_columns
 from genflow.labelling import labels as human_labels
 from genflow.outputs.agreement import scorer_agreement
 from genflow.outputs.artifacts import publish_job_artifacts, stage_tags
@@ -198,8 +199,9 @@ def _run_stages(session: JobSession, workers: Workers) -> dict[str, Any]:
     shards, base_dir = call_task(lost, plan_task, config, storage, resume, folders)
     drop_unused_parts(storage, set(layout.generator_labels(config)), {s.name for s in config.scorers},
                       set(exporters), every_exporter)
-    job = JobContext(config, storage, base_dir, frozenset(c for s in stages for c in s.factory.input_columns),
-                     Budget(config.max_cost))
+    read = frozenset(c for s in stages for c in s.factory.input_columns)
+    read |= frozenset(c for g in config.generators if g.max_turns > 1 for c in tool_columns(g.tools, registry))
+    job = JobContext(config, storage, base_dir, read, Budget(config.max_cost))
     index = DoneIndex(storage) if resume else None  # what earlier runs finished, listed once
     unhashed = {s.stage.name: s.factory.unhashed_params for s in stages}
     plans = [layout.plan_shard(shard, config, exporters, unhashed) for shard in shards]

@@ -29,8 +29,10 @@ def check_job(job: JobConfig, read_rows: bool = True) -> Any:
                           f"back as prompts (or write over its input); give the output a folder of its own")
     _check_model_paths(job)
     _check_score_columns(job)
+    _check_tools(job)
     source = open_input(job.input, **job.storage.model_dump())
     _check_templates(job, source.columns)
+    _check_tool_columns(job, source.columns)
     if read_rows:
         for _ in shard_tables(source, job.shard_rows):
             pass
@@ -95,3 +97,48 @@ def _check_templates(job: JobConfig, columns: list[str]) -> None:
         if missing:
             raise ConfigError(f"generators.{i}.template names {', '.join(map(repr, missing))}, which the input "
                               f"{job.input} has no column for (columns: {', '.join(columns)})")
+
+
+def _check_tools(job: JobConfig) -> None:
+    """Each tool a generator offers is installed, with what it requires, and its params fit its
+    ``Params``: a typo would otherwise fail every episode's first call, after the model loaded."""
+    from pydantic import ValidationError
+
+    from genflow.registry import PluginError, get_registry
+
+    registry = get_registry()
+    problems = []
+    for i, g in enumerate(job.generators):
+        for j, tool in enumerate(g.tools):
+            where = f"generators.{i}.tools.{j}"
+            try:
+                info = registry.get("tool", tool.name)
+            except PluginError as exc:
+                problems.append(f"  {where}: {exc}")
+                continue
+            if not info.available:
+                problems.append(f"  {where}: {info.unavailable_reason()}")
+                continue
+            try:
+                info.factory.Params.model_validate(tool.params)
+            except ValidationError as exc:
+                for err in exc.errors():
+                    path = ".".join(str(p) for p in err["loc"])
+                    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+                    problems.append(f"  {where}.params{'.' + path if path else ''}: {msg}")
+    if problems:
+        raise ConfigError("the generators' tools cannot run:\n" + "\n".join(problems))
+
+
+def _check_tool_columns(job: JobConfig, columns: list[str]) -> None:
+    """A tool that reads the row's columns (a test runner's visible tests) has one of them in the
+    input: else every call would be answered that the row has none."""
+    from genflow.registry import get_registry
+
+    registry = get_registry()
+    for i, g in enumerate(job.generators):
+        for j, tool in enumerate(g.tools):
+            reads = registry.get("tool", tool.name).factory.implementation(tool.params).input_columns
+            if reads and not set(reads) & set(columns):
+                raise ConfigError(f"generators.{i}.tools.{j} ({tool.name}) reads {', '.join(map(repr, reads))}, "
+                                  f"which the input {job.input} has no column for (columns: {', '.join(columns)})")
