@@ -3,10 +3,11 @@
 ``tests/data/third_party_plugin`` is such a distribution (``genflow-rubric``): a scorer
 that reads an input column genflow knows nothing of (``rubric``) and writes a column of
 its own to ``scores/`` (``rubric_hits``), an exporter that writes a folder of its own
-(``graded/``) and turns people's rankings into rows of its own, and a labeller that is two
-JSON files. The test installs it into a folder of its own, puts that folder on
-``PYTHONPATH`` (the driver and the Ray workers both import it) and runs ``genflow run``,
-``genflow label push`` and ``genflow label pull`` as a user does.
+(``graded/``) and turns people's rankings into rows of its own, a labeller that is two
+JSON files, and a tool episodes may call (``search-corpus``, run in tests/plugins/test_tools.py).
+The test installs it into a folder of its own, puts that folder on ``PYTHONPATH`` (the
+driver and the Ray workers both import it) and runs ``genflow run``, ``genflow label push``
+and ``genflow label pull`` as a user does.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def test_genflow_plugins_lists_both_with_their_distribution(env: dict[str, str])
     assert result.returncode == 0, result.stderr
     rows = [[c.strip() for c in re.split(r"[│|┃]", line)] for line in result.stdout.splitlines()]
     listed = {(r[1], r[2]): r for r in rows if len(r) > 5}
-    for kind, name in (("scorer", "rubric"), ("exporter", "graded"), ("labeller", "inbox")):
+    for kind, name in (("scorer", "rubric"), ("exporter", "graded"), ("labeller", "inbox"), ("tool", "search-corpus")):
         row: list[Any] = listed[(name, kind)]
         assert DIST_NAME in row and DIST_VERSION in row, row
     assert DIST_NAME not in result.stderr  # it loaded cleanly

@@ -13,18 +13,22 @@
 - ``inbox`` (labeller): a labelling "tool" that is two JSON files, for the tests: a push
   writes the tasks to ``<folder>/<project>.tasks.json``, a pull reads the annotations
   people left in ``<folder>/<project>.annotations.json``.
+- ``search-corpus`` (tool): an episode's model searches a local text file (passages
+  separated by blank lines) for a query's words and reads the passages that hold most of
+  them, best first.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from genflow import hookimpl
 from genflow.api import (
@@ -40,6 +44,10 @@ from genflow.api import (
     Score,
     ScoreItem,
     Scorer,
+    Tool,
+    ToolContext,
+    ToolError,
+    ToolResult,
 )
 
 SEPARATOR = ";"
@@ -163,6 +171,51 @@ class Inbox(Labeller):
         return [Annotation(a["key"], kind, a["prompt_id"], a["annotator"], a["created_at"], a["id"],
                            ranking=tuple(a.get("ranking", ())), completion=a.get("completion"))
                 for a in json.loads(path.read_text())]
+
+
+class SearchParams(PluginParams):
+    corpus: str = Field(description="A UTF-8 text file; its passages are separated by blank lines.")
+    top_k: int = Field(3, ge=1, description="Passages an answer holds at most.")
+
+
+class SearchArguments(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(description="Words to look for.")
+
+
+_WORD = re.compile(r"\w+")
+
+
+class SearchCorpus(Tool):
+    """Search the reference notes for words and read the passages that hold most of them."""
+
+    Params: ClassVar[type[PluginParams]] = SearchParams
+    Arguments: ClassVar[type[BaseModel]] = SearchArguments
+    timeout_s: ClassVar[float] = 5.0
+    params: SearchParams
+
+    def __init__(self, params: PluginParams) -> None:
+        super().__init__(params)
+        text = Path(self.params.corpus).read_text(encoding="utf-8")
+        self.passages = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+    def run(self, arguments: BaseModel, context: ToolContext) -> ToolResult:
+        assert isinstance(arguments, SearchArguments)
+        words = {w.lower() for w in _WORD.findall(arguments.query)}
+        if not words:
+            raise ToolError("the query has no words to look for")
+        found = [(len(words & {w.lower() for w in _WORD.findall(p)}), i) for i, p in enumerate(self.passages)]
+        best = sorted((-n, i) for n, i in found if n)[:self.params.top_k]
+        if not best:
+            return ToolResult(f"no passage holds any of: {', '.join(sorted(words))}", details={"found": []})
+        return ToolResult("\n\n".join(f"[{i + 1}] {self.passages[i]}" for _, i in best),
+                          details={"found": [i + 1 for _, i in best]})
+
+
+@hookimpl
+def register_tools(register: Any) -> None:
+    register("search-corpus", SearchCorpus)
 
 
 @hookimpl
