@@ -208,16 +208,22 @@ def _print_options(name: str) -> None:
         out.print(f"{info.name} ({info.kind}): {info.description}", highlight=False, markup=False)
         if not info.available:
             out.print(f"unavailable here: {info.unavailable_reason()}", highlight=False, markup=False)
-        options = plugin_options(info.factory.Params)
-        if not options:
-            out.print("no options")
-            continue
-        table = Table(show_header=True)
-        for col in ("option", "type", "default", "description"):
-            table.add_column(col)
-        for option in options:
-            table.add_row(option.name, option.type, option.default, option.description)
-        out.print(table, markup=False)
+        _print_option_table(plugin_options(info.factory.Params), "option", "no options")
+        if info.kind == "tool":  # and what the model sends it, from its Arguments' JSON schema
+            out.print("arguments (what the model sends each call):")
+            _print_option_table(plugin_options(info.factory.Arguments), "argument", "no arguments")
+
+
+def _print_option_table(options: list[Any], first: str, none: str) -> None:
+    if not options:
+        out.print(none)
+        return
+    table = Table(show_header=True)
+    for col in (first, "type", "default", "description"):
+        table.add_column(col)
+    for option in options:
+        table.add_row(option.name, option.type, option.default, option.description)
+    out.print(table, markup=False)
 
 
 def _raw_config(config: Path, overrides: list[str] | None) -> dict:

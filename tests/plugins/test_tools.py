@@ -407,6 +407,9 @@ def test_genflow_plugins_lists_the_tools_and_their_params() -> None:
     assert shown.stdout.startswith("run_python (tool): Run a Python program")
     options = {line.split("│")[1].strip() for line in shown.stdout.splitlines() if line.count("│") > 3}
     assert {"timeout_s", "memory_mb", "max_processes", "isolation", "python", "max_output_chars"} <= options
+    arguments = shown.stdout.split("arguments (what the model sends each call):\n", 1)[1]
+    assert [[c.strip() for c in line.split("│")[1:3]] for line in arguments.splitlines()
+            if line.count("│") > 3] == [["code", "string"]]
 
 
 def test_a_registered_tool_plugin_object_is_found_by_the_hook() -> None:
