@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from genflow.api import sends_requests
-from genflow.config import UNHASHED_SPEC_KEYS, GeneratorSpec, stable_hash
+from genflow.config import SINGLE_TURN, UNHASHED_SPEC_KEYS, GeneratorSpec, stable_hash
 from genflow.data.model_identity import model_identity
 from genflow.data.names import is_safe_name, path_component
 from genflow.data.storage import Storage, is_remote, read_bytes
@@ -257,8 +257,12 @@ def hashed_spec(spec: GeneratorSpec | ScorerSpec, unhashed_params: tuple[str, ..
                 exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
     """A generator's or scorer's entry as it counts for fingerprints: without what changes no
     output (its request limits and price, the plugin's ``unhashed_params``), its model by what
-    it is rather than how its path is spelt (:func:`genflow.data.model_identity.model_identity`)."""
+    it is rather than how its path is spelt (:func:`genflow.data.model_identity.model_identity`),
+    and its episode keys while they say one answer a request (``SINGLE_TURN``)."""
     data = spec.model_dump(mode="json", exclude=set(UNHASHED_SPEC_KEYS | exclude))
+    for key, one_answer in SINGLE_TURN.items():  # a generator of one answer a request hashes as before episodes
+        if key in data and data[key] == one_answer:
+            del data[key]
     data["params"] = hashed_params(spec.params, unhashed_params)
     data["model"] = model_identity(spec.model, served=serves_model_by_name(spec))
     return data

@@ -452,3 +452,16 @@ def test_a_call_waiting_for_a_thread_has_used_none_of_its_time_limit() -> None:
         box.close()
     assert timed_out.content == "error: waits did not answer within 0.5 s"
     assert (quick.content, quick.is_error) == ("quick", False)
+
+
+def test_a_generator_of_one_answer_a_request_keeps_its_fingerprint_from_before_episodes() -> None:
+    from genflow.config import GeneratorSpec
+    from genflow.data.layout import hashed_spec
+
+    one = GeneratorSpec(label="g", plugin="openai", model="m", params={"base_url": "http://127.0.0.1:9/v1"})
+    assert set(hashed_spec(one)) == {"label", "plugin", "model", "samples", "seed", "template", "batch_size",
+                                     "params"}  # the keys it was hashed by before episodes existed
+    agent = one.model_copy(update={"max_turns": 4, "tools": GeneratorSpec.model_validate(
+        {"label": "g", "plugin": "openai", "max_turns": 4, "tools": ["run_python"]}).tools})
+    hashed = hashed_spec(agent)
+    assert hashed["max_turns"] == 4 and hashed["tools"] == [{"name": "run_python", "params": {}}]
