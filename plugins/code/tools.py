@@ -152,9 +152,9 @@ def exit_status(result: SandboxResult) -> int | None:
 
 class RunTestsParams(SandboxParams):
     column: str = Field("visible_tests", min_length=1, description="The input column holding the tests the "
-                        "model may run: Python code (each top-level assert a test) or a list of assert "
-                        "statements. HumanEval's `def check(candidate)` runs as one test with the row's "
-                        "entry_point.")
+                        "model may run: Python code (each top-level statement that tests is a test) or a list "
+                        "of assert statements. HumanEval's `def check(candidate)` runs as one test with the "
+                        "row's entry_point.")
     max_failures: int = Field(5, ge=1, description="Failed tests whose message is shown; the others are "
                               "listed by name only.")
 
@@ -238,9 +238,15 @@ _CHECK_CALL = "check({})"
 _LABEL_CHARS = 160
 
 
+_SETUP = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign,
+          ast.AnnAssign, ast.AugAssign, ast.Pass)
+"""Top-level statements of the tests that prepare the tests rather than test anything."""
+
+
 def test_steps(tests: Any, entry_point: str | None) -> list[TestStep]:
     """The steps of a row's tests: a list holds one test per item; code, one per top-level
-    ``assert`` (its other statements run before the asserts after them). HumanEval's
+    statement that tests (an ``assert``, a loop of asserts, ``check(f)``), its imports,
+    definitions and assignments run before the tests after them. HumanEval's
     ``def check(candidate)`` with an entry point adds ``check(<entry_point>)`` as a test."""
     if tests is None:
         return []
@@ -263,7 +269,7 @@ def test_steps(tests: Any, entry_point: str | None) -> list[TestStep]:
     defines_check = False
     for node in tree.body:
         text = ast.get_source_segment(source, node) or ast.unparse(node)
-        steps.append(_step(text, is_test=isinstance(node, ast.Assert)))
+        steps.append(_step(text, is_test=not isinstance(node, _SETUP)))
         defines_check |= isinstance(node, ast.FunctionDef) and node.name == "check"
     if entry_point and entry_point.isidentifier() and defines_check:
         steps.append(_step(_CHECK_CALL.format(entry_point), is_test=True))

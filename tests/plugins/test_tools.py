@@ -133,10 +133,12 @@ def test_run_tests_reports_an_exception_as_that_tests_failure(toolbox: Toolbox) 
 def test_run_tests_reads_code_with_asserts_and_humaneval_check(toolbox: Toolbox) -> None:
     tests = ("import math\n\n"
              "assert math.isclose(add(0.1, 0.2), 0.3)\n"
-             "assert add(1, 1) == 2\n")
+             "assert add(1, 1) == 2\n"
+             "for a in range(3):\n    assert add(a, 0) == a + 1\n")
     result = answer(toolbox, call("run_tests", {"code": RIGHT}), context(visible_tests=tests))
-    assert result.content.splitlines() == ["2 of 2 tests passed.", "passed: assert math.isclose(add(0.1, 0.2), 0.3)",
-                                           "passed: assert add(1, 1) == 2"]
+    assert result.content.splitlines() == ["2 of 3 tests passed.", "passed: assert math.isclose(add(0.1, 0.2), 0.3)",
+                                           "passed: assert add(1, 1) == 2", "FAILED: for a in range(3): ...",
+                                           "  add(a, 0) returned 0, expected 1"]
     humaneval = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(5, 5) == 11\n"
     result = answer(toolbox, call("run_tests", {"code": RIGHT}), context(visible_tests=humaneval, entry_point="add"))
     assert result.content.splitlines()[:3] == ["0 of 1 tests passed.", "FAILED: check(add)",
