@@ -69,7 +69,8 @@ def test_an_s3_report_gets_a_presigned_link_that_opens_the_page_for_seven_days(
     from botocore.config import Config
 
     monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda *a, **k: now.replace(tzinfo=None))
-    signer = boto3.client("s3", endpoint_url=endpoint, config=Config(signature_version="s3v4"))
+    signer = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=KEY_ID,
+                          aws_secret_access_key=SECRET, config=Config(signature_version="s3v4"))
     theirs = signer.generate_presigned_url("get_object", ExpiresIn=REPORT_LINK_EXPIRES_S, Params={
         "Bucket": BUCKET, "Key": "runs/nightly one/report.html", "ResponseContentType": "text/html; charset=utf-8"})
     assert dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(theirs).query)) == query
