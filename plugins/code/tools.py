@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from genflow import hookimpl
 from genflow.api import PluginParams, Tool, ToolContext, ToolError, ToolResult
 from genflow.hookspecs import Register
-from genflow.plugins.code.execution import _imports, _used_not_defined, extract_code
+from genflow.plugins.code.execution import _used_not_defined, extract_code
 from genflow.plugins.code.sandbox import Limits, Sandbox, SandboxError, SandboxResult
 
 START_MARGIN_S = 30.0
@@ -185,8 +185,9 @@ class RunTests(_SandboxTool):
         if entry_point and entry_point.isidentifier():
             names.add(entry_point)
         try:
-            result = self.sandbox.check(code, harness(steps, nonce, self.params.max_failures), sorted(names),
-                                        setup=_imports(code))
+            # No setup: nothing the model wrote runs in the tests' process; a module the tests use
+            # and do not import comes from the code's, by name (Sandbox.check).
+            result = self.sandbox.check(code, harness(steps, nonce, self.params.max_failures), sorted(names))
         except SandboxError as exc:
             raise ToolError(f"the sandbox could not run the tests: {exc}") from None
         return self._answer(steps, result, nonce)

@@ -467,3 +467,17 @@ def test_a_generator_of_one_answer_a_request_keeps_its_fingerprint_from_before_e
         {"label": "g", "plugin": "openai", "max_turns": 4, "tools": ["run_python"]}).tools})
     hashed = hashed_spec(agent)
     assert hashed["max_turns"] == 4 and hashed["tools"] == [{"name": "run_python", "params": {}}]
+
+
+def test_the_code_under_test_cannot_touch_the_tests_verdicts(toolbox: Toolbox) -> None:
+    """The model's code runs in a process of its own: patching builtins or printing lines that
+    look like verdicts changes nothing of what the tests' process reports."""
+    code = ("import builtins, sys\n"
+            "builtins.AssertionError = type('Nope', (Exception,), {})\n"
+            "builtins.exec = lambda *args, **kwargs: None\n"
+            "for i in range(3):\n"
+            "    print(i, 'passed', file=sys.stderr)\n"
+            + WRONG)
+    result = answer(toolbox, call("run_tests", {"code": code}))
+    assert result.content.splitlines()[0] == "1 of 3 tests passed."
+    assert (result.details["passed"], result.details["failed"]) == (1, 2)
