@@ -116,8 +116,8 @@ def variant(base: type[Tool], timeout_s: float, columns: tuple[str, ...]) -> typ
 class RunPython(_SandboxTool):
     """Run a Python program in a sandbox and get its exit status, stdout and stderr."""
 
-    description: ClassVar[str] = ("Run a Python program (standard library only, no network, no files kept "
-                                  "between runs) and get its exit status, stdout and stderr.")
+    description: ClassVar[str] = ("Run a Python program (standard library only; no file is kept between runs) "
+                                  "and get its exit status, stdout and stderr.")
 
     def run(self, arguments: BaseModel, context: ToolContext) -> ToolResult:
         assert isinstance(arguments, CodeArguments)
