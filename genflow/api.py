@@ -81,6 +81,7 @@ Everything passed to a model plugin is plain data, so batches travel cheaply to 
 from __future__ import annotations
 
 import contextlib
+import json
 from abc import ABC, abstractmethod
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
@@ -164,6 +165,14 @@ class Generation:
     """Tokens of the prompt as the model counted them (a server's ``usage``), for costs."""
     raw: str | None = None
     """What the model answered, when ``text`` is derived from it (kept in ``errors/`` when unusable)."""
+    messages: list[dict[str, Any]] | None = None
+    """An episode's whole conversation (a generator with ``max_turns`` above 1), in OpenAI's
+    format: the opening messages, then each assistant turn and its ``tool`` results. ``text``
+    is then the final answer, and the token counts are summed over the turns."""
+    turns: int | None = None
+    """An episode's assistant turns (each one request)."""
+    tool_calls: int | None = None
+    """An episode's tool calls, malformed ones included."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +186,9 @@ class ScoreItem:
     text: str | None = None
     image: bytes | None = None
     inputs: dict[str, Any] = field(default_factory=dict)
+    messages: list[dict[str, Any]] | None = None
+    """The episode behind the candidate, in OpenAI's format (None for a one-answer candidate):
+    ``text`` is its final answer; a judge or reward model may read the whole conversation."""
 
 
 @dataclass
@@ -258,6 +270,25 @@ class Generator(_ModelPlugin):
     def generate(self, requests: list[GenerationRequest]) -> list[Generation | RowError]:
         """Return one result per request, in the same order."""
 
+    def opening(self, request: GenerationRequest) -> list[dict[str, Any]] | RowError:
+        """The messages an episode of ``request`` starts from (OpenAI format): by default the
+        row's ``system`` and the prompt as the user's message. A plugin that reads a
+        conversation from the row (a ``messages`` column) returns it."""
+        messages: list[dict[str, Any]] = []
+        if request.system:
+            messages.append({"role": "system", "content": request.system})
+        messages.append({"role": "user", "content": request.prompt})
+        return messages
+
+    async def chat(self, request: ChatRequest) -> ChatTurn:
+        """One assistant turn of an episode (a request plugin that runs episodes overrides it).
+
+        genflow owns the loop: it calls ``chat`` once per turn with the conversation so far
+        and the tools' schemas, under the stage's limits and retries as a ``generate`` call
+        (raise :class:`TransientError` or :class:`RowError` as ``generate`` does), runs the
+        tool calls of the answer and calls again with their results, until the episode ends."""
+        raise NotImplementedError(f"{type(self).__name__} does not run episodes (it has no `chat`)")
+
     def batch_keys(self, requests: list[GenerationRequest]) -> list[Any]:
         """One sort key per request, saying which requests should share a call.
 
@@ -317,6 +348,14 @@ class Scorer(_ModelPlugin):
         sequence should key on their joint length in its own tokens, so its batches pad little.
         """
         return [(len(i.prompt), i.prompt_id, len(i.text or "")) for i in items]
+
+
+def runs_episodes(factory: type) -> bool:
+    """Whether a generator class answers episode turns (it overrides :meth:`Generator.chat`)."""
+    import inspect
+
+    method = getattr(factory, "chat", None)
+    return method is not None and method is not Generator.chat and inspect.iscoroutinefunction(method)
 
 
 def sends_requests(factory: type) -> bool:
@@ -507,6 +546,54 @@ class ToolCall:
     id: str
     name: str
     arguments: dict[str, Any]
+    raw_arguments: str | None = None
+    """The arguments' JSON text as the model wrote it (what the conversation keeps). When it
+    is not a JSON object, ``arguments`` is empty and the call is answered as an error."""
+
+    def message(self) -> dict[str, Any]:
+        """The call as an entry of an assistant message's ``tool_calls`` (OpenAI format)."""
+        raw = self.raw_arguments if self.raw_arguments is not None else json.dumps(self.arguments)
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": raw}}
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One turn of an episode, as a request plugin's :meth:`Generator.chat` gets it.
+
+    ``messages`` is the conversation so far in OpenAI's format (the opening, then every
+    assistant turn and ``tool`` result); ``tools`` the OpenAI ``tools`` entries the model may
+    call (empty: none). ``seed`` is the turn's own, derived from the episode's seed and
+    ``turn`` (counted from 1), so an episode replays the same on a deterministic server.
+    ``max_tokens``: the most the answer may take, when the episode's token budget is nearer
+    than the plugin's own limit (None: no such bound)."""
+
+    generation_id: str
+    prompt_id: str
+    turn: int
+    seed: int
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    max_tokens: int | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ChatTurn:
+    """A model's answer to a :class:`ChatRequest`: its text, the tools it calls, why it stopped
+    and the tokens it took (the server's ``usage``)."""
+
+    content: str | None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    num_tokens: int | None = None
+
+    def message(self) -> dict[str, Any]:
+        """The turn as an assistant message of the conversation (OpenAI format)."""
+        message: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = [call.message() for call in self.tool_calls]
+        return message
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ shard's parts and marker are written, its journal is deleted: the parts hold it 
 
 Answers are keyed by ``generation_id`` (a score's candidate, a generation's request),
 which hashes the model, the prompt's id, the sample, its seed and the params; the
-folder's stage fingerprint adds the shard's rows and the stage's config.
+folder's stage fingerprint adds the shard's rows and the stage's config. An episode's
+turns are kept as they are answered, each under ``<generation_id>/<turn>``
+(:mod:`genflow.data.turns`), and its finished result under ``generation_id``.
 
 What a rerun trusts: a segment it cannot read, or one that is not genflow's (other
 columns, a payload that does not decode to an answer of the stage's kind), is skipped
@@ -41,12 +43,13 @@ from genflow.api import Generation, Score
 from genflow.data.layout import Shard, Stage
 from genflow.data.results import Failure
 from genflow.data.storage import Storage
+from genflow.data.turns import Turn
 
 log = logging.getLogger(__name__)
 
 SEGMENT = pa.schema([("key", pa.string()), ("kind", pa.string()), ("payload", pa.string()),
                      ("seconds", pa.float64())])
-_KINDS: dict[str, type] = {"generation": Generation, "score": Score, "failure": Failure}
+_KINDS: dict[str, type] = {"generation": Generation, "score": Score, "failure": Failure, "turn": Turn}
 
 
 def _encode(result: Any) -> tuple[str, str]:
@@ -57,7 +60,7 @@ def _encode(result: Any) -> tuple[str, str]:
     return kind, json.dumps(data, sort_keys=True, default=str)
 
 
-STAGE_KINDS = {"generate": ("generation", "failure"), "score": ("score", "failure")}
+STAGE_KINDS = {"generate": ("generation", "failure", "turn"), "score": ("score", "failure")}
 """The kinds of answer a journal of each kind of stage holds."""
 
 

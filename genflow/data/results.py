@@ -10,6 +10,7 @@ through :func:`scrub_result`: no secret of the job a server sent back is written
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,8 +58,9 @@ def scrub_result(result: Any, scrubber: Scrubber | None = None) -> Any:
             return result
         return dataclasses.replace(result, error=error, traceback=trace)  # keeps ``transient``
     if isinstance(result, Generation):
-        for name in ("text", "raw", "finish_reason"):
-            secret = scrubber.find(getattr(result, name))
+        for name in ("text", "raw", "finish_reason", "messages"):  # an episode's conversation too
+            value = getattr(result, name)
+            secret = scrubber.find(value if value is None or isinstance(value, str) else json.dumps(value))
             if secret is not None:
                 failure = Failure(f"the server's answer held a secret of this job ({secret.where}): the answer "
                                   "was removed, and the candidate is not written to generations/", "")

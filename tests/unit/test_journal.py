@@ -411,7 +411,7 @@ REASONS: dict[str, tuple[pa.Table, str]] = {
              "a payload that is not JSON (Expecting property name enclosed in double quotes: line 1 column 2 "
              "(char 1))"),
     "object": (_rows(("g2", "generation", "[1]")), "a generation payload that is not a JSON object"),
-    "kind": (_rows(("g2", "score", "{}")), "an answer of kind 'score' in a journal of generation/failure answers"),
+    "kind": (_rows(("g2", "score", "{}")), "an answer of kind 'score' in a journal of generation/failure/turn answers"),
     "unknown": (_rows(("g2", "generation", json.dumps({"text": "x", "logprobs": [], "alt": 1}))),
                 "a generation payload with keys genflow does not write: alt, logprobs"),
     "wrong": (_rows(("g2", "generation", json.dumps({"text": 5}))),
