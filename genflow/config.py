@@ -91,7 +91,7 @@ class ToolSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-SINGLE_TURN = {"tools": [], "max_turns": 1}
+SINGLE_TURN = {"tools": [], "max_turns": 1, "max_episode_tokens": None}
 """Keys of a generator's entry that make it run episodes, at the values of one answer per
 request: left out of its fingerprint while they hold them, so an output made before episodes
 existed is still the output of the same config."""
@@ -116,6 +116,9 @@ class GeneratorSpec(_Strict):
     tools: list[ToolSpec] = Field(default_factory=list)
     """Tools the episodes may call: names of registered tools (``genflow plugins`` lists
     them), or ``{name, params}``."""
+    max_episode_tokens: int | None = Field(None, ge=1)
+    """Completion tokens an episode may spend over all its turns: the turn that reaches it
+    ends the episode (``finish_reason: length``). null = no bound but ``max_turns``."""
 
     @field_validator("label")
     @classmethod

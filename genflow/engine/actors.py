@@ -38,6 +38,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from genflow.config import RaySpec, stable_hash
 from genflow.data.results import Failure
+from genflow.data.turns import add_turn
 from genflow.engine import ray_cluster
 from genflow.engine.worker import PluginWorker
 from genflow.registry import PluginError
@@ -451,7 +452,7 @@ def request_key(pool: RequestPool) -> str:
     """What makes two request workers the same: their stage, plugin, model, params and limits
     (a job's session hands a stage the one it launched early only if it is the same)."""
     return stable_hash([pool.name, plugin_key(pool.factory, pool.model, pool.params), pool.requests,
-                        pool.spec.model_dump(mode="json")])
+                        pool.spec.model_dump(mode="json"), pool.episode])
 
 
 def chunked(items: Sequence[Any], size: int) -> list[list[Any]]:
@@ -466,9 +467,11 @@ class RequestPool:
     and sent the requests it had not answered, up to ``ray.max_worker_deaths`` times."""
 
     def __init__(self, factory: type[Any], model: str | None, params: dict[str, Any], spec: RaySpec,
-                 name: str, requests: dict[str, Any], seed: int = 0) -> None:
+                 name: str, requests: dict[str, Any], seed: int = 0, episode: dict[str, Any] | None = None) -> None:
         self.factory, self.model, self.params, self.spec, self.name = factory, model, params, spec, name
         self.requests, self.seed = requests, seed
+        self.episode = episode
+        """A multi-turn generator's episode settings (``max_turns``, ``max_episode_tokens``, ``tools``)."""
         self.actor: Any = None
         self.description: dict[str, Any] | None = None
         self.deaths = 0
@@ -488,7 +491,7 @@ class RequestPool:
         actor_cls = ray.remote(RequestWorker).options(
             num_cpus=0, max_restarts=0, max_task_retries=0, max_concurrency=4,
             **({"runtime_env": {"env_vars": env}} if env else {}))
-        return actor_cls.remote(self.factory, self.model, self.params, self.requests, self.seed)
+        return actor_cls.remote(self.factory, self.model, self.params, self.requests, self.seed, self.episode)
 
     def launch(self) -> None:
         """Start Ray and the request worker without waiting for it to be ready."""
@@ -578,6 +581,8 @@ class RequestTicket:
             self._first = (order, *pool._stream([self.left[i] for i in order], budget, price))
 
     def results(self) -> Iterator[list[Any]]:
+        """Lists of answers as they arrive; an episode's answered turns (partial answers) come
+        before its answer, and a worker that dies sends each episode on from its last one."""
         pool, left = self.pool, self.left
         while left and not pool.stopping:
             if self._first is not None:
@@ -590,7 +595,10 @@ class RequestTicket:
                     batch = ray.get(ref)
                     for answer in batch:
                         answer.index = order[answer.index]
-                        del left[answer.index]
+                        if answer.partial:
+                            left[answer.index] = add_turn(left[answer.index], answer.result)
+                        else:
+                            del left[answer.index]
                     yield batch
                 if left and not pool.stopping:
                     raise RuntimeError(f"{pool.name}: the request worker's stream ended with {len(left)} "

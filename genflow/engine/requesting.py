@@ -17,7 +17,11 @@ sends them the way a careful client does:
   unreadable one is capped and said once), up to ``max_retries``;
 - under ``max_cost``, fewer requests in flight as the budget nears its end
   (:meth:`genflow.engine.budget.Budget.room`), none once it is spent;
-- results come back one by one, as they are answered.
+- results come back one by one, as they are answered;
+- an episode (:mod:`genflow.engine.episodes`) sends each of its turns as a request of its
+  own, within the same limits, and hands back each answered turn as it comes (a *partial*
+  :class:`Answer`) before its result; while its tools run it holds no slot, so more
+  episodes than ``concurrency`` are in flight.
 
 Time comes from a :class:`Clock`, so tests run the path on a fake one.
 """
@@ -33,14 +37,18 @@ import os
 import random
 import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from genflow.api import _REQUEST_SLOTS, Generator, RowError, TransientError
 from genflow.config import PriceSpec, RequestsSpec
 from genflow.data.results import Failure, failure_of
+from genflow.data.turns import EpisodeRequest, Turn
 from genflow.engine.budget import Budget, request_cost
+from genflow.engine.episodes import EpisodeLoop, EpisodeSettings
+from genflow.engine.tools import Toolbox, load_tools
+from genflow.registry import get_registry
 from genflow.secrets import Scrubber, plugin_secrets
 from genflow.secrets import install as install_secrets
 
@@ -167,6 +175,9 @@ class Answer:
     posts: int = 1
     """HTTP requests its answered attempt made (those the plugin held :func:`~genflow.api.request_slot`
     for; one for a plugin that holds none): what an answer without usage is priced by."""
+    partial: bool = False
+    """An episode's answered turn (``result`` a :class:`~genflow.data.turns.Turn`), not yet its result:
+    the item is answered by a later, whole answer."""
 
 
 def backoff(attempt: int, spec: RequestsSpec, retry_after: float | None, rng: random.Random) -> tuple[float, str]:
@@ -238,6 +249,11 @@ class RequestRunner:
         """Waits the server asked for that were longer than ``max_backoff_s``, or unreadable."""
         self.stopped = False
         """Set by :meth:`stop_sending`, or by a spent budget: requests in flight finish, no new one starts."""
+        self.episodes: EpisodeLoop | None = None
+        """Set for a generator whose items are episodes: each item's turns are sent by it."""
+        self.tooling = 0
+        """Episodes running their tools: they hold no slot, so others may start."""
+        self._start_more: Callable[[], None] | None = None
 
     def stop_sending(self) -> None:
         self.stopped = True
@@ -249,7 +265,42 @@ class RequestRunner:
         if self.tpm is not None:
             await self.tpm.take(0)  # waits while the bucket is in debt
 
-    async def one(self, index: int, item: Any) -> Answer:
+    @contextlib.contextmanager
+    def off_slot(self) -> Iterator[None]:
+        """An episode between two turns (running its tools): another item may start meanwhile."""
+        self.tooling += 1
+        if self._start_more is not None:
+            self._start_more()
+        try:
+            yield
+        finally:
+            self.tooling -= 1
+
+    async def episode(self, index: int, item: EpisodeRequest, emit: Callable[[Answer], None]) -> Answer:
+        """An episode's turns, each sent as :meth:`one` sends a request and emitted as it is
+        answered (a partial :class:`Answer`), then its result."""
+        assert self.episodes is not None
+        started, sent = self.clock.now(), 0
+        chat = self.episodes.plugin.chat
+
+        async def send_turn(request: Any) -> tuple[Any, float]:
+            nonlocal sent
+            answer = await self.one(index, request, chat)
+            sent += answer.posts
+            return answer.result, answer.seconds
+
+        def turn_done(turn: Turn) -> None:
+            emit(Answer(index, turn, turn.seconds, 1, partial=True))
+
+        try:
+            result = await self.episodes.run(item, send_turn, turn_done, self.off_slot)
+        except Exception as exc:
+            result = Failure(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        return Answer(index, result, self.clock.now() - started, 1, max(1, sent))
+
+    async def one(self, index: int, item: Any, call: Callable[[Any], Awaitable[Any]] | None = None) -> Answer:
+        """One request's answer (``call``: the plugin's method to send it, by default the stage's)."""
+        call = call or self.call
         attempt = 0
         while True:
             await self._admit()
@@ -260,7 +311,7 @@ class RequestRunner:
             token = _REQUEST_SLOTS.set(slots)
             try:
                 async with self.clock.timeout(self.spec.timeout_s):
-                    result = await self.call(item)
+                    result = await call(item)
                 outcome = "ok"
                 if self.tpm is not None:
                     self.tpm.charge(_tokens(result))
@@ -307,7 +358,8 @@ class RequestRunner:
         """Every item's answer as it arrives, in lists of what arrived together (at most
         ``most``): the caller waits for no more than the next answer. All items are answered
         exactly once, unless :meth:`stop_sending` or a spent ``budget`` ends the run early:
-        then those started are answered and no other.
+        then those started are answered and no other. An episode's turns come before its
+        answer, as partial answers (:attr:`Answer.partial`).
 
         ``budget`` (the job's, as the driver counted it when it sent these items) gets each
         answer's cost with ``price`` as it arrives, and holds back requests as it nears its
@@ -323,14 +375,17 @@ class RequestRunner:
             """Start requests while the limit has room (plus those waiting out a backoff): a
             few more tasks than slots, not one per item, so a free slot wakes no crowd."""
             nonlocal started
-            while (not self.stopped and len(tasks) < self.limit.size + self.backing_off
+            while (not self.stopped and len(tasks) < self.limit.size + self.backing_off + self.tooling
                    and (budget is None or budget.room(len(tasks)))):
                 try:
                     index, item = next(waiting)
                 except StopIteration:
                     return
                 started += 1
-                task = asyncio.ensure_future(self.one(index, item))
+                if self.episodes is not None and isinstance(item, EpisodeRequest):
+                    task = asyncio.ensure_future(self.episode(index, item, arrived.put_nowait))
+                else:
+                    task = asyncio.ensure_future(self.one(index, item))
                 tasks.add(task)
                 task.add_done_callback(deliver)
 
@@ -344,6 +399,7 @@ class RequestRunner:
                 arrived.put_nowait(answer)
                 start_more()
 
+        self._start_more = start_more
         start_more()
         answered = 0
 
@@ -359,11 +415,17 @@ class RequestRunner:
                 batch = [await arrived.get()]
                 while not arrived.empty() and len(batch) < most:
                     batch.append(arrived.get_nowait())
-                answered += len(batch)
+                answered += sum(1 for answer in batch if not answer.partial)
                 yield batch
         finally:
+            self._start_more = None
             for task in list(tasks):
                 task.cancel()
+
+
+def load_toolbox(specs: Any) -> Toolbox | None:
+    """The tools a generator's ``tools:`` names, from the installed tool plugins (None: no tools)."""
+    return load_tools(specs, get_registry()) if specs else None
 
 
 def _as_result(result: Any) -> Any:
@@ -382,13 +444,16 @@ class RequestWorker:
     the whole job, so its limits (concurrency, rpm, tpm) hold across shards."""
 
     def __init__(self, factory: Any, model: str | None, params: dict[str, Any], requests: dict[str, Any],
-                 seed: int = 0) -> None:
+                 seed: int = 0, episode: dict[str, Any] | None = None) -> None:
         self._parent = os.getppid()
         self._watching: asyncio.Task[None] | None = None
         install_secrets(Scrubber(plugin_secrets(factory, params)))  # this process's log lines quote servers
         self.plugin = factory(model, factory.Params.model_validate(params), "cpu")
         call = self.plugin.generate if issubclass(factory, Generator) else self.plugin.score
         self.runner = RequestRunner(call, RequestsSpec.model_validate(requests), seed)
+        if episode is not None:  # {max_turns, max_episode_tokens, tools}: the stage's items are episodes
+            self.runner.episodes = EpisodeLoop(self.plugin, load_toolbox(episode.get("tools")), EpisodeSettings(
+                episode["max_turns"], episode.get("max_episode_tokens")))
 
     def describe(self) -> dict[str, Any]:
         return self.plugin.describe()
