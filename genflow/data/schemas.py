@@ -35,6 +35,25 @@ GENERATIONS = pa.schema([
     ("latency_s", pa.float64()),
 ])
 
+EPISODE_COLUMNS = pa.schema([
+    ("messages", pa.string()),
+    ("turns", pa.int32()),
+    ("tool_calls", pa.int32()),
+    ("cost", pa.float64()),
+])
+"""What a generator of episodes (``max_turns`` above 1) adds to its ``generations/`` rows:
+the whole conversation as JSON text of OpenAI-format messages (``json.loads`` gives the
+list TRL's conversational format takes), its assistant turns, its tool calls and its cost
+at the stage's ``price`` (null without one). Its ``text`` is the final answer and its token
+counts are summed over the turns. Rows of one-answer generators have none of these columns
+(a job with both reads them as null there)."""
+
+
+def episodes_schema() -> pa.Schema:
+    """``generations/``'s columns for a generator of episodes."""
+    return pa.schema([*GENERATIONS, *EPISODE_COLUMNS])
+
+
 SCORES = pa.schema([
     ("generation_id", pa.string()),
     ("prompt_id", pa.string()),

@@ -132,6 +132,7 @@ class JobSession:
         from genflow.config import GeneratorSpec
         from genflow.engine.actors import RequestPool, Workers
         from genflow.registry import get_registry
+        from genflow.stages.common import episode_settings
 
         job = self.config
         first = (job.generators or job.scorers or [None])[0]
@@ -142,7 +143,7 @@ class JobSession:
         if sends_requests(factory):  # a request plugin runs on a worker of its own
             label = first.label if isinstance(first, GeneratorSpec) else first.name
             self.early_requests = RequestPool(factory, first.model, first.params, job.ray, label,
-                                              first.requests.model_dump(), job.seed)
+                                              first.requests.model_dump(), job.seed, episode_settings(first))
             self.early_requests.launch()
         else:
             self.early_workers = Workers(job.ray)

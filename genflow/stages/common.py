@@ -19,6 +19,7 @@ from genflow.data.layout import Shard, Stage, resolve_input_path
 from genflow.data.results import Failure, failure_of, scrub_result
 from genflow.data.resume import StageOutcome, mark_finished
 from genflow.data.schemas import ERRORS, GENERATIONS, SCORES
+from genflow.data.turns import Turn, turn_key, with_turns
 from genflow.data.storage import Storage
 from genflow.engine.actors import RequestPool, WorkerPool, chunked
 from genflow.engine.budget import Budget, priced, reported_tokens, request_cost
@@ -80,12 +81,20 @@ class ModelStage:
         spec = self.spec
         if self.sends_requests:
             return RequestPool(self.factory, spec.model, spec.params, config.ray, self.label,
-                               spec.requests.model_dump(), config.seed)
+                               spec.requests.model_dump(), config.seed, episode_settings(spec))
         return WorkerPool(self.factory, spec.model, spec.params, config.ray, self.label, workers)
 
     def call_size(self, config: JobConfig) -> int:
         """Items per Ray call: the stage's ``batch_size``, else ``ray.batch_size``, else the plugin's own."""
         return call_size(self.spec.batch_size, config, self.factory)
+
+
+def episode_settings(spec: GeneratorSpec | ScorerSpec) -> dict[str, Any] | None:
+    """A multi-turn generator's episode settings for its request worker (None: one answer a request)."""
+    if not isinstance(spec, GeneratorSpec) or spec.max_turns < 2:
+        return None
+    return {"max_turns": spec.max_turns, "max_episode_tokens": spec.max_episode_tokens,
+            "tools": [tool.model_dump() for tool in spec.tools]}
 
 
 def unhashed_params_of(config: JobConfig, registry: Registry) -> dict[str, tuple[str, ...]]:
@@ -129,7 +138,8 @@ def read_generations(storage: Storage, shard: Shard, labels: list[str]) -> pa.Ta
     parts = [p for p in (layout.generate_stage(label).part(shard.index) for label in labels) if storage.exists(p)]
     if not parts:
         return GENERATIONS.empty_table()
-    tables = [storage.read_table(p, columns=GENERATIONS.names) for p in parts]
+    tables = [storage.read_table(p) for p in parts]  # an episode's part has its conversation too
+    tables = [t.select([c for c in (*GENERATIONS.names, "messages") if c in t.column_names]) for t in tables]
     return pa.concat_tables(tables, promote_options="permissive")
 
 
@@ -175,7 +185,8 @@ def _request_answers(pool: RequestPool, items: list[Item], advance: Advance, jou
     for journal in journals.unique():
         answered.update(journal.load())
     units: list[list[Item]] = prompt_groups(items) if per_prompt else [[item] for item in items]
-    todo = [unit for unit in units if not all(i.generation_id in answered for i in unit)]
+    todo = [[with_turns(i, answered) for i in unit] for unit in units  # an episode goes on from its last turn
+            if not all(i.generation_id in answered for i in unit)]
     if budget is not None:
         if budget.max_cost is not None and todo and not priced(price) and budget.say("unpriced"):
             log.warning("max_cost does not bound a stage that has no price: its requests are counted as free "
@@ -213,6 +224,9 @@ def _journaled_answers(pool: RequestPool, ticket: Any, units: list[list[Item]], 
         moved = 0
         for answer in batch:
             unit = todo[answer.index]
+            if answer.partial:  # an episode's answered turn: kept for a rerun to go on from
+                journals.add_turn(unit[0].generation_id, answer.result, answer.seconds)
+                continue
             if budget is not None:
                 cost, estimated = request_cost(unit if per_prompt else unit[0], answer.result, price, answer.posts)
                 budget.add(cost, sample=not isinstance(answer.result, Failure))
@@ -253,6 +267,13 @@ class Journals:
         journal = self.of.get(generation_id)
         if journal is not None:
             journal.add(generation_id, scrub_result(result), seconds)  # no secret a server sent back
+            self._touched[id(journal)] = journal
+
+    def add_turn(self, generation_id: str, turn: Turn, seconds: float) -> None:
+        """An episode's answered turn, under ``<generation_id>/<turn>``."""
+        journal = self.of.get(generation_id)
+        if journal is not None:
+            journal.add(turn_key(generation_id, turn.turn), scrub_result(turn), seconds)
             self._touched[id(journal)] = journal
 
     def flush(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -16,8 +17,11 @@ from genflow.data.model_identity import model_identity
 from genflow.data.prompts import carried_columns
 from genflow.data.results import Failure, scrub_result
 from genflow.data.resume import StageOutcome
-from genflow.data.schemas import GENERATIONS
+from genflow.data.schemas import GENERATIONS, episodes_schema
 from genflow.data.storage import Storage
+from genflow.data.turns import EpisodeRequest, in_order
+from genflow.engine.budget import priced, request_cost
+from genflow.engine.tools import tool_columns
 from genflow.registry import Registry, get_registry
 from genflow.stages.common import (
     Answered,
@@ -60,7 +64,9 @@ def build_requests(prompts: pa.Table, spec: GeneratorSpec, config: JobConfig, ba
     params_key = layout.params_key(spec.params, factory.unhashed_params)
     base_seed = config.seed if spec.seed is None else spec.seed
     model = model_identity(spec.model, served=sends_requests(factory))  # the same however its path is spelt
-    requests = []
+    episodes = spec.max_turns > 1
+    columns = tool_columns(spec.tools, get_registry()) if episodes else frozenset()
+    requests: list[GenerationRequest] = []
     for row in prompts.to_pylist():
         if not accepts(row.get("task"), modality):
             continue
@@ -69,18 +75,22 @@ def build_requests(prompts: pa.Table, spec: GeneratorSpec, config: JobConfig, ba
         except jinja2.TemplateError as exc:
             raise ValueError(f"generators[{spec.label}].template: {exc}") from None
         inputs = plugin_inputs(row, factory, base_dir)
+        if episodes:  # the columns its tools read (``visible_tests``) come with the episode
+            inputs.update({c: row[c] for c in columns if row.get(c) is not None})
         for sample in range(spec.samples):
             seed = derive_seed(base_seed, row["prompt_id"], sample)
             gid = stable_hash([row["prompt_id"], spec.label, sample, seed, params_key, model, spec.template], 20)
-            requests.append(GenerationRequest(
+            requests.append((EpisodeRequest if episodes else GenerationRequest)(
                 generation_id=gid, prompt_id=row["prompt_id"], prompt=prompt, sample=sample, seed=seed,
                 task=row.get("task"), system=row.get("system"), inputs=inputs))
     return requests
 
 
-def generations_table(rows: list[dict[str, Any]], prompts: pa.Table, read_columns: frozenset[str]) -> pa.Table:
-    """``generations/`` rows with the input columns no plugin of the job reads."""
-    table = pa.Table.from_pylist(rows, schema=GENERATIONS)
+def generations_table(rows: list[dict[str, Any]], prompts: pa.Table, read_columns: frozenset[str],
+                      episodes: bool = False) -> pa.Table:
+    """``generations/`` rows with the input columns no plugin of the job reads (and, for a
+    generator of episodes, :data:`~genflow.data.schemas.EPISODE_COLUMNS` after its own)."""
+    table = pa.Table.from_pylist(rows, schema=episodes_schema() if episodes else GENERATIONS)
     cols = carried_columns(prompts, read_columns)
     if not cols:
         return table
@@ -103,6 +113,7 @@ def generate_work(job: JobContext, stage: ModelStage, shard: Shard, fingerprint:
     params_json = layout.params_key(redacted(spec.params))  # the row shows no URL password, no secret value
     model_name = spec.model or factory.default_model or ""
     journal = open_journal(job, stage, shard, fingerprint)
+    episodes = spec.max_turns > 1
 
     def finish(answered: Answered) -> StageOutcome:
         rows, errors, usage = [], [], Usage()
@@ -114,10 +125,13 @@ def generate_work(job: JobContext, stage: ModelStage, shard: Shard, fingerprint:
             else:
                 rows.append(_generation_row(job.storage, req, res, spec.label, factory.modality, model_name,
                                             params_json, seconds))
+                if episodes:
+                    rows[-1].update(episode_columns(res, request_cost(req, res, spec.price)[0]
+                                                    if priced(spec.price) else None))
         rows.sort(key=lambda r: (r["prompt_id"], r["sample"]))
         return finish_model_stage(job.storage, stage.stage, shard, fingerprint, layout.GENERATIONS,
-                                  generations_table(rows, prompts, job.read_columns), errors, len(requests),
-                                  started, usage, journal)
+                                  generations_table(rows, prompts, job.read_columns, episodes), errors,
+                                  len(requests), started, usage, journal)
 
     return ShardWork(shard, fingerprint, requests, finish, journal)
 
@@ -133,6 +147,13 @@ def _generation_row(storage: Storage, req: GenerationRequest, res: Generation, l
             "text": res.text, "image_path": image_path, "seed": req.seed, "params": params_json,
             "num_tokens": res.num_tokens, "prompt_tokens": res.prompt_tokens, "finish_reason": res.finish_reason,
             "latency_s": latency}
+
+
+def episode_columns(res: Generation, cost: float | None) -> dict[str, Any]:
+    """An episode's own columns of its ``generations/`` row: the conversation as JSON text."""
+    messages = json.dumps(in_order(res.messages), ensure_ascii=False) if res.messages is not None else None
+    return {"messages": messages,
+            "turns": res.turns, "tool_calls": res.tool_calls, "cost": cost}
 
 
 def input_candidates_shard(job: JobContext, shard: Shard, fingerprint: str) -> StageOutcome:

@@ -62,7 +62,10 @@ def score_work(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: st
     prompts = {r["prompt_id"]: r for r in read_prompts(job.storage, shard).to_pylist()}
     items: list[ScoreItem] = []
     unreadable: list[dict[str, Any]] = []
-    for g in gens.select(["generation_id", "prompt_id", "prompt", "modality", "text", "image_path"]).to_pylist():
+    if "messages" not in gens.column_names:
+        gens = gens.append_column("messages", pa.nulls(gens.num_rows, pa.string()))
+    for g in gens.select(["generation_id", "prompt_id", "prompt", "modality", "text", "image_path",
+                          "messages"]).to_pylist():
         image = None
         if g["modality"] == "image":
             try:
@@ -72,7 +75,8 @@ def score_work(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: st
                     f"cannot read image {g['image_path']}: {exc}", traceback.format_exc()), g["generation_id"]))
                 continue
         items.append(ScoreItem(g["generation_id"], g["prompt_id"], g["prompt"], g["modality"], g["text"], image,
-                               plugin_inputs(prompts[g["prompt_id"]], factory, job.base_dir)))
+                               plugin_inputs(prompts[g["prompt_id"]], factory, job.base_dir),
+                               json.loads(g["messages"]) if g["messages"] else None))  # an episode's conversation
     journal = open_journal(job, stage, shard, fingerprint)
     registry = get_registry()
     schema = scores_schema(extra_score_columns(job.config, registry))
