@@ -12,6 +12,11 @@ with the ``llm-judge`` scorer), maps the server's answers onto that contract (42
 5xx are transient, other 4xx and redirects are the row's error; its module says
 which is which) and keeps the API key out of every text it builds; an answer with no
 choices or no text is transient too.
+
+It runs episodes too (a generator with ``max_turns`` above 1, ``docs/episodes.md``): the
+engine owns the loop and calls :meth:`OpenAIGenerator.chat` once per turn with the
+conversation so far; the request sends the tools' schemas as OpenAI ``tools`` and the
+answer's ``tool_calls`` come back with their arguments' text as the model wrote it.
 """
 
 from __future__ import annotations
@@ -25,7 +30,17 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator
 
 from genflow import hookimpl
-from genflow.api import Generation, GenerationRequest, Generator, PluginParams, RowError, TransientError
+from genflow.api import (
+    ChatRequest,
+    ChatTurn,
+    Generation,
+    GenerationRequest,
+    Generator,
+    PluginParams,
+    RowError,
+    ToolCall,
+    TransientError,
+)
 from genflow.hookspecs import Register
 from genflow.plugins.shared.openai_client import (
     MAX_ANSWER_BYTES,
@@ -154,6 +169,30 @@ class OpenAIGenerator(Generator):
         """Close the HTTP session (the engine calls it at the end of the stage)."""
         await self.client.aclose()
 
+    # -- episodes ----------------------------------------------------------------
+
+    def opening(self, request: GenerationRequest) -> list[dict[str, Any]] | RowError:
+        """An episode starts from the row's ``messages``, else ``system`` + the prompt."""
+        return chat_messages(request)
+
+    async def chat(self, request: ChatRequest) -> ChatTurn:
+        """One assistant turn: the conversation and the tools' schemas to ``/chat/completions``."""
+        if self.params.endpoint != "chat":
+            raise RowError("an episode needs endpoint: chat (the completions endpoint takes no tools)")
+        p = self.params
+        body: dict[str, Any] = {"model": self.model_name, "messages": request.messages}
+        if request.tools:
+            body["tools"] = request.tools
+        max_tokens = min((t for t in (p.max_tokens, request.max_tokens) if t is not None), default=None)
+        for name, value in (("temperature", p.temperature), ("top_p", p.top_p), ("max_tokens", max_tokens),
+                            ("stop", p.stop)):
+            if value is not None:
+                body[name] = value
+        if p.seed_requests:
+            body["seed"] = request.seed
+        body.update(p.extra_body)
+        return chat_turn(await self.client.post(body), request.turn)
+
     # -- the request -------------------------------------------------------------
 
     def _body(self, request: GenerationRequest) -> dict[str, Any] | RowError:
@@ -243,6 +282,38 @@ def chat_messages(request: GenerationRequest) -> list[dict[str, Any]] | RowError
             return RowError(f"messages[{i}] is not a {{role, content}} message")
         out.append({k: v for k, v in message.items() if v is not None})
     return out
+
+
+def chat_turn(answer: dict[str, Any], turn: int) -> ChatTurn:
+    """A chat answer as an episode's turn: its text, its tool calls (arguments' text kept as
+    written; a call without an id gets one from its turn and place), its finish reason and usage."""
+    choices = answer.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        detail = f": {short(error_message(json.dumps(answer).encode()))}" if "error" in answer else ""
+        raise TransientError(f"malformed answer: no choices{detail}")
+    choice = choices[0]
+    message: dict[str, Any] = choice["message"] if isinstance(choice.get("message"), dict) else {}
+    content = message_text(message.get("content"))
+    calls = []
+    for i, entry in enumerate(message.get("tool_calls") or []):
+        function = entry.get("function") if isinstance(entry, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise TransientError(f"malformed answer: tool_calls[{i}] has no function name")
+        raw = function.get("arguments")
+        raw = raw if isinstance(raw, str) else json.dumps(raw if raw is not None else {})
+        try:
+            arguments = json.loads(raw)
+        except ValueError:
+            arguments = None
+        call_id = entry.get("id") if isinstance(entry.get("id"), str) and entry.get("id") else f"call_{turn}_{i}"
+        calls.append(ToolCall(call_id, function["name"], arguments if isinstance(arguments, dict) else {}, raw))
+    finish_reason = choice.get("finish_reason")
+    if content is None and not calls:
+        raise TransientError(f"malformed answer: no text and no tool call in the choice (finish_reason "
+                             f"{finish_reason})")
+    usage: dict[str, Any] = answer["usage"] if isinstance(answer.get("usage"), dict) else {}
+    return ChatTurn(content, calls, finish_reason, _int(usage.get("prompt_tokens")),
+                    _int(usage.get("completion_tokens")))
 
 
 def retry_seed(seed: int, attempt: int) -> int:
