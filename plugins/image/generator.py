@@ -1,17 +1,22 @@
-"""``diffusers-image``: text-to-image, image-to-image and inpainting with diffusers.
+"""``diffusers-image``: text-to-image, image-to-image, inpainting, outpainting and upscaling.
 
 Each worker loads one text-to-image pipeline; the image-to-image and inpainting
 pipelines are built from its components (``from_pipe``), so the weights sit in
 memory once whatever mix of modes a dataset has. A row's mode follows its
 columns: no ``image`` → text-to-image; ``image`` → image-to-image; ``image`` and
-``mask`` → inpainting (white = repaint, black = keep). The ``mode`` param forces one.
+``mask`` → inpainting (white = repaint, black = keep); ``image`` and ``outpaint``
+→ outpainting (:mod:`genflow.plugins.image.outpaint`); ``image`` and ``upscale:
+true`` → upscaling. The ``mode`` param forces one. An x4 upscaler
+(:mod:`genflow.plugins.image.upscale`, the ``upscale`` param) upscales a row's image
+or, as a second stage, what the other modes made.
 
 Every image has its own ``torch.Generator`` seeded from the request, so a prompt's
 candidates differ, reruns give byte-identical PNGs, and an image comes out the
 same (to float rounding) whichever batch it was generated in.
 
-Besides the generator this module writes a tiny Stable Diffusion pipeline for
-offline use (``genflow models init-tiny DIR`` → ``DIR/tiny-sd``).
+Besides the generator this module writes a tiny Stable Diffusion pipeline and a tiny x4
+upscaler for offline use (``genflow models init-tiny DIR`` → ``DIR/tiny-sd``,
+``DIR/tiny-sd-x4-upscaler``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from genflow import hookimpl
 from genflow.api import Generation, GenerationRequest, Generator, PluginParams, RowError
 from genflow.data.storage import read_bytes
 from genflow.hookspecs import Register
+from genflow.plugins.image import outpaint
+from genflow.plugins.image.outpaint import OutpaintParams
+from genflow.plugins.image.upscale import TINY_UPSCALER, UpscaleParams, Upscaler, write_tiny_upscaler
 from genflow.plugins.shared.hf import can_write_tiny_model, prepare_torch
 
 if TYPE_CHECKING:
@@ -35,7 +43,11 @@ if TYPE_CHECKING:
 
 TINY_SD = "tiny-sd"
 
-Mode = Literal["text2img", "img2img", "inpaint"]
+Mode = Literal["text2img", "img2img", "inpaint", "outpaint", "upscale"]
+PIPELINE_OF: dict[Mode, Literal["text2img", "img2img", "inpaint"]] = {
+    "text2img": "text2img", "img2img": "img2img", "inpaint": "inpaint", "outpaint": "inpaint"}
+"""The Stable Diffusion pipeline each mode runs (outpainting is inpainting a border; upscaling runs
+the upscaler alone)."""
 
 
 class DiffusersImageParams(PluginParams):
@@ -52,12 +64,19 @@ class DiffusersImageParams(PluginParams):
                                    "inpainting.")
     scheduler: str | None = Field(None, description="A diffusers scheduler class, e.g. DDIMScheduler, built "
                                   "from the model's scheduler config; null = the model's own.")
-    mode: Literal["auto", "text2img", "img2img", "inpaint"] = Field(
-        "auto", description="auto picks per row from its `image` and `mask` columns; a forced mode ignores "
-        "the columns it does not use and fails rows that lack one it needs.")
-    keep_unmasked: bool = Field(True, description="Inpainting: paste the input pixels back outside the mask, "
-                                "so only the masked area changes (the VAE round trip otherwise alters the "
-                                "whole image slightly).")
+    mode: Literal["auto", "text2img", "img2img", "inpaint", "outpaint", "upscale"] = Field(
+        "auto", description="auto picks per row from its `image`, `mask`, `outpaint` and `upscale` columns; "
+        "a forced mode ignores the columns it does not use and fails rows that lack one it needs.")
+    keep_unmasked: bool = Field(True, description="Inpainting and outpainting: paste the input pixels back "
+                                "outside the mask, so only the masked area (the new border) changes (the "
+                                "VAE round trip otherwise alters the whole image slightly).")
+    outpaint: OutpaintParams | None = Field(None, description="Outpainting: how far to extend each image — "
+                                            "borders {left, right, top, bottom} (or one number for all four), "
+                                            "a target {width, height} or an {aspect_ratio: 'W:H'}. A row's "
+                                            "`outpaint` column, in the same form, overrides it.")
+    upscale: UpscaleParams | None = Field(None, description="An x4 upscaler {model, num_inference_steps, "
+                                          "guidance_scale, noise_level, after}: runs on rows in mode "
+                                          "upscale, and after the modes listed in `after` as a second stage.")
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="Weights' dtype; null = "
                                                                      "float16 on CUDA, float32 elsewhere.")
 
@@ -75,14 +94,28 @@ class DiffusersImageParams(PluginParams):
                              f"that many steps), got {self.num_inference_steps} × {self.strength}")
         return self
 
+    @model_validator(mode="after")
+    def _mode_has_what_it_needs(self) -> DiffusersImageParams:
+        if self.mode == "upscale" and self.upscale is None:
+            raise ValueError("mode: upscale needs an upscaler: set upscale: {model: ...} (an x4 "
+                             "StableDiffusionUpscalePipeline)")
+        sized = [k for k in ("height", "width") if getattr(self, k) is not None]
+        if self.mode in ("outpaint", "upscale") and sized:
+            where = ("the image plus the `outpaint` borders (or its target width/height)" if self.mode == "outpaint"
+                     else "the input image times the upscaler's factor")
+            raise ValueError(f"{'/'.join(sized)} do not apply to mode: {self.mode}: its output size is {where}")
+        return self
+
 
 class DiffusersImageGenerator(Generator):
-    """Stable Diffusion-style pipelines: text-to-image, image-to-image, inpainting."""
+    """Stable Diffusion-style pipelines: text-to-image, image-to-image, inpainting, outpainting,
+    and an x4 upscaler on its own or as a second stage."""
 
     Params: ClassVar[type[PluginParams]] = DiffusersImageParams
     modality: ClassVar[str] = "image"
-    description: ClassVar[str] = "diffusers text-to-image, image-to-image and inpainting; one seed per image"
-    input_columns: ClassVar[tuple[str, ...]] = ("image", "mask")
+    description: ClassVar[str] = ("diffusers text-to-image, image-to-image, inpainting, outpainting and x4 "
+                                  "upscaling; one seed per image")
+    input_columns: ClassVar[tuple[str, ...]] = ("image", "mask", "outpaint", "upscale")
     path_columns: ClassVar[tuple[str, ...]] = ("image", "mask")
     media_columns: ClassVar[tuple[str, ...]] = ("image", "mask")
     """Shown as thumbnails beside the prompt in report.html."""
@@ -95,42 +128,56 @@ class DiffusersImageGenerator(Generator):
     def __init__(self, model: str | None, params: DiffusersImageParams, device: str = "cpu") -> None:
         super().__init__(model, params, device)
         import torch
-        from diffusers import AutoPipelineForText2Image
         from diffusers.utils import logging as diffusers_logging
 
         self.torch_device = prepare_torch(device)
         dtype_name = params.dtype or ("float16" if self.torch_device.type == "cuda" else "float32")
         self.dtype = getattr(torch, dtype_name)
         diffusers_logging.disable_progress_bar()  # this process is the plugin's worker: no loading bars
-        # Generated data is filtered by the job's scorers; a safety checker would
-        # silently black out images and costs a second model.
-        pipe = AutoPipelineForText2Image.from_pretrained(
-            self.model_name, dtype=self.dtype, safety_checker=None, requires_safety_checker=False)
-        if params.scheduler:
-            pipe.scheduler = scheduler_class(params.scheduler).from_config(pipe.scheduler.config)
-        pipe.to(self.torch_device)
-        pipe.set_progress_bar_config(disable=True)
         # diffusers pipelines are duck-typed (their __call__ differs per class): Any.
-        self._pipelines: dict[Mode, Any] = {"text2img": pipe}
+        self._pipelines: dict[str, Any] = {}
+        # Loaded now, so a model that cannot load fails the stage at once; a generator that only
+        # upscales loads no Stable Diffusion pipeline.
+        self.upscaler = Upscaler(params.upscale, self.torch_device, self.dtype) if params.upscale else None
+        if params.mode != "upscale":
+            self.pipeline("text2img")
 
     def describe(self) -> dict[str, Any]:
         import diffusers
 
-        pipe = self._pipelines["text2img"]
-        return {"model": self.model_name, "pipeline": type(pipe).__name__,
-                "scheduler": type(pipe.scheduler).__name__, "dtype": str(self.dtype).removeprefix("torch."),
-                "diffusers": diffusers.__version__}
+        facts: dict[str, Any] = {"model": self.model_name}
+        if "text2img" in self._pipelines:
+            pipe = self._pipelines["text2img"]
+            facts.update(pipeline=type(pipe).__name__, scheduler=type(pipe.scheduler).__name__)
+        facts.update(dtype=str(self.dtype).removeprefix("torch."), diffusers=diffusers.__version__)
+        if self.upscaler is not None:
+            facts["upscaler"] = self.upscaler.describe()
+        return facts
 
     def pipeline(self, mode: Mode) -> Any:
-        """The pipeline for ``mode``, sharing the text-to-image pipeline's components."""
-        if mode not in self._pipelines:
+        """The Stable Diffusion pipeline ``mode`` runs; the image-to-image and inpainting ones
+        share the text-to-image pipeline's components."""
+        kind = PIPELINE_OF[mode]
+        if "text2img" not in self._pipelines:
+            from diffusers import AutoPipelineForText2Image
+
+            # Generated data is filtered by the job's scorers; a safety checker would
+            # silently black out images and costs a second model.
+            pipe = AutoPipelineForText2Image.from_pretrained(
+                self.model_name, dtype=self.dtype, safety_checker=None, requires_safety_checker=False)
+            if self.params.scheduler:
+                pipe.scheduler = scheduler_class(self.params.scheduler).from_config(pipe.scheduler.config)
+            pipe.to(self.torch_device)
+            pipe.set_progress_bar_config(disable=True)
+            self._pipelines["text2img"] = pipe
+        if kind not in self._pipelines:
             from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
-            auto = AutoPipelineForImage2Image if mode == "img2img" else AutoPipelineForInpainting
+            auto = AutoPipelineForImage2Image if kind == "img2img" else AutoPipelineForInpainting
             pipe = auto.from_pipe(self._pipelines["text2img"])
             pipe.set_progress_bar_config(disable=True)
-            self._pipelines[mode] = pipe
-        return self._pipelines[mode]
+            self._pipelines[kind] = pipe
+        return self._pipelines[kind]
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generation | RowError]:
         results: dict[int, Generation | RowError] = {}
@@ -152,6 +199,10 @@ class DiffusersImageGenerator(Generator):
             return self.params.mode
         if _present(request.inputs.get("mask")):
             return "inpaint"
+        if outpaint.present(request.inputs.get("outpaint")):
+            return "outpaint"
+        if request.inputs.get("upscale") is True:
+            return "upscale"
         return "img2img" if _present(request.inputs.get("image")) else "text2img"
 
     def batch_keys(self, requests: list[GenerationRequest]) -> list[Any]:
@@ -169,9 +220,15 @@ class DiffusersImageGenerator(Generator):
             task.height, task.width = params.height, params.width
             return task
         if not has_image:
-            what = "inpainting needs an `image` and a `mask`" if has_mask else f"{mode} needs an `image`"
+            what = {"inpaint": "inpainting needs an `image` and a `mask`" if has_mask else "inpaint needs an `image`",
+                    "outpaint": "outpainting needs an `image` to extend",
+                    "upscale": "upscaling needs an `image`"}.get(mode, f"{mode} needs an `image`")
             raise RowError(f"{what}, but the row has no image")
         image = load_image(request.inputs["image"], "image", "RGB")
+        if mode == "outpaint":
+            return self._outpaint_task(task, request, image)
+        if mode == "upscale":
+            return self._upscale_task(task, image)
         height = params.height or image.height // 8 * 8
         width = params.width or image.width // 8 * 8
         if height < 8 or width < 8:
@@ -190,8 +247,51 @@ class DiffusersImageGenerator(Generator):
             task.mask = _resized(mask, width, height)
         return task
 
+    def _outpaint_task(self, task: _Task, request: GenerationRequest, image: Image.Image) -> _Task:
+        """The image on its larger canvas and the mask of the new border (the row's ``outpaint``
+        column, else the ``outpaint`` param)."""
+        cell = request.inputs.get("outpaint")
+        how = outpaint.row_outpaint(cell) if outpaint.present(cell) else self.params.outpaint
+        if how is None:
+            raise RowError("outpainting needs borders, a target size or an aspect ratio: set the "
+                           "`outpaint` param or the row's `outpaint` column")
+        placement = how.place(image.width, image.height)
+        task.height, task.width = placement.height, placement.width
+        task.image, task.mask = placement.canvas(image), placement.mask(image)
+        task.source, task.offset = image, (placement.left, placement.top)
+        return task
+
+    def _upscale_task(self, task: _Task, image: Image.Image) -> _Task:
+        """The image, its sides cut down to multiples of the upscaler's factor as diffusers does."""
+        if self.upscaler is None:
+            raise RowError("the row asks for upscaling (its `upscale` column), but the generator has no "
+                           "upscaler: set its upscale: {model: ...} param")
+        factor = self.upscaler.factor
+        width, height = image.width // factor * factor, image.height // factor * factor
+        if width < factor or height < factor:
+            raise RowError(f"input image is {image.width}x{image.height}; upscaling needs at least "
+                           f"{factor}x{factor} pixels")
+        task.height, task.width = height, width
+        task.image = _resized(image, width, height)
+        return task
+
     def _run(self, tasks: list[_Task]) -> list[Image.Image]:
-        """One pipeline call for requests of one mode and size, one generator per image."""
+        """One pipeline call for requests of one mode and size, one generator per image; then
+        the upscaler, for mode upscale or as the second stage of the modes it comes after."""
+        mode = tasks[0].mode
+        upscaler = self.upscaler
+        if mode == "upscale":
+            assert upscaler is not None  # _upscale_task refuses rows without one
+            images = [t.image for t in tasks if t.image is not None]
+        else:
+            images = self._diffuse(tasks)
+            if upscaler is None or mode not in upscaler.params.after:
+                return images
+        return upscaler([*images], [t.prompt for t in tasks], [t.seed for t in tasks],
+                        self.params.negative_prompt)
+
+    def _diffuse(self, tasks: list[_Task]) -> list[Image.Image]:
+        """The Stable Diffusion pipeline call of a group of same-mode, same-size requests."""
         import torch
         from PIL import Image
 
@@ -213,12 +313,15 @@ class DiffusersImageGenerator(Generator):
             kwargs["image"] = [t.image for t in tasks]
             if params.strength is not None:
                 kwargs["strength"] = params.strength
-        if mode == "inpaint":
+        if mode in ("inpaint", "outpaint"):
             kwargs["mask_image"] = [t.mask for t in tasks]
         images: list[Image.Image] = self.pipeline(mode)(**kwargs).images
         if mode == "inpaint" and params.keep_unmasked:
             images = [Image.composite(out, t.image, t.mask)  # type: ignore[arg-type]
                       for out, t in zip(images, tasks, strict=True)]
+        if mode == "outpaint" and params.keep_unmasked:
+            for out, t in zip(images, tasks, strict=True):
+                out.paste(t.source, t.offset)  # type: ignore[arg-type]
         return images
 
 
@@ -246,6 +349,9 @@ class _Task:
     mask: Image.Image | None = None
     height: int | None = None
     width: int | None = None
+    source: Image.Image | None = None
+    """Outpainting: the row's image, pasted back at ``offset`` on the result."""
+    offset: tuple[int, int] = (0, 0)
 
     @property
     def group(self) -> tuple[Mode, int | None, int | None]:
@@ -356,4 +462,5 @@ def register_generators(register: Register) -> None:
 def init_tiny_models(directory: Path) -> dict[str, str]:
     if not can_write_tiny_model(TINY_SD, DiffusersImageGenerator):
         return {}
-    return {TINY_SD: str(write_tiny_sd(Path(directory) / TINY_SD))}
+    return {TINY_SD: str(write_tiny_sd(Path(directory) / TINY_SD)),
+            TINY_UPSCALER: str(write_tiny_upscaler(Path(directory) / TINY_UPSCALER))}

@@ -223,7 +223,7 @@ def test_scheduler_and_negative_prompt_change_the_image(
     ({"scheduler": "FastScheduler"}, "unknown diffusers scheduler 'FastScheduler'; choose one of: "),
     ({"height": 50}, "Input should be a multiple of 8"),
     ({"num_inference_steps": 2, "strength": 0.3}, "num_inference_steps × strength must be at least 1"),
-    ({"mode": "outpaint"}, "Input should be 'auto', 'text2img', 'img2img' or 'inpaint'"),
+    ({"mode": "sketch"}, "Input should be 'auto', 'text2img', 'img2img', 'inpaint', 'outpaint' or 'upscale'"),
     ({"steps": 4}, "Extra inputs are not permitted"),
 ])
 def test_params_are_checked_before_any_work(params: dict[str, object], message: str) -> None:
