@@ -424,9 +424,23 @@ def validate_plugins(config: JobConfig, source: str = "config") -> None:
             if missing:
                 problems.append(f"  {plugin_key}: "
                                 f"{dataclasses.replace(info, factory=chosen, missing=missing).unavailable_reason()}")
+    problems += _episode_problems(config, registry) if not problems else []
     problems += _ranking_problems(config, registry, check_params=not problems)
     if problems:
         raise ConfigError(f"{source} is not a valid genflow job:\n" + "\n".join(problems))
+
+
+def _episode_problems(config: JobConfig, registry: Any) -> list[str]:
+    """A generator with ``max_turns`` above 1 runs episodes: its plugin must answer turns."""
+    from genflow.api import runs_episodes
+
+    problems = []
+    for i, g in enumerate(config.generators):
+        if g.max_turns > 1 and not runs_episodes(registry.get("generator", g.plugin).factory.implementation(g.params)):
+            problems.append(f"  generators.{i}.max_turns: the {g.plugin!r} plugin answers one request at a time; "
+                            "episodes need a plugin that answers turns (openai, any OpenAI-protocol server): "
+                            "set max_turns: 1 or use one")
+    return problems
 
 
 def job_exporters(config: JobConfig | dict[str, Any], registry: Any = None) -> dict[str, dict[str, Any]]:
