@@ -1,8 +1,9 @@
-"""Rebuild the image quickstart's inputs: three small PNGs and ``image_prompts.parquet``.
+"""Rebuild the image examples' inputs: three small PNGs, ``image_prompts.parquet`` (the
+quickstart, configs/images.yaml) and ``image_edits.parquet`` (configs/images-edit.yaml).
 
 The pictures are drawn with PIL so the repository needs no downloaded images;
 the Parquet embeds their bytes (as a Hugging Face dataset would), so the
-quickstart runs from any working directory. Run: ``python configs/data/images/make_image_prompts.py``.
+examples run from any working directory. Run: ``python configs/data/images/make_image_prompts.py``.
 """
 
 from __future__ import annotations
@@ -74,6 +75,37 @@ def main() -> None:
         "mask": pa.array([r[3] for r in rows], pa.binary()),
     })
     pq.write_table(table, HERE.parent / "image_prompts.parquet")
+    write_image_edits(data)
+
+
+OUTPAINT = pa.struct([("left", pa.int32()), ("right", pa.int32()), ("top", pa.int32()),
+                      ("bottom", pa.int32()), ("aspect_ratio", pa.string())])
+
+
+def write_image_edits(data: dict[str, bytes]) -> None:
+    """Every mode of diffusers-image, one row each (two for outpainting): the row's columns pick it."""
+    rows = [
+        ("t2i-lighthouse", "A lighthouse on a cliff at sunset, watercolor", None, None, None, None),
+        ("i2i-bicycle", "A watercolor painting of a red bicycle leaning against a brick wall",
+         data["bicycle.png"], None, None, None),
+        ("inpaint-window", "A window looking out on a stormy sea at night",
+         data["room.png"], data["room_mask.png"], None, None),
+        ("outpaint-room", "A cosy room with bookshelves on both sides of a window",
+         data["room.png"], None, {"left": 16, "right": 16}, None),
+        ("outpaint-street", "A red bicycle in a long street of brick houses",
+         data["bicycle.png"], None, {"aspect_ratio": "2:1"}, None),
+        ("upscale-bicycle", "A red bicycle against a brick wall, sharp detail", data["bicycle.png"], None, None, True),
+    ]
+    table = pa.table({
+        "id": [r[0] for r in rows],
+        "prompt": [r[1] for r in rows],
+        "task": ["image"] * len(rows),
+        "image": pa.array([r[2] for r in rows], pa.binary()),
+        "mask": pa.array([r[3] for r in rows], pa.binary()),
+        "outpaint": pa.array([r[4] for r in rows], OUTPAINT),
+        "upscale": pa.array([r[5] for r in rows], pa.bool_()),
+    })
+    pq.write_table(table, HERE.parent / "image_edits.parquet")
 
 
 if __name__ == "__main__":
