@@ -122,6 +122,9 @@ def test_a_code_agent_fixes_what_its_visible_tests_caught_and_passes_more_than_o
     pass_at_1 = _pass_at_1(out)
     assert pass_at_1 == {"agent": 1.0, "single": 4 / 10}
     print(f"\npass@1 on the HumanEval sample: {pass_at_1}")
+    report = (out / "report.html").read_text()  # each sampled episode's turns, escaped
+    assert "episode: 2 turns, 2 tool calls" in report and "-&gt; run_tests({&#34;code&#34;: " in report
+    assert "0 of 2 tests passed." in report and "-&gt; submit(" in report
     stage = manifest["stages"]["generate/agent"]
     assert stage["tokens"]["completion"] == sum(g["num_tokens"] for g in gens.values() if g["generator"] == "agent")
 

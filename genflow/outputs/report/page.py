@@ -30,7 +30,14 @@ from genflow.outputs.report.read import (
     stage_rows,
 )
 from genflow.outputs.report.render import environment
-from genflow.outputs.report.samples import SAMPLE_PROMPTS, add_thumbnails, media_columns, sample_ids, samples
+from genflow.outputs.report.samples import (
+    SAMPLE_PROMPTS,
+    add_episodes,
+    add_thumbnails,
+    media_columns,
+    sample_ids,
+    samples,
+)
 from genflow.outputs.report.sections import page_sections
 
 FIXED_SECTIONS = ("summary", "throughput", "errors", "scores", "agreement", "images", "samples", "config")
@@ -81,6 +88,7 @@ def report_context(storage: Storage, manifest: dict[str, Any]) -> dict[str, Any]
     prompts = read_table(storage, layout.PROMPTS, ["prompt_id"])
     ids = sample_ids(prompts["prompt_id"].to_pylist()) if prompts is not None else []
     sampled = samples(storage, scorer_names, ids, media_columns(config))
+    add_episodes(storage, config, sampled)
     images = any(c["modality"] == "image" for p in sampled for c in p["candidates"])
     if images:
         add_thumbnails(storage, sampled, manifest.get("input_dir") or input_folder(config))

@@ -16,6 +16,7 @@ import io
 import json
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from genflow.data import layout
@@ -62,6 +63,53 @@ def media_columns(config: dict[str, Any]) -> tuple[str, ...]:
             continue
         found.update(dict.fromkeys(factory.media_columns))
     return tuple(found)
+
+
+EPISODE_STEP_CHARS = 400
+"""The most of one message of an episode the report shows (its tool calls each as much)."""
+
+
+def episode_steps(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """An episode's messages after its opening, as the report lists them: who spoke and what,
+    each tool call as ``-> name(arguments)``, every text cut to :data:`EPISODE_STEP_CHARS`."""
+    def cut(text: str) -> str:
+        return text if len(text) <= EPISODE_STEP_CHARS else text[:EPISODE_STEP_CHARS] + " [...]"
+
+    start = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), len(messages))
+    steps = []
+    for message in messages[start:]:
+        content = message.get("content")
+        lines = [cut(content)] if isinstance(content, str) and content else []
+        for call in message.get("tool_calls") or []:
+            function = call.get("function") or {}
+            lines.append(f"-> {function.get('name')}({cut(str(function.get('arguments') or ''))})")
+        steps.append({"role": str(message.get("role")), "text": "\n".join(lines)})
+    return steps
+
+
+def add_episodes(storage: Storage, config: dict[str, Any], sampled: list[dict[str, Any]]) -> None:
+    """Give each sampled candidate that is an episode (a generator with ``max_turns`` above 1) its
+    turns in short (``episode``: turns, tool calls and :func:`episode_steps`), read from its
+    generator's parts only."""
+    labels = [str(g.get("label")) for g in config.get("generators") or [] if (g.get("max_turns") or 1) > 1]
+    candidates = {c["generation_id"]: c for p in sampled for c in p["candidates"]}
+    if not labels or not candidates:
+        return
+    where = pc.field("generation_id").isin(list(candidates))
+    for rel in storage.list(layout.GENERATIONS, ".parquet"):
+        if not any(rel.endswith(f"-{label}.parquet") for label in labels):
+            continue
+        try:
+            table = storage.read_table(rel, ["generation_id", "messages", "turns", "tool_calls"]).filter(where)
+        except (KeyError, pa.ArrowException):  # another generator's part whose label ends alike
+            continue
+        for row in table.to_pylist():
+            try:
+                messages = json.loads(row["messages"] or "[]")
+            except ValueError:
+                continue
+            candidates[row["generation_id"]]["episode"] = {
+                "turns": row["turns"], "tool_calls": row["tool_calls"], "steps": episode_steps(messages)}
 
 
 def samples(storage: Storage, scorer_names: list[str], ids: list[str],
