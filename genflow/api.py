@@ -266,6 +266,13 @@ class Generator(_ModelPlugin):
     """Those of its ``input_columns`` that hold a picture (bytes, a ``datasets`` image or a path):
     ``report.html`` shows them as thumbnails beside the prompt (an image-to-image source, a mask)."""
 
+    @classmethod
+    def derived_media(cls, inputs: dict[str, Any], params: PluginParams) -> dict[str, bytes]:
+        """Pictures the plugin makes from a row before generating (an outpainting mask), by name, as
+        image bytes: ``report.html`` shows them beside the media columns. ``inputs``: the row's
+        ``input_columns``, paths resolved; an exception shows nothing. Default: none."""
+        return {}
+
     @abstractmethod
     def generate(self, requests: list[GenerationRequest]) -> list[Generation | RowError]:
         """Return one result per request, in the same order."""

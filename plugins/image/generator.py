@@ -195,15 +195,17 @@ class DiffusersImageGenerator(Generator):
         return [results[i] for i in range(len(requests))]
 
     def mode_of(self, request: GenerationRequest) -> Mode:
-        if self.params.mode != "auto":
-            return self.params.mode
-        if _present(request.inputs.get("mask")):
-            return "inpaint"
-        if outpaint.present(request.inputs.get("outpaint")):
-            return "outpaint"
-        if request.inputs.get("upscale") is True:
-            return "upscale"
-        return "img2img" if _present(request.inputs.get("image")) else "text2img"
+        return _mode_of(self.params, request.inputs)
+
+    @classmethod
+    def derived_media(cls, inputs: dict[str, Any], params: PluginParams) -> dict[str, bytes]:
+        """A row's outpainting mask (white = the border the pipeline paints), made as for the call."""
+        assert isinstance(params, DiffusersImageParams)
+        how = _outpaint_of(params, inputs) if _mode_of(params, inputs) == "outpaint" else None
+        if how is None or not _present(inputs.get("image")):
+            return {}
+        image = load_image(inputs["image"], "image", "RGB")
+        return {"outpaint mask": _png(how.place(image.width, image.height).mask(image))}
 
     def batch_keys(self, requests: list[GenerationRequest]) -> list[Any]:
         """Requests of one mode share calls: each mode is a pipeline call of its own."""
@@ -250,8 +252,7 @@ class DiffusersImageGenerator(Generator):
     def _outpaint_task(self, task: _Task, request: GenerationRequest, image: Image.Image) -> _Task:
         """The image on its larger canvas and the mask of the new border (the row's ``outpaint``
         column, else the ``outpaint`` param)."""
-        cell = request.inputs.get("outpaint")
-        how = outpaint.row_outpaint(cell) if outpaint.present(cell) else self.params.outpaint
+        how = _outpaint_of(self.params, request.inputs)
         if how is None:
             raise RowError("outpainting needs borders, a target size or an aspect ratio: set the "
                            "`outpaint` param or the row's `outpaint` column")
@@ -357,6 +358,25 @@ class _Task:
     def group(self) -> tuple[Mode, int | None, int | None]:
         """Requests with equal groups run in one pipeline call."""
         return self.mode, self.height, self.width
+
+
+def _mode_of(params: DiffusersImageParams, inputs: dict[str, Any]) -> Mode:
+    """The mode a row runs in: the forced one, else what its columns hold."""
+    if params.mode != "auto":
+        return params.mode
+    if _present(inputs.get("mask")):
+        return "inpaint"
+    if outpaint.present(inputs.get("outpaint")):
+        return "outpaint"
+    if inputs.get("upscale") is True:
+        return "upscale"
+    return "img2img" if _present(inputs.get("image")) else "text2img"
+
+
+def _outpaint_of(params: DiffusersImageParams, inputs: dict[str, Any]) -> OutpaintParams | None:
+    """How far to extend a row's image: its ``outpaint`` column, else the param."""
+    cell = inputs.get("outpaint")
+    return outpaint.row_outpaint(cell) if outpaint.present(cell) else params.outpaint
 
 
 def _present(value: Any) -> bool:

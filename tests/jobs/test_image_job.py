@@ -158,3 +158,70 @@ def test_rerun_gives_byte_identical_pngs_and_bad_rows_land_in_errors(
     assert "pics/notes.txt is not an image PIL can read" in messages["not-an-image"]
     scored = {s["prompt_id"] for s in rows(first, "scores")}
     assert scored == {"text", "img2img", "inpaint"}
+
+
+def edit_job(tmp_path: Path, models: dict[str, str]) -> dict[str, Any]:
+    """configs/images-edit.yaml as shipped, its paths pointed at the test's models and folder, its
+    input the shipped rows plus two that cannot be outpainted."""
+    config = load_raw(ROOT / "configs/images-edit.yaml")
+    table = pq.read_table(ROOT / config["input"])
+    room = next(r for r in table.to_pylist() if r["id"] == "outpaint-room")
+    bad = [{**room, "id": "outpaint-no-image", "image": None},
+           {**room, "id": "outpaint-bad-border", "outpaint": {**room["outpaint"], "left": 12, "right": 0}}]
+    pq.write_table(pa.concat_tables([table, pa.Table.from_pylist(bad, table.schema)]), tmp_path / "edits.parquet")
+    config.update(input=str(tmp_path / "edits.parquet"), output=str(tmp_path / "out"), max_error_fraction=1.0)
+    generator = config["generators"][0]
+    generator["model"] = models["tiny-sd"]
+    generator["params"]["upscale"]["model"] = models["tiny-sd-x4-upscaler"]
+    config["scorers"][0]["model"] = models["tiny-clip"]
+    return config
+
+
+def test_every_image_mode_in_one_job_outpaints_upscales_scores_and_reports(
+        tmp_path: Path, tiny_models: dict[str, str], job_runner: Any) -> None:
+    config = edit_job(tmp_path, tiny_models)
+    manifest = job_runner(config)
+    out = Path(config["output"])
+    assert manifest["status"] == "completed"
+    inputs = {r["id"]: r for r in pq.read_table(config["input"]).to_pylist()}
+
+    generations = rows(out, "generations")
+    sizes: dict[str, set[tuple[int, int]]] = defaultdict(set)
+    for g in generations:
+        sizes[g["prompt_id"]].add(opened(out / g["image_path"]).size)
+    assert sizes == {
+        "t2i-lighthouse": {(256, 256)},    # 64x64, then the x4 upscaler (upscale.after)
+        "i2i-bicycle": {(64, 64)}, "inpaint-window": {(64, 64)},
+        "outpaint-room": {(96, 64)},       # 64x64 plus 16 left and right
+        "outpaint-street": {(128, 64)},    # widened to 2:1
+        "upscale-bicycle": {(256, 256)},
+    }
+    for prompt_id, (left, top) in {"outpaint-room": (16, 0), "outpaint-street": (32, 0)}.items():
+        source = np.asarray(Image.open(io.BytesIO(inputs[prompt_id]["image"])).convert("RGB"))
+        for g in (g for g in generations if g["prompt_id"] == prompt_id):
+            result = np.asarray(opened(out / g["image_path"]))
+            assert np.array_equal(result[top:top + 64, left:left + 64], source), "source pixels kept exactly"
+            assert not np.array_equal(result[:, :left], np.repeat(source[:, :1], left, axis=1))
+
+    scores = {s["generation_id"]: s for s in rows(out, "scores")}
+    assert sorted(scores) == sorted(g["generation_id"] for g in generations)
+    ranked = defaultdict(list)
+    for r in rows(out, "rankings"):
+        ranked[r["prompt_id"]].append(r["rank"])
+        assert r["score"] == pytest.approx(scores[r["generation_id"]]["score"])
+    assert {p: sorted(r) for p, r in ranked.items()} == {p: [1, 2] for p in sizes}
+
+    errors = {e["prompt_id"]: e["error"] for e in rows(out, "errors")}
+    assert errors == {
+        "outpaint-no-image": "outpainting needs an `image` to extend, but the row has no image",
+        "outpaint-bad-border": "the row's `outpaint` column is not an outpainting: outpaint left + right "
+                               "must be a multiple of 8 (the model makes images whose sides are multiples "
+                               "of 8), got 12 + 0 = 12",
+    }
+
+    report = (out / "report.html").read_text()
+    for prompt_id in sizes:
+        assert f'<span class="id">{prompt_id}</span>' in report
+    assert report.count('alt="input image"') == len(sizes) - 1  # every row but text-to-image's
+    assert report.count('alt="input mask"') == 1  # the inpainting row's own
+    assert report.count('alt="input outpaint mask"') == 2  # made from the outpainting rows' borders

@@ -292,6 +292,22 @@ def test_tiny_upscaler_is_an_x4_upscaler_folder(models: dict[str, str]) -> None:
     assert json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"] == 0.08333
 
 
+def test_the_report_gets_the_outpainting_mask_the_call_used(photo: Image.Image, tmp_path: Path) -> None:
+    (tmp_path / "photo.png").write_bytes(png(photo))
+    params = DiffusersImageParams(outpaint={"left": 8, "right": 8})
+    made = DiffusersImageGenerator.derived_media({"image": str(tmp_path / "photo.png"), "outpaint": 16}, params)
+    with Image.open(io.BytesIO(made["outpaint mask"])) as img:
+        mask = np.asarray(img)
+    assert mask.shape == (48 + 32, 64 + 32)  # the row's column wins over the param
+    assert (mask[16:64, 16:80] == 0).all() and mask.sum() == 255 * (80 * 96 - 48 * 64)
+    no_mask = {"image": png(photo)}, {"image": png(photo), "upscale": True}, {"outpaint": 8}
+    assert [DiffusersImageGenerator.derived_media(inputs, params) for inputs in no_mask] == [{}, {}, {}]
+    forced = DiffusersImageParams(mode="outpaint", outpaint={"top": 8, "bottom": 8})
+    made = DiffusersImageGenerator.derived_media({"image": png(photo)}, forced)
+    with Image.open(io.BytesIO(made["outpaint mask"])) as img:
+        assert img.size == (64, 64)
+
+
 def test_outpaint_params_place_the_image() -> None:
     placement = OutpaintParams.model_validate({"aspect_ratio": "1:1"}).place(60, 40)
     assert (placement.left, placement.top, placement.width, placement.height) == (2, 12, 64, 64)

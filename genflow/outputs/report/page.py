@@ -32,6 +32,7 @@ from genflow.outputs.report.read import (
 from genflow.outputs.report.render import environment
 from genflow.outputs.report.samples import (
     SAMPLE_PROMPTS,
+    add_derived_media,
     add_episodes,
     add_thumbnails,
     media_columns,
@@ -91,7 +92,9 @@ def report_context(storage: Storage, manifest: dict[str, Any]) -> dict[str, Any]
     add_episodes(storage, config, sampled)
     images = any(c["modality"] == "image" for p in sampled for c in p["candidates"])
     if images:
-        add_thumbnails(storage, sampled, manifest.get("input_dir") or input_folder(config))
+        base_dir = manifest.get("input_dir") or input_folder(config)
+        add_derived_media(storage, config, sampled, base_dir)
+        add_thumbnails(storage, sampled, base_dir)
     rows = manifest.get("rows", {})
     return {
         "title": f"{manifest.get('name', 'genflow job')}",

@@ -161,6 +161,42 @@ def samples(storage: Storage, scorer_names: list[str], ids: list[str],
     return out
 
 
+def add_derived_media(storage: Storage, config: dict[str, Any], sampled: list[dict[str, Any]],
+                      base_dir: str) -> None:
+    """Add to the sampled prompts' pictures those the job's generators make from the rows before
+    generating (:meth:`genflow.api.Generator.derived_media`, an outpainting mask); a generator
+    not installed here, or a row it cannot make one for, adds none."""
+    from pydantic import ValidationError
+
+    from genflow.registry import PluginError, get_registry
+
+    registry = get_registry()
+    makers = []
+    for spec in config.get("generators") or []:
+        try:
+            factory = registry.get("generator", str(spec.get("plugin"))).factory
+            makers.append((factory, factory.Params.model_validate(spec.get("params") or {})))
+        except (PluginError, ValidationError):  # not installed here, or params of another version
+            continue
+    if not makers or not sampled:
+        return
+    columns = sorted({c for factory, _ in makers for c in factory.input_columns})
+    rows = read_table(storage, layout.PROMPTS, ["prompt_id", *columns],
+                      pc.field("prompt_id").isin([p["prompt_id"] for p in sampled]))
+    by_id = {r["prompt_id"]: r for r in rows.to_pylist()} if rows is not None else {}
+    for p in sampled:
+        row = by_id.get(p["prompt_id"], {})
+        for factory, params in makers:
+            inputs = {k: layout.resolve_input_path(v, base_dir) if k in factory.path_columns else v
+                      for k in factory.input_columns if (v := row.get(k)) is not None}
+            try:
+                pictures = factory.derived_media(inputs, params)
+            except Exception:  # a row it cannot make them for: its errors/ entry says why
+                continue
+            for name, data in pictures.items():
+                p["inputs"].setdefault(name, data)
+
+
 def add_thumbnails(storage: Storage, sampled: list[dict[str, Any]], base_dir: str) -> None:
     """Put a thumbnail on every candidate and input image of the sampled prompts (an image job's)."""
     for p in sampled:
