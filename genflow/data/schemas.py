@@ -108,7 +108,14 @@ RANKED = pa.schema([
     ("rank", pa.int32()),
     ("score", pa.float64()),
     ("scores", pa.string()),  # JSON {scorer: score}
+    ("messages", pa.string()),
+    ("tools", pa.string()),
 ])
+"""``messages``: in a job with episodes (a generator's ``max_turns`` above 1), every candidate as
+JSON text of an OpenAI-format conversation: an episode's whole one, a one-answer candidate's
+opening (the prompt's ``system``, the prompt) and its answer; null in a job without episodes,
+so its exporters write what they always did. ``tools``: JSON text of the OpenAI ``tools``
+entries the candidate's generator offered (null where it offered none)."""
 
 ERRORS = pa.schema([
     ("prompt_id", pa.string()),
