@@ -73,6 +73,13 @@ a plugin whose ``generate`` / ``score`` is ``async def`` takes **one** request (
   key) change no id and no fingerprint; ``secret_env`` names the environment
   variables a worker needs (sent to a cluster's workers, never written anywhere).
 
+A request plugin that overrides :meth:`Generator.chat` (``openai``) also runs **episodes**:
+a generator with ``max_turns`` above 1 makes each request a conversation. genflow calls
+``chat`` once per turn (a :class:`ChatRequest`: the messages so far, the tools' schemas, the
+turn's seed) under the same limits and retries, runs the :class:`ToolCall` s of each
+:class:`ChatTurn` through the generator's tools, journals every answered turn, and writes the
+episode as one ``generations/`` row (``docs/episodes.md``).
+
 Exporters run on the driver, once per shard, after ranking, and again on what people
 labelled after ``genflow label pull`` (see :class:`Exporter`).
 Everything passed to a model plugin is plain data, so batches travel cheaply to workers.

@@ -44,9 +44,11 @@ LAYERS: list[tuple[str, tuple[str, ...], str]] = [
     ("config", ("genflow.config", "genflow.grid"),
      "a job's config: models, validation, redaction, the job's secrets; a sweep's runs"),
     ("data", ("genflow.data",),
-     "storage, input prompts, the output's layout and fingerprints, resume, lease, journal, a row's result"),
+     "storage, input prompts, the output's layout and fingerprints, resume, lease, journal, a row's result, "
+     "an episode's turns"),
     ("engine", ("genflow.engine",),
-     "Ray actors and workers, the request path, the budget, episodes' tools (tools.py), JobFailed"),
+     "Ray actors and workers, the request path, the budget, episodes (episodes.py) and their tools (tools.py), "
+     "JobFailed"),
     ("stages", ("genflow.stages",),
      "one stage's work on one shard: plan, generate, score, rank"),
     ("outputs", ("genflow.outputs",),
