@@ -56,7 +56,8 @@ class DiffusersImageParams(PluginParams):
                                   "(and double the UNet batch).")
     height: int | None = Field(None, ge=8, multiple_of=8, description="Output height in pixels; null = the "
                                "model's native size for text-to-image, the input image's height (rounded "
-                               "down to a multiple of 8) otherwise.")
+                               "down to a multiple of 8) otherwise. Outpainting and upscaling ignore it: "
+                               "their sizes follow the image.")
     width: int | None = Field(None, ge=8, multiple_of=8, description="Output width in pixels; null as for height.")
     negative_prompt: str | None = Field(None, description="What the images should not show.")
     strength: float | None = Field(None, gt=0.0, le=1.0, description="How far to move from the input image "
