@@ -1,8 +1,9 @@
 """What a plugin sees, and how genflow calls it: the execution contract.
 
-A plugin is a class deriving from :class:`Generator`, :class:`Scorer` or
-:class:`Exporter`; the base class, not the methods it happens to have, says which
-kind it is. A class declares what it needs and genflow does the rest:
+A plugin is a class deriving from :class:`Generator`, :class:`Scorer`,
+:class:`Exporter`, :class:`Labeller`, :class:`Tool` or :class:`Trainer`; the base
+class, not the methods it happens to have, says which kind it is. A class declares
+what it needs and genflow does the rest:
 
 - ``Params``: a pydantic model of its ``params``. genflow validates a job's params
   against it before any work starts (``genflow validate``), so a typo fails with
@@ -667,6 +668,48 @@ class Tool(Plugin):
     @abstractmethod
     def run(self, arguments: BaseModel, context: ToolContext) -> ToolResult:
         """Carry out one call: ``arguments`` validated as :attr:`Arguments`."""
+
+
+# -- training: the policy and reward models a job's rankings make ----------------
+
+TRAINING_FORMATS = ("preference", "prompt-completion")
+"""The tables a :class:`Trainer` reads, in TRL's column names: ``preference`` rows are
+(``prompt``, ``chosen``, ``rejected``), one pair each; ``prompt-completion`` rows are
+(``prompt``, ``completion``). Both have a ``prompt_id`` column too."""
+
+TRAINED_KINDS = ("policy", "reward-model")
+"""What a trainer's checkpoint is: a causal LM the ``hf-text`` generator loads, or a
+sequence-classification model (one logit) the ``hf-reward`` scorer loads."""
+
+
+class Trainer(Plugin):
+    """Trains a model from a job's training data: a reward model from ranked pairs, a policy
+    from pairs (DPO) or from best answers (SFT). The name is what a config's ``rounds:``
+    section names (``method``, ``reward.trainer``, ``sft.trainer``).
+
+    :meth:`train` runs in a Ray worker (a task that reserves the cluster's GPU when it has
+    one), never on the driver: it reads the rows of ``data`` (a parquet file or folder in the
+    columns of :attr:`data_format`), starts from ``model`` (a path or id that
+    ``from_pretrained`` reads) and writes a checkpoint that ``from_pretrained`` reads into
+    ``output_dir``, tokenizer included. It returns its metrics (JSON-able numbers), which
+    genflow keeps in the round's ``lineage.json``. Training with the same data, model, params
+    and ``seed`` on the same hardware should write the same weights: resume relies on it
+    where it can."""
+
+    data_format: ClassVar[str] = "preference"
+    """Which of :data:`TRAINING_FORMATS` the trainer reads."""
+    trains: ClassVar[str] = "policy"
+    """Which of :data:`TRAINED_KINDS` its checkpoint is."""
+
+    def __init__(self, params: PluginParams) -> None:
+        self.params = params
+
+    @abstractmethod
+    def train(self, data: str, model: str, output_dir: str, seed: int, device: str = "cpu") -> dict[str, Any]:
+        """Train from ``data`` starting at ``model``; write the checkpoint to ``output_dir``.
+
+        ``device`` is ``cuda`` where the worker holds a GPU, else ``cpu``. Raise on failure:
+        the round fails and a rerun trains again."""
 
 
 class Labeller(Plugin):

@@ -4,7 +4,8 @@ A plugin is a module (or object) with functions marked ``@genflow.hookimpl``.
 Each ``register_*`` hook receives a ``register(name, factory)`` callback, so one
 module can offer many factories. Factories are classes deriving from
 :class:`genflow.api.Generator`, :class:`genflow.api.Scorer`,
-:class:`genflow.api.Exporter` or :class:`genflow.api.Labeller`; generators and
+:class:`genflow.api.Exporter`, :class:`genflow.api.Labeller`, :class:`genflow.api.Tool`
+or :class:`genflow.api.Trainer`; generators and
 scorers are instantiated inside Ray workers, where their ``__init__`` loads the
 model once.
 """
@@ -71,6 +72,16 @@ def register_tools(register: Register) -> None:
     generator (``max_turns`` above 1) calls by name; a generator's ``tools:`` list names
     the ones its episodes are offered. Its result goes back to the model as a ``tool``
     message.
+    """
+
+
+@hookspec
+def register_trainers(register: Register) -> None:
+    """Register trainers: ``register("my-dpo", MyTrainer)``.
+
+    A trainer (a :class:`genflow.api.Trainer`) trains a policy or a reward model from a
+    job's rankings, in a Ray worker; a config's ``rounds:`` section names it (``method``,
+    ``reward.trainer``, ``sft.trainer``).
     """
 
 

@@ -14,12 +14,13 @@ import pluggy
 from pydantic import BaseModel
 
 from genflow import hookspecs
-from genflow.api import Exporter, Generator, Labeller, Scorer, Tool, missing_distributions
+from genflow.api import Exporter, Generator, Labeller, Scorer, Tool, Trainer, missing_distributions
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "genflow"
-KINDS = {"generator": Generator, "scorer": Scorer, "exporter": Exporter, "labeller": Labeller, "tool": Tool}
+KINDS = {"generator": Generator, "scorer": Scorer, "exporter": Exporter, "labeller": Labeller, "tool": Tool,
+         "trainer": Trainer}
 
 
 class PluginError(RuntimeError):
@@ -127,7 +128,8 @@ class Registry:
                            ("scorer", self.pm.hook.register_scorers),
                            ("exporter", self.pm.hook.register_exporters),
                            ("labeller", self.pm.hook.register_labellers),
-                           ("tool", self.pm.hook.register_tools)):
+                           ("tool", self.pm.hook.register_tools),
+                           ("trainer", self.pm.hook.register_trainers)):
             for impl in reversed(hook.get_hookimpls()):
                 source, version = self._source_of(impl.plugin)
 

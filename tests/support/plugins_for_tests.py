@@ -11,6 +11,9 @@ whose Ray workers inherit it).
   ``keys`` makes its ``batch_keys`` observable (``words``) or broken.
 - ``tiny-png`` (generator, image): a 4x4 PNG whose colour comes from the prompt.
 - ``length`` (scorer, text/code/image): ``scale`` x the candidate's length.
+- ``copy-train`` (trainer, policy): "trains" by copying the starting model's folder, and writes
+  ``trained_on.json`` (the rows it read, its seed); ``fail_once_marker`` fails the first
+  training only, remembered by that file (a job killed mid-round).
 - ``echo-async`` (generator, text): ``echo`` as a request plugin (``async def generate``, one
   request a call), each attempt logged as ``request <generation_id>``; ``transient_on``
   answers the first ``transient_times`` attempts of matching prompts with a 429
@@ -43,6 +46,7 @@ from genflow.api import (
     Score,
     ScoreItem,
     Scorer,
+    Trainer,
     TransientError,
 )
 
@@ -243,6 +247,39 @@ class EchoAsync(Generator):
         return Generation(text=" " + request.prompt[::-1] + "!" * request.sample + signed,
                           num_tokens=len(request.prompt.split()), prompt_tokens=len(request.prompt),
                           finish_reason="stop")
+
+
+class CopyTrainParams(PluginParams):
+    fail_once_marker: str | None = None
+
+
+class CopyTrain(Trainer):
+    """A policy trainer without training: the starting model, copied, and what it read."""
+
+    Params = CopyTrainParams
+    data_format = "preference"
+    trains = "policy"
+    params: CopyTrainParams
+
+    def train(self, data: str, model: str, output_dir: str, seed: int, device: str = "cpu") -> dict[str, Any]:
+        import json
+        import shutil
+
+        import pyarrow.parquet as pq
+
+        marker = self.params.fail_once_marker
+        if marker and not Path(marker).exists():
+            Path(marker).write_text("failed once")
+            raise RuntimeError("copy-train fails its first training, as asked")
+        rows = pq.read_table(data).num_rows
+        shutil.copytree(model, output_dir, dirs_exist_ok=True)
+        (Path(output_dir) / "trained_on.json").write_text(json.dumps({"rows": rows, "seed": seed}))
+        return {"rows": rows}
+
+
+@hookimpl
+def register_trainers(register: Any) -> None:
+    register("copy-train", CopyTrain)
 
 
 @hookimpl

@@ -45,10 +45,10 @@ LAYERS: list[tuple[str, tuple[str, ...], str]] = [
      "a job's config: models, validation, redaction, the job's secrets; a sweep's runs"),
     ("data", ("genflow.data",),
      "storage, input prompts, the output's layout and fingerprints, resume, lease, journal, a row's result, "
-     "an episode's turns"),
+     "an episode's turns, training tables (training_sets.py)"),
     ("engine", ("genflow.engine",),
      "Ray actors and workers, the request path, the budget, episodes (episodes.py) and their tools (tools.py), "
-     "JobFailed"),
+     "training on a Ray task (training.py), JobFailed"),
     ("stages", ("genflow.stages",),
      "one stage's work on one shard: plan, generate, score, rank"),
     ("outputs", ("genflow.outputs",),

@@ -1,0 +1,1 @@
+"""Trainers: the reward model and the policies a job's rounds train (TRL)."""
