@@ -262,16 +262,24 @@ def test_params_are_refused_before_any_work(params: dict[str, Any], message: str
     assert message in str(caught.value), str(caught.value)
 
 
-def test_genflow_validate_refuses_a_bad_outpaint_naming_the_key(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("params", "message"), [
+    ({"mode": "outpaint", "outpaint": {"left": 8, "right": 4}},
+     "generators.0.params.outpaint: Value error, outpaint left + right must be a multiple of 8"),
+    ({"outpaint": {"top": -8}}, "generators.0.params.outpaint.top: Input should be greater than or equal to 0"),
+    ({"mode": "upscale"}, "generators.0.params.(top level): Value error, mode: upscale needs an upscaler"),
+    ({"upscale": {"model": "m", "noise_level": -5}},
+     "generators.0.params.upscale.noise_level: Input should be greater than or equal to 0"),
+])
+def test_genflow_validate_refuses_bad_params_naming_the_key(
+        tmp_path: Path, params: dict[str, Any], message: str) -> None:
     config = {"name": "edit", "input": str(tmp_path / "in.parquet"), "output": str(tmp_path / "out"),
-              "generators": [{"label": "sd", "plugin": "diffusers-image", "model": "m",
-                              "params": {"mode": "outpaint", "outpaint": {"left": 8, "right": 4}}}]}
+              "generators": [{"label": "sd", "plugin": "diffusers-image", "model": "m", "params": params}]}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
     result = CliRunner().invoke(app, ["validate", str(path)])
     out = " ".join((result.stdout + result.stderr).split())
     assert result.exit_code == 2, out
-    assert "generators.0.params.outpaint: Value error, outpaint left + right must be a multiple of 8" in out
+    assert message in out
 
 
 def test_the_upscaler_must_be_an_x4_upscaler_within_its_noise_levels(models: dict[str, str]) -> None:
