@@ -237,8 +237,8 @@ def test_a_turn_that_fails_transiently_is_sent_again_as_a_request_is():
 
 def test_max_turns_above_one_needs_a_plugin_that_answers_turns():
     config = {"name": "x", "input": "in.parquet", "output": "out", "generators": [
-        {"label": "local", "plugin": "hf-code", "model": "m", "max_turns": 3}]}
-    with pytest.raises(ConfigError, match=r"generators\.0\.max_turns: the 'hf-code' plugin answers one request"):
+        {"label": "local", "plugin": "diffusers-image", "model": "m", "max_turns": 3}]}
+    with pytest.raises(ConfigError, match=r"generators\.0\.max_turns: the 'diffusers-image' plugin answers one"):
         validate_plugins(JobConfig.model_validate(config))
     config["generators"][0].update(plugin="openai", params={"base_url": "http://127.0.0.1:9/v1"})
     validate_plugins(JobConfig.model_validate(config))
@@ -249,3 +249,33 @@ def test_a_journaled_turn_that_is_not_next_is_not_taken():
     _, turns = run_episode(plugin, episode(), EpisodeSettings(max_turns=8))
     gap = {"g0/1": (turns[0], 0.1), "g0/3": (turns[2], 0.1)}  # turn 2 was never written
     assert with_turns(episode(), gap).turns == (turns[0],)
+
+
+def test_scorers_read_an_episode_generators_conversation_and_null_for_one_answer(tmp_path):
+    """generations/ of one job with an episode generator and a one-answer one: the score stage
+    reads both, the conversation where there is one."""
+    import pyarrow as pa
+
+    from genflow.data import layout
+    from genflow.data.layout import Shard
+    from genflow.data.schemas import GENERATIONS, episodes_schema
+    from genflow.data.storage import Storage
+    from genflow.stages.common import read_generations
+    from genflow.stages.generate import episode_columns
+
+    storage = Storage.open(str(tmp_path / "out"))
+    base = {name: None for name in GENERATIONS.names} | {"prompt_id": "p", "sample": 0, "modality": "text"}
+    result, _ = run_episode(Scripted(calls=1), episode(), EpisodeSettings(max_turns=4))
+    assert isinstance(result, Generation)
+    agent = base | {"generation_id": "g-agent", "generator": "agent", "text": result.text}
+    agent |= episode_columns(result, 0.5)
+    single = base | {"generation_id": "g-single", "generator": "single", "text": "42"}
+    storage.write_table(layout.generate_stage("agent").part(0), pa.Table.from_pylist([agent], episodes_schema()))
+    storage.write_table(layout.generate_stage("single").part(0), pa.Table.from_pylist([single], GENERATIONS))
+    read = read_generations(storage, Shard(0, "fp", 1), ["agent", "single"])
+    rows = {r["generation_id"]: r for r in read.to_pylist()}
+    assert rows["g-single"]["messages"] is None
+    messages = json.loads(rows["g-agent"]["messages"])
+    assert messages == result.messages and [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant",
+                                                                            "tool"]
+    assert list(messages[1]) == ["role", "content", "tool_calls"]  # OpenAI's order of keys
