@@ -678,14 +678,19 @@ TRAINING_FORMATS = ("preference", "prompt-completion")
 (``prompt``, ``completion``). Both have a ``prompt_id`` column too."""
 
 TRAINED_KINDS = ("policy", "reward-model")
-"""What a trainer's checkpoint is: a causal LM the ``hf-text`` generator loads, or a
-sequence-classification model (one logit) the ``hf-reward`` scorer loads."""
+"""What a trainer's checkpoint is: a policy the job's generator loads by path (its ``model``),
+or a reward model that a scorer loads by path (the trainer's :attr:`Trainer.scorer`)."""
+
+TRAINER_ROLES = ("reward-model", "dpo", "best-of-n-sft", "supervised")
+"""What a config's ``rounds:`` section trains when it names no trainer: the reward model, a
+round's policy by method (``dpo``, ``best-of-n-sft``), the supervised start. A trainer
+declares the roles it is the default for in :attr:`Trainer.default_for`."""
 
 
 class Trainer(Plugin):
     """Trains a model from a job's training data: a reward model from ranked pairs, a policy
     from pairs (DPO) or from best answers (SFT). The name is what a config's ``rounds:``
-    section names (``method``, ``reward.trainer``, ``sft.trainer``).
+    section names (``train.trainer``, ``reward.trainer``, ``supervised.trainer``).
 
     :meth:`train` runs in a Ray worker (a task that reserves the cluster's GPU when it has
     one), never on the driver: it reads the rows of ``data`` (a parquet file or folder in the
@@ -700,6 +705,11 @@ class Trainer(Plugin):
     """Which of :data:`TRAINING_FORMATS` the trainer reads."""
     trains: ClassVar[str] = "policy"
     """Which of :data:`TRAINED_KINDS` its checkpoint is."""
+    default_for: ClassVar[tuple[str, ...]] = ()
+    """The :data:`TRAINER_ROLES` it fills when a config names no trainer for them."""
+    scorer: ClassVar[str | None] = None
+    """A reward-model trainer: the scorer plugin that scores with its checkpoints (``model:``
+    the checkpoint's path)."""
 
     def __init__(self, params: PluginParams) -> None:
         self.params = params

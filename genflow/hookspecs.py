@@ -80,8 +80,9 @@ def register_trainers(register: Register) -> None:
     """Register trainers: ``register("my-dpo", MyTrainer)``.
 
     A trainer (a :class:`genflow.api.Trainer`) trains a policy or a reward model from a
-    job's rankings, in a Ray worker; a config's ``rounds:`` section names it (``method``,
-    ``reward.trainer``, ``sft.trainer``).
+    job's rankings, in a Ray worker; a config's ``rounds:`` section names it
+    (``train.trainer``, ``reward.trainer``, ``supervised.trainer``), or takes the one whose
+    ``default_for`` holds the role.
     """
 
 

@@ -168,6 +168,14 @@ class Registry:
     def all(self) -> list[PluginInfo]:
         return sorted(self._items.values(), key=lambda p: (p.kind, p.name))
 
+    def default_trainer(self, role: str) -> PluginInfo:
+        """The trainer for a role of a job's rounds (:data:`genflow.api.TRAINER_ROLES`) when the
+        config names none: one whose ``default_for`` holds it, a built-in before another."""
+        found = [p for p in self.all() if p.kind == "trainer" and role in p.factory.default_for]
+        if not found:
+            raise PluginError(f"no trainer is installed for {role!r}: name one (genflow plugins lists the trainers)")
+        return sorted(found, key=lambda p: p.source != "built-in")[0]
+
     def named(self, name: str) -> list[PluginInfo]:
         """The plugins called ``name``, of any kind (a generator and a scorer may share one)."""
         return [p for p in self.all() if p.name == name]

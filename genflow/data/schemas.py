@@ -153,3 +153,21 @@ DEMONSTRATIONS = pa.schema([
     ("tool", pa.string()),
 ])
 """``demonstrations/``: the answer a person wrote for a prompt, in TRL's prompt-completion columns."""
+
+TRAINING_PREFERENCE = pa.schema([
+    ("prompt_id", pa.string()),
+    ("prompt", pa.string()),
+    ("chosen", pa.string()),
+    ("rejected", pa.string()),
+    ("source", pa.string()),
+])
+"""A trainer's preference pairs (``genflow.data.training_sets``), in TRL's columns: ``source`` is
+``model`` (the job's rankings) or ``human`` (people's)."""
+
+TRAINING_PROMPT_COMPLETION = pa.schema([
+    ("prompt_id", pa.string()),
+    ("prompt", pa.string()),
+    ("completion", pa.string()),
+    ("source", pa.string()),
+])
+"""A trainer's prompt-completion rows: demonstrations, or each ranking's best candidate."""

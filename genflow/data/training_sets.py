@@ -23,11 +23,6 @@ import pyarrow as pa
 from genflow.data import layout, schemas
 from genflow.data.storage import Storage
 
-PREFERENCE = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()), ("chosen", pa.string()),
-                        ("rejected", pa.string()), ("source", pa.string())])
-"""A preference pair: ``source`` is ``model`` (the job's rankings) or ``human`` (people's)."""
-PROMPT_COMPLETION = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()), ("completion", pa.string()),
-                               ("source", pa.string())])
 
 @dataclass(frozen=True)
 class Ranking:
@@ -123,10 +118,14 @@ def preference_table(storage: Storage, prompt_ids: Iterable[str], pairs: str = "
                 else []
         for better, worse in implied:
             if better in candidates and worse in candidates:
-                prompt, chosen = candidates[better]
-                rows.append({"prompt_id": ranking.prompt_id, "prompt": prompt, "chosen": chosen,
-                             "rejected": candidates[worse][1], "source": ranking.source})
-    return pa.Table.from_pylist(rows, schema=PREFERENCE)
+                prompt, text = candidates[better]
+                rows.append([ranking.prompt_id, prompt, text, candidates[worse][1], ranking.source])
+    return _table(rows, schemas.TRAINING_PREFERENCE)
+
+
+def _table(rows: list[list[str]], schema: pa.Schema) -> pa.Table:
+    """Rows given as lists in the order of ``schema``'s columns."""
+    return pa.Table.from_pylist([dict(zip(schema.names, row, strict=True)) for row in rows], schema=schema)
 
 
 def best_of_n_table(storage: Storage, prompt_ids: Iterable[str]) -> pa.Table:
@@ -140,7 +139,7 @@ def best_of_n_table(storage: Storage, prompt_ids: Iterable[str]) -> pa.Table:
             prompt, text = candidates[ranking.order[0]]
             rows.append({"prompt_id": ranking.prompt_id, "prompt": prompt, "completion": text,
                          "source": ranking.source})
-    return pa.Table.from_pylist(rows, schema=PROMPT_COMPLETION)
+    return pa.Table.from_pylist(rows, schema=schemas.TRAINING_PROMPT_COMPLETION)
 
 
 def demonstration_table(storage: Storage, prompt_ids: Iterable[str]) -> pa.Table:
@@ -150,7 +149,7 @@ def demonstration_table(storage: Storage, prompt_ids: Iterable[str]) -> pa.Table
     rows = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "completion": r["completion"], "source": "human"}
             for r in sorted(table.to_pylist(), key=lambda r: (r["prompt_id"], r["demonstration_id"]))
             if r["prompt_id"] in wanted and r["completion"]]
-    return pa.Table.from_pylist(rows, schema=PROMPT_COMPLETION)
+    return pa.Table.from_pylist(rows, schema=schemas.TRAINING_PROMPT_COMPLETION)
 
 
 def pairwise_accuracy(rankings: Iterable[Ranking], reward: dict[str, float]) -> tuple[float | None, int]:

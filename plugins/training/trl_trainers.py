@@ -1,10 +1,10 @@
-"""The built-in trainers, on TRL's own trainers: ``reward``, ``dpo`` and ``sft``.
+"""The built-in trainers, on TRL's own trainers: ``trl-reward``, ``trl-dpo`` and ``trl-sft``.
 
-- ``reward``: a sequence-classification reward model (one logit, as ``hf-reward`` reads it)
+- ``trl-reward``: a sequence-classification reward model (one logit, as ``hf-reward`` reads it)
   from preference pairs, with ``trl.RewardTrainer`` (the Bradley-Terry loss of InstructGPT).
-- ``dpo``: a policy from preference pairs with ``trl.DPOTrainer`` (iterative DPO when a
+- ``trl-dpo``: a policy from preference pairs with ``trl.DPOTrainer`` (iterative DPO when a
   round's pairs come from the policy it trains).
-- ``sft``: a policy from prompt-completion rows with ``trl.SFTTrainer``: people's
+- ``trl-sft``: a policy from prompt-completion rows with ``trl.SFTTrainer``: people's
   demonstrations, or a round's best-of-n answers (rejection sampling, expert iteration).
 
 Each writes its checkpoint, tokenizer included, with ``save_pretrained``, so ``hf-text`` and
@@ -103,6 +103,8 @@ class RewardModelTrainer(Trainer):
     description: ClassVar[str] = "reward model from preference pairs (trl.RewardTrainer, Bradley-Terry loss)"
     data_format: ClassVar[str] = "preference"
     trains: ClassVar[str] = "reward-model"
+    default_for: ClassVar[tuple[str, ...]] = ("reward-model",)
+    scorer: ClassVar[str | None] = "hf-reward"
     requires: ClassVar[tuple[str, ...]] = TRL_REQUIRES
     extra: ClassVar[str | None] = "train"
     params: TRLParams
@@ -134,6 +136,7 @@ class DPOPolicyTrainer(Trainer):
     trains: ClassVar[str] = "policy"
     requires: ClassVar[tuple[str, ...]] = TRL_REQUIRES
     extra: ClassVar[str | None] = "train"
+    default_for: ClassVar[tuple[str, ...]] = ("dpo",)
     params: DPOParams
 
     def train(self, data: str, model: str, output_dir: str, seed: int, device: str = "cpu") -> dict[str, Any]:
@@ -161,6 +164,7 @@ class SFTPolicyTrainer(Trainer):
     description: ClassVar[str] = "policy from prompt-completion rows (trl.SFTTrainer): demonstrations, best-of-n"
     data_format: ClassVar[str] = "prompt-completion"
     trains: ClassVar[str] = "policy"
+    default_for: ClassVar[tuple[str, ...]] = ("best-of-n-sft", "supervised")
     requires: ClassVar[tuple[str, ...]] = TRL_REQUIRES
     extra: ClassVar[str | None] = "train"
     params: TRLParams
@@ -184,6 +188,6 @@ class SFTPolicyTrainer(Trainer):
 
 @hookimpl
 def register_trainers(register: Register) -> None:
-    register("reward", RewardModelTrainer)
-    register("dpo", DPOPolicyTrainer)
-    register("sft", SFTPolicyTrainer)
+    register("trl-reward", RewardModelTrainer)
+    register("trl-dpo", DPOPolicyTrainer)
+    register("trl-sft", SFTPolicyTrainer)

@@ -37,12 +37,14 @@ def _weights(folder: str) -> dict[str, Any]:
 def test_built_in_trainers_are_registered_with_what_they_train() -> None:
     registry = get_registry()
     found = {p.name: p.factory for p in registry.all() if p.kind == "trainer"}
-    assert {"reward", "dpo", "sft"} <= set(found)
+    assert {"trl-reward", "trl-dpo", "trl-sft"} <= set(found)
     assert all(issubclass(f, Trainer) for f in found.values())
-    assert (found["reward"].trains, found["reward"].data_format) == ("reward-model", "preference")
-    assert (found["dpo"].trains, found["dpo"].data_format) == ("policy", "preference")
-    assert (found["sft"].trains, found["sft"].data_format) == ("policy", "prompt-completion")
-    assert registry.get("trainer", "dpo").source == "built-in"
+    assert (found["trl-reward"].trains, found["trl-reward"].data_format) == ("reward-model", "preference")
+    assert found["trl-reward"].scorer == "hf-reward" and found["trl-reward"].default_for == ("reward-model",)
+    assert (found["trl-dpo"].trains, found["trl-dpo"].data_format) == ("policy", "preference")
+    assert (found["trl-sft"].trains, found["trl-sft"].data_format) == ("policy", "prompt-completion")
+    assert registry.get("trainer", "trl-dpo").source == "built-in"
+    assert registry.default_trainer("best-of-n-sft").name == "trl-sft"
 
 
 def test_a_third_party_trainer_runs_on_ray_and_its_failure_is_named(
@@ -78,16 +80,16 @@ def test_trl_trainers_write_checkpoints_the_model_plugins_load(
                                                      "completion": r["chosen"], "source": "model"} for r in PAIRS])
     base = tiny_models["tiny-gpt2"]
     small = {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-3}
-    runs = {"reward": pairs, "dpo": pairs, "sft": completions}
+    runs = {"trl-reward": pairs, "trl-dpo": pairs, "trl-sft": completions}
     for name, data in runs.items():
         out = str(tmp_path / name)
         metrics = train_on_ray(RaySpec(), name, registry.get("trainer", name).factory, small, data, base, out, 0)
         assert metrics["steps"] == 2, name
         assert (Path(out) / "tokenizer.json").exists() and not (Path(out) / "training_args.bin").exists()
-    reward = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "reward"))
+    reward = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "trl-reward"))
     assert reward.config.num_labels == 1
     start = _weights(base)
-    for name in ("dpo", "sft"):
+    for name in ("trl-dpo", "trl-sft"):
         AutoModelForCausalLM.from_pretrained(str(tmp_path / name))
         trained = _weights(str(tmp_path / name))
         moved = [k for k in start if k in trained and not torch.equal(start[k], trained[k])]

@@ -217,7 +217,7 @@ def test_a_job_naming_an_unavailable_plugin_fails_validation_with_the_command(
 
 
 def test_built_in_plugins_declare_what_they_read_and_need() -> None:
-    found = {p.name: p.factory for p in get_registry(refresh=True).all() if p.kind != "trainer"}  # sft: a trainer too
+    found = {p.name: p.factory for p in get_registry(refresh=True).all()}
     assert found["code-exec"].input_columns == ("tests", "test", "entry_point")
     assert found["embedding-sim"].input_columns == ("reference",)
     assert found["diffusers-image"].path_columns == ("image", "mask")
