@@ -279,3 +279,46 @@ def test_scorers_read_an_episode_generators_conversation_and_null_for_one_answer
     assert messages == result.messages and [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant",
                                                                             "tool"]
     assert list(messages[1]) == ["role", "content", "tool_calls"]  # OpenAI's order of keys
+
+
+def test_a_request_worker_that_dies_mid_episode_is_sent_it_from_its_last_answered_turn(monkeypatch):
+    """The ticket keeps each episode's answered turns: a replacement worker gets the episode
+    with them and sends only the turns after them."""
+    from ray.exceptions import RayActorError
+
+    from genflow.engine import actors
+    from genflow.engine.requesting import Answer
+
+    monkeypatch.setattr(actors.ray, "get", lambda ref: ref)
+    monkeypatch.setattr(actors.ray, "cancel", lambda ref: None)
+    _, turns = run_episode(Scripted(calls=2), episode(), EpisodeSettings(max_turns=8))
+
+    def dies_after_a_turn(items: list[Any]) -> Any:
+        yield [Answer(0, turns[0], 0.1, 1, partial=True)]
+        raise RayActorError()
+
+    def answers(items: list[Any]) -> Any:
+        yield [Answer(i, Generation(text="42"), 0.1, 1) for i in range(len(items))]
+
+    class Pool:
+        name, stopping = "agent", False
+
+        def __init__(self) -> None:
+            self.streams = [dies_after_a_turn, answers]
+            self.sent: list[list[Any]] = []
+
+        def start(self) -> None:
+            pass
+
+        def _stream(self, items: list[Any], budget: Any = None, price: Any = None) -> tuple[Any, Any]:
+            self.sent.append(items)
+            return "actor", self.streams.pop(0)(items)
+
+        def _died(self, actor: Any, exc: Any, unanswered: int) -> None:
+            pass
+
+    pool = Pool()
+    ticket = actors.RequestTicket(pool, [episode(0), episode(1)])  # type: ignore[arg-type]
+    got = [answer for batch in ticket.results() for answer in batch]
+    assert [a.partial for a in got] == [True, False, False]
+    assert [item.turns for item in pool.sent[1]] == [(turns[0],), ()]
