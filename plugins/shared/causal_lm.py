@@ -4,7 +4,9 @@ Requests are sorted by token length and generated in left-padded batches. Each
 request samples with its own seeded ``torch.Generator`` (through a logits
 processor, :class:`SeededSampler`, which the local LLM judge samples with too), so
 a candidate's text depends only on its prompt, seed and params — not on which other
-prompts shared its batch. The tiny random GPT-2 writers (:func:`write_tiny_gpt2`,
+prompts shared its batch. It answers episode turns too (:meth:`CausalLMGenerator.chat`): the
+conversation rendered with the tokenizer's chat template, the tool calls read from the text
+(:mod:`genflow.plugins.shared.local_chat`). The tiny random GPT-2 writers (:func:`write_tiny_gpt2`,
 :func:`write_tiny_causal_lm`) serve ``genflow models init-tiny``, the tests and the
 benchmarks.
 
@@ -14,14 +16,17 @@ this one when genflow lists its plugins, where those may not be installed.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field
 
-from genflow.api import Generation, GenerationRequest, Generator, PluginParams, RowError
+from genflow.api import ChatRequest, ChatTurn, Generation, GenerationRequest, Generator, PluginParams, RowError
 from genflow.plugins.shared.batching import length_sorted_batches
 from genflow.plugins.shared.hf import HF_REQUIRES, describe_model, load_tokenizer, prepare_torch
+from genflow.plugins.shared.local_chat import END_OF_TURN, parse_tool_calls, template_messages, tool_format
 
 if TYPE_CHECKING:  # torch and transformers load in the worker, not when plugins are listed
     import torch
@@ -73,6 +78,11 @@ class CausalLMGenerator(Generator):
         if self.use_chat and not self.tokenizer.chat_template:
             raise ValueError(f"chat_template: true, but the tokenizer of {self.model_name} has none")
         self.stop = list(params.stop) + self.default_stops()
+        template = self.tokenizer.chat_template if isinstance(self.tokenizer.chat_template, str) else None
+        self.tool_format = tool_format(template)
+        """The chat template's tool-call format (None: genflow's ``<tool_call>`` convention)."""
+        self.chat_stops = list(params.stop) + [m for m in END_OF_TURN if template and m in template]
+        self._turns = TurnBatcher(self._chat_batch, params.micro_batch)
 
     def default_stops(self) -> list[str]:
         return []
@@ -142,28 +152,76 @@ class CausalLMGenerator(Generator):
                                         num_tokens=n_tokens, finish_reason=reason)
         return results
 
-    def _generate_batch(self, prompts: list[list[int]], seeds: list[int]) -> list[tuple[str, int, str]]:
+    # -- episodes ------------------------------------------------------------
+    async def chat(self, request: ChatRequest) -> ChatTurn:
+        """One assistant turn of an episode, from the conversation rendered with the chat template.
+
+        Generated off the event loop with the turn's seed, at most ``max_new_tokens`` (or the
+        episode's ``max_tokens`` left, when fewer); turns asked for together share one model
+        call (:class:`TurnBatcher`), each sampling with its own seed as :meth:`generate` does.
+        The tool calls are read from the text in the template's format, else genflow's
+        ``<tool_call>`` convention (:mod:`genflow.plugins.shared.local_chat`)."""
+        ids = self.chat_ids(request)
+        error = self.too_long(len(ids))
+        if error is not None:
+            raise error
+        limit = self.params.max_new_tokens
+        if request.max_tokens is not None:
+            limit = max(1, min(limit, request.max_tokens))
+        text, n_tokens, reason = await self._turns.generate(ids, request.seed, limit)
+        content, calls = parse_tool_calls(text, self.tool_format, request.turn)
+        return ChatTurn(content, calls, "tool_calls" if calls else reason, prompt_tokens=len(ids),
+                        num_tokens=n_tokens)
+
+    def chat_ids(self, request: ChatRequest) -> list[int]:
+        """The tokens of a turn's prompt: the conversation (and the tools) through the chat template."""
+        if not isinstance(self.tokenizer.chat_template, str) or not self.tokenizer.chat_template:
+            raise RowError(f"{self.model_name} has no chat template: a local model's episode turns are the "
+                           "conversation rendered with its tokenizer's chat template (an instruct model's "
+                           "tokenizer has one; or set chat_template in its tokenizer_config.json)")
+        messages = template_messages(request.messages, request.tools, self.tool_format)
+        extra: dict[str, Any] = {"tools": request.tools} if request.tools and self.tool_format else {}
+        text = str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                      **extra))
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])  # the template wrote them
+        if self.params.max_prompt_tokens:
+            ids = ids[-self.params.max_prompt_tokens:]
+        return ids
+
+    def _chat_batch(self, prompts: list[list[int]], seeds: list[int], limits: list[int]) -> list[tuple[str, int, str]]:
+        return self._generate_batch(prompts, seeds, limits, self.chat_stops)
+
+    def _generate_batch(self, prompts: list[list[int]], seeds: list[int], limits: list[int] | None = None,
+                        stops: list[str] | None = None) -> list[tuple[str, int, str]]:
+        """Each prompt's text, tokens and finish reason; ``limits``: each one's most new tokens
+        (default ``max_new_tokens``), ``stops`` its stop strings (default the generator's)."""
         import torch
         from transformers import LogitsProcessorList
 
         p = self.params
+        stops = self.stop if stops is None else stops
         batch = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
         input_ids = batch["input_ids"].to(self.torch_device)
         attention = batch["attention_mask"].to(self.torch_device)
         sampler = SeededSampler(seeds, p.temperature, p.top_p, p.top_k)
         kwargs: dict[str, Any] = {}
-        if self.stop:
-            kwargs.update(stop_strings=self.stop, tokenizer=self.tokenizer)
+        if stops:
+            kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids, attention_mask=attention, do_sample=False,
-                max_new_tokens=p.max_new_tokens, logits_processor=LogitsProcessorList([sampler]),
+                max_new_tokens=max(limits) if limits else p.max_new_tokens,
+                logits_processor=LogitsProcessorList([sampler]),
                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
                 num_beams=1, **kwargs,
             )
-        return self._decode(out[:, input_ids.shape[1]:].tolist())
+        new = out[:, input_ids.shape[1]:].tolist()
+        if limits:  # a row's first n tokens are what it samples alone with n at most: its own seed
+            new = [ids[:n] for ids, n in zip(new, limits, strict=True)]
+        return self._decode(new, stops)
 
-    def _decode(self, new: list[list[int]]) -> list[tuple[str, int, str]]:
+    def _decode(self, new: list[list[int]], stops: list[str] | None = None) -> list[tuple[str, int, str]]:
+        stops = self.stop if stops is None else stops
         eos = self.tokenizer.eos_token_id
         decoded = []
         for ids in new:
@@ -173,10 +231,52 @@ class CausalLMGenerator(Generator):
                 while ids and ids[-1] == self.tokenizer.pad_token_id:
                     ids.pop()
             text = str(self.tokenizer.decode(ids, skip_special_tokens=True))
-            cut, stopped = cut_at_stop(text, self.stop)
+            cut, stopped = cut_at_stop(text, stops)
             reason = "stop" if hit_eos or stopped else "length"
             decoded.append((cut, len(ids), reason))
         return decoded
+
+
+class TurnBatcher:
+    """Episode turns of a local model, one model call at a time, off the event loop.
+
+    The turns asked for while a call runs wait and go together in the next one (up to ``size``):
+    hundreds of episodes in flight on the request path share the model in batches, and the
+    event loop never waits on it. A turn whose caller gave up (its timeout) is left out of the
+    next call, or its answer dropped."""
+
+    def __init__(self, run: Callable[[list[list[int]], list[int], list[int]], list[tuple[str, int, str]]],
+                 size: int) -> None:
+        self.run, self.size = run, size
+        self.pending: list[tuple[list[int], int, int, asyncio.Future[tuple[str, int, str]]]] = []
+        self.draining: asyncio.Task[None] | None = None
+
+    async def generate(self, ids: list[int], seed: int, limit: int) -> tuple[str, int, str]:
+        """The turn's text, tokens and finish reason (``stop`` or ``length``)."""
+        future: asyncio.Future[tuple[str, int, str]] = asyncio.get_running_loop().create_future()
+        self.pending.append((ids, seed, limit, future))
+        if self.draining is None or self.draining.done():
+            self.draining = asyncio.ensure_future(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        await asyncio.sleep(0)  # the turns asked for at the same moment join the first call
+        while True:
+            waiting = [p for p in self.pending if not p[3].done()]
+            batch, self.pending = waiting[:self.size], waiting[self.size:]
+            if not batch:
+                return
+            try:
+                outs = await asyncio.to_thread(self.run, [b[0] for b in batch], [b[1] for b in batch],
+                                               [b[2] for b in batch])
+            except Exception as exc:  # each turn of the call fails with it (an errors/ row each)
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (*_, future), out in zip(batch, outs, strict=True):
+                if not future.done():
+                    future.set_result(out)
 
 
 class SeededSampler:
