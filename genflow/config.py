@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+import jinja2
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -91,7 +92,49 @@ class ToolSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-SINGLE_TURN = {"tools": [], "max_turns": 1, "max_episode_tokens": None}
+class UserSpec(_Strict):
+    """A simulated user (a generator's ``user``): a second model that writes the next user turn of
+    a conversation, given a persona or goal and the conversation with the roles swapped
+    (:mod:`genflow.engine.users`). Exactly one of ``persona``, ``persona_column`` and ``template``."""
+
+    plugin: str
+    model: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    persona: str | None = None
+    """The same persona or goal for every row."""
+    persona_column: str | None = None
+    """The input column holding each row's persona."""
+    template: str | None = None
+    """A Jinja2 template of the persona, with the row's columns as variables."""
+    turns: int = Field(2, ge=2)
+    """User turns of a conversation, the opening prompt the first: it ends (``finish_reason:
+    turns``) once the assistant answered the last."""
+
+    @model_validator(mode="after")
+    def _one_persona(self) -> UserSpec:
+        given = [k for k in ("persona", "persona_column", "template") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a simulated user needs exactly one of persona (a text), persona_column (a column "
+                             f"of the input) or template (Jinja2 over the row); got {', '.join(given) or 'none'}")
+        if self.template is not None:
+            try:
+                jinja2.Environment().parse(self.template)
+            except jinja2.TemplateSyntaxError as exc:
+                raise ValueError(f"template: {exc}") from None
+        return self
+
+    def reads(self) -> set[str]:
+        """The row's columns the persona is made of (its column, or its template's variables)."""
+        if self.persona_column is not None:
+            return {self.persona_column}
+        if self.template is not None:
+            from jinja2 import meta
+
+            return set(meta.find_undeclared_variables(jinja2.Environment().parse(self.template)))
+        return set()
+
+
+SINGLE_TURN = {"tools": [], "max_turns": 1, "max_episode_tokens": None, "user": None}
 """Keys of a generator's entry that make it run episodes, at the values of one answer per
 request: left out of its fingerprint while they hold them, so an output made before episodes
 existed is still the output of the same config."""
@@ -119,6 +162,9 @@ class GeneratorSpec(_Strict):
     max_episode_tokens: int | None = Field(None, ge=1)
     """Completion tokens an episode may spend over all its turns: the turn that reaches it
     ends the episode (``finish_reason: length``). null = no bound but ``max_turns``."""
+    user: UserSpec | None = None
+    """A simulated user: each episode is a conversation of ``user.turns`` user turns, the
+    next one written by this model after each answer without tool calls."""
 
     @field_validator("label")
     @classmethod
@@ -393,6 +439,8 @@ def validate_plugins(config: JobConfig, source: str = "config") -> None:
     specs: list[tuple[str, str, str, str, dict[str, Any]]] = [
         ("generator", f"generators.{i}.plugin", f"generators.{i}.params", g.plugin, g.params)
         for i, g in enumerate(config.generators)]
+    specs += [("generator", f"generators.{i}.user.plugin", f"generators.{i}.user.params", g.user.plugin,
+               g.user.params) for i, g in enumerate(config.generators) if g.user is not None]  # a simulated user
     specs += [("scorer", f"scorers.{i}.plugin", f"scorers.{i}.params", s.plugin, s.params)
               for i, s in enumerate(config.scorers)]
     specs += [("exporter", f"exporters.{name}", f"exporters.{name}", name, params)
@@ -438,8 +486,28 @@ def _episode_problems(config: JobConfig, registry: Any) -> list[str]:
     for i, g in enumerate(config.generators):
         if g.max_turns > 1 and not runs_episodes(registry.get("generator", g.plugin).factory.implementation(g.params)):
             problems.append(f"  generators.{i}.max_turns: the {g.plugin!r} plugin answers one request at a time; "
-                            "episodes need a plugin that answers turns (openai, any OpenAI-protocol server): "
-                            "set max_turns: 1 or use one")
+                            "episodes need a plugin that answers turns (one with `chat`: a server's client, or a "
+                            "local model's with a chat template): set max_turns: 1 "
+                            "or use one")
+        if g.user is not None:
+            problems += _user_problems(i, g, registry)
+    return problems
+
+
+def _user_problems(i: int, g: GeneratorSpec, registry: Any) -> list[str]:
+    """A simulated user's model must answer turns, and the episode must have room for its turns."""
+    from genflow.api import runs_episodes
+
+    assert g.user is not None
+    problems = []
+    if not runs_episodes(registry.get("generator", g.user.plugin).factory.implementation(g.user.params)):
+        problems.append(f"  generators.{i}.user.plugin: the {g.user.plugin!r} plugin answers one request at a "
+                        "time; a simulated user needs a plugin that answers turns (one with `chat`: a server's "
+                        "client, or a local model's with a chat template)")
+    if g.max_turns < g.user.turns:
+        problems.append(f"  generators.{i}.max_turns: {g.user.turns} user turns (user.turns) need at least "
+                        f"{g.user.turns} assistant turns, one answer each, and max_turns is {g.max_turns}; set "
+                        f"max_turns: {g.user.turns} (more when the assistant calls tools)")
     return problems
 
 

@@ -33,6 +33,7 @@ def check_job(job: JobConfig, read_rows: bool = True) -> Any:
     source = open_input(job.input, **job.storage.model_dump())
     _check_templates(job, source.columns)
     _check_tool_columns(job, source.columns)
+    _check_user_columns(job, source.columns)
     if read_rows:
         for _ in shard_tables(source, job.shard_rows):
             pass
@@ -142,3 +143,15 @@ def _check_tool_columns(job: JobConfig, columns: list[str]) -> None:
             if reads and not set(reads) & set(columns):
                 raise ConfigError(f"generators.{i}.tools.{j} ({tool.name}) reads {', '.join(map(repr, reads))}, "
                                   f"which the input {job.input} has no column for (columns: {', '.join(columns)})")
+
+
+def _check_user_columns(job: JobConfig, columns: list[str]) -> None:
+    """A simulated user's persona (its ``persona_column``, or its template's variables) is made of
+    the input's columns: a missing one would fail every conversation after its first answer."""
+    known = {*columns, "prompt", "prompt_id", "task"}
+    for i, g in enumerate(job.generators):
+        missing = sorted(g.user.reads() - known) if g.user is not None else []
+        if missing:
+            key = "persona_column" if g.user is not None and g.user.persona_column else "template"
+            raise ConfigError(f"generators.{i}.user.{key} names {', '.join(map(repr, missing))}, which the input "
+                              f"{job.input} has no column for (columns: {', '.join(columns)})")

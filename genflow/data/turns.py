@@ -23,6 +23,7 @@ FINISH_REASONS = {
     "submit": "the model called a tool that ends the episode (submit)",
     "max_turns": "the episode reached max_turns",
     "length": "the episode spent max_episode_tokens, or its last answer was cut at max_tokens",
+    "turns": "the assistant answered the last of the simulated user's turns (user.turns)",
 }
 """Why an episode ended: its row's ``finish_reason``."""
 
@@ -36,7 +37,8 @@ class Turn:
     message: dict[str, Any]
     """The assistant message (OpenAI format, ``tool_calls`` with their arguments' text as written)."""
     results: list[dict[str, Any]] = field(default_factory=list)
-    """The ``tool`` messages answering its calls, in the calls' order."""
+    """The ``tool`` messages answering its calls, in the calls' order; or the simulated user's next
+    ``user`` message (:mod:`genflow.engine.users`), journaled with the turn it answers."""
     calls: list[dict[str, Any]] = field(default_factory=list)
     """Each call's record: ``name``, ``is_error`` and the tool's ``details``."""
     finish_reason: str | None = None

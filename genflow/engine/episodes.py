@@ -11,7 +11,9 @@ the episode ends (the row's ``finish_reason``):
 - ``submit``: a tool that ends the episode (``submit``) answered; its ``final`` is the answer;
 - ``max_turns``: the episode reached ``max_turns`` turns;
 - ``length``: the model's tokens over the episode reached ``max_episode_tokens``, or an
-  answer without tool calls was cut at the server's ``max_tokens``.
+  answer without tool calls was cut at the server's ``max_tokens``;
+- ``turns``: with a simulated user (:mod:`genflow.engine.users`), the assistant answered the
+  last of its ``turns`` user turns (the user writes the next one after each other answer).
 
 A call that cannot be run (arguments that are not a JSON object, an unknown tool, a tool
 that raises or times out) is answered to the model as an error by the toolbox
@@ -38,6 +40,7 @@ from genflow.config import stable_hash
 from genflow.data.results import Failure, failure_of
 from genflow.data.turns import EpisodeRequest, Turn, episode_generation
 from genflow.engine.tools import Toolbox
+from genflow.engine.users import UserSimulator
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +52,10 @@ class EpisodeSettings:
     max_episode_tokens: int | None = None
 
 
-SendTurn = Callable[[ChatRequest], Awaitable[tuple[Any, float]]]
+SendTurn = Callable[..., Awaitable[tuple[Any, float]]]
 """Sends one turn's request under the stage's limits: the plugin's answer (a
-:class:`~genflow.api.ChatTurn`, or a :class:`~genflow.data.results.Failure`) and its seconds."""
+:class:`~genflow.api.ChatTurn`, or a :class:`~genflow.data.results.Failure`) and its seconds. A
+second argument, a simulated user's ``chat``, sends it to that model instead."""
 
 
 def turn_seed(seed: int, turn: int) -> int:
@@ -71,8 +75,11 @@ def conversation(opening: list[dict[str, Any]], turns: list[Turn]) -> list[dict[
 class EpisodeLoop:
     """Runs a stage's episodes: one plugin, one toolbox, one set of settings."""
 
-    def __init__(self, plugin: Generator, toolbox: Toolbox | None, settings: EpisodeSettings) -> None:
+    def __init__(self, plugin: Generator, toolbox: Toolbox | None, settings: EpisodeSettings,
+                 user: UserSimulator | None = None) -> None:
         self.plugin, self.toolbox, self.settings = plugin, toolbox, settings
+        self.user = user
+        """A simulated user (:mod:`genflow.engine.users`): it answers each turn without tool calls."""
         self.schemas = toolbox.schemas() if toolbox is not None else []
 
     async def run(self, request: EpisodeRequest, send_turn: SendTurn, turn_done: Callable[[Turn], None],
@@ -103,15 +110,22 @@ class EpisodeLoop:
             if answer.tool_calls:
                 with off_slot():  # the tools hold no request slot: other episodes' turns go on
                     await self._run_tools(request, answer.tool_calls, turn)
-            turn.ended = turn.ended or self._ending(answer, number, spent)
+            elif self.user is not None:  # a conversation: the simulated user writes the next user turn
+                going_on = self._ending(answer, number, spent, talking=True) is None
+                failed = await self.user.answer(request, conversation(opening, [*turns, turn]), turn, send_turn,
+                                                going_on)
+                if failed is not None:
+                    return failed
+            turn.ended = turn.ended or self._ending(answer, number, spent, talking=self.user is not None)
             turns.append(turn)
             turn_done(turn)
         return episode_generation(opening, turns)
 
-    def _ending(self, answer: ChatTurn, number: int, spent: int) -> str | None:
-        """Why the episode ends after this turn (a tool's ``submit`` aside), or None."""
+    def _ending(self, answer: ChatTurn, number: int, spent: int, talking: bool = False) -> str | None:
+        """Why the episode ends after this turn (a tool's ``submit`` aside), or None. ``talking``: a
+        simulated user answers a turn without tool calls (its own ends aside)."""
         settings = self.settings
-        if not answer.tool_calls:
+        if not answer.tool_calls and not talking:
             return "length" if answer.finish_reason == "length" else "stop"
         if settings.max_episode_tokens is not None and spent >= settings.max_episode_tokens:
             return "length"

@@ -48,6 +48,7 @@ from genflow.data.turns import EpisodeRequest, Turn
 from genflow.engine.budget import Budget, request_cost
 from genflow.engine.episodes import EpisodeLoop, EpisodeSettings
 from genflow.engine.tools import Toolbox, load_tools
+from genflow.engine.users import UserSimulator
 from genflow.registry import get_registry
 from genflow.secrets import Scrubber, plugin_secrets
 from genflow.secrets import install as install_secrets
@@ -283,9 +284,9 @@ class RequestRunner:
         started, sent = self.clock.now(), 0
         chat = self.episodes.plugin.chat
 
-        async def send_turn(request: Any) -> tuple[Any, float]:
-            nonlocal sent
-            answer = await self.one(index, request, chat)
+        async def send_turn(request: Any, call: Callable[[Any], Awaitable[Any]] = chat) -> tuple[Any, float]:
+            nonlocal sent  # ``call``: a simulated user's chat sends the user's turns the same way
+            answer = await self.one(index, request, call)
             sent += answer.posts
             return answer.result, answer.seconds
 
@@ -453,7 +454,8 @@ class RequestWorker:
         self.runner = RequestRunner(call, RequestsSpec.model_validate(requests), seed)
         if episode is not None:  # {max_turns, max_episode_tokens, tools}: the stage's items are episodes
             self.runner.episodes = EpisodeLoop(self.plugin, load_toolbox(episode.get("tools")), EpisodeSettings(
-                episode["max_turns"], episode.get("max_episode_tokens")))
+                episode["max_turns"], episode.get("max_episode_tokens")),
+                UserSimulator.load(episode["user"]) if episode.get("user") else None)
 
     def describe(self) -> dict[str, Any]:
         return self.plugin.describe()

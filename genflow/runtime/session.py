@@ -140,7 +140,7 @@ class JobSession:
             return None
         kind = "generator" if job.generators else "scorer"
         factory: type = get_registry().get(kind, first.plugin).factory.implementation(first.params)
-        if sends_requests(factory):  # a request plugin runs on a worker of its own
+        if sends_requests(factory) or episode_settings(first) is not None:  # a request worker of its own
             label = first.label if isinstance(first, GeneratorSpec) else first.name
             self.early_requests = RequestPool(factory, first.model, first.params, job.ray, label,
                                               first.requests.model_dump(), job.seed, episode_settings(first))
@@ -288,6 +288,9 @@ def anchor_paths(raw: dict[str, Any], base: Path | None = None) -> dict[str, Any
         for spec in data.get(key) or []:
             if isinstance(spec, dict) and "model" in spec and not _served(kind, spec):
                 spec["model"] = _absolute(spec["model"], base, must_exist=True)
+            user = spec.get("user") if isinstance(spec, dict) else None  # a generator's simulated user
+            if isinstance(user, dict) and "model" in user and not _served("generator", user):
+                user["model"] = _absolute(user["model"], base, must_exist=True)
     return data
 
 

@@ -73,7 +73,8 @@ class ModelStage:
 
     @property
     def sends_requests(self) -> bool:
-        return sends_requests(self.factory)
+        """On the request path: a request plugin, or a local model's episodes (its turns journaled)."""
+        return sends_requests(self.factory) or episode_settings(self.spec) is not None
 
     def pool(self, config: JobConfig, workers: Any) -> Pool:
         """Where the stage runs: the job's workers (a local model), or a request worker of its own
@@ -94,7 +95,8 @@ def episode_settings(spec: GeneratorSpec | ScorerSpec) -> dict[str, Any] | None:
     if not isinstance(spec, GeneratorSpec) or spec.max_turns < 2:
         return None
     return {"max_turns": spec.max_turns, "max_episode_tokens": spec.max_episode_tokens,
-            "tools": [tool.model_dump() for tool in spec.tools]}
+            "tools": [tool.model_dump() for tool in spec.tools],
+            **({"user": spec.user.model_dump()} if spec.user is not None else {})}
 
 
 def unhashed_params_of(config: JobConfig, registry: Registry) -> dict[str, tuple[str, ...]]:

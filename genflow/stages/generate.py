@@ -66,6 +66,8 @@ def build_requests(prompts: pa.Table, spec: GeneratorSpec, config: JobConfig, ba
     model = model_identity(spec.model, served=sends_requests(factory))  # the same however its path is spelt
     episodes = spec.max_turns > 1
     columns = tool_columns(spec.tools, get_registry()) if episodes else frozenset()
+    if episodes and spec.user is not None:  # and those its simulated user's persona is made of
+        columns = frozenset({*columns, *spec.user.reads()})
     requests: list[GenerationRequest] = []
     for row in prompts.to_pylist():
         if not accepts(row.get("task"), modality):

@@ -14,6 +14,8 @@ whose Ray workers inherit it).
 - ``copy-train`` (trainer, policy): "trains" by copying the starting model's folder, and writes
   ``trained_on.json`` (the rows it read, its seed); ``fail_once_marker`` fails the first
   training only, remembered by that file (a job killed mid-round).
+- ``scripted-user`` (generator, text): a simulated user that asks "question n" and logs what it
+  was given (``state_dir/users.jsonl``).
 - ``echo-async`` (generator, text): ``echo`` as a request plugin (``async def generate``, one
   request a call), each attempt logged as ``request <generation_id>``; ``transient_on``
   answers the first ``transient_times`` attempts of matching prompts with a 429
@@ -38,6 +40,8 @@ from pydantic import Field
 
 from genflow import hookimpl
 from genflow.api import (
+    ChatRequest,
+    ChatTurn,
     Generation,
     GenerationRequest,
     Generator,
@@ -282,11 +286,38 @@ def register_trainers(register: Any) -> None:
     register("copy-train", CopyTrain)
 
 
+class ScriptedUserParams(PluginParams):
+    state_dir: str | None = None
+
+
+class ScriptedUser(Generator):
+    """A simulated user without a model (``user: {plugin: scripted-user}``): after assistant turn n
+    it asks "question n+1" and, with ``state_dir``, appends what it was given (the turn, its seed
+    and messages) as a JSON line to ``state_dir/users.jsonl``."""
+
+    Params = ScriptedUserParams
+    params: ScriptedUserParams
+
+    async def generate(self, request: GenerationRequest) -> Generation:  # type: ignore[override]
+        return Generation(text=request.prompt)
+
+    async def chat(self, request: ChatRequest) -> ChatTurn:
+        import json
+
+        if self.params.state_dir:
+            with open(Path(self.params.state_dir) / "users.jsonl", "a") as f:
+                f.write(json.dumps({"generation_id": request.generation_id, "turn": request.turn,
+                                    "seed": request.seed, "messages": request.messages}) + "\n")
+        return ChatTurn(f"question {request.turn + 1}", finish_reason="stop", prompt_tokens=len(request.messages),
+                        num_tokens=2)
+
+
 @hookimpl
 def register_generators(register: Any) -> None:
     register("echo", Echo)
     register("tiny-png", TinyPng)
     register("echo-async", EchoAsync)
+    register("scripted-user", ScriptedUser)
 
 
 @hookimpl

@@ -47,7 +47,8 @@ LAYERS: list[tuple[str, tuple[str, ...], str]] = [
      "storage, input prompts, the output's layout and fingerprints, resume, lease, journal, a row's result, "
      "an episode's turns, training tables (training_sets.py)"),
     ("engine", ("genflow.engine",),
-     "Ray actors and workers, the request path, the budget, episodes (episodes.py) and their tools (tools.py), "
+     "Ray actors and workers, the request path, the budget, episodes (episodes.py), their tools (tools.py) "
+     "and simulated users (users.py), "
      "training on a Ray task (training.py), JobFailed"),
     ("stages", ("genflow.stages",),
      "one stage's work on one shard: plan, generate, score, rank"),
