@@ -40,6 +40,7 @@ from genflow.config import RaySpec, stable_hash
 from genflow.data.results import Failure
 from genflow.data.turns import add_turn
 from genflow.engine import ray_cluster
+from genflow.engine.errors import PoolStopped
 from genflow.engine.worker import PluginWorker
 from genflow.registry import PluginError
 
@@ -219,6 +220,7 @@ class WorkerPool:
         self._pump: threading.Thread | None = None
         self._closing = False
         self._broken: BaseException | None = None
+        self._stopped = False
 
     @property
     def actors(self) -> list[Any]:
@@ -232,6 +234,8 @@ class WorkerPool:
         """Launch if needed and wait until every worker has loaded this plugin."""
         if self._ready:
             return
+        if self._stopped:
+            raise PoolStopped(f"{self.name}: the stage stopped")
         started = time.perf_counter()
         self.launch()
         try:  # a model that cannot load fails here
@@ -281,6 +285,7 @@ class WorkerPool:
         """The stage is done: the pump ends; workers of the pool's own stop, a job's stay for its next stage."""
         self._ready = False
         self._closing = True
+        self._stopped = True  # a pack's task still sending gets PoolStopped, not a model loaded again
         self._wake.set()
         if self._pump is not None:
             self._pump.join(timeout=30)
@@ -331,14 +336,17 @@ class WorkerPool:
         running: dict[Any, _Call] = {}
         try:
             self._pumping(running)
+            stopped: BaseException = PoolStopped(f"{self.name}: the stage stopped before these calls were answered")
         except BaseException as exc:  # PluginCrashed, a plugin that cannot load again, Ray gone
+            stopped = exc
             with self._lock:
                 self._broken = exc
-                waiting = {id(w.ticket): w.ticket for w in self._queue}
-                waiting.update({id(c.work.ticket): c.work.ticket for c in running.values()})
-                self._queue.clear()
-            for ticket in waiting.values():
-                ticket.put(exc)
+        with self._lock:  # what is still queued or running gets no answer now: its ticket ends
+            waiting = {id(w.ticket): w.ticket for w in self._queue}
+            waiting.update({id(c.work.ticket): c.work.ticket for c in running.values()})
+            self._queue.clear()
+        for ticket in waiting.values():
+            ticket.put(stopped)
 
     def _pumping(self, running: dict[Any, _Call]) -> None:
         load = [0] * len(self.actors)
@@ -549,6 +557,7 @@ class RequestPool:
             ray.get(self.actor.stop_sending.remote(), timeout=30)
 
     def stop(self) -> None:
+        self.stopping = True  # a stream still read ends instead of sending again to a new worker
         if self.actor is None:
             return
         try:

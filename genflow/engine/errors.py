@@ -23,5 +23,10 @@ class BudgetSpent(JobFailed):
     """The job's requests have cost ``max_cost``: it stopped, keeping every answer it had."""
 
 
+class PoolStopped(RuntimeError):
+    """A stage's pool was stopped (the job failed, or was interrupted) before it answered: what still
+    waits for its answers ends with this, so no thread is left waiting on the workers."""
+
+
 class SweepFailed(RuntimeError):
     """One or more runs of a sweep failed (the others finished and are in sweep.parquet)."""
