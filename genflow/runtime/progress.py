@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -29,7 +30,8 @@ class StageProgress:
     Rows found finished on storage (``skip``) move the bar but not the rate, so a
     resumed job shows how fast it computes, not how fast it reads markers. While
     the bar is live, log lines (Prefect's task logs, Ray's worker output) print
-    above it instead of through it.
+    above it instead of through it. Two packs' task runs of a stage move it at once
+    (from Prefect's task threads): it counts under a lock.
     """
 
     def __init__(self, stage: str, total: int, console: Console | None = None,
@@ -43,6 +45,7 @@ class StageProgress:
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self._swapped: list[tuple[Any, str, TextIO]] = []
+        self._lock = threading.Lock()
         if self.tty:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -80,6 +83,10 @@ class StageProgress:
         self._move(rows, computed=True)
 
     def _move(self, rows: int, computed: bool) -> None:
+        with self._lock:
+            self._count(rows, computed)
+
+    def _count(self, rows: int, computed: bool) -> None:
         self.done += rows
         if computed:
             self.computed += rows

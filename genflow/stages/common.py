@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,11 +20,11 @@ from genflow.data.layout import Shard, Stage, resolve_input_path
 from genflow.data.results import Failure, failure_of, scrub_result
 from genflow.data.resume import StageOutcome, mark_finished
 from genflow.data.schemas import ERRORS, GENERATIONS, SCORES
-from genflow.data.turns import Turn, turn_key, with_turns
 from genflow.data.storage import Storage
+from genflow.data.turns import Turn, turn_key, with_turns
 from genflow.engine.actors import RequestPool, WorkerPool, chunked
 from genflow.engine.budget import Budget, priced, reported_tokens, request_cost
-from genflow.engine.errors import BudgetSpent
+from genflow.engine.errors import BudgetSpent, PoolStopped
 from genflow.registry import PluginInfo, Registry
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 Advance = Callable[[int], None]
 Item = TypeVar("Item", GenerationRequest, ScoreItem)
 Pool = WorkerPool | RequestPool
+COUNTING = threading.Lock()
+"""Held while a pack adds to the job's :class:`Budget`: a stage's packs run in task threads of their own."""
 
 
 @dataclass(frozen=True)
@@ -197,7 +200,8 @@ def _request_answers(pool: RequestPool, items: list[Item], advance: Advance, jou
             if all(i.generation_id in answered for i in unit):
                 for item in unit:
                     result = answered[item.generation_id][0]
-                    budget.add(request_cost(item, result, price)[0], sample=not isinstance(result, Failure))
+                    with COUNTING:
+                        budget.add(request_cost(item, result, price)[0], sample=not isinstance(result, Failure))
     spent = budget is not None and budget.exhausted
     ticket = None
     if todo and not spent:
@@ -231,11 +235,12 @@ def _journaled_answers(pool: RequestPool, ticket: Any, units: list[list[Item]], 
                 continue
             if budget is not None:
                 cost, estimated = request_cost(unit if per_prompt else unit[0], answer.result, price, answer.posts)
-                budget.add(cost, sample=not isinstance(answer.result, Failure))
+                with COUNTING:  # the next pack's task counts its answers at the same time
+                    budget.add(cost, sample=not isinstance(answer.result, Failure))
+                    budget.estimated += estimated
                 if estimated and budget.say("estimated"):
                     log.warning("the server reported no token usage: its requests are priced from their "
                                 "characters (about 4 a token) for max_cost and the stage's cost")
-                budget.estimated += estimated
             results = _fan_out(answer.result, len(unit)) if per_prompt else [answer.result]
             for item, result in zip(unit, results, strict=True):
                 journals.add(item.generation_id, result, answer.seconds)
@@ -365,56 +370,121 @@ class ShardWork:
     """Writes the shard's parts and marker from every item's answer."""
     journal: Journal | None = None
     answered: Answered = field(default_factory=list)
+    seconds: float | None = None
+    """Its share of its pack's time, set by the pack as the shard is finished (None: its own time)."""
 
 
 class Pack:
     """Consecutive shards of one stage whose items go to the plugin together.
 
     Shards are the unit of resume, not of a call: a pack's items are cut into calls of
-    the plugin's batch size together, so small shards do not make small calls. The
-    calls are sent when the pack is made, so a stage makes its next pack before it
-    collects the current one: the workers (or the server) have the next shards' work
-    queued while the current shards' parts are written. Each shard's parts and marker
-    are written as soon as its last item is answered, so a kill loses no finished shard."""
+    the plugin's batch size together, so small shards do not make small calls. The pack
+    is made in the flow and does its work in its task run: :meth:`send` reads the shards'
+    inputs and sends their calls, :meth:`collect` writes each shard's parts and marker as
+    soon as its last item is answered (so a kill loses no finished shard). A stage sends
+    its next pack before it waits for the current one: the workers (or the server) have
+    the next shards' work queued while the current shards' parts are written.
 
-    def __init__(self, stage: ModelStage, works: list[ShardWork], pool: Pool, size: int, advance: Advance,
-                 budget: Budget | None) -> None:
-        self.stage, self.works, self.pool, self.size, self.advance = stage, works, pool, size, advance
+    A shard's ``seconds`` are its items' share of the pack's time (from :meth:`send` to
+    the shard's parts written): the shards of a pack add up to the pack's time."""
+
+    def __init__(self, stage: ModelStage, works: list[ShardWork] | Callable[[], list[ShardWork]], pool: Pool,
+                 size: int, advance: Advance, budget: Budget | None) -> None:
+        """``works``: the shards' works, or what makes them (their inputs read in the pack's task)."""
+        self.stage, self.pool, self.size, self.advance = stage, pool, size, advance
         self.budget = budget
+        self._make = works if callable(works) else None
+        self._works: list[ShardWork] | None = None if callable(works) else list(works)
         self.outcomes: dict[int, StageOutcome] = {}
         """What is written, by shard: a retried collect sends only the rest again."""
-        self._answers: Iterator[tuple[Any, Any, float]] | None = self._send()
+        self.started: float | None = None
+        """When the pack's work began (its first :meth:`send`)."""
+        self.sent = threading.Event()
+        """Set once the pack's calls are out (or sending failed): the stage may send the next pack."""
+        self.cancelled = False
+        self._answers: Iterator[tuple[Any, Any, float]] | None = None
+
+    @property
+    def works(self) -> list[ShardWork]:
+        if self._works is None:
+            assert self._make is not None
+            self._works = self._make()
+        return self._works
 
     @property
     def shards(self) -> list[Shard]:
         return [w.shard for w in self.works]
 
-    def _send(self) -> Iterator[tuple[Any, Any, float]]:
-        journals = Journals()
-        items: list[Any] = []
-        for work in self.works:
-            if work.shard.index in self.outcomes:
-                continue
-            work.answered = []
-            items += work.items
-            if work.journal is not None:
-                journals.of.update((i.generation_id, work.journal) for i in work.items)
-        return send(self.pool, items, self.size, self.advance, journals, self.stage.spec.price, self.budget,
-                    self.stage.per_prompt)
+    def cancel(self) -> None:
+        """The stage stopped (a failure, Ctrl-C): a pack not sent yet sends nothing, one under way stops."""
+        self.cancelled = True
+
+    def send(self) -> None:
+        """Read the inputs (once) and send the calls of the shards not written yet, unless they are
+        on their way already (sent and not collected)."""
+        try:
+            if self._answers is not None:
+                return
+            self._stopped_if_cancelled()
+            if self.started is None:
+                self.started = time.perf_counter()
+            journals = Journals()
+            items: list[Any] = []
+            for work in self.works:
+                if work.shard.index in self.outcomes:
+                    continue
+                work.answered = []
+                items += work.items
+                if work.journal is not None:
+                    journals.of.update((i.generation_id, work.journal) for i in work.items)
+            self._stopped_if_cancelled()
+            self._answers = send(self.pool, items, self.size, self.advance, journals, self.stage.spec.price,
+                                 self.budget, self.stage.per_prompt)
+        finally:
+            self.sent.set()
 
     def collect(self) -> list[StageOutcome]:
-        """Every shard's outcome, its parts and marker written as its answers complete."""
-        answers, self._answers = self._answers or self._send(), None
+        """Every shard's outcome, its parts and marker written as its answers complete (sent first
+        unless they are on their way)."""
+        self.send()
+        answers, self._answers = self._answers, None
+        assert answers is not None
         owner = {i.generation_id: w for w in self.works if w.shard.index not in self.outcomes for i in w.items}
+        total = sum(len(w.items) for w in self.works)
         for work in self.works:
             if not work.items and work.shard.index not in self.outcomes:
-                self.outcomes[work.shard.index] = work.finish([])
-        for item, result, seconds in answers:
-            work = owner[item.generation_id]
-            work.answered.append((item, result, seconds))
-            if len(work.answered) == len(work.items):
-                self.outcomes[work.shard.index] = work.finish(work.answered)
+                self._finish(work, total)
+        try:
+            for item, result, seconds in answers:
+                work = owner[item.generation_id]
+                work.answered.append((item, result, seconds))
+                if len(work.answered) == len(work.items):
+                    self._finish(work, total)
+                self._stopped_if_cancelled()
+        except PoolStopped:
+            raise
+        except Exception as exc:
+            if self.cancelled:  # the pool was stopped under it
+                raise PoolStopped(f"{self._name}: the stage stopped ({type(exc).__name__})") from None
+            raise
+        self._stopped_if_cancelled()
+        missing = [w.shard.index for w in self.works if w.shard.index not in self.outcomes]
+        if missing:
+            raise RuntimeError(f"{self._name}: shards {missing} were not answered in full")
         return [self.outcomes[w.shard.index] for w in self.works]
+
+    def _finish(self, work: ShardWork, total: int) -> None:
+        assert self.started is not None
+        work.seconds = (time.perf_counter() - self.started) * len(work.items) / max(1, total)
+        self.outcomes[work.shard.index] = work.finish(work.answered)
+
+    @property
+    def _name(self) -> str:
+        return str(getattr(self.stage, "run_name", "the stage"))
+
+    def _stopped_if_cancelled(self) -> None:
+        if self.cancelled:
+            raise PoolStopped(f"{self._name}: the stage stopped before this pack finished")
 
 
 # -- writing --------------------------------------------------------------------
@@ -456,17 +526,18 @@ class Usage:
 def finish_model_stage(storage: Storage, stage: Stage, shard: Shard, fingerprint: str, folder: str,
                        table: pa.Table, errors: list[dict[str, Any]], work_items: int,
                        started: float, usage: Usage | None = None, journal: Journal | None = None,
-                       awaiting: list[str] | None = None) -> StageOutcome:
+                       awaiting: list[str] | None = None, seconds: float | None = None) -> StageOutcome:
     """Write a generate or score stage's part and errors, then its marker: the stage is done
     (and its request journal, now in the parts, goes). Unless a rerun has work left in it:
     rows that failed transiently, or ``awaiting`` stages it read from that have some
     (:func:`genflow.data.resume.awaiting_retries`); then the marker says so, and the journal
-    stays for the rerun to send only what has no answer."""
+    stays for the rerun to send only what has no answer. ``seconds``: the shard's share of its
+    pack's time (:class:`Pack`); without it, the time since ``started``."""
     parts: list[str] = []
     write_part(storage, stage.part(shard.index), table, parts)
     n_err = write_part(storage, stage.errors_part(shard.index), pa.Table.from_pylist(errors, schema=ERRORS), parts)
     outcome = StageOutcome(stage.name, shard.index, fingerprint, {folder: table.num_rows}, n_err, work_items,
-                           time.perf_counter() - started, parts=parts,
+                           time.perf_counter() - started if seconds is None else seconds, parts=parts,
                            transient=sum(1 for e in errors if e.get("transient")), awaiting=list(awaiting or []))
     if usage is not None and (usage.prompt or usage.completion or usage.cost):
         outcome.tokens = {"prompt": usage.prompt, "completion": usage.completion}

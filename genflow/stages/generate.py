@@ -133,9 +133,11 @@ def generate_work(job: JobContext, stage: ModelStage, shard: Shard, fingerprint:
         rows.sort(key=lambda r: (r["prompt_id"], r["sample"]))
         return finish_model_stage(job.storage, stage.stage, shard, fingerprint, layout.GENERATIONS,
                                   generations_table(rows, prompts, job.read_columns, episodes), errors,
-                                  len(requests), started, usage, journal)
+                                  len(requests), started, usage, journal,
+                                  seconds=work.seconds)
 
-    return ShardWork(shard, fingerprint, requests, finish, journal)
+    work = ShardWork(shard, fingerprint, requests, finish, journal)
+    return work
 
 
 def _generation_row(storage: Storage, req: GenerationRequest, res: Generation, label: str, modality: str,

@@ -103,6 +103,7 @@ def score_work(job: JobContext, stage: ModelStage, shard: Shard, fingerprint: st
         rows.sort(key=lambda r: r["generation_id"])
         return finish_model_stage(job.storage, stage.stage, shard, fingerprint, layout.SCORES,
                                   pa.Table.from_pylist(rows, schema=schema), errors, len(items), started, usage,
-                                  journal, awaiting)
+                                  journal, awaiting, seconds=work.seconds)
 
-    return ShardWork(shard, fingerprint, items, finish, journal)
+    work = ShardWork(shard, fingerprint, items, finish, journal)
+    return work

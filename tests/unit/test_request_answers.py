@@ -82,7 +82,7 @@ def _stage(per_prompt: bool, price: PriceSpec | None = PRICE) -> Any:
 
 # -- a per-prompt pack ---------------------------------------------------------------------
 
-def test_a_per_prompt_pack_sends_each_prompt_as_one_request_when_made_and_lands_each_score_in_its_row() -> None:
+def test_a_per_prompt_pack_sends_each_prompt_as_one_request_and_lands_each_score_in_its_row() -> None:
     p0 = [candidate("a0", "p0", "x"), candidate("a1", "p0", "xx")]
     p1 = [candidate("b0", "p1", "yyy"), candidate("b1", "p1", "yyyy"), candidate("b2", "p1", "yyyyy")]
     p2 = [candidate("c0", "p2", "zzzzzz")]
@@ -92,7 +92,9 @@ def test_a_per_prompt_pack_sends_each_prompt_as_one_request_when_made_and_lands_
     progress: list[int] = []
     pack = Pack(_stage(per_prompt=True), shards.works, pool, 16, progress.append, budget)
 
-    assert pool.submitted == [[p0, p1, p2]]  # sent as the pack is made, a prompt's candidates per request
+    assert pool.submitted == []  # made in the flow, sent by its task run
+    pack.send()
+    assert pool.submitted == [[p0, p1, p2]]  # a prompt's candidates per request
     assert pack.collect() == ["outcome 0", "outcome 1", "outcome 2"]
     scores = {item.generation_id: result.value for w in shards.finished.values() for item, result, _ in w}
     assert scores == {"a0": 1.0, "a1": 2.0, "b0": 3.0, "b1": 4.0, "b2": 5.0, "c0": 6.0}
