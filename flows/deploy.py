@@ -31,8 +31,6 @@ from uuid import UUID
 from genflow.config import JobConfig, build_config
 from genflow.runtime.session import anchor_paths
 
-TAGS = ["genflow"]
-
 
 def deployment_name(config: JobConfig) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", config.name).strip("-") or "genflow-job"
@@ -71,7 +69,7 @@ def to_deployment(raw: dict[str, Any], name: str | None = None, base: Path | Non
     from prefect.flows import EntrypointType
     from prefect.schedules import Cron
 
-    from genflow.flows.job import genflow_job
+    from genflow.flows.job import genflow_job, job_tags
 
     job = build_config(raw, source=f"config {raw.get('name', '?')!r}")
     schedules = [Cron(job.schedule.cron, timezone=job.schedule.timezone)] if job.schedule else []
@@ -80,7 +78,7 @@ def to_deployment(raw: dict[str, Any], name: str | None = None, base: Path | Non
         schedules=schedules,
         parameters=job_parameters(raw, base, config_file),
         description=f"genflow job {job.name!r}: {job.input} -> {job.output}",
-        tags=TAGS,
+        tags=job_tags(job),  # genflow, job:<name>, plugin:<name>: on each of its flow runs too
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
 

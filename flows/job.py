@@ -3,9 +3,24 @@
 Prefect sees coarse tasks, one per (stage, pack of shards); inside each task the
 pack's rows stream through a Ray actor pool that holds the plugin's model. A pack
 is one shard, or consecutive small shards whose items share calls (shards are the
-unit of resume, not of a call), and the next pack's calls are sent before the
-current pack's parts are written. Stages run one after another so only one model
+unit of resume, not of a call). Stages run one after another so only one model
 pool is alive at a time.
+
+What Prefect records is the work as it ran. A pack's task run reads its shards'
+inputs, sends their calls and writes their parts: it starts when its calls are
+sent and ends when its last part is written. The flow starts the next pack's task
+(``task.submit``, the flow's thread pool) as soon as the current one's calls are
+out, before it waits for the current one, so the workers (or a server's request
+slots) never wait at a pack's boundary, and the two task runs overlap in the
+timeline exactly as their work does (none overlap where a budget is counted from
+the answers). A task run waits for (``wait_for``) the task runs that wrote what it
+reads: generate for ``plan-shards``, score for the generate task runs of its
+shards, rank for their score task runs; shards finished by an earlier run have
+none. No other argument links tasks: the job's context goes to Prefect quoted
+(it holds the input's folder, a value ``plan-shards`` returned), so the run graph
+draws plan-shards -> generate -> score -> rank. Flow runs carry the tags
+``genflow``, ``job:<name>`` and ``plugin:<name>`` (:func:`job_tags`), task runs
+``stage:<stage>`` and ``plugin:<name>`` of their stage.
 
 Resume. What a (stage, shard) has done is recorded with its output: a marker under
 ``<output>/_state/`` holding the stage fingerprint (the shard's rows plus the stage
@@ -32,21 +47,28 @@ Task runs are named ``<stage>-<shard>-<fingerprint>`` (a pack:
 matches its markers. Every task takes its arguments in one order: the job's context,
 the stage, the shard (or pack), the fingerprint its marker will hold, then what runs it.
 ``retries`` cover what may pass (a storage hiccup); bad input, a plugin that
-cannot load or keeps crashing fail at once.
+cannot load or keeps crashing fail at once. A job that fails or is stopped (Ctrl-C)
+mid-stage stops its packs under way and their pool before it ends: no task thread is
+left sending.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
-from prefect import Task, flow, get_run_logger, tags, task
+from prefect import Task, flow, get_client, get_run_logger, tags, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
+from prefect.context import FlowRunContext
+from prefect.futures import PrefectConcurrentFuture
 from prefect.states import State
+from prefect.utilities.annotations import quote
 
 from genflow.api import Scorer
 from genflow.config import ConfigError, JobConfig, job_secrets, redacted_urls
@@ -56,7 +78,7 @@ from genflow.data.prompts import InputError, open_input
 from genflow.data.resume import DoneIndex, StageOutcome, drop_unused_parts, finished
 from genflow.data.storage import Storage, disk_full
 from genflow.engine.actors import RequestPool, Workers
-from genflow.engine.errors import JobFailed
+from genflow.engine.errors import JobFailed, PoolStopped
 from genflow.engine.ray_cluster import RayUnreachable
 from genflow.engine.tools import tool_columns
 from genflow.labelling import labels as human_labels
@@ -84,12 +106,15 @@ from genflow.stages import (
 )
 from genflow.stages.common import Budget, Pool
 
+NOT_PREFECTS = (ConfigError, InputError, PluginError, RayUnreachable, JobFailed, PoolStopped)
+"""A task's errors that are the job's, not Prefect's: no retry fixes them, nor running without Prefect."""
+
 
 def worth_retrying(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Retry what may pass (storage, network); not what a retry cannot fix."""
     if isinstance(state.data, BaseException) and disk_full(state.data):
         return False  # a full disk stays full for the next attempt
-    return not isinstance(state.data, (ConfigError, InputError, PluginError, RayUnreachable, JobFailed))
+    return not isinstance(state.data, NOT_PREFECTS)
 
 
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": 1,
@@ -109,12 +134,12 @@ def plan_task(config: JobConfig, storage: Storage, resume: bool, part_folders: l
 
 @task(name="generate", task_run_name=PACK_NAME, **TASK_OPTIONS)
 def generate_task(job: JobContext, stage: ModelStage, shards: str, fingerprint: str, pack: Pack) -> list[StageOutcome]:
-    return [_logged(o) for o in pack.collect()]
+    return [_logged(stage.stage, o) for o in pack.collect()]
 
 
 @task(name="score", task_run_name=PACK_NAME, **TASK_OPTIONS)
 def score_task(job: JobContext, stage: ModelStage, shards: str, fingerprint: str, pack: Pack) -> list[StageOutcome]:
-    return [_logged(o) for o in pack.collect()]
+    return [_logged(stage.stage, o) for o in pack.collect()]
 
 
 @task(name="input-candidates", task_run_name=PACK_NAME, **TASK_OPTIONS)
@@ -135,14 +160,32 @@ CHEAP_ROWS = 1024
 shards share a task run, each still written and marked on its own."""
 
 
+Runs = dict[int, list[State[Any]]]
+"""By shard: the completed task runs that wrote it in a stage (what a later stage's task waits for)."""
+
+
 def _run_cheap_stage(lost: threading.Event, job: JobContext, stage: Stage, plans: list[tuple[Shard, str]], done: Any,
-                     run: Task[Any, Any], *extra: Any) -> list[StageOutcome]:
+                     run: Task[Any, Any], *extra: Any, upstream: Runs) -> tuple[list[StageOutcome], Runs]:
     outcomes: dict[int, StageOutcome] = {}
+    runs: Runs = {}
     todo = _undone(stage, plans, done, outcomes)
     for group in pack_shards(todo, 1, CHEAP_ROWS):
-        for outcome in call_task(lost, run, job, stage, pack_name(group), group[0][1], group, *extra):
+        call = TaskCall(lost, run, job, stage, pack_name(group), group[0][1], group, *extra,
+                        wait_for=_upstream(upstream, group))
+        for outcome in call.result():
             outcomes[outcome.shard] = outcome
-    return [outcomes[shard.index] for shard, _ in plans]
+        runs.update(call.runs(shard for shard, _ in group))
+    return [outcomes[shard.index] for shard, _ in plans], runs
+
+
+def _upstream(upstream: Runs, group: list[tuple[Shard, str]]) -> list[State[Any]]:
+    """The task runs that wrote what a group of shards reads (none for shards finished before)."""
+    return [state for shard, _ in group for state in upstream.get(shard.index, ())]
+
+
+def _joined(into: Runs, runs: Runs) -> None:
+    for shard, states in runs.items():
+        into.setdefault(shard, []).extend(states)
 
 
 def _undone(stage: Stage, plans: list[tuple[Shard, str]], done: Any,
@@ -164,9 +207,11 @@ def pack_name(group: list[tuple[Shard, str]]) -> str:
     return f"{first}" if first == last else f"{first}-{last}"
 
 
-def _logged(outcome: StageOutcome) -> StageOutcome:
+def _logged(stage: Stage, outcome: StageOutcome) -> StageOutcome:
+    """A line per shard written, naming its stage (a pack's shard's seconds: its share of the pack's)."""
     rows = ", ".join(f"{n} {folder}" for folder, n in outcome.rows.items())
-    get_run_logger().info("shard %d: %s, %d errors in %.1fs", outcome.shard, rows, outcome.errors, outcome.seconds)
+    get_run_logger().info("%s shard %d: %s, %d errors in %.1fs", stage.name, outcome.shard, rows, outcome.errors,
+                          outcome.seconds)
     return outcome
 
 
@@ -196,7 +241,9 @@ def _run_stages(session: JobSession, workers: Workers) -> dict[str, Any]:
 
     # Plan: the input cut into shards; what this config no longer has is removed.
     folders = [*layout.CORE_FOLDERS, *sorted(every_exporter | set(exporters)), layout.ERRORS]
-    shards, base_dir = call_task(lost, plan_task, config, storage, resume, folders)
+    planning = TaskCall(lost, plan_task, config, storage, resume, folders)
+    shards, base_dir = planning.result()
+    planned: Runs = planning.runs(shards)  # what a generate task waits for: the prompts' parts it wrote
     drop_unused_parts(storage, set(layout.generator_labels(config)), {s.name for s in config.scorers},
                       set(exporters), every_exporter)
     read = frozenset(c for s in stages for c in s.factory.input_columns)
@@ -214,17 +261,24 @@ def _run_stages(session: JobSession, workers: Workers) -> dict[str, Any]:
     # Generate, then score: a stage at a time on the workers, a task per shard not done yet.
     plugins: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
+    written: Runs = {}  # by shard, the task runs that wrote its candidates: its score tasks wait for them
+    scored: Runs = {}  # and those that scored them: its rank task waits for them
     if not config.generators:  # the rows' own candidates
         own = layout.generate_stage(layout.INPUT_LABEL)
         with tags(*stage_tags(own.name)):
-            outcomes += _run_cheap_stage(lost, job, own, [(p.shard, p.generate[0][1]) for p in plans], done,
-                                         input_task)
+            own_outcomes, written = _run_cheap_stage(lost, job, own, [(p.shard, p.generate[0][1]) for p in plans],
+                                                     done, input_task, upstream=planned)
+            outcomes += own_outcomes
     for stage in stages:
         t = time.perf_counter()
         pool = stage.pool(config, workers)
         if isinstance(pool, RequestPool):
             pool = session.request_pool(pool)  # the one launched early for the job's first stage, if it is
-        outcomes += _run_model_stage(lost, job, stage, plans, outcomes, pool, done)
+        generating = stage.stage.kind == "generate"
+        stage_outcomes, runs = _run_model_stage(lost, job, stage, plans, outcomes, pool, done,
+                                                planned if generating else written)
+        outcomes += stage_outcomes
+        _joined(written if generating else scored, runs)
         plugins[stage.label] = stage_manifest(stage, pool.description)
         if isinstance(pool, RequestPool) and pool.stats:
             plugins[stage.label]["requests"] = pool.stats
@@ -239,7 +293,8 @@ def _run_stages(session: JobSession, workers: Workers) -> dict[str, Any]:
         t = time.perf_counter()
         with tags(*stage_tags(layout.RANK_STAGE.name, exporters)):
             ranks = [(p.shard, p.rank[1]) for p in plans if p.rank is not None]
-            outcomes += _run_cheap_stage(lost, job, layout.RANK_STAGE, ranks, done, rank_task, exporters)
+            outcomes += _run_cheap_stage(lost, job, layout.RANK_STAGE, ranks, done, rank_task, exporters,
+                                         upstream=scored)[0]
         timings["rank"] = time.perf_counter() - t
 
     timings["total"] = time.perf_counter() - t0
@@ -271,11 +326,14 @@ def _run_stages(session: JobSession, workers: Workers) -> dict[str, Any]:
 
 
 def _run_model_stage(lost: threading.Event, job: JobContext, stage: ModelStage, plans: list[ShardPlan],
-                     before: list[StageOutcome], pool: Pool, done: Any) -> list[StageOutcome]:
+                     before: list[StageOutcome], pool: Pool, done: Any,
+                     upstream: Runs) -> tuple[list[StageOutcome], Runs]:
     """One generator's or scorer's tasks, a pack of shards each; shards finished before are skipped.
+    Returns the outcomes and, by shard, the task run that wrote it.
 
-    The next pack is made (its inputs read, its calls sent) before the current one is
-    collected, so the workers never wait for a shard's parts to be written."""
+    The next pack's task starts as soon as the current one's calls are out, before the
+    current one is waited for, so the workers never wait for a shard's parts to be written;
+    at most one pack is ahead (none where a budget is counted from the answers)."""
     generating = stage.stage.kind == "generate"
     run = generate_task if generating else score_task
     per_row = _items_per_row(job.config, stage)
@@ -284,6 +342,7 @@ def _run_model_stage(lost: threading.Event, job: JobContext, stage: ModelStage, 
     else:
         total = sum(o.rows.get(layout.GENERATIONS, 0) for o in before if o.stage.startswith("generate/"))
     outcomes: dict[int, StageOutcome] = {}
+    runs: Runs = {}
     cost = (lambda: job.budget.spent) if stage.spec.price is not None else None
     size = stage.call_size(job.config)
     make = generate_work if generating else score_work
@@ -296,25 +355,60 @@ def _run_model_stage(lost: threading.Event, job: JobContext, stage: ModelStage, 
                 bar.skip(plan.shard.rows * per_row if generating else outcomes[plan.shard.index].work_items)
         groups = pack_shards(todo, per_row, pack_items(stage, job.config, pool))
 
-        def make_pack(group: list[tuple[Shard, str]]) -> Pack:
-            works = [make(job, stage, shard, fp) for shard, fp in group]
-            return Pack(stage, works, pool, size, bar.advance, job.budget)
+        def works(group: list[tuple[Shard, str]]) -> Any:
+            return lambda: [make(job, stage, shard, fp) for shard, fp in group]  # read in the pack's task
 
-        def collect(pack: Pack) -> None:
-            name = pack_name([(w.shard, w.fingerprint) for w in pack.works])
-            for outcome in call_task(lost, run, job, stage, name, pack.works[0].fingerprint, pack):
+        def finish(pack: Pack, call: TaskCall) -> None:
+            for outcome in call.result():
                 outcomes[outcome.shard] = outcome
+            runs.update(call.runs(w.shard for w in pack.works))
 
-        # One pack is sent ahead of the one collected; none where a budget is counted from the answers.
         ahead = 0 if isinstance(pool, RequestPool) and job.budget.max_cost is not None else 1
-        sent: deque[Pack] = deque()
-        for group in groups:
-            sent.append(make_pack(group))  # its calls go out now
-            if len(sent) > ahead:
-                collect(sent.popleft())
-        while sent:
-            collect(sent.popleft())
-    return [outcomes[p.shard.index] for p in plans]
+        under_way: deque[tuple[Pack, TaskCall]] = deque()
+        try:
+            for group in groups:
+                pack = Pack(stage, works(group), pool, size, bar.advance, job.budget)
+                call = TaskCall(lost, run, job, stage, pack_name(group), group[0][1], pack,
+                                wait_for=_upstream(upstream, group))
+                under_way.append((pack, call))
+                if not _sent(pack, call):  # its task run ended before it began (a busy API): tried again now
+                    finish(*under_way.pop())
+                    continue
+                while len(under_way) > ahead:
+                    finish(*under_way.popleft())
+            while under_way:
+                finish(*under_way.popleft())
+        except BaseException:
+            _stop(under_way, pool)
+            raise
+    return [outcomes[p.shard.index] for p in plans], runs
+
+
+def _sent(pack: Pack, call: TaskCall) -> bool:
+    """Wait until the pack's calls are out, from its task run (without Prefect, sent here and collected
+    at its turn); False if its task run ended without beginning its work."""
+    if call.future is None:
+        pack.send()
+        return True
+    while not pack.sent.wait(0.05):
+        if call.ended():
+            return pack.sent.is_set()
+    return True
+
+
+STOP_WAIT_S = 30.0
+"""How long a stage that failed or was interrupted waits for its packs' task runs to end, once their
+pool is stopped (each ends at its next answer, or at once)."""
+
+
+def _stop(under_way: deque[tuple[Pack, TaskCall]], pool: Pool) -> None:
+    """A stage that failed or was interrupted: its packs under way send nothing more, its pool stops
+    (which ends what waits on the workers), and their task runs end before the stage does."""
+    for pack, _ in under_way:
+        pack.cancel()
+    pool.stop()
+    for _, call in under_way:
+        call.wait_ended(STOP_WAIT_S)
 
 
 def _items_per_row(config: JobConfig, stage: ModelStage) -> int:
@@ -356,33 +450,72 @@ locked under load answers 503 to a task's concurrency slots). Prefect's client h
 request itself by then (``PREFECT_CLIENT_MAX_RETRIES``)."""
 
 
-def call_task(lost: threading.Event, run: Task[Any, Any], *args: Any) -> Any:
-    """Run a task of the flow; once the Prefect API is gone, run its function without Prefect.
+class TaskCall:
+    """One task run of the flow, started at once beside the flow (``task.submit``, the flow's thread
+    pool) and waited for by :meth:`result`; once the Prefect API is gone, its function runs
+    without Prefect instead.
 
     A shared Prefect server that restarts, or a local API that dies, then costs Prefect's
     record of the rest of the run (one line says so), not the job: the work is genflow's.
     A busy API (a 5xx) gets the task tried again after each of ``API_BUSY_PAUSES_S``; one
     still busy then is left as a lost one is. Trying again is safe: a task's function skips
     the shards it has finished, and has run no further than Prefect let it. ``lost`` is the
-    session's flag (``JobSession.api_lost``): set, the job's remaining tasks run without Prefect."""
-    for pause in (*API_BUSY_PAUSES_S, None):
-        if lost.is_set():
-            break
-        try:
-            return run(*args)
-        except (JobFailed, ConfigError, InputError, PluginError, RayUnreachable):
-            raise
-        except Exception as exc:
-            busy = prefect_api_busy(exc)
-            if busy is None and not prefect_api_lost():
+    session's flag (``JobSession.api_lost``): set, the job's remaining tasks run without Prefect.
+
+    ``wait_for``: the completed task runs whose output this one reads, Prefect's record of
+    what it waited on. The job's context goes to Prefect quoted: it holds the input's folder,
+    a value ``plan-shards`` returned, which would link every task to plan-shards."""
+
+    def __init__(self, lost: threading.Event, run: Task[Any, Any], *args: Any,
+                 wait_for: Sequence[State[Any]] = ()) -> None:
+        self.lost, self.run, self.args = lost, run, args
+        self.wait_for = list({id(s.state_details.task_run_id): s for s in wait_for}.values())
+        self.state: State[Any] | None = None
+        """Its final state, once it completed under Prefect: what a task reading its output waits for."""
+        self.future: PrefectConcurrentFuture[Any] | None = None if lost.is_set() else self._submit()
+
+    def _submit(self) -> PrefectConcurrentFuture[Any]:
+        args = [quote(a) if isinstance(a, JobContext) else a for a in self.args]
+        future = self.run.submit(*args, wait_for=self.wait_for)
+        assert isinstance(future, PrefectConcurrentFuture)  # the flow's task runner: a thread pool
+        return future
+
+    def ended(self) -> bool:
+        """Whether its task run is over (or it has none yet: it runs in :meth:`result`)."""
+        return self.future is None or self.future.wrapped_future.done()
+
+    def wait_ended(self, timeout: float) -> None:
+        if self.future is not None:
+            concurrent.futures.wait([self.future.wrapped_future], timeout)
+
+    def runs(self, shards: Any) -> Runs:
+        """Its completed task run for each of ``shards`` (none without Prefect)."""
+        return {shard.index: [self.state] for shard in shards} if self.state is not None else {}
+
+    def result(self) -> Any:
+        future, self.future = self.future, None
+        for pause in (*API_BUSY_PAUSES_S, None):
+            if self.lost.is_set():
+                break
+            try:
+                future = future or self._submit()
+                value = future.result()
+                self.state = future.state
+                return value
+            except NOT_PREFECTS:
                 raise
-            if busy is not None and pause is not None:
-                logging.getLogger(__name__).info("the Prefect API (%s) is busy (HTTP %d): task %s tried again "
-                                                 "in %g s", shown_api_url(), busy, run.name, pause)
-                time.sleep(pause)
-                continue
-            _go_on_without_prefect(lost, busy)
-    return run.fn(*args)
+            except Exception as exc:
+                future = None
+                busy = prefect_api_busy(exc)
+                if busy is None and not prefect_api_lost():
+                    raise
+                if busy is not None and pause is not None:
+                    logging.getLogger(__name__).info("the Prefect API (%s) is busy (HTTP %d): task %s tried again "
+                                                     "in %g s", shown_api_url(), busy, self.run.name, pause)
+                    time.sleep(pause)
+                    continue
+                _go_on_without_prefect(self.lost, busy)
+        return self.run.fn(*self.args)
 
 
 def _go_on_without_prefect(lost: threading.Event, busy: int | None) -> None:
@@ -424,6 +557,30 @@ def _summarize(storage: Storage, stage: ModelStage) -> dict[str, Any]:
     return {stage.label: factory.summarize(table, factory.Params.model_validate(stage.spec.params))}
 
 
+def job_tags(config: JobConfig) -> list[str]:
+    """The tags of a job's flow runs and deployment, to filter them on in Prefect: ``genflow``,
+    ``job:<name>`` and ``plugin:<name>`` for each of its generators' and scorers' plugins."""
+    plugins = sorted({g.plugin for g in config.generators} | {s.plugin for s in config.scorers})
+    return ["genflow", f"job:{config.name}", *(f"plugin:{p}" for p in plugins)]
+
+
+def _tag_flow_run(config: JobConfig) -> None:
+    """Give this flow run the job's tags (:func:`job_tags`): ``genflow run`` and a sweep's runs start
+    it with none, a deployment's with the deployment's. A task run's tags stay its stage's."""
+    context = FlowRunContext.get()
+    run = context.flow_run if context is not None else None
+    if run is None:
+        return
+    wanted = sorted(set(run.tags) | set(job_tags(config)))
+    if wanted == sorted(run.tags):
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(run.id, tags=wanted)
+    except Exception as exc:  # a lost or busy API: its tasks say so
+        logging.getLogger(__name__).debug("the flow run's tags were not set: %s", exc)
+
+
 @flow(name="genflow-job", log_prints=False, validate_parameters=False, on_failure=[on_job_failure])
 def genflow_job(config: dict[str, Any], resume: bool = True, config_source: dict[str, Any] | None = None,
                 session: str | None = None) -> dict[str, Any]:
@@ -436,6 +593,7 @@ def genflow_job(config: dict[str, Any], resume: bool = True, config_source: dict
     the secrets back from). See ``genflow.runtime.session``."""
     with flow_session(config, resume, config_source, session) as job:
         install_secrets(job_secrets(job.config))  # what servers send back is scrubbed of them: rows, logs, Prefect
+        _tag_flow_run(job.config)
         manifest = run_stages(job)
     errors = manifest["errors"]
     if manifest["status"] == "failed":
