@@ -44,7 +44,7 @@ from genflow.data import layout
 from genflow.data.checks import check_job
 from genflow.data.prompts import InputError
 from genflow.data.storage import Storage, StorageError, disk_full, is_remote
-from genflow.engine.errors import JobFailed
+from genflow.engine.errors import JobFailed, PoolStopped
 from genflow.registry import PluginError, get_registry
 
 if TYPE_CHECKING:
@@ -310,11 +310,12 @@ def _served(kind: str, spec: dict[str, Any]) -> bool:
 
 class _NoTracebackForUserErrors(logging.Filter):
     """Prefect logs every task failure with its traceback; a bad input, or a full disk, needs only its
-    message, and so does a job that stopped as it was told to (``max_cost`` spent, too many errors)."""
+    message, and so does a job that stopped as it was told to (``max_cost`` spent, too many errors), and
+    a pack's task stopped with its stage (``PoolStopped``: the job failed or was interrupted)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if error is not None and (isinstance(error, (*USER_ERRORS, JobFailed)) or disk_full(error)):
+        if error is not None and (isinstance(error, (*USER_ERRORS, JobFailed, PoolStopped)) or disk_full(error)):
             record.exc_info = None
             record.exc_text = None
             record.msg = str(record.getMessage()).split("\nTraceback")[0]
@@ -322,9 +323,29 @@ class _NoTracebackForUserErrors(logging.Filter):
         return True
 
 
+class _SayWhatFinished(logging.Filter):
+    """Prefect ends each task and flow run with "Finished in state Completed()", which on a terminal
+    says nothing of what finished: a completed run's line is dropped (a stage's own lines name each
+    shard it wrote, the command's summary the job), any other names its run
+    (``generate-echo-0-3-<fingerprint>: Finished in state Failed(...)``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Finished in state"):
+            return True
+        if str(record.msg).startswith("Finished in state Completed("):
+            return False
+        name = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        if name and not str(record.msg).startswith(f"{name}: "):
+            record.msg = f"{name}: {record.getMessage()}"
+            record.args = ()
+        return True
+
+
 def install_log_filter() -> None:
-    """Prefect's lines for a user's error, or a job stopped as told, without their tracebacks."""
+    """Prefect's lines for a user's error, or a job stopped as told, without their tracebacks; no bare
+    "Finished in state Completed()" line."""
     for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.flow_engine", "prefect.task_engine"):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _NoTracebackForUserErrors) for f in logger.filters):
-            logger.addFilter(_NoTracebackForUserErrors())
+        for kind in (_NoTracebackForUserErrors, _SayWhatFinished):
+            if not any(isinstance(f, kind) for f in logger.filters):
+                logger.addFilter(kind())

@@ -10,7 +10,7 @@
 - While the API is gone, Prefect's events client logs a warning per attempt to
   reconnect; the first one becomes one line that says what it means, the rest are dropped.
 - A busy API (a 5xx: :func:`prefect_api_busy`) is no lost one: the job tries the task again
-  (``genflow.flows.job.call_task``), and Prefect's line for the failed request is dropped.
+  (``genflow.flows.job.TaskCall``), and Prefect's line for the failed request is dropped.
 - After the last exit hook, the ``genflow`` program leaves at once (:func:`exit_after_hooks`):
   Python's own teardown of Prefect's, Ray's and pyarrow's modules took 1-3.5 s more on
   2 cores and does nothing a finished command needs.
