@@ -57,12 +57,27 @@ def config_hash(config: JobConfig) -> str:
     return stable_hash(config.model_dump(mode="json", exclude={"sweep", "schedule"}))
 
 
+def stage_seconds(stage: str, figures: dict[str, Any], timings: dict[str, float]) -> float:
+    """A stage's computing seconds: its wall time less its model's load, when it computed a shard
+    and has a wall time (a generate or score stage, rank); else the sum of its shards'."""
+    wall = timings.get(stage)
+    if wall is None or figures["shards"] == figures["skipped"]:
+        return float(figures["seconds"])
+    return round(max(0.0, wall - timings.get(f"start/{stage}", 0.0)), 4)
+
+
 def build_manifest(config: JobConfig, storage: Storage, outcomes: list[StageOutcome], plugins: dict[str, Any],
                    metrics: dict[str, Any], timings: dict[str, float], status: str,
                    rows: dict[str, int] | None = None, requires: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """The manifest, its config redacted and its texts scrubbed of the job's secrets; ``rows`` per
     folder are counted from the parts' footers unless given.
-    ``requires``: the distributions the job's plugins depend on, whose versions it records."""
+    ``requires``: the distributions the job's plugins depend on, whose versions it records.
+
+    A stage's ``seconds`` are what it spent computing: its wall time in ``timings`` less its
+    model's load (``start/<stage>``), where it has one and computed a shard, else the sum of its
+    shards' (:func:`stage_seconds`). Shards of a pack each hold their share of the pack's time, and
+    a stage's packs overlap (the next one's calls are sent while the current one's parts are
+    written): their sum would count the overlap twice."""
     stages: dict[str, dict[str, Any]] = {}
     for o in outcomes:
         s = stages.setdefault(o.stage, {"shards": 0, "skipped": 0, "work_items": 0, "errors": 0, "seconds": 0.0})
@@ -76,6 +91,8 @@ def build_manifest(config: JobConfig, storage: Storage, outcomes: list[StageOutc
             for kind in tokens:
                 tokens[kind] += int(o.tokens.get(kind, 0))
             s["cost"] = round(s.get("cost", 0.0) + o.cost, 8)
+    for name, s in stages.items():
+        s["seconds"] = stage_seconds(name, s, timings)
     return installed().scrub_data({  # a plugin's description or metrics may quote what a server said
         "name": config.name,
         "status": status,
