@@ -118,8 +118,9 @@ def retry_sources(config: JobConfig, registry: Registry) -> tuple[list[Stage], l
     (:func:`genflow.data.resume.awaiting_retries`): those that send requests, and every scorer once
     a generator does (it is redone after it). A job of local models has none: its stages read
     no marker for it."""
-    generators = [layout.generate_stage(g.label) for g in config.generators
-                  if sends_requests(registry.get("generator", g.plugin).factory.implementation(g.params))]
+    generators = [layout.generate_stage(g.label) for g in config.generators  # a local model's episodes too
+                  if sends_requests(registry.get("generator", g.plugin).factory.implementation(g.params))
+                  or episode_settings(g) is not None]
     scorers = [layout.score_stage(s.name) for s in config.scorers
                if generators or sends_requests(registry.get("scorer", s.plugin).factory.implementation(s.params))]
     return generators, scorers
