@@ -133,3 +133,38 @@ def test_a_model_without_a_chat_template_says_so(tiny_models: dict[str, str]) ->
     plain = HFTextGenerator(tiny_models["tiny-gpt2"], HFTextParams(max_new_tokens=4))
     with pytest.raises(RowError, match="has no chat template"):
         asyncio.run(plain.chat(_turn(1)))
+
+
+def test_a_local_models_tool_call_is_run_and_read_back_in_its_next_turn(chat_model: HFTextGenerator,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The episode loop with hf-text: the call written in the template's format runs in the sandbox,
+    and the next turn's prompt holds the call and its result as the template writes them."""
+    from genflow.data.turns import EpisodeRequest
+    from genflow.engine.episodes import EpisodeLoop, EpisodeSettings
+
+    answers = iter(['Let me run it.<tool_call>{"name": "run_python", "arguments": {"code": "print(6 * 7)"}}'
+                    "</tool_call>", "It prints 42."])
+    prompts: list[str] = []
+
+    def scripted(ids: list[list[int]], seeds: list[int], limits: list[int]) -> list[tuple[str, int, str]]:
+        prompts.extend(chat_model.tokenizer.decode(p) for p in ids)
+        return [(next(answers), 7, "stop") for _ in ids]
+
+    monkeypatch.setattr(chat_model._turns, "run", scripted)  # the model's text, scripted; the rest is hf-text's
+    monkeypatch.setattr(chat_model, "too_long", lambda n: None)  # run_python's schema is past tiny-chat's context
+    loop = EpisodeLoop(chat_model, load_tools(["run_python"], get_registry()), EpisodeSettings(4))
+
+    async def send_turn(chat: ChatRequest, call: Any = None) -> tuple[Any, float]:
+        return await chat_model.chat(chat), 0.0
+
+    result = asyncio.run(loop.run(EpisodeRequest("g", "p", "What does print(6 * 7) print?", 0, 3), send_turn,
+                                  lambda turn: None))
+    messages = result.messages  # type: ignore[union-attr]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
+    assert messages[1]["content"] == "Let me run it."
+    assert messages[1]["tool_calls"][0]["function"] == {"name": "run_python", "arguments": '{"code": "print(6 * 7)"}'}
+    assert "42" in messages[2]["content"] and messages[3]["content"] == "It prints 42."
+    assert result.finish_reason == "stop" and result.tool_calls == 1  # type: ignore[union-attr]
+    assert '"name": "run_python"' in prompts[0]  # the tools offered through the template
+    assert ('<tool_call>{"name": "run_python", "arguments": {"code": "print(6 * 7)"}}</tool_call><|im_end|>\n'
+            "<|im_start|>tool\n<tool_response>") in prompts[1] and "42" in prompts[1]
