@@ -1,7 +1,7 @@
 """What a plugin sees, and how genflow calls it: the execution contract.
 
 A plugin is a class deriving from :class:`Generator`, :class:`Scorer`,
-:class:`Exporter`, :class:`Labeller`, :class:`Tool` or :class:`Trainer`; the base
+:class:`Exporter`, :class:`Labeller`, :class:`Tool`, :class:`Trainer` or :class:`Filter`; the base
 class, not the methods it happens to have, says which kind it is. A class declares
 what it needs and genflow does the rest:
 
@@ -668,6 +668,66 @@ class Tool(Plugin):
     @abstractmethod
     def run(self, arguments: BaseModel, context: ToolContext) -> ToolResult:
         """Carry out one call: ``arguments`` validated as :attr:`Arguments`."""
+
+
+# -- filters: rows a job leaves out (duplicates, benchmark items) -----------------
+
+FILTER_TARGETS = ("prompts", "candidates")
+"""What a job's ``filters:`` entry applies to (its ``applies_to``): the input's prompts, after
+they are read and before any generation, or the generated candidates, before scoring."""
+
+
+@dataclass(frozen=True)
+class Removal:
+    """A row a :class:`Filter` leaves out: its position in the rows :meth:`Filter.decide` got,
+    why (``reason``, a short phrase a person reads in ``filtered/``) and, for a duplicate, the
+    position of the row it duplicates (a row that is kept, earlier in the order)."""
+
+    row: int
+    reason: str
+    duplicate_of: int | None = None
+
+
+class Filter(Plugin):
+    """Leaves rows out of a job: duplicates, near-duplicates, benchmark items.
+
+    A filter works in two steps so it scales to millions of rows with memory bounded by
+    signatures, not texts:
+
+    - :meth:`signatures` runs on the Ray workers, a shard's texts at a time, and returns one
+      small, Arrow-typed value per text (:attr:`signature_type`): a hash, a MinHash
+      signature, an embedding, a set of n-gram hashes. genflow writes them with a marker per
+      shard, so a killed job computes again only the shards it had not finished.
+    - :meth:`decide` runs once on the driver over every shard's signatures (never the texts)
+      and returns the rows to leave out. The rows come in a fixed order, by ``group`` then by
+      id, so the first of two duplicates is the one kept, whatever the shards or the workers.
+
+    A filter's object is built once per worker process (``__init__`` may load a model) and
+    once on the driver for :meth:`decide`."""
+
+    signature_type: ClassVar[Any] = None
+    """The Arrow type of one signature (``pa.uint64()``, ``pa.list_(pa.uint32())``); None lets
+    Arrow infer it from the values."""
+    batch_size: ClassVar[int] = 4096
+    """Texts per :meth:`signatures` call."""
+
+    def __init__(self, params: PluginParams) -> None:
+        self.params = params
+
+    @abstractmethod
+    def signatures(self, texts: list[str]) -> list[Any] | pa.Array:
+        """One signature per text, in order (runs on a Ray worker)."""
+
+    @abstractmethod
+    def decide(self, signatures: pa.Array, groups: pa.Array | None) -> list[Removal]:
+        """The rows to leave out, given every row's signature in the job's order (the first of
+        duplicates is kept). ``groups``, when not None, holds each row's group (a candidate's
+        prompt): rows of different groups are never duplicates of each other. Rows with a null
+        signature (no text: an image candidate) are never left out."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records of the filter beyond its params (the model it embeds with)."""
+        return {}
 
 
 # -- training: the policy and reward models a job's rankings make ----------------

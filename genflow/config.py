@@ -85,6 +85,35 @@ def _label_name(value: str) -> str:
     return value
 
 
+class FilterSpec(_Strict):
+    """A filter of a job's ``filters:`` list: a filter plugin and what it leaves out of
+    (``applies_to``). Filters of one ``applies_to`` run in the list's order, each on what the
+    ones before it kept (docs/filters.md)."""
+
+    plugin: str
+    applies_to: Literal["prompts", "candidates"]
+    label: str | None = None
+    """Names the filter in ``filtered/`` and its stage (default: the plugin's name)."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    column: str | None = None
+    """The column whose text the filter reads: default ``prompt`` for prompts, ``text`` for candidates."""
+    across_prompts: bool = False
+    """On candidates: compare candidates of different prompts too (default: a prompt's own only)."""
+
+    @field_validator("label")
+    @classmethod
+    def _label_is_a_name(cls, v: str | None) -> str | None:
+        return _label_name(v) if v is not None else v
+
+    @property
+    def name(self) -> str:
+        return self.label or self.plugin
+
+    @property
+    def text_column(self) -> str:
+        return self.column or ("prompt" if self.applies_to == "prompts" else "text")
+
+
 class ToolSpec(_Strict):
     """A tool a generator's episodes may call: a registered tool's name, and its params."""
 
@@ -304,6 +333,8 @@ class JobConfig(_Strict):
     """The job stops cleanly once its requests have cost this much (with each stage's ``price``)."""
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
     schedule: ScheduleSpec | None = None
+    filters: list[FilterSpec] = Field(default_factory=list)
+    """Filters that leave prompts out before generation, or candidates out before scoring (docs/filters.md)."""
 
     @field_validator("exporters", mode="before")
     @classmethod
@@ -317,6 +348,17 @@ class JobConfig(_Strict):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise ValueError(f"{what} labels must be unique; repeated: {', '.join(dupes)}")
+        for target in ("prompts", "candidates"):
+            names = [f.name for f in self.filters if f.applies_to == target]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"filters: two filters of {target} are named {', '.join(dupes)}; give them labels")
+        for i, f in enumerate(self.filters):
+            if f.label is None and not is_safe_name(f.plugin):
+                raise ValueError(f"filters.{i}: plugin {f.plugin!r} cannot name the filter's files; give it a "
+                                 f"label of {LABEL_CHARACTERS}")
+            if f.across_prompts and f.applies_to == "prompts":
+                raise ValueError(f"filters.{i}.across_prompts: only a filter of candidates compares across prompts")
         for i, s in enumerate(self.scorers):
             if s.label is None and not is_safe_name(s.plugin):
                 raise ValueError(f"scorers.{i}: plugin {s.plugin!r} cannot name the scorer's files; give it a "
@@ -443,6 +485,8 @@ def validate_plugins(config: JobConfig, source: str = "config") -> None:
                g.user.params) for i, g in enumerate(config.generators) if g.user is not None]  # a simulated user
     specs += [("scorer", f"scorers.{i}.plugin", f"scorers.{i}.params", s.plugin, s.params)
               for i, s in enumerate(config.scorers)]
+    specs += [("filter", f"filters.{i}.plugin", f"filters.{i}.params", f.plugin, f.params)
+              for i, f in enumerate(config.filters)]
     specs += [("exporter", f"exporters.{name}", f"exporters.{name}", name, params)
               for name, params in config.exporters.items() if params is not False]
     for kind, plugin_key, params_key, name, params in specs:

@@ -86,6 +86,16 @@ def register_trainers(register: Register) -> None:
     """
 
 
+@hookspec
+def register_filters(register: Register) -> None:
+    """Register filters: ``register("my-dedup", MyFilter)``.
+
+    A filter (a :class:`genflow.api.Filter`) leaves rows out of a job: a job's ``filters:``
+    list names it, with ``applies_to: prompts`` (before generation) or ``candidates``
+    (before scoring). What it leaves out goes to ``filtered/`` with its reason.
+    """
+
+
 @hookspec(firstresult=True)
 def infer_task(columns: list[str]) -> str | None:
     """Name the ``task`` of the rows of a dataset that has these columns and no ``task`` column.

@@ -14,13 +14,13 @@ import pluggy
 from pydantic import BaseModel
 
 from genflow import hookspecs
-from genflow.api import Exporter, Generator, Labeller, Scorer, Tool, Trainer, missing_distributions
+from genflow.api import Exporter, Filter, Generator, Labeller, Scorer, Tool, Trainer, missing_distributions
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "genflow"
 KINDS = {"generator": Generator, "scorer": Scorer, "exporter": Exporter, "labeller": Labeller, "tool": Tool,
-         "trainer": Trainer}
+         "trainer": Trainer, "filter": Filter}
 
 
 class PluginError(RuntimeError):
@@ -129,7 +129,8 @@ class Registry:
                            ("exporter", self.pm.hook.register_exporters),
                            ("labeller", self.pm.hook.register_labellers),
                            ("tool", self.pm.hook.register_tools),
-                           ("trainer", self.pm.hook.register_trainers)):
+                           ("trainer", self.pm.hook.register_trainers),
+                           ("filter", self.pm.hook.register_filters)):
             for impl in reversed(hook.get_hookimpls()):
                 source, version = self._source_of(impl.plugin)
 
