@@ -13,12 +13,15 @@ generations/part-00000-<label>.parquet   one per generator (label ``input``: the
 scores/part-00000-<scorer>.parquet       one per scorer
 rankings/part-00000.parquet              and ``<exporter>/part-00000.parquet`` per exporter
 errors/part-<stage kind>-<label>-00000.parquet
+filtered/part-00000-<prompts|candidates>.parquet   rows the job's filters left out, and why
+_signatures/<target>.<filter>/part-00000.parquet   a filter's signatures of a shard's rows
 images/<prompt_id>/<generation_id>.png   (an id that is no safe name: its hash, see ``path_component``)
 human_rankings/part-<tool>.parquet       what people ranked, pulled from a labelling tool
 demonstrations/part-<tool>.parquet       what people wrote
 <exporter>/part-human.parquet            an exporter's rows made from people's labels
 _labelling/<tool>.json                   the projects pushed to a labelling tool
 _state/<stage>/00000.json                the marker of a finished (stage, shard)
+_state/filtered/<prompts|candidates>.json   the record of the filters' decision over every shard
 _state/lease.json                        the job writing the folder now (genflow.data.lease)
 _journal/<stage>/00000-<fingerprint>/    answered requests of a shard not finished yet
 ```
@@ -56,6 +59,8 @@ MANIFEST = "manifest.json"
 HUMAN_RANKINGS = "human_rankings"
 DEMONSTRATIONS = "demonstrations"
 LABELLING = "_labelling"
+FILTERED = "filtered"
+SIGNATURES = "_signatures"
 HUMAN_FOLDERS = (HUMAN_RANKINGS, DEMONSTRATIONS)
 """The folders ``genflow label pull`` writes; no job stage writes or removes them."""
 HUMAN_PART = "part-human.parquet"
@@ -135,6 +140,8 @@ class Stage:
             return f"{GENERATIONS}/part-{shard}-{self.label}.parquet"
         if self.kind == "score":
             return f"{SCORES}/part-{shard}-{self.label}.parquet"
+        if self.kind == "filter":
+            return f"{SIGNATURES}/{self.label}/part-{shard}.parquet"
         return f"{folder or RANKINGS}/part-{shard}.parquet"
 
     def errors_part(self, index: int) -> str:
@@ -155,6 +162,21 @@ def generate_stage(label: str) -> Stage:
 
 def score_stage(name: str) -> Stage:
     return Stage("score", name)
+
+
+def filter_stage(applies_to: str, label: str) -> Stage:
+    """``filter/<prompts|candidates>.<label>``: a filter's signatures of each shard's rows."""
+    return Stage("filter", f"{applies_to}.{label}")
+
+
+def filtered_part(index: int, applies_to: str) -> str:
+    """``filtered/part-00000-prompts.parquet``: the rows of a shard the filters of ``applies_to`` left out."""
+    return f"{FILTERED}/part-{shard_name(index)}-{applies_to}.parquet"
+
+
+def filter_record(applies_to: str) -> str:
+    """``_state/filtered/prompts.json``: the filters' decision over every shard, with its counts."""
+    return f"{STATE}/{FILTERED}/{applies_to}.json"
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,22 @@ ERRORS = pa.schema([
     ("transient", pa.bool_()),  # may pass if sent again (retries of 429s, 5xx, timeouts ran out): rerun sends it
 ])
 
+FILTERED = pa.schema([
+    ("prompt_id", pa.string()),
+    ("generation_id", pa.string()),  # null for a prompt
+    ("applies_to", pa.string()),  # prompts | candidates
+    ("filter", pa.string()),  # the filter's label
+    ("reason", pa.string()),
+    ("duplicate_of", pa.string()),  # the kept row's id (a prompt_id, or a generation_id); null if no duplicate
+])
+"""``filtered/``: every row a job's filters left out, and why."""
+
+SIGNATURES = pa.schema([
+    ("row_id", pa.string()),  # a prompt_id, or a candidate's generation_id
+    ("group", pa.string()),  # a candidate's prompt_id; null for a prompt
+])
+"""A filter's ``_signatures/`` parts: these columns, then ``signature`` (of the filter's type)."""
+
 
 def empty(schema: pa.Schema) -> pa.Table:
     return schema.empty_table()

@@ -165,6 +165,8 @@ def card_metadata(storage: Storage, manifest: dict[str, Any]) -> dict[str, Any]:
                     "config_hash": manifest.get("config_hash"), "created": manifest.get("created"),
                     "seeds": manifest.get("seeds") or {}, "rows": {f: x.rows for f, x in facts.items()},
                     "errors": (manifest.get("errors") or {}).get("rows", 0),
+                    **({"filtered": {t: e.get("rows", 0) for t, e in manifest["filtered"].items()}}
+                       if manifest.get("filtered") else {}),
                     "models": models(manifest), "versions": versions(manifest)},
     }
 
@@ -210,10 +212,24 @@ def build_card(storage: Storage, manifest: dict[str, Any]) -> str:
     seeds = ", ".join(f"{_plain(k)}: {_plain(v)}" for k, v in meta["genflow"]["seeds"].items())
     lines += ["", f"Seeds: {seeds or '-'}.", "",
               "Versions: " + ", ".join(f"{_plain(k)} {_plain(v)}" for k, v in meta["genflow"]["versions"].items())
-              + ".", "", *human_agreement_lines(manifest),
+              + ".", "", *human_agreement_lines(manifest), *filtered_lines(manifest),
               "`manifest.json` next to this card holds the whole (redacted) config, timings and metrics;",
               "`report.html` shows the scores and samples.", ""]
     return f"---\n{front}---\n\n" + "\n".join(lines)
+
+
+def filtered_lines(manifest: dict[str, Any]) -> list[str]:
+    """The card's section on the rows the job's filters left out (``manifest["filtered"]``)."""
+    found = manifest.get("filtered")
+    if not isinstance(found, dict) or not found:
+        return []
+    lines = ["## Filtered", "", "Rows the job's filters left out of the data above (each one is in `filtered/` "
+             "with its reason and the row it duplicates):", "", "| applies to | filter | rows left out |",
+             "|---|---|---:|"]
+    for target, entry in found.items():
+        for name, count in (entry.get("by_filter") or {}).items():
+            lines.append(f"| {_plain(target)} | {_plain(name)} | {int(count):,} |")
+    return [*lines, ""]
 
 
 def human_agreement_lines(manifest: dict[str, Any]) -> list[str]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from genflow.api import FILTER_TARGETS
 from genflow.config import JobConfig, redacted, stable_hash
 from genflow.data import layout
 from genflow.data.resume import StageOutcome
@@ -39,6 +40,18 @@ def count_rows(storage: Storage, folder: str) -> int:
         with storage.fs.open_input_file(storage.path(rel)) as f:
             total += pq.ParquetFile(f).metadata.num_rows
     return total
+
+
+def filtered_counts(storage: Storage) -> dict[str, Any]:
+    """Rows the job's filters left out, by what they applied to and by filter: from the records of
+    their decisions (``_state/filtered/``), which hold the counts."""
+    out: dict[str, Any] = {}
+    for target in FILTER_TARGETS:
+        rel = layout.filter_record(target)
+        if storage.exists(rel):
+            counts = storage.read_json(rel).get("counts", {})
+            out[target] = {"rows": sum(counts.values()), "by_filter": counts}
+    return out
 
 
 def rows_of(outcomes: list[StageOutcome], prompts: int, exporters: Iterable[str] = ()) -> dict[str, int]:
@@ -109,4 +122,5 @@ def build_manifest(config: JobConfig, storage: Storage, outcomes: list[StageOutc
         "cost": round(sum(s.get("cost", 0.0) for s in stages.values()), 8),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "metrics": metrics,
+        **({"filtered": filtered} if (filtered := filtered_counts(storage)) else {}),
     })

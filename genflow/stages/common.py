@@ -15,6 +15,7 @@ import pyarrow as pa
 from genflow.api import GenerationRequest, Plugin, RowError, ScoreItem, sends_requests
 from genflow.config import GeneratorSpec, JobConfig, PriceSpec, ScorerSpec
 from genflow.data import layout
+from genflow.data.filtered import without_left_out
 from genflow.data.journal import Journal
 from genflow.data.layout import Shard, Stage, resolve_input_path
 from genflow.data.results import Failure, failure_of, scrub_result
@@ -135,7 +136,9 @@ def call_size(stage_batch_size: int | None, config: JobConfig, factory: type) ->
 # -- reading --------------------------------------------------------------------
 
 def read_prompts(storage: Storage, shard: Shard) -> pa.Table:
-    return storage.read_table(layout.PROMPTS_STAGE.part(shard.index))
+    """The shard's prompts, less those the job's filters left out (``filtered/``)."""
+    return without_left_out(storage, shard, "prompts", storage.read_table(layout.PROMPTS_STAGE.part(shard.index)),
+                            "prompt_id")
 
 
 def read_generations(storage: Storage, shard: Shard, labels: list[str]) -> pa.Table:
@@ -146,7 +149,8 @@ def read_generations(storage: Storage, shard: Shard, labels: list[str]) -> pa.Ta
         return GENERATIONS.empty_table()
     tables = [storage.read_table(p) for p in parts]  # an episode's part has its conversation too
     tables = [t.select([c for c in (*GENERATIONS.names, "messages") if c in t.column_names]) for t in tables]
-    return pa.concat_tables(tables, promote_options="permissive")
+    table = pa.concat_tables(tables, promote_options="permissive")
+    return without_left_out(storage, shard, "candidates", table, "generation_id")  # filtered/: not scored nor ranked
 
 
 def read_scores(storage: Storage, shard: Shard, scorers: list[str]) -> pa.Table:

@@ -45,13 +45,13 @@ LAYERS: list[tuple[str, tuple[str, ...], str]] = [
      "a job's config: models, validation, redaction, the job's secrets; a sweep's runs"),
     ("data", ("genflow.data",),
      "storage, input prompts, the output's layout and fingerprints, resume, lease, journal, a row's result, "
-     "an episode's turns, training tables (training_sets.py)"),
+     "an episode's turns, training tables (training_sets.py), the rows filters left out (filtered.py)"),
     ("engine", ("genflow.engine",),
      "Ray actors and workers, the request path, the budget, episodes (episodes.py), their tools (tools.py) "
      "and simulated users (users.py), "
      "training on a Ray task (training.py), JobFailed"),
     ("stages", ("genflow.stages",),
-     "one stage's work on one shard: plan, generate, score, rank"),
+     "one stage's work on one shard: plan, generate, score, rank; the filters (filter.py)"),
     ("outputs", ("genflow.outputs",),
      "manifest, report, dataset card, Prefect artifacts and events, scorer agreement"),
     ("labelling", ("genflow.labelling",),

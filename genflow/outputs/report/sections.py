@@ -71,6 +71,18 @@ def human_sections(manifest: dict[str, Any]) -> list[ReportSection]:
     return sections
 
 
+def filter_sections(manifest: dict[str, Any]) -> list[ReportSection]:
+    """The rows the job's filters left out (``manifest["filtered"]``), by target and filter."""
+    found = manifest.get("filtered")
+    if not isinstance(found, dict) or not found:
+        return []
+    rows = [[target, name, count] for target, entry in found.items() if isinstance(entry, dict)
+            for name, count in (entry.get("by_filter") or {}).items()]
+    return [ReportSection("Filtered rows", ["applies to", "filter", "rows left out"], rows,
+                          "Rows a filter left out, each in filtered/ with its reason and the row it duplicates: "
+                          "a prompt left out is not generated for, a candidate not scored, ranked or exported.")]
+
+
 def merged(sections: list[ReportSection]) -> list[ReportSection]:
     """Sections of the same title and columns (two scorers of one plugin) as one table, a row each."""
     out: list[ReportSection] = []
@@ -110,7 +122,7 @@ def page_sections(manifest: dict[str, Any], taken: set[str]) -> list[dict[str, A
     """The scorers' tables as the template shows them: id, title, columns, rows, note, and
     which columns hold figures (every cell a number)."""
     out = []
-    for s in merged(scorer_sections(manifest) + human_sections(manifest)):
+    for s in merged(scorer_sections(manifest) + human_sections(manifest) + filter_sections(manifest)):
         rows = [list(r) for r in s.rows]
         figures = [bool(rows) and all(i < len(r) and (r[i] is None or _is_figure(r[i])) for r in rows)
                    for i in range(len(s.columns))]
