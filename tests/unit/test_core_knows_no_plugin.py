@@ -38,7 +38,8 @@ were it written out. genflow finds its built-ins through its distribution's entr
 
 def built_ins() -> list[PluginInfo]:
     found = [p for p in get_registry().all() if p.source == "built-in"]
-    assert {p.kind for p in found} == {"generator", "scorer", "exporter", "labeller", "tool", "trainer"}, found
+    assert {p.kind for p in found} == {"generator", "scorer", "exporter", "labeller", "tool", "trainer",
+                                       "filter"}, found
     return found
 
 
