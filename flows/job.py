@@ -469,7 +469,7 @@ class TaskCall:
     def __init__(self, lost: threading.Event, run: Task[Any, Any], *args: Any,
                  wait_for: Sequence[State[Any]] = ()) -> None:
         self.lost, self.run, self.args = lost, run, args
-        self.wait_for = list({id(s.state_details.task_run_id): s for s in wait_for}.values())
+        self.wait_for = list({s.state_details.task_run_id: s for s in wait_for}.values())  # once each
         self.state: State[Any] | None = None
         """Its final state, once it completed under Prefect: what a task reading its output waits for."""
         self.future: PrefectConcurrentFuture[Any] | None = None if lost.is_set() else self._submit()
