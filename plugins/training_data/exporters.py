@@ -138,10 +138,10 @@ class PreferencePairs(Exporter):
             for i, better in enumerate(cands):
                 for worse in cands[i + 1:]:
                     margin = better["score"] - worse["score"]
-                    if margin > 0 and margin >= self.params.min_margin:
+                    if margin > 0 and margin >= self.params.min_margin and _candidate(better) != _candidate(worse):
                         pairs.append((-margin, better["rank"], worse["rank"], better, worse))
             pairs.sort(key=lambda p: p[:3])
-            for _, _, _, chosen, rejected in pairs[: self.params.per_prompt]:
+            for _, _, _, chosen, rejected in _distinct_texts(pairs)[: self.params.per_prompt]:
                 rows.append({
                     "prompt": chosen["prompt"], "chosen": _candidate(chosen), "rejected": _candidate(rejected),
                     "score_chosen": chosen["score"], "score_rejected": rejected["score"],
@@ -253,6 +253,20 @@ class BestOfN(Exporter):
 
 def _candidate(row: dict) -> str:
     return row["text"] if row["text"] is not None else (row["image_path"] or "")
+
+
+def _distinct_texts(pairs: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The pairs, less those whose two texts an earlier pair (a wider margin) already has, either
+    way round: samples of a greedy generator repeat, and would make the same pair once per copy."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for pair in pairs:
+        a, b = _candidate(pair[3]), _candidate(pair[4])
+        key = (a, b) if a <= b else (b, a)
+        if key not in seen:
+            seen.add(key)
+            out.append(pair)
+    return out
 
 
 # -- conversations (a job with episodes) --------------------------------------------------------
