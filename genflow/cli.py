@@ -76,6 +76,11 @@ def run(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no-r
         try:
             job = load_config(config, set_ or [])
             _import_in_background("genflow.flows.job")  # Prefect's flow machinery, while Ray starts
+            if job.rounds is not None:  # the job, its reward model, then rounds of training (docs/rounds.md)
+                from genflow.flows.rounds import run_rounds
+
+                _print_rounds(run_rounds(job, resume=resume, force=force, api_ready=prefect_ready))
+                return
             manifest = run_job(job, resume=resume, api_ready=prefect_ready, force=force)
         except _user_errors() as exc:
             fail(str(exc))
@@ -93,6 +98,24 @@ def run(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no-r
             fail(f"no space left on the output's disk ({exc}): the shards finished so far are kept; "
                  "free some space and run the job again to resume", code=1)
         _print_summary(manifest)
+
+
+def _print_rounds(summary: dict[str, Any]) -> None:
+    """The rounds' figures: the reward model's held-out accuracy, then a row per round."""
+    reward = summary["reward_model"]
+    accuracy = reward.get("heldout_pairwise_accuracy")
+    console.print(f"reward model: {reward['path']}  held-out pairwise accuracy "
+                  f"{'-' if accuracy is None else f'{accuracy:.3f}'} on {reward.get('heldout_pairs')} pairs",
+                  highlight=False, markup=False)
+    table = Table(show_header=True)
+    for column in ("round", "method", "held-out reward", "tokens", "repetition", "trained rows"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in summary["rounds"]:
+        cells = [row["heldout_reward_mean"], row["heldout_mean_tokens"], row["heldout_repetition"]]
+        table.add_row(str(row["round"]), row["method"], *("-" if v is None else f"{v:.4f}" for v in cells),
+                      "-" if row["trained_rows"] is None else str(row["trained_rows"]))
+    console.print(table)
+    console.print(f"output: {summary['output']}  (rounds.parquet, report.html)", highlight=False, markup=False)
 
 
 _IMPORTING: list[Any] = []

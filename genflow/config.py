@@ -301,6 +301,73 @@ class ScheduleSpec(_Strict):
     timezone: str = "UTC"
 
 
+class TrainSpec(_Strict):
+    """A trainer and its params (``genflow plugins --params NAME`` lists them); no trainer: the
+    one installed for the role (a trainer's ``default_for``)."""
+
+    trainer: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class RewardSpec(TrainSpec):
+    """The reward model of a job's rounds: trained from the job's rankings, or one that exists
+    (``model``: a path or id its scorer loads)."""
+
+    model: str | None = None
+    base: str | None = None
+    """The model the reward model starts from (a head is added): default, the policy's."""
+    scorer: str | None = None
+    """The scorer plugin that scores with it: default, the one its trainer names."""
+    scorer_params: dict[str, Any] = Field(default_factory=dict)
+    weight: float = 1.0
+    """Its weight among the scorers that rank each round's candidates."""
+
+    @model_validator(mode="after")
+    def _trained_or_given(self) -> RewardSpec:
+        if self.model is not None and (self.trainer is not None or self.params or self.base is not None):
+            raise ValueError("give either model (an existing reward model) or trainer/params/base (one to train)")
+        return self
+
+
+class SupervisedSpec(TrainSpec):
+    """A supervised start before the rounds: the policy trained on people's ``demonstrations/``
+    (``data: demonstrations``), on the best candidate of each ranking of the reward model's data
+    (``best-of-n``), or on the first of these there is (``auto``)."""
+
+    data: Literal["auto", "demonstrations", "best-of-n"] = "auto"
+
+
+ROUND_METHODS = {"dpo": ("iterative-dpo", "preference"), "best-of-n-sft": ("best-of-n-sft", "prompt-completion")}
+"""A round's ``method``: the name written in the outputs (none of these is PPO) and the rows its
+trainer reads. The method is also the trainer's role (``genflow.api.TRAINER_ROLES``)."""
+
+
+class RoundsSpec(_Strict):
+    """Rounds of policy optimisation (docs/rounds.md): a reward model from the job's rankings,
+    an optional supervised start, then ``count`` rounds in which policy k generates on fresh
+    prompts, the reward model (and the job's scorers) rank its candidates, and policy k+1 is
+    trained on them."""
+
+    count: int = Field(3, ge=1)
+    """Policies trained after the first; one more round only generates, for its held-out figures."""
+    method: Literal["dpo", "best-of-n-sft"] = "dpo"
+    prompts_per_round: int = Field(32, ge=1)
+    heldout_prompts: int = Field(16, ge=1)
+    """Prompts kept out of every training set: the reward model's accuracy and each policy's
+    held-out reward are measured on them."""
+    pairs: Literal["all", "best-worst"] = "best-worst"
+    """A round's pairs per ranking of K candidates: its best and worst, or all K choose 2."""
+    job_scorers: bool = True
+    """Whether the job's own scorers rank each round's candidates beside the reward model."""
+    reward: RewardSpec = Field(default_factory=RewardSpec)
+    supervised: SupervisedSpec | None = None
+    train: TrainSpec = Field(default_factory=TrainSpec)
+
+    @property
+    def method_name(self) -> str:
+        return ROUND_METHODS[self.method][0]
+
+
 def exporter_switches(value: Any) -> Any:
     """``exporters``' values as the config means them: ``true`` and null run the exporter with its
     default params (``{}``), ``false`` turns it off, a mapping gives its params."""
@@ -333,6 +400,8 @@ class JobConfig(_Strict):
     """The job stops cleanly once its requests have cost this much (with each stage's ``price``)."""
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
     schedule: ScheduleSpec | None = None
+    rounds: RoundsSpec | None = None
+    """Rounds of policy optimisation against a reward model (docs/rounds.md); None: one job."""
     filters: list[FilterSpec] = Field(default_factory=list)
     """Filters that leave prompts out before generation, or candidates out before scoring (docs/filters.md)."""
 
@@ -518,6 +587,7 @@ def validate_plugins(config: JobConfig, source: str = "config") -> None:
                                 f"{dataclasses.replace(info, factory=chosen, missing=missing).unavailable_reason()}")
     problems += _episode_problems(config, registry) if not problems else []
     problems += _ranking_problems(config, registry, check_params=not problems)
+    problems += _rounds_problems(config, registry) if config.rounds is not None and not problems else []
     if problems:
         raise ConfigError(f"{source} is not a valid genflow job:\n" + "\n".join(problems))
 
@@ -552,6 +622,77 @@ def _user_problems(i: int, g: GeneratorSpec, registry: Any) -> list[str]:
         problems.append(f"  generators.{i}.max_turns: {g.user.turns} user turns (user.turns) need at least "
                         f"{g.user.turns} assistant turns, one answer each, and max_turns is {g.max_turns}; set "
                         f"max_turns: {g.user.turns} (more when the assistant calls tools)")
+    return problems
+
+
+def round_trainers(rounds: RoundsSpec, registry: Any) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The trainers a job's rounds run, by config key (``rounds.train``, ``rounds.reward``,
+    ``rounds.supervised``): (the trainer's name, its params). A key that names no trainer
+    takes the one installed for its role (raises ``PluginError`` when there is none)."""
+    wanted: list[tuple[str, TrainSpec, str]] = [("rounds.train", rounds.train, rounds.method)]
+    if rounds.reward.model is None:
+        wanted.append(("rounds.reward", rounds.reward, "reward-model"))
+    if rounds.supervised is not None:
+        wanted.append(("rounds.supervised", rounds.supervised, "supervised"))
+    return {key: (spec.trainer or registry.default_trainer(role).name, spec.params) for key, spec, role in wanted}
+
+
+def _rounds_problems(config: JobConfig, registry: Any) -> list[str]:
+    """What makes a job's ``rounds`` unrunnable: its trainers (each known, installed, its params
+    valid, training the right kind from the method's rows), one generator whose model the rounds
+    replace, rankings to train the reward model from, and an output on a filesystem."""
+    from genflow.registry import PluginError
+
+    rounds = config.rounds
+    assert rounds is not None
+    problems = []
+    if len(config.generators) != 1:
+        problems.append(f"  generators: rounds train one policy, so the job has one generator "
+                        f"(it has {len(config.generators)})")
+    elif not config.generators[0].model:
+        problems.append("  generators.0.model: rounds start from the generator's model: give its path")
+    if "://" in config.output:
+        problems.append("  output: rounds write checkpoints into the output folder, which must be a path on a "
+                        "(shared) filesystem, not a URI")
+    if rounds.reward.model is None and not config.scorers:
+        problems.append("  rounds.reward: training a reward model needs the job's rankings: give the job scorers, "
+                        "or an existing reward model as rounds.reward.model")
+    needs = {"rounds.train": ("policy", ROUND_METHODS[rounds.method][1]),
+             "rounds.reward": ("reward-model", "preference"), "rounds.supervised": ("policy", "prompt-completion")}
+    try:
+        trainers = round_trainers(rounds, registry)
+    except PluginError as exc:
+        return [*problems, f"  rounds: {exc}"]
+    for key, (name, params) in trainers.items():
+        try:
+            info = registry.get("trainer", name)
+        except PluginError as exc:
+            problems.append(f"  {key}.trainer: {exc}")
+            continue
+        if not info.available:
+            problems.append(f"  {key}.trainer: {info.unavailable_reason()}")
+            continue
+        trains, rows = needs[key]
+        if (info.factory.trains, info.factory.data_format) != (trains, rows):
+            problems.append(f"  {key}.trainer: {name!r} trains a {info.factory.trains} from "
+                            f"{info.factory.data_format} rows; {key} needs a {trains} trained from {rows} rows"
+                            + (f" (method {rounds.method})" if key == "rounds.train" else ""))
+            continue
+        try:
+            info.factory.Params.model_validate(params)
+        except ValidationError as exc:
+            problems += [f"  {key}.params.{line.strip()}" for line in _format_errors(exc).splitlines()]
+        if key == "rounds.reward" and rounds.reward.scorer is None and info.factory.scorer is None:
+            problems.append(f"  rounds.reward.scorer: trainer {name!r} names no scorer for its checkpoints: "
+                            "name the scorer plugin that loads them")
+    scorer = rounds.reward.scorer
+    if scorer is not None:
+        try:
+            registry.get("scorer", scorer)
+        except PluginError as exc:
+            problems.append(f"  rounds.reward.scorer: {exc}")
+    elif rounds.reward.model is not None:
+        problems.append("  rounds.reward.scorer: an existing reward model needs the scorer plugin that loads it")
     return problems
 
 

@@ -61,3 +61,29 @@ def train_on_ray(spec: RaySpec, name: str, factory: Any, params: dict[str, Any],
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if getattr(exc, "cause", None) is not None else exc
         raise TrainingFailed(f"trainer {name!r} failed: {type(cause).__name__}: {cause}") from exc
+
+
+def _score_in_worker(factory: Any, model: str, params: dict[str, Any], items: list[Any],
+                     batch_size: int) -> list[float | None]:
+    """What :func:`score_on_ray` runs: the scorer built once, its calls in batches; a row it
+    could not score is None."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+    scorer = factory(model, factory.Params.model_validate(params), device)
+    out: list[float | None] = []
+    for start in range(0, len(items), batch_size):
+        out += [getattr(result, "value", None) for result in scorer.score(items[start:start + batch_size])]
+    return out
+
+
+def score_on_ray(spec: RaySpec, factory: Any, model: str, params: dict[str, Any], items: list[Any],
+                 gpus: float | None = None) -> list[float | None]:
+    """Score ``items`` (:class:`genflow.api.ScoreItem`) with one scorer in one Ray task: a reward
+    model's held-out evaluation, a few hundred candidates, without a job's machinery."""
+    ray_cluster.init_ray(spec)
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(_score_in_worker)
+    values: list[float | None] = ray.get(task.remote(factory, model, params, items, factory.batch_size))
+    return values

@@ -30,6 +30,7 @@ from genflow.outputs.report.read import (
     stage_rows,
 )
 from genflow.outputs.report.render import environment
+from genflow.outputs.report.rounds import rounds_context
 from genflow.outputs.report.samples import (
     SAMPLE_PROMPTS,
     add_derived_media,
@@ -41,7 +42,7 @@ from genflow.outputs.report.samples import (
 )
 from genflow.outputs.report.sections import page_sections
 
-FIXED_SECTIONS = ("summary", "throughput", "errors", "scores", "agreement", "images", "samples", "config")
+FIXED_SECTIONS = ("summary", "throughput", "errors", "scores", "rounds", "agreement", "images", "samples", "config")
 """The ids of the page's own sections; a scorer's table never takes one of them."""
 
 
@@ -109,6 +110,7 @@ def report_context(storage: Storage, manifest: dict[str, Any]) -> dict[str, Any]
         "histograms": _histograms(storage, scorer_names),
         "scorer_sections": page_sections(manifest, set(FIXED_SECTIONS)),
         "agreement": _agreement_rows(manifest),
+        "rounds": rounds_context(storage),
         "agreement_combined": COMBINED,
         "scorer_names": scorer_names,
         "weights": weights,
