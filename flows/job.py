@@ -105,6 +105,7 @@ from genflow.stages import (
     score_work,
 )
 from genflow.stages.common import Budget, Pool
+from genflow.stages.filter import filter_candidates, filter_prompts
 
 NOT_PREFECTS = (ConfigError, InputError, PluginError, RayUnreachable, JobFailed, PoolStopped)
 """A task's errors that are the job's, not Prefect's: no retry fixes them, nor running without Prefect."""
@@ -251,8 +252,10 @@ def _run_stages(session: JobSession, workers: Workers) -> dict[str, Any]:
     job = JobContext(config, storage, base_dir, read, Budget(config.max_cost))
     index = DoneIndex(storage) if resume else None  # what earlier runs finished, listed once
     unhashed = {s.stage.name: s.factory.unhashed_params for s in stages}
-    plans = [layout.plan_shard(shard, config, exporters, unhashed) for shard in shards]
-    outcomes: list[StageOutcome] = []
+    # Filters of prompts: what they leave out is not generated for (genflow.stages.filter).
+    kept, prompt_filtering = filter_prompts(job, shards, index, registry)
+    plans = [layout.plan_shard(shard, config, exporters, unhashed) for shard in kept]
+    outcomes: list[StageOutcome] = list(prompt_filtering.outcomes)
     timings["plan"] = time.perf_counter() - t0
 
     def done(stage: Stage, shard: Shard, fingerprint: str) -> StageOutcome | None:
@@ -269,7 +272,11 @@ def _run_stages(session: JobSession, workers: Workers) -> dict[str, Any]:
             own_outcomes, written = _run_cheap_stage(lost, job, own, [(p.shard, p.generate[0][1]) for p in plans],
                                                      done, input_task, upstream=planned)
             outcomes += own_outcomes
+    candidate_filtering = None
     for stage in stages:
+        if stage.stage.kind == "score" and candidate_filtering is None:  # filters of candidates, before scoring
+            plans, candidate_filtering = filter_candidates(job, plans, index, registry)
+            outcomes += candidate_filtering.outcomes
         t = time.perf_counter()
         pool = stage.pool(config, workers)
         if isinstance(pool, RequestPool):
@@ -287,6 +294,10 @@ def _run_stages(session: JobSession, workers: Workers) -> dict[str, Any]:
         timings[stage.stage.name] = time.perf_counter() - t
         if pool.start_seconds:
             timings[f"start/{stage.stage.name}"] = pool.start_seconds  # waiting for the model loads
+
+    if candidate_filtering is None:  # a job without scorers: its candidates are still filtered
+        plans, candidate_filtering = filter_candidates(job, plans, index, registry)
+        outcomes += candidate_filtering.outcomes
 
     # Rank and export: cheap, no Ray.
     if config.scorers:
