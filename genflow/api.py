@@ -145,6 +145,21 @@ def request_slot() -> AbstractAsyncContextManager[Any]:
     return slots.slot() if slots is not None else contextlib.nullcontext()
 
 
+_RESPONSE_CACHE: ContextVar[Any] = ContextVar("genflow_response_cache", default=None)
+"""The stage's response cache (set by ``genflow.engine.requesting`` around each call; None: none)."""
+
+
+def response_cache() -> Any:
+    """The job's response cache for the call in progress, or None (``docs/batch-and-cache.md``).
+
+    A request plugin that knows the exact request it sends (its endpoint and JSON body)
+    looks it up before sending (``await cache.aget(endpoint, body)``: the stored answer or
+    None) and keeps what the server answered (``await cache.aput(endpoint, body, answer)``).
+    A result built from a stored answer sets ``cached = True`` (:class:`Generation`): it
+    cost nothing. Outside the engine's request path, or in a job without a cache, None."""
+    return _RESPONSE_CACHE.get()
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One candidate to generate: a prompt row, a sample index and its seed."""
@@ -181,6 +196,8 @@ class Generation:
     """An episode's assistant turns (each one request)."""
     tool_calls: int | None = None
     """An episode's tool calls, malformed ones included."""
+    cached: bool = False
+    """Answered from the job's response cache (:func:`response_cache`): not sent, so it cost nothing."""
 
 
 @dataclass(frozen=True)

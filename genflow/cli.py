@@ -546,6 +546,55 @@ def label_pull(output: OutputArg, tool: ToolOpt = None, url: UrlOpt = None, api_
                       highlight=False)
 
 
+cache_app = typer.Typer(no_args_is_help=True, help="The response cache jobs share (cache.path or $GENFLOW_CACHE): "
+                        "what it holds, and pruning it.")
+app.add_typer(cache_app, name="cache")
+CacheArg = Annotated[str | None, typer.Argument(help="the cache's folder or s3:// prefix (default: $GENFLOW_CACHE)",
+                                                show_default=False)]
+
+
+def _open_cache(path: str | None) -> Any:
+    from genflow.engine.cache import CACHE_ENV, ResponseCache
+
+    where = path or os.environ.get(CACHE_ENV, "").strip()
+    if not where:
+        fail(f"name the cache's folder, or set ${CACHE_ENV}")
+    try:
+        return ResponseCache.open(where)
+    except _user_errors() as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot open the cache {where}: {exc}")
+
+
+@cache_app.command("stats")
+def cache_stats(path: CacheArg = None) -> None:
+    """How many answers the cache holds, their size, and when the oldest and newest were written."""
+    from datetime import datetime, timezone
+
+    cache = _open_cache(path)
+    stats = cache.stats()
+    when = lambda t: "-" if t is None else datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out.print(f"{cache.path}: {stats.entries} answers, {stats.bytes / 1e6:.2f} MB, oldest {when(stats.oldest)}, "
+              f"newest {when(stats.newest)}", highlight=False)
+
+
+@cache_app.command("prune")
+def cache_prune(path: CacheArg = None, older_than: Annotated[str, typer.Option(
+        "--older-than", help="delete the answers written longer ago than this: 30d, 12h, 2w...")] = "30d") -> None:
+    """Delete the cache's answers older than --older-than (a job sends those requests again)."""
+    from genflow.engine.cache import parse_age
+
+    try:
+        seconds = parse_age(older_than)
+    except ValueError as exc:
+        fail(f"--older-than: {exc}")
+    cache = _open_cache(path)
+    deleted, freed = cache.prune(seconds)
+    out.print(f"{cache.path}: deleted {deleted} answers older than {older_than} ({freed / 1e6:.2f} MB)",
+              highlight=False)
+
+
 def main() -> None:
     from genflow.runtime.shutdown import exit_after_hooks
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -50,6 +51,21 @@ class RequestsSpec(_Strict):
     rpm: float | None = Field(None, gt=0, description="Requests per minute at most, for the whole job.")
     tpm: float | None = Field(None, gt=0, description="Tokens (prompt + completion) per minute at most, "
                               "for the whole job.")
+    cache: str | None = Field(None, description="The response cache's folder or s3:// prefix for this stage: "
+                              "the job's cache.path (or $GENFLOW_CACHE) unless set here (docs/batch-and-cache.md).")
+    mode: Literal["live", "batch"] = Field("live", description="live: each request sent as it comes; batch: a "
+                                           "pack's requests through the provider's Batch API, at its batch "
+                                           "price, answered within completion_window (docs/batch-and-cache.md).")
+    poll_s: float = Field(60.0, gt=0, description="batch: the longest wait between two looks at a running batch "
+                          "(the first is within 2 s, then the waits grow to this).")
+    completion_window: str = Field("24h", description="batch: the provider's completion window.")
+    max_resubmits: int = Field(2, ge=0, description="batch: times failed and expired lines are sent again in a "
+                               "new batch before they become errors/ rows.")
+    max_batch_requests: int = Field(50_000, ge=1, description="batch: requests per batch at most (the "
+                                    "provider's limit); more are split over several batches.")
+    max_batch_bytes: int = Field(200_000_000, ge=1024, description="batch: bytes per input file at most.")
+    batch_journal: str | None = Field(None, description="batch: where the ids of the stage's batches are "
+                                      "journaled (set by genflow: the output's _state/batches/<label>).")
 
 
 class PriceSpec(_Strict):
@@ -57,9 +73,22 @@ class PriceSpec(_Strict):
 
     input_per_mtok: float = Field(0.0, ge=0)
     output_per_mtok: float = Field(0.0, ge=0)
+    batch_input_per_mtok: float | None = Field(None, ge=0)
+    """The price through the provider's Batch API (``requests.mode: batch``); None: half ``input_per_mtok``."""
+    batch_output_per_mtok: float | None = Field(None, ge=0)
+    batch: bool = Field(False, exclude=True)
+    """Set by genflow on a stage in batch mode: :meth:`cost` uses the batch prices."""
+
+    def rates(self) -> tuple[float, float]:
+        """(input, output) per million tokens, as this stage's requests are sent."""
+        if not self.batch:
+            return self.input_per_mtok, self.output_per_mtok
+        return (self.input_per_mtok / 2 if self.batch_input_per_mtok is None else self.batch_input_per_mtok,
+                self.output_per_mtok / 2 if self.batch_output_per_mtok is None else self.batch_output_per_mtok)
 
     def cost(self, prompt_tokens: int | None, completion_tokens: int | None) -> float:
-        return ((prompt_tokens or 0) * self.input_per_mtok + (completion_tokens or 0) * self.output_per_mtok) / 1e6
+        rate_in, rate_out = self.rates()
+        return ((prompt_tokens or 0) * rate_in + (completion_tokens or 0) * rate_out) / 1e6
 
 
 UNHASHED_SPEC_KEYS = {"requests", "price"}
@@ -296,6 +325,18 @@ class StorageSpec(_Strict):
     """Unsigned requests (a public bucket): no credentials are sent."""
 
 
+def _absolute(path: str) -> str:
+    """A local path as a worker elsewhere reads it (a URI as it is)."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+class CacheSpec(_Strict):
+    """The response cache a job's request stages share with other jobs (docs/batch-and-cache.md)."""
+
+    path: str = Field(description="A folder or an s3:// prefix; the same one for every job that may reuse "
+                      "answers. Unset: $GENFLOW_CACHE, else no cache.")
+
+
 class ScheduleSpec(_Strict):
     cron: str
     timezone: str = "UTC"
@@ -404,11 +445,28 @@ class JobConfig(_Strict):
     """Rounds of policy optimisation against a reward model (docs/rounds.md); None: one job."""
     filters: list[FilterSpec] = Field(default_factory=list)
     """Filters that leave prompts out before generation, or candidates out before scoring (docs/filters.md)."""
+    cache: CacheSpec | None = None
+    """The response cache of the job's request stages (else ``$GENFLOW_CACHE``; docs/batch-and-cache.md)."""
 
     @field_validator("exporters", mode="before")
     @classmethod
     def _exporter_switches(cls, v: Any) -> Any:
         return exporter_switches(v)
+
+    @model_validator(mode="after")
+    def _cache_everywhere(self) -> JobConfig:
+        """Each request stage's ``requests.cache``: its own, else the job's, else ``$GENFLOW_CACHE``."""
+        path = self.cache.path if self.cache is not None else os.environ.get("GENFLOW_CACHE", "").strip()
+        specs: list[GeneratorSpec | ScorerSpec] = [*self.generators, *self.scorers]
+        for spec in specs:
+            if path and spec.requests.cache is None:
+                spec.requests.cache = _absolute(path)
+            if spec.requests.mode == "batch":
+                label = spec.label if isinstance(spec, GeneratorSpec) else spec.name
+                spec.requests.batch_journal = f"{_absolute(self.output).rstrip('/')}/_state/batches/{label}"
+                if spec.price is not None:
+                    spec.price.batch = True
+        return self
 
     @model_validator(mode="after")
     def _unique_labels(self) -> JobConfig:

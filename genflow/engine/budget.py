@@ -109,8 +109,9 @@ def request_cost(sent: Any, result: Any, price: PriceSpec | None, posts: int = 1
     call made (:func:`genflow.api.request_slot`). A result that reports its tokens is priced
     by them (the plugin sums its requests'); a failure that reports none cost nothing (it
     was refused, or never sent); an answer that reports none is priced from characters: the
-    item's and the answer's, once per post (a schema's retries, a judge's questions)."""
-    if price is None or not priced(price):
+    item's and the answer's, once per post (a schema's retries, a judge's questions). A result
+    from the response cache (``cached``) was not sent, and cost nothing."""
+    if price is None or not priced(price) or getattr(result, "cached", False):  # a cache hit was not sent
         return 0.0, False
     if isinstance(result, list) and isinstance(sent, Sequence) and not isinstance(sent, str):
         total, estimated = 0.0, False

@@ -41,11 +41,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from genflow.api import _REQUEST_SLOTS, Generator, RowError, TransientError
+from genflow.api import _REQUEST_SLOTS, _RESPONSE_CACHE, Generator, RowError, TransientError
 from genflow.config import PriceSpec, RequestsSpec
 from genflow.data.results import Failure, failure_of
 from genflow.data.turns import EpisodeRequest, Turn
+from genflow.engine.batches import BatchRunner
 from genflow.engine.budget import Budget, request_cost
+from genflow.engine.cache import ResponseCache
 from genflow.engine.episodes import EpisodeLoop, EpisodeSettings
 from genflow.engine.tools import Toolbox, load_tools
 from genflow.engine.users import UserSimulator
@@ -255,6 +257,8 @@ class RequestRunner:
         self.tooling = 0
         """Episodes running their tools: they hold no slot, so others may start."""
         self._start_more: Callable[[], None] | None = None
+        self.cache: ResponseCache | None = None
+        """The job's response cache, handed to the plugin's calls (:func:`genflow.api.response_cache`)."""
 
     def stop_sending(self) -> None:
         self.stopped = True
@@ -310,6 +314,7 @@ class RequestRunner:
             outcome, retry_after = "other", None
             slots = _CallSlots(self, ordinal)
             token = _REQUEST_SLOTS.set(slots)
+            cache_token = _RESPONSE_CACHE.set(self.cache)
             try:
                 async with self.clock.timeout(self.spec.timeout_s):
                     result = await call(item)
@@ -329,6 +334,7 @@ class RequestRunner:
                 return Answer(index, Failure(f"{type(exc).__name__}: {exc}", traceback.format_exc()),
                               self.clock.now() - started, attempt + 1)
             finally:
+                _RESPONSE_CACHE.reset(cache_token)
                 _REQUEST_SLOTS.reset(token)
                 if slots.holds:
                     await self.limit.release(ordinal, outcome)
@@ -452,6 +458,13 @@ class RequestWorker:
         self.plugin = factory(model, factory.Params.model_validate(params), "cpu")
         call = self.plugin.generate if issubclass(factory, Generator) else self.plugin.score
         self.runner = RequestRunner(call, RequestsSpec.model_validate(requests), seed)
+        if self.runner.spec.cache:
+            self.runner.cache = ResponseCache.open(self.runner.spec.cache)
+        self.batches: BatchRunner | None = None
+        """``requests.mode: batch``: the streams go through the provider's Batch API instead."""
+        if self.runner.spec.mode == "batch":
+            self.batches = BatchRunner(self.plugin, self.runner.spec,
+                                       os.path.basename(self.runner.spec.batch_journal or ""), self.runner.cache)
         if episode is not None:  # {max_turns, max_episode_tokens, tools}: the stage's items are episodes
             self.runner.episodes = EpisodeLoop(self.plugin, load_toolbox(episode.get("tools")), EpisodeSettings(
                 episode["max_turns"], episode.get("max_episode_tokens")),
@@ -465,6 +478,10 @@ class RequestWorker:
         :meth:`RequestRunner.run`)."""
         if self._watching is None:
             self._watching = asyncio.ensure_future(self._watch_parent())
+        if self.batches is not None:  # the driver counts the budget; a batch is sent whole
+            async for answers in self.batches.run(items):
+                yield [Answer(*answer) for answer in answers]
+            return
         async for batch in self.runner.run(items, budget=budget, price=price):
             yield batch
 
@@ -487,6 +504,10 @@ class RequestWorker:
                  "rate_limited": limit.rejections, "retries": self.runner.retries}
         if self.runner.retry_after_capped:
             stats["retry_after_capped"] = self.runner.retry_after_capped
+        if self.runner.cache is not None:  # answers not sent, and answers kept for later jobs
+            stats["cache_hits"], stats["cache_writes"] = self.runner.cache.hits, self.runner.cache.writes
+        if self.batches is not None:
+            stats.update(self.batches.stats())
         return stats
 
     async def close(self) -> None:

@@ -146,14 +146,19 @@ class OpenAIGenerator(Generator):
         if isinstance(body, RowError):
             return body
         paid = [0, 0]  # every answer's tokens, those that missed the schema too: each was paid for
+        sent = False  # a request went to the server (not every answer came from the response cache)
         for attempt in range(self.params.schema_retries + 1 if self._validator is not None else 1):
             if attempt and self.params.seed_requests:
                 body["seed"] = retry_seed(request.seed, attempt)
-            generation = self._generation(await self.client.post(body))
-            paid[0] += generation.prompt_tokens or 0
-            paid[1] += generation.num_tokens or 0
-            if attempt:
+            answer, cached = await self.client.post_cached(body)
+            generation = self._generation(answer)
+            sent = sent or not cached
+            if not cached:
+                paid[0] += generation.prompt_tokens or 0
+                paid[1] += generation.num_tokens or 0
+            if attempt and sent:
                 generation.prompt_tokens, generation.num_tokens = paid[0] or None, paid[1] or None
+            generation.cached = not sent
             if self._validator is None:
                 return generation
             problem = self._schema_problem(generation)
@@ -168,6 +173,28 @@ class OpenAIGenerator(Generator):
     async def aclose(self) -> None:
         """Close the HTTP session (the engine calls it at the end of the stage)."""
         await self.client.aclose()
+
+    # -- batch mode (requests.mode: batch, genflow.engine.batches) ----------------
+
+    def batch_api(self) -> OpenAIClient:
+        """The Batch API's calls: files and batches on the (first) server of ``base_url``."""
+        return self.client
+
+    def batch_request(self, request: GenerationRequest) -> dict[str, Any] | RowError:
+        """The body of ``request``'s line in a batch: the body a live request sends."""
+        return self._body(request)
+
+    def batch_result(self, request: GenerationRequest, answer: dict[str, Any]) -> Generation | RowError:
+        """A batch line's answer: its candidate, checked against ``response_format`` (a batch has
+        no schema retries: an answer that misses it is the row's error)."""
+        generation = self._generation(answer)
+        if self._validator is not None and (problem := self._schema_problem(generation)) is not None:
+            error = RowError(f"the answer does not meet response_format ({problem}); the answer: {generation.raw}")
+            error.raw = generation.raw  # type: ignore[attr-defined]
+            error.prompt_tokens = generation.prompt_tokens  # type: ignore[attr-defined]
+            error.completion_tokens = generation.num_tokens  # type: ignore[attr-defined]
+            return error
+        return generation
 
     # -- episodes ----------------------------------------------------------------
 

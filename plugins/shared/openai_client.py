@@ -36,7 +36,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
-from genflow.api import RowError, TransientError, request_slot
+from genflow.api import RowError, TransientError, request_slot, response_cache
 from genflow.secrets import Scrubber, Secret, redact_url, url_secrets
 
 if TYPE_CHECKING:
@@ -151,6 +151,21 @@ class OpenAIClient:
         async with request_slot():  # the stage's concurrency, rpm and tpm count each HTTP request
             return await self._post(body, key, headers)
 
+    async def post_cached(self, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """:meth:`post` through the job's response cache (:func:`genflow.api.response_cache`): the
+        stored answer to the same request when there is one (not sent), else the server's, kept
+        for later jobs. Returns (answer, whether it came from the cache). The key is the
+        endpoint and the body, never the key or the server's URL (``genflow.engine.cache``)."""
+        cache = response_cache()
+        if cache is None:
+            return await self.post(body), False
+        stored = await cache.aget(self.path, body)
+        if stored is not None:
+            return stored, True
+        answer = await self.post(body)
+        await cache.aput(self.path, body, answer)
+        return answer, False
+
     async def _post(self, body: dict[str, Any], key: str | None, headers: dict[str, str]) -> dict[str, Any]:
         import aiohttp
 
@@ -177,6 +192,66 @@ class OpenAIClient:
         if not isinstance(answer, dict):
             raise TransientError(f"malformed answer from {server.name}: not a JSON object")
         return answer
+
+    # -- the Batch API (requests.mode: batch; genflow.engine.batches drives it) ----------
+
+    async def batch_upload(self, data: bytes, filename: str) -> str:
+        """Upload a batch's JSONL input (``POST /files``, purpose ``batch``): its file id."""
+        import aiohttp
+
+        form = aiohttp.FormData()
+        form.add_field("purpose", "batch")
+        form.add_field("file", data, filename=filename, content_type="application/jsonl")
+        answer = json.loads(await self._call("POST", "/files", data=form))
+        return str(answer["id"])
+
+    async def batch_create(self, input_file_id: str, endpoint: str, completion_window: str,
+                           metadata: dict[str, str]) -> dict[str, Any]:
+        """Create a batch (``POST /batches``): the provider's batch object."""
+        body = {"input_file_id": input_file_id, "endpoint": endpoint, "completion_window": completion_window,
+                "metadata": metadata}
+        answer: dict[str, Any] = json.loads(await self._call("POST", "/batches", body=body))
+        return answer
+
+    async def batch_retrieve(self, batch_id: str) -> dict[str, Any]:
+        answer: dict[str, Any] = json.loads(await self._call("GET", f"/batches/{batch_id}"))
+        return answer
+
+    async def batch_cancel(self, batch_id: str) -> dict[str, Any]:
+        answer: dict[str, Any] = json.loads(await self._call("POST", f"/batches/{batch_id}/cancel"))
+        return answer
+
+    async def file_content(self, file_id: str) -> bytes:
+        """A file's bytes (``GET /files/{id}/content``): a batch's output or error JSONL."""
+        return await self._call("GET", f"/files/{file_id}/content", limit=None)
+
+    def batch_url(self) -> str:
+        """The ``url`` of a batch line and the batch's ``endpoint``: the path below the host."""
+        from yarl import URL
+
+        return URL(self.servers[0].base_url).path.rstrip("/") + self.path
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None, data: Any = None,
+                    limit: int | None = MAX_ANSWER_BYTES) -> bytes:
+        """One Batch API call to the first server: its body, or TransientError / RowError as for a completion."""
+        import aiohttp
+
+        key = self._key()
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        server = self.servers[0]  # a batch lives on one provider: its files and batches are there
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        try:
+            async with self._client().request(method, server.base_url + path, data=data, headers=headers,
+                                              allow_redirects=False) as response:
+                status, answer_headers = response.status, response.headers
+                payload = await read_answer(response, limit or 2**62, server.name)
+        except aiohttp.ClientError as exc:
+            raise TransientError(self.scrub(f"{type(exc).__name__} from {server.name}: {exc}", key)) from None
+        if not 200 <= status < 300:
+            raise self._refusal(server, status, answer_headers, payload, key)
+        return payload
 
     def scrub(self, text: str, key: str | None) -> str:
         """``text`` with the key and the password of any ``base_url`` blanked, should a server echo them."""
