@@ -1,0 +1,146 @@
+"""Batch mode (``requests: {mode: batch}``) against the stand-in Batch API (``support.batch_server``).
+
+The server counts what a client asked for: live requests (``received``), batches created
+and each request's lines over every batch (``lines``): what the job would have paid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.dataset as ds
+import pytest
+from support.batch_server import BatchServer
+from support.jobs import ROOT
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = str(ROOT / "configs/data/quickstart_prompts.parquet")
+PRICE = {"input_per_mtok": 0.5, "output_per_mtok": 1.5, "batch_input_per_mtok": 0.25, "batch_output_per_mtok": 0.75}
+
+
+@pytest.fixture
+def batch_server():
+    server = BatchServer().start()
+    yield server
+    server.stop()
+
+
+def _job(tmp_path: Path, out: str, server: BatchServer, mode: str = "batch", **requests: Any) -> dict[str, Any]:
+    return {
+        "name": "batched", "input": PROMPTS, "output": str(tmp_path / out), "shard_rows": 16,
+        "generators": [{"label": "served", "plugin": "openai", "model": "stand-in", "samples": 2,
+                        "params": {"base_url": server.url, "max_tokens": 8, "temperature": 0.7},
+                        "requests": {"mode": mode, "poll_s": 0.05, "timeout_s": 5.0, "backoff_s": 0.02,
+                                     **requests},
+                        "price": PRICE}],
+        "scorers": [{"plugin": "length"}],
+        "ray": {"workers": 1},
+    }
+
+
+def _rows(out: Path, folder: str) -> list[dict[str, Any]]:
+    return ds.dataset(str(out / folder)).to_table().to_pylist() if (out / folder).exists() else []
+
+
+def _generations(out: Path) -> dict[str, tuple[str, int, int, str]]:
+    return {r["generation_id"]: (r["text"], r["prompt_tokens"], r["num_tokens"], r["finish_reason"])
+            for r in _rows(out, "generations")}
+
+
+def test_batch_mode_writes_the_rows_live_mode_writes_at_the_batch_price(tmp_path, job_runner, test_plugins,
+                                                                       batch_server):
+    live = job_runner(_job(tmp_path, "live", batch_server, mode="live"))
+    assert batch_server.received == 32 and batch_server.batches_created == 0
+    batch = job_runner(_job(tmp_path, "batch", batch_server))
+    assert batch_server.received == 32, "batch mode sent live requests"
+    assert batch_server.batches_created == 1 and batch_server.uploads_purposes == ["batch"]
+    rows = _generations(tmp_path / "batch")
+    assert rows == _generations(tmp_path / "live") and len(rows) == 32
+    assert set(batch_server.lines) == set(rows) and set(batch_server.lines.values()) == {1}
+    stage = batch["stages"]["generate/served"]
+    tokens = stage["tokens"]
+    assert tokens == live["stages"]["generate/served"]["tokens"]
+    assert stage["cost"] == pytest.approx((tokens["prompt"] * 0.25 + tokens["completion"] * 0.75) / 1e6)
+    assert live["stages"]["generate/served"]["cost"] == pytest.approx(2 * stage["cost"])
+    assert batch["plugins"]["served"]["requests"]["batches"] == 1
+    assert not _rows(tmp_path / "batch", "errors")
+
+
+def test_expired_and_failed_lines_go_in_a_new_batch_then_to_errors(tmp_path, job_runner, test_plugins,
+                                                                  batch_server):
+    poisoned: set[str] = set()
+
+    def fail_line(custom_id: str, ordinal: int) -> bool:
+        if not poisoned:
+            poisoned.update(sorted(batch_server.lines)[:3])  # three requests fail in every batch
+        return custom_id in poisoned
+
+    batch_server.fail_line = fail_line
+    batch_server.expire_after = {1: 20}  # the first batch expires with 20 of its 32 lines done
+    job_runner(_job(tmp_path, "out", batch_server, max_resubmits=1))
+    out = tmp_path / "out"
+    first = batch_server.batches[min(batch_server.batches, key=lambda b: batch_server.batches[b].ordinal)]
+    assert first.status == "expired"
+    assert batch_server.batches_created == 2  # the failed and expired lines, sent again once
+    expired = {line["custom_id"] for line in first.lines[20:]}
+    again = {c for c, n in batch_server.lines.items() if n == 2}
+    assert again == expired | poisoned
+    gens = _generations(out)
+    errors = _rows(out, "errors")
+    assert sorted(e["generation_id"] for e in errors) == sorted(poisoned)
+    assert all("after 2 batches" in e["error"] and "status 500" in e["error"] for e in errors)
+    assert set(gens) | poisoned == set(batch_server.lines) and not set(gens) & poisoned
+
+
+def _batch_journal(out: Path) -> list[dict[str, Any]]:
+    folder = out / "_state" / "batches" / "served"
+    return [json.loads(p.read_text()) for p in folder.glob("*.json")] if folder.exists() else []
+
+
+def test_a_job_killed_while_its_batch_runs_reattaches_and_pays_once(tmp_path, job_runner, test_plugins,
+                                                                   batch_server):
+    batch_server.hold = True  # the batch stays in_progress until the job is killed
+    config = _job(tmp_path, "out", batch_server)
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps(config))
+    env = {**os.environ, **test_plugins, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "genflow.cli", "run", str(path)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    out = tmp_path / "out"
+    deadline = time.monotonic() + 300  # a failsafe: the kill waits for an event, not for a time
+    while not (_batch_journal(out) and any(b.status == "in_progress" for b in batch_server.batches.values())) \
+            and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job must still be running when it is killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    [record] = _batch_journal(out)
+    assert batch_server.batches_created == 1 and record["batch_id"] in batch_server.batches
+    assert not _rows(out, "generations")
+    batch_server.hold = False
+    job_runner(config)  # the rerun finds the batch in the journal and waits for it
+    assert batch_server.batches_created == 1, "the rerun created a second batch for the same requests"
+    assert set(batch_server.lines.values()) == {1} and batch_server.received == 0
+    gens = _rows(out, "generations")
+    assert len(gens) == 32 and len({g["generation_id"] for g in gens}) == 32
+    assert {g["generation_id"] for g in gens} == set(record["custom_ids"])
+
+
+def test_batch_answers_fill_the_cache_a_live_job_then_reads(tmp_path, job_runner, test_plugins, batch_server):
+    cache = {"path": str(tmp_path / "cache")}
+    job_runner({**_job(tmp_path, "batch", batch_server), "cache": cache})
+    assert batch_server.batches_created == 1
+    live = job_runner({**_job(tmp_path, "live", batch_server, mode="live"), "cache": cache})
+    assert batch_server.received == 0 and live["plugins"]["served"]["requests"]["cache_hits"] == 32
+    assert _generations(tmp_path / "live") == _generations(tmp_path / "batch")
+    again = job_runner({**_job(tmp_path, "batch-again", batch_server), "cache": cache})
+    assert batch_server.batches_created == 1, "a batch was created for answers the cache holds"
+    assert not again["stages"]["generate/served"].get("cost")
