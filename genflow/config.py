@@ -463,6 +463,9 @@ class JobConfig(_Strict):
                 spec.requests.cache = _absolute(path)
             if spec.requests.mode == "batch":
                 label = spec.label if isinstance(spec, GeneratorSpec) else spec.name
+                if isinstance(spec, GeneratorSpec) and spec.max_turns > 1:
+                    raise ValueError(f"generator {label}: requests.mode batch sends one answer per request; an "
+                                     "episode's turns (max_turns above 1) wait on each other: use mode: live")
                 spec.requests.batch_journal = f"{_absolute(self.output).rstrip('/')}/_state/batches/{label}"
                 if spec.price is not None:
                     spec.price.batch = True
