@@ -6,7 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from genflow.data.schemas import RANKED
-from genflow.plugins.training_data.exporters import PreferenceParams, PreferencePairs
+from genflow.plugins.training_data.exporters import PreferencePairs, PreferenceParams
 
 
 def _ranked(texts_scores: list[tuple[str, float]]) -> pa.Table:
@@ -24,7 +24,7 @@ def test_copies_make_no_pair_with_each_other_and_each_pair_once() -> None:
     assert len(texts) == len(set(texts))
     # B over the lower-scored copy of A is the pair A-B again, the other way round: left out.
     assert texts == [("A", "C"), ("B", "C"), ("A", "B")]  # widest margins first
-    assert [p["chosen_id"] for p in pairs][0] == "g0"  # the widest margin first, from the first copy
+    assert pairs[0]["chosen_id"] == "g0"  # the widest margin first, from the first copy
 
 
 def test_per_prompt_counts_distinct_pairs() -> None:
