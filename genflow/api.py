@@ -230,6 +230,8 @@ class Score:
     """Values of the scorer's :attr:`Scorer.extra_columns`, by column name: each goes to its own
     typed column of ``scores/`` (a column left out is null). A key the scorer did not declare
     is an error of the row."""
+    cached: bool = False
+    """Built from the job's response cache's answers only (:func:`response_cache`): it cost nothing."""
 
 
 class Plugin(ABC):

@@ -105,11 +105,25 @@ class BatchJournal:
 
 @dataclass
 class _Request:
+    """One item of the stream: its lines (one, or one per question of a judge) and their answers."""
+
     index: int
     item: Any
-    custom_id: str
-    body: dict[str, Any]
+    lines: dict[str, dict[str, Any]]
+    """Each line's body by ``custom_id``, in the order the plugin gave them."""
+    many: bool
+    """The plugin gave a list of bodies: ``batch_result`` takes a list of answers."""
     started: float
+    answers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cached: set[str] = field(default_factory=set)
+    """Lines answered from the response cache."""
+    done: bool = False
+
+
+def item_id(item: Any) -> str:
+    """A stream item's id: its ``generation_id`` (a prompt's list of candidates: its first's)."""
+    first = item[0] if isinstance(item, (list, tuple)) else item
+    return str(first.generation_id)
 
 
 class BatchRunner:
@@ -137,46 +151,57 @@ class BatchRunner:
     async def run(self, items: list[Any]) -> AsyncIterator[list[Any]]:
         """Every item's answer, in lists of those that arrived together: ``(index, result, seconds,
         batches it went through, requests paid)`` (the request worker's ``Answer`` fields)."""
-        arrived: asyncio.Queue[list[Any]] = asyncio.Queue()
+        arrived: asyncio.Queue[Any] = asyncio.Queue()
         now = time.monotonic()
         ready: list[Any] = []
-        todo: dict[str, _Request] = {}
+        requests: list[_Request] = []
         for index, item in enumerate(items):
             body = self.plugin.batch_request(item)
             if isinstance(body, RowError):
                 ready.append((index, failure_of(body), 0.0, 1, 0))
                 continue
-            custom_id = str(item.generation_id)
+            base = item_id(item)
+            bodies = list(body) if isinstance(body, list) else [body]
+            lines = {f"{base}-{k}" if isinstance(body, list) else base: b for k, b in enumerate(bodies)}
+            request = _Request(index, item, lines, isinstance(body, list), now)
             if self.cache is not None:
-                stored = await self.cache.aget(self.api.path, body)
-                if stored is not None:
-                    result = self._result(item, stored)
+                for custom_id, line in lines.items():
+                    stored = await self.cache.aget(self.api.path, line)
+                    if stored is not None:
+                        request.answers[custom_id] = stored
+                        request.cached.add(custom_id)
+                if len(request.answers) == len(lines):
+                    result = self._result(request)
                     if not isinstance(result, TransientError):
-                        if hasattr(result, "cached"):
-                            result.cached = True
+                        for one in result if isinstance(result, list) else [result]:
+                            if hasattr(one, "cached"):
+                                one.cached = True
                         ready.append((index, result, 0.0, 1, 0))
                         continue
-            todo[custom_id] = _Request(index, item, custom_id, body, now)
+                    request.answers.clear()  # a stored answer the plugin cannot read: sent again
+                    request.cached.clear()
+            requests.append(request)
         if ready:
             yield ready
-        if not todo:
+        if not requests:
             return
+        pending = {c: r for r in requests for c in r.lines if c not in r.answers}
         latest: dict[str, BatchRecord] = {}
-        for record in self.journal.load():  # oldest first: each request's latest batch wins
+        for record in self.journal.load():  # oldest first: each line's latest batch wins
             for custom_id in record.custom_ids:
-                if custom_id in todo:
+                if custom_id in pending:
                     latest[custom_id] = record
         tasks = []
         for record in {r.batch_id: r for r in latest.values()}.values():
-            mine = [todo[c] for c in record.custom_ids if latest.get(c) is record]
+            mine = [c for c in record.custom_ids if latest.get(c) is record]
             log.info("%s: batch %s holds %d of these requests (created by an earlier run): waiting for it",
                      self.label, record.batch_id, len(mine))
             self.reattached += 1
-            tasks.append(asyncio.ensure_future(self._follow(record, mine, arrived)))
-        fresh = [r for c, r in todo.items() if c not in latest]
+            tasks.append(asyncio.ensure_future(self._follow(record, mine, pending, arrived)))
+        fresh = [c for c in pending if c not in latest]
         if fresh:
-            tasks.append(asyncio.ensure_future(self._submit(fresh, 0, arrived)))
-        waiting = len(todo)
+            tasks.append(asyncio.ensure_future(self._submit(fresh, 0, pending, arrived)))
+        waiting = len(requests)
         try:
             while waiting:
                 batch = [await arrived.get()]
@@ -191,41 +216,42 @@ class BatchRunner:
             for task in tasks:
                 task.cancel()  # the provider's batches run on: a rerun reattaches to them
 
-    async def _submit(self, requests: list[_Request], round_: int, arrived: asyncio.Queue[Any]) -> None:
-        """Create the batches of ``requests`` (split by the limits) and follow each."""
+    async def _submit(self, line_ids: list[str], round_: int, pending: dict[str, _Request],
+                      arrived: asyncio.Queue[Any]) -> None:
+        """Create the batches of these lines (split by the limits) and follow each."""
         try:
             follows = []
-            for chunk in self._chunks(requests):
+            for chunk in self._chunks(line_ids, pending):
                 record = await self._create(chunk, round_)
-                follows.append(self._follow(record, chunk, arrived))
+                follows.append(self._follow(record, [c for c, _ in chunk], pending, arrived))
             await asyncio.gather(*follows)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             arrived.put_nowait(exc)
 
-    def _chunks(self, requests: list[_Request]) -> list[list[tuple[_Request, bytes]]]:
+    def _chunks(self, line_ids: list[str], pending: dict[str, _Request]) -> list[list[tuple[str, bytes]]]:
         url = self.api.batch_url()
-        chunks: list[list[tuple[_Request, bytes]]] = [[]]
+        chunks: list[list[tuple[str, bytes]]] = [[]]
         size = 0
-        for request in requests:
-            line = (json.dumps({"custom_id": request.custom_id, "method": "POST", "url": url,
-                                "body": request.body}, ensure_ascii=False) + "\n").encode()
+        for custom_id in line_ids:
+            line = (json.dumps({"custom_id": custom_id, "method": "POST", "url": url,
+                                "body": pending[custom_id].lines[custom_id]}, ensure_ascii=False) + "\n").encode()
             if chunks[-1] and (len(chunks[-1]) >= self.spec.max_batch_requests
                                or size + len(line) > self.spec.max_batch_bytes):
                 chunks.append([])
                 size = 0
-            chunks[-1].append((request, line))
+            chunks[-1].append((custom_id, line))
             size += len(line)
         return [c for c in chunks if c]
 
-    async def _create(self, chunk: list[tuple[_Request, bytes]], round_: int) -> BatchRecord:
+    async def _create(self, chunk: list[tuple[str, bytes]], round_: int) -> BatchRecord:
         data = b"".join(line for _, line in chunk)
         file_id = await self._retrying(self.api.batch_upload, data, f"genflow-{self.label}-{round_}.jsonl")
         batch = await self._retrying(self.api.batch_create, file_id, self.api.batch_url(),
                                      self.spec.completion_window,
                                      {"genflow_stage": self.label[:500], "genflow_round": str(round_)})
-        record = BatchRecord(str(batch["id"]), [r.custom_id for r, _ in chunk], round_)
+        record = BatchRecord(str(batch["id"]), [c for c, _ in chunk], round_)
         self.journal.record(record)  # before anything else: a kill from here on reattaches to it
         self.created += 1
         self.states[record.batch_id] = {"status": batch.get("status"), "request_counts": batch.get("request_counts")}
@@ -233,6 +259,70 @@ class BatchRunner:
                  "provider and running the job again collects its answers", self.label, record.batch_id,
                  len(chunk), round_)
         return record
+
+    async def _follow(self, record: BatchRecord, line_ids: list[str], pending: dict[str, _Request],
+                      arrived: asyncio.Queue[Any]) -> None:
+        """Poll a batch until it ends, then hand out the answers of the requests it completes and
+        send its failed lines again (or fail their requests, past ``max_resubmits``)."""
+        try:
+            batch = await self._wait(record.batch_id)
+            answered, failed = await self._lines(batch, set(line_ids))
+            touched: dict[int, _Request] = {}
+            for custom_id in line_ids:
+                request = pending[custom_id]
+                touched[id(request)] = request
+                if custom_id in answered:
+                    request.answers[custom_id] = answered[custom_id]
+                else:
+                    failed.setdefault(custom_id, f"no answer (the batch {batch.get('status')})")
+            again: list[str] = []
+            for request in touched.values():
+                if request.done:
+                    continue
+                mine = [c for c in line_ids if pending[c] is request]
+                if any(c in failed for c in mine) or len(request.answers) < len(request.lines):
+                    retry = [c for c in mine if c in failed]
+                    if not retry:
+                        continue  # its other lines are in another batch, still running
+                    if record.round < self.spec.max_resubmits:
+                        again += retry
+                        continue
+                    why = failed[retry[0]]
+                    self._deliver(request, Failure(f"the batch API did not answer after {record.round + 1} "
+                                                   f"batches: {why} (batch {record.batch_id})", ""),
+                                  record.round + 1, arrived)
+                    continue
+                result = self._result(request)
+                if isinstance(result, TransientError):  # an answer that cannot be read: as a failed line
+                    if record.round < self.spec.max_resubmits:
+                        for c in mine:
+                            request.answers.pop(c, None)
+                        again += mine
+                        continue
+                    result = Failure(f"the batch API's answer could not be read after {record.round + 1} "
+                                     f"batches: {result} (batch {record.batch_id})", "")
+                elif self.cache is not None:
+                    for c in mine:
+                        await self.cache.aput(self.api.path, request.lines[c], request.answers[c])
+                self._deliver(request, result, record.round + 1, arrived)
+            if again:
+                self.resubmitted += len(again)
+                log.info("%s: %d requests of batch %s failed or expired: sending them again in a new batch",
+                         self.label, len(again), record.batch_id)
+                await self._submit(again, record.round + 1, pending, arrived)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            arrived.put_nowait(exc)
+
+    def _deliver(self, request: _Request, result: Any, batches: int, arrived: asyncio.Queue[Any]) -> None:
+        request.done = True
+        if request.cached and request.cached == set(request.lines):  # nothing of it was paid for now
+            for one in result if isinstance(result, list) else [result]:
+                if hasattr(one, "cached"):
+                    one.cached = True
+        arrived.put_nowait((request.index, result, time.monotonic() - request.started, batches,
+                            len(request.lines) - len(request.cached)))
 
     async def _retrying(self, call: Any, *args: Any) -> Any:
         """A Batch API call, sent again after a transient failure (up to ``max_retries``)."""
@@ -248,40 +338,6 @@ class BatchRunner:
                 if exc.retry_after is not None and exc.retry_after == exc.retry_after and exc.retry_after >= 0:
                     delay = max(delay, min(exc.retry_after, self.spec.max_backoff_s))
                 await self.sleep(delay)
-
-    async def _follow(self, record: BatchRecord, requests: list[_Request] | list[tuple[_Request, bytes]],
-                      arrived: asyncio.Queue[Any]) -> None:
-        """Poll a batch until it ends, then hand out its answers and send its failed lines again."""
-        try:
-            mine = [r[0] if isinstance(r, tuple) else r for r in requests]
-            batch = await self._wait(record.batch_id)
-            answered, failed = await self._lines(batch, {r.custom_id for r in mine})
-            again = []
-            for request in mine:
-                body = answered.get(request.custom_id)
-                result = self._result(request.item, body) if body is not None else None
-                if isinstance(result, TransientError):
-                    failed.setdefault(request.custom_id, str(result))
-                    result = None
-                if result is None:
-                    if record.round < self.spec.max_resubmits:
-                        again.append(request)
-                        continue
-                    why = failed.get(request.custom_id) or f"no answer (the batch {batch.get('status')})"
-                    result = Failure(f"the batch API did not answer after {record.round + 1} batches: {why} "
-                                     f"(batch {record.batch_id})", "")
-                elif self.cache is not None and body is not None:
-                    await self.cache.aput(self.api.path, request.body, body)
-                arrived.put_nowait(_answer(request, result, record.round + 1))
-            if again:
-                self.resubmitted += len(again)
-                log.info("%s: %d requests of batch %s failed or expired: sending them again in a new batch",
-                         self.label, len(again), record.batch_id)
-                await self._submit(again, record.round + 1, arrived)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            arrived.put_nowait(exc)
 
     async def _wait(self, batch_id: str) -> dict[str, Any]:
         delay = FIRST_POLL_S
@@ -334,9 +390,10 @@ class BatchRunner:
                 failed.setdefault(custom_id, reason)
         return answered, failed
 
-    def _result(self, item: Any, body: dict[str, Any]) -> Any:
+    def _result(self, request: _Request) -> Any:
+        answers = [request.answers[c] for c in request.lines]
         try:
-            result = self.plugin.batch_result(item, body)
+            result = self.plugin.batch_result(request.item, answers if request.many else answers[0])
         except TransientError as exc:
             return exc
         except RowError as exc:
@@ -346,10 +403,6 @@ class BatchRunner:
     def stats(self) -> dict[str, Any]:
         return {"batches": self.created, "batches_reattached": self.reattached,
                 "batch_lines_resubmitted": self.resubmitted}
-
-
-def _answer(request: _Request, result: Any, batches: int) -> tuple[int, Any, float, int, int]:
-    return request.index, result, time.monotonic() - request.started, batches, 1
 
 
 def _line_error(line: dict[str, Any]) -> str:

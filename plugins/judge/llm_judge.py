@@ -795,54 +795,110 @@ class _ServedJudge(LLMJudge):
         body.update(p.extra_body)
         return body
 
-    async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        """The server's answer, or the one it gave this very body before (a prompt sent again)."""
+    async def _post(self, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """The server's answer, or the one it gave this very body before (a prompt sent again), or
+        the job's response cache's; and whether its tokens count (False: from the cache, free)."""
         key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         if key in self._answered:
-            return self._answered[key]
-        answer = await self.client.post(body)
+            return self._answered[key], True  # counted as its first sending was
+        answer, cached = await self.client.post_cached(body)
         if len(self._answered) >= MEMO_ANSWERS:
             self._answered.pop(next(iter(self._answered)))
         self._answered[key] = answer
-        return answer
+        return answer, not cached
 
-    async def ask_one(self, question: Question) -> Answer:
+    def read_answer(self, question: Question, answer: dict[str, Any], attempt: int,
+                    spent: list[int]) -> tuple[Judgement | None, str]:
+        """One answer's judgement (None: it cannot be read) and its text; ``spent`` gains its tokens."""
         from genflow.plugins.shared.openai_client import message_text
 
+        choices = answer.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+        message = choice.get("message")
+        raw = (message_text(message.get("content")) if isinstance(message, dict) else None) or ""
+        given = answer.get("usage")
+        usage: dict[str, Any] = given if isinstance(given, dict) else {}
+        spent[0] += _token_count(usage.get("prompt_tokens"))  # every attempt is paid for, read or not
+        spent[1] += _token_count(usage.get("completion_tokens"))
+        read = question.read(raw)
+        if self.params.how == "logprobs":
+            found = served_logprobs(question, choice.get("logprobs"))
+            if found is not None:
+                value, probabilities, mass = from_probabilities(question, found)
+                return Judgement(value, "logprobs", read.reasoning if read else raw.strip(), raw, probabilities,
+                                 mass, attempt + 1, spent[0], spent[1]), raw
+        if read is not None:
+            return Judgement(read.value, "json" if self.params.how == "json" else "text", read.reasoning, raw,
+                             attempts=attempt + 1, prompt_tokens=spent[0], completion_tokens=spent[1]), raw
+        return None, raw
+
+    async def ask_one(self, question: Question) -> Answer:
+        """A question's answer: a request (more when an answer cannot be read)."""
+        return (await self._ask_one(question))[0]
+
+    async def _ask_one(self, question: Question) -> tuple[Answer, bool]:
+        """A question's answer, and whether a request was paid for it (not all from the cache)."""
         spent = [0, 0]
         raw = ""
+        paid = False
         attempts = self.params.max_parse_retries + 1
         for attempt in range(attempts):
-            answer = await self._post(self._body(question, attempt))
-            choices = answer.get("choices")
-            choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
-            message = choice.get("message")
-            raw = (message_text(message.get("content")) if isinstance(message, dict) else None) or ""
-            given = answer.get("usage")
-            usage: dict[str, Any] = given if isinstance(given, dict) else {}
-            spent[0] += _token_count(usage.get("prompt_tokens"))  # every attempt is paid for, read or not
-            spent[1] += _token_count(usage.get("completion_tokens"))
-            read = question.read(raw)
-            if self.params.how == "logprobs":
-                found = served_logprobs(question, choice.get("logprobs"))
-                if found is not None:
-                    value, probabilities, mass = from_probabilities(question, found)
-                    return Judgement(value, "logprobs", read.reasoning if read else raw.strip(), raw, probabilities,
-                                     mass, attempt + 1, spent[0], spent[1])
-            if read is not None:
-                return Judgement(read.value, "json" if self.params.how == "json" else "text", read.reasoning, raw,
-                                 attempts=attempt + 1, prompt_tokens=spent[0], completion_tokens=spent[1])
-        return Unreadable(raw, attempts, spent[0], spent[1])
+            answer, sent = await self._post(self._body(question, attempt))
+            paid = paid or sent
+            judgement, raw = self.read_answer(question, answer, attempt, spent if sent else [0, 0])
+            if judgement is not None:
+                return judgement, paid
+        return Unreadable(raw, attempts, spent[0], spent[1]), paid
 
-    async def ask(self, questions: list[Question]) -> list[Answer]:
-        return list(await asyncio.gather(*(self.ask_one(q) for q in questions)))
+    async def ask(self, questions: list[Question]) -> tuple[list[Answer], bool]:
+        """The questions' answers, and whether all came from the response cache (they cost nothing)."""
+        asked = await asyncio.gather(*(self._ask_one(q) for q in questions))
+        return [a for a, _ in asked], bool(asked) and not any(paid for _, paid in asked)
+
+    # -- batch mode (requests.mode: batch, genflow.engine.batches) ----------------
+
+    def batch_api(self) -> Any:
+        """The Batch API's calls: files and batches on the (first) server of ``base_url``."""
+        return self.client
+
+    def _questions(self, item: Any) -> tuple[list[Question], Finish]:
+        raise NotImplementedError
+
+    def batch_request(self, item: Any) -> list[dict[str, Any]]:
+        """A line per question (an aspect, a pair's order): each question's first request. A batch
+        sends no second request for an answer that cannot be read: it is read as unreadable."""
+        questions, _ = self._questions(item)
+        return [self._body(question, 0) for question in questions]
+
+    def batch_result(self, item: Any, answers: list[dict[str, Any]]) -> Score | RowError | list[Score | RowError]:
+        questions, finish = self._questions(item)
+        judged: list[Answer] = []
+        for question, answer in zip(questions, answers, strict=True):
+            spent = [0, 0]
+            judgement, raw = self.read_answer(question, answer, 0, spent)
+            judged.append(judgement if judgement is not None else Unreadable(raw, 1, spent[0], spent[1]))
+        scores = finish(judged)
+        return scores if isinstance(item, list) else scores[0]
+
+
+def _all_cached(scores: list[Score | RowError], cached: bool) -> list[Score | RowError]:
+    """Scores built from the response cache's answers only: they cost nothing."""
+    if cached:
+        for score in scores:
+            if isinstance(score, Score):
+                score.cached = True
+    return scores
 
 
 class ServedRatingJudge(_ServedJudge):
     async def score(self, item: ScoreItem) -> Score | RowError:  # type: ignore[override]
         """One candidate's rating: a request per aspect (more when an answer cannot be read)."""
         questions, finish = self.judging.rating_questions([item])
-        return finish(await self.ask(questions))[0]
+        answers, cached = await self.ask(questions)
+        return _all_cached(finish(answers), cached)[0]
+
+    def _questions(self, item: Any) -> tuple[list[Question], Finish]:
+        return self.judging.rating_questions([item])
 
 
 class ServedPairwiseJudge(_ServedJudge):
@@ -851,7 +907,11 @@ class ServedPairwiseJudge(_ServedJudge):
     async def score(self, items: list[ScoreItem]) -> list[Score | RowError]:  # type: ignore[override]
         """One prompt's candidates ranked: two requests per pair, sent at once."""
         questions, finish = self.judging.pairwise_questions(items)
-        return finish(await self.ask(questions))
+        answers, cached = await self.ask(questions)
+        return _all_cached(finish(answers), cached)
+
+    def _questions(self, item: Any) -> tuple[list[Question], Finish]:
+        return self.judging.pairwise_questions(list(item))
 
 
 def _token_count(value: Any) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 from support.batch_server import BatchServer
 from support.jobs import ROOT
@@ -144,3 +147,59 @@ def test_batch_answers_fill_the_cache_a_live_job_then_reads(tmp_path, job_runner
     again = job_runner({**_job(tmp_path, "batch-again", batch_server), "cache": cache})
     assert batch_server.batches_created == 1, "a batch was created for answers the cache holds"
     assert not again["stages"]["generate/served"].get("cost")
+
+
+def _verdict_by_length(path: str, body: dict[str, Any]) -> str:
+    """A judge preferring the longer response, rating by length (deterministic, from the request)."""
+    user = str(body["messages"][-1]["content"])
+    pair = re.search(r"<response-A-(\w+)>\n(.*?)\n</response-A-\1>.*?<response-B-\1>\n(.*?)\n</response-B-\1>",
+                     user, re.S)
+    if pair:
+        winner = "A" if len(pair.group(2)) > len(pair.group(3)) else "B"
+        return f"Response {winner} says more.\nVerdict: {winner}"
+    return json.dumps({"reasoning": "by length", "score": 1 + len(user) % 5})
+
+
+def _judge_job(tmp_path: Path, out: str, server: BatchServer, mode: str) -> dict[str, Any]:
+    source = tmp_path / "responses.parquet"
+    if not source.exists():
+        rows = [{"id": f"q{p}", "prompt": f"Describe thing {p}.",
+                 "responses": [f"answer{p} " + "word " * n for n in ([3, 9, 1, 6] if p % 2 else [7, 2, 10, 4])]}
+                for p in range(4)]
+        pq.write_table(pa.Table.from_pylist(rows), source)
+    requests = {"mode": mode, "poll_s": 0.05, "timeout_s": 10.0, "backoff_s": 0.02}
+    judge = {"model": "judge-model", "requests": requests, "price": PRICE}
+    return {"name": "judged", "input": str(source), "output": str(tmp_path / out), "shard_rows": 4,
+            "scorers": [{**judge, "plugin": "llm-judge", "label": "pairs",
+                         "params": {"base_url": server.url, "max_tokens": 64, "mode": "pairwise"}},
+                        {**judge, "plugin": "llm-judge", "label": "rater",
+                         "params": {"base_url": server.url, "max_tokens": 64, "scale": [1, 5],
+                                    "score_from": "json"}}],
+            "ray": {"workers": 1}}
+
+
+def _scores(out: Path) -> dict[tuple[str, str], tuple[float, str]]:
+    return {(r["scorer"], r["generation_id"]): (r["score"], r["details"]) for r in _rows(out, "scores")}
+
+
+def test_a_served_judge_in_batch_mode_scores_as_live_and_reads_the_cache(tmp_path, job_runner, batch_server):
+    batch_server.answer = _verdict_by_length
+    live = job_runner(_judge_job(tmp_path, "live", batch_server, "live"))
+    sent = batch_server.received
+    assert sent == 4 * 6 * 2 + 16  # every pair in both orders, and a rating per candidate
+    config = _judge_job(tmp_path, "batch", batch_server, "batch")
+    config["cache"] = {"path": str(tmp_path / "cache")}
+    batch = job_runner(config)
+    assert batch_server.received == sent and batch_server.batches_created == 2  # one per judge
+    assert sum(batch_server.lines.values()) == sent
+    assert _scores(tmp_path / "batch") == _scores(tmp_path / "live") and len(_scores(tmp_path / "live")) == 32
+    for label in ("pairs", "rater"):
+        tokens = batch["stages"][f"score/{label}"]["tokens"]
+        assert tokens == live["stages"][f"score/{label}"]["tokens"]
+        assert batch["stages"][f"score/{label}"]["cost"] == pytest.approx(
+            (tokens["prompt"] * 0.25 + tokens["completion"] * 0.75) / 1e6)
+    again = job_runner({**_judge_job(tmp_path, "again", batch_server, "live"), "cache": config["cache"]})
+    assert batch_server.received == sent, "the judge sent questions the cache holds"
+    assert again["plugins"]["rater"]["requests"]["cache_hits"] == 16
+    assert _scores(tmp_path / "again") == _scores(tmp_path / "live")
+    assert not again["stages"]["score/rater"].get("cost") and not again["stages"]["score/pairs"].get("cost")
