@@ -265,7 +265,12 @@ class BatchRunner:
         """Poll a batch until it ends, then hand out the answers of the requests it completes and
         send its failed lines again (or fail their requests, past ``max_resubmits``)."""
         try:
-            batch = await self._wait(record.batch_id)
+            try:
+                batch = await self._wait(record.batch_id)
+            except RowError as exc:  # gone at the provider (another account, deleted): its lines are sent again
+                log.warning("%s: batch %s cannot be read (%s): its requests are sent in a new batch", self.label,
+                            record.batch_id, exc)
+                batch = {"id": record.batch_id, "status": "failed", "errors": {"data": [{"message": str(exc)}]}}
             answered, failed = await self._lines(batch, set(line_ids))
             touched: dict[int, _Request] = {}
             for custom_id in line_ids:

@@ -6,6 +6,7 @@ and each request's lines over every batch (``lines``): what the job would have p
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -203,3 +204,54 @@ def test_a_served_judge_in_batch_mode_scores_as_live_and_reads_the_cache(tmp_pat
     assert again["plugins"]["rater"]["requests"]["cache_hits"] == 16
     assert _scores(tmp_path / "again") == _scores(tmp_path / "live")
     assert not again["stages"]["score/rater"].get("cost") and not again["stages"]["score/pairs"].get("cost")
+
+
+# -- the runner alone, against the stand-in (no job) ----------------------------------
+
+def _run(runner: Any, items: list[Any]) -> list[tuple[Any, ...]]:
+    async def collect() -> list[tuple[Any, ...]]:
+        out: list[tuple[Any, ...]] = []
+        try:
+            async for answers in runner.run(items):
+                out += answers
+        finally:
+            await runner.plugin.aclose()
+        return out
+
+    return asyncio.run(collect())
+
+
+def _runner(tmp_path: Path, server: BatchServer, **spec: Any) -> Any:
+    from genflow.config import RequestsSpec
+    from genflow.engine.batches import BatchRunner
+    from genflow.plugins.served.openai_api import OpenAIGenerator, OpenAIParams
+
+    plugin = OpenAIGenerator("stand-in", OpenAIParams(base_url=server.url, max_tokens=8), "cpu")
+    requests = RequestsSpec(mode="batch", poll_s=0.01, batch_journal=str(tmp_path / "journal"), **spec)
+    return BatchRunner(plugin, requests, "served", sleep=lambda s: asyncio.sleep(0))
+
+
+def _items(n: int) -> list[Any]:
+    from genflow.api import GenerationRequest
+
+    return [GenerationRequest(f"g{i:03d}", f"p{i}", f"prompt number {i}", 0, i) for i in range(n)]
+
+
+def test_requests_over_a_batchs_limits_are_split(tmp_path, batch_server):
+    answers = _run(_runner(tmp_path, batch_server, max_batch_requests=10), _items(25))
+    assert batch_server.batches_created == 3
+    assert sorted(len(b.lines) for b in batch_server.batches.values()) == [5, 10, 10]
+    assert sorted(a[0] for a in answers) == list(range(25))
+    assert all(a[1].text.startswith(f"echo: prompt number {a[0]} ") for a in answers)
+    _run(_runner(tmp_path / "bytes", batch_server, max_batch_bytes=1024), _items(25))  # about 5 lines a file
+    split = [b for b in batch_server.batches.values() if b.ordinal > 3]
+    assert len(split) >= 4 and sum(len(b.lines) for b in split) == 25
+    assert all(len(batch_server.files[b.input_file_id][0]) <= 1024 for b in split)
+
+def test_a_journaled_batch_the_provider_no_longer_has_is_sent_again(tmp_path, batch_server):
+    from genflow.engine.batches import BatchJournal, BatchRecord
+
+    BatchJournal(str(tmp_path / "journal")).record(BatchRecord("batch_gone", [f"g{i:03d}" for i in range(5)]))
+    answers = _run(_runner(tmp_path, batch_server), _items(5))
+    assert batch_server.batches_created == 1 and len(answers) == 5
+    assert all(a[1].text.startswith("echo: prompt number") for a in answers)
