@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -63,6 +64,17 @@ TERMINAL = frozenset({"completed", "expired", "failed", "cancelled"})
 FIRST_POLL_S = 1.0
 """The first look at a new batch: within about 2 s (a small batch may be done)."""
 POLL_GROWTH = 1.5
+
+
+def _say_on_stderr() -> None:
+    """Batches take minutes to hours: what they do is told as it happens. A request worker's
+    standard error reaches the job's terminal (Ray forwards it), its logging does not."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def supports_batches(plugin: Any) -> bool:
@@ -147,6 +159,8 @@ class BatchRunner:
         """Lines sent again in a new batch after they failed or expired."""
         self.states: dict[str, dict[str, Any]] = {}
         """Each batch's last known status and request counts, by id: the progress."""
+        _say_on_stderr()
+
 
     async def run(self, items: list[Any]) -> AsyncIterator[list[Any]]:
         """Every item's answer, in lists of those that arrived together: ``(index, result, seconds,
