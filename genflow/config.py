@@ -65,7 +65,7 @@ class RequestsSpec(_Strict):
                                     "provider's limit); more are split over several batches.")
     max_batch_bytes: int = Field(200_000_000, ge=1024, description="batch: bytes per input file at most.")
     batch_journal: str | None = Field(None, description="batch: where the ids of the stage's batches are "
-                                      "journaled (set by genflow: the output's _state/batches/<label>).")
+                                      "journaled; unset: the output's _state/batches/<label>.")
 
 
 class PriceSpec(_Strict):
@@ -466,7 +466,6 @@ class JobConfig(_Strict):
                 if isinstance(spec, GeneratorSpec) and spec.max_turns > 1:
                     raise ValueError(f"generator {label}: requests.mode batch sends one answer per request; an "
                                      "episode's turns (max_turns above 1) wait on each other: use mode: live")
-                spec.requests.batch_journal = f"{_absolute(self.output).rstrip('/')}/_state/batches/{label}"
                 if spec.price is not None:
                     spec.price.batch = True
         return self
@@ -508,6 +507,16 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list):
         return [_jsonable(v) for v in value]
     return value
+
+
+def request_settings(spec: GeneratorSpec | ScorerSpec, output: str) -> dict[str, Any]:
+    """What a stage's request worker is given: its ``requests``, and in batch mode where its
+    batches are journaled, ``_state/batches/<label>`` of the run's output (``output``, resolved)."""
+    settings = spec.requests.model_dump()
+    if spec.requests.mode == "batch" and not settings.get("batch_journal"):
+        label = spec.label if isinstance(spec, GeneratorSpec) else spec.name
+        settings["batch_journal"] = f"{_absolute(output).rstrip('/')}/_state/batches/{label}"
+    return settings
 
 
 def resolve_output(output: str, now: datetime | None = None) -> str:

@@ -161,7 +161,6 @@ class BatchRunner:
         """Each batch's last known status and request counts, by id: the progress."""
         _say_on_stderr()
 
-
     async def run(self, items: list[Any]) -> AsyncIterator[list[Any]]:
         """Every item's answer, in lists of those that arrived together: ``(index, result, seconds,
         batches it went through, requests paid)`` (the request worker's ``Answer`` fields)."""

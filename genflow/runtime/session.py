@@ -129,7 +129,7 @@ class JobSession:
         Only for a new job (:attr:`new_job`): a rerun may have nothing to do, and must then
         start no Ray at all (its workers start when a stage finds work)."""
         from genflow.api import sends_requests
-        from genflow.config import GeneratorSpec
+        from genflow.config import GeneratorSpec, request_settings
         from genflow.engine.actors import RequestPool, Workers
         from genflow.registry import get_registry
         from genflow.stages.common import episode_settings
@@ -143,7 +143,7 @@ class JobSession:
         if sends_requests(factory) or episode_settings(first) is not None:  # a request worker of its own
             label = first.label if isinstance(first, GeneratorSpec) else first.name
             self.early_requests = RequestPool(factory, first.model, first.params, job.ray, label,
-                                              first.requests.model_dump(), job.seed, episode_settings(first))
+                                              request_settings(first, job.output), job.seed, episode_settings(first))
             self.early_requests.launch()
         else:
             self.early_workers = Workers(job.ray)

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import pyarrow as pa
 
 from genflow.api import GenerationRequest, Plugin, RowError, ScoreItem, sends_requests
-from genflow.config import GeneratorSpec, JobConfig, PriceSpec, ScorerSpec
+from genflow.config import GeneratorSpec, JobConfig, PriceSpec, ScorerSpec, request_settings
 from genflow.data import layout
 from genflow.data.filtered import without_left_out
 from genflow.data.journal import Journal
@@ -86,7 +86,7 @@ class ModelStage:
         spec = self.spec
         if self.sends_requests:
             return RequestPool(self.factory, spec.model, spec.params, config.ray, self.label,
-                               spec.requests.model_dump(), config.seed, episode_settings(spec))
+                               request_settings(spec, config.output), config.seed, episode_settings(spec))
         return WorkerPool(self.factory, spec.model, spec.params, config.ray, self.label, workers)
 
     def call_size(self, config: JobConfig) -> int:
