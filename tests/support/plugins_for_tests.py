@@ -13,7 +13,7 @@ whose Ray workers inherit it).
 - ``length`` (scorer, text/code/image): ``scale`` x the candidate's length.
 - ``copy-train`` (trainer, policy): "trains" by copying the starting model's folder, and writes
   ``trained_on.json`` (the rows it read, its seed); ``fail_once_marker`` fails the first
-  training only, remembered by that file (a job killed mid-round).
+  training (of a model whose path holds ``fail_on_model``) only, remembered by that file.
 - ``scripted-user`` (generator, text): a simulated user that asks "question n" and logs what it
   was given (``state_dir/users.jsonl``).
 - ``echo-async`` (generator, text): ``echo`` as a request plugin (``async def generate``, one
@@ -255,6 +255,8 @@ class EchoAsync(Generator):
 
 class CopyTrainParams(PluginParams):
     fail_once_marker: str | None = None
+    fail_on_model: str = ""
+    """Fail (once) only a training that starts from a model whose path holds this text."""
 
 
 class CopyTrain(Trainer):
@@ -272,7 +274,7 @@ class CopyTrain(Trainer):
         import pyarrow.parquet as pq
 
         marker = self.params.fail_once_marker
-        if marker and not Path(marker).exists():
+        if marker and self.params.fail_on_model in model and not Path(marker).exists():
             Path(marker).write_text("failed once")
             raise RuntimeError("copy-train fails its first training, as asked")
         rows = pq.read_table(data).num_rows
