@@ -595,6 +595,44 @@ def cache_prune(path: CacheArg = None, older_than: Annotated[str, typer.Option(
               highlight=False)
 
 
+@app.command("cancel-batches")
+def cancel_batches(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Cancel the provider's batches a job in batch mode created and that still run (a stopped job
+    leaves them running); running the job again sends their unanswered requests in new batches."""
+    import asyncio
+
+    from genflow.config import load_config, request_settings, resolve_output
+    from genflow.engine.batches import BatchJournal, cancel_batches
+    from genflow.registry import get_registry
+
+    try:
+        job = load_config(config, set_ or [])
+        output = resolve_output(job.output)
+        specs = [("generator", s) for s in job.generators] + [("scorer", s) for s in job.scorers]
+        cancelled = 0
+        for kind, spec in specs:
+            if spec.requests.mode != "batch":
+                continue
+            factory = get_registry().get(kind, spec.plugin).factory.implementation(spec.params)
+            plugin = factory(spec.model, factory.Params.model_validate(spec.params), "cpu")
+            journal = BatchJournal(str(request_settings(spec, output)["batch_journal"]))
+
+            async def cancel(plugin: Any = plugin, journal: BatchJournal = journal) -> list[tuple[str, str]]:
+                try:
+                    return await cancel_batches(plugin.batch_api(), journal)
+                finally:
+                    await plugin.aclose()
+
+            for batch_id, status in asyncio.run(cancel()):
+                out.print(f"{os.path.basename(journal.storage.uri.rstrip('/'))} {batch_id}: {status}",
+                          highlight=False)
+                cancelled += 1
+    except _user_errors() as exc:
+        fail(str(exc))
+    if not cancelled:
+        out.print(f"no batch of {config} to cancel (no stage in batch mode, or none created)", highlight=False)
+
+
 def main() -> None:
     from genflow.runtime.shutdown import exit_after_hooks
 

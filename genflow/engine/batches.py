@@ -423,6 +423,21 @@ class BatchRunner:
                 "batch_lines_resubmitted": self.resubmitted}
 
 
+async def cancel_batches(api: Any, journal: BatchJournal) -> list[tuple[str, str]]:
+    """Cancel the journal's batches that have not ended (``POST /batches/{id}/cancel``): each
+    batch's id and its status after. A rerun sends their unanswered requests in new batches."""
+    out = []
+    for record in journal.load():
+        try:
+            batch = await api.batch_retrieve(record.batch_id)
+            if batch.get("status") not in TERMINAL and batch.get("status") != "cancelling":
+                batch = await api.batch_cancel(record.batch_id)
+            out.append((record.batch_id, str(batch.get("status"))))
+        except (RowError, TransientError) as exc:
+            out.append((record.batch_id, f"unknown ({exc})"))
+    return out
+
+
 def _line_error(line: dict[str, Any]) -> str:
     error = line.get("error")
     if isinstance(error, dict):

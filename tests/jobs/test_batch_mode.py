@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from support.batch_server import BatchServer
 from support.jobs import ROOT
+from typer.testing import CliRunner
 
 pytestmark = pytest.mark.slow
 
@@ -255,3 +256,33 @@ def test_a_journaled_batch_the_provider_no_longer_has_is_sent_again(tmp_path, ba
     answers = _run(_runner(tmp_path, batch_server), _items(5))
     assert batch_server.batches_created == 1 and len(answers) == 5
     assert all(a[1].text.startswith("echo: prompt number") for a in answers)
+
+
+def test_genflow_cancel_batches_cancels_the_batches_still_running(tmp_path, batch_server):
+    from genflow.cli import app
+    from genflow.engine.batches import BatchJournal, BatchRecord
+    from genflow.plugins.shared.openai_client import OpenAIClient
+
+    async def create() -> str:
+        client = OpenAIClient(batch_server.url, None, "/chat/completions")
+        try:
+            line = {"custom_id": "g1", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": "stand-in", "messages": [{"role": "user", "content": "hi"}]}}
+            file_id = await client.batch_upload(json.dumps(line).encode() + b"\n", "in.jsonl")
+            return str((await client.batch_create(file_id, "/v1/chat/completions", "24h", {}))["id"])
+        finally:
+            await client.aclose()
+
+    batch_server.hold = True
+    running, done = asyncio.run(create()), asyncio.run(create())
+    batch_server.batches[done].status = "completed"
+    journal = BatchJournal(str(tmp_path / "out" / "_state" / "batches" / "served"))
+    journal.record(BatchRecord(running, ["g1"]))
+    journal.record(BatchRecord(done, ["g1"], round=1))
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps({**_job(tmp_path, "out", batch_server), "scorers": []}))
+    result = CliRunner().invoke(app, ["cancel-batches", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"served {running}: cancelling" in result.output and f"served {done}: completed" in result.output
+    assert batch_server.batches[running].status == "cancelling"
+    assert batch_server.batches[done].status == "completed"
