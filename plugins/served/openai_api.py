@@ -17,6 +17,10 @@ It runs episodes too (a generator with ``max_turns`` above 1, ``docs/episodes.md
 engine owns the loop and calls :meth:`OpenAIGenerator.chat` once per turn with the
 conversation so far; the request sends the tools' schemas as OpenAI ``tools`` and the
 answer's ``tool_calls`` come back with their arguments' text as the model wrote it.
+
+A one-answer request goes through the job's response cache when it has one, and with
+``requests.mode: batch`` through the provider's Batch API (``batch_request``,
+``batch_result``, ``batch_api``; ``docs/batch-and-cache.md``).
 """
 
 from __future__ import annotations
