@@ -49,8 +49,9 @@ def filtered_counts(storage: Storage) -> dict[str, Any]:
     for target in FILTER_TARGETS:
         rel = layout.filter_record(target)
         if storage.exists(rel):
-            counts = storage.read_json(rel).get("counts", {})
-            out[target] = {"rows": sum(counts.values()), "by_filter": counts}
+            record = storage.read_json(rel)
+            counts = record.get("counts", {})
+            out[target] = {"rows": sum(counts.values()), "by_filter": counts, "filters": record.get("plugins", {})}
     return out
 
 

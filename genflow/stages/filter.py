@@ -253,13 +253,17 @@ def _decide(job: JobContext, applies_to: str, specs: list[FilterSpec], stages: l
     storage = job.storage
     left: dict[str, dict[str, Any]] = {}  # row id -> its filtered/ row (and shard)
     counts: dict[str, int] = {}
+    plugins: dict[str, dict[str, Any]] = {}  # what the manifest records of each filter
     for spec, stage in zip(specs, stages, strict=True):
         table = _signatures_table(storage, stage, shards)
         if left:
             table = table.filter(pc.invert(pc.is_in(table.column("row_id"), pa.array(list(left), pa.string()))))
         table = table.sort_by([("group", "ascending"), ("row_id", "ascending")])
-        factory = registry.get("filter", spec.plugin).factory.implementation(spec.params)
+        info = registry.get("filter", spec.plugin)
+        factory = info.factory.implementation(spec.params)
         filt = factory(factory.Params.model_validate(spec.params))
+        plugins[spec.name] = {"plugin": spec.plugin, "source": info.source, "version": info.version,
+                              "params": spec.params, **filt.describe()}
         groups = table.column("group").combine_chunks() if applies_to == "candidates" and not spec.across_prompts \
             else None
         removals = filt.decide(table.column(SIGNATURE).combine_chunks(), groups)
@@ -291,7 +295,7 @@ def _decide(job: JobContext, applies_to: str, specs: list[FilterSpec], stages: l
         elif storage.exists(rel):
             storage.delete(rel)
     _drop_parts_past(storage, applies_to, len(shards))
-    record = {"fingerprint": fingerprint, "parts": parts, "counts": counts, "shards": summary}
+    record = {"fingerprint": fingerprint, "parts": parts, "counts": counts, "plugins": plugins, "shards": summary}
     storage.write_json(layout.filter_record(applies_to), record)
     return record
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from genflow import hookimpl
 from genflow.api import Filter, PluginParams, Removal
@@ -28,10 +28,19 @@ class ReferenceSet(BaseModel):
     """A file of benchmark items: its rows' ``column`` holds the texts, ``id_column`` (optional) names them."""
 
     model_config = ConfigDict(extra="forbid")
-    path: str = Field(description="A Parquet or JSONL file (.parquet, .jsonl, .jsonl.gz).")
+    path: str = Field(description="A Parquet or JSONL file (.parquet, .jsonl, .jsonl.gz), read on the driver.")
     column: str = Field(description="The column holding each item's text.")
     id_column: str | None = Field(None, description="The column naming each item (default: its row number).")
     name: str | None = Field(None, description="The set's name in reasons (default: the file's name).")
+
+    @field_validator("path")
+    @classmethod
+    def _a_readable_file(cls, v: str) -> str:
+        if not v.endswith((".parquet", ".jsonl", ".jsonl.gz")):
+            raise ValueError(f"{v!r}: a reference set is a .parquet, .jsonl or .jsonl.gz file")
+        if not Path(v).is_file():
+            raise ValueError(f"{v!r}: no such file")
+        return v
 
 
 class DecontaminateParams(PluginParams):

@@ -50,6 +50,9 @@ class SemanticDedup(Filter):
         super().__init__(params)
         self._encoder: Any = None
 
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.params.model}
+
     def signatures(self, texts: list[str]) -> list[Any] | pa.Array:
         if self._encoder is None:
             self._encoder = sentence_encoder(self.params.model, self.params.device)

