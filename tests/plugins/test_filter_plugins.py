@@ -111,3 +111,15 @@ def test_decontaminate_finds_humaneval_prompts_and_a_users_reference_file(tmp_pa
         2: removals[1].reason, 3: "benchmark item: 9 8-word n-gram(s) shared with mine:0"}
     assert "shared with humaneval:HumanEval/7" in removals[1].reason
     assert all(r.duplicate_of is None for r in removals)
+
+
+def test_semantic_dedup_of_candidates_compares_a_prompts_own_unless_across_prompts() -> None:
+    import numpy as np
+
+    from genflow.plugins.filters.semantic import SemanticDedup, SemanticParams
+
+    v, w = np.eye(4, dtype=np.float32)[0], np.eye(4, dtype=np.float32)[1]
+    signatures = pa.FixedSizeListArray.from_arrays(pa.array(np.stack([v, v, w, v]).reshape(-1)), 4)
+    filt = SemanticDedup(SemanticParams(threshold=0.99))  # no model loads until signatures are asked for
+    assert _found(filt.decide(signatures, pa.array(["p1", "p2", "p1", "p2"]))) == {3: 1}
+    assert _found(filt.decide(signatures, None)) == {1: 0, 3: 0}
