@@ -74,7 +74,7 @@ a plugin whose ``generate`` / ``score`` is ``async def`` takes **one** request (
   key) change no id and no fingerprint; ``secret_env`` names the environment
   variables a worker needs (sent to a cluster's workers, never written anywhere).
 
-A request plugin that overrides :meth:`Generator.chat` (``openai``) also runs **episodes**:
+A generator that overrides :meth:`Generator.chat` (a served model's client) also runs **episodes**:
 a generator with ``max_turns`` above 1 makes each request a conversation. genflow calls
 ``chat`` once per turn (a :class:`ChatRequest`: the messages so far, the tools' schemas, the
 turn's seed) under the same limits and retries, runs the :class:`ToolCall` s of each
