@@ -59,7 +59,7 @@ LAYERS: list[tuple[str, tuple[str, ...], str]] = [
     ("runtime", ("genflow.runtime",),
      "a job's session, the local Prefect API, progress, shutdown"),
     ("flows", ("genflow.flows",),
-     "the Prefect flows of a job, a sweep and a deployment, and run_job"),
+     "the Prefect flows of a job, a sweep, a job's rounds and a deployment, and run_job"),
     ("cli", ("genflow.cli",),
      "the genflow command"),
 ]
