@@ -357,7 +357,8 @@ def _run_model_stage(lost: threading.Event, job: JobContext, stage: ModelStage, 
     cost = (lambda: job.budget.spent) if stage.spec.price is not None else None
     size = stage.call_size(job.config)
     make = generate_work if generating else score_work
-    with pool, StageProgress(f"{stage.stage.kind} {stage.label}", total, cost=cost) as bar, \
+    note = pool.batch_progress if isinstance(pool, RequestPool) and pool.requests.get("mode") == "batch" else None
+    with pool, StageProgress(f"{stage.stage.kind} {stage.label}", total, cost=cost, note=note) as bar, \
             tags(*stage_tags(stage.stage.name, [stage.spec.plugin])):  # on each task run of the stage
         todo = _undone(stage.stage, [(p.shard, dict(p.stages())[stage.stage]) for p in plans], done, outcomes)
         job.budget.add(sum(o.cost for o in outcomes.values()), sample=False)  # max_cost covers the output

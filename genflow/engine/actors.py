@@ -550,6 +550,12 @@ class RequestPool:
             self.actor = self._new_actor()
             self._ready = self.actor.describe.remote()
 
+    def batch_progress(self) -> str:
+        """Batch mode: the worker's batches and their counts, for the progress line ("" otherwise)."""
+        if self.requests.get("mode") != "batch" or self.actor is None:
+            return ""
+        return str(ray.get(self.actor.batch_progress.remote(), timeout=10))
+
     def stop_sending(self) -> None:
         """The requests in flight finish (``answers`` still yields them), no new one is sent."""
         self.stopping = True

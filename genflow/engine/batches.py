@@ -418,6 +418,18 @@ class BatchRunner:
             return failure_of(exc)
         return failure_of(result) if isinstance(result, RowError) else result
 
+    def progress(self) -> str:
+        """The batches and their counts, as the progress line shows them (empty: none yet)."""
+        if not self.states:
+            return ""
+        running = [s for s in self.states.values() if s.get("status") not in TERMINAL]
+        counts = [s.get("request_counts") or {} for s in self.states.values()]
+        answered = sum(int(c.get("completed") or 0) for c in counts)
+        total = sum(int(c.get("total") or 0) for c in counts)
+        failed = sum(int(c.get("failed") or 0) for c in counts)
+        return (f"batches: {len(running)} running, {len(self.states) - len(running)} ended; "
+                f"{answered}/{total} answered" + (f", {failed} failed" if failed else ""))
+
     def stats(self) -> dict[str, Any]:
         return {"batches": self.created, "batches_reattached": self.reattached,
                 "batch_lines_resubmitted": self.resubmitted}

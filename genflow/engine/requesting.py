@@ -498,6 +498,10 @@ class RequestWorker:
         """Let the requests in flight finish and start no other (the job's budget is spent)."""
         self.runner.stop_sending()
 
+    def batch_progress(self) -> str:
+        """Batch mode: the batches and their counts (the progress line's note)."""
+        return self.batches.progress() if self.batches is not None else ""
+
     def stats(self) -> dict[str, Any]:
         limit = self.runner.limit
         stats = {"concurrency": limit.ceiling, "concurrency_now": limit.size, "concurrency_lowest": limit.smallest,

@@ -23,6 +23,9 @@ from rich.progress import (
 
 log = logging.getLogger("genflow")
 
+NOTE_EVERY_S = 2.0
+"""How often a stage's ``note`` (its batches, in batch mode) is looked at again."""
+
 
 class StageProgress:
     """Rows done / total for one stage; rich bar on a TTY, a log line every 10% otherwise.
@@ -35,10 +38,17 @@ class StageProgress:
     """
 
     def __init__(self, stage: str, total: int, console: Console | None = None,
-                 cost: Callable[[], float] | None = None) -> None:
-        """``cost``: what the job's requests have cost so far, shown beside the rate."""
+                 cost: Callable[[], float] | None = None, note: Callable[[], str] | None = None) -> None:
+        """``cost``: what the job's requests have cost so far, shown beside the rate. ``note``: what
+        else the stage is doing (its batches and their counts, in batch mode), looked at every
+        :data:`NOTE_EVERY_S` seconds while rows do not move: beside the rate on a terminal, a log
+        line when it changes otherwise."""
         self.stage, self.total, self.done, self.computed = stage, total, 0, 0
         self.cost = cost
+        self.note = note
+        self._noted = ""
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
         self.started = time.perf_counter()
         self._next_log = 0.1
         self.tty = sys.stderr.isatty()
@@ -60,7 +70,28 @@ class StageProgress:
             self._task = self._progress.add_task(self.stage, total=self.total, rate="")
             if sys.stderr is not real:  # rich redirects sys.stderr while live; send log handlers there too
                 self._route_handlers(real, sys.stderr)
+        if self.note is not None:
+            self._refresher = threading.Thread(target=self._refreshing, name="progress-note", daemon=True)
+            self._refresher.start()
         return self
+
+    def _refreshing(self) -> None:
+        while not self._stop.wait(NOTE_EVERY_S):
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Look at the ``note`` again and show it."""
+        try:
+            noted = self.note() if self.note is not None else ""
+        except Exception as exc:  # a note is a nicety: it never stops a stage
+            log.debug("%s: progress note: %s", self.stage, exc)
+            return
+        with self._lock:
+            changed, self._noted = noted != self._noted, noted
+            if self._progress is not None and self._task is not None:
+                self._progress.update(self._task, rate=self._rate_text())
+            elif changed and noted:
+                log.info("%s: %d/%d rows, %s", self.stage, self.done, self.total, noted)
 
     def _route_handlers(self, real: TextIO, live: TextIO) -> None:
         loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
@@ -90,18 +121,29 @@ class StageProgress:
         self.done += rows
         if computed:
             self.computed += rows
-        rate = self.computed / max(1e-9, time.perf_counter() - self.started)
-        rate_text = f"{rate:,.1f} rows/s" if self.computed else ("from storage" if self.done else "")
-        if self.cost is not None:
-            rate_text += f"  cost {self.cost():,.4f}"
+        if self.total and self.done >= self.total:
+            self._noted = ""  # the note tells of work under way: none is left
+        rate_text = self._rate_text()
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, advance=rows, rate=rate_text)
         elif self.total and self.done / self.total >= self._next_log:
             self._next_log = (int(self.done / self.total * 10) + 1) / 10
             log.info("%s: %d/%d rows (%s)", self.stage, self.done, self.total, rate_text)
 
+    def _rate_text(self) -> str:
+        rate = self.computed / max(1e-9, time.perf_counter() - self.started)
+        rate_text = f"{rate:,.1f} rows/s" if self.computed else ("from storage" if self.done else "")
+        if self.cost is not None:
+            rate_text += f"  cost {self.cost():,.4f}"
+        if self._noted:
+            rate_text += f"  {self._noted}"
+        return rate_text
+
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        self._stop.set()
+        if self._refresher is not None:
+            self._refresher.join(timeout=10)
         if self._progress is not None:
             self._progress.stop()
         for target, attribute, original in reversed(self._swapped):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -239,8 +240,10 @@ def _items(n: int) -> list[Any]:
 
 
 def test_requests_over_a_batchs_limits_are_split(tmp_path, batch_server):
-    answers = _run(_runner(tmp_path, batch_server, max_batch_requests=10), _items(25))
+    runner = _runner(tmp_path, batch_server, max_batch_requests=10)
+    answers = _run(runner, _items(25))
     assert batch_server.batches_created == 3
+    assert runner.progress() == "batches: 0 running, 3 ended; 25/25 answered"
     assert sorted(len(b.lines) for b in batch_server.batches.values()) == [5, 10, 10]
     assert sorted(a[0] for a in answers) == list(range(25))
     assert all(a[1].text.startswith(f"echo: prompt number {a[0]} ") for a in answers)
@@ -286,3 +289,20 @@ def test_genflow_cancel_batches_cancels_the_batches_still_running(tmp_path, batc
     assert f"served {running}: cancelling" in result.output and f"served {done}: completed" in result.output
     assert batch_server.batches[running].status == "cancelling"
     assert batch_server.batches[done].status == "completed"
+
+
+def test_the_progress_line_shows_the_batches_and_their_counts(caplog, monkeypatch):
+    from genflow.runtime import progress
+    from genflow.runtime.progress import StageProgress
+
+    monkeypatch.setattr(progress, "NOTE_EVERY_S", 3600.0)  # the test refreshes by hand
+
+    notes = iter(["", "batches: 1 running, 0 ended; 0/32 answered", "batches: 1 running, 0 ended; 0/32 answered",
+                  "batches: 0 running, 1 ended; 32/32 answered"])
+    caplog.set_level(logging.INFO, logger="genflow")
+    with StageProgress("generate served", 32, note=lambda: next(notes)) as bar:
+        for _ in range(4):
+            bar.refresh()  # what its thread does every NOTE_EVERY_S
+    said = [r.getMessage() for r in caplog.records if "batches:" in r.getMessage()]
+    assert said == ["generate served: 0/32 rows, batches: 1 running, 0 ended; 0/32 answered",
+                    "generate served: 0/32 rows, batches: 0 running, 1 ended; 32/32 answered"]
