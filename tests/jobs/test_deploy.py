@@ -121,7 +121,9 @@ def test_served_deployment_runs_when_triggered_and_writes_dated_outputs(
     from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
 
-    path = scheduled_job(tmp_path, tiny_models, "nightly-serve")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny-reward").symlink_to(tiny_models["tiny-reward"])  # written relative below
+    path = scheduled_job(tmp_path, {"tiny-reward": "models/tiny-reward"}, "nightly-serve")
     log = (tmp_path / "serve.log").open("w")
     serve = subprocess.Popen([sys.executable, "-m", "genflow.cli", "serve", str(path)], cwd=tmp_path,
                              env={**os.environ, **prefect_server}, stdout=log, stderr=subprocess.STDOUT,
@@ -147,6 +149,16 @@ def test_served_deployment_runs_when_triggered_and_writes_dated_outputs(
         manifest = yaml.safe_load((out / "manifest.json").read_text())
         assert manifest["status"] == "completed" and manifest["rows"]["generations"] == 6
         assert manifest["rows"]["rankings"] == 6 and (out / "report.html").is_file()
+
+        # The same job by `genflow run` there, into the run's output: the deployment made every path
+        # absolute, yet the ids agree and every finished (stage, shard) is skipped.
+        ids = sorted(pq.read_table(out / "generations").column("generation_id").to_pylist())
+        again = run_genflow("run", str(path), "--set", f"output=out/{out.name}", cwd=tmp_path,
+                            timeout=600)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert sorted(pq.read_table(out / "generations").column("generation_id").to_pylist()) == ids
+        stages = yaml.safe_load((out / "manifest.json").read_text())["stages"]
+        assert stages and all(s["skipped"] == s["shards"] > 0 for s in stages.values()), stages
 
         listed = run_genflow("runs", "--deployment", "genflow-job/nightly-serve", env=prefect_server)
         assert listed.returncode == 0, listed.stderr
