@@ -19,6 +19,11 @@ manifest and report are a job's). A step whose output exists with the same input
 fingerprint, the trainer's config, the parent checkpoint's hash, its own checkpoint's hash) is
 not redone, so a killed run resumes in the round it was in, and ``--set rounds.count=N`` adds
 rounds to a finished one. ``<output>/rounds.parquet`` has a row per round.
+
+With ``rounds.per_run`` a run does at most that many rounds beyond those finished (rows of
+``rounds.parquet`` whose checkpoint and config still match), the first run's with the job and the
+reward model: a deployment (``genflow deploy``) of such a config, on a nightly schedule, advances
+the rounds a night at a time, and once round ``count`` is done a run does nothing and says so.
 """
 
 from __future__ import annotations
@@ -114,16 +119,35 @@ def run_rounds(config: JobConfig, resume: bool = True, force: bool = False,
 
 @flow(name="genflow-rounds", log_prints=False, validate_parameters=False)
 def genflow_rounds(config: dict[str, Any], resume: bool = True, run: str | None = None,
-                   force: bool = False) -> dict[str, Any]:
-    """The job, its reward model, a supervised start, then ``rounds.count`` rounds of training."""
+                   force: bool = False, config_source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The job, its reward model, a supervised start, then ``rounds.count`` rounds of training
+    (at most ``rounds.per_run`` new ones).
+
+    ``run`` is the key of the validated config ``run_rounds`` holds in this process; a
+    deployment's run has none and builds the config from ``config`` (its secrets hidden) and
+    ``config_source`` (the file to read them back from), as the job flow does."""
     logger = get_run_logger()
-    job = _RUNS.get(run or "") or build_config(config, source=f"job {config.get('name', '?')!r}")
+    job = _RUNS.get(run or "")
+    if job is None:
+        from genflow.runtime.session import config_from_parameters
+
+        job = build_config(config_from_parameters(config, config_source), source=f"job {config.get('name', '?')!r}")
+        init_ray(job.ray)  # this flow run's main thread (see run_rounds)
     rounds = job.rounds
     assert rounds is not None, "genflow_rounds runs a config with a rounds: section"
     root = Path(job.output).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    finished = finished_rounds(job, root) if rounds.per_run is not None else 0
+    if finished > rounds.count:
+        note = (f"all {rounds.count + 1} rounds (0..{rounds.count}) are done already: nothing to do "
+                f"(a larger rounds.count adds rounds)")
+        logger.info("%s", note)
+        return {"output": str(root), "reward_model": json.loads((root / REWARD_FIGURES).read_text()),
+                "rounds": pq.read_table(root / ROUNDS_TABLE).to_pylist(), "note": note}
+    last = rounds_to_run(rounds.count, finished, rounds.per_run)
     base = job.model_copy(update={"rounds": None, "output": str(root)})
-    _run_job(base, resume, force)
+    if finished == 0:  # else it finished before round 0 did
+        _run_job(base, resume, force)
     prompts = _input_prompts(job)
     train_ids, heldout_ids = heldout_split(prompts["id"].to_pylist(), job.seed, rounds.heldout_prompts)
     logger.info("%d prompts: %d to train on, %d held out", prompts.num_rows, len(train_ids), len(heldout_ids))
@@ -133,11 +157,12 @@ def genflow_rounds(config: dict[str, Any], resume: bool = True, run: str | None 
     if rounds.supervised is not None:
         policy = supervised_task(job, str(root), train_ids, policy)
     rows = []
-    for k in range(rounds.count + 1):
+    for k in range(last + 1):
         folder = root / f"round-{k}"
         sample = sample_prompts(train_ids, job.seed, k, rounds.prompts_per_round)
         round_job = round_config(job, k, policy, reward, _round_input(root, k, prompts, [*sample, *heldout_ids]))
-        _run_job(round_job, resume, force)
+        if k >= finished:  # a finished round's job is done: its checkpoint is checked below
+            _run_job(round_job, resume, force)
         checkpoint = None
         if k < rounds.count:
             checkpoint = policy_task(job, str(folder), k, policy, sample)
@@ -149,7 +174,52 @@ def genflow_rounds(config: dict[str, Any], resume: bool = True, run: str | None 
     pq.write_table(table, root / ROUNDS_TABLE)
     storage = Storage.open(str(root))
     write_report_safely(storage, storage.read_json(layout.MANIFEST))
-    return {"output": str(root), "reward_model": reward, "rounds": rows}
+    summary = {"output": str(root), "reward_model": reward, "rounds": rows}
+    if last < rounds.count:
+        summary["note"] = (f"rounds 0..{last} of 0..{rounds.count} done; the next run does "
+                           f"{min(rounds.per_run or 0, rounds.count - last)} more (rounds.per_run: {rounds.per_run})")
+        logger.info("%s", summary["note"])
+    return summary
+
+
+def rounds_to_run(count: int, finished: int, per_run: int | None) -> int:
+    """The last round a run does: ``per_run`` rounds after the ``finished`` ones (rounds
+    0..finished-1), never past round ``count``; every round with no bound."""
+    return count if per_run is None else min(count, finished + per_run - 1)
+
+
+def finished_rounds(job: JobConfig, root: Path) -> int:
+    """How many rounds, from round 0 on, are finished: in ``rounds.parquet``, and for a round
+    that trains (k < count) its ``lineage.json`` written with this config (``round_config_hash``)
+    naming the row's checkpoint, which still hashes as written. Round ``count`` only generates:
+    its row is enough."""
+    assert job.rounds is not None
+    path = root / ROUNDS_TABLE
+    if not path.exists():
+        return 0
+    rows = {r["round"]: r for r in pq.read_table(path).to_pylist()}
+    expected = round_config_hash(job)
+    finished = 0
+    while finished in rows and finished <= job.rounds.count:
+        if finished < job.rounds.count:
+            checkpoint = rows[finished]["checkpoint"]
+            lineage_path = root / f"round-{finished}" / LINEAGE
+            if checkpoint is None or not lineage_path.exists() or not Path(checkpoint).is_dir():
+                break
+            lineage = json.loads(lineage_path.read_text())
+            if (lineage.get("round_config_hash") != expected or lineage["checkpoint"].get("path") != checkpoint
+                    or lineage["checkpoint"].get("hash") != folder_fingerprint(checkpoint)):
+                break
+        finished += 1
+    return finished
+
+
+def round_config_hash(job: JobConfig) -> str:
+    """What a round's training depends on in the config: the job (not its output, schedule or
+    sweep) and the rounds section (not how many rounds, nor how many a run does)."""
+    assert job.rounds is not None
+    return stable_hash({"job": job.model_dump(mode="json", exclude={"output", "rounds", "schedule", "sweep"}),
+                        "rounds": job.rounds.model_dump(mode="json", exclude={"count", "per_run"})})
 
 
 def _run_job(config: JobConfig, resume: bool, force: bool) -> dict[str, Any]:
@@ -327,8 +397,7 @@ def policy_task(job: JobConfig, folder: str, k: int, policy: str, sample: list[s
         data = preference_table(storage, sample, pairs=rounds.pairs)
     else:
         data = best_of_n_table(storage, sample)
-    config_hash = stable_hash({"job": job.model_dump(mode="json", exclude={"output", "rounds", "schedule", "sweep"}),
-                               "rounds": rounds.model_dump(mode="json", exclude={"count"})})
+    config_hash = round_config_hash(job)
     lineage = _train(job, "rounds.train", data, Path(folder) / "training-data.parquet", policy,
                      Path(folder) / CHECKPOINT, Path(folder) / LINEAGE, job.seed + k + 1,
                      {"round": k, "method": rounds.method_name, "round_config_hash": config_hash})

@@ -391,6 +391,10 @@ class RoundsSpec(_Strict):
 
     count: int = Field(3, ge=1)
     """Policies trained after the first; one more round only generates, for its held-out figures."""
+    per_run: int | None = Field(None, ge=1)
+    """At most this many new rounds a run (a scheduled deployment's nightly round): rounds already
+    in ``rounds.parquet`` are not counted; the first run's also trains the reward model (and the
+    supervised start). None: a run does every round up to ``count``."""
     method: Literal["dpo", "best-of-n-sft"] = "dpo"
     prompts_per_round: int = Field(32, ge=1)
     heldout_prompts: int = Field(16, ge=1)
@@ -724,6 +728,9 @@ def _rounds_problems(config: JobConfig, registry: Any) -> list[str]:
     if "://" in config.output:
         problems.append("  output: rounds write checkpoints into the output folder, which must be a path on a "
                         "(shared) filesystem, not a URI")
+    if "{date}" in config.output:
+        problems.append("  output: rounds add to one output run after run (rounds.per_run, a schedule): "
+                        "give it without {date}")
     if rounds.reward.model is None and not config.scorers:
         problems.append("  rounds.reward: training a reward model needs the job's rankings: give the job scorers, "
                         "or an existing reward model as rounds.reward.model")
