@@ -14,6 +14,10 @@ creates the runs and something Prefect-native executes them:
   ``prefect worker start --pool POOL`` on any machine with genflow installed
   (the flow is referenced by module, ``genflow.flows.job.genflow_job``).
 
+A config with ``rounds:`` deploys the rounds flow instead
+(``genflow.flows.rounds.genflow_rounds``, docs/rounds.md), with the same
+parameters: with ``rounds.per_run`` each scheduled run does that many rounds.
+
 Relative paths in the config (input, output, local model folders) are made
 absolute where the command runs, so a run means what ``genflow run`` there
 would. ``{date}`` in the output stays as written and is filled in by each run.
@@ -63,21 +67,34 @@ def job_parameters(raw: dict[str, Any], base: Path | None = None,
     return {"config": shown, "resume": True, "config_source": source}
 
 
+def deployed_flow(job: JobConfig) -> Any:
+    """The flow a config's deployment runs: the rounds flow for a config with ``rounds:``, else
+    the job flow."""
+    if job.rounds is not None:
+        from genflow.flows.rounds import genflow_rounds
+
+        return genflow_rounds
+    from genflow.flows.job import genflow_job
+
+    return genflow_job
+
+
 def to_deployment(raw: dict[str, Any], name: str | None = None, base: Path | None = None,
                   config_file: ConfigFile | None = None) -> Any:
-    """The job flow's ``RunnerDeployment`` for a config: its schedule, its parameters."""
+    """The ``RunnerDeployment`` of a config's flow (:func:`deployed_flow`): its schedule, its parameters."""
     from prefect.flows import EntrypointType
     from prefect.schedules import Cron
 
-    from genflow.flows.job import genflow_job, job_tags
+    from genflow.flows.job import job_tags
 
     job = build_config(raw, source=f"config {raw.get('name', '?')!r}")
     schedules = [Cron(job.schedule.cron, timezone=job.schedule.timezone)] if job.schedule else []
-    return genflow_job.to_deployment(
+    kind = "rounds" if job.rounds is not None else "job"
+    return deployed_flow(job).to_deployment(
         name=name or deployment_name(job),
         schedules=schedules,
         parameters=job_parameters(raw, base, config_file),
-        description=f"genflow job {job.name!r}: {job.input} -> {job.output}",
+        description=f"genflow {kind} {job.name!r}: {job.input} -> {job.output}",
         tags=job_tags(job),  # genflow, job:<name>, plugin:<name>: on each of its flow runs too
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
@@ -105,9 +122,8 @@ def serve(raw: dict[str, Any], name: str | None = None, limit: int | None = None
 
 
 def full_name(raw: dict[str, Any], name: str | None = None) -> str:
-    from genflow.flows.job import genflow_job
-
-    return f"{genflow_job.name}/{name or deployment_name(build_config(raw))}"
+    job = build_config(raw)
+    return f"{deployed_flow(job).name}/{name or deployment_name(job)}"
 
 
 SHOWN_KEYS = {"config_source": "config file", "config_source.file": "config file",
@@ -206,7 +222,7 @@ def list_runs(limit: int = 20, deployment: str | None = None, flow_names: list[s
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
 
-    names = flow_names or ["genflow-job", "genflow-sweep"]
+    names = flow_names or ["genflow-job", "genflow-sweep", "genflow-rounds"]
     with get_client(sync_client=True) as client:
         dep_filter = _deployment_filter([client.read_deployment_by_name(deployment).id]) if deployment else None
         states = None if scheduled else FlowRunFilter(state=FlowRunFilterState(

@@ -116,6 +116,8 @@ def _print_rounds(summary: dict[str, Any]) -> None:
                       "-" if row["trained_rows"] is None else str(row["trained_rows"]))
     console.print(table)
     console.print(f"output: {summary['output']}  (rounds.parquet, report.html)", highlight=False, markup=False)
+    if summary.get("note"):  # rounds.per_run: what this run left to the next, or that none is left
+        console.print(summary["note"], highlight=False, markup=False)
 
 
 _IMPORTING: list[Any] = []
