@@ -34,6 +34,7 @@ BENCHMARKS = {
     "scale": "Prefect task runs per 10k prompts; peak memory at 10k vs 100k prompts",
     "rerun": "a second run of a finished job; genflow --help",
     "openai": "the openai plugin vs a bare aiohttp loop and a sequential client, against a 0.5 s stand-in server",
+    "episodes": "agent episodes (run_python in the sandbox) through genflow vs a bare asyncio agent loop, turns/s",
     "dedup": "minhash-dedup (the job's filter stage) vs a plain datasketch MinHashLSH loop: rows/s, recall, precision",
 }
 
