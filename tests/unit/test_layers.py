@@ -48,7 +48,7 @@ LAYERS: list[tuple[str, tuple[str, ...], str]] = [
      "an episode's turns, training tables (training_sets.py), the rows filters left out (filtered.py)"),
     ("engine", ("genflow.engine",),
      "Ray actors and workers, the request path, the budget, episodes (episodes.py), their tools (tools.py) "
-     "and simulated users (users.py), "
+     "and simulated users (users.py), the response cache (cache.py), batch mode (batches.py), "
      "training on a Ray task (training.py), JobFailed"),
     ("stages", ("genflow.stages",),
      "one stage's work on one shard: plan, generate, score, rank; the filters (filter.py)"),
