@@ -1,9 +1,10 @@
 """Label Studio as genflow's labelling tool, over its REST API (no SDK: plain HTTP).
 
 A ranking task shows the prompt and its candidates in a ``<List>`` that the labeller
-orders best to worst with ``<Ranker>`` (drag and drop); text and code go as text
-(Label Studio escapes it), images as ``<img>`` with the PNG inlined as a data URI, so
-no file serving is needed. A demonstration task shows the prompt and a ``<TextArea>``
+orders best to worst with ``<Ranker>`` (drag and drop); text goes as text (Label Studio
+escapes it), code as escaped text inside ``<pre>`` (monospace), both shown with their line
+breaks and indentation (:data:`STYLE`), images as ``<img>`` with the PNG inlined as a data
+URI, so no file serving is needed. A demonstration task shows the prompt and a ``<TextArea>``
 for the answer. Each task's data holds ``genflow_key``; a push lists the project's
 tasks and imports only the keys it lacks.
 
@@ -28,6 +29,7 @@ answer cut short, not JSON, or not of the shape Label Studio gives is one clear 
 from __future__ import annotations
 
 import base64
+import html
 import http.client
 import json
 import logging
@@ -54,8 +56,22 @@ CANDIDATE_IDS = "genflow_candidates"
 """The task data's key of each item's generation id (item id -> generation id): no ``$`` of the
 labelling config names it, so the labelling page does not show it."""
 
+STYLE = """  <Style>
+    .lsf-richtext__container, .htx-ranker-item p, .htx-ranker-item pre {
+      white-space: pre-wrap; overflow-wrap: anywhere; tab-size: 4;
+    }
+    .htx-ranker-item pre { margin: 0; font-family: var(--font-mono, monospace) !important; }
+  </Style>"""
+"""Text as written: Label Studio's page collapses runs of spaces (a ``<Text>`` keeps its line breaks
+as ``<br/>``, not its indentation) and a ``<List>`` item's line breaks too, so a haiku shows on
+one line and code loses its shape. ``htx-ranker-item`` is the class Label Studio (1.23) documents
+for styling a ``<List>`` item, ``lsf-richtext__container`` the element a ``<Text>`` shows its
+text in; the data manager sets every font ``!important``, so code's monospace is too. The
+candidates' text still goes as text (code escaped inside ``<pre>``), never as markup."""
+
 LABEL_CONFIGS = {
     "rankings": f"""<View>
+{STYLE}
   <Header value="Prompt"/>
   <Text name="prompt" value="$prompt"/>
   <Header value="Drag the answers into order: best at the top, worst at the bottom"/>
@@ -63,6 +79,7 @@ LABEL_CONFIGS = {
   <Ranker name={quoteattr(RANKER)} toName="candidates"/>
 </View>""",
     "demonstrations": f"""<View>
+{STYLE}
   <Header value="Prompt"/>
   <Text name="prompt" value="$prompt"/>
   <Header value="Write the answer you would want the model to give"/>
@@ -294,8 +311,10 @@ def task_data(task: LabelTask) -> dict[str, Any]:
             item: dict[str, Any] = {"id": _letter(i)}
             if c.image is not None:  # markup genflow writes itself: only base64 goes inside
                 item["html"] = f"<img src=\"data:image/png;base64,{base64.b64encode(c.image).decode()}\"/>"
+            elif c.modality == "code":  # monospace; the text escaped, so it shows as written, never as markup
+                item["html"] = f"<pre>{html.escape(c.text or '')}</pre>"
             else:
-                item["body"] = c.text or ""
+                item["body"] = c.text or ""  # Label Studio shows it as text
             items.append(item)
         data["candidates"] = items
         data[CANDIDATE_IDS] = {_letter(i): c.generation_id for i, c in enumerate(task.candidates)}

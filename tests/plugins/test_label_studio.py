@@ -340,3 +340,31 @@ def test_human_rows_instead_of_the_models(label_studio: LabelStudioServer, test_
     assert manifest["rows"]["preferences"] == len(instead)
     job_runner(_job(tmp_path, name="instead"))
     assert prefs() == beside
+
+
+def test_code_and_markup_reach_label_studio_as_written(label_studio: LabelStudioServer,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A code candidate keeps its indentation and a ``<script>`` stays text: what Label Studio stores
+    is the plugin's config and task data unchanged (its page shows them as written: see the
+    screenshot in docs/labelling.md), and a ranking of them pulls back to generation ids."""
+    from genflow.api import LabelCandidate, LabelTask
+    from genflow.plugins.labelling.label_studio import LABEL_CONFIGS, LabelStudio, LabelStudioParams, task_data
+
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", ADMIN_TOKEN)
+    plugin = LabelStudio(LabelStudioParams(url=label_studio.url))
+    code = "def f(n):\n    if n:\n        return [i\n                for i in range(n)]\n"
+    script = "<script>alert(1)</script>\n  <b>bold?</b>"
+    task = LabelTask("k-code", "rankings", "p1", "Write f:\n    - a list", (
+        LabelCandidate("g-code", "code", code), LabelCandidate("g-script", "code", script),
+        LabelCandidate("g-text", "text", script)))
+    plugin.push("code as written", "rankings", [task])
+    project = label_studio.project("code as written")
+    assert project["label_config"] == LABEL_CONFIGS["rankings"]
+    [stored] = label_studio.tasks(project["id"])
+    assert stored["data"] == task_data(task)
+    assert [i.get("html") or i["body"] for i in stored["data"]["candidates"]] == [
+        '<pre>def f(n):\n    if n:\n        return [i\n                for i in range(n)]\n</pre>',
+        "<pre>&lt;script&gt;alert(1)&lt;/script&gt;\n  &lt;b&gt;bold?&lt;/b&gt;</pre>", script]
+    _rank(label_studio, stored, ["g-script", "g-code", "g-text"], ADMIN_TOKEN)
+    [pulled] = plugin.pull("code as written", "rankings")
+    assert (pulled.prompt_id, pulled.annotator, pulled.ranking) == ("p1", ADMIN, ("g-script", "g-code", "g-text"))

@@ -6,13 +6,16 @@ for each failure (fast: no Label Studio install)."""
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import logging
+import re
 import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from xml.etree import ElementTree
 
 import pytest
 from aiohttp import web
@@ -415,6 +418,52 @@ def test_task_data_of_a_candidate_without_text_shows_an_empty_body() -> None:
     data = task_data(LabelTask("k", "rankings", "p", "q", (LabelCandidate("g", "text", None),)))
     assert data["candidates"] == [{"id": "A", "body": ""}]
     assert data["genflow_candidates"] == {"A": "g"}
+
+
+def _css(config: str) -> dict[str, str]:
+    """The labelling config's ``<Style>``: each selector -> its declarations (run together)."""
+    style = ElementTree.fromstring(config).find("Style")
+    assert style is not None and style.text, f"no <Style> in {config}"
+    rules: dict[str, str] = {}
+    for selectors, body in re.findall(r"([^{}]+)\{([^}]*)\}", style.text):
+        for selector in selectors.split(","):
+            rules[selector.strip()] = rules.get(selector.strip(), "") + body
+    return rules
+
+
+@pytest.mark.parametrize("kind", ["rankings", "demonstrations"])
+def test_a_task_shows_text_as_written_and_never_as_markup(ls: Scripted, kind: str) -> None:
+    """Line breaks and indentation reach the labeller (Label Studio's page collapses them unless the
+    config says otherwise); model output is untrusted: it goes as text, or escaped, never as markup."""
+    code = 'def f(x):\n    if x:\n\treturn "<b>" & x\n'
+    script = "<script>alert(1)</script>\n  <b>bold?</b> &amp;"
+    prompt = "Write f:\n    - one\n    - two"
+    ls.routes[("GET", "/api/projects")] = []
+    ls.routes[("POST", "/api/projects")] = {"id": 5}
+    ls.routes[("GET", "/api/projects/5/export")] = []
+    ls.routes[("POST", "/api/projects/5/import")] = {}
+    candidates = (LabelCandidate("g1", "code", code), LabelCandidate("g2", "text", script),
+                  LabelCandidate("g3", "code", script), LabelCandidate("g4", "text", "An old pond\n  a frog"))
+    _plugin(ls).push("t", kind, [LabelTask("k", kind, "p", prompt, candidates if kind == "rankings" else ())])
+    config, data = ls.seen[1].body["label_config"], ls.seen[3].body[0]["data"]
+
+    css = _css(config)  # the prompt's <Text>, and a <List> item's text and code, keep their spaces and breaks
+    shown = [".lsf-richtext__container", *([".htx-ranker-item p", ".htx-ranker-item pre"] if kind == "rankings"
+                                            else [])]
+    assert {s: "white-space: pre-wrap" in css.get(s, "") for s in shown} == dict.fromkeys(shown, True)
+    assert data["prompt"] == prompt
+    if kind == "demonstrations":
+        assert "candidates" not in data
+        return
+    assert "font-family: var(--font-mono, monospace) !important" in css[".htx-ranker-item pre"]
+    items = data["candidates"]
+    assert items[1] == {"id": "B", "body": script} and items[3] == {"id": "D", "body": "An old pond\n  a frog"}
+    assert items[0] == {"id": "A", "html": '<pre>def f(x):\n    if x:\n\treturn &quot;&lt;b&gt;&quot; &amp; x\n</pre>'}
+    assert items[2] == {"id": "C", "html": "<pre>&lt;script&gt;alert(1)&lt;/script&gt;\n  &lt;b&gt;bold?&lt;/b&gt; "
+                                           "&amp;amp;</pre>"}
+    for item, c in zip(items[::2], candidates[::2], strict=True):  # only genflow's <pre>: the text, exactly
+        inner = item["html"].removeprefix("<pre>").removesuffix("</pre>")
+        assert "<" not in inner and html.unescape(inner) == c.text
 
 
 # -- one annotation ------------------------------------------------------------------------------
