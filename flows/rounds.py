@@ -42,11 +42,19 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from genflow.api import ScoreItem
-from genflow.config import JobConfig, build_config, redacted, round_trainers, stable_hash
+from genflow.config import (
+    GeneratorSpec,
+    JobConfig,
+    ScorerSpec,
+    build_config,
+    redacted,
+    round_trainers,
+    stable_hash,
+)
 from genflow.data import layout
-from genflow.data.model_identity import folder_fingerprint
+from genflow.data.model_identity import folder_fingerprint, model_identity
 from genflow.data.prompts import open_input, shard_tables, table_fingerprint
-from genflow.data.storage import Storage
+from genflow.data.storage import Storage, is_remote
 from genflow.data.training_sets import (
     best_of_n_table,
     demonstration_table,
@@ -218,8 +226,18 @@ def round_config_hash(job: JobConfig) -> str:
     """What a round's training depends on in the config: the job (not its output, schedule or
     sweep) and the rounds section (not how many rounds, nor how many a run does)."""
     assert job.rounds is not None
-    return stable_hash({"job": job.model_dump(mode="json", exclude={"output", "rounds", "schedule", "sweep"}),
-                        "rounds": job.rounds.model_dump(mode="json", exclude={"count", "per_run"})})
+    data = job.model_dump(mode="json", exclude={"output", "rounds", "schedule", "sweep"})
+    specs: list[GeneratorSpec | ScorerSpec] = [*job.generators, *job.scorers]
+    entries = [*(data.get("generators") or []), *(data.get("scorers") or [])]
+    for entry, spec in zip(entries, specs, strict=True):  # a model by what it is, not how its path is spelt
+        entry["model"] = model_identity(spec.model, served=layout.serves_model_by_name(spec))
+    if not is_remote(job.input) and Path(job.input).exists():
+        data["input"] = str(Path(job.input).resolve())
+    rounds = job.rounds.model_dump(mode="json", exclude={"count", "per_run"})
+    for key in ("model", "base"):
+        if rounds.get("reward", {}).get(key):
+            rounds["reward"][key] = model_identity(rounds["reward"][key])
+    return stable_hash({"job": data, "rounds": rounds})
 
 
 def _run_job(config: JobConfig, resume: bool, force: bool) -> dict[str, Any]:
@@ -280,11 +298,19 @@ def _lineage_matches(path: Path, expected: dict[str, Any]) -> dict[str, Any] | N
         return None
     lineage: dict[str, Any] = json.loads(path.read_text())
     checkpoint = Path(lineage.get("checkpoint", {}).get("path", ""))
-    if any(lineage.get(k) != v for k, v in expected.items()) or not checkpoint.is_dir():
+    if any(not _same_input(k, lineage.get(k), v) for k, v in expected.items()) or not checkpoint.is_dir():
         return None
     if folder_fingerprint(str(checkpoint)) != lineage["checkpoint"].get("hash"):
         return None
     return lineage
+
+
+def _same_input(key: str, recorded: Any, expected: Any) -> bool:
+    """Whether a lineage's recorded input is the expected one: the parent checkpoint by its content
+    hash where it has one (a path written relative or absolute names the same model), the rest as is."""
+    if key == "parent" and isinstance(recorded, dict) and expected.get("hash") is not None:
+        return bool(recorded.get("hash") == expected["hash"])
+    return bool(recorded == expected)
 
 
 def _train(job: JobConfig, key: str, data: pa.Table, data_path: Path, start: str, out: Path,

@@ -291,6 +291,10 @@ def anchor_paths(raw: dict[str, Any], base: Path | None = None) -> dict[str, Any
             user = spec.get("user") if isinstance(spec, dict) else None  # a generator's simulated user
             if isinstance(user, dict) and "model" in user and not _served("generator", user):
                 user["model"] = _absolute(user["model"], base, must_exist=True)
+    reward = (data.get("rounds") or {}).get("reward") if isinstance(data.get("rounds"), dict) else None
+    for key in ("model", "base"):  # a rounds job's reward model, given or to train from
+        if isinstance(reward, dict) and isinstance(reward.get(key), str):
+            reward[key] = _absolute(reward[key], base, must_exist=True)
     return data
 
 

@@ -141,3 +141,15 @@ def test_a_deployment_anchors_a_model_folder_but_keeps_a_served_model_s_name(
     anchored = anchor_paths(raw)
     assert [g["model"] for g in anchored["generators"]] == [str(tmp_path / "models" / "tiny"), "models/tiny"]
     assert anchored["scorers"][0]["model"] == str(tmp_path / "models" / "tiny")
+
+
+def test_a_deployment_anchors_a_rounds_job_s_reward_model_folders(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from genflow.runtime.session import anchor_paths
+
+    _model(tmp_path / "models" / "tiny")
+    monkeypatch.chdir(tmp_path)
+    raw = {**_job("models/tiny"), "rounds": {"reward": {"base": "models/tiny"}}}
+    assert anchor_paths(raw)["rounds"]["reward"]["base"] == str(tmp_path / "models" / "tiny")
+    given = {**_job("models/tiny"), "rounds": {"reward": {"model": "org/reward-model"}}}  # a hub id stays
+    assert anchor_paths(given)["rounds"]["reward"]["model"] == "org/reward-model"

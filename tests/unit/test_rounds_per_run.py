@@ -107,3 +107,29 @@ def test_a_rounds_config_deploys_the_rounds_flow_with_the_job_flows_parameters(t
     plain = {k: v for k, v in raw.items() if k != "rounds"}
     assert to_deployment(plain).entrypoint == "genflow.flows.job.genflow_job"
     assert full_name(plain) == "genflow-job/nightly-rounds"
+
+
+def test_finished_rounds_do_not_depend_on_how_the_model_paths_are_spelt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deployment makes the config's paths absolute; `genflow run` keeps them relative: the rounds
+    one finished are finished for the other."""
+    from genflow.flows.rounds import finished_rounds, round_config_hash
+
+    for name in ("policy", "reward"):
+        (tmp_path / "models" / name).mkdir(parents=True)
+        (tmp_path / "models" / name / "config.json").write_text(json.dumps({"name": name}))
+    monkeypatch.chdir(tmp_path)
+
+    def spelt(models: str) -> Any:
+        data = job(tmp_path)
+        data["generators"][0]["model"] = f"{models}/policy"
+        data["scorers"][0]["model"] = f"{models}/reward"
+        return build_config(data)
+
+    relative, absolute = spelt("models"), spelt(str(tmp_path / "models"))
+    assert round_config_hash(relative) == round_config_hash(absolute)
+    root = tmp_path / "out"
+    _finish(root, relative, 0, checkpoint=True)
+    assert finished_rounds(absolute, root) == 1
+    (tmp_path / "models" / "policy" / "config.json").write_text(json.dumps({"name": "another"}))
+    assert finished_rounds(spelt("models"), root) == 0  # another policy model: round 0 is not finished
