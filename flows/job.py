@@ -566,6 +566,13 @@ def _summarize(storage: Storage, stage: ModelStage) -> dict[str, Any]:
     if not parts:
         return {}
     table = pa.concat_tables([storage.read_table(p) for p in parts])
+    if "generator" not in table.column_names:  # which generator made each candidate (pass@k of each)
+        made_by: dict[str, str] = {}
+        for part in storage.list(layout.GENERATIONS, ".parquet"):
+            made = storage.read_table(part).select(["generation_id", "generator"]).to_pydict()
+            made_by.update(zip(made["generation_id"], made["generator"], strict=True))
+        table = table.append_column("generator", pa.array([made_by.get(g) for g in
+                                                            table["generation_id"].to_pylist()], pa.string()))
     return {stage.label: factory.summarize(table, factory.Params.model_validate(stage.spec.params))}
 
 

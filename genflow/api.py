@@ -355,8 +355,9 @@ class Scorer(_ModelPlugin):
 
     @classmethod
     def summarize(cls, scores: pa.Table, params: PluginParams) -> dict[str, Any]:
-        """Job-level metrics from all of this scorer's rows (``scores/`` columns), for the
-        manifest's ``metrics``. Runs on the driver after the scorer's stage; JSON-able values."""
+        """Job-level metrics from all of this scorer's rows (``scores/`` columns, and ``generator``:
+        the label of the generator that made each candidate), for the manifest's ``metrics``. Runs
+        on the driver after the scorer's stage; JSON-able values."""
         return {}
 
     @classmethod

@@ -124,6 +124,8 @@ class CodeExecScorer(Scorer):
     @classmethod
     def summarize(cls, scores: pa.Table, params: PluginParams) -> dict[str, Any]:
         """pass@k over prompts (unbiased estimator) and how the candidates ended."""
+        import pyarrow.compute as pc
+
         from genflow.plugins.code.passk import overall_pass_at_k  # numpy/pyarrow: not needed to list plugins
         ks = params.k if isinstance(params, CodeExecParams) else DEFAULT_K
         summary = overall_pass_at_k(scores, ks)
@@ -132,6 +134,10 @@ class CodeExecScorer(Scorer):
             outcome = json.loads(details or "{}").get("outcome", "unknown")
             outcomes["failed" if outcome.startswith("failed") else outcome] += 1
         summary["outcomes"] = dict(sorted(outcomes.items()))
+        generators = sorted(set(scores["generator"].to_pylist())) if "generator" in scores.column_names else []
+        if len(generators) > 1:  # a job comparing generators (one answer vs an agent): pass@k of each
+            summary["by_generator"] = {
+                g: overall_pass_at_k(scores.filter(pc.equal(scores["generator"], g)), ks) for g in generators}
         return summary
 
     @classmethod
@@ -144,11 +150,17 @@ class CodeExecScorer(Scorer):
         counts = [key for key in ("prompts", "samples", "passed") if key in metrics]
         outcomes = metrics.get("outcomes") or {}
         columns = ["scorer", *(f"{PASS_AT}{k}" for k in ks), *counts, "outcomes"]
-        row = [name, *(f"{metrics[f'{PASS_AT}{k}'] * 100:.1f}%" for k in ks), *(metrics[key] for key in counts),
-               ", ".join(f"{outcome}: {n}" for outcome, n in outcomes.items())]
-        return [ReportSection("pass@k", columns, [row],
+
+        def cells(figures: dict[str, Any]) -> list[Any]:
+            return [*(f"{figures[f'{PASS_AT}{k}'] * 100:.1f}%" if f"{PASS_AT}{k}" in figures else "-" for k in ks),
+                    *(figures.get(key, "-") for key in counts)]
+
+        rows = [[name, *cells(metrics), ", ".join(f"{outcome}: {n}" for outcome, n in outcomes.items())]]
+        rows += [[f"{name} / {generator}", *cells(figures), ""]
+                 for generator, figures in (metrics.get("by_generator") or {}).items()]
+        return [ReportSection("pass@k", columns, rows,
                               "Unbiased estimator (Chen et al. 2021), averaged over prompts; a k above a "
-                              "prompt's samples is left out.")]
+                              "prompt's samples is left out. With several generators, a row each.")]
 
 
 def _to_score(result: SandboxResult) -> Score:

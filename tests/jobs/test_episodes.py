@@ -123,6 +123,9 @@ def test_a_code_agent_fixes_what_its_visible_tests_caught_and_passes_more_than_o
     assert pass_at_1 == {"agent": 1.0, "single": 4 / 10}
     print(f"\npass@1 on the HumanEval sample: {pass_at_1}")
     report = (out / "report.html").read_text()  # each sampled episode's turns, escaped
+    by_generator = manifest["metrics"]["code-exec"]["by_generator"]  # and pass@1 of each generator
+    assert {g: figures["pass@1"] for g, figures in by_generator.items()} == pass_at_1
+    assert "code-exec / agent" in report and "code-exec / single" in report  # the pass@k table, a row each
     assert "episode: 2 turns, 2 tool calls" in report and "-&gt; run_tests({&#34;code&#34;: " in report
     assert "0 of 2 tests passed." in report and "-&gt; submit(" in report
     stage = manifest["stages"]["generate/agent"]

