@@ -7,11 +7,14 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from genflow.config import JobConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Generate labelled training data with generative models: Prefect + Ray + plugins.")
@@ -66,7 +69,9 @@ def run(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no-r
 
     # Ctrl-C: exit 130 with the line below; Ray stopped now, not at exit (Ray's own hook pauses first).
     hint = shlex.join(["genflow", "run", str(config), *[a for s in set_ or [] for a in ("--set", s)]])
-    with command_ending(hint, lambda line: console.print(line, highlight=False, markup=False), _shutdown_ray), \
+    notes: list[str] = []
+    with command_ending(hint, lambda line: console.print(line, highlight=False, markup=False), _shutdown_ray,
+                        notes), \
             local_prefect_api() as prefect_ready:  # boots while the job's modules load and its config is checked
         from genflow.config import load_config
         from genflow.engine.errors import JobFailed
@@ -75,6 +80,7 @@ def run(config: ConfigArg, resume: Annotated[bool, typer.Option("--resume/--no-r
 
         try:
             job = load_config(config, set_ or [])
+            notes += batches_left_running(job, hint.replace("genflow run", "genflow cancel-batches", 1))
             _import_in_background("genflow.flows.job")  # Prefect's flow machinery, while Ray starts
             if job.rounds is not None:  # the job, its reward model, then rounds of training (docs/rounds.md)
                 from genflow.flows.rounds import run_rounds
@@ -122,6 +128,16 @@ def _print_rounds(summary: dict[str, Any]) -> None:
 
 _IMPORTING: list[Any] = []
 """Threads of :func:`_import_in_background` (joined before the command ends)."""
+
+
+def batches_left_running(job: JobConfig, cancel_command: str) -> list[str]:
+    """What Ctrl-C says of a job with stages in batch mode: its batches run on at the provider."""
+    batched = [s.label for s in job.generators if s.requests.mode == "batch"]
+    batched += [s.name for s in job.scorers if s.requests.mode == "batch"]
+    if not batched:
+        return []
+    return [f"batches of {', '.join(batched)} keep running at the provider (their ids are journaled): the "
+            f"command above reattaches to them and pays for nothing twice; to cancel them: {cancel_command}"]
 
 
 def _shutdown_ray() -> None:

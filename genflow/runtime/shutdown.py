@@ -197,9 +197,12 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 @contextmanager
 def command_ending(resume_hint: str, print_line: Callable[[str], None],
-                   cleanup: Callable[[], None] = lambda: None) -> Iterator[None]:
+                   cleanup: Callable[[], None] = lambda: None,
+                   interrupted_notes: list[str] | None = None) -> Iterator[None]:
     """Run a command so that Ctrl-C ends it with code 130 and a line on how to resume, and
-    Prefect's exit is bounded. ``cleanup`` (stopping Ray) runs on every way out."""
+    Prefect's exit is bounded. ``cleanup`` (stopping Ray) runs on every way out.
+    ``interrupted_notes``: lines said after that one (the command adds them as it learns what the
+    job does: batches left running at a provider)."""
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, _interrupt) if main else None
     quiet_lost_api()
@@ -221,6 +224,8 @@ def command_ending(resume_hint: str, print_line: Callable[[str], None],
             log.debug("cleanup after the command failed: %s", exc)
         if code == INTERRUPTED:
             print_line(f"interrupted: finished shards are kept; to resume, run: {resume_hint}")
+            for note in interrupted_notes or []:
+                print_line(note)
         drained = drain_prefect()
         if main:
             signal.signal(signal.SIGINT, previous or signal.default_int_handler)
