@@ -29,7 +29,11 @@ Modes:
   prompt's others under a Bradley-Terry fit of the wins (ties half a win), or its plain
   win rate, so the rank stage ranks and pairs them like any score.
 
-A candidate cannot write its own verdict: its text reaches the judge between tags
+An episode's candidate (``ScoreItem.messages`` set) is shown as its conversation, each turn,
+tool call and tool result marked (:func:`rubrics.transcript`), and its final answer is judged
+in that context; a pair of episodes is compared the same way.
+
+A candidate cannot write its own verdict: its text (an episode's whole transcript) reaches the judge between tags
 whose nonce it does not contain (:func:`judge_rubrics.delimit`), and the verdict is
 read from the judge's own words only: what the judge quotes between the tags is left
 out, and of the rest the rating or verdict written last counts (:meth:`Question.read`).
@@ -306,6 +310,19 @@ def _split(total: int, n: int) -> list[int]:
     return [share + (rest if i == 0 else 0) for i in range(n)]
 
 
+def candidate_texts(item: ScoreItem) -> list[str]:
+    """A candidate's texts as the judge is shown them: its final answer, and an episode's every
+    turn, tool call and tool result (none may hold its tags' nonce; the judge may quote any)."""
+    return [item.text or "", *(rubrics.episode_texts(item.messages) if item.messages is not None else [])]
+
+
+def shown_text(item: ScoreItem, nonce: str) -> str:
+    """What the judge reads between a candidate's tags: its text, or an episode's transcript."""
+    if item.messages is None:
+        return item.text or ""
+    return rubrics.transcript(item.messages, item.text or "", item.prompt, nonce)
+
+
 class Judging:
     """The questions a judge asks of a call's items and the scores its answers make (either backend)."""
 
@@ -334,18 +351,24 @@ class Judging:
         self.answer_format = rubrics.answer_format(params.how, self.low, self.high, self.cue,
                                                    params.mode == "pairwise", self.reasons)
 
-    def _render(self, item: ScoreItem, key: str, responses: dict[str, str], **variables: Any) -> tuple[str, str]:
-        """The question's text and its tags' nonce: ``responses`` (variable -> candidate text) go in
-        delimited, and the answer format starts by saying where they are."""
-        texts = [*responses.values(), item.prompt, *(v for v in item.inputs.values() if isinstance(v, str))]
+    def _render(self, item: ScoreItem, key: str, responses: dict[str, ScoreItem],
+                **variables: Any) -> tuple[str, str]:
+        """The question's text and its tags' nonce: ``responses`` (variable -> candidate) go in
+        delimited, an episode's as its transcript (:func:`rubrics.transcript`), and the answer
+        format starts by saying where they are."""
+        texts = [*(t for c in responses.values() for t in candidate_texts(c)), item.prompt,
+                 *(v for v in item.inputs.values() if isinstance(v, str))]
         nonce = rubrics.delimiter_nonce(f"{self.params.seed}:{key}", texts)
         pairwise = self.params.mode == "pairwise"
         tags = dict(zip(("response_a", "response_b"), rubrics.RESPONSE_TAGS[1:], strict=True)) if pairwise else {
             "response": rubrics.RESPONSE_TAGS[0]}
+        note = rubrics.delimiter_note(nonce, pairwise)
+        if any(c.messages is not None for c in responses.values()):
+            note = f"{rubrics.episode_note(nonce, pairwise)} {note}"
         values = {**item.inputs, "prompt": item.prompt, "reference": item.inputs.get("reference"),
-                  "low": self.low, "high": self.high,
-                  "answer_format": f"{rubrics.delimiter_note(nonce, pairwise)} {self.answer_format}",
-                  **{name: rubrics.delimit(text, tags[name], nonce) for name, text in responses.items()}, **variables}
+                  "low": self.low, "high": self.high, "answer_format": f"{note} {self.answer_format}",
+                  **{name: rubrics.delimit(shown_text(c, nonce), tags[name], nonce) for name, c in responses.items()},
+                  **variables}
         return self.template.render(**values), nonce
 
     # -- rating --------------------------------------------------------------------
@@ -362,10 +385,10 @@ class Judging:
                             else f"Evaluate the response to the instruction below for "
                                  f"{aspect.name.replace('_', ' ')} only.")
                     key = f"{item.generation_id}/{aspect.name}"
-                    text, nonce = self._render(item, key, {"response": item.text or ""}, criteria=criteria,
+                    text, nonce = self._render(item, key, {"response": item}, criteria=criteria,
                                                aspect=aspect.name, task=task)
                     questions.append(Question(key, text, False, self.low, self.high, self.cue, nonce,
-                                              rubrics.quotable_lines([item.text or ""])))
+                                              rubrics.quotable_lines(candidate_texts(item))))
             except Exception as exc:  # jinja2.UndefinedError: the template reads a column this row lacks
                 del questions[start:]
                 spans.append(RowError(f"llm-judge template: {exc}"))
@@ -430,10 +453,9 @@ class Judging:
                     for first, second in ((order[a], order[b]), (order[b], order[a])):
                         x, y = items[first], items[second]
                         key = f"{x.generation_id}|{y.generation_id}"
-                        text, nonce = self._render(x, key, {"response_a": x.text or "", "response_b": y.text or ""},
-                                                   criteria=criteria)
-                        questions.append(Question(key, text, True, cue=self.cue, nonce=nonce,
-                                                  quotes=rubrics.quotable_lines([x.text or "", y.text or ""])))
+                        text, nonce = self._render(x, key, {"response_a": x, "response_b": y}, criteria=criteria)
+                        quotes = rubrics.quotable_lines([*candidate_texts(x), *candidate_texts(y)])
+                        questions.append(Question(key, text, True, cue=self.cue, nonce=nonce, quotes=quotes))
             except Exception as exc:  # the template reads a column this row lacks
                 del questions[start:]
                 plans.append(RowError(f"llm-judge template: {exc}"))
@@ -581,7 +603,7 @@ class _LocalJudge(LLMJudge):
 
     def batch_keys(self, items: list[ScoreItem]) -> list[Any]:
         """A prompt's candidates together, then by length: calls of alike lengths pad little."""
-        return [(len(i.prompt) + len(i.text or ""), i.prompt_id) for i in items]
+        return [(len(i.prompt) + sum(len(t) for t in candidate_texts(i)), i.prompt_id) for i in items]
 
     def _rendered(self, text: str) -> str:
         """The judge prompt as the model reads it: its chat template's user turn when it has one."""
