@@ -64,6 +64,7 @@ def _config(prompts: Path, out: Path, filters: list[dict[str, Any]], shard_rows:
             "filters": filters, "ray": {"workers": 2, "batch_size": 8}}
 
 
+@pytest.mark.slow  # the MiniLM and a faiss index on top of the job: about 20 s
 def test_four_filters_leave_out_each_planted_row_with_its_reason(
         tmp_path: Path, job_runner: Any, test_plugins: dict[str, str]) -> None:
     rows, expected = planted_prompts()
