@@ -80,6 +80,15 @@ def _chat_ids(tokenizer: Any, prompt: str, answer: str, max_length: int) -> list
     return list(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
 
 
+def _train_quietly(trainer: Any) -> Any:
+    """Train without the line per step transformers prints when its progress bar is off: Ray
+    echoes a worker's prints to the job's terminal. The log history (the figures kept) stays."""
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    return trainer.train()
+
+
 def _metrics(result: Any, trainer: Any) -> dict[str, Any]:
     """The run's figures: TRL's train metrics and the last logged values of its own (loss, accuracy)."""
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
@@ -147,7 +156,7 @@ class RewardModelTrainer(Trainer):
         args = RewardConfig(**_training_args(self.params, output_dir, seed, device), max_length=self.params.max_length)
         pairs = self.tokenized(_dataset(data, ("prompt", "chosen", "rejected")), tokenizer)
         trainer = RewardTrainer(model=net, args=args, processing_class=tokenizer, train_dataset=pairs)
-        metrics = _metrics(trainer.train(), trainer)
+        metrics = _metrics(_train_quietly(trainer), trainer)
         trainer.save_model(output_dir)
         tokenizer.save_pretrained(output_dir)
         return metrics
@@ -177,7 +186,7 @@ class DPOPolicyTrainer(Trainer):
                          loss_type=[self.params.loss_type], max_length=self.params.max_length)
         trainer = DPOTrainer(model=net, args=args, processing_class=tokenizer,
                              train_dataset=_dataset(data, ("prompt", "chosen", "rejected")))
-        metrics = _metrics(trainer.train(), trainer)
+        metrics = _metrics(_train_quietly(trainer), trainer)
         trainer.save_model(output_dir)
         tokenizer.save_pretrained(output_dir)
         return metrics
@@ -206,7 +215,7 @@ class SFTPolicyTrainer(Trainer):
         args = SFTConfig(**_training_args(self.params, output_dir, seed, device), max_length=self.params.max_length)
         trainer = SFTTrainer(model=net, args=args, processing_class=tokenizer,
                              train_dataset=_dataset(data, ("prompt", "completion")))
-        metrics = _metrics(trainer.train(), trainer)
+        metrics = _metrics(_train_quietly(trainer), trainer)
         trainer.save_model(output_dir)
         tokenizer.save_pretrained(output_dir)
         return metrics

@@ -94,3 +94,16 @@ def test_trl_trainers_write_checkpoints_the_model_plugins_load(
         trained = _weights(str(tmp_path / name))
         moved = [k for k in start if k in trained and not torch.equal(start[k], trained[k])]
         assert moved, f"{name} changed no weight"
+
+
+def test_a_trl_trainer_prints_no_line_per_step(tiny_models: dict[str, str], tmp_path: Path,
+                                               capfd: pytest.CaptureFixture[str]) -> None:
+    """On Ray a worker's prints reach the job's terminal: a step's figures go to the metrics, not there."""
+    info = get_registry().get("trainer", "trl-sft")
+    completions = _write(tmp_path / "sft.parquet", [{"prompt_id": r["prompt_id"], "prompt": r["prompt"],
+                                                     "completion": r["chosen"], "source": "model"} for r in PAIRS])
+    trainer = info.factory(info.factory.Params.model_validate({"max_steps": 2, "batch_size": 4}))
+    metrics = trainer.train(completions, tiny_models["tiny-gpt2"], str(tmp_path / "out"), 0)
+    assert metrics["steps"] == 2 and "last_loss" in metrics
+    printed = capfd.readouterr().out
+    assert "'loss'" not in printed and "train_runtime" not in printed, printed[-500:]
