@@ -100,6 +100,14 @@ def _metrics(result: Any, trainer: Any) -> dict[str, Any]:
     return metrics
 
 
+def _fit_and_save(trainer: Any, tokenizer: Any, output_dir: str) -> dict[str, Any]:
+    """Train, then write the checkpoint and its tokenizer to ``output_dir``; returns the run's figures."""
+    metrics = _metrics(_train_quietly(trainer), trainer)
+    trainer.save_model(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return metrics
+
+
 def _quiet() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -156,10 +164,7 @@ class RewardModelTrainer(Trainer):
         args = RewardConfig(**_training_args(self.params, output_dir, seed, device), max_length=self.params.max_length)
         pairs = self.tokenized(_dataset(data, ("prompt", "chosen", "rejected")), tokenizer)
         trainer = RewardTrainer(model=net, args=args, processing_class=tokenizer, train_dataset=pairs)
-        metrics = _metrics(_train_quietly(trainer), trainer)
-        trainer.save_model(output_dir)
-        tokenizer.save_pretrained(output_dir)
-        return metrics
+        return _fit_and_save(trainer, tokenizer, output_dir)
 
 
 class DPOPolicyTrainer(Trainer):
@@ -186,10 +191,7 @@ class DPOPolicyTrainer(Trainer):
                          loss_type=[self.params.loss_type], max_length=self.params.max_length)
         trainer = DPOTrainer(model=net, args=args, processing_class=tokenizer,
                              train_dataset=_dataset(data, ("prompt", "chosen", "rejected")))
-        metrics = _metrics(_train_quietly(trainer), trainer)
-        trainer.save_model(output_dir)
-        tokenizer.save_pretrained(output_dir)
-        return metrics
+        return _fit_and_save(trainer, tokenizer, output_dir)
 
 
 class SFTPolicyTrainer(Trainer):
@@ -215,10 +217,7 @@ class SFTPolicyTrainer(Trainer):
         args = SFTConfig(**_training_args(self.params, output_dir, seed, device), max_length=self.params.max_length)
         trainer = SFTTrainer(model=net, args=args, processing_class=tokenizer,
                              train_dataset=_dataset(data, ("prompt", "completion")))
-        metrics = _metrics(_train_quietly(trainer), trainer)
-        trainer.save_model(output_dir)
-        tokenizer.save_pretrained(output_dir)
-        return metrics
+        return _fit_and_save(trainer, tokenizer, output_dir)
 
 
 @hookimpl
