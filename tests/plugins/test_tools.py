@@ -281,16 +281,28 @@ def test_a_tool_call_object_with_its_raw_arguments_is_read_from_them(faulty: Too
         assert answer(faulty, raw).content.startswith("error: the arguments of 'echo' are not valid JSON")
 
 
-def test_tools_run_off_the_event_loop(faulty: Toolbox) -> None:
+class Patient(Waits):
+    """Waits like Waits, with a limit no busy machine reaches before the test lets it go."""
+
+    timeout_s: ClassVar[float] = 60
+
+
+def test_tools_run_off_the_event_loop() -> None:
     """A tool blocks its thread, never the loop: the loop lets it go while it waits."""
+    Waits.released.clear()
+    box = Toolbox({"waits": Patient(PluginParams()), "echo": Echo(PluginParams())}, workers=2)
 
     async def episode() -> tuple[ToolResult, ToolResult]:
-        waiting = asyncio.create_task(faulty.call(call("waits", {}), context()))
-        echoed = await faulty.call(call("echo", {"text": "meanwhile"}), context())  # answered while it waits
+        waiting = asyncio.create_task(box.call(call("waits", {}), context()))
+        echoed = await box.call(call("echo", {"text": "meanwhile"}), context())  # answered while it waits
         Waits.released.set()
         return await waiting, echoed
 
-    waited, echoed = asyncio.run(episode())
+    try:
+        waited, echoed = asyncio.run(episode())
+    finally:
+        Waits.released.set()
+        box.close()
     assert echoed.content == "meanwhile"
     assert (waited.content, waited.is_error) == ("released", False)
 
