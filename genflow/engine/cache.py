@@ -19,7 +19,8 @@ a cache folder (give each its own ``cache.path``).
 ended by itself (``finish_reason`` other than ``length``) is the answer to any request
 allowing at least as many tokens as it has; an answer cut by ``max_tokens`` only to a
 request with that same ``max_tokens`` (one allowing more would get a longer answer).
-Only answers with a choice are kept: a refusal, an error or a malformed answer never is.
+Only answers with a choice are kept: a refusal, an error or a malformed answer never is, nor
+one holding a secret of the job (:func:`genflow.secrets.installed`: a server echoing a key).
 
 **Storage** is one small JSON file per key, ``<path>/v1/<key[:2]>/<key>.json``, through
 :class:`genflow.data.storage.Storage`: a local folder or an ``s3://`` prefix alike. A file
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from genflow.data.storage import TEMPORARY_PREFIX, Storage
+from genflow.secrets import installed
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +164,14 @@ class ResponseCache:
         key = cache_key(endpoint, body)
         entry = {"key": key, "endpoint": endpoint, "model": body.get("model"), "max_tokens": length_bound(body),
                  "written": time.time(), "answer": answer}
+        text = json.dumps(entry, ensure_ascii=False)
+        secret = installed().find(text)
+        if secret is not None:  # a server echoing a key of the job: never on disk, shared across jobs
+            log.warning("response cache %s: an answer held a secret of this job (%s): not kept", self.path,
+                        secret.where)
+            return False
         try:
-            self.storage.write_bytes(self._rel(key), json.dumps(entry, ensure_ascii=False).encode())
+            self.storage.write_bytes(self._rel(key), text.encode())
         except OSError as exc:  # a full disk or a refused bucket costs the cache an entry, never the job a row
             log.warning("response cache %s: could not write an entry (%s)", self.path, exc)
             return False

@@ -69,6 +69,18 @@ def test_failed_answers_are_never_kept(tmp_path):
     assert cache.get(CHAT, _body()) is None and cache.stats().entries == 0
 
 
+def test_an_answer_holding_a_secret_of_the_job_is_never_kept(tmp_path, monkeypatch):
+    from genflow import secrets
+
+    key = "sk-proj-cache0123456789abcdefXYZ"
+    monkeypatch.setattr(secrets, "_installed", secrets.Scrubber([secrets.Secret(key, "$OPENAI_API_KEY")]))
+    cache = ResponseCache.open(str(tmp_path / "c"))
+    assert not cache.put(CHAT, _body(), _answer(f"your key is {key}"))
+    assert cache.get(CHAT, _body()) is None and cache.stats().entries == 0
+    assert not any(key in p.read_text() for p in (tmp_path / "c").rglob("*") if p.is_file())
+    assert cache.put(CHAT, _body(), _answer("no secret here")) and cache.stats().entries == 1
+
+
 def test_an_unreadable_entry_is_a_miss_and_is_written_again(tmp_path):
     cache = ResponseCache.open(str(tmp_path / "c"))
     cache.put(CHAT, _body(), _answer("x"))
