@@ -149,7 +149,8 @@ def presigned_url(uri: str, options: dict[str, Any], expires_s: int = REPORT_LIN
         or "us-east-1"
     if endpoint:
         base = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
-        scheme, host, path = base.scheme, base.netloc, f"{base.path.rstrip('/')}/{bucket}/{key}"
+        # a user and password in the endpoint: never in a link the Prefect UI shows (nor signed for)
+        scheme, host, path = base.scheme, base.netloc.rpartition("@")[2], f"{base.path.rstrip('/')}/{bucket}/{key}"
     elif re.fullmatch(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]", bucket):  # a name that can be a host name
         scheme, host, path = "https", f"{bucket}.s3.{region}.amazonaws.com", f"/{key}"
     else:

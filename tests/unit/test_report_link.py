@@ -104,3 +104,17 @@ def test_a_public_buckets_report_is_its_plain_url(monkeypatch: pytest.MonkeyPatc
         "https://open-data.s3.eu-west-1.amazonaws.com/job/report.html", None)
     assert presigned_url("s3://open.data/job/report.html", {"anonymous": True}) == (
         "https://s3.us-east-1.amazonaws.com/open.data/job/report.html", None)  # a dotted name: path style
+
+
+def test_a_password_in_the_endpoint_never_reaches_the_link(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    with_user = presigned_url("s3://b/r.html", {"endpoint_url": "http://minio:endpoint-pw-1234@s3.local:9000"},
+                              now=now)
+    plain = presigned_url("s3://b/r.html", {"endpoint_url": "http://s3.local:9000"}, now=now)
+    assert with_user is not None and plain is not None
+    assert "endpoint-pw-1234" not in with_user[0] and "minio" not in with_user[0]
+    assert with_user == plain  # signed for the host the request goes to, as without the user
+    assert plain[0].startswith("http://s3.local:9000/b/r.html?")
