@@ -34,7 +34,7 @@ from genflow.data.storage import read_bytes
 from genflow.hookspecs import Register
 from genflow.plugins.image import outpaint
 from genflow.plugins.image.outpaint import OutpaintParams
-from genflow.plugins.image.upscale import TINY_UPSCALER, UpscaleParams, Upscaler, write_tiny_upscaler
+from genflow.plugins.image.upscale import TINY_UPSCALER, UpscaleParams, Upscaler, tiny_unet, write_tiny_upscaler
 from genflow.plugins.shared.hf import can_write_tiny_model, prepare_torch
 
 if TYPE_CHECKING:
@@ -442,7 +442,7 @@ def write_tiny_sd(path: Path, seed: int = 0) -> Path:
     fraction of a second on a CPU. The images are noise-like; the code paths are real.
     """
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from genflow.plugins.image.clip import tiny_clip_text_config, tiny_clip_tokenizer
@@ -450,12 +450,7 @@ def write_tiny_sd(path: Path, seed: int = 0) -> Path:
     tokenizer = tiny_clip_tokenizer()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(32, 64), norm_num_groups=8, attention_head_dim=8,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-        )
+        unet = tiny_unet(in_channels=4)
         vae = AutoencoderKL(  # two blocks: latents are half the image size
             sample_size=64, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
             block_out_channels=(32, 64), norm_num_groups=8,

@@ -85,6 +85,20 @@ class Upscaler:
         return upscaled
 
 
+def tiny_unet(in_channels: int, **extra: Any) -> Any:
+    """The tiny Stable Diffusion UNet both offline pipelines use (``diffusers-image``'s and the
+    upscaler's): two blocks, cross-attention sized for the tiny CLIP text encoder. ``extra`` adds
+    the arguments one pipeline needs beyond the other's."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=32, in_channels=in_channels, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8, attention_head_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, **extra,
+    )
+
+
 def write_tiny_upscaler(path: Path, seed: int = 0) -> Path:
     """Save a tiny random x4 upscaler to ``path``: a 32 × 32 image becomes 128 × 128.
 
@@ -100,7 +114,6 @@ def write_tiny_upscaler(path: Path, seed: int = 0) -> Path:
         DDIMScheduler,
         DDPMScheduler,
         StableDiffusionUpscalePipeline,
-        UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -109,13 +122,9 @@ def write_tiny_upscaler(path: Path, seed: int = 0) -> Path:
     tokenizer = tiny_clip_tokenizer()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=32, in_channels=7, out_channels=4, layers_per_block=1,
-            block_out_channels=(32, 64), norm_num_groups=8, attention_head_dim=8,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-            num_class_embeds=1000,  # the noise level, as the x4 upscaler's UNet takes it
-        )
+        # 4 latent channels + the 3 of the low-resolution image; the class embedding takes the noise
+        # level, as the x4 upscaler's UNet does
+        unet = tiny_unet(in_channels=7, num_class_embeds=1000)
         vae = AutoencoderKL(  # three blocks: the decoder doubles the size twice
             sample_size=128, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
             block_out_channels=(16, 32, 32), norm_num_groups=8, scaling_factor=0.08333,
