@@ -44,7 +44,7 @@ def _job(tmp_path: Path, out: str, server: BatchServer, mode: str = "batch", **r
         "name": "batched", "input": PROMPTS, "output": str(tmp_path / out), "shard_rows": 16,
         "generators": [{"label": "served", "plugin": "openai", "model": "stand-in", "samples": 2,
                         "params": {"base_url": server.url, "max_tokens": 8, "temperature": 0.7},
-                        "requests": {"mode": mode, "poll_s": 0.05, "timeout_s": 5.0, "backoff_s": 0.02,
+                        "requests": {"mode": mode, "poll_s": 0.05, "timeout_s": 120.0, "backoff_s": 0.02,
                                      **requests},
                         "price": PRICE}],
         "scorers": [{"plugin": "length"}],
@@ -170,7 +170,7 @@ def _judge_job(tmp_path: Path, out: str, server: BatchServer, mode: str) -> dict
                  "responses": [f"answer{p} " + "word " * n for n in ([3, 9, 1, 6] if p % 2 else [7, 2, 10, 4])]}
                 for p in range(4)]
         pq.write_table(pa.Table.from_pylist(rows), source)
-    requests = {"mode": mode, "poll_s": 0.05, "timeout_s": 10.0, "backoff_s": 0.02}
+    requests = {"mode": mode, "poll_s": 0.05, "timeout_s": 120.0, "backoff_s": 0.02}
     judge = {"model": "judge-model", "requests": requests, "price": PRICE}
     return {"name": "judged", "input": str(source), "output": str(tmp_path / out), "shard_rows": 4,
             "scorers": [{**judge, "plugin": "llm-judge", "label": "pairs",
