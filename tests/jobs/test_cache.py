@@ -148,7 +148,7 @@ def _job(tmp_path: Path, out: str, base_url: str, cache: Path, **params: Any) ->
         "cache": {"path": str(cache)},
         "generators": [{"label": "served", "plugin": "openai", "model": "stand-in", "samples": 2,
                         "params": {"base_url": base_url, "max_tokens": 8, "temperature": 0.7, **params},
-                        "requests": {"concurrency": 8, "timeout_s": 5.0, "backoff_s": 0.02},
+                        "requests": {"concurrency": 8, "timeout_s": 120.0, "backoff_s": 0.02},
                         "price": {"input_per_mtok": 0.5, "output_per_mtok": 1.5}}],
         "scorers": [{"plugin": "length"}],
         "ray": {"workers": 1},
