@@ -52,6 +52,7 @@ from typing import Any
 
 from genflow.api import RowError, TransientError
 from genflow.config import RequestsSpec
+from genflow.data.names import path_component
 from genflow.data.results import Failure, failure_of
 from genflow.data.storage import Storage
 from genflow.engine.cache import ResponseCache
@@ -111,8 +112,8 @@ class BatchJournal:
         return sorted(records, key=lambda r: (r.round, r.created))
 
     def record(self, record: BatchRecord) -> None:
-        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in record.batch_id)
-        self.storage.write_bytes(f"{name}.json", json.dumps(record.__dict__).encode())
+        # The id is the provider's: a safe name is kept, any other is hashed, so two ids never share a file.
+        self.storage.write_bytes(f"{path_component(record.batch_id)}.json", json.dumps(record.__dict__).encode())
 
 
 @dataclass

@@ -33,3 +33,14 @@ def test_a_job_in_batch_mode_is_told_its_batches_run_on_and_how_to_cancel_them()
     assert note.startswith("batches of served keep running at the provider")
     assert note.endswith("to cancel them: genflow cancel-batches job.yaml")
     assert batches_left_running(build_config(_job("live")), "genflow cancel-batches job.yaml") == []
+
+
+def test_the_batch_journal_keeps_batches_whose_ids_differ_only_in_odd_characters(tmp_path) -> None:
+    """The provider names a batch: ``a.b`` and ``a_b`` (or ``../x``) are three batches, three files."""
+    from genflow.engine.batches import BatchJournal, BatchRecord
+
+    journal = BatchJournal(str(tmp_path / "journal"))
+    for batch_id in ("a.b", "a_b", "../x"):
+        journal.record(BatchRecord(batch_id, [batch_id]))
+    assert sorted(r.batch_id for r in journal.load()) == ["../x", "a.b", "a_b"]
+    assert all(p.parent == tmp_path / "journal" for p in (tmp_path / "journal").rglob("*.json"))
